@@ -1,0 +1,1 @@
+"""Thin process entry points for trainers, recorders and evaluators (each a `main()`)."""

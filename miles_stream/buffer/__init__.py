@@ -1,0 +1,1 @@
+"""The off-policy replay buffer (staleness bound, dynamic filters, partial-rollout recycling)."""

@@ -1,0 +1,34 @@
+"""The stream bus: Redis Streams with consumer groups, dead letters, backpressure and heartbeats."""
+
+from miles_stream.bus.backpressure import Backlog, Backpressure, stream_backlog
+from miles_stream.bus.connection import RedisConfig, RetryPolicy, connect, redact
+from miles_stream.bus.groups import GroupConsumer, GroupPublisher, Received
+from miles_stream.bus.heartbeat import Heartbeat, Member, alive_members
+from miles_stream.bus.keys import Keys
+from miles_stream.bus.status import NamespaceStatus, namespace_status
+from miles_stream.bus.streams import BusConfig, Entry, StreamConsumer, ensure_group, publish, trim_acknowledged
+
+__all__ = [
+    "Backlog",
+    "Backpressure",
+    "BusConfig",
+    "Entry",
+    "GroupConsumer",
+    "GroupPublisher",
+    "Heartbeat",
+    "Keys",
+    "Member",
+    "NamespaceStatus",
+    "Received",
+    "RedisConfig",
+    "RetryPolicy",
+    "StreamConsumer",
+    "alive_members",
+    "connect",
+    "ensure_group",
+    "namespace_status",
+    "publish",
+    "redact",
+    "stream_backlog",
+    "trim_acknowledged",
+]

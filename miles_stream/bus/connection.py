@@ -1,0 +1,143 @@
+"""Redis connections and the retry policy.
+
+redis-py pitfalls handled here:
+- Its default `Retry` re-sends a command after a timeout, which can apply an XADD twice. Clients made here
+  have redis-py's retries off; `RetryPolicy` retries explicitly, and consumers drop duplicate group ids.
+- A blocking XREADGROUP needs a socket timeout longer than its BLOCK time, and its own connection so it
+  never starves other commands: `connect(..., block_ms=...)` makes such a dedicated client.
+- Connection pools are `BlockingConnectionPool`s: many coroutines wait for a connection instead of opening
+  unbounded ones.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+import redis.asyncio as aioredis
+import redis.exceptions as rexc
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from miles_stream.config import check
+from miles_stream.errors import RedisUnavailableError
+
+T = TypeVar("T")
+ENV_URL = "MILES_REDIS_URL"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RedisConfig:
+    """Where the Redis server is. An empty url means: $MILES_REDIS_URL, else an embedded server."""
+
+    url: str = ""
+    connect_timeout_s: float = 5.0
+    socket_timeout_s: float = 30.0
+    max_connections: int = 16
+    health_check_interval_s: float = 15.0
+
+    def __post_init__(self) -> None:
+        check(
+            not self.url or self.url.startswith(("redis://", "rediss://", "unix://")),
+            "redis.url",
+            "must start with redis://, rediss:// or unix://",
+        )
+        check(self.connect_timeout_s > 0, "redis.connect_timeout_s", "must be positive")
+        check(self.socket_timeout_s > 0, "redis.socket_timeout_s", "must be positive")
+        check(self.max_connections >= 2, "redis.max_connections", "must be at least 2")
+
+    def resolved_url(self) -> str:
+        """The url to use: this config's, else $MILES_REDIS_URL, else ''."""
+        return self.url or os.environ.get(ENV_URL, "")
+
+
+def redact(url: str) -> str:
+    """The url with its password replaced, for logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+
+
+def connect(config: RedisConfig, url: str | None = None, *, block_ms: int | None = None) -> aioredis.Redis:
+    """A client with redis-py's retries off. With `block_ms`, a one-connection client for blocking reads."""
+    url = url or config.resolved_url()
+    if not url:
+        raise RedisUnavailableError(f"no Redis url: set redis.url, --redis-url or ${ENV_URL}")
+    socket_timeout = config.socket_timeout_s
+    max_connections = config.max_connections
+    if block_ms is not None:
+        socket_timeout = block_ms / 1000 + config.socket_timeout_s
+        max_connections = 2
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url,
+        max_connections=max_connections,
+        timeout=config.connect_timeout_s + socket_timeout,
+        socket_connect_timeout=config.connect_timeout_s,
+        socket_timeout=socket_timeout,
+        socket_keepalive=True,
+        health_check_interval=config.health_check_interval_s,
+        retry=Retry(NoBackoff(), 0),
+    )
+    return aioredis.Redis.from_pool(pool)  # the client owns the pool: aclose() closes its connections
+
+
+TRANSIENT: tuple[type[BaseException], ...] = (
+    rexc.ConnectionError,
+    rexc.TimeoutError,
+    rexc.BusyLoadingError,
+    rexc.TryAgainError,
+    ConnectionError,
+    asyncio.TimeoutError,
+)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether `exc` is worth retrying: connection trouble, a loading server, or Redis out of memory."""
+    if isinstance(exc, TRANSIENT):
+        return True
+    return isinstance(exc, rexc.ResponseError) and str(exc).startswith(("OOM", "LOADING", "MASTERDOWN"))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RetryPolicy:
+    """Exponential backoff with full jitter. `attempts=0` retries forever (for long-lived loops)."""
+
+    attempts: int = 5
+    base_delay_s: float = 0.05
+    max_delay_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        check(self.attempts >= 0, "retry.attempts", "must be >= 0 (0 = forever)")
+        check(0 < self.base_delay_s <= self.max_delay_s, "retry.base_delay_s", "must be in (0, max_delay_s]")
+
+    def delay(self, attempt: int) -> float:
+        return random.uniform(0, min(self.max_delay_s, self.base_delay_s * 2**attempt))
+
+    async def run(
+        self,
+        fn: Callable[[], Awaitable[T]],
+        *,
+        on_retry: Callable[[int, BaseException], None] | None = None,
+    ) -> T:
+        """Call `fn` until it succeeds, retrying transient errors; the last one becomes RedisUnavailableError."""
+        attempt = 0
+        while True:
+            try:
+                return await fn()
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise
+                attempt += 1
+                if self.attempts and attempt >= self.attempts:
+                    raise RedisUnavailableError(f"gave up after {attempt} attempts: {exc}") from exc
+                if on_retry is not None:
+                    on_retry(attempt, exc)
+                await asyncio.sleep(self.delay(attempt))

@@ -1,0 +1,142 @@
+"""Heartbeats: every long-lived process says it is alive, so `status` can list producers and trainers.
+
+Each process refreshes its score (unix time) in the `{ns}:members` sorted set and its description in the
+`{ns}:members:info` hash every `heartbeat_interval_s`. A member is alive while its score is younger than
+`heartbeat_ttl_s`; whoever lists members also drops the ones long dead. Clocks are the processes' own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+import redis.asyncio as aioredis
+import structlog
+
+from miles_stream.bus.connection import is_transient
+from miles_stream.bus.keys import Keys
+from miles_stream.bus.streams import BusConfig
+
+log = structlog.get_logger(__name__)
+_FORGET_AFTER_TTLS = 30
+
+
+@dataclass(frozen=True, slots=True)
+class Member:
+    role: str
+    id: str
+    last_seen: float
+    info: dict[str, Any]
+
+    @property
+    def age_s(self) -> float:
+        return max(0.0, time.time() - self.last_seen)
+
+
+class Heartbeat:
+    """Background loop that keeps one process listed as alive. `async with` starts and stops it."""
+
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        keys: Keys,
+        *,
+        role: str,
+        member_id: str,
+        config: BusConfig,
+        describe: Callable[[], dict[str, Any]] | None = None,
+    ) -> None:
+        self.redis, self.keys, self.config = redis, keys, config
+        self.role, self.member_id = role, member_id
+        self.describe = describe or dict
+        self._task: asyncio.Task[None] | None = None
+        self._started_at = time.time()
+
+    @property
+    def name(self) -> str:
+        return f"{self.role}:{self.member_id}"
+
+    async def beat(self) -> None:
+        info = {
+            "role": self.role,
+            "id": self.member_id,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "started_at": self._started_at,
+            **self.describe(),
+        }
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.zadd(self.keys.members, {self.name: time.time()})
+            pipe.hset(self.keys.member_info, self.name, json.dumps(info))
+            await pipe.execute()
+
+    async def start(self) -> None:
+        if self._task is None:
+            await self.beat()
+            self._task = asyncio.create_task(self._loop(), name=f"heartbeat-{self.name}")
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is None:
+            return
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        try:
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.zrem(self.keys.members, self.name)
+                pipe.hdel(self.keys.member_info, self.name)
+                await pipe.execute()
+        except Exception as exc:  # leaving while Redis is down: the entry simply ages out
+            if not is_transient(exc):
+                raise
+            log.warning("heartbeat_unregister_failed", member=self.name, error=str(exc))
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.heartbeat_interval_s)
+            try:
+                await self.beat()
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise
+                log.warning("heartbeat_failed", member=self.name, error=str(exc))
+
+    async def __aenter__(self) -> Heartbeat:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.stop()
+
+
+async def alive_members(redis: aioredis.Redis, keys: Keys, ttl_s: float) -> list[Member]:
+    """Members whose last heartbeat is younger than `ttl_s`, oldest name first; forgets long-dead ones."""
+    now = time.time()
+    stale_before = now - ttl_s * _FORGET_AFTER_TTLS
+    stale: Any = await redis.zrangebyscore(keys.members, "-inf", stale_before)
+    if stale:
+        async with redis.pipeline(transaction=True) as pipe:
+            pipe.zrem(keys.members, *stale)
+            pipe.hdel(keys.member_info, *stale)
+            await pipe.execute()
+    rows: Any = await redis.zrangebyscore(keys.members, now - ttl_s, "+inf", withscores=True)
+    if not rows:
+        return []
+    infos = await redis.hmget(keys.member_info, [name for name, _ in rows])
+    members = []
+    for (name, score), raw in zip(rows, infos, strict=True):
+        role, _, member_id = name.decode().partition(":")
+        info = json.loads(raw) if raw else {}
+        members.append(Member(role, member_id, float(score), info))
+    return sorted(members, key=lambda m: (m.role, m.id))

@@ -1,0 +1,55 @@
+"""Redis key names of one namespace. Every key of a run starts with `{ns}:` so runs can share a server."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Keys:
+    namespace: str
+
+    def __post_init__(self) -> None:
+        if not self.namespace or any(c in self.namespace for c in " :*?[]"):
+            raise ValueError(f"namespace {self.namespace!r} must be non-empty, without spaces, ':' or glob chars")
+
+    def _key(self, name: str) -> str:
+        return f"{self.namespace}:{name}"
+
+    @property
+    def prompts(self) -> str:
+        return self._key("prompts")
+
+    @property
+    def trajectories(self) -> str:
+        return self._key("trajectories")
+
+    @property
+    def partials(self) -> str:
+        return self._key("partials")
+
+    @property
+    def weights(self) -> str:
+        return self._key("weights")
+
+    @property
+    def dead(self) -> str:
+        return self._key("dead")
+
+    @property
+    def members(self) -> str:
+        """Sorted set: member "role:id", score = last heartbeat (unix seconds)."""
+        return self._key("members")
+
+    @property
+    def member_info(self) -> str:
+        """Hash: "role:id" -> JSON description of that process."""
+        return self._key("members:info")
+
+    def done(self, group: str) -> str:
+        """Set of trajectory-group ids that consumer group `group` has committed (for dedup)."""
+        return self._key(f"done:{group}")
+
+    @property
+    def streams(self) -> tuple[str, ...]:
+        return (self.prompts, self.trajectories, self.partials, self.weights, self.dead)

@@ -1,0 +1,90 @@
+"""A snapshot of one namespace: streams, consumer groups, lag, pending, dead letters, members, weights."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis.asyncio as aioredis
+import redis.exceptions as rexc
+
+from miles_stream.bus.heartbeat import Member, alive_members
+from miles_stream.bus.keys import Keys
+from miles_stream.bus.streams import VERSION
+
+
+@dataclass(frozen=True, slots=True)
+class GroupStatus:
+    name: str
+    consumers: int
+    pending: int
+    lag: int | None  # None where Redis cannot tell (6.2)
+    last_delivered_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class StreamStatus:
+    key: str
+    length: int
+    groups: tuple[GroupStatus, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class NamespaceStatus:
+    namespace: str
+    server_version: str
+    streams: tuple[StreamStatus, ...]
+    members: tuple[Member, ...]
+    latest_weight_version: int | None
+    dead_letters: int
+    done_groups: dict[str, int] = field(default_factory=dict)
+
+    def stream(self, key: str) -> StreamStatus:
+        return next(s for s in self.streams if s.key == key)
+
+
+async def namespace_status(redis: aioredis.Redis, keys: Keys, heartbeat_ttl_s: float) -> NamespaceStatus:
+    info = await redis.info("server")
+    streams = tuple([await _stream_status(redis, key) for key in keys.streams])
+    latest: Any = await redis.xrevrange(keys.weights, count=1)
+    version = None
+    if latest:
+        raw = latest[0][1].get(VERSION)
+        version = int(raw) if raw is not None else None
+    group_names = {g.name for s in streams for g in s.groups}
+    done = {name: int(await redis.scard(keys.done(name))) for name in sorted(group_names)}
+    return NamespaceStatus(
+        namespace=keys.namespace,
+        server_version=str(info.get("redis_version", "?")),
+        streams=streams,
+        members=tuple(await alive_members(redis, keys, heartbeat_ttl_s)),
+        latest_weight_version=version,
+        dead_letters=next(s.length for s in streams if s.key == keys.dead),
+        done_groups={k: v for k, v in done.items() if v},
+    )
+
+
+async def _stream_status(redis: aioredis.Redis, key: str) -> StreamStatus:
+    length = int(await redis.xlen(key))
+    try:
+        groups = await redis.xinfo_groups(key)
+    except rexc.ResponseError:  # the stream does not exist yet
+        groups = []
+    return StreamStatus(
+        key=key,
+        length=length,
+        groups=tuple(
+            GroupStatus(
+                name=_s(g["name"]),
+                consumers=int(g["consumers"]),
+                pending=int(g["pending"]),
+                lag=None if g.get("lag") is None else int(g["lag"]),
+                last_delivered_id=_s(g["last-delivered-id"]),
+            )
+            for g in groups
+        ),
+    )
+
+
+def _s(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

@@ -1,0 +1,300 @@
+"""Redis Streams with consumer groups: publish, read (own pending first), ack, reclaim, dead-letter.
+
+Delivery is at least once. A consumer that dies leaves its entries pending; any other consumer of the same
+group takes them over with XAUTOCLAIM once they have been idle `claim_idle_ms`. An entry delivered more
+than `max_deliveries` times, or one whose payload is gone, is moved to `{ns}:dead` with a reason and acked.
+
+Redis 6.2 and 7.x differ for entries deleted while pending: XAUTOCLAIM on 6.2 returns them as nil (id
+unknown) and keeps them pending; 7.0 lists their ids separately and drops them. Both end here as a dead
+letter with reason "deleted", and nothing stays pending.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import redis.asyncio as aioredis
+import redis.exceptions as rexc
+import structlog
+
+from miles_stream.config import check
+
+log = structlog.get_logger(__name__)
+DATA = b"d"
+VERSION = b"version"  # field of a weight announcement on {ns}:weights
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BusConfig:
+    """Stream behaviour shared by every process of a run."""
+
+    namespace: str = "miles"
+    maxlen_cap: int = 100_000  # memory safety cap on XADD (MAXLEN ~); trimming normally follows acks
+    block_ms: int = 1000
+    claim_idle_ms: int = 60_000
+    claim_interval_s: float = 5.0
+    max_deliveries: int = 5
+    max_backlog_entries: int = 1024
+    max_backlog_bytes: int = 4 << 30
+    backpressure_poll_s: float = 0.2
+    heartbeat_interval_s: float = 2.0
+    heartbeat_ttl_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        check(bool(self.namespace) and ":" not in self.namespace, "bus.namespace", "must be non-empty, no ':'")
+        check(self.maxlen_cap >= 1000, "bus.maxlen_cap", "must be >= 1000: it is a safety cap, not a trimmer")
+        check(self.block_ms >= 1, "bus.block_ms", "must be >= 1")
+        check(self.claim_idle_ms >= 1, "bus.claim_idle_ms", "must be >= 1")
+        check(self.max_deliveries >= 1, "bus.max_deliveries", "must be >= 1")
+        check(self.max_backlog_entries >= 1, "bus.max_backlog_entries", "must be >= 1")
+        check(self.max_backlog_bytes >= 1, "bus.max_backlog_bytes", "must be >= 1")
+        check(
+            self.heartbeat_ttl_s > self.heartbeat_interval_s > 0,
+            "bus.heartbeat_ttl_s",
+            "must exceed bus.heartbeat_interval_s, which must be positive",
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One stream entry as delivered to this consumer. `deliveries` counts this delivery too."""
+
+    id: str
+    fields: Mapping[bytes, bytes]
+    deliveries: int = 1
+
+    @property
+    def data(self) -> bytes:
+        return self.fields.get(DATA, b"")
+
+
+async def publish(redis: aioredis.Redis, stream: str, data: bytes, *, maxlen: int, **extra: str | bytes) -> str:
+    """XADD one entry (`d` holds the payload) with an approximate MAXLEN safety cap; returns its id."""
+    fields: dict[Any, Any] = {DATA: data, **extra}
+    entry_id = await redis.xadd(stream, fields, maxlen=maxlen, approximate=True)
+    return _s(entry_id)
+
+
+async def ensure_group(redis: aioredis.Redis, stream: str, group: str, start_id: str = "0") -> None:
+    """Create consumer group `group` on `stream` (and the stream) unless it exists."""
+    try:
+        await redis.xgroup_create(stream, group, id=start_id, mkstream=True)
+    except rexc.ResponseError as exc:
+        if "BUSYGROUP" not in str(exc):
+            raise
+
+
+async def dead_letter(
+    redis: aioredis.Redis, dead_stream: str, *, source: str, group: str, entry: Entry, reason: str, maxlen: int
+) -> None:
+    """Copy `entry` to the dead-letter stream with why it failed, then ack it in one transaction."""
+    async with redis.pipeline(transaction=True) as pipe:
+        pipe.xadd(
+            dead_stream,
+            {
+                DATA: entry.data,
+                b"reason": reason.encode()[:4096],
+                b"source": source.encode(),
+                b"source_id": entry.id.encode(),
+                b"group": group.encode(),
+                b"deliveries": str(entry.deliveries).encode(),
+                b"at": repr(time.time()).encode(),
+            },
+            maxlen=maxlen,
+            approximate=True,
+        )
+        pipe.xack(source, group, entry.id)
+        await pipe.execute()
+    log.warning("dead_lettered", stream=source, group=group, id=entry.id, reason=reason)
+
+
+def parse_id(entry_id: str | bytes) -> tuple[int, int]:
+    ms, _, seq = _s(entry_id).partition("-")
+    return int(ms), int(seq or 0)
+
+
+async def trim_acknowledged(redis: aioredis.Redis, stream: str) -> int:
+    """XTRIM MINID below the oldest entry some consumer group still needs; returns entries removed.
+
+    An entry is needed while it is pending in a group or not yet delivered to it. A stream with no group
+    is left alone: nobody has said what they have read.
+    """
+    groups = await redis.xinfo_groups(stream)
+    if not groups:
+        return 0
+    floor: tuple[int, int] | None = None
+    for g in groups:
+        if int(g["pending"]):
+            summary = await redis.xpending(stream, g["name"])
+            need = parse_id(summary["min"])
+        else:
+            ms, seq = parse_id(g["last-delivered-id"])
+            need = (ms, seq + 1)
+        floor = need if floor is None else min(floor, need)
+    assert floor is not None
+    return int(await redis.xtrim(stream, minid=f"{floor[0]}-{floor[1]}", approximate=False))
+
+
+class StreamConsumer:
+    """One named consumer of a consumer group on one stream.
+
+    `read()` returns entries: first this consumer's own pending ones (left by an earlier run under the same
+    name), then idle entries reclaimed from dead consumers (checked every `claim_interval_s`), then new ones,
+    waiting up to `block_ms`. Entries stay pending until `ack()`; the caller decides when that is safe.
+    `blocking` must be a client of its own (see `connection.connect(block_ms=...)`).
+    """
+
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        blocking: aioredis.Redis,
+        *,
+        stream: str,
+        group: str,
+        consumer: str,
+        dead_stream: str,
+        config: BusConfig,
+    ) -> None:
+        self.redis, self.blocking = redis, blocking
+        self.stream, self.group, self.consumer = stream, group, consumer
+        self.dead_stream, self.config = dead_stream, config
+        self._pending_cursor: str | None = "0"  # None once our own backlog has been re-read
+        self._claim_cursor = "0-0"
+        self._next_claim = 0.0
+        self._next_touch = 0.0
+        self._next_trim = 0.0
+        self.in_hand: set[str] = set()  # delivered to the caller, not acked yet
+        self.dead_count = 0
+
+    async def start(self) -> None:
+        await ensure_group(self.redis, self.stream, self.group)
+
+    async def read(self, count: int, block_ms: int | None = None) -> list[Entry]:
+        await self.touch_in_hand()
+        if self._pending_cursor is not None:
+            entries = await self._read_own_pending(count)
+            if entries:
+                return entries
+        if time.monotonic() >= self._next_claim:
+            self._next_claim = time.monotonic() + self.config.claim_interval_s
+            entries = await self.claim_idle(count)
+            if entries:
+                return entries
+        block = self.config.block_ms if block_ms is None else block_ms
+        reply: Any = await self.blocking.xreadgroup(
+            self.group, self.consumer, {self.stream: ">"}, count=count, block=block or None
+        )
+        return self._hand_out(Entry(_s(i), f) for _, items in reply or [] for i, f in items)
+
+    async def ack(self, ids: Iterable[str]) -> int:
+        ids = list(ids)
+        if not ids:
+            return 0
+        n = int(await self.redis.xack(self.stream, self.group, *ids))
+        self.in_hand.difference_update(ids)
+        await self.maybe_trim()
+        return n
+
+    async def maybe_trim(self) -> None:
+        """Trim what every group has acknowledged, at most once per `claim_interval_s`."""
+        if time.monotonic() >= self._next_trim:
+            self._next_trim = time.monotonic() + self.config.claim_interval_s
+            await trim_acknowledged(self.redis, self.stream)
+
+    async def dead_letter(self, entry: Entry, reason: str) -> None:
+        await dead_letter(
+            self.redis,
+            self.dead_stream,
+            source=self.stream,
+            group=self.group,
+            entry=entry,
+            reason=reason,
+            maxlen=self.config.maxlen_cap,
+        )
+        self.in_hand.discard(entry.id)
+        self.dead_count += 1
+
+    async def touch_in_hand(self, force: bool = False) -> None:
+        """Reset the idle time of entries held but not acked, so no other consumer reclaims them."""
+        now = time.monotonic()
+        if not self.in_hand or (now < self._next_touch and not force):
+            return
+        self._next_touch = now + self.config.claim_idle_ms / 3000
+        ids: list[Any] = sorted(self.in_hand)
+        await self.redis.xclaim(self.stream, self.group, self.consumer, 0, ids, justid=True)
+
+    async def claim_idle(self, count: int) -> list[Entry]:
+        """Take over entries idle longer than `claim_idle_ms` from any consumer of the group."""
+        reply = await self.redis.xautoclaim(
+            self.stream, self.group, self.consumer, self.config.claim_idle_ms, self._claim_cursor, count=count
+        )
+        self._claim_cursor = _s(reply[0])
+        live = [Entry(_s(i), f) for i, f in reply[1] if i is not None and _s(i) not in self.in_hand]
+        lost_ids = [_s(i) for i in reply[2]] if len(reply) > 2 else []  # Redis 7: deleted, already dropped
+        if any(i is None for i, _ in reply[1]):  # Redis 6.2: deleted entries come back as nil, still pending
+            lost_ids += await self._orphaned_pending(exclude={e.id for e in live})
+        for entry_id in lost_ids:
+            await self.dead_letter(Entry(entry_id, {}), "deleted from the stream while pending")
+        if live:
+            log.info("entries_reclaimed", stream=self.stream, group=self.group, count=len(live))
+        return await self._screen(live)
+
+    async def _read_own_pending(self, count: int) -> list[Entry]:
+        assert self._pending_cursor is not None
+        reply: Any = await self.redis.xreadgroup(
+            self.group, self.consumer, {self.stream: self._pending_cursor}, count=count
+        )
+        items = [(i, f) for _, batch in reply or [] for i, f in batch]
+        if not items:
+            self._pending_cursor = None
+            return []
+        self._pending_cursor = _s(items[-1][0])
+        live = []
+        for i, fields in items:
+            if fields:
+                live.append(Entry(_s(i), fields))
+            else:
+                await self.dead_letter(Entry(_s(i), {}), "deleted from the stream while pending")
+        return await self._screen(live)
+
+    async def _screen(self, entries: list[Entry]) -> list[Entry]:
+        """Attach delivery counts; dead-letter entries delivered more than `max_deliveries` times."""
+        if not entries:
+            return []
+        counts = await self._delivery_counts(entries[0].id, entries[-1].id, len(entries) + len(self.in_hand))
+        kept = []
+        for e in entries:
+            entry = Entry(e.id, e.fields, counts.get(e.id, 1))
+            if entry.deliveries > self.config.max_deliveries:
+                await self.dead_letter(
+                    entry, f"delivered {entry.deliveries} times (max_deliveries={self.config.max_deliveries})"
+                )
+            else:
+                kept.append(entry)
+        return self._hand_out(kept)
+
+    async def _delivery_counts(self, first: str, last: str, count: int) -> dict[str, int]:
+        rows = await self.redis.xpending_range(
+            self.stream, self.group, min=first, max=last, count=count, consumername=self.consumer
+        )
+        return {_s(r["message_id"]): int(r["times_delivered"]) for r in rows}
+
+    async def _orphaned_pending(self, exclude: set[str]) -> list[str]:
+        """Ids pending to this consumer that it neither holds nor just got: deleted entries (Redis 6.2)."""
+        rows = await self.redis.xpending_range(
+            self.stream, self.group, min="-", max="+", count=10_000, consumername=self.consumer
+        )
+        ids = (_s(r["message_id"]) for r in rows)
+        return [i for i in ids if i not in exclude and i not in self.in_hand]
+
+    def _hand_out(self, entries: Iterable[Entry]) -> list[Entry]:
+        out = list(entries)
+        self.in_hand.update(e.id for e in out)
+        return out
+
+
+def _s(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

@@ -1,0 +1,151 @@
+"""The `miles-stream` command. Each subcommand parses its options, loads the run config, and runs.
+
+Only subcommands that work are listed; later ones (feed, produce, train, record, replay, demo) are added
+as they land.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from types import FrameType
+
+import structlog
+
+from miles_stream import __version__
+from miles_stream.bus import Keys, connect, namespace_status, redact
+from miles_stream.errors import MilesStreamError
+from miles_stream.logs import configure
+from miles_stream.redis_server import EmbeddedRedis
+from miles_stream.run_config import RunConfig, load_run_config
+
+log = structlog.get_logger("miles_stream.cli")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    configure(json=args.log_json, level=args.log_level)
+    try:
+        config = load_run_config(args.config, args.overrides)
+        if args.redis_url:
+            config = _with_url(config, args.redis_url)
+        result: int = args.run(args, config)
+        return result
+    except MilesStreamError as exc:
+        print(f"miles-stream {args.command}: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="miles-stream", description="Asynchronous RL post-training over Redis Streams."
+    )
+    parser.add_argument("--version", action="version", version=f"miles-stream {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("--config", help="YAML run config (configs/*.yaml)")
+        p.add_argument("--redis-url", help="Redis server to use (default: redis.url, then $MILES_REDIS_URL)")
+        p.add_argument("--log-json", action="store_true", help="log one JSON object per line")
+        p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+        p.add_argument(
+            "overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides, e.g. bus.block_ms=500"
+        )
+        return p
+
+    p = command("redis", "Run a local Redis server (or check the one given) and print its URL.")
+    p.add_argument("--port", type=int, help="port (default: a free one); same as redis_server.port=N")
+    p.add_argument("--data-dir", help="data directory (default: a temporary one, removed on exit)")
+    p.add_argument("--persistence", choices=["aof", "rdb", "none"], help="default: redis_server.persistence (aof)")
+    p.set_defaults(run=_cmd_redis)
+
+    p = command("status", "Describe a namespace: streams, groups, lag, pending, dead letters, members, weights.")
+    p.add_argument("--namespace", help="namespace (default: bus.namespace)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    p.add_argument("--watch", action="store_true", help="refresh until Ctrl-C")
+    p.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes with --watch")
+    p.set_defaults(run=_cmd_status)
+    return parser
+
+
+def _with_url(config: RunConfig, url: str) -> RunConfig:
+    from dataclasses import replace
+
+    return replace(config, redis=replace(config.redis, url=url))
+
+
+def _cmd_redis(args: argparse.Namespace, config: RunConfig) -> int:
+    from dataclasses import replace
+
+    url = config.redis.resolved_url()
+    if url:
+        asyncio.run(_ping(config, url))
+        print(f"Redis is up at {redact(url)} (nothing started).")
+        return 0
+    server_config = config.redis_server
+    changes = {
+        k: v for k, v in (("port", args.port), ("data_dir", args.data_dir), ("persistence", args.persistence)) if v
+    }
+    server_config = replace(server_config, **changes)
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    with EmbeddedRedis(server_config) as server:
+        mode = server_config.persistence
+        print(f"Redis {server.version} running at {server.url} (persistence: {mode}, data: {server.data_dir})")
+        print(f"export MILES_REDIS_URL={server.url}", flush=True)
+        stop.wait()
+    print("Redis stopped.")
+    return 0
+
+
+async def _ping(config: RunConfig, url: str) -> None:
+    client = connect(config.redis, url)
+    try:
+        await client.ping()
+    except Exception as exc:
+        raise MilesStreamError(f"Redis at {redact(url)} does not answer: {exc}") from exc
+    finally:
+        await client.aclose()
+
+
+def _cmd_status(args: argparse.Namespace, config: RunConfig) -> int:
+    from miles_stream.status_view import render_json, render_tables, watch
+
+    keys = Keys(args.namespace or config.bus.namespace)
+
+    async def snapshot_once() -> int:
+        client = connect(config.redis)
+        try:
+            if args.watch:
+                await watch(client, keys, config.bus.heartbeat_ttl_s, args.interval)
+                return 0
+            status = await namespace_status(client, keys, config.bus.heartbeat_ttl_s)
+        except MilesStreamError:
+            raise
+        except Exception as exc:
+            raise MilesStreamError(f"cannot read Redis at {redact(config.redis.resolved_url())}: {exc}") from exc
+        finally:
+            await client.aclose()
+        print(render_json(status) if args.json else "", end="")
+        if not args.json:
+            render_tables(status)
+        return 0
+
+    return asyncio.run(snapshot_once())
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

