@@ -52,6 +52,20 @@ class CodecConfig:
         check(self.max_entry_bytes > 0, "codec.max_entry_bytes", "must be positive")
 
 
+class Frame:
+    """An encoded group as a list of buffers (header, then the arrays' own memory). Send it with a
+    scatter-gather write, or `join()` it into one bytes object."""
+
+    __slots__ = ("nbytes", "parts")
+
+    def __init__(self, parts: list[Any]) -> None:
+        self.parts = parts
+        self.nbytes = sum(memoryview(p).nbytes for p in parts)
+
+    def join(self) -> bytes:
+        return b"".join(self.parts)
+
+
 class GroupCodec:
     """Encodes and decodes `TrajectoryGroup`s. One instance per thread (zstd contexts are not shared)."""
 
@@ -63,6 +77,11 @@ class GroupCodec:
 
     # ---- encode -------------------------------------------------------------------------------------
     def encode(self, group: TrajectoryGroup) -> bytes:
+        """The frame as one bytes object (one copy of the payload)."""
+        return self.encode_frame(group).join()
+
+    def encode_frame(self, group: TrajectoryGroup) -> Frame:
+        """The frame as buffers that point into the group's arrays: no copy of the payload."""
         validate_group(group, self.limits)
         parts: list[Any] = []
         offset = 0
@@ -103,10 +122,10 @@ class GroupCodec:
         }
         head = msgpack.packb(header, use_bin_type=True)
         head_pad = -(_PREFIX.size + len(head)) % _ALIGN
-        frame = b"".join([_PREFIX.pack(MAGIC, len(head)), head, b"\0" * head_pad, *parts])
-        if len(frame) > self.config.max_entry_bytes:
+        frame = Frame([_PREFIX.pack(MAGIC, len(head)) + head + b"\0" * head_pad, *parts])
+        if frame.nbytes > self.config.max_entry_bytes:
             raise SchemaError(
-                f"encoded group is {len(frame)} bytes, over max_entry_bytes={self.config.max_entry_bytes}"
+                f"encoded group is {frame.nbytes} bytes, over max_entry_bytes={self.config.max_entry_bytes}"
             )
         return frame
 
@@ -207,7 +226,9 @@ class GroupCodec:
             data = self._decompress(data, nbytes, name)
         elif stored != nbytes:
             raise SchemaError(f"{name}: shape {shape} of {dtype.str} needs {nbytes} bytes, the entry has {stored}")
-        return np.frombuffer(data, dtype=dtype, count=count).reshape(shape)
+        arr = np.frombuffer(data, dtype=dtype, count=count).reshape(shape)
+        arr.flags.writeable = False  # records are immutable, whatever buffer they arrived in
+        return arr
 
     def _decompress(self, data: memoryview, nbytes: int, name: str) -> bytes:
         try:

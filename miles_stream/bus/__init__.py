@@ -2,6 +2,7 @@
 
 from miles_stream.bus.backpressure import Backlog, Backpressure, stream_backlog
 from miles_stream.bus.connection import RedisConfig, RetryPolicy, connect, redact
+from miles_stream.bus.dataplane import StreamClient, open_stream_client
 from miles_stream.bus.groups import GroupConsumer, GroupPublisher, Received
 from miles_stream.bus.heartbeat import Heartbeat, Member, alive_members
 from miles_stream.bus.keys import Keys
@@ -22,11 +23,13 @@ __all__ = [
     "Received",
     "RedisConfig",
     "RetryPolicy",
+    "StreamClient",
     "StreamConsumer",
     "alive_members",
     "connect",
     "ensure_group",
     "namespace_status",
+    "open_stream_client",
     "publish",
     "redact",
     "stream_backlog",

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import redis.asyncio as aioredis
 import structlog
 
+from miles_stream.bus.dataplane import StreamClient
 from miles_stream.bus.keys import Keys
 from miles_stream.bus.streams import BusConfig, Entry, StreamConsumer, publish
 from miles_stream.codec import GroupCodec
@@ -45,16 +46,16 @@ class ConsumeCounters:
 class GroupPublisher:
     """Encodes and XADDs groups to one stream."""
 
-    redis: aioredis.Redis
+    client: StreamClient  # `dataplane.open_stream_client(...)`
     stream: str
     config: BusConfig
     codec: GroupCodec = field(default_factory=GroupCodec)
 
     async def publish(self, group: TrajectoryGroup) -> tuple[str, int]:
         """Publish `group`; returns (entry id, bytes sent)."""
-        data = self.codec.encode(group)
-        entry_id = await publish(self.redis, self.stream, data, maxlen=self.config.maxlen_cap)
-        return entry_id, len(data)
+        frame = self.codec.encode_frame(group)
+        entry_id = await publish(self.client, self.stream, frame, maxlen=self.config.maxlen_cap)
+        return entry_id, frame.nbytes
 
 
 class GroupConsumer:
@@ -114,6 +115,7 @@ class GroupConsumer:
             self._held.pop(r.group.group_id, None)
         self.stream.in_hand.difference_update(ids)
         self.counters.committed += len(items)
+        await self.stream.maybe_trim()
 
     async def release(self, items: Sequence[Received], reason: str) -> None:
         """Ack entries whose groups were dropped on purpose (stale, filtered), without marking them done."""

@@ -20,6 +20,8 @@ import redis.asyncio as aioredis
 import redis.exceptions as rexc
 import structlog
 
+from miles_stream.bus.dataplane import StreamClient, ThreadedStreamClient
+from miles_stream.codec import Frame
 from miles_stream.config import check
 
 log = structlog.get_logger(__name__)
@@ -63,18 +65,21 @@ class Entry:
     """One stream entry as delivered to this consumer. `deliveries` counts this delivery too."""
 
     id: str
-    fields: Mapping[bytes, bytes]
+    fields: Mapping[bytes, Any]  # values are bytes, or bytearray from the data-plane client
     deliveries: int = 1
 
     @property
-    def data(self) -> bytes:
-        return self.fields.get(DATA, b"")
+    def data(self) -> bytes | bytearray:
+        data: bytes | bytearray = self.fields.get(DATA, b"")
+        return data
 
 
-async def publish(redis: aioredis.Redis, stream: str, data: bytes, *, maxlen: int, **extra: str | bytes) -> str:
+async def publish(client: StreamClient, stream: str, data: bytes | Frame, *, maxlen: int, **extra: str | bytes) -> str:
     """XADD one entry (`d` holds the payload) with an approximate MAXLEN safety cap; returns its id."""
+    if isinstance(data, Frame) and not isinstance(client, ThreadedStreamClient):
+        data = data.join()  # only the data-plane client sends a frame from its parts
     fields: dict[Any, Any] = {DATA: data, **extra}
-    entry_id = await redis.xadd(stream, fields, maxlen=maxlen, approximate=True)
+    entry_id = await client.xadd(stream, fields, maxlen=maxlen, approximate=True)
     return _s(entry_id)
 
 
@@ -95,7 +100,7 @@ async def dead_letter(
         pipe.xadd(
             dead_stream,
             {
-                DATA: entry.data,
+                DATA: bytes(entry.data),
                 b"reason": reason.encode()[:4096],
                 b"source": source.encode(),
                 b"source_id": entry.id.encode(),
@@ -144,13 +149,14 @@ class StreamConsumer:
     `read()` returns entries: first this consumer's own pending ones (left by an earlier run under the same
     name), then idle entries reclaimed from dead consumers (checked every `claim_interval_s`), then new ones,
     waiting up to `block_ms`. Entries stay pending until `ack()`; the caller decides when that is safe.
-    `blocking` must be a client of its own (see `connection.connect(block_ms=...)`).
+    `blocking` must be a client of its own (`dataplane.open_stream_client(block_ms=...)`): it carries the
+    blocking XREADGROUP and, with it, the bulk of the bytes.
     """
 
     def __init__(
         self,
         redis: aioredis.Redis,
-        blocking: aioredis.Redis,
+        blocking: StreamClient,
         *,
         stream: str,
         group: str,

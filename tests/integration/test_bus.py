@@ -17,6 +17,7 @@ from miles_stream.bus import (
     GroupPublisher,
     Heartbeat,
     Keys,
+    StreamClient,
     StreamConsumer,
     alive_members,
     namespace_status,
@@ -24,15 +25,14 @@ from miles_stream.bus import (
     stream_backlog,
     trim_acknowledged,
 )
+from miles_stream.codec import GroupCodec
 from miles_stream.errors import BackpressureTimeout
 from miles_stream.synthetic import synthetic_group
 
 RNG = np.random.default_rng(0)
 
 
-def consumer(
-    redis: aioredis.Redis, blocking: aioredis.Redis, keys: Keys, config: BusConfig, name: str
-) -> StreamConsumer:
+def consumer(redis: aioredis.Redis, blocking: StreamClient, keys: Keys, config: BusConfig, name: str) -> StreamConsumer:
     return StreamConsumer(
         redis, blocking, stream=keys.trajectories, group="trainer", consumer=name, dead_stream=keys.dead, config=config
     )
@@ -47,7 +47,7 @@ async def read_all(c: StreamConsumer, expected: int, within_s: float = 5.0) -> l
 
 
 async def test_publish_read_ack_and_nothing_left_pending(
-    redis: aioredis.Redis, blocking: aioredis.Redis, keys: Keys, bus_config: BusConfig
+    redis: aioredis.Redis, blocking: StreamClient, keys: Keys, bus_config: BusConfig
 ) -> None:
     c = consumer(redis, blocking, keys, bus_config, "a")
     await c.start()
@@ -59,7 +59,7 @@ async def test_publish_read_ack_and_nothing_left_pending(
 
 
 async def test_group_creation_is_idempotent(
-    redis: aioredis.Redis, blocking: aioredis.Redis, keys: Keys, bus_config: BusConfig
+    redis: aioredis.Redis, blocking: StreamClient, keys: Keys, bus_config: BusConfig
 ) -> None:
     c = consumer(redis, blocking, keys, bus_config, "a")
     await c.start()
@@ -68,7 +68,7 @@ async def test_group_creation_is_idempotent(
 
 
 async def test_restarted_consumer_rereads_its_own_pending_entries_first(
-    redis: aioredis.Redis, blocking: aioredis.Redis, keys: Keys, bus_config: BusConfig
+    redis: aioredis.Redis, blocking: StreamClient, keys: Keys, bus_config: BusConfig
 ) -> None:
     first = consumer(redis, blocking, keys, bus_config, "trainer-0")
     await first.start()
@@ -83,7 +83,7 @@ async def test_restarted_consumer_rereads_its_own_pending_entries_first(
 
 
 async def test_idle_entries_of_a_dead_consumer_are_reclaimed(
-    redis: aioredis.Redis, blocking: aioredis.Redis, keys: Keys, bus_config: BusConfig
+    redis: aioredis.Redis, blocking: StreamClient, keys: Keys, bus_config: BusConfig
 ) -> None:
     dead = consumer(redis, blocking, keys, bus_config, "dead")
     await dead.start()
@@ -99,7 +99,7 @@ async def test_idle_entries_of_a_dead_consumer_are_reclaimed(
 
 
 async def test_held_entries_are_kept_alive_and_not_reclaimed(
-    redis: aioredis.Redis, blocking: aioredis.Redis, keys: Keys, bus_config: BusConfig
+    redis: aioredis.Redis, blocking: StreamClient, keys: Keys, bus_config: BusConfig
 ) -> None:
     holder = consumer(redis, blocking, keys, bus_config, "holder")
     await holder.start()
@@ -114,7 +114,7 @@ async def test_held_entries_are_kept_alive_and_not_reclaimed(
 
 
 async def test_entry_delivered_too_often_goes_to_dead_letters(
-    redis: aioredis.Redis, blocking: aioredis.Redis, keys: Keys, bus_config: BusConfig
+    redis: aioredis.Redis, blocking: StreamClient, keys: Keys, bus_config: BusConfig
 ) -> None:
     config = dataclasses.replace(bus_config, max_deliveries=2)
     entry_id = await publish(redis, keys.trajectories, b"poison", maxlen=config.maxlen_cap)
@@ -135,7 +135,7 @@ async def test_entry_delivered_too_often_goes_to_dead_letters(
 
 
 async def test_entries_deleted_while_pending_end_as_dead_letters_on_both_redis_versions(
-    redis: aioredis.Redis, blocking: aioredis.Redis, keys: Keys, bus_config: BusConfig
+    redis: aioredis.Redis, blocking: StreamClient, keys: Keys, bus_config: BusConfig
 ) -> None:
     dead_consumer = consumer(redis, blocking, keys, bus_config, "dead")
     await dead_consumer.start()
@@ -154,11 +154,11 @@ async def test_entries_deleted_while_pending_end_as_dead_letters_on_both_redis_v
 
 
 async def test_malformed_entries_go_to_dead_letters_and_the_consumer_keeps_going(
-    redis: aioredis.Redis, blocking: aioredis.Redis, keys: Keys, bus_config: BusConfig
+    redis: aioredis.Redis, blocking: StreamClient, keys: Keys, bus_config: BusConfig
 ) -> None:
     groups = GroupConsumer(consumer(redis, blocking, keys, bus_config, "c"), keys)
     await groups.start()
-    publisher = GroupPublisher(redis, keys.trajectories, bus_config)
+    publisher = GroupPublisher(blocking, keys.trajectories, bus_config)
     good = synthetic_group(RNG)
     await publish(redis, keys.trajectories, b"not a group", maxlen=bus_config.maxlen_cap)
     await publisher.publish(good)
@@ -170,11 +170,11 @@ async def test_malformed_entries_go_to_dead_letters_and_the_consumer_keeps_going
 
 
 async def test_duplicate_group_ids_train_once(
-    redis: aioredis.Redis, blocking: aioredis.Redis, keys: Keys, bus_config: BusConfig
+    redis: aioredis.Redis, blocking: StreamClient, keys: Keys, bus_config: BusConfig
 ) -> None:
     groups = GroupConsumer(consumer(redis, blocking, keys, bus_config, "c"), keys)
     await groups.start()
-    publisher = GroupPublisher(redis, keys.trajectories, bus_config)
+    publisher = GroupPublisher(blocking, keys.trajectories, bus_config)
     g = synthetic_group(RNG)
     await publisher.publish(g)
     await publisher.publish(g)  # a retried XADD: the same group twice on the stream
@@ -189,9 +189,9 @@ async def test_duplicate_group_ids_train_once(
 
 
 async def test_commit_after_a_crash_trains_each_group_exactly_once(
-    redis: aioredis.Redis, blocking: aioredis.Redis, keys: Keys, bus_config: BusConfig
+    redis: aioredis.Redis, blocking: StreamClient, keys: Keys, bus_config: BusConfig
 ) -> None:
-    publisher = GroupPublisher(redis, keys.trajectories, bus_config)
+    publisher = GroupPublisher(blocking, keys.trajectories, bus_config)
     sent = [synthetic_group(RNG) for _ in range(4)]
     for g in sent:
         await publisher.publish(g)
@@ -209,7 +209,7 @@ async def test_commit_after_a_crash_trains_each_group_exactly_once(
 
 
 async def test_backpressure_waits_until_the_consumer_catches_up(
-    redis: aioredis.Redis, blocking: aioredis.Redis, keys: Keys, bus_config: BusConfig
+    redis: aioredis.Redis, blocking: StreamClient, keys: Keys, bus_config: BusConfig
 ) -> None:
     config = dataclasses.replace(bus_config, max_backlog_entries=3, backpressure_poll_s=0.02)
     c = consumer(redis, blocking, keys, config, "c")
@@ -235,7 +235,7 @@ async def test_backpressure_waits_until_the_consumer_catches_up(
 
 
 async def test_trim_keeps_what_any_group_still_needs(
-    redis: aioredis.Redis, blocking: aioredis.Redis, keys: Keys, bus_config: BusConfig
+    redis: aioredis.Redis, blocking: StreamClient, keys: Keys, bus_config: BusConfig
 ) -> None:
     fast = consumer(redis, blocking, keys, bus_config, "fast")
     await fast.start()
@@ -270,7 +270,7 @@ async def test_heartbeats_list_members_while_alive(redis: aioredis.Redis, keys: 
 
 
 async def test_status_describes_the_namespace(
-    redis: aioredis.Redis, blocking: aioredis.Redis, keys: Keys, bus_config: BusConfig
+    redis: aioredis.Redis, blocking: StreamClient, keys: Keys, bus_config: BusConfig
 ) -> None:
     c = consumer(redis, blocking, keys, bus_config, "c")
     await c.start()
@@ -285,3 +285,20 @@ async def test_status_describes_the_namespace(
     assert traj.groups[0].lag in (None, 1)  # Redis 6.2 cannot tell the lag
     assert status.latest_weight_version == 7
     assert status.dead_letters == 1
+
+
+async def test_groups_published_through_either_client_decode_identically(
+    redis: aioredis.Redis, blocking: StreamClient, keys: Keys, bus_config: BusConfig
+) -> None:
+    groups = GroupConsumer(consumer(redis, blocking, keys, bus_config, "c"), keys)
+    await groups.start()
+    sent = [synthetic_group(RNG, routing_layers=3, topk=2) for _ in range(2)]
+    await GroupPublisher(blocking, keys.trajectories, bus_config).publish(sent[0])  # frame sent from its parts
+    await GroupPublisher(redis, keys.trajectories, bus_config).publish(sent[1])  # redis-py: frame joined first
+    got = await groups.read(10)
+    assert [r.group.group_id for r in got] == [g.group_id for g in sent]
+    for r, g in zip(got, sent, strict=True):
+        assert r.nbytes == len(GroupCodec().encode(g))
+        for a, b in zip(r.group.samples, g.samples, strict=True):
+            assert a.routing is not None and b.routing is not None
+            assert a.routing.tobytes() == b.routing.tobytes() and a.logprobs.tobytes() == b.logprobs.tobytes()

