@@ -210,6 +210,16 @@ def main() -> None:
     finally:
         if server is not None:
             server.stop()
+    codec, full, half = results["codec"], results["max_rate"], results["half_rate"]
+    mb = codec["payload_bytes"] / 1e6
+    print(
+        f"\nSummary ({results['machine']}, Redis {results.get('redis_version', '?')}, {mb:.1f} MB groups):\n"
+        f"  encode + decode        {codec['encode_decode_GBps']:.2f} GB/s\n"
+        f"  produce -> consume     {full['payload_GBps']:.2f} GB/s sustained ({full['groups_per_s']:.1f} groups/s)\n"
+        f"  latency at half rate   p50 {half['latency_p50_ms']:.1f} ms, p99 {half['latency_p99_ms']:.1f} ms\n"
+        f"  dead letters {full['dead_letters'] + half['dead_letters']}, "
+        f"duplicates {full['duplicates'] + half['duplicates']}"
+    )
     if args.json_out:
         with open(args.json_out, "w") as f:
             json.dump(results, f, indent=2)
