@@ -16,7 +16,7 @@ import redis.asyncio as aioredis
 import redis.exceptions as rexc
 import structlog
 
-from miles_stream.bus.streams import BusConfig
+from miles_stream.bus.streams import BusConfig, trim_acknowledged
 from miles_stream.errors import BackpressureTimeout
 
 log = structlog.get_logger(__name__)
@@ -46,9 +46,9 @@ async def stream_backlog(redis: aioredis.Redis, stream: str) -> int:
         return int(length)
     worst = 0
     for g in groups:
-        lag = g.get("lag")
-        unread = int(length) if lag is None else int(lag)
-        worst = max(worst, unread + int(g["pending"]))
+        lag = g.get("lag")  # 7.x: undelivered entries; pending ones come on top
+        backlog = int(length) if lag is None else int(lag) + int(g["pending"])  # the length holds both
+        worst = max(worst, backlog)
     return worst
 
 
@@ -91,6 +91,9 @@ class Backpressure:
             if not logged:
                 log.info("backpressure_engaged", stream=self.stream, entries=backlog.entries, bytes=backlog.bytes)
                 logged = True
+            # Where Redis cannot report lag (6.2) the backlog is the stream length: trim what every group
+            # has acknowledged, or a waiting producer and an idle consumer could wait on each other forever.
+            await trim_acknowledged(self.redis, self.stream)
             await asyncio.sleep(self.config.backpressure_poll_s)
             self._checked_at = -1e9
         self.waited_s += time.monotonic() - start

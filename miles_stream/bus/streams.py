@@ -180,6 +180,7 @@ class StreamConsumer:
 
     async def read(self, count: int, block_ms: int | None = None) -> list[Entry]:
         await self.touch_in_hand()
+        await self.maybe_trim()
         if self._pending_cursor is not None:
             entries = await self._read_own_pending(count)
             if entries:

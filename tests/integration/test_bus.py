@@ -302,3 +302,17 @@ async def test_groups_published_through_either_client_decode_identically(
         for a, b in zip(r.group.samples, g.samples, strict=True):
             assert a.routing is not None and b.routing is not None
             assert a.routing.tobytes() == b.routing.tobytes() and a.logprobs.tobytes() == b.logprobs.tobytes()
+
+
+async def test_waiting_producer_is_not_stuck_behind_acked_but_untrimmed_entries(
+    redis: aioredis.Redis, blocking: StreamClient, keys: Keys, bus_config: BusConfig
+) -> None:
+    config = dataclasses.replace(bus_config, max_backlog_entries=3, backpressure_poll_s=0.02)
+    c = consumer(redis, blocking, keys, config, "c")
+    await c.start()
+    for _ in range(3):
+        await publish(redis, keys.trajectories, b"x", maxlen=config.maxlen_cap)
+    ids = await read_all(c, 3)
+    await redis.xack(keys.trajectories, "trainer", *ids)  # acked, then the consumer goes idle: no trim
+    await Backpressure(redis, keys.trajectories, config).wait_for_room(timeout_s=2)
+    assert await stream_backlog(redis, keys.trajectories) == 0
