@@ -1,7 +1,7 @@
 """The data-plane client: XADD and XREADGROUP of multi-megabyte entries at the speed Redis can serve them.
 
-Why not redis-py for these two commands: a 13.6 MB entry took 20-30 ms to XADD and 10-20 ms to read
-through redis-py (async or sync) against 3-4 ms for a plain socket (docs/benchmarks.md). Redis writes a
+Why not redis-py for these two commands: a 13.6 MB entry took up to 30 ms to XADD and up to 26 ms to read
+through redis-py (async or sync), against 5-8 ms with this client (docs/benchmarks.md, bench/clients.py). Redis writes a
 large reply 64 KB per event-loop turn, so an asyncio reader pays an event-loop wake-up per 64 KB; a blocking
 socket is woken by the kernel directly. So this client speaks RESP2 on a blocking socket, on one worker
 thread per connection: a command goes out in one `sendmsg` (no copy of the payload), and a large bulk reply
