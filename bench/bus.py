@@ -87,8 +87,8 @@ async def _produce(url: str, ns: str, args: argparse.Namespace, rate: float, sec
     config = BusConfig(namespace=ns, maxlen_cap=10_000, max_backlog_entries=args.backlog, backpressure_poll_s=0.02)
     redis = open_stream_client(RedisConfig(url=url))
     control = connect(RedisConfig(url=url))
-    publisher = GroupPublisher(redis, keys.trajectories, config)
     backpressure = Backpressure(control, keys.trajectories, config)
+    publisher = GroupPublisher(redis, keys.trajectories, config, backpressure=backpressure)
     template = realistic_group(args)
     start = time.perf_counter()
     n = 0
@@ -97,10 +97,8 @@ async def _produce(url: str, ns: str, args: argparse.Namespace, rate: float, sec
             due = start + n / rate
             if due > now:
                 await asyncio.sleep(due - now)
-        await backpressure.wait_for_room()
         group = dataclasses.replace(template, group_id=uuid.uuid4().hex, created_at=time.time())
-        _, nbytes = await publisher.publish(group)
-        backpressure.record_sent(nbytes)
+        await publisher.publish(group)
         n += 1
     await redis.aclose()
     await control.aclose()

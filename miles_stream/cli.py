@@ -12,6 +12,7 @@ import signal
 import sys
 import threading
 from collections.abc import Sequence
+from dataclasses import replace
 from types import FrameType
 
 import structlog
@@ -22,6 +23,7 @@ from miles_stream.errors import MilesStreamError
 from miles_stream.logs import configure
 from miles_stream.redis_server import EmbeddedRedis
 from miles_stream.run_config import RunConfig, load_run_config
+from miles_stream.status_view import render_json, render_tables, watch
 
 log = structlog.get_logger("miles_stream.cli")
 
@@ -77,14 +79,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _with_url(config: RunConfig, url: str) -> RunConfig:
-    from dataclasses import replace
-
     return replace(config, redis=replace(config.redis, url=url))
 
 
 def _cmd_redis(args: argparse.Namespace, config: RunConfig) -> int:
-    from dataclasses import replace
-
     url = config.redis.resolved_url()
     if url:
         asyncio.run(_ping(config, url))
@@ -122,11 +120,9 @@ async def _ping(config: RunConfig, url: str) -> None:
 
 
 def _cmd_status(args: argparse.Namespace, config: RunConfig) -> int:
-    from miles_stream.status_view import render_json, render_tables, watch
-
     keys = Keys(args.namespace or config.bus.namespace)
 
-    async def snapshot_once() -> int:
+    async def run() -> int:
         client = connect(config.redis)
         try:
             if args.watch:
@@ -139,12 +135,13 @@ def _cmd_status(args: argparse.Namespace, config: RunConfig) -> int:
             raise MilesStreamError(f"cannot read Redis at {redact(config.redis.resolved_url())}: {exc}") from exc
         finally:
             await client.aclose()
-        print(render_json(status) if args.json else "", end="")
-        if not args.json:
+        if args.json:
+            print(render_json(status), end="")
+        else:
             render_tables(status)
         return 0
 
-    return asyncio.run(snapshot_once())
+    return asyncio.run(run())
 
 
 if __name__ == "__main__":

@@ -33,6 +33,11 @@ class Backlog:
 
 async def stream_backlog(redis: aioredis.Redis, stream: str) -> int:
     """Largest unacknowledged count over the stream's consumer groups (the stream length if none)."""
+    return (await _backlog(redis, stream))[0]
+
+
+async def _backlog(redis: aioredis.Redis, stream: str) -> tuple[int, bool]:
+    """(backlog, exact): exact where every group reports its lag, else the stream length stands in."""
     async with redis.pipeline(transaction=False) as pipe:
         pipe.xlen(stream)
         pipe.xinfo_groups(stream)
@@ -40,16 +45,17 @@ async def stream_backlog(redis: aioredis.Redis, stream: str) -> int:
             length, groups = await pipe.execute()
         except rexc.ResponseError as exc:  # no such key yet
             if "no such key" in str(exc).lower():
-                return 0
+                return 0, True
             raise
     if not groups:
-        return int(length)
-    worst = 0
+        return int(length), False
+    worst, exact = 0, True
     for g in groups:
         lag = g.get("lag")  # 7.x: undelivered entries; pending ones come on top
+        exact = exact and lag is not None
         backlog = int(length) if lag is None else int(lag) + int(g["pending"])  # the length holds both
         worst = max(worst, backlog)
-    return worst
+    return worst, exact
 
 
 class Backpressure:
@@ -61,6 +67,7 @@ class Backpressure:
         self._avg_bytes = 0.0
         self._checked_at = -1e9
         self._last_entries = 0
+        self._exact = True
         self._sent_since_check = 0
         self.waited_s = 0.0
 
@@ -72,7 +79,7 @@ class Backpressure:
     async def backlog(self) -> Backlog:
         now = time.monotonic()
         if now - self._checked_at >= self.config.backpressure_poll_s:
-            self._last_entries = await stream_backlog(self.redis, self.stream)
+            self._last_entries, self._exact = await _backlog(self.redis, self.stream)
             self._sent_since_check = 0
             self._checked_at = now
         entries = self._last_entries + self._sent_since_check
@@ -93,7 +100,8 @@ class Backpressure:
                 logged = True
             # Where Redis cannot report lag (6.2) the backlog is the stream length: trim what every group
             # has acknowledged, or a waiting producer and an idle consumer could wait on each other forever.
-            await trim_acknowledged(self.redis, self.stream)
+            if not self._exact:
+                await trim_acknowledged(self.redis, self.stream)
             await asyncio.sleep(self.config.backpressure_poll_s)
             self._checked_at = -1e9
         self.waited_s += time.monotonic() - start

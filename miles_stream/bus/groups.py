@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import redis.asyncio as aioredis
 import structlog
 
+from miles_stream.bus.backpressure import Backpressure
 from miles_stream.bus.dataplane import StreamClient
 from miles_stream.bus.keys import Keys
 from miles_stream.bus.streams import BusConfig, Entry, StreamConsumer, publish
@@ -44,17 +45,22 @@ class ConsumeCounters:
 
 @dataclass(slots=True)
 class GroupPublisher:
-    """Encodes and XADDs groups to one stream."""
+    """Encodes and XADDs groups to one stream; with `backpressure`, first waits while consumers lag."""
 
     client: StreamClient  # `dataplane.open_stream_client(...)`
     stream: str
     config: BusConfig
     codec: GroupCodec = field(default_factory=GroupCodec)
+    backpressure: Backpressure | None = None
 
-    async def publish(self, group: TrajectoryGroup) -> tuple[str, int]:
-        """Publish `group`; returns (entry id, bytes sent)."""
+    async def publish(self, group: TrajectoryGroup, *, wait_s: float | None = None) -> tuple[str, int]:
+        """Publish `group` (waiting up to `wait_s` for room, forever if None); returns (entry id, bytes)."""
         frame = self.codec.encode_frame(group)
+        if self.backpressure is not None:
+            await self.backpressure.wait_for_room(wait_s)
         entry_id = await publish(self.client, self.stream, frame, maxlen=self.config.maxlen_cap)
+        if self.backpressure is not None:
+            self.backpressure.record_sent(frame.nbytes)
         return entry_id, frame.nbytes
 
 
@@ -101,6 +107,20 @@ class GroupConsumer:
         self.counters.received += len(out)
         self.counters.bytes += sum(r.nbytes for r in out)
         return out
+
+    async def still_held(self, items: Sequence[Received]) -> list[Received]:
+        """The items this consumer still owns. Call before using a batch: an entry held past
+        `claim_idle_ms` (a stalled process) may have been taken over, and its new owner will train it."""
+        await self.stream.touch_in_hand(force=True)
+        lost = self.stream.lost
+        if not lost:
+            return list(items)
+        kept = [r for r in items if r.entry_id not in lost]
+        for r in items:
+            if r.entry_id in lost:
+                self._held.pop(r.group.group_id, None)
+                lost.discard(r.entry_id)
+        return kept
 
     async def commit(self, items: Sequence[Received]) -> None:
         """Mark the groups done and ack their entries, atomically."""

@@ -173,6 +173,7 @@ class StreamConsumer:
         self._next_touch = 0.0
         self._next_trim = 0.0
         self.in_hand: set[str] = set()  # delivered to the caller, not acked yet
+        self.lost: set[str] = set()  # held too long: another consumer reclaimed them; do not commit these
         self.dead_count = 0
 
     async def start(self) -> None:
@@ -225,13 +226,28 @@ class StreamConsumer:
         self.dead_count += 1
 
     async def touch_in_hand(self, force: bool = False) -> None:
-        """Reset the idle time of entries held but not acked, so no other consumer reclaims them."""
+        """Reset the idle time of entries held but not acked, so no other consumer reclaims them.
+
+        Touched every claim_idle/3, an entry held is never idle for claim_idle. If this consumer stalled
+        longer than that and another took an entry over, the entry moves from `in_hand` to `lost` (it is
+        not taken back: XCLAIM's min-idle skips an entry just claimed) and the caller must drop it.
+        """
         now = time.monotonic()
         if not self.in_hand or (now < self._next_touch and not force):
             return
         self._next_touch = now + self.config.claim_idle_ms / 3000
-        ids: list[Any] = sorted(self.in_hand)
-        await self.redis.xclaim(self.stream, self.group, self.consumer, 0, ids, justid=True)
+        rows = await self.redis.xpending_range(
+            self.stream, self.group, min="-", max="+", count=len(self.in_hand) + 1024, consumername=self.consumer
+        )
+        owned = {_s(r["message_id"]) for r in rows} & self.in_hand
+        if lost := self.in_hand - owned:
+            self.in_hand -= lost
+            self.lost |= lost
+            log.warning("entries_lost_to_reclaim", stream=self.stream, group=self.group, count=len(lost))
+        if owned:
+            ids: list[Any] = sorted(owned)
+            min_idle = self.config.claim_idle_ms // 4
+            await self.redis.xclaim(self.stream, self.group, self.consumer, min_idle, ids, justid=True)
 
     async def claim_idle(self, count: int) -> list[Entry]:
         """Take over entries idle longer than `claim_idle_ms` from any consumer of the group."""
@@ -251,9 +267,8 @@ class StreamConsumer:
 
     async def _read_own_pending(self, count: int) -> list[Entry]:
         assert self._pending_cursor is not None
-        reply: Any = await self.redis.xreadgroup(
-            self.group, self.consumer, {self.stream: self._pending_cursor}, count=count
-        )
+        since = {self.stream: self._pending_cursor}
+        reply: Any = await self.blocking.xreadgroup(self.group, self.consumer, since, count=count)
         items = [(i, f) for _, batch in reply or [] for i, f in batch]
         if not items:
             self._pending_cursor = None

@@ -316,3 +316,46 @@ async def test_waiting_producer_is_not_stuck_behind_acked_but_untrimmed_entries(
     await redis.xack(keys.trajectories, "trainer", *ids)  # acked, then the consumer goes idle: no trim
     await Backpressure(redis, keys.trajectories, config).wait_for_room(timeout_s=2)
     assert await stream_backlog(redis, keys.trajectories) == 0
+
+
+async def test_a_stalled_consumer_does_not_steal_back_what_another_took_over(
+    redis: aioredis.Redis, blocking: StreamClient, keys: Keys, bus_config: BusConfig
+) -> None:
+    publisher = GroupPublisher(blocking, keys.trajectories, bus_config)
+    sent = [synthetic_group(RNG) for _ in range(2)]
+    for g in sent:
+        await publisher.publish(g)
+    slow = GroupConsumer(consumer(redis, blocking, keys, bus_config, "slow"), keys)
+    await slow.start()
+    held = await slow.read(10)
+    await asyncio.sleep(bus_config.claim_idle_ms / 1000 + 0.05)  # "stalled" past the idle timeout
+    other = GroupConsumer(consumer(redis, blocking, keys, bus_config, "other"), keys)
+    other.stream._pending_cursor = None
+    taken = await other.stream.claim_idle(1)  # the other consumer takes one of the two over
+    assert len(taken) == 1
+    kept = await slow.still_held(held)
+    assert [r.entry_id for r in kept] == [r.entry_id for r in held if r.entry_id != taken[0].id]
+    owners = {
+        r["message_id"].decode(): r["consumer"]
+        for r in await redis.xpending_range(keys.trajectories, "trainer", min="-", max="+", count=10)
+    }
+    assert owners[taken[0].id] == b"other"  # not taken back by the touch
+    assert owners[kept[0].entry_id] == b"slow"
+
+
+async def test_publisher_with_backpressure_waits_for_room(
+    redis: aioredis.Redis, blocking: StreamClient, keys: Keys, bus_config: BusConfig
+) -> None:
+    config = dataclasses.replace(bus_config, max_backlog_entries=2, backpressure_poll_s=0.02)
+    groups = GroupConsumer(consumer(redis, blocking, keys, config, "c"), keys)
+    await groups.start()
+    publisher = GroupPublisher(
+        blocking, keys.trajectories, config, backpressure=Backpressure(redis, keys.trajectories, config)
+    )
+    for _ in range(2):
+        await publisher.publish(synthetic_group(RNG), wait_s=1)
+    with pytest.raises(BackpressureTimeout):
+        await publisher.publish(synthetic_group(RNG), wait_s=0.1)
+    await groups.commit(await groups.read(10))
+    await publisher.publish(synthetic_group(RNG), wait_s=2)
+    assert len(await groups.read(10)) == 1

@@ -134,3 +134,15 @@ def test_cli_status_describes_a_namespace(redis_url: str) -> None:
     table = subprocess.run([*CLI, "status", "bus.namespace=cli"], capture_output=True, text=True, env=env, timeout=30)
     assert table.returncode == 0, table.stderr
     assert "cli:trajectories" in table.stdout and "latest weight version" in table.stdout
+
+
+@pytest.mark.integration
+def test_cli_status_watch_redraws_until_interrupted(redis_url: str) -> None:
+    env = {**os.environ, "MILES_REDIS_URL": redis_url}
+    proc = subprocess.Popen([*CLI, "status", "--watch", "--interval", "0.2", "--namespace", "watch"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)  # fmt: skip
+    time.sleep(3)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=15)
+    assert proc.returncode == 130, err
+    assert "watch:trajectories" in out and "processes alive" in out
