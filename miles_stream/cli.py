@@ -7,7 +7,6 @@ as they land.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import signal
 import sys
 import threading
@@ -17,7 +16,7 @@ from types import FrameType
 
 import structlog
 
-from miles_stream import __version__
+from miles_stream import __version__, aio
 from miles_stream.bus import Keys, connect, namespace_status, redact
 from miles_stream.errors import MilesStreamError
 from miles_stream.logs import configure
@@ -85,7 +84,7 @@ def _with_url(config: RunConfig, url: str) -> RunConfig:
 def _cmd_redis(args: argparse.Namespace, config: RunConfig) -> int:
     url = config.redis.resolved_url()
     if url:
-        asyncio.run(_ping(config, url))
+        aio.run(_ping(config, url))
         print(f"Redis is up at {redact(url)} (nothing started).")
         return 0
     server_config = config.redis_server
@@ -141,7 +140,7 @@ def _cmd_status(args: argparse.Namespace, config: RunConfig) -> int:
             render_tables(status)
         return 0
 
-    return asyncio.run(run())
+    return aio.run(run())
 
 
 if __name__ == "__main__":

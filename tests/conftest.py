@@ -33,9 +33,14 @@ def _binaries() -> list[pytest.param]:
 
 
 @pytest.fixture(scope="session", params=_binaries())
-def redis_server(request: pytest.FixtureRequest) -> Iterator[EmbeddedRedis]:
-    binary = request.param or find_redis_server()
-    with EmbeddedRedis(EmbeddedRedisConfig(binary=binary, persistence="none", maxmemory="2gb")) as server:
+def redis_binary(request: pytest.FixtureRequest) -> str:
+    """Each redis-server this machine has: the pip-shipped 6.2 and, when installed, Debian's 7.x."""
+    return str(request.param or find_redis_server())
+
+
+@pytest.fixture(scope="session")
+def redis_server(redis_binary: str) -> Iterator[EmbeddedRedis]:
+    with EmbeddedRedis(EmbeddedRedisConfig(binary=redis_binary, persistence="none", maxmemory="2gb")) as server:
         yield server
 
 
@@ -71,5 +76,5 @@ async def blocking(redis_url: str) -> AsyncIterator[StreamClient]:
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Every test that uses a Redis server is an integration test."""
     for item in items:
-        if "redis_server" in getattr(item, "fixturenames", ()):
+        if "redis_binary" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.integration)

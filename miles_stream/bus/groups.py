@@ -14,6 +14,7 @@ import redis.asyncio as aioredis
 import structlog
 
 from miles_stream.bus.backpressure import Backpressure
+from miles_stream.bus.connection import RetryPolicy
 from miles_stream.bus.dataplane import StreamClient
 from miles_stream.bus.keys import Keys
 from miles_stream.bus.streams import BusConfig, Entry, StreamConsumer, publish
@@ -52,13 +53,21 @@ class GroupPublisher:
     config: BusConfig
     codec: GroupCodec = field(default_factory=GroupCodec)
     backpressure: Backpressure | None = None
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
 
     async def publish(self, group: TrajectoryGroup, *, wait_s: float | None = None) -> tuple[str, int]:
-        """Publish `group` (waiting up to `wait_s` for room, forever if None); returns (entry id, bytes)."""
+        """Publish `group` (waiting up to `wait_s` for room, forever if None); returns (entry id, bytes).
+
+        Transient failures (connection lost, Redis loading or out of memory) are retried by `retry`; an
+        XADD retried after Redis applied it leaves a duplicate, which consumers drop by group id.
+        """
         frame = self.codec.encode_frame(group)
         if self.backpressure is not None:
             await self.backpressure.wait_for_room(wait_s)
-        entry_id = await publish(self.client, self.stream, frame, maxlen=self.config.maxlen_cap)
+        entry_id = await self.retry.run(
+            lambda: publish(self.client, self.stream, frame, maxlen=self.config.maxlen_cap),
+            on_retry=_log_retry,
+        )
         if self.backpressure is not None:
             self.backpressure.record_sent(frame.nbytes)
         return entry_id, frame.nbytes
@@ -67,10 +76,13 @@ class GroupPublisher:
 class GroupConsumer:
     """Reads `TrajectoryGroup`s for one consumer group, dead-lettering what fails to decode."""
 
-    def __init__(self, stream: StreamConsumer, keys: Keys, codec: GroupCodec | None = None) -> None:
+    def __init__(
+        self, stream: StreamConsumer, keys: Keys, codec: GroupCodec | None = None, retry: RetryPolicy | None = None
+    ) -> None:
         self.stream = stream
         self.keys = keys
         self.codec = codec or GroupCodec()
+        self.retry = retry or RetryPolicy()
         self.counters = ConsumeCounters()
         self._held: dict[str, str] = {}  # group id -> entry id, for groups handed out and not committed
 
@@ -82,7 +94,9 @@ class GroupConsumer:
         await self.stream.start()
 
     async def read(self, count: int, block_ms: int | None = None) -> list[Received]:
-        entries = await self.stream.read(count, block_ms)
+        """Up to `count` new groups. Transient Redis failures are retried (a reply lost with the connection
+        leaves its entries pending to this consumer; they come back through reclaim after claim_idle_ms)."""
+        entries = await self.retry.run(lambda: self.stream.read(count, block_ms), on_retry=_log_retry)
         decoded: list[tuple[Entry, TrajectoryGroup]] = []
         for entry in entries:
             try:
@@ -127,10 +141,14 @@ class GroupConsumer:
         if not items:
             return
         ids = [r.entry_id for r in items]
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.sadd(self.done_key, *[r.group.group_id for r in items])
-            pipe.xack(self.stream.stream, self.stream.group, *ids)
-            await pipe.execute()
+
+        async def mark_done_and_ack() -> None:  # idempotent, so safe to retry
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.sadd(self.done_key, *[r.group.group_id for r in items])
+                pipe.xack(self.stream.stream, self.stream.group, *ids)
+                await pipe.execute()
+
+        await self.retry.run(mark_done_and_ack, on_retry=_log_retry)
         for r in items:
             self._held.pop(r.group.group_id, None)
         self.stream.in_hand.difference_update(ids)
@@ -147,3 +165,7 @@ class GroupConsumer:
     @property
     def redis(self) -> aioredis.Redis:
         return self.stream.redis
+
+
+def _log_retry(attempt: int, exc: BaseException) -> None:
+    log.warning("redis_retry", attempt=attempt, error=str(exc))

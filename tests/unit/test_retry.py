@@ -1,0 +1,61 @@
+from __future__ import annotations
+
+import pytest
+import redis.exceptions as rexc
+
+from miles_stream.bus import RetryPolicy
+from miles_stream.errors import ConfigError, RedisUnavailableError
+
+
+async def test_transient_errors_are_retried_until_success() -> None:
+    calls = []
+
+    async def flaky() -> str:
+        calls.append(1)
+        if len(calls) < 3:
+            raise rexc.ConnectionError("gone")
+        return "ok"
+
+    retries: list[int] = []
+    policy = RetryPolicy(attempts=5, base_delay_s=0.001, max_delay_s=0.002)
+    assert await policy.run(flaky, on_retry=lambda n, exc: retries.append(n)) == "ok"
+    assert retries == [1, 2]
+
+
+async def test_redis_out_of_memory_is_transient() -> None:
+    calls = []
+
+    async def full() -> str:
+        calls.append(1)
+        if len(calls) == 1:
+            raise rexc.ResponseError("OOM command not allowed when used memory > 'maxmemory'.")
+        return "ok"
+
+    assert await RetryPolicy(base_delay_s=0.001, max_delay_s=0.002).run(full) == "ok"
+
+
+async def test_other_errors_are_not_retried() -> None:
+    calls = []
+
+    async def wrong() -> None:
+        calls.append(1)
+        raise rexc.ResponseError("WRONGTYPE Operation against a key holding the wrong kind of value")
+
+    with pytest.raises(rexc.ResponseError, match="WRONGTYPE"):
+        await RetryPolicy(base_delay_s=0.001, max_delay_s=0.002).run(wrong)
+    assert len(calls) == 1
+
+
+async def test_gives_up_after_the_last_attempt_with_a_typed_error() -> None:
+    async def down() -> None:
+        raise rexc.TimeoutError("slow")
+
+    with pytest.raises(RedisUnavailableError, match="gave up after 3 attempts: slow"):
+        await RetryPolicy(attempts=3, base_delay_s=0.001, max_delay_s=0.002).run(down)
+
+
+def test_backoff_is_bounded_and_validated() -> None:
+    policy = RetryPolicy(base_delay_s=0.1, max_delay_s=0.5)
+    assert all(0 <= policy.delay(n) <= 0.5 for n in range(20))
+    with pytest.raises(ConfigError, match=r"retry\.base_delay_s"):
+        RetryPolicy(base_delay_s=2.0, max_delay_s=1.0)
