@@ -1,7 +1,7 @@
 """The `miles-stream` command. Each subcommand parses its options, loads the run config, and runs.
 
-Only subcommands that work are listed; later ones (feed, produce, train, record, replay, demo) are added
-as they land.
+Only subcommands that work are listed; later ones (produce, train, record, replay, demo) are added as
+they land.
 """
 
 from __future__ import annotations
@@ -68,6 +68,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--persistence", choices=["aof", "rdb", "none"], help="default: redis_server.persistence (aof)")
     p.set_defaults(run=_cmd_redis)
 
+    p = command("feed", "Publish a prompt dataset (JSONL or Parquet) to {ns}:prompts; resumes where it stopped.")
+    p.set_defaults(run=_cmd_feed)
+
     p = command("status", "Describe a namespace: streams, groups, lag, pending, dead letters, members, weights.")
     p.add_argument("--namespace", help="namespace (default: bus.namespace)")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
@@ -116,6 +119,12 @@ async def _ping(config: RunConfig, url: str) -> None:
         raise MilesStreamError(f"Redis at {redact(url)} does not answer: {exc}") from exc
     finally:
         await client.aclose()
+
+
+def _cmd_feed(args: argparse.Namespace, config: RunConfig) -> int:
+    from producers.feeder import main as feed_main  # the process entry point; imports transformers lazily
+
+    return feed_main(config)
 
 
 def _cmd_status(args: argparse.Namespace, config: RunConfig) -> int:

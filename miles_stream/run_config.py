@@ -14,6 +14,7 @@ from miles_stream.bus.connection import RedisConfig
 from miles_stream.bus.streams import BusConfig
 from miles_stream.codec import CodecConfig
 from miles_stream.config import apply_overrides, build, load_yaml
+from miles_stream.feeder import FeederConfig
 from miles_stream.redis_server import EmbeddedRedisConfig
 from miles_stream.trainer.algo import AlgoConfig
 
@@ -25,6 +26,7 @@ class RunConfig:
     bus: BusConfig = field(default_factory=BusConfig)
     codec: CodecConfig = field(default_factory=CodecConfig)
     algo: AlgoConfig = field(default_factory=AlgoConfig)
+    feeder: FeederConfig = field(default_factory=FeederConfig)
 
 
 def load_run_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> RunConfig:

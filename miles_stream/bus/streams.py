@@ -132,10 +132,10 @@ async def trim_acknowledged(redis: aioredis.Redis, stream: str) -> int:
         return 0
     floor: tuple[int, int] | None = None
     for g in groups:
-        if int(g["pending"]):
-            summary = await redis.xpending(stream, g["name"])
-            need = parse_id(summary["min"])
-        else:
+        oldest_pending = (await redis.xpending(stream, g["name"]))["min"] if int(g["pending"]) else None
+        if oldest_pending is not None:
+            need = parse_id(oldest_pending)
+        else:  # nothing pending (or acked since XINFO): all up to last-delivered-id is acknowledged
             ms, seq = parse_id(g["last-delivered-id"])
             need = (ms, seq + 1)
         floor = need if floor is None else min(floor, need)

@@ -1,0 +1,149 @@
+"""The prompt feeder against a real Redis: order, epochs, backpressure, resume, formats, the CLI."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aioredis
+
+from miles_stream.bus import BusConfig, Keys, StreamClient, StreamConsumer
+from miles_stream.errors import ConfigError, MilesStreamError, SchemaError
+from miles_stream.feeder import Feeder, FeederConfig, load_rows
+from miles_stream.models import build_tiny_model
+from miles_stream.prompts import PromptRecord, decode_prompt, encode_prompt
+
+
+def write_jsonl(path: Path, n: int) -> Path:
+    path.write_text("".join(json.dumps({"prompt": f"{i}+{i}=", "label": 2 * i}) + "\n" for i in range(n)))
+    return path
+
+
+async def drain(
+    redis: aioredis.Redis, blocking: StreamClient, keys: Keys, bus: BusConfig, want: int, stop_after: int = 0,
+    stop: asyncio.Event | None = None,
+) -> list[PromptRecord]:  # fmt: skip
+    """Claim prompts as a producer would, acking each; optionally set `stop` after `stop_after` of them."""
+    c = StreamConsumer(redis, blocking, stream=keys.prompts, group="producers", consumer="p0",
+                       dead_stream=keys.dead, config=bus)  # fmt: skip
+    await c.start()
+    got: list[PromptRecord] = []
+    for _ in range(400):
+        entries = await c.read(3)
+        got += [decode_prompt(e.data) for e in entries]
+        await c.ack(e.id for e in entries)
+        if stop is not None and stop_after and len(got) >= stop_after:
+            stop.set()
+            break
+        if len(got) >= want:
+            break
+    return got
+
+
+async def test_each_epoch_is_a_seeded_permutation_and_backpressure_holds(
+    redis: aioredis.Redis, blocking: StreamClient, keys: Keys, bus_config: BusConfig, tmp_path: Path
+) -> None:
+    config = FeederConfig(path=str(write_jsonl(tmp_path / "d.jsonl", 10)), num_epochs=2, max_queued=3, seed=7)
+    feeder = Feeder(redis, keys, replace(bus_config, backpressure_poll_s=0.01), config, load_rows(config))
+    task = asyncio.create_task(feeder.run())
+    await asyncio.sleep(0.3)
+    assert await redis.xlen(keys.prompts) <= 3  # nobody consumes yet: the feeder waits at max_queued
+    got = await drain(redis, blocking, keys, bus_config, want=20)
+    assert await asyncio.wait_for(task, 5) == 20
+    for epoch in (0, 1):
+        indices = [p.index for p in got if p.epoch == epoch]
+        assert indices == feeder.order(epoch).tolist()
+    assert feeder.order(0).tolist() != feeder.order(1).tolist()
+    assert got[0].text == f"{got[0].index}+{got[0].index}=" and got[0].label == str(2 * got[0].index)
+
+
+async def test_a_restarted_feeder_continues_without_gaps_or_repeats(
+    redis: aioredis.Redis, blocking: StreamClient, keys: Keys, bus_config: BusConfig, tmp_path: Path
+) -> None:
+    config = FeederConfig(path=str(write_jsonl(tmp_path / "d.jsonl", 6)), num_epochs=2, max_queued=2)
+    rows = load_rows(config)
+    stop = asyncio.Event()
+    first = asyncio.create_task(Feeder(redis, keys, bus_config, config, rows).run(stop))
+    got = await drain(redis, blocking, keys, bus_config, want=12, stop_after=5, stop=stop)
+    await asyncio.wait_for(first, 5)
+    resumed = Feeder(redis, keys, bus_config, config, rows)
+    task = asyncio.create_task(resumed.run())
+    got += await drain(redis, blocking, keys, bus_config, want=12 - len(got))
+    await asyncio.wait_for(task, 5)
+    seen = [(p.epoch, p.index) for p in got]
+    assert len(seen) == 12 and len(set(seen)) == 12
+
+
+async def test_a_retried_publish_after_it_went_through_does_nothing(
+    redis: aioredis.Redis, keys: Keys, bus_config: BusConfig, tmp_path: Path
+) -> None:
+    config = FeederConfig(path=str(write_jsonl(tmp_path / "d.jsonl", 3)))
+    feeder = Feeder(redis, keys, bus_config, config, load_rows(config))
+    await feeder._publish(0, 0, int(feeder.order(0)[0]))
+    await feeder._publish(0, 0, int(feeder.order(0)[0]))  # the retry of a transaction whose reply was lost
+    assert await redis.xlen(keys.prompts) == 1
+    assert await feeder.position() == (0, 1)
+
+
+async def test_resuming_with_another_dataset_is_refused(
+    redis: aioredis.Redis, keys: Keys, bus_config: BusConfig, tmp_path: Path
+) -> None:
+    config = FeederConfig(path=str(write_jsonl(tmp_path / "d.jsonl", 3)))
+    feeder = Feeder(redis, keys, bus_config, config, load_rows(config))
+    await feeder._publish(0, 0, 0)
+    other = FeederConfig(path=str(write_jsonl(tmp_path / "e.jsonl", 4)))
+    with pytest.raises(MilesStreamError, match="written for 3 rows"):
+        await Feeder(redis, keys, bus_config, other, load_rows(other)).run()
+
+
+def test_parquet_and_chat_template(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"question": ["1+1=", "2+2="], "answer": ["2", "4"]}), tmp_path / "d.parquet")
+    model = build_tiny_model(tmp_path / "model")
+    config = FeederConfig(path=str(tmp_path / "d.parquet"), prompt_key="question", label_key="answer",
+                          apply_chat_template=True, tokenizer=str(model))  # fmt: skip
+    rows = load_rows(config)
+    assert [(r.text, r.label) for r in rows] == [("1+1=", "2"), ("2+2=", "4")]  # the tiny template is the text
+
+
+def test_bad_datasets_are_named(tmp_path: Path) -> None:
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "a"}\nnot json\n')
+    with pytest.raises(ConfigError, match=r"bad\.jsonl:2 is not valid JSON"):
+        load_rows(FeederConfig(path=str(tmp_path / "bad.jsonl")))
+    (tmp_path / "nokey.jsonl").write_text('{"question": "a"}\n')
+    with pytest.raises(ConfigError, match=r"row 0 .* has no 'prompt' field"):
+        load_rows(FeederConfig(path=str(tmp_path / "nokey.jsonl")))
+    with pytest.raises(ConfigError, match="is not a file"):
+        load_rows(FeederConfig(path=str(tmp_path / "missing.jsonl")))
+
+
+def test_prompt_records_round_trip_and_bad_ones_are_schema_errors() -> None:
+    record = PromptRecord(key="3", text="1+2=", label="3", epoch=1, index=3)
+    assert decode_prompt(encode_prompt(record)) == record
+    for bad in (b"", b"\x93\x01\x02\x03", encode_prompt(record)[:-2]):
+        with pytest.raises(SchemaError):
+            decode_prompt(bad)
+
+
+def test_cli_feed_publishes_the_dataset_and_exits(redis_url: str, tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "d.jsonl", 5)
+    env = {**os.environ, "MILES_REDIS_URL": redis_url}
+    out = subprocess.run(
+        [sys.executable, "-m", "miles_stream.cli", "feed", "bus.namespace=clifeed", f"feeder.path={path}"],
+        capture_output=True, text=True, env=env, timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert "feeder_stopped" in out.stderr
+    import redis as sync_redis
+
+    with sync_redis.Redis.from_url(redis_url) as client:
+        assert client.xlen("clifeed:prompts") == 5
+        assert client.hget("clifeed:feeder", "epoch") == b"1"
