@@ -1,0 +1,339 @@
+"""The native engine: a Hugging Face causal LM sampled in PyTorch with a KV cache and continuous batching.
+
+    generate() ──requests──► queue ──► engine thread: loop
+                                         1. apply a pending weight update (between steps, spans recorded)
+                                         2. wait while paused
+                                         3. admit queued requests while rows are free: prefill each alone,
+                                            sample its first token, merge its KV rows into the batch
+                                         4. one decode step for every active row
+                                         5. finish rows (stop id, max tokens, abort), resolve their futures
+                                            (also right after 3: a first token can end a row)
+    results ◄── futures resolved on the caller's event loop
+
+The engine owns the KV cache as per-layer [B, H, S, D] tensors, left-padded, and wraps them in a
+`DynamicCache` for each forward. Rows join and leave between steps (torch.cat / index_select), and columns of
+padding that every row has are dropped. MoE routing traces come from forward hooks on the routers: every
+position the model runs on, prompt and response, as in `schema.Sample.routing`.
+
+This is the CPU-correct reference engine; speed on a GPU (static cache, CUDA graphs) is its own issue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+from collections.abc import Mapping, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM, DynamicCache
+
+from miles_stream.errors import MilesStreamError
+from miles_stream.rollout.sampling import sample_tokens
+from miles_stream.rollout.types import GenerationRequest, GenerationResult
+from miles_stream.schema import make_spans
+
+
+@dataclass(eq=False)
+class _Row:
+    request: GenerationRequest
+    future: Future[GenerationResult]
+    stop_ids: frozenset[int]
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    spans: list[tuple[int, int]] = field(default_factory=list)
+    routing: list[np.ndarray] = field(default_factory=list)  # [positions, L, K] chunks
+    length: int = 0  # tokens in the KV cache (prompt + fed response tokens)
+    aborted: bool = False
+
+
+class NativeEngine:
+    def __init__(
+        self,
+        model_dir: str,
+        *,
+        device: str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        max_batch: int = 32,
+        seed: int = 0,
+        weight_version: int = 0,
+    ) -> None:
+        self.device = torch.device(device)
+        model: Any = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+        self.model: Any = model.to(self.device).eval()
+        self.model.requires_grad_(False)
+        config = self.model.config
+        eos = config.eos_token_id
+        self.eos_ids = frozenset([eos] if isinstance(eos, int) else (eos or []))
+        self.num_experts = int(getattr(config, "num_experts", 0) or getattr(config, "num_local_experts", 0) or 0)
+        self.max_batch = max_batch
+        self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        self._version = weight_version
+        self._queue: queue.Queue[_Row] = queue.Queue()
+        self._updates: queue.Queue[tuple[int, Mapping[str, torch.Tensor], Future[None]]] = queue.Queue()
+        self._aborts: set[str] = set()
+        self._lock = threading.Lock()
+        self._running = threading.Event()
+        self._running.set()
+        self._closed = False
+        self._wake = threading.Event()
+        self._rows: list[_Row] = []
+        self._kv: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._mask = torch.zeros(0, 0, dtype=torch.long, device=self.device)
+        self._step_routing: list[torch.Tensor] = []
+        self._hooks = [m.register_forward_hook(self._record_routing) for m in self._routers()]
+        self._thread = threading.Thread(target=self._loop, name="miles-native-engine", daemon=True)
+        self._thread.start()
+
+    # ---- public API (RolloutEngine) -----------------------------------------------------------------------
+    @property
+    def weight_version(self) -> int:
+        return self._version
+
+    async def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
+        futures = [self.submit(r) for r in requests]
+        return list(await asyncio.gather(*(asyncio.wrap_future(f) for f in futures)))
+
+    def submit(self, request: GenerationRequest) -> Future[GenerationResult]:
+        if self._closed:
+            raise MilesStreamError("engine is closed")
+        stop = set(request.params.stop_token_ids) | (set() if request.params.ignore_eos else set(self.eos_ids))
+        row = _Row(request, Future(), frozenset(stop))
+        self._queue.put(row)
+        self._wake.set()
+        return row.future
+
+    async def update_weights(self, version: int, state: Mapping[str, torch.Tensor]) -> None:
+        """Copy `state` into the parameters in place between two decode steps; rows in flight go on under
+        the new version (a new version span starts at their next token)."""
+        done: Future[None] = Future()
+        self._updates.put((version, state, done))
+        self._wake.set()
+        await asyncio.wrap_future(done)
+
+    async def abort(self, request_ids: Sequence[str]) -> None:
+        with self._lock:
+            self._aborts.update(request_ids)
+        self._wake.set()
+
+    async def pause(self) -> None:
+        self._running.clear()
+
+    async def resume(self) -> None:
+        self._running.set()
+        self._wake.set()
+
+    async def close(self) -> None:
+        self._closed = True
+        self._running.set()
+        self._wake.set()
+        await asyncio.to_thread(self._thread.join)
+        for hook in self._hooks:
+            hook.remove()
+
+    # ---- engine thread ----------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        try:
+            while not self._closed:
+                self._apply_updates()
+                if not self._running.is_set() or (not self._rows and self._queue.empty()):
+                    self._wake.wait(0.05)
+                    self._wake.clear()
+                    continue
+                with torch.inference_mode():
+                    self._admit()
+                    self._finish()  # a first token can already end a row (a stop id, max_new_tokens=1)
+                    if self._rows:
+                        self._decode()
+                        self._finish()
+        except BaseException as exc:  # fail every waiting caller rather than hang them
+            for row in self._rows + list(self._queue.queue):
+                if not row.future.done():
+                    row.future.set_exception(MilesStreamError(f"engine failed: {exc!r}"))
+            raise
+        finally:
+            for row in self._rows:
+                if not row.future.done():
+                    row.future.set_exception(MilesStreamError("engine closed"))
+
+    def _apply_updates(self) -> None:
+        while not self._updates.empty():
+            version, state, done = self._updates.get()
+            try:
+                params = dict(self.model.named_parameters())
+                with torch.no_grad():
+                    for name, tensor in state.items():
+                        if name not in params:
+                            raise MilesStreamError(f"weight update names unknown parameter {name!r}")
+                        params[name].copy_(tensor.to(params[name].device, params[name].dtype))
+                self._version = version
+                for row in self._rows:
+                    row.spans.append((len(row.tokens), version))
+                done.set_result(None)
+            except BaseException as exc:
+                done.set_exception(exc)
+
+    def _admit(self) -> None:
+        while len(self._rows) < self.max_batch and not self._queue.empty():
+            row = self._queue.get()
+            prompt = torch.tensor([list(row.request.prompt_ids)], dtype=torch.long, device=self.device)
+            self._step_routing.clear()
+            out = self.model(input_ids=prompt, cache=DynamicCache(), use_cache=True)
+            row.length = prompt.shape[1]
+            row.spans.append((0, self._version))
+            self._take_routing([row])
+            self._sample([row], out.logits[:, -1, :])
+            kv = [(layer.keys, layer.values) for layer in out.cache.layers]
+            self._merge(row, kv)
+
+    def _merge(self, row: _Row, kv: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        new_len = kv[0][0].shape[2]
+        old_len = self._mask.shape[1]
+        width = max(new_len, old_len)
+        if not self._rows:
+            self._kv, self._mask = kv, torch.ones(1, new_len, dtype=torch.long, device=self.device)
+        else:
+            self._kv = [
+                (_stack_rows(k, nk, width), _stack_rows(v, nv, width))
+                for (k, v), (nk, nv) in zip(self._kv, kv, strict=True)
+            ]
+            ones = torch.ones(1, new_len, dtype=torch.long, device=self.device)
+            self._mask = torch.cat([F.pad(self._mask, (width - old_len, 0)), F.pad(ones, (width - new_len, 0))])
+        self._rows.append(row)
+
+    def _decode(self) -> None:
+        rows = self._rows
+        last = torch.tensor([[r.tokens[-1]] for r in rows], device=self.device)
+        positions = torch.tensor([[r.length] for r in rows], device=self.device)
+        mask = torch.cat([self._mask, torch.ones(len(rows), 1, dtype=torch.long, device=self.device)], dim=1)
+        self._step_routing.clear()
+        out = self.model(
+            input_ids=last, attention_mask=mask, position_ids=positions,
+            cache=DynamicCache(ddp_cache_data=self._kv), use_cache=True,
+        )  # fmt: skip
+        self._kv = [(layer.keys, layer.values) for layer in out.cache.layers]
+        self._mask = mask
+        for r in rows:
+            r.length += 1
+        self._take_routing(rows)
+        self._sample(rows, out.logits[:, -1, :])
+
+    def _sample(self, rows: list[_Row], logits: torch.Tensor) -> None:
+        params = [r.request.params for r in rows]
+        temperature = torch.tensor([p.temperature for p in params], device=self.device)
+        top_k = torch.tensor([p.top_k for p in params], device=self.device)
+        top_p = torch.tensor([p.top_p for p in params], device=self.device)
+        tokens, logprobs = sample_tokens(logits, temperature, top_k, top_p, self.generator)
+        for r, tok, lp in zip(rows, tokens.tolist(), logprobs.tolist(), strict=True):
+            r.tokens.append(int(tok))
+            r.logprobs.append(float(lp))
+
+    def _finish(self) -> None:
+        with self._lock:
+            aborts, self._aborts = self._aborts, set()
+        keep = []
+        for i, r in enumerate(self._rows):
+            if r.request.request_id in aborts:
+                r.aborted = True
+            reason = _finish_reason(r)
+            if reason is None:
+                keep.append(i)
+            else:
+                r.future.set_result(self._result(r, reason))
+        if len(keep) < len(self._rows):
+            index = torch.tensor(keep, dtype=torch.long, device=self.device)
+            self._rows = [self._rows[i] for i in keep]
+            self._kv = [(k.index_select(0, index), v.index_select(0, index)) for k, v in self._kv]
+            self._mask = self._mask.index_select(0, index)
+            self._drop_shared_padding()
+        for rid in aborts - {r.request.request_id for r in self._rows}:  # aborted while still queued
+            self._abort_queued(rid)
+
+    def _abort_queued(self, request_id: str) -> None:
+        kept: list[_Row] = []
+        while not self._queue.empty():
+            row = self._queue.get()
+            if row.request.request_id == request_id:
+                row.spans.append((0, self._version))
+                row.future.set_result(self._result(row, "abort"))
+            else:
+                kept.append(row)
+        for row in kept:
+            self._queue.put(row)
+
+    def _drop_shared_padding(self) -> None:
+        if not self._rows:
+            self._kv, self._mask = [], self._mask[:, :0]
+            return
+        pad = int((self._mask.cumsum(dim=1) == 0).sum(dim=1).min())
+        if pad:
+            self._kv = [(k[:, :, pad:], v[:, :, pad:]) for k, v in self._kv]
+            self._mask = self._mask[:, pad:]
+
+    def _result(self, r: _Row, reason: str) -> GenerationResult:
+        routing = None
+        if r.routing:
+            trace = np.concatenate(r.routing)[: len(r.request.prompt_ids) + len(r.tokens) - 1]
+            routing = trace.astype(np.uint8 if self.num_experts <= 256 else np.uint16)
+        return GenerationResult(
+            request_id=r.request.request_id,
+            response_ids=np.asarray(r.tokens, dtype=np.int32),
+            logprobs=np.asarray(r.logprobs, dtype=np.float32),
+            finish_reason=reason,  # type: ignore[arg-type]
+            version_spans=make_spans(_merge_spans(r.spans, len(r.tokens))),
+            routing=routing,
+        )
+
+    # ---- MoE routing traces -------------------------------------------------------------------------------
+    def _routers(self) -> list[torch.nn.Module]:
+        """The MoE routers: modules named ...mlp.gate that choose experts (Qwen3-MoE, Mixtral)."""
+        return [m for name, m in self.model.named_modules() if name.endswith("mlp.gate") and hasattr(m, "top_k")]
+
+    def _record_routing(self, module: torch.nn.Module, inputs: Any, output: Any) -> None:
+        self._step_routing.append(output[2].detach())  # [rows * positions, K] expert indices
+
+    def _take_routing(self, rows: list[_Row]) -> None:
+        if not self._step_routing:
+            return
+        per_layer = torch.stack(self._step_routing, dim=1)  # [rows * positions, L, K]
+        chunks = per_layer.reshape(len(rows), -1, *per_layer.shape[1:]).cpu().numpy()
+        for r, chunk in zip(rows, chunks, strict=True):
+            r.routing.append(chunk)
+
+
+def _finish_reason(r: _Row) -> str | None:
+    if r.aborted:
+        return "abort"
+    if r.tokens and r.tokens[-1] in r.stop_ids:
+        return "stop"
+    if len(r.tokens) >= r.request.params.max_new_tokens:
+        return "length"
+    return None
+
+
+def _merge_spans(spans: list[tuple[int, int]], num_tokens: int) -> list[tuple[int, int]]:
+    """One span per run of tokens under one version: an update with no token after it is dropped, and one
+    with no token since the previous update replaces it."""
+    out: list[tuple[int, int]] = []
+    for start, version in spans:
+        if out and start >= num_tokens:
+            continue
+        if out and out[-1][0] == start:
+            out[-1] = (start, version)
+        elif not out or out[-1][1] != version:
+            out.append((start, version))
+    return out
+
+
+def _left_pad(x: torch.Tensor, width: int) -> torch.Tensor:
+    return F.pad(x, (0, 0, width - x.shape[2], 0))
+
+
+def _stack_rows(batch: torch.Tensor, new: torch.Tensor, width: int) -> torch.Tensor:
+    """[B, H, S, D] and [1, H, S', D] left-padded to `width` positions and stacked to [B + 1, H, width, D]."""
+    return torch.cat([_left_pad(batch, width), _left_pad(new, width)])

@@ -1,0 +1,74 @@
+"""What a rollout engine takes and returns, and the `RolloutEngine` protocol every engine implements.
+
+Shapes (legend: P prompt tokens, T response tokens, S version spans, L MoE layers, K experts per token):
+    GenerationResult.response_ids   int32   [T]
+    GenerationResult.logprobs       float32 [T]   log_softmax(logits / temperature) of each sampled token,
+                                                  before top-k / top-p truncation (SGLang's convention;
+                                                  temperature 0 means greedy, scored at temperature 1)
+    GenerationResult.version_spans  int64   [S, 2] (first response token index, weight version)
+    GenerationResult.routing        uint8 | uint16 [P + T - 1, L, K] or None (MoE models)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from miles_stream.config import check
+from miles_stream.schema import FinishReason
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SamplingParams:
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    max_new_tokens: int = 128
+    stop_token_ids: tuple[int, ...] = ()  # the engine adds the model's EOS unless ignore_eos
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        check(self.temperature >= 0, "sampling.temperature", "must be >= 0 (0 = greedy)")
+        check(0 < self.top_p <= 1, "sampling.top_p", "must be in (0, 1]")
+        check(self.top_k >= 0, "sampling.top_k", "must be >= 0 (0 = off)")
+        check(self.max_new_tokens >= 1, "sampling.max_new_tokens", "must be >= 1")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GenerationRequest:
+    request_id: str
+    prompt_ids: Sequence[int]
+    params: SamplingParams = field(default_factory=SamplingParams)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GenerationResult:
+    request_id: str
+    response_ids: np.ndarray
+    logprobs: np.ndarray
+    finish_reason: FinishReason
+    version_spans: np.ndarray
+    routing: np.ndarray | None = None
+
+
+class RolloutEngine(Protocol):
+    """An inference engine that samples responses and reports what a trainer needs to correct for it."""
+
+    @property
+    def weight_version(self) -> int: ...
+
+    async def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]: ...
+
+    async def update_weights(self, version: int, state: Mapping[str, torch.Tensor]) -> None: ...
+
+    async def abort(self, request_ids: Sequence[str]) -> None: ...
+
+    async def pause(self) -> None: ...
+
+    async def resume(self) -> None: ...
+
+    async def close(self) -> None: ...
