@@ -3,8 +3,8 @@
     generate() ──requests──► queue ──► engine thread: loop
                                          1. apply a pending weight update (between steps, spans recorded)
                                          2. wait while paused
-                                         3. admit queued requests while rows are free: prefill each alone,
-                                            sample its first token, merge its KV rows into the batch
+                                         3. admit queued requests while rows are free: prefill them in one
+                                            left-padded forward, sample first tokens, merge their KV rows
                                          4. one decode step for every active row
                                          5. finish rows (stop id, max tokens, abort), resolve their futures
                                             (also right after 3: a first token can end a row)
@@ -179,32 +179,42 @@ class NativeEngine:
                 done.set_exception(exc)
 
     def _admit(self) -> None:
-        while len(self._rows) < self.max_batch and not self._queue.empty():
-            row = self._queue.get()
-            prompt = torch.tensor([list(row.request.prompt_ids)], dtype=torch.long, device=self.device)
-            self._step_routing.clear()
-            out = self.model(input_ids=prompt, cache=DynamicCache(), use_cache=True)
-            row.length = prompt.shape[1]
-            row.spans.append((0, self._version))
-            self._take_routing([row])
-            self._sample([row], out.logits[:, -1, :])
-            kv = [(layer.keys, layer.values) for layer in out.cache.layers]
-            self._merge(row, kv)
+        """Prefill every request that fits, in one left-padded forward, and merge their rows into the batch."""
+        new: list[_Row] = []
+        while len(self._rows) + len(new) < self.max_batch and not self._queue.empty():
+            new.append(self._queue.get())
+        if not new:
+            return
+        lengths = [len(r.request.prompt_ids) for r in new]
+        width = max(lengths)
+        ids = torch.zeros(len(new), width, dtype=torch.long, device=self.device)
+        mask = torch.zeros(len(new), width, dtype=torch.long, device=self.device)
+        for i, (r, n) in enumerate(zip(new, lengths, strict=True)):
+            ids[i, width - n :] = torch.as_tensor(list(r.request.prompt_ids), device=self.device)
+            mask[i, width - n :] = 1
+            r.length = n
+            r.spans.append((0, self._version))
+        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+        self._step_routing.clear()
+        out = self.model(
+            input_ids=ids, attention_mask=mask, position_ids=positions, cache=DynamicCache(), use_cache=True
+        )
+        self._take_routing(new, keep_last=lengths)
+        self._sample(new, out.logits[:, -1, :])
+        self._merge(new, [(layer.keys, layer.values) for layer in out.cache.layers], mask)
 
-    def _merge(self, row: _Row, kv: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        new_len = kv[0][0].shape[2]
-        old_len = self._mask.shape[1]
-        width = max(new_len, old_len)
+    def _merge(self, new: list[_Row], kv: list[tuple[torch.Tensor, torch.Tensor]], mask: torch.Tensor) -> None:
+        """Append rows whose KV is `kv` ([k, H, S', D], left-padded as `mask` says) to the batch."""
         if not self._rows:
-            self._kv, self._mask = kv, torch.ones(1, new_len, dtype=torch.long, device=self.device)
+            self._kv, self._mask = kv, mask
         else:
+            width = max(mask.shape[1], self._mask.shape[1])
             self._kv = [
                 (_stack_rows(k, nk, width), _stack_rows(v, nv, width))
                 for (k, v), (nk, nv) in zip(self._kv, kv, strict=True)
             ]
-            ones = torch.ones(1, new_len, dtype=torch.long, device=self.device)
-            self._mask = torch.cat([F.pad(self._mask, (width - old_len, 0)), F.pad(ones, (width - new_len, 0))])
-        self._rows.append(row)
+            self._mask = torch.cat([F.pad(m, (width - m.shape[1], 0)) for m in (self._mask, mask)])
+        self._rows.extend(new)
 
     def _decode(self) -> None:
         rows = self._rows
@@ -297,13 +307,14 @@ class NativeEngine:
     def _record_routing(self, module: torch.nn.Module, inputs: Any, output: Any) -> None:
         self._step_routing.append(output[2].detach())  # [rows * positions, K] expert indices
 
-    def _take_routing(self, rows: list[_Row]) -> None:
+    def _take_routing(self, rows: list[_Row], keep_last: list[int] | None = None) -> None:
+        """Append this forward's expert choices to each row; `keep_last` drops left padding at prefill."""
         if not self._step_routing:
             return
         per_layer = torch.stack(self._step_routing, dim=1)  # [rows * positions, L, K]
         chunks = per_layer.reshape(len(rows), -1, *per_layer.shape[1:]).cpu().numpy()
-        for r, chunk in zip(rows, chunks, strict=True):
-            r.routing.append(chunk)
+        for i, (r, chunk) in enumerate(zip(rows, chunks, strict=True)):
+            r.routing.append(chunk if keep_last is None else chunk[chunk.shape[0] - keep_last[i] :])
 
 
 def _finish_reason(r: _Row) -> str | None:
@@ -335,5 +346,5 @@ def _left_pad(x: torch.Tensor, width: int) -> torch.Tensor:
 
 
 def _stack_rows(batch: torch.Tensor, new: torch.Tensor, width: int) -> torch.Tensor:
-    """[B, H, S, D] and [1, H, S', D] left-padded to `width` positions and stacked to [B + 1, H, width, D]."""
+    """[B, H, S, D] and [k, H, S', D] left-padded to `width` positions and stacked to [B + k, H, width, D]."""
     return torch.cat([_left_pad(batch, width), _left_pad(new, width)])

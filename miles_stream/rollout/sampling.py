@@ -18,7 +18,8 @@ def sample_tokens(
     t = torch.where(greedy, torch.ones_like(temperature_B), temperature_B)
     scaled = logits_BV.float() / t[:, None]
     logp = torch.log_softmax(scaled, dim=-1)
-    filtered = truncate(scaled, top_k_B, top_p_B)
+    needs_truncation = bool(((top_k_B > 0) | (top_p_B < 1)).any())
+    filtered = truncate(scaled, top_k_B, top_p_B) if needs_truncation else scaled
     probs = torch.softmax(filtered, dim=-1)
     sampled = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
     tokens = torch.where(greedy, scaled.argmax(dim=-1), sampled)
