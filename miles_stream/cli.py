@@ -1,7 +1,6 @@
 """The `miles-stream` command. Each subcommand parses its options, loads the run config, and runs.
 
-Only subcommands that work are listed; later ones (produce, train, record, replay, demo) are added as
-they land.
+Only subcommands that work are listed; later ones (train, record, replay, demo) are added as they land.
 """
 
 from __future__ import annotations
@@ -71,6 +70,9 @@ def _parser() -> argparse.ArgumentParser:
     p = command("feed", "Publish a prompt dataset (JSONL or Parquet) to {ns}:prompts; resumes where it stopped.")
     p.set_defaults(run=_cmd_feed)
 
+    p = command("produce", "Run a rollout producer: claim prompts, sample, score, publish trajectory groups.")
+    p.set_defaults(run=_cmd_produce)
+
     p = command("status", "Describe a namespace: streams, groups, lag, pending, dead letters, members, weights.")
     p.add_argument("--namespace", help="namespace (default: bus.namespace)")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
@@ -125,6 +127,12 @@ def _cmd_feed(args: argparse.Namespace, config: RunConfig) -> int:
     from producers.feeder import main as feed_main  # the process entry point; imports transformers lazily
 
     return feed_main(config)
+
+
+def _cmd_produce(args: argparse.Namespace, config: RunConfig) -> int:
+    from producers.rollout import main as produce_main  # imports torch and transformers
+
+    return produce_main(config)
 
 
 def _cmd_status(args: argparse.Namespace, config: RunConfig) -> int:

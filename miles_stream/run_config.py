@@ -16,6 +16,7 @@ from miles_stream.codec import CodecConfig
 from miles_stream.config import apply_overrides, build, load_yaml
 from miles_stream.feeder import FeederConfig
 from miles_stream.redis_server import EmbeddedRedisConfig
+from miles_stream.rollout.producer import RolloutConfig
 from miles_stream.trainer.algo import AlgoConfig
 
 
@@ -27,6 +28,7 @@ class RunConfig:
     codec: CodecConfig = field(default_factory=CodecConfig)
     algo: AlgoConfig = field(default_factory=AlgoConfig)
     feeder: FeederConfig = field(default_factory=FeederConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
 
 
 def load_run_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> RunConfig:

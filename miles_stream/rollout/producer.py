@@ -1,0 +1,206 @@
+"""The rollout producer: prompts in, scored `TrajectoryGroup`s out.
+
+    {ns}:prompts ──XREADGROUP "producers"──► run(): one task per prompt, at most max_inflight_prompts
+                                              │ tokenize → engine.generate(n samples) → score_group
+                                              ▼
+    {ns}:trajectories ◄── publish (backpressure) ── then XACK the prompt
+
+A prompt is acknowledged only after its group is on the trajectory stream. A producer that dies leaves its
+prompts pending, and another producer takes them over after `bus.claim_idle_ms`; the group id is derived from
+the prompt's (epoch, index), so a prompt generated twice that way yields the same group id and is trained at
+most once. On stop (SIGTERM) the producer takes no new prompt, aborts what it is generating, and hands those
+prompts back at once (re-published and acked in one transaction) so another producer needs not wait.
+
+Not here yet: following weight announcements and resuming partial rollouts from `{ns}:partials` (they need
+the weight transport of the Training issue), admission control by the staleness budget, multi-turn rollouts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import time
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import structlog
+
+from miles_stream.bus import Entry, GroupPublisher, RetryPolicy, StreamConsumer
+from miles_stream.bus.streams import DATA
+from miles_stream.config import check
+from miles_stream.errors import SchemaError
+from miles_stream.prompts import PromptRecord, decode_prompt
+from miles_stream.rewards import RewardError, RewardInput, score_group
+from miles_stream.rollout.types import GenerationRequest, GenerationResult, RolloutEngine, SamplingParams
+from miles_stream.schema import Sample, TrajectoryGroup
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RolloutConfig:
+    model: str = ""  # a local Hugging Face model directory
+    device: str = "cpu"
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    max_batch: int = 32
+    n_samples_per_prompt: int = 4
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_new_tokens: int = 64
+    ignore_eos: bool = False  # for benchmarks: every sample runs to max_new_tokens
+    reward: str = "toy_addition"
+    reward_timeout_s: float = 30.0
+    max_inflight_prompts: int = 8
+    producer_id: str = ""  # empty: host-pid
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check(self.n_samples_per_prompt >= 1, "rollout.n_samples_per_prompt", "must be >= 1")
+        check(self.max_inflight_prompts >= 1, "rollout.max_inflight_prompts", "must be >= 1")
+        check(self.reward_timeout_s > 0, "rollout.reward_timeout_s", "must be positive")
+        SamplingParams(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
+                       max_new_tokens=self.max_new_tokens)  # fmt: skip
+
+    @property
+    def sampling(self) -> SamplingParams:
+        return SamplingParams(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
+                              max_new_tokens=self.max_new_tokens, ignore_eos=self.ignore_eos)  # fmt: skip
+
+    def resolved_producer_id(self) -> str:
+        return self.producer_id or f"{socket.gethostname()}-{os.getpid()}"
+
+
+@dataclass(slots=True)
+class ProducerCounters:
+    prompts: int = 0
+    groups: int = 0
+    returned: int = 0
+    dead_lettered: int = 0
+    tokens: int = 0
+
+
+class RolloutProducer:
+    def __init__(
+        self,
+        config: RolloutConfig,
+        *,
+        engine: RolloutEngine,
+        tokenizer: Any,
+        reward_fn: Any,
+        prompts: StreamConsumer,
+        publisher: GroupPublisher,
+    ) -> None:
+        self.config, self.engine, self.tokenizer, self.reward_fn = config, engine, tokenizer, reward_fn
+        self.prompts, self.publisher = prompts, publisher
+        self.producer_id = config.resolved_producer_id()
+        self.counters = ProducerCounters()
+        self.retry = RetryPolicy(attempts=0, max_delay_s=2.0)  # ride out a Redis restart
+        self._stopping = False
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Claim and process prompts until `stop` is set, then hand back what is in flight. A prompt whose
+        processing fails unexpectedly stops the producer and is raised here; that prompt stays pending."""
+        await self.prompts.start()
+        slots = asyncio.Semaphore(self.config.max_inflight_prompts)
+        tasks: set[asyncio.Task[None]] = set()
+        failures: list[BaseException] = []
+
+        def done(t: asyncio.Task[None]) -> None:
+            tasks.discard(t)
+            slots.release()
+            if not t.cancelled() and (exc := t.exception()) is not None:
+                failures.append(exc)
+                stop.set()
+
+        stop_wait = asyncio.create_task(stop.wait())
+        try:
+            while not stop.is_set():
+                acquire = asyncio.create_task(slots.acquire())
+                await asyncio.wait({acquire, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+                if stop.is_set():
+                    acquire.cancel()
+                    break
+                entries = await self.retry.run(lambda: self.prompts.read(1))
+                if not entries:
+                    slots.release()
+                    continue
+                task = asyncio.create_task(self._process(entries[0]), name=entries[0].id)
+                tasks.add(task)
+                task.add_done_callback(done)
+        finally:
+            stop_wait.cancel()
+            self._stopping = True
+            if tasks:
+                await self.engine.abort([t.get_name() for t in tasks])
+                await asyncio.gather(*tasks, return_exceptions=True)
+        if failures:
+            raise failures[0]
+
+    async def _process(self, entry: Entry) -> None:
+        try:
+            prompt = decode_prompt(entry.data)
+        except SchemaError as exc:
+            self.counters.dead_lettered += 1
+            await self.prompts.dead_letter(entry, f"schema: {exc}")
+            return
+        prompt_ids = self.tokenizer(prompt.text)["input_ids"]
+        requests = [
+            GenerationRequest(request_id=entry.id, prompt_ids=prompt_ids, params=self.config.sampling)
+            for _ in range(self.config.n_samples_per_prompt)
+        ]
+        results = await self.engine.generate(requests)
+        if self._stopping or any(r.finish_reason == "abort" for r in results):
+            await self._hand_back(entry)
+            return
+        try:
+            rewards = await score_group(self.reward_fn, self._reward_inputs(prompt, results),
+                                        timeout_s=self.config.reward_timeout_s)  # fmt: skip
+        except RewardError as exc:
+            self.counters.dead_lettered += 1
+            await self.prompts.dead_letter(entry, f"reward: {exc}")
+            return
+        group = TrajectoryGroup(
+            group_id=f"e{prompt.epoch}-i{prompt.index}",
+            prompt_key=prompt.key,
+            producer_id=self.producer_id,
+            prompt_ids=np.asarray(prompt_ids, dtype=np.int32),
+            samples=tuple(_sample(r, reward) for r, reward in zip(results, rewards, strict=True)),
+            created_at=time.time(),
+        )
+        await self.publisher.publish(group)
+        await self.prompts.ack([entry.id])
+        self.counters.prompts += 1
+        self.counters.groups += 1
+        self.counters.tokens += sum(len(r.response_ids) for r in results)
+
+    def _reward_inputs(self, prompt: PromptRecord, results: list[GenerationResult]) -> list[RewardInput]:
+        texts = self.tokenizer.batch_decode([r.response_ids.tolist() for r in results], skip_special_tokens=True)
+        return [
+            RewardInput(prompt=prompt.text, response=text, label=prompt.label, finish_reason=r.finish_reason)
+            for text, r in zip(texts, results, strict=True)
+        ]
+
+    async def _hand_back(self, entry: Entry) -> None:
+        """Re-publish a prompt this producer will not finish and ack the original, in one transaction."""
+        async with self.prompts.redis.pipeline(transaction=True) as pipe:
+            pipe.xadd(self.prompts.stream, {DATA: bytes(entry.data)})
+            pipe.xack(self.prompts.stream, self.prompts.group, entry.id)
+            await pipe.execute()
+        self.prompts.in_hand.discard(entry.id)
+        self.counters.returned += 1
+        log.info("prompt_returned", id=entry.id)
+
+
+def _sample(r: GenerationResult, reward: float) -> Sample:
+    return Sample(
+        response_ids=r.response_ids,
+        logprobs=r.logprobs,
+        loss_mask=np.ones(len(r.response_ids), dtype=np.uint8),
+        version_spans=r.version_spans,
+        finish_reason=r.finish_reason,
+        reward=reward,
+        routing=r.routing,
+    )

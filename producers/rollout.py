@@ -1,0 +1,63 @@
+"""`miles-stream produce`: a rollout producer. Claims prompts, samples, scores, publishes trajectory groups."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import signal
+
+import structlog
+import torch
+
+from miles_stream import aio
+from miles_stream.bus import Backpressure, GroupPublisher, Heartbeat, Keys, StreamConsumer, connect, open_stream_client
+from miles_stream.codec import GroupCodec
+from miles_stream.errors import ConfigError
+from miles_stream.rewards import RewardRegistry
+from miles_stream.rollout.native import NativeEngine
+from miles_stream.rollout.producer import RolloutProducer
+from miles_stream.run_config import RunConfig
+
+log = structlog.get_logger("producers.rollout")
+
+
+def main(config: RunConfig) -> int:
+    if not config.rollout.model:
+        raise ConfigError("rollout.model: set it to a local Hugging Face model directory")
+    return aio.run(_run(config))
+
+
+async def _run(config: RunConfig) -> int:
+    from transformers import AutoTokenizer
+
+    cfg, keys = config.rollout, Keys(config.bus.namespace)
+    reward_fn = RewardRegistry().get(cfg.reward)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model)
+    engine = NativeEngine(cfg.model, device=cfg.device, dtype=getattr(torch, cfg.dtype), max_batch=cfg.max_batch,
+                          seed=cfg.seed)  # fmt: skip
+    redis, data = connect(config.redis), open_stream_client(config.redis)
+    blocking = open_stream_client(config.redis, block_ms=config.bus.block_ms)
+    prompts = StreamConsumer(redis, blocking, stream=keys.prompts, group="producers",
+                             consumer=cfg.resolved_producer_id(), dead_stream=keys.dead, config=config.bus)  # fmt: skip
+    publisher = GroupPublisher(data, keys.trajectories, config.bus, codec=_codec(config),
+                               backpressure=Backpressure(redis, keys.trajectories, config.bus))  # fmt: skip
+    producer = RolloutProducer(cfg, engine=engine, tokenizer=tokenizer, reward_fn=reward_fn, prompts=prompts,
+                               publisher=publisher)  # fmt: skip
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+    try:
+        async with Heartbeat(redis, keys, role="producer", member_id=producer.producer_id, config=config.bus,
+                             describe=lambda: {"groups": producer.counters.groups,
+                                               "weight_version": engine.weight_version}):  # fmt: skip
+            await producer.run(stop)
+    finally:
+        await engine.close()
+        for client in (blocking, data, redis):
+            await client.aclose()
+    log.info("producer_stopped", **dataclasses.asdict(producer.counters))
+    return 0
+
+
+def _codec(config: RunConfig) -> GroupCodec:
+    return GroupCodec(config.codec)

@@ -1,0 +1,160 @@
+"""The rollout producer with a real Redis, the native engine and a tiny model: prompts become valid, scored
+groups; producers share prompts without duplicates; stopping hands prompts back; nothing is lost."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import redis as sync_redis
+import redis.asyncio as aioredis
+from transformers import AutoTokenizer
+
+from miles_stream.bus import BusConfig, GroupConsumer, GroupPublisher, Keys, StreamClient, StreamConsumer
+from miles_stream.feeder import Feeder, FeederConfig, load_rows
+from miles_stream.models import TinyModelConfig, build_tiny_model
+from miles_stream.rewards import toy_addition
+from miles_stream.rollout.native import NativeEngine
+from miles_stream.rollout.producer import RolloutConfig, RolloutProducer
+from miles_stream.schema import validate_group
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("moe"), TinyModelConfig(kind="moe", max_position=8192))
+
+
+def addition_jsonl(path: Path, n: int) -> Path:
+    path.write_text("".join(json.dumps({"prompt": f"{i}+{i + 1}=", "label": str(2 * i + 1)}) + "\n" for i in range(n)))
+    return path
+
+
+async def feed(redis: aioredis.Redis, keys: Keys, bus: BusConfig, path: Path) -> int:
+    config = FeederConfig(path=str(path))
+    return await Feeder(redis, keys, bus, config, load_rows(config)).run()
+
+
+@pytest.fixture
+async def make_producer(
+    redis: aioredis.Redis, blocking: StreamClient, keys: Keys, bus_config: BusConfig, model_dir: Path
+) -> AsyncIterator[object]:
+    engines: list[NativeEngine] = []
+
+    def make(name: str, **overrides: object) -> RolloutProducer:
+        settings = {"n_samples_per_prompt": 3, "max_new_tokens": 4, **overrides}
+        config = RolloutConfig(model=str(model_dir), producer_id=name, **settings)  # type: ignore[arg-type]
+        engine = NativeEngine(str(model_dir), max_batch=8)
+        engines.append(engine)
+        prompts = StreamConsumer(redis, blocking, stream=keys.prompts, group="producers", consumer=name,
+                                 dead_stream=keys.dead, config=bus_config)  # fmt: skip
+        return RolloutProducer(config, engine=engine, tokenizer=AutoTokenizer.from_pretrained(model_dir),
+                               reward_fn=toy_addition, prompts=prompts,
+                               publisher=GroupPublisher(blocking, keys.trajectories, bus_config))  # fmt: skip
+
+    yield make
+    for e in engines:
+        await e.close()
+
+
+async def collect(redis: aioredis.Redis, blocking: StreamClient, keys: Keys, bus: BusConfig, want: int) -> list:
+    trainer = GroupConsumer(StreamConsumer(redis, blocking, stream=keys.trajectories, group="trainer",
+                                           consumer="t", dead_stream=keys.dead, config=bus), keys)  # fmt: skip
+    await trainer.start()
+    got: list = []
+    for _ in range(600):
+        got += await trainer.read(10)
+        if len(got) >= want:
+            break
+    await trainer.commit(got)
+    return got
+
+
+async def test_prompts_become_valid_scored_groups(
+    redis: aioredis.Redis, blocking: StreamClient, keys: Keys, bus_config: BusConfig, make_producer, tmp_path: Path
+) -> None:
+    await feed(redis, keys, bus_config, addition_jsonl(tmp_path / "p.jsonl", 5))
+    producer = make_producer("p0")
+    stop = asyncio.Event()
+    run = asyncio.create_task(producer.run(stop))
+    got = await collect(redis, blocking, keys, bus_config, want=5)
+    stop.set()
+    await asyncio.wait_for(run, 30)
+    assert sorted(r.group.group_id for r in got) == [f"e0-i{i}" for i in range(5)]
+    for r in got:
+        validate_group(r.group)
+        assert len(r.group.samples) == 3 and r.group.producer_id == "p0"
+        assert all(0.0 <= s.reward <= 1.0 and s.routing is not None for s in r.group.samples)
+    assert (await redis.xpending(keys.prompts, "producers"))["pending"] == 0
+    assert producer.counters.groups == 5
+
+
+async def test_two_producers_share_the_prompts_without_duplicates(
+    redis: aioredis.Redis, blocking: StreamClient, keys: Keys, bus_config: BusConfig, make_producer, tmp_path: Path
+) -> None:
+    await feed(redis, keys, bus_config, addition_jsonl(tmp_path / "p.jsonl", 8))
+    stop = asyncio.Event()
+    a, b = make_producer("a", max_inflight_prompts=2), make_producer("b", max_inflight_prompts=2)
+    runs = [asyncio.create_task(p.run(stop)) for p in (a, b)]
+    got = await collect(redis, blocking, keys, bus_config, want=8)
+    stop.set()
+    await asyncio.wait_for(asyncio.gather(*runs), 30)
+    ids = [r.group.group_id for r in got]
+    assert len(ids) == len(set(ids)) == 8
+    assert a.counters.groups + b.counters.groups == 8
+
+
+async def test_stopping_hands_back_prompts_in_flight_and_loses_none(
+    redis: aioredis.Redis, blocking: StreamClient, keys: Keys, bus_config: BusConfig, make_producer, tmp_path: Path
+) -> None:
+    await feed(redis, keys, bus_config, addition_jsonl(tmp_path / "p.jsonl", 6))
+    producer = make_producer("slow", max_new_tokens=6000, ignore_eos=True, max_inflight_prompts=3)
+    stop = asyncio.Event()
+    run = asyncio.create_task(producer.run(stop))
+    await asyncio.sleep(1.0)  # prompts claimed, generation under way
+    stop.set()
+    await asyncio.wait_for(run, 30)
+    assert producer.counters.returned >= 1
+    assert (await redis.xpending(keys.prompts, "producers"))["pending"] == 0
+    # every prompt is either a published group or back on the prompt stream, unacknowledged
+    rest = make_producer("rest")
+    stop2 = asyncio.Event()
+    run2 = asyncio.create_task(rest.run(stop2))
+    got = await collect(redis, blocking, keys, bus_config, want=6)
+    stop2.set()
+    await asyncio.wait_for(run2, 30)
+    assert sorted(r.group.group_id for r in got) == sorted(f"e0-i{i}" for i in range(6))
+
+
+def test_cli_produce_stops_on_sigterm_and_loses_nothing(redis_url: str, model_dir: Path, tmp_path: Path) -> None:
+    env = {**os.environ, "MILES_REDIS_URL": redis_url}
+    ns = f"cli{int(time.time() * 1000) % 100000}"
+    path = addition_jsonl(tmp_path / "p.jsonl", 4)
+    cli = [sys.executable, "-m", "miles_stream.cli"]
+    fed = subprocess.run([*cli, "feed", f"bus.namespace={ns}", f"feeder.path={path}"], env=env, capture_output=True,
+                         text=True, timeout=60)  # fmt: skip
+    assert fed.returncode == 0, fed.stderr
+    proc = subprocess.Popen([*cli, "produce", f"bus.namespace={ns}", f"rollout.model={model_dir}",
+                             "rollout.max_new_tokens=6000", "rollout.ignore_eos=true",
+                             "rollout.max_inflight_prompts=2"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    with sync_redis.Redis.from_url(redis_url) as client:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not client.xinfo_groups(f"{ns}:prompts")[0]["pending"]:
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err
+        assert "producer_stopped" in err
+        groups = client.xlen(f"{ns}:trajectories")
+        waiting = client.xinfo_groups(f"{ns}:prompts")[0]
+        assert waiting["pending"] == 0
+        unclaimed = client.xlen(f"{ns}:prompts") - groups  # handed back prompts are new entries
+        assert groups + max(unclaimed, 0) >= 4
