@@ -232,6 +232,11 @@ class GroupCodec:
 
     def _decompress(self, data: memoryview, nbytes: int, name: str) -> bytes:
         try:
+            # zstd sizes its output by the size the frame header declares, if any: check it first, or a
+            # corrupt or hostile header could make the consumer allocate any amount of memory
+            declared = zstandard.frame_content_size(data)
+            if declared not in (-1, nbytes):
+                raise SchemaError(f"{name}: zstd frame declares {declared} bytes, the shape needs {nbytes}")
             out = self._zd.decompress(data, max_output_size=nbytes)
         except zstandard.ZstdError as exc:
             raise SchemaError(f"{name}: zstd data is corrupt: {exc}") from exc

@@ -28,6 +28,7 @@ import numpy as np
 import structlog
 
 from miles_stream.bus import Entry, GroupPublisher, RetryPolicy, StreamConsumer
+from miles_stream.bus.connection import is_transient
 from miles_stream.bus.streams import DATA
 from miles_stream.config import check
 from miles_stream.errors import SchemaError
@@ -116,6 +117,7 @@ class RolloutProducer:
                 stop.set()
 
         stop_wait = asyncio.create_task(stop.wait())
+        keep_alive = asyncio.create_task(self._keep_alive())
         try:
             while not stop.is_set():
                 acquire = asyncio.create_task(slots.acquire())
@@ -132,12 +134,28 @@ class RolloutProducer:
                 task.add_done_callback(done)
         finally:
             stop_wait.cancel()
+            keep_alive.cancel()
             self._stopping = True
             if tasks:
                 await self.engine.abort([t.get_name() for t in tasks])
                 await asyncio.gather(*tasks, return_exceptions=True)
         if failures:
             raise failures[0]
+
+    async def _keep_alive(self) -> None:
+        """Touch the prompts in flight every claim_idle/3, however long generation takes, so that no other
+        producer takes them over; abort any taken over all the same (after a stall): its new owner makes it."""
+        interval = self.prompts.config.claim_idle_ms / 3000
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.prompts.touch_in_hand(force=True)
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise
+                log.warning("keep_alive_failed", error=str(exc))
+            if self.prompts.lost:
+                await self.engine.abort(sorted(self.prompts.lost))
 
     async def _process(self, entry: Entry) -> None:
         try:
@@ -152,6 +170,10 @@ class RolloutProducer:
             for _ in range(self.config.n_samples_per_prompt)
         ]
         results = await self.engine.generate(requests)
+        if entry.id in self.prompts.lost:  # taken over by another producer: it publishes this prompt
+            self.prompts.lost.discard(entry.id)
+            log.warning("prompt_taken_over", id=entry.id)
+            return
         if self._stopping or any(r.finish_reason == "abort" for r in results):
             await self._hand_back(entry)
             return

@@ -210,3 +210,13 @@ def test_mutated_frames_decode_or_raise_schema_error(edits: list[tuple[int, int]
     for candidate in (bytes(frame), bytes(frame[:cut])):
         with contextlib.suppress(SchemaError):
             GroupCodec(CodecConfig(compress_min_bytes=64)).decode(candidate)
+
+
+def test_zstd_frame_declaring_a_huge_size_is_refused_without_allocating_it() -> None:
+    import zstandard
+
+    # magic, descriptor 0xE0 (single segment, 8-byte content size), content size 2**40, one raw 4-byte block
+    hostile = struct.pack("<IB", 0xFD2FB528, 0xE0) + struct.pack("<Q", 1 << 40) + bytes([0x21, 0, 0]) + b"abcd"
+    assert zstandard.frame_content_size(hostile) == 1 << 40
+    with pytest.raises(SchemaError, match="declares 1099511627776 bytes, the shape needs 256"):
+        GroupCodec()._decompress(memoryview(hostile), 256, "prompt_ids")
