@@ -21,7 +21,7 @@ import asyncio
 import os
 import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
@@ -47,11 +47,7 @@ class RolloutConfig:
     dtype: Literal["float32", "bfloat16"] = "float32"
     max_batch: int = 32
     n_samples_per_prompt: int = 4
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    max_new_tokens: int = 64
-    ignore_eos: bool = False  # for benchmarks: every sample runs to max_new_tokens
+    sampling: SamplingParams = field(default_factory=SamplingParams)
     reward: str = "toy_addition"
     reward_timeout_s: float = 30.0
     max_inflight_prompts: int = 8
@@ -62,13 +58,6 @@ class RolloutConfig:
         check(self.n_samples_per_prompt >= 1, "rollout.n_samples_per_prompt", "must be >= 1")
         check(self.max_inflight_prompts >= 1, "rollout.max_inflight_prompts", "must be >= 1")
         check(self.reward_timeout_s > 0, "rollout.reward_timeout_s", "must be positive")
-        SamplingParams(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
-                       max_new_tokens=self.max_new_tokens)  # fmt: skip
-
-    @property
-    def sampling(self) -> SamplingParams:
-        return SamplingParams(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
-                              max_new_tokens=self.max_new_tokens, ignore_eos=self.ignore_eos)  # fmt: skip
 
     def resolved_producer_id(self) -> str:
         return self.producer_id or f"{socket.gethostname()}-{os.getpid()}"

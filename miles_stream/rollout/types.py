@@ -29,7 +29,7 @@ class SamplingParams:
     top_k: int = 0  # 0 = off
     max_new_tokens: int = 128
     stop_token_ids: tuple[int, ...] = ()  # the engine adds the model's EOS unless ignore_eos
-    ignore_eos: bool = False
+    ignore_eos: bool = False  # for benchmarks: every sample runs to max_new_tokens
 
     def __post_init__(self) -> None:
         check(self.temperature >= 0, "sampling.temperature", "must be >= 0 (0 = greedy)")

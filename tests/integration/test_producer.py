@@ -22,6 +22,7 @@ from miles_stream.bus import BusConfig, GroupConsumer, GroupPublisher, Keys, Str
 from miles_stream.feeder import Feeder, FeederConfig, load_rows
 from miles_stream.models import TinyModelConfig, build_tiny_model
 from miles_stream.rewards import toy_addition
+from miles_stream.rollout import SamplingParams
 from miles_stream.rollout.native import NativeEngine
 from miles_stream.rollout.producer import RolloutConfig, RolloutProducer
 from miles_stream.schema import validate_group
@@ -49,8 +50,10 @@ async def make_producer(
     engines: list[NativeEngine] = []
 
     def make(name: str, **overrides: object) -> RolloutProducer:
-        settings = {"n_samples_per_prompt": 3, "max_new_tokens": 4, **overrides}
-        config = RolloutConfig(model=str(model_dir), producer_id=name, **settings)  # type: ignore[arg-type]
+        sampling = SamplingParams(max_new_tokens=int(overrides.pop("max_new_tokens", 4)),  # type: ignore[call-overload]
+                                  ignore_eos=bool(overrides.pop("ignore_eos", False)))  # fmt: skip
+        config = RolloutConfig(model=str(model_dir), producer_id=name, n_samples_per_prompt=3, sampling=sampling,
+                               **overrides)  # type: ignore[arg-type]  # fmt: skip
         engine = NativeEngine(str(model_dir), max_batch=8)
         engines.append(engine)
         prompts = StreamConsumer(redis, blocking, stream=keys.prompts, group="producers", consumer=name,
@@ -142,7 +145,7 @@ def test_cli_produce_stops_on_sigterm_and_loses_nothing(redis_url: str, model_di
                          text=True, timeout=60)  # fmt: skip
     assert fed.returncode == 0, fed.stderr
     proc = subprocess.Popen([*cli, "produce", f"bus.namespace={ns}", f"rollout.model={model_dir}",
-                             "rollout.max_new_tokens=6000", "rollout.ignore_eos=true",
+                             "rollout.sampling.max_new_tokens=6000", "rollout.sampling.ignore_eos=true",
                              "rollout.max_inflight_prompts=2"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
     with sync_redis.Redis.from_url(redis_url) as client:
