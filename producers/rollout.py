@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import signal
+from typing import Any
 
 import structlog
 import torch
@@ -15,7 +16,9 @@ from miles_stream.codec import GroupCodec
 from miles_stream.errors import ConfigError
 from miles_stream.rewards import RewardRegistry
 from miles_stream.rollout.native import NativeEngine
-from miles_stream.rollout.producer import RolloutProducer
+from miles_stream.rollout.producer import RolloutConfig, RolloutProducer
+from miles_stream.rollout.turns import Calculator, RolloutFn, ToolLoop, single_turn
+from miles_stream.rollout.types import SamplingParams
 from miles_stream.run_config import RunConfig
 
 log = structlog.get_logger("producers.rollout")
@@ -41,8 +44,9 @@ async def _run(config: RunConfig) -> int:
                              consumer=cfg.resolved_producer_id(), dead_stream=keys.dead, config=config.bus)  # fmt: skip
     publisher = GroupPublisher(data, keys.trajectories, config.bus, codec=_codec(config),
                                backpressure=Backpressure(redis, keys.trajectories, config.bus))  # fmt: skip
+    rollout_fn, sampling = _turns(cfg, tokenizer)
     producer = RolloutProducer(cfg, engine=engine, tokenizer=tokenizer, reward_fn=reward_fn, prompts=prompts,
-                               publisher=publisher)  # fmt: skip
+                               publisher=publisher, rollout_fn=rollout_fn, sampling=sampling)  # fmt: skip
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         asyncio.get_running_loop().add_signal_handler(sig, stop.set)
@@ -57,6 +61,15 @@ async def _run(config: RunConfig) -> int:
             await client.aclose()
     log.info("producer_stopped", **dataclasses.asdict(producer.counters))
     return 0
+
+
+def _turns(cfg: RolloutConfig, tokenizer: Any) -> tuple[RolloutFn, SamplingParams]:
+    """rollout.turns -> how a sample is rolled out; the calculator also stops each turn at "="."""
+    if cfg.turns == "calculator":
+        equals = tokenizer.convert_tokens_to_ids("=")
+        sampling = dataclasses.replace(cfg.sampling, stop_token_ids=(*cfg.sampling.stop_token_ids, equals))
+        return ToolLoop(Calculator(tokenizer), max_turns=cfg.max_turns), sampling
+    return single_turn, cfg.sampling
 
 
 def _codec(config: RunConfig) -> GroupCodec:

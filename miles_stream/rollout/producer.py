@@ -11,8 +11,10 @@ the prompt's (epoch, index), so a prompt generated twice that way yields the sam
 most once. On stop (SIGTERM) the producer takes no new prompt, aborts what it is generating, and hands those
 prompts back at once (re-published and acked in one transaction) so another producer needs not wait.
 
-Not here yet: following weight announcements and resuming partial rollouts from `{ns}:partials` (they need
-the weight transport of the Training issue), admission control by the staleness budget, multi-turn rollouts.
+How a sample is rolled out is a `RolloutFn` (`turns.py`): single-turn by default, or turns of model output
+and tool output (the calculator example). Not here yet: following weight announcements and resuming partial
+rollouts from `{ns}:partials` (they need the weight transport of the Training issue), admission control by
+the staleness budget.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import asyncio
 import os
 import socket
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -34,7 +37,8 @@ from miles_stream.config import check
 from miles_stream.errors import SchemaError
 from miles_stream.prompts import PromptRecord, decode_prompt
 from miles_stream.rewards import RewardError, RewardInput, score_group
-from miles_stream.rollout.types import GenerationRequest, GenerationResult, RolloutEngine, SamplingParams
+from miles_stream.rollout.turns import RolloutFn, Trajectory, single_turn
+from miles_stream.rollout.types import RolloutEngine, SamplingParams
 from miles_stream.schema import Sample, TrajectoryGroup
 
 log = structlog.get_logger(__name__)
@@ -48,6 +52,8 @@ class RolloutConfig:
     max_batch: int = 32
     n_samples_per_prompt: int = 4
     sampling: SamplingParams = field(default_factory=SamplingParams)
+    turns: Literal["single", "calculator"] = "single"  # calculator: the multi-turn tool example (turns.py)
+    max_turns: int = 4
     reward: str = "toy_addition"
     reward_timeout_s: float = 30.0
     max_inflight_prompts: int = 8
@@ -58,6 +64,7 @@ class RolloutConfig:
         check(self.n_samples_per_prompt >= 1, "rollout.n_samples_per_prompt", "must be >= 1")
         check(self.max_inflight_prompts >= 1, "rollout.max_inflight_prompts", "must be >= 1")
         check(self.reward_timeout_s > 0, "rollout.reward_timeout_s", "must be positive")
+        check(self.max_turns >= 1, "rollout.max_turns", "must be >= 1")
 
     def resolved_producer_id(self) -> str:
         return self.producer_id or f"{socket.gethostname()}-{os.getpid()}"
@@ -82,8 +89,11 @@ class RolloutProducer:
         reward_fn: Any,
         prompts: StreamConsumer,
         publisher: GroupPublisher,
+        rollout_fn: RolloutFn = single_turn,
+        sampling: SamplingParams | None = None,
     ) -> None:
         self.config, self.engine, self.tokenizer, self.reward_fn = config, engine, tokenizer, reward_fn
+        self.rollout_fn, self.sampling = rollout_fn, sampling or config.sampling
         self.prompts, self.publisher = prompts, publisher
         self.producer_id = config.resolved_producer_id()
         self.counters = ProducerCounters()
@@ -154,11 +164,9 @@ class RolloutProducer:
             await self.prompts.dead_letter(entry, f"schema: {exc}")
             return
         prompt_ids = self.tokenizer(prompt.text)["input_ids"]
-        requests = [
-            GenerationRequest(request_id=entry.id, prompt_ids=prompt_ids, params=self.config.sampling)
-            for _ in range(self.config.n_samples_per_prompt)
-        ]
-        results = await self.engine.generate(requests)
+        samples = [self.rollout_fn(self.engine, prompt_ids, self.sampling, entry.id)
+                   for _ in range(self.config.n_samples_per_prompt)]  # fmt: skip
+        results = await asyncio.gather(*samples)
         if entry.id in self.prompts.lost:  # taken over by another producer: it publishes this prompt
             self.prompts.lost.discard(entry.id)
             log.warning("prompt_taken_over", id=entry.id)
@@ -187,7 +195,7 @@ class RolloutProducer:
         self.counters.groups += 1
         self.counters.tokens += sum(len(r.response_ids) for r in results)
 
-    def _reward_inputs(self, prompt: PromptRecord, results: list[GenerationResult]) -> list[RewardInput]:
+    def _reward_inputs(self, prompt: PromptRecord, results: Sequence[Trajectory]) -> list[RewardInput]:
         texts = self.tokenizer.batch_decode([r.response_ids.tolist() for r in results], skip_special_tokens=True)
         return [
             RewardInput(prompt=prompt.text, response=text, label=prompt.label, finish_reason=r.finish_reason)
@@ -205,11 +213,11 @@ class RolloutProducer:
         log.info("prompt_returned", id=entry.id)
 
 
-def _sample(r: GenerationResult, reward: float) -> Sample:
+def _sample(r: Trajectory, reward: float) -> Sample:
     return Sample(
         response_ids=r.response_ids,
         logprobs=r.logprobs,
-        loss_mask=np.ones(len(r.response_ids), dtype=np.uint8),
+        loss_mask=r.loss_mask,
         version_spans=r.version_spans,
         finish_reason=r.finish_reason,
         reward=reward,

@@ -25,6 +25,7 @@ from miles_stream.rewards import toy_addition
 from miles_stream.rollout import SamplingParams
 from miles_stream.rollout.native import NativeEngine
 from miles_stream.rollout.producer import RolloutConfig, RolloutProducer
+from miles_stream.rollout.turns import ToolLoop
 from miles_stream.schema import validate_group
 
 
@@ -49,18 +50,20 @@ async def make_producer(
 ) -> AsyncIterator[object]:
     engines: list[NativeEngine] = []
 
-    def make(name: str, **overrides: object) -> RolloutProducer:
+    def make(name: str, rollout_fn: object = None, **overrides: object) -> RolloutProducer:
         sampling = SamplingParams(max_new_tokens=int(overrides.pop("max_new_tokens", 4)),  # type: ignore[call-overload]
-                                  ignore_eos=bool(overrides.pop("ignore_eos", False)))  # fmt: skip
+                                  ignore_eos=bool(overrides.pop("ignore_eos", False)),
+                                  stop_token_ids=tuple(overrides.pop("stop_token_ids", ())))  # type: ignore[arg-type]  # fmt: skip
         config = RolloutConfig(model=str(model_dir), producer_id=name, n_samples_per_prompt=3, sampling=sampling,
                                **overrides)  # type: ignore[arg-type]  # fmt: skip
         engine = NativeEngine(str(model_dir), max_batch=8)
         engines.append(engine)
         prompts = StreamConsumer(redis, blocking, stream=keys.prompts, group="producers", consumer=name,
                                  dead_stream=keys.dead, config=bus_config)  # fmt: skip
+        extra = {"rollout_fn": rollout_fn} if rollout_fn is not None else {}
         return RolloutProducer(config, engine=engine, tokenizer=AutoTokenizer.from_pretrained(model_dir),
                                reward_fn=toy_addition, prompts=prompts,
-                               publisher=GroupPublisher(blocking, keys.trajectories, bus_config))  # fmt: skip
+                               publisher=GroupPublisher(blocking, keys.trajectories, bus_config), **extra)  # fmt: skip
 
     yield make
     for e in engines:
@@ -161,3 +164,23 @@ def test_cli_produce_stops_on_sigterm_and_loses_nothing(redis_url: str, model_di
         assert waiting["pending"] == 0
         unclaimed = client.xlen(f"{ns}:prompts") - groups  # handed back prompts are new entries
         assert groups + max(unclaimed, 0) >= 4
+
+
+async def test_tool_turns_reach_the_trainer_with_tool_output_masked(
+    redis: aioredis.Redis, blocking: StreamClient, keys: Keys, bus_config: BusConfig, make_producer, tmp_path: Path
+) -> None:
+    await feed(redis, keys, bus_config, addition_jsonl(tmp_path / "p.jsonl", 2))
+    every_char = tuple(range(4, 50))
+    producer = make_producer("tools", rollout_fn=ToolLoop(lambda ids: [10, 11], max_turns=2),
+                             max_new_tokens=20, stop_token_ids=every_char)  # fmt: skip
+    stop = asyncio.Event()
+    run = asyncio.create_task(producer.run(stop))
+    got = await collect(redis, blocking, keys, bus_config, want=2)
+    stop.set()
+    await asyncio.wait_for(run, 30)
+    for r in got:
+        validate_group(r.group)
+        for s in r.group.samples:  # model turn, the tool's two tokens (masked), model turn
+            assert s.loss_mask[0] == 1 and s.loss_mask[-1] == 1 and int((s.loss_mask == 0).sum()) == 2
+            assert s.response_ids[s.loss_mask == 0].tolist() == [10, 11]
+            assert s.logprobs[s.loss_mask == 0].tolist() == [0.0, 0.0]
