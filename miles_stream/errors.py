@@ -27,5 +27,9 @@ class BackpressureTimeout(RetriableError):
     """The consumers' backlog stayed above its bound for longer than the caller would wait."""
 
 
+class WeightIntegrityError(MilesStreamError):
+    """Published weights failed verification (a checksum, a size, a missing chunk): keep the old weights."""
+
+
 class EmbeddedRedisError(MilesStreamError):
     """The embedded Redis server could not be found, started or stopped."""

@@ -20,6 +20,7 @@ from miles_stream.rollout.producer import RolloutConfig, RolloutProducer
 from miles_stream.rollout.turns import Calculator, RolloutFn, ToolLoop, single_turn
 from miles_stream.rollout.types import SamplingParams
 from miles_stream.run_config import RunConfig
+from miles_stream.weights import FileTransport, RedisTransport, WeightSubscriber
 
 log = structlog.get_logger("producers.rollout")
 
@@ -45,8 +46,10 @@ async def _run(config: RunConfig) -> int:
     publisher = GroupPublisher(data, keys.trajectories, config.bus, codec=_codec(config),
                                backpressure=Backpressure(redis, keys.trajectories, config.bus))  # fmt: skip
     rollout_fn, sampling = _turns(cfg, tokenizer)
+    weights = WeightSubscriber(redis, keys, {"redis": RedisTransport(redis, keys), "file": FileTransport("")})
     producer = RolloutProducer(cfg, engine=engine, tokenizer=tokenizer, reward_fn=reward_fn, prompts=prompts,
-                               publisher=publisher, rollout_fn=rollout_fn, sampling=sampling)  # fmt: skip
+                               publisher=publisher, rollout_fn=rollout_fn, sampling=sampling,
+                               weights=weights)  # fmt: skip
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         asyncio.get_running_loop().add_signal_handler(sig, stop.set)

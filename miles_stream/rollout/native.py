@@ -165,7 +165,7 @@ class NativeEngine:
         while not self._updates.empty():
             version, state, done = self._updates.get()
             try:
-                params = dict(self.model.named_parameters())
+                params = self.model.state_dict(keep_vars=True)  # tied weights answer to every name
                 with torch.no_grad():
                     for name, tensor in state.items():
                         if name not in params:

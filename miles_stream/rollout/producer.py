@@ -11,10 +11,11 @@ the prompt's (epoch, index), so a prompt generated twice that way yields the sam
 most once. On stop (SIGTERM) the producer takes no new prompt, aborts what it is generating, and hands those
 prompts back at once (re-published and acked in one transaction) so another producer needs not wait.
 
-How a sample is rolled out is a `RolloutFn` (`turns.py`): single-turn by default, or turns of model output
-and tool output (the calculator example). Not here yet: following weight announcements and resuming partial
-rollouts from `{ns}:partials` (they need the weight transport of the Training issue), admission control by
-the staleness budget.
+Weights: before its first prompt the producer loads the newest announced version (so one attached mid-run
+starts current), then applies each new one between decode steps; samples in flight continue under it and
+their version spans say where. How a sample is rolled out is a `RolloutFn` (`turns.py`): single-turn by
+default, or turns of model and tool output (the calculator example). Not here yet: aborting and recycling
+partial rollouts through `{ns}:partials` on an update, and admission control by the staleness budget.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import socket
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import structlog
@@ -34,12 +35,15 @@ from miles_stream.bus import Entry, GroupPublisher, RetryPolicy, StreamConsumer
 from miles_stream.bus.connection import is_transient
 from miles_stream.bus.streams import DATA
 from miles_stream.config import check
-from miles_stream.errors import SchemaError
+from miles_stream.errors import SchemaError, WeightIntegrityError
 from miles_stream.prompts import PromptRecord, decode_prompt
 from miles_stream.rewards import RewardError, RewardInput, score_group
 from miles_stream.rollout.turns import RolloutFn, Trajectory, single_turn
 from miles_stream.rollout.types import RolloutEngine, SamplingParams
 from miles_stream.schema import Sample, TrajectoryGroup
+
+if TYPE_CHECKING:
+    from miles_stream.weights import WeightSubscriber
 
 log = structlog.get_logger(__name__)
 
@@ -91,7 +95,9 @@ class RolloutProducer:
         publisher: GroupPublisher,
         rollout_fn: RolloutFn = single_turn,
         sampling: SamplingParams | None = None,
+        weights: WeightSubscriber | None = None,
     ) -> None:
+        self.weights = weights
         self.config, self.engine, self.tokenizer, self.reward_fn = config, engine, tokenizer, reward_fn
         self.rollout_fn, self.sampling = rollout_fn, sampling or config.sampling
         self.prompts, self.publisher = prompts, publisher
@@ -104,6 +110,7 @@ class RolloutProducer:
         """Claim and process prompts until `stop` is set, then hand back what is in flight. A prompt whose
         processing fails unexpectedly stops the producer and is raised here; that prompt stays pending."""
         await self.prompts.start()
+        last_weights = await self._load_latest_weights()
         slots = asyncio.Semaphore(self.config.max_inflight_prompts)
         tasks: set[asyncio.Task[None]] = set()
         failures: list[BaseException] = []
@@ -117,6 +124,7 @@ class RolloutProducer:
 
         stop_wait = asyncio.create_task(stop.wait())
         keep_alive = asyncio.create_task(self._keep_alive())
+        follow = asyncio.create_task(self._follow_weights(last_weights)) if self.weights else None
         try:
             while not stop.is_set():
                 acquire = asyncio.create_task(slots.acquire())
@@ -134,12 +142,45 @@ class RolloutProducer:
         finally:
             stop_wait.cancel()
             keep_alive.cancel()
+            if follow is not None:
+                follow.cancel()
             self._stopping = True
             if tasks:
                 await self.engine.abort([t.get_name() for t in tasks])
                 await asyncio.gather(*tasks, return_exceptions=True)
         if failures:
             raise failures[0]
+
+    async def _load_latest_weights(self) -> str:
+        """Before generating anything: load the newest published version, if any. Returns its entry id."""
+        if self.weights is None or (latest := await self.weights.latest()) is None:
+            return "0-0"
+        entry_id, manifest = latest
+        if manifest.version != self.engine.weight_version:
+            await self.engine.update_weights(manifest.version, await self.weights.load(manifest))
+            log.info("weights_loaded", version=manifest.version)
+        return entry_id
+
+    async def _follow_weights(self, last: str) -> None:
+        """Apply each new version as it is announced; one that fails verification is skipped (old weights
+        stay). Samples in flight go on under the new version, which their version spans record."""
+        assert self.weights is not None
+        while True:
+            try:
+                announced = await self.weights.next_after(last, block_ms=self.prompts.config.block_ms)
+                if announced is None:
+                    continue
+                last, manifest = announced
+                if manifest.version > self.engine.weight_version:
+                    await self.engine.update_weights(manifest.version, await self.weights.load(manifest))
+                    log.info("weights_updated", version=manifest.version)
+            except WeightIntegrityError as exc:
+                log.error("weights_rejected", error=str(exc))
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise
+                log.warning("weights_follow_retry", error=str(exc))
+                await asyncio.sleep(1.0)
 
     async def _keep_alive(self) -> None:
         """Touch the prompts in flight every claim_idle/3, however long generation takes, so that no other

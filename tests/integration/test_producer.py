@@ -50,7 +50,7 @@ async def make_producer(
 ) -> AsyncIterator[object]:
     engines: list[NativeEngine] = []
 
-    def make(name: str, rollout_fn: object = None, **overrides: object) -> RolloutProducer:
+    def make(name: str, rollout_fn: object = None, weights: object = None, **overrides: object) -> RolloutProducer:
         sampling = SamplingParams(max_new_tokens=int(overrides.pop("max_new_tokens", 4)),  # type: ignore[call-overload]
                                   ignore_eos=bool(overrides.pop("ignore_eos", False)),
                                   stop_token_ids=tuple(overrides.pop("stop_token_ids", ())))  # type: ignore[arg-type]  # fmt: skip
@@ -61,6 +61,8 @@ async def make_producer(
         prompts = StreamConsumer(redis, blocking, stream=keys.prompts, group="producers", consumer=name,
                                  dead_stream=keys.dead, config=bus_config)  # fmt: skip
         extra = {"rollout_fn": rollout_fn} if rollout_fn is not None else {}
+        if weights is not None:
+            extra["weights"] = weights
         return RolloutProducer(config, engine=engine, tokenizer=AutoTokenizer.from_pretrained(model_dir),
                                reward_fn=toy_addition, prompts=prompts,
                                publisher=GroupPublisher(blocking, keys.trajectories, bus_config), **extra)  # fmt: skip
@@ -184,3 +186,49 @@ async def test_tool_turns_reach_the_trainer_with_tool_output_masked(
             assert s.loss_mask[0] == 1 and s.loss_mask[-1] == 1 and int((s.loss_mask == 0).sum()) == 2
             assert s.response_ids[s.loss_mask == 0].tolist() == [10, 11]
             assert s.logprobs[s.loss_mask == 0].tolist() == [0.0, 0.0]
+
+
+async def test_producers_load_the_latest_weights_then_follow_and_reject_corrupt_ones(
+    redis: aioredis.Redis, blocking: StreamClient, keys: Keys, bus_config: BusConfig, make_producer, tmp_path: Path,
+    model_dir: Path,
+) -> None:  # fmt: skip
+    from transformers import AutoModelForCausalLM
+
+    from miles_stream.weights import FileTransport, WeightPublisher, WeightSubscriber
+    from miles_stream.weights.manifest import encode_manifest
+
+    # in-memory names, as a trainer publishes them (transformers 5 saves MoE experts under other names)
+    base = {k: v.clone() for k, v in AutoModelForCausalLM.from_pretrained(model_dir).state_dict().items()}
+    transport = FileTransport(tmp_path / "weights")
+    publisher = WeightPublisher(redis, keys, transport)
+    await publisher.publish(1, {k: v + 0.01 for k, v in base.items()})  # before the producer exists
+    await feed(redis, keys, bus_config, addition_jsonl(tmp_path / "p.jsonl", 3))
+    producer = make_producer("w", weights=WeightSubscriber(redis, keys, {"file": transport}))
+    stop = asyncio.Event()
+    run = asyncio.create_task(producer.run(stop))
+    got = await collect(redis, blocking, keys, bus_config, want=3)
+    assert len(got) == 3
+    assert all(s.version_spans.tolist() == [[0, 1]] for r in got for s in r.group.samples)
+    await publisher.publish(2, {k: v - 0.01 for k, v in base.items()})
+    for _ in range(100):
+        if producer.engine.weight_version == 2:
+            break
+        await asyncio.sleep(0.05)
+    assert producer.engine.weight_version == 2
+    bad = await transport.write(3, dict(base))  # written, corrupted, then announced
+    path = Path(bad.location) / "model.safetensors"
+    path.write_bytes(path.read_bytes()[:-1] + b"\x00")
+    await redis.xadd(keys.weights, {b"version": b"3", b"manifest": encode_manifest(bad)})
+    await feed_more(redis, keys, bus_config, tmp_path)
+    got = await collect(redis, blocking, keys, bus_config, want=1)
+    stop.set()
+    await asyncio.wait_for(run, 30)
+    assert len(got) == 1
+    assert producer.engine.weight_version == 2  # version 3 failed its checksum: the old weights stay
+    assert all(s.version_spans.tolist() == [[0, 2]] for r in got for s in r.group.samples)
+
+
+async def feed_more(redis: aioredis.Redis, keys: Keys, bus: BusConfig, tmp_path: Path) -> None:
+    """The 3-prompt dataset again plus a fourth prompt: e0-i0..2 are duplicates the trainer drops, e0-i3 is new."""
+    await redis.delete(f"{keys.namespace}:feeder")
+    await feed(redis, keys, bus, addition_jsonl(tmp_path / "more.jsonl", 4))

@@ -1,0 +1,101 @@
+"""Versioned weights: the trainer publishes, producers follow.
+
+    trainer ──WeightPublisher.publish(v, state)──► transport.write ──► XADD {ns}:weights {version, manifest}
+    producer ◄── WeightSubscriber.latest() / .next_after(id) ◄── transport.read (checksums verified)
+
+Old versions are deleted once no live producer reports using them (heartbeat field `weight_version`); the
+newest is always kept, so a producer attached later loads it before it generates.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import redis.asyncio as aioredis
+import structlog
+import torch
+
+from miles_stream.bus import Keys, alive_members
+from miles_stream.bus.streams import VERSION
+from miles_stream.errors import WeightIntegrityError
+from miles_stream.weights.manifest import WeightManifest, decode_manifest, encode_manifest
+from miles_stream.weights.transports import FileTransport, RedisTransport, WeightTransport
+
+log = structlog.get_logger(__name__)
+MANIFEST = b"manifest"
+
+__all__ = [
+    "FileTransport",
+    "RedisTransport",
+    "WeightIntegrityError",
+    "WeightManifest",
+    "WeightPublisher",
+    "WeightSubscriber",
+    "WeightTransport",
+]
+
+
+@dataclass(slots=True)
+class WeightPublisher:
+    redis: aioredis.Redis
+    keys: Keys
+    transport: WeightTransport
+    heartbeat_ttl_s: float = 10.0
+
+    @property
+    def versions_key(self) -> str:
+        return f"{self.keys.weights}:versions"
+
+    async def publish(self, version: int, state: dict[str, torch.Tensor]) -> WeightManifest:
+        manifest = await self.transport.write(version, state)
+        await self.redis.zadd(self.versions_key, {str(version): version})
+        await self.redis.xadd(self.keys.weights, {VERSION: str(version), MANIFEST: encode_manifest(manifest)},
+                              maxlen=1000, approximate=True)  # fmt: skip
+        log.info("weights_published", version=version, bytes=manifest.nbytes, transport=self.transport.name)
+        await self.prune(latest=version)
+        return manifest
+
+    async def prune(self, latest: int) -> list[int]:
+        """Delete versions older than every version a live producer uses (the latest is always kept)."""
+        members = await alive_members(self.redis, self.keys, self.heartbeat_ttl_s)
+        in_use = [int(m.info["weight_version"]) for m in members if "weight_version" in m.info]
+        floor = min([latest, *in_use])
+        listed: Any = await self.redis.zrangebyscore(self.versions_key, "-inf", f"({floor}")
+        old = [int(v) for v in listed]
+        for v in old:
+            await self.transport.delete(v)
+        if old:
+            await self.redis.zremrangebyscore(self.versions_key, "-inf", f"({floor}")
+        return old
+
+
+@dataclass(slots=True)
+class WeightSubscriber:
+    redis: aioredis.Redis
+    keys: Keys
+    transports: dict[str, WeightTransport]
+
+    async def latest(self) -> tuple[str, WeightManifest] | None:
+        """(entry id, manifest) of the newest announcement, or None."""
+        entries: Any = await self.redis.xrevrange(self.keys.weights, count=1)
+        return _parse(entries[0]) if entries else None
+
+    async def next_after(self, entry_id: str, block_ms: int) -> tuple[str, WeightManifest] | None:
+        """The newest announcement after `entry_id`, waiting up to `block_ms`; None if none came."""
+        reply: Any = await self.redis.xread({self.keys.weights: entry_id}, block=block_ms)
+        if not reply:
+            return None
+        return _parse(reply[0][1][-1])
+
+    async def load(self, manifest: WeightManifest) -> dict[str, torch.Tensor]:
+        transport = self.transports.get(manifest.transport)
+        if transport is None:
+            raise WeightIntegrityError(f"version {manifest.version} uses transport {manifest.transport!r}, "
+                                       f"this process has {sorted(self.transports)}")  # fmt: skip
+        return await transport.read(manifest)
+
+
+def _parse(entry: Any) -> tuple[str, WeightManifest]:
+    entry_id, fields = entry
+    return entry_id.decode(), decode_manifest(fields[MANIFEST])
