@@ -27,6 +27,10 @@ class BackpressureTimeout(RetriableError):
     """The consumers' backlog stayed above its bound for longer than the caller would wait."""
 
 
+class InvalidRequest(MilesStreamError, ValueError):
+    """A generation request the engine cannot serve (empty prompt, token ids outside the vocabulary, too long)."""
+
+
 class WeightIntegrityError(MilesStreamError):
     """Published weights failed verification (a checksum, a size, a missing chunk): keep the old weights."""
 

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, DynamicCache
 
-from miles_stream.errors import MilesStreamError
+from miles_stream.errors import InvalidRequest, MilesStreamError
 from miles_stream.rollout.sampling import sample_tokens
 from miles_stream.rollout.types import GenerationRequest, GenerationResult
 from miles_stream.schema import make_spans
@@ -71,6 +71,8 @@ class NativeEngine:
         eos = config.eos_token_id
         self.eos_ids = frozenset([eos] if isinstance(eos, int) else (eos or []))
         self.num_experts = int(getattr(config, "num_experts", 0) or getattr(config, "num_local_experts", 0) or 0)
+        self.vocab_size = int(config.vocab_size)
+        self.max_positions = int(getattr(config, "max_position_embeddings", 0) or 0)
         self.max_batch = max_batch
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self._version = weight_version
@@ -81,6 +83,8 @@ class NativeEngine:
         self._running = threading.Event()
         self._running.set()
         self._closed = False
+        self._failure: BaseException | None = None
+        self._admitting: list[_Row] = []
         self._wake = threading.Event()
         self._rows: list[_Row] = []
         self._kv: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -100,13 +104,30 @@ class NativeEngine:
         return list(await asyncio.gather(*(asyncio.wrap_future(f) for f in futures)))
 
     def submit(self, request: GenerationRequest) -> Future[GenerationResult]:
+        if self._failure is not None:
+            raise MilesStreamError(f"engine failed: {self._failure!r}")
         if self._closed:
             raise MilesStreamError("engine is closed")
+        self._check(request)
         stop = set(request.params.stop_token_ids) | (set() if request.params.ignore_eos else set(self.eos_ids))
         row = _Row(request, Future(), frozenset(stop))
         self._queue.put(row)
         self._wake.set()
         return row.future
+
+    def _check(self, request: GenerationRequest) -> None:
+        """Refuse a request the model cannot run, before it reaches (and could break) the engine thread."""
+        ids = list(request.prompt_ids)
+        if not ids:
+            raise InvalidRequest(f"request {request.request_id}: empty prompt")
+        if min(ids) < 0 or max(ids) >= self.vocab_size:
+            raise InvalidRequest(f"request {request.request_id}: token ids outside [0, {self.vocab_size})")
+        total = len(ids) + request.params.max_new_tokens
+        if self.max_positions and total > self.max_positions:
+            raise InvalidRequest(
+                f"request {request.request_id}: {len(ids)} prompt + {request.params.max_new_tokens} new tokens "
+                f"exceed the model's {self.max_positions} positions"
+            )
 
     async def update_weights(self, version: int, state: Mapping[str, torch.Tensor]) -> None:
         """Copy `state` into the parameters in place between two decode steps; rows in flight go on under
@@ -151,8 +172,9 @@ class NativeEngine:
                     if self._rows:
                         self._decode()
                         self._finish()
-        except BaseException as exc:  # fail every waiting caller rather than hang them
-            for row in self._rows + list(self._queue.queue):
+        except BaseException as exc:  # fail every waiting caller rather than hang them, and refuse new ones
+            self._failure = exc
+            for row in self._rows + self._admitting + list(self._queue.queue):
                 if not row.future.done():
                     row.future.set_exception(MilesStreamError(f"engine failed: {exc!r}"))
             raise
@@ -166,10 +188,14 @@ class NativeEngine:
             version, state, done = self._updates.get()
             try:
                 params = self.model.state_dict(keep_vars=True)  # tied weights answer to every name
+                for name, tensor in state.items():  # check all before copying any: never half an update
+                    if name not in params:
+                        raise MilesStreamError(f"weight update names unknown parameter {name!r}")
+                    if tuple(tensor.shape) != tuple(params[name].shape):
+                        want, got = tuple(params[name].shape), tuple(tensor.shape)
+                        raise MilesStreamError(f"weight update {name!r} has shape {got}, the model {want}")
                 with torch.no_grad():
                     for name, tensor in state.items():
-                        if name not in params:
-                            raise MilesStreamError(f"weight update names unknown parameter {name!r}")
                         params[name].copy_(tensor.to(params[name].device, params[name].dtype))
                 self._version = version
                 for row in self._rows:
@@ -180,7 +206,7 @@ class NativeEngine:
 
     def _admit(self) -> None:
         """Prefill every request that fits, in one left-padded forward, and merge their rows into the batch."""
-        new: list[_Row] = []
+        new = self._admitting = []
         while len(self._rows) + len(new) < self.max_batch and not self._queue.empty():
             new.append(self._queue.get())
         if not new:
@@ -202,6 +228,7 @@ class NativeEngine:
         self._take_routing(new, keep_last=lengths)
         self._sample(new, out.logits[:, -1, :])
         self._merge(new, [(layer.keys, layer.values) for layer in out.cache.layers], mask)
+        self._admitting = []
 
     def _merge(self, new: list[_Row], kv: list[tuple[torch.Tensor, torch.Tensor]], mask: torch.Tensor) -> None:
         """Append rows whose KV is `kv` ([k, H, S', D], left-padded as `mask` says) to the batch."""

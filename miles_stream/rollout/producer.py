@@ -35,7 +35,7 @@ from miles_stream.bus import Entry, GroupPublisher, RetryPolicy, StreamConsumer
 from miles_stream.bus.connection import is_transient
 from miles_stream.bus.streams import DATA
 from miles_stream.config import check
-from miles_stream.errors import SchemaError, WeightIntegrityError
+from miles_stream.errors import InvalidRequest, SchemaError, WeightIntegrityError
 from miles_stream.prompts import PromptRecord, decode_prompt
 from miles_stream.rewards import RewardError, RewardInput, score_group
 from miles_stream.rollout.turns import RolloutFn, Trajectory, single_turn
@@ -207,7 +207,12 @@ class RolloutProducer:
         prompt_ids = self.tokenizer(prompt.text)["input_ids"]
         samples = [self.rollout_fn(self.engine, prompt_ids, self.sampling, entry.id)
                    for _ in range(self.config.n_samples_per_prompt)]  # fmt: skip
-        results = await asyncio.gather(*samples)
+        try:
+            results = await asyncio.gather(*samples)
+        except InvalidRequest as exc:  # this prompt cannot run on this model: set it aside, keep going
+            self.counters.dead_lettered += 1
+            await self.prompts.dead_letter(entry, f"request: {exc}")
+            return
         if entry.id in self.prompts.lost:  # taken over by another producer: it publishes this prompt
             self.prompts.lost.discard(entry.id)
             log.warning("prompt_taken_over", id=entry.id)

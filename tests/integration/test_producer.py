@@ -232,3 +232,24 @@ async def feed_more(redis: aioredis.Redis, keys: Keys, bus: BusConfig, tmp_path:
     """The 3-prompt dataset again plus a fourth prompt: e0-i0..2 are duplicates the trainer drops, e0-i3 is new."""
     await redis.delete(f"{keys.namespace}:feeder")
     await feed(redis, keys, bus, addition_jsonl(tmp_path / "more.jsonl", 4))
+
+
+async def test_a_prompt_the_model_cannot_run_is_dead_lettered_and_the_rest_go_on(
+    redis: aioredis.Redis, blocking: StreamClient, keys: Keys, bus_config: BusConfig, make_producer, tmp_path: Path
+) -> None:
+    path = tmp_path / "p.jsonl"
+    path.write_text(
+        json.dumps({"prompt": "", "label": "0"}) + "\n" + json.dumps({"prompt": "1+1=", "label": "2"}) + "\n"
+    )
+    await feed(redis, keys, bus_config, path)
+    producer = make_producer("p")
+    stop = asyncio.Event()
+    run = asyncio.create_task(producer.run(stop))
+    got = await collect(redis, blocking, keys, bus_config, want=1)
+    stop.set()
+    await asyncio.wait_for(run, 30)
+    assert [r.group.prompt_key for r in got] == ["1"]
+    dead = await redis.xrange(keys.dead)
+    assert len(dead) == 1 and dead[0][1][b"reason"].startswith(b"request: request")
+    assert b"empty prompt" in dead[0][1][b"reason"]
+    assert (await redis.xpending(keys.prompts, "producers"))["pending"] == 0

@@ -12,6 +12,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from miles_stream.errors import InvalidRequest
 from miles_stream.models import TinyModelConfig, build_tiny_model
 from miles_stream.rollout import GenerationRequest, GenerationResult, SamplingParams
 from miles_stream.rollout.native import NativeEngine
@@ -21,7 +22,9 @@ from miles_stream.schema import Sample, TrajectoryGroup, validate_group
 
 @pytest.fixture(scope="module", params=["dense", "moe"])
 def model_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_model(tmp_path_factory.mktemp(request.param), TinyModelConfig(kind=request.param))
+    return build_tiny_model(
+        tmp_path_factory.mktemp(request.param), TinyModelConfig(kind=request.param, max_position=1024)
+    )
 
 
 @pytest.fixture
@@ -189,3 +192,27 @@ async def test_a_single_token_budget_gives_exactly_one_token(engine: NativeEngin
         assert res.finish_reason == "length" and len(res.response_ids) == 1
         if res.routing is not None:
             assert res.routing.shape[0] == len(req.prompt_ids)
+
+
+async def test_requests_the_model_cannot_run_are_refused_and_the_engine_keeps_serving(engine: NativeEngine) -> None:
+    bad = [
+        GenerationRequest(request_id="empty", prompt_ids=[]),
+        GenerationRequest(request_id="vocab", prompt_ids=[5, 10_000]),
+        GenerationRequest(request_id="long", prompt_ids=[5], params=SamplingParams(max_new_tokens=5000)),
+    ]
+    for req, message in zip(bad, ["empty prompt", "outside", "exceed the model's 1024 positions"], strict=True):
+        with pytest.raises(InvalidRequest, match=message):
+            await engine.generate([req])
+    (ok,) = await asyncio.wait_for(engine.generate(requests(1, SamplingParams(max_new_tokens=3))), 10)
+    assert len(ok.response_ids) >= 1
+
+
+async def test_an_update_with_one_bad_tensor_changes_nothing(engine: NativeEngine) -> None:
+    name, param = next(iter(engine.model.named_parameters()))
+    before = param.detach().clone()
+    # a good tensor first, then a bad one: the good one must not have been copied either
+    for update in ({name: before + 1.0, "nope": torch.zeros(1)}, {name: torch.zeros(3)}):
+        with pytest.raises(Exception, match=r"unknown parameter|has shape"):
+            await engine.update_weights(9, update)
+    assert torch.equal(dict(engine.model.named_parameters())[name], before)
+    assert engine.weight_version == 0
