@@ -43,7 +43,7 @@ async def _run(config: RunConfig) -> int:
     blocking = open_stream_client(config.redis, block_ms=config.bus.block_ms)
     prompts = StreamConsumer(redis, blocking, stream=keys.prompts, group="producers",
                              consumer=cfg.resolved_producer_id(), dead_stream=keys.dead, config=config.bus)  # fmt: skip
-    publisher = GroupPublisher(data, keys.trajectories, config.bus, codec=_codec(config),
+    publisher = GroupPublisher(data, keys.trajectories, config.bus, codec=GroupCodec(config.codec),
                                backpressure=Backpressure(redis, keys.trajectories, config.bus))  # fmt: skip
     rollout_fn, sampling = _turns(cfg, tokenizer)
     weights = WeightSubscriber(redis, keys, {"redis": RedisTransport(redis, keys), "file": FileTransport("")})
@@ -73,7 +73,3 @@ def _turns(cfg: RolloutConfig, tokenizer: Any) -> tuple[RolloutFn, SamplingParam
         sampling = dataclasses.replace(cfg.sampling, stop_token_ids=(*cfg.sampling.stop_token_ids, equals))
         return ToolLoop(Calculator(tokenizer), max_turns=cfg.max_turns), sampling
     return single_turn, cfg.sampling
-
-
-def _codec(config: RunConfig) -> GroupCodec:
-    return GroupCodec(config.codec)

@@ -69,7 +69,6 @@ class Backpressure:
         self._last_entries = 0
         self._exact = True
         self._sent_since_check = 0
-        self.waited_s = 0.0
 
     def record_sent(self, nbytes: int) -> None:
         """Call after each publish: counts toward the backlog until the next check sees it in Redis."""
@@ -104,4 +103,3 @@ class Backpressure:
                 await trim_acknowledged(self.redis, self.stream)
             await asyncio.sleep(self.config.backpressure_poll_s)
             self._checked_at = -1e9
-        self.waited_s += time.monotonic() - start

@@ -10,7 +10,7 @@ import redis.exceptions as rexc
 
 from miles_stream.bus.heartbeat import Member, alive_members
 from miles_stream.bus.keys import Keys
-from miles_stream.bus.streams import VERSION
+from miles_stream.bus.streams import VERSION, as_str
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,16 +75,12 @@ async def _stream_status(redis: aioredis.Redis, key: str) -> StreamStatus:
         length=length,
         groups=tuple(
             GroupStatus(
-                name=_s(g["name"]),
+                name=as_str(g["name"]),
                 consumers=int(g["consumers"]),
                 pending=int(g["pending"]),
                 lag=None if g.get("lag") is None else int(g["lag"]),
-                last_delivered_id=_s(g["last-delivered-id"]),
+                last_delivered_id=as_str(g["last-delivered-id"]),
             )
             for g in groups
         ),
     )
-
-
-def _s(value: object) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)

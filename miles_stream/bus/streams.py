@@ -80,7 +80,7 @@ async def publish(client: StreamClient, stream: str, data: bytes | Frame, *, max
         data = data.join()  # only the data-plane client sends a frame from its parts
     fields: dict[Any, Any] = {DATA: data, **extra}
     entry_id = await client.xadd(stream, fields, maxlen=maxlen, approximate=True)
-    return _s(entry_id)
+    return as_str(entry_id)
 
 
 async def ensure_group(redis: aioredis.Redis, stream: str, group: str, start_id: str = "0") -> None:
@@ -117,7 +117,7 @@ async def dead_letter(
 
 
 def parse_id(entry_id: str | bytes) -> tuple[int, int]:
-    ms, _, seq = _s(entry_id).partition("-")
+    ms, _, seq = as_str(entry_id).partition("-")
     return int(ms), int(seq or 0)
 
 
@@ -174,7 +174,6 @@ class StreamConsumer:
         self._next_trim = 0.0
         self.in_hand: set[str] = set()  # delivered to the caller, not acked yet
         self.lost: set[str] = set()  # held too long: another consumer reclaimed them; do not commit these
-        self.dead_count = 0
 
     async def start(self) -> None:
         await ensure_group(self.redis, self.stream, self.group)
@@ -195,7 +194,7 @@ class StreamConsumer:
         reply: Any = await self.blocking.xreadgroup(
             self.group, self.consumer, {self.stream: ">"}, count=count, block=block or None
         )
-        return self._hand_out(Entry(_s(i), f) for _, items in reply or [] for i, f in items)
+        return self._hand_out(Entry(as_str(i), f) for _, items in reply or [] for i, f in items)
 
     async def ack(self, ids: Iterable[str]) -> int:
         ids = list(ids)
@@ -223,7 +222,6 @@ class StreamConsumer:
             maxlen=self.config.maxlen_cap,
         )
         self.in_hand.discard(entry.id)
-        self.dead_count += 1
 
     async def touch_in_hand(self, force: bool = False) -> None:
         """Reset the idle time of entries held but not acked, so no other consumer reclaims them.
@@ -239,7 +237,7 @@ class StreamConsumer:
         rows = await self.redis.xpending_range(
             self.stream, self.group, min="-", max="+", count=len(self.in_hand) + 1024, consumername=self.consumer
         )
-        owned = {_s(r["message_id"]) for r in rows} & self.in_hand
+        owned = {as_str(r["message_id"]) for r in rows} & self.in_hand
         if lost := self.in_hand - owned:
             self.in_hand -= lost
             self.lost |= lost
@@ -254,9 +252,9 @@ class StreamConsumer:
         reply = await self.redis.xautoclaim(
             self.stream, self.group, self.consumer, self.config.claim_idle_ms, self._claim_cursor, count=count
         )
-        self._claim_cursor = _s(reply[0])
-        live = [Entry(_s(i), f) for i, f in reply[1] if i is not None and _s(i) not in self.in_hand]
-        lost_ids = [_s(i) for i in reply[2]] if len(reply) > 2 else []  # Redis 7: deleted, already dropped
+        self._claim_cursor = as_str(reply[0])
+        live = [Entry(as_str(i), f) for i, f in reply[1] if i is not None and as_str(i) not in self.in_hand]
+        lost_ids = [as_str(i) for i in reply[2]] if len(reply) > 2 else []  # Redis 7: deleted, already dropped
         if any(i is None for i, _ in reply[1]):  # Redis 6.2: deleted entries come back as nil, still pending
             lost_ids += await self._orphaned_pending(exclude={e.id for e in live})
         for entry_id in lost_ids:
@@ -273,13 +271,13 @@ class StreamConsumer:
         if not items:
             self._pending_cursor = None
             return []
-        self._pending_cursor = _s(items[-1][0])
+        self._pending_cursor = as_str(items[-1][0])
         live = []
         for i, fields in items:
             if fields:
-                live.append(Entry(_s(i), fields))
+                live.append(Entry(as_str(i), fields))
             else:
-                await self.dead_letter(Entry(_s(i), {}), "deleted from the stream while pending")
+                await self.dead_letter(Entry(as_str(i), {}), "deleted from the stream while pending")
         return await self._screen(live)
 
     async def _screen(self, entries: list[Entry]) -> list[Entry]:
@@ -302,14 +300,14 @@ class StreamConsumer:
         rows = await self.redis.xpending_range(
             self.stream, self.group, min=first, max=last, count=count, consumername=self.consumer
         )
-        return {_s(r["message_id"]): int(r["times_delivered"]) for r in rows}
+        return {as_str(r["message_id"]): int(r["times_delivered"]) for r in rows}
 
     async def _orphaned_pending(self, exclude: set[str]) -> list[str]:
         """Ids pending to this consumer that it neither holds nor just got: deleted entries (Redis 6.2)."""
         rows = await self.redis.xpending_range(
             self.stream, self.group, min="-", max="+", count=10_000, consumername=self.consumer
         )
-        ids = (_s(r["message_id"]) for r in rows)
+        ids = (as_str(r["message_id"]) for r in rows)
         return [i for i in ids if i not in exclude and i not in self.in_hand]
 
     def _hand_out(self, entries: Iterable[Entry]) -> list[Entry]:
@@ -318,5 +316,6 @@ class StreamConsumer:
         return out
 
 
-def _s(value: Any) -> str:
+def as_str(value: Any) -> str:
+    """Redis replies hold bytes; ids and names are text."""
     return value.decode() if isinstance(value, bytes) else str(value)

@@ -35,7 +35,7 @@ from transformers import AutoModelForCausalLM, DynamicCache
 
 from miles_stream.errors import InvalidRequest, MilesStreamError
 from miles_stream.rollout.sampling import sample_tokens
-from miles_stream.rollout.types import GenerationRequest, GenerationResult
+from miles_stream.rollout.types import GenerationRequest, GenerationResult, merge_spans
 from miles_stream.schema import make_spans
 
 
@@ -322,7 +322,7 @@ class NativeEngine:
             response_ids=np.asarray(r.tokens, dtype=np.int32),
             logprobs=np.asarray(r.logprobs, dtype=np.float32),
             finish_reason=reason,  # type: ignore[arg-type]
-            version_spans=make_spans(_merge_spans(r.spans, len(r.tokens))),
+            version_spans=make_spans(merge_spans(r.spans, len(r.tokens))),
             routing=routing,
         )
 
@@ -352,20 +352,6 @@ def _finish_reason(r: _Row) -> str | None:
     if len(r.tokens) >= r.request.params.max_new_tokens:
         return "length"
     return None
-
-
-def _merge_spans(spans: list[tuple[int, int]], num_tokens: int) -> list[tuple[int, int]]:
-    """One span per run of tokens under one version: an update with no token after it is dropped, and one
-    with no token since the previous update replaces it."""
-    out: list[tuple[int, int]] = []
-    for start, version in spans:
-        if out and start >= num_tokens:
-            continue
-        if out and out[-1][0] == start:
-            out[-1] = (start, version)
-        elif not out or out[-1][1] != version:
-            out.append((start, version))
-    return out
 
 
 def _left_pad(x: torch.Tensor, width: int) -> torch.Tensor:

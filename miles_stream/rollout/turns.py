@@ -20,7 +20,13 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from miles_stream.rollout.types import GenerationRequest, GenerationResult, RolloutEngine, SamplingParams
+from miles_stream.rollout.types import (
+    GenerationRequest,
+    GenerationResult,
+    RolloutEngine,
+    SamplingParams,
+    merge_spans,
+)
 from miles_stream.schema import FinishReason, make_spans
 
 
@@ -95,15 +101,11 @@ class ToolLoop:
 def _trajectory(
     ids: list[int], logprobs: list[float], mask: list[int], spans: list[tuple[int, int]], last: GenerationResult
 ) -> Trajectory:
-    merged: list[tuple[int, int]] = []
-    for start, version in spans:
-        if not merged or merged[-1][1] != version:
-            merged.append((start, version))
     return Trajectory(
         response_ids=np.asarray(ids, dtype=np.int32),
         logprobs=np.asarray(logprobs, dtype=np.float32),
         loss_mask=np.asarray(mask, dtype=np.uint8),
-        version_spans=make_spans(merged),
+        version_spans=make_spans(merge_spans(spans, len(ids))),
         finish_reason=last.finish_reason,
         routing=last.routing,
     )

@@ -57,6 +57,20 @@ class GenerationResult:
     routing: np.ndarray | None = None
 
 
+def merge_spans(spans: list[tuple[int, int]], num_tokens: int) -> list[tuple[int, int]]:
+    """(first token, version) marks in order of time -> one span per run of tokens under one version. A mark
+    with no token after it is dropped; one with no token since the previous mark replaces it."""
+    out: list[tuple[int, int]] = []
+    for start, version in spans:
+        if out and start >= num_tokens:
+            continue
+        if out and out[-1][0] == start:
+            out[-1] = (start, version)
+        elif not out or out[-1][1] != version:
+            out.append((start, version))
+    return out
+
+
 class RolloutEngine(Protocol):
     """An inference engine that samples responses and reports what a trainer needs to correct for it."""
 
