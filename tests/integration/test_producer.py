@@ -19,8 +19,10 @@ import redis.asyncio as aioredis
 from transformers import AutoTokenizer
 
 from miles_stream.bus import BusConfig, GroupConsumer, GroupPublisher, Keys, StreamClient, StreamConsumer
+from miles_stream.codec import GroupCodec
 from miles_stream.feeder import Feeder, FeederConfig, load_rows
 from miles_stream.models import TinyModelConfig, build_tiny_model
+from miles_stream.prompts import decode_prompt
 from miles_stream.rewards import toy_addition
 from miles_stream.rollout import SamplingParams
 from miles_stream.rollout.native import NativeEngine
@@ -161,11 +163,13 @@ def test_cli_produce_stops_on_sigterm_and_loses_nothing(redis_url: str, model_di
         _, err = proc.communicate(timeout=60)
         assert proc.returncode == 0, err
         assert "producer_stopped" in err
-        groups = client.xlen(f"{ns}:trajectories")
         waiting = client.xinfo_groups(f"{ns}:prompts")[0]
         assert waiting["pending"] == 0
-        unclaimed = client.xlen(f"{ns}:prompts") - groups  # handed back prompts are new entries
-        assert groups + max(unclaimed, 0) >= 4
+        codec = GroupCodec()
+        trained = {codec.decode(f[b"d"]).prompt_key for _, f in client.xrange(f"{ns}:trajectories")}
+        after = "(" + waiting["last-delivered-id"].decode()  # handed back: re-published, not yet delivered
+        returned = {decode_prompt(f[b"d"]).key for _, f in client.xrange(f"{ns}:prompts", min=after)}
+        assert trained | returned == {"0", "1", "2", "3"}  # every prompt published as a group or back in line
 
 
 async def test_tool_turns_reach_the_trainer_with_tool_output_masked(
