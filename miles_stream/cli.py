@@ -1,6 +1,6 @@
 """The `miles-stream` command. Each subcommand parses its options, loads the run config, and runs.
 
-Only subcommands that work are listed; later ones (train, record, replay, demo) are added as they land.
+Only subcommands that work are listed; later ones (record, replay, demo) are added as they land.
 """
 
 from __future__ import annotations
@@ -73,6 +73,10 @@ def _parser() -> argparse.ArgumentParser:
     p = command("produce", "Run a rollout producer: claim prompts, sample, score, publish trajectory groups.")
     p.set_defaults(run=_cmd_produce)
 
+    p = command("train", "Run a trainer: batches from the trajectory stream, optimizer steps, weights published.")
+    p.add_argument("--resume", action="store_true", help="continue from trainer.checkpoint_dir")
+    p.set_defaults(run=_cmd_train)
+
     p = command("status", "Describe a namespace: streams, groups, lag, pending, dead letters, members, weights.")
     p.add_argument("--namespace", help="namespace (default: bus.namespace)")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
@@ -133,6 +137,12 @@ def _cmd_produce(args: argparse.Namespace, config: RunConfig) -> int:
     from producers.rollout import main as produce_main  # imports torch and transformers
 
     return produce_main(config)
+
+
+def _cmd_train(args: argparse.Namespace, config: RunConfig) -> int:
+    from consumers.trainer import main as train_main  # imports torch and transformers
+
+    return train_main(config, resume=args.resume)
 
 
 def _cmd_status(args: argparse.Namespace, config: RunConfig) -> int:

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from miles_stream.buffer.config import BufferConfig
 from miles_stream.bus.connection import RedisConfig
 from miles_stream.bus.streams import BusConfig
 from miles_stream.codec import CodecConfig
@@ -18,6 +19,7 @@ from miles_stream.feeder import FeederConfig
 from miles_stream.redis_server import EmbeddedRedisConfig
 from miles_stream.rollout.producer import RolloutConfig
 from miles_stream.trainer.algo_config import AlgoConfig
+from miles_stream.trainer.config import TrainerConfig
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -29,6 +31,13 @@ class RunConfig:
     algo: AlgoConfig = field(default_factory=AlgoConfig)
     feeder: FeederConfig = field(default_factory=FeederConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    buffer: BufferConfig = field(default_factory=BufferConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+    @property
+    def trainer_temperature(self) -> float:
+        """The temperature the trainer divides logits by: its own if set, else the rollout's (1 for greedy)."""
+        return self.trainer.temperature or self.rollout.sampling.temperature or 1.0
 
 
 def load_run_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> RunConfig:

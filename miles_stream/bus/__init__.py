@@ -3,7 +3,7 @@
 from miles_stream.bus.backpressure import Backlog, Backpressure, stream_backlog
 from miles_stream.bus.connection import RedisConfig, RetryPolicy, connect, redact
 from miles_stream.bus.dataplane import StreamClient, open_stream_client
-from miles_stream.bus.groups import GroupConsumer, GroupPublisher, Received
+from miles_stream.bus.groups import Claim, GroupConsumer, GroupPublisher, Received, Ticket
 from miles_stream.bus.heartbeat import Heartbeat, Member, alive_members
 from miles_stream.bus.keys import Keys
 from miles_stream.bus.status import NamespaceStatus, namespace_status
@@ -13,6 +13,7 @@ __all__ = [
     "Backlog",
     "Backpressure",
     "BusConfig",
+    "Claim",
     "Entry",
     "GroupConsumer",
     "GroupPublisher",
@@ -25,6 +26,7 @@ __all__ = [
     "RetryPolicy",
     "StreamClient",
     "StreamConsumer",
+    "Ticket",
     "alive_members",
     "connect",
     "ensure_group",

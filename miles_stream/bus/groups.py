@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import redis.asyncio as aioredis
 import structlog
@@ -17,12 +18,30 @@ from miles_stream.bus.backpressure import Backpressure
 from miles_stream.bus.connection import RetryPolicy
 from miles_stream.bus.dataplane import StreamClient
 from miles_stream.bus.keys import Keys
-from miles_stream.bus.streams import BusConfig, Entry, StreamConsumer, publish
+from miles_stream.bus.streams import DATA, BusConfig, Entry, StreamConsumer, publish
 from miles_stream.codec import GroupCodec
 from miles_stream.errors import SchemaError
 from miles_stream.schema import TrajectoryGroup
 
 log = structlog.get_logger(__name__)
+
+
+class Ticket(Protocol):
+    """What `commit` and `release` need of a group handed out: its entry and its id."""
+
+    @property
+    def entry_id(self) -> str: ...
+
+    @property
+    def group_id(self) -> str: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """A `Ticket` without the group's data, for holding groups across steps until they are committed."""
+
+    entry_id: str
+    group_id: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +52,14 @@ class Received:
     group: TrajectoryGroup
     nbytes: int
     deliveries: int = 1
+
+    @property
+    def group_id(self) -> str:
+        return self.group.group_id
+
+    @property
+    def claim(self) -> Claim:
+        return Claim(self.entry_id, self.group.group_id)
 
 
 @dataclass(slots=True)
@@ -74,15 +101,26 @@ class GroupPublisher:
 
 
 class GroupConsumer:
-    """Reads `TrajectoryGroup`s for one consumer group, dead-lettering what fails to decode."""
+    """Reads `TrajectoryGroup`s for one consumer group, dead-lettering what fails to decode.
+
+    With `owns_prompts` (the trainer), committing or releasing a group also deletes its prompt record from
+    `{ns}:prompt_of`, which producers keep so that a stale group's prompt can be recycled.
+    """
 
     def __init__(
-        self, stream: StreamConsumer, keys: Keys, codec: GroupCodec | None = None, retry: RetryPolicy | None = None
+        self,
+        stream: StreamConsumer,
+        keys: Keys,
+        codec: GroupCodec | None = None,
+        retry: RetryPolicy | None = None,
+        *,
+        owns_prompts: bool = False,
     ) -> None:
         self.stream = stream
         self.keys = keys
         self.codec = codec or GroupCodec()
         self.retry = retry or RetryPolicy()
+        self.owns_prompts = owns_prompts
         self.counters = ConsumeCounters()
         self._held: dict[str, str] = {}  # group id -> entry id, for groups handed out and not committed
 
@@ -136,31 +174,60 @@ class GroupConsumer:
                 lost.discard(r.entry_id)
         return kept
 
-    async def commit(self, items: Sequence[Received]) -> None:
+    async def commit(self, items: Sequence[Ticket]) -> None:
         """Mark the groups done and ack their entries, atomically."""
+        await self._finish(items, done=True)
+        self.counters.committed += len(items)
+
+    async def release(self, items: Sequence[Ticket], reason: str) -> None:
+        """Ack entries whose groups were dropped on purpose (stale, filtered), without marking them done."""
+        await self._finish(items, done=False)
+        if items:
+            log.info("groups_released", count=len(items), reason=reason)
+
+    async def requeue_prompts(self, items: Sequence[Ticket]) -> int:
+        """Put the prompts of these groups back on `{ns}:prompts` (for a fresh rollout) and release the groups;
+        returns how many had a prompt record. A group without one (published by a replay) is just released."""
+        if not items:
+            return 0
+        records: list[Any] = await self.redis.hmget(self.keys.prompt_of, [r.group_id for r in items])
+        found = [(r, rec) for r, rec in zip(items, records, strict=True) if rec is not None]
+
+        async def requeue() -> None:  # a retry after an applied EXEC re-adds a prompt: its group is a duplicate
+            async with self.redis.pipeline(transaction=True) as pipe:
+                for r, record in found:
+                    pipe.xadd(self.keys.prompts, {DATA: record})
+                    pipe.hdel(self.keys.prompt_of, r.group_id)
+                pipe.xack(self.stream.stream, self.stream.group, *[r.entry_id for r in items])
+                await pipe.execute()
+
+        await self.retry.run(requeue, on_retry=_log_retry)
+        for r in items:
+            self._held.pop(r.group_id, None)
+        self.stream.in_hand.difference_update(r.entry_id for r in items)
+        log.info("prompts_requeued", count=len(found), without_record=len(items) - len(found))
+        return len(found)
+
+    async def _finish(self, items: Sequence[Ticket], *, done: bool) -> None:
         if not items:
             return
         ids = [r.entry_id for r in items]
+        group_ids = [r.group_id for r in items]
 
-        async def mark_done_and_ack() -> None:  # idempotent, so safe to retry
+        async def ack() -> None:  # idempotent, so safe to retry
             async with self.redis.pipeline(transaction=True) as pipe:
-                pipe.sadd(self.done_key, *[r.group.group_id for r in items])
+                if done:
+                    pipe.sadd(self.done_key, *group_ids)
+                if self.owns_prompts:
+                    pipe.hdel(self.keys.prompt_of, *group_ids)
                 pipe.xack(self.stream.stream, self.stream.group, *ids)
                 await pipe.execute()
 
-        await self.retry.run(mark_done_and_ack, on_retry=_log_retry)
-        for r in items:
-            self._held.pop(r.group.group_id, None)
+        await self.retry.run(ack, on_retry=_log_retry)
+        for group_id in group_ids:
+            self._held.pop(group_id, None)
         self.stream.in_hand.difference_update(ids)
-        self.counters.committed += len(items)
         await self.stream.maybe_trim()
-
-    async def release(self, items: Sequence[Received], reason: str) -> None:
-        """Ack entries whose groups were dropped on purpose (stale, filtered), without marking them done."""
-        await self.stream.ack([r.entry_id for r in items])
-        for r in items:
-            self._held.pop(r.group.group_id, None)
-        log.info("groups_released", count=len(items), reason=reason)
 
     @property
     def redis(self) -> aioredis.Redis:

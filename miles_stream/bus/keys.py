@@ -29,6 +29,12 @@ class Keys:
         return self._key("partials")
 
     @property
+    def prompt_of(self) -> str:
+        """Hash: trajectory-group id -> its prompt record, from publication until the trainer is done with it
+        (kept so that a group dropped as stale can have its prompt generated again)."""
+        return self._key("prompt_of")
+
+    @property
     def weights(self) -> str:
         return self._key("weights")
 

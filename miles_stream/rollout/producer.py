@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import structlog
 
-from miles_stream.bus import Entry, GroupPublisher, RetryPolicy, StreamConsumer
+from miles_stream.bus import Entry, GroupPublisher, Keys, RetryPolicy, StreamConsumer
 from miles_stream.bus.connection import is_transient
 from miles_stream.bus.streams import DATA
 from miles_stream.config import check
@@ -236,7 +236,7 @@ class RolloutProducer:
             created_at=time.time(),
         )
         await self.publisher.publish(group)
-        await self.prompts.ack([entry.id])
+        await self._ack_published(entry, group.group_id)
         self.counters.prompts += 1
         self.counters.groups += 1
         self.counters.tokens += sum(len(r.response_ids) for r in results)
@@ -247,6 +247,15 @@ class RolloutProducer:
             RewardInput(prompt=prompt.text, response=text, label=prompt.label, finish_reason=r.finish_reason)
             for text, r in zip(texts, results, strict=True)
         ]
+
+    async def _ack_published(self, entry: Entry, group_id: str) -> None:
+        """Ack the prompt and keep its record under the group id, in one transaction: the trainer deletes
+        it when done with the group, or re-queues it if the group arrives too stale to train on."""
+        async with self.prompts.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(Keys(self.prompts.config.namespace).prompt_of, group_id, bytes(entry.data))
+            pipe.xack(self.prompts.stream, self.prompts.group, entry.id)
+            await pipe.execute()
+        self.prompts.in_hand.discard(entry.id)
 
     async def _hand_back(self, entry: Entry) -> None:
         """Re-publish a prompt this producer will not finish and ack the original, in one transaction."""

@@ -1,0 +1,115 @@
+"""A rollout batch as tensors, and the inputs of one micro-batch's forward pass.
+
+Legend: B samples in the batch, T response tokens (padded to the longest), b samples in a micro-batch,
+L prompt + response tokens (padded). Row b is one sample; samples of one group are adjacent.
+
+    RolloutBatch.logp_rollout_BT  float32 [B, T]   behaviour logprobs, 0 past each response
+    RolloutBatch.mask_BT          float32 [B, T]   loss mask (tool output and padding are 0)
+    RolloutBatch.rewards_B        float32 [B]
+    RolloutBatch.group_B          int64   [B]      index of the sample's group in the batch
+    MicroInputs.input_ids         int64   [b, L]   prompt then response, right-padded
+    MicroInputs.positions_bT      int64   [b, T]   position whose logits predict each response token
+    MicroInputs.targets_bT        int64   [b, T]   the response tokens (0 past the end)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from miles_stream.schema import TrajectoryGroup
+
+
+@dataclass(frozen=True, slots=True)
+class RolloutBatch:
+    prompts: list[np.ndarray]
+    responses: list[np.ndarray]
+    logp_rollout_BT: Tensor
+    mask_BT: Tensor
+    rewards_B: Tensor
+    group_B: Tensor
+
+    @property
+    def size(self) -> int:
+        return len(self.responses)
+
+    @property
+    def lengths(self) -> list[int]:
+        """Prompt + response tokens of each row: what a forward pass over it costs."""
+        return [len(p) + len(r) for p, r in zip(self.prompts, self.responses, strict=True)]
+
+    @property
+    def response_lengths(self) -> list[int]:
+        return [len(r) for r in self.responses]
+
+    def rows(self, idx: Sequence[int]) -> RolloutBatch:
+        """The batch restricted to rows `idx`, response columns cut to the longest of them."""
+        t = max((len(self.responses[i]) for i in idx), default=0)
+        index = torch.as_tensor(list(idx), dtype=torch.long)
+        return RolloutBatch(
+            prompts=[self.prompts[i] for i in idx],
+            responses=[self.responses[i] for i in idx],
+            logp_rollout_BT=self.logp_rollout_BT[index, :t],
+            mask_BT=self.mask_BT[index, :t],
+            rewards_B=self.rewards_B[index],
+            group_B=self.group_B[index],
+        )
+
+
+def collate(groups: Sequence[TrajectoryGroup]) -> RolloutBatch:
+    """Every sample of every group, one row each."""
+    prompts, responses, logps, masks, rewards, group_ids = [], [], [], [], [], []
+    for g, group in enumerate(groups):
+        for s in group.samples:
+            prompts.append(group.prompt_ids)
+            responses.append(s.response_ids)
+            logps.append(s.logprobs)
+            masks.append(s.loss_mask)
+            rewards.append(s.reward)
+            group_ids.append(g)
+    t = max((len(r) for r in responses), default=0)
+    return RolloutBatch(
+        prompts=prompts,
+        responses=responses,
+        logp_rollout_BT=_pad([np.asarray(x, np.float32) for x in logps], t, torch.float32),
+        mask_BT=_pad([np.asarray(x, np.float32) for x in masks], t, torch.float32),
+        rewards_B=torch.tensor(rewards, dtype=torch.float32),
+        group_B=torch.tensor(group_ids, dtype=torch.long),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class MicroInputs:
+    input_ids: Tensor
+    attention_mask: Tensor
+    positions_bT: Tensor
+    targets_bT: Tensor
+
+
+def micro_inputs(batch: RolloutBatch, device: torch.device | str) -> MicroInputs:
+    """The forward-pass inputs of `batch` (already cut to one micro-batch's rows)."""
+    b, t = batch.size, batch.mask_BT.shape[1]
+    length = max(batch.lengths)
+    input_ids = torch.zeros(b, length, dtype=torch.long)
+    attention = torch.zeros(b, length, dtype=torch.long)
+    positions = torch.zeros(b, t, dtype=torch.long)
+    targets = torch.zeros(b, t, dtype=torch.long)
+    for i, (prompt, response) in enumerate(zip(batch.prompts, batch.responses, strict=True)):
+        p, n = len(prompt), len(response)
+        input_ids[i, :p] = torch.tensor(prompt, dtype=torch.long)
+        input_ids[i, p : p + n] = torch.tensor(response, dtype=torch.long)
+        attention[i, : p + n] = 1
+        positions[i, :n] = torch.arange(p - 1, p - 1 + n)
+        targets[i, :n] = input_ids[i, p : p + n]
+    return MicroInputs(*(x.to(device) for x in (input_ids, attention, positions, targets)))
+
+
+def _pad(rows: list[np.ndarray], width: int, dtype: torch.dtype) -> Tensor:
+    out = torch.zeros(len(rows), width, dtype=dtype)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = torch.tensor(row)  # a copy: decoded arrays are read-only views
+    return out

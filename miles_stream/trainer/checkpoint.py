@@ -1,0 +1,129 @@
+"""Trainer checkpoints: saved atomically, loaded to continue a run exactly.
+
+    {checkpoint_dir}/step-00000010/   model.safetensors   the policy's parameters and buffers
+                                      state.pt            AdamW, schedule and torch RNG state (loaded weights_only)
+                                      rng.json            numpy and python RNG states
+                                      trainer.json        step, weight version, claims (groups trained, not yet acked)
+    {checkpoint_dir}/latest           the name of the newest complete checkpoint
+
+A checkpoint is written into `step-N.tmp-<pid>`, fsynced, renamed into place, and only then named in
+`latest` (itself replaced by rename): a crash at any point leaves the previous checkpoint whole.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_model, save_model
+from torch import nn
+
+from miles_stream.bus import Claim
+from miles_stream.errors import MilesStreamError
+
+LATEST = "latest"
+
+
+@dataclass(frozen=True, slots=True)
+class TrainerState:
+    step: int  # rollout batches trained
+    version: int  # weight version the policy was last published as
+    claims: tuple[Claim, ...]  # groups trained into this state whose entries may not be acked yet
+
+
+def save_checkpoint(
+    root: str | Path,
+    state: TrainerState,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    *,
+    keep: int = 2,
+) -> Path:
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    name = f"step-{state.step:08d}"
+    tmp = root / f"{name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_model(model, str(tmp / "model.safetensors"))
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "torch_rng": torch.get_rng_state()}, tmp / "state.pt")  # fmt: skip
+    (tmp / "rng.json").write_text(json.dumps(_rng_state()))
+    meta = {"step": state.step, "version": state.version, "claims": [[c.entry_id, c.group_id] for c in state.claims]}
+    (tmp / "trainer.json").write_text(json.dumps(meta))
+    for f in tmp.iterdir():
+        _fsync(f)
+    final = root / name
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    _write_atomic(root / LATEST, name)
+    _fsync(root)
+    _prune(root, keep)
+    return final
+
+
+def load_checkpoint(
+    root: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any
+) -> TrainerState | None:
+    """Restore the newest checkpoint under `root` into the given objects; None if there is none."""
+    root = Path(root)
+    pointer = root / LATEST
+    if not pointer.is_file():
+        return None
+    path = root / pointer.read_text().strip()
+    try:
+        meta = json.loads((path / "trainer.json").read_text())
+        load_model(model, str(path / "model.safetensors"), strict=True)  # strict: a missing name raises
+        saved = torch.load(path / "state.pt", weights_only=True)
+        rng = json.loads((path / "rng.json").read_text())
+    except (OSError, ValueError, RuntimeError, KeyError) as exc:
+        raise MilesStreamError(f"checkpoint {path} cannot be loaded: {exc}") from exc
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    torch.set_rng_state(saved["torch_rng"])
+    _set_rng_state(rng)
+    claims = tuple(Claim(entry_id, group_id) for entry_id, group_id in meta["claims"])
+    return TrainerState(step=int(meta["step"]), version=int(meta["version"]), claims=claims)
+
+
+def _rng_state() -> dict[str, Any]:
+    numpy_state: Any = np.random.get_state()
+    kind, keys, pos, has_gauss, gauss = numpy_state
+    version, internal, py_gauss = random.getstate()
+    return {"numpy": [kind, keys.tolist(), pos, has_gauss, gauss], "python": [version, list(internal), py_gauss]}
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    version, internal, py_gauss = state["python"]
+    random.setstate((version, tuple(internal), py_gauss))
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    _fsync(tmp)
+    tmp.replace(path)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _prune(root: Path, keep: int) -> None:
+    done = sorted(p for p in root.glob("step-*") if p.is_dir() and ".tmp-" not in p.name)
+    for old in done[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,63 @@
+"""`TrainerConfig`: the trainer process's settings (no torch here, so configs load fast)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from miles_stream.config import check
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TrainerConfig:
+    model: str = ""  # a local Hugging Face model directory (the policy's starting point)
+    ref_model: str = ""  # a frozen reference for the KL loss; empty: `model` when algo.kl_loss_coef > 0
+    device: str = "cpu"
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    lr: float = 1e-6
+    weight_decay: float = 0.0
+    adam_betas: tuple[float, float] = (0.9, 0.98)
+    adam_eps: float = 1e-8
+    warmup_steps: int = 0
+    schedule: Literal["constant", "cosine"] = "constant"
+    decay_steps: int = 0  # cosine: optimizer steps from the end of warm-up to `min_lr`; 0 = max_steps
+    min_lr: float = 0.0
+    grad_clip: float = 1.0  # max global gradient norm; 0 = off
+    updates_per_batch: int = 1  # optimizer steps per rollout batch (the batch is cut into this many parts)
+    micro_batch_tokens: int = 8192  # padded tokens per forward/backward pass
+    recompute_old_logprobs: bool = True  # False: trust the rollout logprobs as the old policy's
+    temperature: float = 0.0  # logprobs are log_softmax(logits / T); 0 = rollout.sampling.temperature (1 if greedy)
+    max_steps: int = 0  # rollout batches to train on, then stop; 0 = until stopped
+    publish_every: int = 1  # publish new weights every k rollout batches
+    transport: Literal["redis", "file"] = "redis"
+    weights_dir: str = ""  # the file transport's shared directory
+    checkpoint_dir: str = ""  # empty: no checkpoints (groups are committed after every step)
+    checkpoint_every: int = 10  # rollout batches between checkpoints; groups are committed at each one
+    keep_checkpoints: int = 2
+    export_dir: str = ""  # at the end, save the final policy here as a Hugging Face checkpoint
+    metrics_path: str = ""  # a JSONL file, one line per step; empty: the structured log only
+    tensorboard_dir: str = ""  # when set and tensorboard is installed
+    trainer_id: str = ""  # consumer name in the "trainer" group; empty: trainer-{rank}
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check(self.lr > 0, "trainer.lr", "must be positive")
+        check(self.weight_decay >= 0, "trainer.weight_decay", "must be >= 0")
+        check(all(0 <= b < 1 for b in self.adam_betas), "trainer.adam_betas", "each must be in [0, 1)")
+        check(self.warmup_steps >= 0, "trainer.warmup_steps", "must be >= 0")
+        check(0 <= self.min_lr <= self.lr, "trainer.min_lr", "must be in [0, trainer.lr]")
+        check(self.grad_clip >= 0, "trainer.grad_clip", "must be >= 0 (0 = off)")
+        check(self.updates_per_batch >= 1, "trainer.updates_per_batch", "must be >= 1")
+        check(self.micro_batch_tokens >= 1, "trainer.micro_batch_tokens", "must be >= 1")
+        check(self.temperature >= 0, "trainer.temperature", "must be >= 0")
+        check(self.max_steps >= 0, "trainer.max_steps", "must be >= 0")
+        check(self.publish_every >= 1, "trainer.publish_every", "must be >= 1")
+        check(self.checkpoint_every >= 1, "trainer.checkpoint_every", "must be >= 1")
+        check(self.keep_checkpoints >= 1, "trainer.keep_checkpoints", "must be >= 1")
+        check(self.transport != "file" or bool(self.weights_dir), "trainer.weights_dir",
+              "the file transport needs a shared directory")  # fmt: skip
+        check(
+            self.schedule != "cosine" or self.decay_steps > 0 or self.max_steps > 0,
+            "trainer.decay_steps",
+            "a cosine schedule needs decay_steps or max_steps",
+        )

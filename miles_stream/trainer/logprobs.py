@@ -1,0 +1,35 @@
+"""Per-token logprobs of the response tokens under a Hugging Face causal LM.
+
+Only the response positions go through the output layer, so a micro-batch's full-vocabulary float32
+logits are [b, T, V], never [b, L, V]; no more than one micro-batch of them exists at a time.
+Shapes as in `batch.py`; V is the vocabulary.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from miles_stream.trainer.batch import MicroInputs
+
+
+def response_logprobs(
+    model: Any, x: MicroInputs, *, temperature: float, entropy_grad: bool = False
+) -> tuple[Tensor, Tensor]:
+    """(logp_bT, entropy_bT): log_softmax(logits / temperature) at each response token, and the entropy of
+    that distribution (differentiable only with `entropy_grad`). Values past a response's end are garbage
+    and must be masked by the caller."""
+    base = model.base_model  # the decoder without its output layer
+    hidden = base(input_ids=x.input_ids, attention_mask=x.attention_mask, use_cache=False).last_hidden_state
+    rows = torch.arange(hidden.shape[0], device=hidden.device)[:, None]
+    h_bTH = hidden[rows, x.positions_bT]
+    logits = model.get_output_embeddings()(h_bTH).float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    logp_all = torch.log_softmax(logits, dim=-1)
+    logp = logp_all.gather(-1, x.targets_bT[..., None]).squeeze(-1)
+    with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+        entropy = -(logp_all.exp() * logp_all).sum(-1)
+    return logp, entropy

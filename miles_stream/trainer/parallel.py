@@ -1,0 +1,79 @@
+"""Data parallel: each rank trains its share of the batch; gradients and counts are summed across ranks.
+
+Ranks come from torch.distributed's environment (`torchrun` sets RANK, WORLD_SIZE, MASTER_ADDR/PORT):
+gloo on CPU, NCCL on GPU. Without that environment this is one rank and every call is a no-op. The math
+modules never see this object; the trainer calls it between them.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+@dataclass(frozen=True, slots=True)
+class DataParallel:
+    rank: int = 0
+    world: int = 1
+
+    @classmethod
+    def from_env(cls, device: str) -> DataParallel:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world == 1:
+            return cls()
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+        return cls(rank=dist.get_rank(), world=dist.get_world_size())
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def sum(self, values: Tensor) -> Tensor:
+        """`values` summed over ranks (a new tensor; the input is not changed)."""
+        out = values.detach().clone()
+        if self.world > 1:
+            dist.all_reduce(out)
+        return out
+
+    def sum_grads(self, params: Iterable[torch.nn.Parameter]) -> None:
+        """Sum every parameter's gradient over ranks, in one flat buffer per dtype. A parameter with no
+        gradient on this rank (an MoE expert no token chose) gets zeros, so every rank sends the same layout."""
+        if self.world == 1:
+            return
+        by_dtype: dict[torch.dtype, list[Tensor]] = {}
+        for p in params:
+            if not p.requires_grad:
+                continue
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
+        for grads in by_dtype.values():
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            dist.all_reduce(flat)
+            offset = 0
+            for g in grads:
+                g.copy_(flat[offset : offset + g.numel()].view_as(g))
+                offset += g.numel()
+
+    def gather(self, obj: Any) -> list[Any]:
+        """`obj` from every rank, in rank order."""
+        if self.world == 1:
+            return [obj]
+        out: list[Any] = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+    def close(self) -> None:
+        if self.world > 1 and dist.is_initialized():
+            dist.destroy_process_group()

@@ -1,0 +1,192 @@
+"""The trainer consumer's loop: batches from the replay buffer, optimizer steps, weights out, acks last.
+
+    ReplayBuffer.next_batch(version) ── waits for `share` fresh groups (new entries on the stream unblock it)
+         │
+         ▼
+    PolicyTrainer.train (a worker thread; the event loop keeps the held entries touched meanwhile)
+         │
+         ├─ every `publish_every` steps: version += 1, rank 0 publishes the weights (WeightPublisher)
+         ├─ every `checkpoint_every` steps, at the end and on SIGTERM: rank 0 saves a checkpoint that names
+         │  the groups trained since the last commit; then every rank commits (SADD done + XACK) its own
+         └─ without a checkpoint directory, groups are committed after every step
+
+A trainer killed between a step and its commit leaves those groups pending. On `--resume` it loads the
+newest checkpoint, commits the groups that checkpoint names (their step is in the weights it loaded), and
+re-reads its other pending entries: groups trained after the checkpoint are trained again, into the
+restored weights, so each counts exactly once. On start it numbers its weights past any version already
+announced, so producers never see a version go backwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import structlog
+from torch import nn
+
+from miles_stream.buffer import Batch, ReplayBuffer
+from miles_stream.bus import Claim
+from miles_stream.bus.connection import is_transient
+from miles_stream.trainer.batch import collate
+from miles_stream.trainer.checkpoint import TrainerState, load_checkpoint, save_checkpoint
+from miles_stream.trainer.config import TrainerConfig
+from miles_stream.trainer.metrics import MetricsSink
+from miles_stream.trainer.step import PolicyTrainer
+from miles_stream.weights import WeightPublisher, WeightSubscriber
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(slots=True)
+class TrainProgress:
+    step: int = 0
+    version: int = 0
+    groups: int = 0
+    last: dict[str, float] = field(default_factory=dict)
+
+
+class TrainerService:
+    def __init__(
+        self,
+        config: TrainerConfig,
+        *,
+        trainer: PolicyTrainer,
+        buffer: ReplayBuffer,
+        publisher: WeightPublisher | None,
+        subscriber: WeightSubscriber,
+        metrics: MetricsSink,
+        export: Callable[[nn.Module, Path], None] | None = None,
+    ) -> None:
+        self.config, self.trainer, self.buffer = config, trainer, buffer
+        self.publisher, self.subscriber, self.metrics, self.export = publisher, subscriber, metrics, export
+        self.parallel = trainer.parallel
+        self.progress = TrainProgress()
+        self._uncommitted: list[Claim] = []
+
+    async def run(self, stop: asyncio.Event, *, resume: bool = False) -> TrainProgress:
+        await self.buffer.start()
+        await self._restore(resume)
+        keep_alive = asyncio.create_task(self._keep_alive())
+        try:
+            while not self._finished():
+                batch = await self.buffer.next_batch(self.progress.version, stop)
+                if not self._all_ranks(batch is not None and not stop.is_set()):
+                    break
+                assert batch is not None
+                await self._step(batch)
+        finally:
+            keep_alive.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await keep_alive
+        await self._save_and_commit()
+        if self.export is not None and self.config.export_dir and self.parallel.is_main:
+            await asyncio.to_thread(self.export, self.trainer.model, Path(self.config.export_dir))
+            log.info("exported", path=self.config.export_dir)
+        return self.progress
+
+    def _finished(self) -> bool:
+        return 0 < self.config.max_steps <= self.progress.step
+
+    def _all_ranks(self, go_on: bool) -> bool:
+        return all(self.parallel.gather(go_on))
+
+    async def _step(self, batch: Batch) -> None:
+        groups = [r.group for r in batch.items]
+        log.debug("batch_groups", step=self.progress.step + 1, group_ids=[g.group_id for g in groups])
+        started = time.perf_counter()
+        metrics = await asyncio.to_thread(self.trainer.train, collate(groups))
+        p = self.progress
+        p.step += 1
+        p.groups += len(groups)
+        self._uncommitted.extend(r.claim for r in batch.items)
+        if p.step % self.config.publish_every == 0:
+            await self._publish(p.version + 1)
+        if not self.config.checkpoint_dir:
+            await self._commit()
+        elif p.step % self.config.checkpoint_every == 0:
+            await self._save_and_commit()
+        rewards = [s.reward for g in groups for s in g.samples]
+        lengths = [s.num_tokens for g in groups for s in g.samples]
+        step_s = time.perf_counter() - started
+        p.last = metrics | {
+            "version": p.version,
+            "reward_mean": sum(rewards) / len(rewards),
+            "response_len_mean": sum(lengths) / len(lengths),
+            "staleness_mean": sum(batch.staleness) / len(batch.staleness),
+            "staleness_max": max(batch.staleness),
+            "wait_s": batch.wait_s,
+            "step_s": step_s,
+            "tokens_per_s": metrics["tokens"] / max(metrics["train_s"], 1e-9),
+            "stale_dropped": self.buffer.counters.stale_dropped,
+            "recycled": self.buffer.counters.recycled,
+            "filtered": sum(self.buffer.counters.filtered.values()),
+        }
+        if self.parallel.is_main:
+            self.metrics.write(p.step, p.last)
+
+    async def _publish(self, version: int) -> None:
+        self.progress.version = version
+        if self.publisher is not None:
+            state = {k: v.detach() for k, v in self.trainer.model.state_dict().items()}
+            await self.publisher.publish(version, state)
+
+    async def _save_and_commit(self) -> None:
+        """Checkpoint (when configured) what has been trained, then ack it. A no-op when nothing is new."""
+        pending = any(self.parallel.gather(bool(self._uncommitted)))
+        if not pending:
+            return
+        if self.config.checkpoint_dir:
+            claims = [c for rank_claims in self.parallel.gather(self._uncommitted) for c in rank_claims]
+            if self.parallel.is_main:
+                state = TrainerState(step=self.progress.step, version=self.progress.version, claims=tuple(claims))
+                path = await asyncio.to_thread(save_checkpoint, self.config.checkpoint_dir, state, self.trainer.model,
+                                               self.trainer.optimizer, self.trainer.scheduler,
+                                               keep=self.config.keep_checkpoints)  # fmt: skip
+                log.info("checkpoint_saved", path=str(path), step=state.step, version=state.version)
+            self.parallel.barrier()
+        await self._commit()
+
+    async def _commit(self) -> None:
+        await self.buffer.commit(self._uncommitted)
+        self._uncommitted = []
+
+    async def _restore(self, resume: bool) -> None:
+        state = None
+        if resume and self.config.checkpoint_dir:
+            state = load_checkpoint(self.config.checkpoint_dir, self.trainer.model, self.trainer.optimizer,
+                                    self.trainer.scheduler)  # fmt: skip
+        if state is not None:
+            self.progress.step, self.progress.version = state.step, state.version
+            if self.parallel.is_main:
+                await self.buffer.commit(list(state.claims))  # trained into the weights just loaded
+            log.info("resumed", step=state.step, version=state.version, committed=len(state.claims))
+        elif resume:
+            log.warning("resume_without_checkpoint", checkpoint_dir=self.config.checkpoint_dir)
+        announced = None
+        if self.parallel.is_main and (latest := await self.subscriber.latest()) is not None:
+            announced = latest[1].version
+        announced = self.parallel.gather(announced)[0]
+        ours = self.progress.version
+        if announced is None:
+            if ours > 0:
+                await self._publish(ours)  # Redis lost the announcements: producers need these weights
+        elif not (state is not None and announced == ours):
+            await self._publish(max(announced, ours) + 1)  # newer than anything producers may hold
+        self.parallel.barrier()
+
+    async def _keep_alive(self) -> None:
+        """Keep the entries this trainer holds from being reclaimed while it trains on them."""
+        consumer = self.buffer.consumer.stream
+        while True:
+            await asyncio.sleep(consumer.config.claim_idle_ms / 3000)
+            try:
+                await consumer.touch_in_hand(force=True)
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise
+                log.warning("keep_alive_failed", error=str(exc))  # a Redis blip: the next touch is in time

@@ -1,0 +1,162 @@
+"""`PolicyTrainer`: one rollout batch in, `updates_per_batch` optimizer steps out.
+
+    batch ─► [ref logprobs] ─► [old logprobs] ─► advantages (whole batch) ─► for each of the batch's parts:
+               zero grads ─► micro-batches (token budget): forward ─► objective ─► backward
+               ─► sum grads over ranks ─► clip ─► AdamW step ─► schedule step
+
+Losses are normalised by the part's token (or sample) count summed over every rank, and gradients are
+summed over ranks, so N ranks with 1/N of the data each take exactly the step one rank would take with all
+of it. Old logprobs: with one update per batch, the policy before the step is the one the forward pass
+runs, so they are its detached logprobs (no second pass); with more, they are computed once up front.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from miles_stream.buffer.micro import plan_micro_batches
+from miles_stream.trainer.algo import AdvantageInputs, LossInputs, build_objective, compute_advantages
+from miles_stream.trainer.algo_config import AlgoConfig
+from miles_stream.trainer.batch import RolloutBatch, micro_inputs
+from miles_stream.trainer.config import TrainerConfig
+from miles_stream.trainer.logprobs import response_logprobs
+from miles_stream.trainer.optim import build_optimizer, build_scheduler
+from miles_stream.trainer.parallel import DataParallel
+
+SUMMED = frozenset({"loss", "pg_loss", "kl_loss", "entropy"})  # already divided by the global count
+
+
+class PolicyTrainer:
+    def __init__(
+        self,
+        model: nn.Module,
+        config: TrainerConfig,
+        algo: AlgoConfig,
+        *,
+        temperature: float,
+        ref_model: nn.Module | None = None,
+        parallel: DataParallel | None = None,
+    ) -> None:
+        if algo.advantage_estimator == "ppo":
+            raise ValueError("algo.advantage_estimator=ppo needs a critic, which the torch trainer does not have")
+        if (algo.kl_loss_coef > 0 or algo.kl_coef > 0) and ref_model is None:
+            raise ValueError("algo.kl_loss_coef / algo.kl_coef > 0 need a reference model")
+        self.model, self.ref_model, self.config, self.algo = model, ref_model, config, algo
+        self.temperature = temperature
+        self.parallel = parallel or DataParallel()
+        self.device = next(model.parameters()).device
+        self.objective = build_objective(algo)
+        self.optimizer = build_optimizer(model.parameters(), config)
+        self.scheduler = build_scheduler(self.optimizer, config)
+
+    @property
+    def params(self) -> list[nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def train(self, batch: RolloutBatch) -> dict[str, float]:
+        """Train on `batch` (this rank's share); returns metrics averaged over its optimizer steps and ranks."""
+        started = time.perf_counter()
+        self.model.train()
+        ref_BT = self._logprobs(self.ref_model, batch) if self.ref_model is not None else None
+        several = self.config.updates_per_batch > 1 and self.config.recompute_old_logprobs
+        old_BT = self._logprobs(self.model, batch) if several else None
+        kl_BT = None
+        if ref_BT is not None and self.algo.kl_coef > 0:
+            kl_BT = (batch.logp_rollout_BT if old_BT is None else old_BT) - ref_BT
+        inputs = AdvantageInputs(rewards_B=batch.rewards_B, group_B=batch.group_B, mask_BT=batch.mask_BT, kl_BT=kl_BT)
+        adv_BT, _ = compute_advantages(self.algo, inputs)
+        totals: dict[str, float] = {}
+        parts = _split(list(range(batch.size)), self.config.updates_per_batch)
+        for part in parts:
+            for name, value in self._update(batch, part, adv_BT, old_BT, ref_BT).items():
+                totals[name] = totals.get(name, 0.0) + value / len(parts)
+        tokens = self.parallel.sum(torch.tensor(float(sum(batch.lengths)))).item()
+        totals["train_s"] = time.perf_counter() - started
+        totals["tokens"] = tokens
+        return totals
+
+    def _update(
+        self, batch: RolloutBatch, part: list[int], adv_BT: Tensor, old_BT: Tensor | None, ref_BT: Tensor | None
+    ) -> dict[str, float]:
+        """One optimizer step on rows `part`."""
+        counts = self.parallel.sum(torch.tensor([float(batch.mask_BT[part].sum()), float(len(part))]))
+        num_tokens, num_samples = counts[0].item(), counts[1].item()
+        self.optimizer.zero_grad(set_to_none=True)
+        summed: dict[str, Tensor] = {}
+        weighted: dict[str, Tensor] = {}
+        local_tokens = 0.0
+        lengths = [batch.lengths[i] for i in part]
+        for plan in plan_micro_batches(lengths, self.config.micro_batch_tokens):
+            rows = [part[i] for i in plan]
+            mb = batch.rows(rows)
+            t = mb.mask_BT.shape[1]
+            logp, entropy = response_logprobs(self.model, micro_inputs(mb, self.device),
+                                              temperature=self.temperature,
+                                              entropy_grad=self.algo.entropy_coef > 0)  # fmt: skip
+            mask = mb.mask_BT.to(self.device)
+            rollout = mb.logp_rollout_BT.to(self.device)
+            if old_BT is not None:
+                old = old_BT[rows, :t]
+            else:
+                old = logp.detach() if self.config.recompute_old_logprobs else rollout
+            loss, metrics = self.objective(LossInputs(
+                logp_BT=logp, logp_old_BT=old, logp_rollout_BT=rollout, adv_BT=adv_BT[rows, :t].to(self.device),
+                mask_BT=mask, num_tokens=num_tokens, num_samples=num_samples,
+                logp_ref_BT=None if ref_BT is None else ref_BT[rows, :t], entropy_BT=entropy,
+            ))  # fmt: skip
+            loss.backward()  # type: ignore[no-untyped-call]
+            mb_tokens = float(mask.sum())
+            local_tokens += mb_tokens
+            for name, value in metrics.items():
+                target, scale = (summed, 1.0) if name in SUMMED else (weighted, mb_tokens)
+                target[name] = target.get(name, torch.zeros((), device=self.device)) + value.detach().float() * scale
+        self.parallel.sum_grads(self.params)
+        clip = self.config.grad_clip if self.config.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip)
+        self.optimizer.step()
+        lr = float(self.scheduler.get_last_lr()[0])
+        self.scheduler.step()
+        return self._reduce_metrics(summed, weighted, local_tokens, num_tokens) | {
+            "grad_norm": float(grad_norm),
+            "lr": lr,
+        }
+
+    def _reduce_metrics(
+        self, summed: dict[str, Tensor], weighted: dict[str, Tensor], local_tokens: float, num_tokens: float
+    ) -> dict[str, float]:
+        names = sorted(summed) + sorted(weighted)
+        if not names:
+            return {}
+        local = torch.stack([summed[n] for n in sorted(summed)] + [weighted[n] for n in sorted(weighted)])
+        total = self.parallel.sum(local.cpu())
+        out = {}
+        for i, name in enumerate(names):
+            out[name] = float(total[i]) if name in summed else float(total[i]) / max(num_tokens, 1.0)
+        return out
+
+    @torch.no_grad()
+    def _logprobs(self, model: Any, batch: RolloutBatch) -> Tensor:
+        """[B, T] logprobs of every response token under `model`, micro-batch by micro-batch."""
+        out = torch.zeros_like(batch.logp_rollout_BT, device=self.device)
+        for rows in plan_micro_batches(batch.lengths, self.config.micro_batch_tokens):
+            mb = batch.rows(rows)
+            logp, _ = response_logprobs(model, micro_inputs(mb, self.device), temperature=self.temperature)
+            out[rows, : mb.mask_BT.shape[1]] = logp * mb.mask_BT.to(self.device)
+        return out
+
+
+def _split(rows: Sequence[int], parts: int) -> list[list[int]]:
+    """`rows` cut into `parts` contiguous runs of nearly equal size (the empty ones dropped)."""
+    size, extra = divmod(len(rows), parts)
+    out, start = [], 0
+    for i in range(parts):
+        end = start + size + (1 if i < extra else 0)
+        if end > start:
+            out.append(list(rows[start:end]))
+        start = end
+    return out

@@ -1,0 +1,184 @@
+"""The trainer process with a real Redis: it trains, publishes weights, commits and exports; a redelivered
+group trains once; kill -9 between a step and its ack, then --resume: every group counts exactly once and the
+final weights equal an uninterrupted run's, bit for bit; stale groups are dropped or their prompts recycled."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import redis as sync_redis
+import redis.asyncio as aioredis
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from miles_stream.buffer import BufferConfig, ReplayBuffer
+from miles_stream.bus import (
+    BusConfig,
+    GroupConsumer,
+    GroupPublisher,
+    Keys,
+    RedisConfig,
+    StreamClient,
+    StreamConsumer,
+    open_stream_client,
+)
+from miles_stream.models import TinyModelConfig, build_tiny_model
+from miles_stream.prompts import PromptRecord, decode_prompt, encode_prompt
+from miles_stream.schema import TrajectoryGroup
+from miles_stream.synthetic import synthetic_group
+
+CLI = [sys.executable, "-m", "miles_stream.cli"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("dense"), TinyModelConfig())
+
+
+def groups(start: int, count: int, version: int = 0) -> list[TrajectoryGroup]:
+    """Groups g{start}..: random tokens of the tiny vocabulary, rewards 0/1 so that every group has signal."""
+    out = []
+    for i in range(start, start + count):
+        rng = np.random.default_rng(i)
+        g = synthetic_group(rng, n_samples=4, prompt_len=5, response_len=int(rng.integers(3, 10)), vocab=50,
+                            version=version, group_id=f"g{i}", prompt_key=str(i))  # fmt: skip
+        samples = tuple(replace(s, reward=float(k % 2)) for k, s in enumerate(g.samples))
+        out.append(replace(g, samples=samples))
+    return out
+
+
+async def publish(url: str, ns: str, items: list[TrajectoryGroup]) -> None:
+    data = open_stream_client(RedisConfig(url=url))
+    try:
+        publisher = GroupPublisher(data, Keys(ns).trajectories, BusConfig(namespace=ns))
+        for g in items:
+            await publisher.publish(g)
+    finally:
+        await data.aclose()
+
+
+def train_cmd(ns: str, model_dir: Path, run_dir: Path, *extra: str) -> list[str]:
+    return [*CLI, "train", "--log-json", "--log-level", "debug", f"bus.namespace={ns}", f"trainer.model={model_dir}",
+            "buffer.rollout_batch_size=4", "buffer.max_staleness=-1", "buffer.filters=[]", "trainer.lr=1e-3",
+            "trainer.recompute_old_logprobs=false", f"trainer.checkpoint_dir={run_dir / 'ckpt'}",
+            "trainer.checkpoint_every=2", f"trainer.metrics_path={run_dir / 'metrics.jsonl'}",
+            f"trainer.export_dir={run_dir / 'export'}", *extra]  # fmt: skip
+
+
+def trained_groups(log: str) -> dict[int, list[str]]:
+    """step -> group ids, from the trainer's debug log."""
+    out = {}
+    for line in log.splitlines():
+        if '"batch_groups"' in line:
+            event = json.loads(line)
+            out[event["step"]] = event["group_ids"]
+    return out
+
+
+def metrics(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / "metrics.jsonl"
+    return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_trainer_trains_publishes_commits_and_exports(redis_url: str, model_dir: Path, tmp_path: Path) -> None:
+    ns = f"tr{uuid.uuid4().hex[:8]}"
+    items = groups(0, 8)
+    asyncio.run(publish(redis_url, ns, [*items[:3], items[0], *items[3:]]))  # g0 twice: a retried XADD
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    run = subprocess.run([*train_cmd(ns, model_dir, tmp_path, "trainer.max_steps=2"), "--redis-url", redis_url],
+                         capture_output=True, text=True, timeout=120, env=env)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    steps = trained_groups(run.stderr)
+    assert sorted(g for ids in steps.values() for g in ids) == sorted(f"g{i}" for i in range(8))  # g0 once
+    rows = metrics(tmp_path)
+    assert [r["step"] for r in rows] == [1, 2] and rows[-1]["version"] == 2
+    assert all(np.isfinite(r["loss"]) and r["tokens_per_s"] > 0 for r in rows)
+    with sync_redis.Redis.from_url(redis_url) as client:
+        assert client.xinfo_groups(f"{ns}:trajectories")[0]["pending"] == 0
+        assert client.scard(f"{ns}:done:trainer") == 8
+        assert client.xlen(f"{ns}:weights") == 2
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "export")
+    assert exported.config.vocab_size == AutoModelForCausalLM.from_pretrained(model_dir).config.vocab_size
+
+
+def test_kill_between_step_and_ack_then_resume_trains_each_group_once(
+    redis_url: str, model_dir: Path, tmp_path: Path
+) -> None:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "MILES_REDIS_URL": redis_url}
+    ns, crashed = f"kr{uuid.uuid4().hex[:8]}", tmp_path / "crashed"
+    asyncio.run(publish(redis_url, ns, groups(0, 12)))
+    proc = subprocess.Popen(train_cmd(ns, model_dir, crashed), env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    deadline = time.monotonic() + 90
+    while len(metrics(crashed)) < 3 and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert len(metrics(crashed)) == 3, proc.stderr.read() if proc.poll() is not None else "no third step"
+    proc.send_signal(signal.SIGKILL)  # step 3 is trained, its groups wait for the step-4 checkpoint to be acked
+    _, first_log = proc.communicate(timeout=30)
+    with sync_redis.Redis.from_url(redis_url) as client:
+        assert client.xinfo_groups(f"{ns}:trajectories")[0]["pending"] == 4
+    asyncio.run(publish(redis_url, ns, groups(12, 12)))
+    resumed = subprocess.run([*train_cmd(ns, model_dir, crashed, "trainer.max_steps=6"), "--resume"], env=env,
+                             capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+    before, after = trained_groups(first_log), trained_groups(resumed.stderr)
+    assert sorted(after) == [3, 4, 5, 6]
+    effective = [g for s in (1, 2) for g in before[s]] + [g for s in sorted(after) for g in after[s]]
+    assert sorted(effective) == sorted(f"g{i}" for i in range(24))  # each exactly once in the final weights
+    assert after[3] == before[3]  # the killed step's groups came back first
+
+    ns2, straight = f"un{uuid.uuid4().hex[:8]}", tmp_path / "straight"
+    asyncio.run(publish(redis_url, ns2, groups(0, 24)))
+    clean = subprocess.run(train_cmd(ns2, model_dir, straight, "trainer.max_steps=6"), env=env,
+                           capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert clean.returncode == 0, clean.stderr[-3000:]
+    a = load_file(crashed / "export" / "model.safetensors")
+    b = load_file(straight / "export" / "model.safetensors")
+    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)  # bit for bit
+    logged = [(m["step"], m["loss"], m["grad_norm"]) for m in metrics(crashed)]  # steps 1-3, then 3-6 resumed
+    reference = [(m["step"], m["loss"], m["grad_norm"]) for m in metrics(straight)]
+    assert logged == reference[:3] + reference[2:]
+    with sync_redis.Redis.from_url(redis_url) as client:
+        assert client.xinfo_groups(f"{ns}:trajectories")[0]["pending"] == 0
+        versions = [int(f[b"version"]) for _, f in client.xrange(f"{ns}:weights")]
+        assert versions == sorted(versions) and len(set(versions)) == len(versions)  # never backwards
+
+
+@pytest.mark.parametrize("policy", ["drop", "recycle"])
+async def test_stale_groups_are_dropped_or_their_prompts_recycled(
+    policy: str, redis: aioredis.Redis, blocking: StreamClient, redis_url: str, keys: Keys, bus_config: BusConfig
+) -> None:
+    fresh, stale = groups(0, 2, version=5), groups(2, 2, version=1)
+    for g in stale:  # what a producer keeps when it publishes a group
+        record = PromptRecord(key=g.prompt_key, text=f"prompt {g.group_id}", label="1", epoch=0, index=0)
+        await redis.hset(keys.prompt_of, g.group_id, encode_prompt(record))
+    await publish(redis_url, keys.namespace, [stale[0], fresh[0], stale[1], fresh[1]])
+    stream = StreamConsumer(redis, blocking, stream=keys.trajectories, group="trainer", consumer="t",
+                            dead_stream=keys.dead, config=bus_config)  # fmt: skip
+    config = BufferConfig(rollout_batch_size=2, max_staleness=2, stale=policy)  # type: ignore[arg-type]
+    buffer = ReplayBuffer(GroupConsumer(stream, keys, owns_prompts=True), config)
+    await buffer.start()
+    batch = await asyncio.wait_for(buffer.next_batch(version=6), 10)
+    assert batch is not None and [r.group_id for r in batch.items] == ["g0", "g1"]
+    assert batch.staleness == [1, 1]
+    await buffer.commit([r.claim for r in batch.items])
+    assert (await redis.xpending(keys.trajectories, "trainer"))["pending"] == 0
+    assert await redis.hlen(keys.prompt_of) == 0
+    requeued = [decode_prompt(f[b"d"]).text for _, f in await redis.xrange(keys.prompts)]
+    if policy == "drop":
+        assert buffer.counters.stale_dropped == 2 and requeued == []
+    else:
+        assert buffer.counters.recycled == 2 and requeued == ["prompt g2", "prompt g3"]

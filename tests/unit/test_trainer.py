@@ -1,0 +1,192 @@
+"""The torch trainer on tiny models: logprob alignment, a step that learns, micro-batching and data-parallel
+invariance, the learning-rate schedule, and checkpoints that restore a run exactly."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import os
+import socket
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+from transformers import AutoModelForCausalLM
+
+from miles_stream.buffer import plan_micro_batches
+from miles_stream.bus import Claim
+from miles_stream.models import TinyModelConfig, build_tiny_model
+from miles_stream.synthetic import synthetic_group
+from miles_stream.trainer.algo_config import AlgoConfig
+from miles_stream.trainer.batch import RolloutBatch, collate, micro_inputs
+from miles_stream.trainer.checkpoint import TrainerState, load_checkpoint, save_checkpoint
+from miles_stream.trainer.config import TrainerConfig
+from miles_stream.trainer.logprobs import response_logprobs
+from miles_stream.trainer.optim import lr_factor
+from miles_stream.trainer.parallel import DataParallel
+from miles_stream.trainer.step import PolicyTrainer
+
+VOCAB = 50  # the tiny tokenizer's vocabulary is 51 ids
+
+
+@pytest.fixture(scope="module", params=["dense", "moe"])
+def model_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp(request.param), TinyModelConfig(kind=request.param))
+
+
+def load(path: Path) -> Any:
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_pretrained(str(path))
+
+
+def grads(model: Any) -> dict[str, torch.Tensor]:
+    """The gradients the last optimizer step used (zeros where a parameter got none)."""
+    return {n: p.grad.clone() if p.grad is not None else torch.zeros_like(p) for n, p in model.named_parameters()}
+
+
+def fixed_batch(model: Any, seed: int = 0, groups: int = 4) -> RolloutBatch:
+    """Random prompts and responses of varied lengths whose behaviour logprobs are the model's own."""
+    rng = np.random.default_rng(seed)
+    made = []
+    for _ in range(groups):
+        g = synthetic_group(rng, n_samples=4, prompt_len=int(rng.integers(2, 9)),
+                            response_len=int(rng.integers(3, 12)), vocab=VOCAB)  # fmt: skip
+        samples = tuple(replace(s, reward=r) for s, r in zip(g.samples, (0.0, 1.0, 0.0, 1.0), strict=True))
+        made.append(replace(g, samples=samples))
+    batch = collate(made)
+    with torch.no_grad():
+        logp, _ = response_logprobs(model, micro_inputs(batch, "cpu"), temperature=1.0)
+    return RolloutBatch(batch.prompts, batch.responses, logp * batch.mask_BT, batch.mask_BT, batch.rewards_B,
+                        batch.group_B)  # fmt: skip
+
+
+def test_response_logprobs_equal_a_full_forward_pass(model_dir: Path) -> None:
+    model = load(model_dir)
+    batch = fixed_batch(model)
+    logp, entropy = response_logprobs(model, micro_inputs(batch, "cpu"), temperature=0.7)
+    for i, (prompt, response) in enumerate(zip(batch.prompts, batch.responses, strict=True)):
+        ids = torch.tensor(np.concatenate([prompt, response]), dtype=torch.long)[None]
+        with torch.no_grad():
+            full = torch.log_softmax(model(ids).logits[0].float() / 0.7, -1)
+        p, n = len(prompt), len(response)
+        expected = full[p - 1 : p - 1 + n].gather(-1, ids[0, p:, None]).squeeze(-1)
+        torch.testing.assert_close(logp[i, :n], expected, atol=1e-5, rtol=1e-5)
+        expected_entropy = -(full[p - 1 : p - 1 + n].exp() * full[p - 1 : p - 1 + n]).sum(-1)
+        torch.testing.assert_close(entropy[i, :n], expected_entropy, atol=1e-5, rtol=1e-5)
+
+
+def test_a_step_moves_parameters_and_repeated_steps_lower_the_loss(model_dir: Path) -> None:
+    model = load(model_dir)
+    batch = fixed_batch(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    config = TrainerConfig(lr=1e-3, recompute_old_logprobs=False, micro_batch_tokens=64)
+    trainer = PolicyTrainer(model, config, AlgoConfig(eps_clip=10.0), temperature=1.0)
+    losses = [trainer.train(batch)["loss"] for _ in range(8)]
+    moved = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
+    assert len(moved) > len(before) // 2
+    assert losses[-1] < losses[0] - 0.05, losses
+    # the rewarded responses became likelier than they were
+    with torch.no_grad():
+        after, _ = response_logprobs(model, micro_inputs(batch, "cpu"), temperature=1.0)
+    good = (batch.rewards_B == 1)[:, None] * batch.mask_BT
+    assert float(((after - batch.logp_rollout_BT) * good).sum()) > 0
+
+
+def test_micro_batch_size_does_not_change_the_step(model_dir: Path) -> None:
+    base = load(model_dir)
+    batch = fixed_batch(base)
+    results = []
+    for budget in (10_000, 40, 1):
+        model = copy.deepcopy(base)
+        trainer = PolicyTrainer(model, TrainerConfig(lr=1e-3, micro_batch_tokens=budget), AlgoConfig(),
+                                temperature=1.0)  # fmt: skip
+        trainer.train(batch)
+        results.append(grads(model))  # Adam's first step is ~lr * sign(grad): compare the gradients
+    for other in results[1:]:
+        for name, value in results[0].items():
+            torch.testing.assert_close(other[name], value, atol=1e-6, rtol=1e-4)
+
+
+def test_several_updates_per_batch_clip_against_the_recomputed_old_policy(model_dir: Path) -> None:
+    model = load(model_dir)
+    config = TrainerConfig(lr=1e-3, updates_per_batch=2)
+    out = PolicyTrainer(model, config, AlgoConfig(), temperature=1.0).train(fixed_batch(model))
+    assert out["ppo_kl"] != 0  # the second update sees a policy that moved
+    assert out["mismatch_abs"] < 1e-4  # old logprobs recomputed before any update equal the behaviour ones
+
+
+def test_plan_micro_batches_respects_the_budget_and_places_every_row_once() -> None:
+    lengths = [5, 17, 3, 9, 9, 40, 1]
+    plans = plan_micro_batches(lengths, 20)
+    assert sorted(i for p in plans for i in p) == list(range(len(lengths)))
+    for plan in plans:
+        assert len(plan) == 1 or max(lengths[i] for i in plan) * len(plan) <= 20
+    assert [5] in plans  # longer than the budget: alone
+
+
+def test_lr_schedule_warms_up_then_decays_to_min_lr() -> None:
+    config = TrainerConfig(lr=1.0, warmup_steps=4, schedule="cosine", max_steps=14, min_lr=0.1)
+    factors = [lr_factor(s, config) for s in range(16)]
+    assert factors[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert all(a >= b for a, b in itertools.pairwise(factors[3:]))
+    assert factors[14] == pytest.approx(0.1) and factors[15] == pytest.approx(0.1)
+    assert lr_factor(100, TrainerConfig(lr=1.0, warmup_steps=2)) == 1.0
+
+
+def test_checkpoint_restores_weights_optimizer_and_claims(model_dir: Path, tmp_path: Path) -> None:
+    model = load(model_dir)
+    batch = fixed_batch(model)
+    config = TrainerConfig(lr=1e-3)
+    trainer = PolicyTrainer(model, config, AlgoConfig(), temperature=1.0)
+    trainer.train(batch)
+    claims = (Claim("1-0", "g1"), Claim("2-0", "g2"))
+    for step in (1, 2, 3):
+        save_checkpoint(tmp_path, TrainerState(step=step, version=step, claims=claims), model, trainer.optimizer,
+                        trainer.scheduler, keep=2)  # fmt: skip
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step-00000002", "step-00000003"]
+    expected_next = trainer.train(batch)
+
+    fresh = load(model_dir)
+    other = PolicyTrainer(fresh, config, AlgoConfig(), temperature=1.0)
+    state = load_checkpoint(tmp_path, fresh, other.optimizer, other.scheduler)
+    assert state == TrainerState(step=3, version=3, claims=claims)
+    got = other.train(batch)
+    got.pop("train_s"), expected_next.pop("train_s")
+    assert got == expected_next  # bit for bit
+
+
+def _dp_worker(rank: int, world: int, port: int, model_dir: str, out: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    parallel = DataParallel.from_env("cpu")
+    model = load(Path(model_dir))
+    batch = fixed_batch(model, groups=4)
+    share = batch.rows([i for i in range(batch.size) if (i // 8) == rank])  # two groups per rank
+    trainer = PolicyTrainer(model, TrainerConfig(lr=1e-3, micro_batch_tokens=40), AlgoConfig(), temperature=1.0,
+                            parallel=parallel)  # fmt: skip
+    metrics = trainer.train(share)
+    if rank == 0:
+        torch.save({"grads": grads(model), "metrics": metrics}, out)
+    parallel.close()
+
+
+def test_two_data_parallel_ranks_take_the_step_one_rank_takes(model_dir: Path, tmp_path: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "dp.pt"
+    mp.start_processes(_dp_worker, args=(2, port, str(model_dir), str(out)), nprocs=2, start_method="spawn")
+    dp = torch.load(out, weights_only=True)
+
+    model = load(model_dir)
+    batch = fixed_batch(model, groups=4)
+    single = PolicyTrainer(model, TrainerConfig(lr=1e-3, micro_batch_tokens=40), AlgoConfig(), temperature=1.0)
+    metrics = single.train(batch)
+    for name, value in grads(model).items():
+        torch.testing.assert_close(dp["grads"][name], value, atol=1e-6, rtol=1e-4)
+    assert dp["metrics"]["tokens"] == metrics["tokens"]
+    assert dp["metrics"]["loss"] == pytest.approx(metrics["loss"], abs=1e-6)
