@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import redis as sync_redis
 import redis.asyncio as aioredis
+import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
@@ -182,3 +183,30 @@ async def test_stale_groups_are_dropped_or_their_prompts_recycled(
         assert buffer.counters.stale_dropped == 2 and requeued == []
     else:
         assert buffer.counters.recycled == 2 and requeued == ["prompt g2", "prompt g3"]
+
+
+def test_two_data_parallel_trainers_share_the_stream_and_match_one(
+    redis_url: str, model_dir: Path, tmp_path: Path
+) -> None:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "MILES_REDIS_URL": redis_url, "OMP_NUM_THREADS": "1"}
+    runs = {}
+    for name, launcher in (
+        ("dp", [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                "-m", "miles_stream.cli"]),
+        ("single", CLI),
+    ):  # fmt: skip
+        ns = f"{name}{uuid.uuid4().hex[:8]}"
+        asyncio.run(publish(redis_url, ns, groups(0, 8)))
+        share = 2 if name == "dp" else 4  # each rank reads exactly its share, so a step's groups are the same
+        cmd = train_cmd(ns, model_dir, tmp_path / name, "trainer.max_steps=2", f"buffer.capacity={share}",
+                        f"buffer.read_count={share}")  # fmt: skip
+        run = subprocess.run([*launcher, *cmd[len(CLI) :]], env=env, capture_output=True, text=True, timeout=180)
+        assert run.returncode == 0, run.stderr[-3000:]
+        runs[name] = load_file(tmp_path / name / "export" / "model.safetensors")
+        with sync_redis.Redis.from_url(redis_url) as client:
+            consumers = {c["name"].decode(): c for c in client.xinfo_consumers(f"{ns}:trajectories", "trainer")}
+            assert client.scard(f"{ns}:done:trainer") == 8
+        if name == "dp":
+            assert sorted(consumers) == ["trainer-0", "trainer-1"]
+    for key, value in runs["single"].items():
+        assert torch.allclose(runs["dp"][key], value, atol=1e-5), key  # the same steps, summed in another order

@@ -190,3 +190,15 @@ def test_two_data_parallel_ranks_take_the_step_one_rank_takes(model_dir: Path, t
         torch.testing.assert_close(dp["grads"][name], value, atol=1e-6, rtol=1e-4)
     assert dp["metrics"]["tokens"] == metrics["tokens"]
     assert dp["metrics"]["loss"] == pytest.approx(metrics["loss"], abs=1e-6)
+
+
+def test_kl_loss_against_a_frozen_reference_starts_at_zero_and_grows(model_dir: Path) -> None:
+    model = load(model_dir)
+    ref = copy.deepcopy(model).requires_grad_(False)
+    batch = fixed_batch(model)
+    algo = AlgoConfig(kl_loss_coef=0.1, kl_loss_type="low_var_kl")
+    trainer = PolicyTrainer(model, TrainerConfig(lr=1e-3), algo, temperature=1.0, ref_model=ref)
+    kls = [trainer.train(batch)["kl_loss"] for _ in range(3)]
+    assert kls[0] == pytest.approx(0.0, abs=1e-7) and kls[2] > 1e-6
+    with pytest.raises(ValueError, match="reference model"):
+        PolicyTrainer(load(model_dir), TrainerConfig(), algo, temperature=1.0)
