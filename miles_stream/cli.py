@@ -1,6 +1,6 @@
 """The `miles-stream` command. Each subcommand parses its options, loads the run config, and runs.
 
-Only subcommands that work are listed; later ones (record, replay, demo) are added as they land.
+Only subcommands that work are listed; later ones (record, replay) are added as they land.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import sys
 import threading
 from collections.abc import Sequence
 from dataclasses import replace
+from pathlib import Path
 from types import FrameType
 
 import structlog
@@ -72,6 +73,14 @@ def _parser() -> argparse.ArgumentParser:
 
     p = command("produce", "Run a rollout producer: claim prompts, sample, score, publish trajectory groups.")
     p.set_defaults(run=_cmd_produce)
+
+    p = command("demo", "Run the demo: embedded Redis, feeder, producer and trainer on a tiny model, on CPU.")
+    p.add_argument("--work-dir", default="demo-run", help="where the model, logs, metrics and plot go")
+    p.add_argument("--steps", type=int, help="trainer steps (default: trainer.max_steps of the demo config)")
+    p.add_argument("--minutes", type=float, default=5.0, help="time limit: then the trainer stops where it is")
+    p.add_argument("--target-accuracy", type=float, default=0.9, help="stop once greedy accuracy reaches this")
+    p.add_argument("--no-live", action="store_true", help="print a line every 10 steps instead of a live table")
+    p.set_defaults(run=_cmd_demo)
 
     p = command("train", "Run a trainer: batches from the trajectory stream, optimizer steps, weights published.")
     p.add_argument("--resume", action="store_true", help="continue from trainer.checkpoint_dir")
@@ -137,6 +146,22 @@ def _cmd_produce(args: argparse.Namespace, config: RunConfig) -> int:
     from producers.rollout import main as produce_main  # imports torch and transformers
 
     return produce_main(config)
+
+
+def _cmd_demo(args: argparse.Namespace, config: RunConfig) -> int:
+    from miles_stream.demo import DemoOptions, run_demo  # imports torch and transformers
+
+    extra = {"config": Path(args.config)} if args.config else {}
+    options = DemoOptions(
+        work_dir=Path(args.work_dir),
+        steps=args.steps,
+        minutes=args.minutes,
+        target_accuracy=args.target_accuracy,
+        live=not args.no_live,
+        overrides=args.overrides,
+        **extra,
+    )
+    return run_demo(options)
 
 
 def _cmd_train(args: argparse.Namespace, config: RunConfig) -> int:

@@ -39,6 +39,10 @@ class BufferCounters:
     recycled: int = 0  # stale, and its prompt re-queued
     recycle_missing: int = 0  # stale, to recycle, but no prompt record was kept (e.g. a replayed recording)
     filtered: dict[str, int] = field(default_factory=dict)  # filter name -> groups dropped
+    received: int = 0  # groups read, whatever became of them
+    samples: int = 0  # their samples, and of those:
+    reward_sum: float = 0.0
+    correct: int = 0  # samples with reward >= 1 (exactly right, for the built-in rewards)
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,7 +105,13 @@ class ReplayBuffer:
 
     async def _admit(self, received: list[Received]) -> None:
         dropped: dict[str, list[Received]] = {}
+        c = self.counters
         for r in received:
+            rewards = r.group.rewards
+            c.received += 1
+            c.samples += len(rewards)
+            c.reward_sum += sum(rewards)
+            c.correct += sum(x >= 1.0 for x in rewards)
             reason = next(((name, why) for name, f in self.filters.items() if (why := f(r.group))), None)
             if reason is None:
                 self._ready.append(r)

@@ -67,6 +67,7 @@ class TrainerService:
         self.parallel = trainer.parallel
         self.progress = TrainProgress()
         self._uncommitted: list[Claim] = []
+        self._seen = (0, 0.0, 0)  # buffer's (samples, reward sum, correct) at the previous step
 
     async def run(self, stop: asyncio.Event, *, resume: bool = False) -> TrainProgress:
         await self.buffer.start()
@@ -113,9 +114,16 @@ class TrainerService:
         rewards = [s.reward for g in groups for s in g.samples]
         lengths = [s.num_tokens for g in groups for s in g.samples]
         step_s = time.perf_counter() - started
+        c = self.buffer.counters
+        samples, reward_sum, correct = (c.samples - self._seen[0], c.reward_sum - self._seen[1],
+                                        c.correct - self._seen[2])  # fmt: skip
+        self._seen = (c.samples, c.reward_sum, c.correct)
         p.last = metrics | {
             "version": p.version,
             "reward_mean": sum(rewards) / len(rewards),
+            "rollout_reward": reward_sum / max(samples, 1),  # every group read since the last step, kept or not
+            "rollout_accuracy": correct / max(samples, 1),
+            "rollout_groups": c.received,
             "response_len_mean": sum(lengths) / len(lengths),
             "staleness_mean": sum(batch.staleness) / len(batch.staleness),
             "staleness_max": max(batch.staleness),
