@@ -8,27 +8,26 @@ from __future__ import annotations
 
 import asyncio
 import signal
+from collections.abc import Sequence
 
 import structlog
-import torch
 
 from miles_stream import aio
 from miles_stream.buffer import ReplayBuffer
 from miles_stream.bus import GroupConsumer, Heartbeat, Keys, StreamConsumer, connect, open_stream_client
 from miles_stream.codec import GroupCodec
 from miles_stream.errors import ConfigError
+from miles_stream.record import RecordingSource
 from miles_stream.run_config import RunConfig
-from miles_stream.trainer.hf import export_hf, load_causal_lm
-from miles_stream.trainer.metrics import MetricsSink
+from miles_stream.trainer.assemble import build_service, build_trainer
 from miles_stream.trainer.parallel import DataParallel
 from miles_stream.trainer.service import TrainerService
-from miles_stream.trainer.step import PolicyTrainer
 from miles_stream.weights import FileTransport, RedisTransport, WeightPublisher, WeightSubscriber, WeightTransport
 
 log = structlog.get_logger("consumers.trainer")
 
 
-def main(config: RunConfig, *, resume: bool = False) -> int:
+def main(config: RunConfig, *, resume: bool = False, replay: Sequence[str] = ()) -> int:
     cfg = config.trainer
     if not cfg.model:
         raise ConfigError("trainer.model: set it to a local Hugging Face model directory")
@@ -36,22 +35,40 @@ def main(config: RunConfig, *, resume: bool = False) -> int:
     if config.buffer.rollout_batch_size % parallel.world:
         raise ConfigError(f"buffer.rollout_batch_size={config.buffer.rollout_batch_size} must divide evenly "
                           f"among {parallel.world} data-parallel ranks")  # fmt: skip
+    if replay and parallel.world > 1:
+        raise ConfigError("--replay trains on one rank: every rank would read the whole recording")
     try:
-        return aio.run(_run(config, parallel, resume))
+        return aio.run(_run_replay(config, replay, resume) if replay else _run(config, parallel, resume))
     finally:
         parallel.close()
 
 
+def _stop_on_signals() -> asyncio.Event:
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+    return stop
+
+
+async def _run_replay(config: RunConfig, files: Sequence[str], resume: bool) -> int:
+    """Train on a recording: the same groups in the same order every run, nothing published."""
+    try:
+        source = RecordingSource(files, GroupCodec(config.codec))
+    except FileNotFoundError as exc:
+        raise ConfigError(f"--replay: {exc}") from exc
+    buffer = ReplayBuffer(source, config.buffer)
+    service = build_service(config, build_trainer(config, DataParallel()), buffer, None, None)
+    try:
+        await service.run(_stop_on_signals(), resume=resume)
+    finally:
+        service.metrics.close()
+    _log_stopped(service, buffer)
+    return 0
+
+
 async def _run(config: RunConfig, parallel: DataParallel, resume: bool) -> int:
     cfg, keys = config.trainer, Keys(config.bus.namespace)
-    torch.manual_seed(cfg.seed)
-    model = load_causal_lm(cfg.model, dtype=cfg.dtype, device=cfg.device)
-    needs_ref = config.algo.kl_loss_coef > 0 or config.algo.kl_coef > 0
-    ref = load_causal_lm(cfg.ref_model or cfg.model, dtype=cfg.dtype, device=cfg.device) if needs_ref else None
-    if ref is not None:
-        ref.requires_grad_(False).eval()
-    trainer = PolicyTrainer(model, cfg, config.algo, temperature=config.trainer_temperature, ref_model=ref,
-                            parallel=parallel)  # fmt: skip
+    trainer = build_trainer(config, parallel)
     name = cfg.trainer_id or f"trainer-{parallel.rank}"
     redis, blocking = connect(config.redis), open_stream_client(config.redis, block_ms=config.bus.block_ms)
     stream = StreamConsumer(redis, blocking, stream=keys.trajectories, group="trainer", consumer=name,
@@ -62,12 +79,8 @@ async def _run(config: RunConfig, parallel: DataParallel, resume: bool) -> int:
         cfg.weights_dir)  # fmt: skip
     publisher = WeightPublisher(redis, keys, transport, config.bus.heartbeat_ttl_s) if parallel.is_main else None
     subscriber = WeightSubscriber(redis, keys, {transport.name: transport})
-    metrics = MetricsSink(cfg.metrics_path, cfg.tensorboard_dir) if parallel.is_main else MetricsSink()
-    service = TrainerService(cfg, trainer=trainer, buffer=buffer, publisher=publisher, subscriber=subscriber,
-                             metrics=metrics, export=lambda m, dest: export_hf(m, cfg.model, dest))  # fmt: skip
-    stop = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+    service = build_service(config, trainer, buffer, publisher, subscriber)
+    stop = _stop_on_signals()
     progress = service.progress
     try:
         async with Heartbeat(redis, keys, role="trainer", member_id=name, config=config.bus,
@@ -76,10 +89,14 @@ async def _run(config: RunConfig, parallel: DataParallel, resume: bool) -> int:
                                                "max_staleness": config.buffer.max_staleness}):  # fmt: skip
             await service.run(stop, resume=resume)
     finally:
-        metrics.close()
+        service.metrics.close()
         await blocking.aclose()
         await redis.aclose()
-    log.info("trainer_stopped", step=progress.step, version=progress.version, groups=progress.groups,
-             stale_dropped=buffer.counters.stale_dropped, recycled=buffer.counters.recycled,
-             filtered=buffer.counters.filtered)  # fmt: skip
+    _log_stopped(service, buffer)
     return 0
+
+
+def _log_stopped(service: TrainerService, buffer: ReplayBuffer) -> None:
+    p, c = service.progress, buffer.counters
+    log.info("trainer_stopped", step=p.step, version=p.version, groups=p.groups, stale_dropped=c.stale_dropped,
+             recycled=c.recycled, filtered=c.filtered)  # fmt: skip

@@ -1,11 +1,9 @@
-"""The `miles-stream` command. Each subcommand parses its options, loads the run config, and runs.
-
-Only subcommands that work are listed; later ones (record, replay) are added as they land.
-"""
+"""The `miles-stream` command. Each subcommand parses its options, loads the run config, and runs."""
 
 from __future__ import annotations
 
 import argparse
+import re
 import signal
 import sys
 import threading
@@ -25,11 +23,15 @@ from miles_stream.run_config import RunConfig, load_run_config
 from miles_stream.status_view import render_json, render_tables, watch
 
 log = structlog.get_logger("miles_stream.cli")
+OVERRIDE = re.compile(r"^[A-Za-z_]\w*(\.\w+)+=")  # section.key=value
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
-    args = parser.parse_args(argv)
+    words = list(sys.argv[1:] if argv is None else argv)
+    overrides = [w for w in words if OVERRIDE.match(w)]  # anywhere on the line, before or after flags
+    args = parser.parse_args([w for w in words if not OVERRIDE.match(w)])
+    args.overrides = [*args.overrides, *overrides]  # a stray word is left in and named by the config loader
     configure(json=args.log_json, level=args.log_level)
     try:
         config = load_run_config(args.config, args.overrides)
@@ -57,9 +59,8 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--redis-url", help="Redis server to use (default: redis.url, then $MILES_REDIS_URL)")
         p.add_argument("--log-json", action="store_true", help="log one JSON object per line")
         p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-        p.add_argument(
-            "overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides, e.g. bus.block_ms=500"
-        )
+        p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                       help="dotted config overrides, e.g. bus.block_ms=500 (anywhere on the line)")  # fmt: skip
         return p
 
     p = command("redis", "Run a local Redis server (or check the one given) and print its URL.")
@@ -84,7 +85,20 @@ def _parser() -> argparse.ArgumentParser:
 
     p = command("train", "Run a trainer: batches from the trajectory stream, optimizer steps, weights published.")
     p.add_argument("--resume", action="store_true", help="continue from trainer.checkpoint_dir")
+    p.add_argument("--replay", nargs="+", metavar="FILE", help="train on recorded files (or directories) instead "
+                   "of the stream: no Redis, no producer, no weights published")  # fmt: skip
     p.set_defaults(run=_cmd_train)
+
+    p = command("record", "Record every trajectory entry to rotating zstd files (its own consumer group).")
+    p.add_argument("--out", required=True, help="directory for the recording files")
+    p.add_argument("--max-file-mb", type=int, default=256, help="start a new file past this many MiB (raw)")
+    p.add_argument("--name", default="", help="consumer name (default recorder-HOST); reuse it to resume")
+    p.set_defaults(run=_cmd_record)
+
+    p = command("replay", "Publish recorded files back into a namespace's trajectory stream.")
+    p.add_argument("files", nargs="+", metavar="FILE", help="recording files or directories")
+    p.add_argument("--rate", type=float, default=0.0, help="groups per second at most (default: no limit)")
+    p.set_defaults(run=_cmd_replay)
 
     p = command("status", "Describe a namespace: streams, groups, lag, pending, dead letters, members, weights.")
     p.add_argument("--namespace", help="namespace (default: bus.namespace)")
@@ -167,7 +181,37 @@ def _cmd_demo(args: argparse.Namespace, config: RunConfig) -> int:
 def _cmd_train(args: argparse.Namespace, config: RunConfig) -> int:
     from consumers.trainer import main as train_main  # imports torch and transformers
 
-    return train_main(config, resume=args.resume)
+    return train_main(config, resume=args.resume, replay=args.replay or ())
+
+
+def _cmd_record(args: argparse.Namespace, config: RunConfig) -> int:
+    from consumers.recorder import main as record_main
+
+    return record_main(config, out=args.out, max_file_mb=args.max_file_mb, name=args.name)
+
+
+def _cmd_replay(args: argparse.Namespace, config: RunConfig) -> int:
+    from miles_stream.bus import Backpressure, open_stream_client
+    from miles_stream.record.recorder import replay
+
+    keys = Keys(config.bus.namespace)
+
+    async def run() -> tuple[int, int]:
+        redis, data = connect(config.redis), open_stream_client(config.redis)
+        try:
+            pressure = Backpressure(redis, keys.trajectories, config.bus)
+            return await replay(args.files, data, keys.trajectories, maxlen=config.bus.maxlen_cap, rate=args.rate,
+                                backpressure=pressure)  # fmt: skip
+        finally:
+            await data.aclose()
+            await redis.aclose()
+
+    try:
+        published, skipped = aio.run(run())
+    except FileNotFoundError as exc:
+        raise MilesStreamError(str(exc)) from exc
+    print(f"replayed {published} groups into {keys.trajectories} ({skipped} invalid records skipped)")
+    return 0
 
 
 def _cmd_status(args: argparse.Namespace, config: RunConfig) -> int:

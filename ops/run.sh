@@ -18,9 +18,9 @@ case "$job" in
   setup)
     ;;
   demo)
-    # The full RL demo lands with the end-to-end issue; until then this runs the stream bus end to end:
-    # an embedded Redis, a producer process and a consumer process moving realistic trajectory groups.
-    exec .venv/bin/python bench/bus.py --seconds "${DEMO_SECONDS:-5}"
+    # An embedded Redis, then a feeder, a rollout producer and a trainer as separate processes: a tiny model
+    # learns single-digit addition on CPU. Extra arguments go to `miles-stream demo` (see --help).
+    exec .venv/bin/miles-stream demo "${@:2}"
     ;;
   test)
     # A second integration tier runs on Debian's redis-server 7.x when it can be installed here.

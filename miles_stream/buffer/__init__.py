@@ -3,7 +3,7 @@
 from miles_stream.buffer.config import BufferConfig
 from miles_stream.buffer.filters import FILTERS, DynamicFilter
 from miles_stream.buffer.micro import plan_micro_batches
-from miles_stream.buffer.replay import Batch, BufferCounters, ReplayBuffer
+from miles_stream.buffer.replay import Batch, BufferCounters, GroupSource, ReplayBuffer
 
 __all__ = [
     "FILTERS",
@@ -11,6 +11,7 @@ __all__ = [
     "BufferConfig",
     "BufferCounters",
     "DynamicFilter",
+    "GroupSource",
     "ReplayBuffer",
     "plan_micro_batches",
 ]

@@ -20,16 +20,40 @@ import time
 from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import structlog
 
 from miles_stream.buffer.config import BufferConfig
 from miles_stream.buffer.filters import FILTERS, DynamicFilter
-from miles_stream.bus import GroupConsumer, Received, Ticket
+from miles_stream.bus import Received, Ticket
 from miles_stream.errors import ConfigError
 
 log = structlog.get_logger(__name__)
 WAIT_NOTE_S = 10.0  # how often a trainer starved of data says so
+
+
+class GroupSource(Protocol):
+    """Where groups come from: a consumer group on the stream (`bus.GroupConsumer`) or a recording."""
+
+    exhausted: bool  # no group will ever come again (a recording read to its end)
+
+    @property
+    def keep_alive_interval_s(self) -> float: ...
+
+    async def start(self) -> None: ...
+
+    async def read(self, count: int) -> list[Received]: ...
+
+    async def still_held(self, items: Sequence[Received]) -> list[Received]: ...
+
+    async def commit(self, items: Sequence[Ticket]) -> None: ...
+
+    async def release(self, items: Sequence[Ticket], reason: str) -> None: ...
+
+    async def requeue_prompts(self, items: Sequence[Ticket]) -> int: ...
+
+    async def keep_alive(self) -> None: ...
 
 
 @dataclass(slots=True)
@@ -55,7 +79,7 @@ class Batch:
 class ReplayBuffer:
     def __init__(
         self,
-        consumer: GroupConsumer,
+        consumer: GroupSource,
         config: BufferConfig,
         *,
         share: int | None = None,
@@ -76,7 +100,8 @@ class ReplayBuffer:
         return len(self._ready)
 
     async def next_batch(self, version: int, stop: asyncio.Event | None = None) -> Batch | None:
-        """The next `share` groups that are fresh at `version`; None if `stop` is set first."""
+        """The next `share` groups that are fresh at `version`; None if `stop` is set first, or if the source
+        is exhausted before there are enough."""
         started = time.monotonic()
         next_note = started + WAIT_NOTE_S
         while True:
@@ -90,7 +115,7 @@ class ReplayBuffer:
                     return Batch(kept, staleness, time.monotonic() - started)
                 self._ready.extendleft(reversed(kept))  # some were taken over by another trainer: refill
                 continue
-            if stop is not None and stop.is_set():
+            if (stop is not None and stop.is_set()) or self.consumer.exhausted:
                 return None
             room = self.config.capacity - len(self._ready)
             received = await self.consumer.read(min(self.config.read_count, room))

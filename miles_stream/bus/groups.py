@@ -121,6 +121,7 @@ class GroupConsumer:
         self.codec = codec or GroupCodec()
         self.retry = retry or RetryPolicy()
         self.owns_prompts = owns_prompts
+        self.exhausted = False  # a stream never runs out (see RecordingSource)
         self.counters = ConsumeCounters()
         self._held: dict[str, str] = {}  # group id -> entry id, for groups handed out and not committed
 
@@ -130,6 +131,14 @@ class GroupConsumer:
 
     async def start(self) -> None:
         await self.stream.start()
+
+    @property
+    def keep_alive_interval_s(self) -> float:
+        return self.stream.config.claim_idle_ms / 3000
+
+    async def keep_alive(self) -> None:
+        """Reset the idle time of the entries held, so that no other consumer takes them over."""
+        await self.stream.touch_in_hand(force=True)
 
     async def read(self, count: int, block_ms: int | None = None) -> list[Received]:
         """Up to `count` new groups. Transient Redis failures are retried (a reply lost with the connection

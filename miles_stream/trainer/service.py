@@ -58,7 +58,7 @@ class TrainerService:
         trainer: PolicyTrainer,
         buffer: ReplayBuffer,
         publisher: WeightPublisher | None,
-        subscriber: WeightSubscriber,
+        subscriber: WeightSubscriber | None,
         metrics: MetricsSink,
         export: Callable[[nn.Module, Path], None] | None = None,
     ) -> None:
@@ -176,7 +176,7 @@ class TrainerService:
         elif resume:
             log.warning("resume_without_checkpoint", checkpoint_dir=self.config.checkpoint_dir)
         announced = None
-        if self.parallel.is_main and (latest := await self.subscriber.latest()) is not None:
+        if self.subscriber is not None and self.parallel.is_main and (latest := await self.subscriber.latest()):
             announced = latest[1].version
         announced = self.parallel.gather(announced)[0]
         ours = self.progress.version
@@ -189,11 +189,11 @@ class TrainerService:
 
     async def _keep_alive(self) -> None:
         """Keep the entries this trainer holds from being reclaimed while it trains on them."""
-        consumer = self.buffer.consumer.stream
+        source = self.buffer.consumer
         while True:
-            await asyncio.sleep(consumer.config.claim_idle_ms / 3000)
+            await asyncio.sleep(source.keep_alive_interval_s)
             try:
-                await consumer.touch_in_hand(force=True)
+                await source.keep_alive()
             except Exception as exc:
                 if not is_transient(exc):
                     raise

@@ -34,14 +34,14 @@ def test_feeder_producers_and_trainer_learn_with_nothing_lost(tmp_path: Path) ->
     steps, max_staleness = 150, 2
     overrides = [f"rollout.model={model_dir}", f"trainer.model={model_dir}", f"feeder.path={prompts}",
                  f"trainer.metrics_path={tmp_path / 'metrics.jsonl'}", f"trainer.max_steps={steps}",
-                 f"buffer.max_staleness={max_staleness}", "--log-json", "--log-level", "debug"]  # fmt: skip
+                 f"buffer.max_staleness={max_staleness}"]  # fmt: skip
     with EmbeddedRedis(EmbeddedRedisConfig(persistence="none")) as server:
         env = {**os.environ, "MILES_REDIS_URL": server.url, "HF_HUB_OFFLINE": "1"}
 
         def start(command: str, name: str, *extra: str) -> subprocess.Popen[bytes]:
-            log = open(tmp_path / f"{name}.log", "wb")  # noqa: SIM115 - the child owns it
-            return subprocess.Popen([*CLI, command, "--config", str(CONFIG), *overrides, *extra], env=env,
-                                    stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+            args = ["--config", str(CONFIG), "--log-json", "--log-level", "debug", *overrides, *extra]
+            with open(tmp_path / f"{name}.log", "wb") as log:
+                return subprocess.Popen([*CLI, command, *args], env=env, stdout=log, stderr=subprocess.STDOUT)
 
         feeder = start("feed", "feeder")
         first = start("produce", "producer-a", "rollout.producer_id=a")
@@ -61,9 +61,7 @@ def test_feeder_producers_and_trainer_learn_with_nothing_lost(tmp_path: Path) ->
             trajectories = client.xinfo_groups("demo:trajectories")
             prompts_pending = client.xinfo_groups("demo:prompts")[0]["pending"]
             done = {x.decode() for x in client.smembers("demo:done:trainer")}
-            producers = {json.loads(v).get("groups", 0) for v in client.hvals("demo:members:info")}
     assert prompts_pending == 0  # both producers handed back what they had in flight
-    assert producers  # heartbeats described both
 
     rows = metrics(tmp_path / "metrics.jsonl")
     assert [r["step"] for r in rows] == list(range(1, steps + 1))

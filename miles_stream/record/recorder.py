@@ -1,0 +1,77 @@
+"""The recorder: its own consumer group ("recorder") on the trajectory stream, every entry to files.
+
+    {ns}:trajectories ──XREADGROUP "recorder"──► RecordingWriter.write (block flushed, fsynced) ──► XACK
+
+An entry is acked only once it is on disk, so a recorder killed at any point loses nothing: restarted
+under the same name it re-reads what it had not acked (which may then be in two files; a replay drops
+the second copy by group id). While the recorder's group exists, the stream is not trimmed past what it
+has acked: a recorder that stops for good should have its group deleted (XGROUP DESTROY).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import structlog
+
+from miles_stream.bus import Backpressure, RetryPolicy, StreamClient, StreamConsumer
+from miles_stream.bus.streams import publish
+from miles_stream.codec import GroupCodec
+from miles_stream.errors import SchemaError
+from miles_stream.record.format import RecordingWriter, read_recording, recording_files
+
+log = structlog.get_logger(__name__)
+
+
+async def record(stream: StreamConsumer, writer: RecordingWriter, stop: asyncio.Event, *, batch: int = 64) -> int:
+    """Record until `stop` is set; returns how many entries were written."""
+    await stream.start()
+    retry = RetryPolicy(attempts=0, max_delay_s=2.0)  # ride out a Redis restart
+    try:
+        while not stop.is_set():
+            entries = await retry.run(lambda: stream.read(batch))
+            if not entries:
+                continue
+            await asyncio.to_thread(writer.write, [e.data for e in entries])
+            await retry.run(functools.partial(stream.ack, [e.id for e in entries]))
+    finally:
+        writer.close()
+    log.info("recording_closed", records=writer.records, files=[str(f) for f in writer.files])
+    return writer.records
+
+
+async def replay(
+    paths: Sequence[str | Path],
+    client: StreamClient,
+    stream: str,
+    *,
+    maxlen: int,
+    rate: float = 0.0,
+    backpressure: Backpressure | None = None,
+) -> tuple[int, int]:
+    """Publish every valid record of `paths` to `stream`, byte for byte, at most `rate` per second (0 = no
+    limit), waiting for room when `backpressure` is given. Returns (published, skipped as invalid)."""
+    codec = GroupCodec()
+    published = skipped = 0
+    started = time.monotonic()
+    for path in recording_files(paths):
+        for data in read_recording(path):
+            try:
+                codec.decode(data)
+            except SchemaError as exc:
+                skipped += 1
+                log.warning("record_skipped", file=str(path), reason=str(exc))
+                continue
+            if rate > 0:
+                await asyncio.sleep(max(0.0, started + published / rate - time.monotonic()))
+            if backpressure is not None:
+                await backpressure.wait_for_room(None)
+            await publish(client, stream, data, maxlen=maxlen)
+            if backpressure is not None:
+                backpressure.record_sent(len(data))
+            published += 1
+    return published, skipped
