@@ -26,7 +26,8 @@ def render_json(status: NamespaceStatus) -> str:
             return {k: plain(v) for k, v in obj.items()}
         return obj
 
-    return json.dumps(plain(status), indent=2) + "\n"
+    data = plain(status) | {"versions_in_use": status.versions_in_use, "producer_lag": status.producer_lag}
+    return json.dumps(data, indent=2) + "\n"
 
 
 def build_view(status: NamespaceStatus) -> Group:
@@ -65,6 +66,10 @@ def build_view(status: NamespaceStatus) -> Group:
     summary = Table.grid(padding=(0, 2))
     version = "none published" if status.latest_weight_version is None else str(status.latest_weight_version)
     summary.add_row("latest weight version", version)
+    in_use = sorted(set(status.versions_in_use.values()))
+    behind = status.producer_lag
+    summary.add_row("versions producers use", ", ".join(map(str, in_use)) or "-")
+    summary.add_row("producer staleness (versions)", "-" if behind is None else str(behind))
     summary.add_row("dead letters", str(status.dead_letters))
     for group, n in status.done_groups.items():
         summary.add_row(f"groups committed by {group!r}", str(n))

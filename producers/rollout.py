@@ -35,6 +35,8 @@ async def _run(config: RunConfig) -> int:
     from transformers import AutoTokenizer
 
     cfg, keys = config.rollout, Keys(config.bus.namespace)
+    if cfg.torch_threads:
+        torch.set_num_threads(cfg.torch_threads)
     reward_fn = RewardRegistry().get(cfg.reward)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model)
     engine = NativeEngine(cfg.model, device=cfg.device, dtype=getattr(torch, cfg.dtype), max_batch=cfg.max_batch,

@@ -42,6 +42,20 @@ class NamespaceStatus:
     def stream(self, key: str) -> StreamStatus:
         return next(s for s in self.streams if s.key == key)
 
+    @property
+    def versions_in_use(self) -> dict[str, int]:
+        """Producer id -> the weight version it generates with (from its heartbeat)."""
+        return {m.id: int(m.info["weight_version"]) for m in self.members
+                if m.role == "producer" and "weight_version" in m.info}  # fmt: skip
+
+    @property
+    def producer_lag(self) -> int | None:
+        """Versions the most behind producer lags the latest published one: the staleness of what it makes."""
+        in_use = self.versions_in_use.values()
+        if not in_use or self.latest_weight_version is None:
+            return None
+        return self.latest_weight_version - min(in_use)
+
 
 async def namespace_status(redis: aioredis.Redis, keys: Keys, heartbeat_ttl_s: float) -> NamespaceStatus:
     info = await redis.info("server")

@@ -37,7 +37,7 @@ from miles_stream.config import apply_overrides, build, load_yaml
 from miles_stream.demo.plot import plot_run
 from miles_stream.demo.task import greedy_accuracy, write_task
 from miles_stream.demo.view import DemoState, render, summary
-from miles_stream.errors import MilesStreamError
+from miles_stream.errors import MilesStreamError, WeightIntegrityError
 from miles_stream.redis_server import EmbeddedRedis, EmbeddedRedisConfig
 from miles_stream.run_config import RunConfig
 
@@ -218,7 +218,10 @@ class _Evaluator:
         if version == self.version:
             return
         if latest is not None:
-            weights = await self.subscriber.load(latest[1])
+            try:
+                weights = await self.subscriber.load(latest[1])
+            except WeightIntegrityError:  # pruned while we read it: a newer one is announced, try that next
+                return
             self.model.load_state_dict(weights)
         accuracy = await asyncio.to_thread(greedy_accuracy, self.model, self.tokenizer)
         self.version = version

@@ -63,8 +63,11 @@ class RolloutConfig:
     max_inflight_prompts: int = 8
     producer_id: str = ""  # empty: host-pid
     seed: int = 0
+    torch_threads: int = 0  # intra-op threads of the engine; 0 = torch's default (all cores). With several
+    # processes on one machine, 1 each avoids oversubscription (docs/benchmarks.md, attaching producers)
 
     def __post_init__(self) -> None:
+        check(self.torch_threads >= 0, "rollout.torch_threads", "must be >= 0 (0 = torch's default)")
         check(self.n_samples_per_prompt >= 1, "rollout.n_samples_per_prompt", "must be >= 1")
         check(self.max_inflight_prompts >= 1, "rollout.max_inflight_prompts", "must be >= 1")
         check(self.reward_timeout_s > 0, "rollout.reward_timeout_s", "must be positive")

@@ -17,6 +17,8 @@ from miles_stream.weights import WeightPublisher, WeightSubscriber
 def build_trainer(config: RunConfig, parallel: DataParallel) -> PolicyTrainer:
     cfg = config.trainer
     torch.manual_seed(cfg.seed)
+    if cfg.torch_threads:
+        torch.set_num_threads(cfg.torch_threads)
     model = load_causal_lm(cfg.model, dtype=cfg.dtype, device=cfg.device)
     needs_ref = config.algo.kl_loss_coef > 0 or config.algo.kl_coef > 0
     ref = load_causal_lm(cfg.ref_model or cfg.model, dtype=cfg.dtype, device=cfg.device) if needs_ref else None

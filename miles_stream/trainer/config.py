@@ -39,8 +39,10 @@ class TrainerConfig:
     tensorboard_dir: str = ""  # when set and tensorboard is installed
     trainer_id: str = ""  # consumer name in the "trainer" group; empty: trainer-{rank}
     seed: int = 0
+    torch_threads: int = 0  # intra-op threads; 0 = torch's default (all cores)
 
     def __post_init__(self) -> None:
+        check(self.torch_threads >= 0, "trainer.torch_threads", "must be >= 0 (0 = torch's default)")
         check(self.lr > 0, "trainer.lr", "must be positive")
         check(self.weight_decay >= 0, "trainer.weight_decay", "must be >= 0")
         check(all(0 <= b < 1 for b in self.adam_betas), "trainer.adam_betas", "each must be in [0, 1)")

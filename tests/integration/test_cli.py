@@ -122,6 +122,8 @@ def test_cli_status_describes_a_namespace(redis_url: str) -> None:
         client.xgroup_create("cli:trajectories", "trainer", id="0", mkstream=True)
         client.xadd("cli:trajectories", {"d": b"x"})
         client.xadd("cli:weights", {"version": b"4"})
+        client.zadd("cli:members", {"producer:p1": time.time()})  # a producer's heartbeat, still on version 2
+        client.hset("cli:members:info", "producer:p1", json.dumps({"weight_version": 2}))
     env = {**os.environ, "MILES_REDIS_URL": redis_url}
     out = subprocess.run(
         [*CLI, "status", "--namespace", "cli", "--json"], capture_output=True, text=True, env=env, timeout=30
@@ -131,6 +133,7 @@ def test_cli_status_describes_a_namespace(redis_url: str) -> None:
     traj = next(s for s in status["streams"] if s["key"] == "cli:trajectories")
     assert traj["length"] == 1 and traj["groups"][0]["name"] == "trainer"
     assert status["latest_weight_version"] == 4
+    assert status["versions_in_use"] == {"p1": 2} and status["producer_lag"] == 2
     table = subprocess.run([*CLI, "status", "bus.namespace=cli"], capture_output=True, text=True, env=env, timeout=30)
     assert table.returncode == 0, table.stderr
     assert "cli:trajectories" in table.stdout and "latest weight version" in table.stdout
