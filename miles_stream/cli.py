@@ -165,7 +165,6 @@ def _cmd_produce(args: argparse.Namespace, config: RunConfig) -> int:
 def _cmd_demo(args: argparse.Namespace, config: RunConfig) -> int:
     from miles_stream.demo import DemoOptions, run_demo  # imports torch and transformers
 
-    extra = {"config": Path(args.config)} if args.config else {}
     options = DemoOptions(
         work_dir=Path(args.work_dir),
         steps=args.steps,
@@ -173,9 +172,8 @@ def _cmd_demo(args: argparse.Namespace, config: RunConfig) -> int:
         target_accuracy=args.target_accuracy,
         live=not args.no_live,
         overrides=args.overrides,
-        **extra,
     )
-    return run_demo(options)
+    return run_demo(replace(options, config=Path(args.config)) if args.config else options)
 
 
 def _cmd_train(args: argparse.Namespace, config: RunConfig) -> int:

@@ -42,6 +42,7 @@ from miles_stream.redis_server import EmbeddedRedis, EmbeddedRedisConfig
 from miles_stream.run_config import RunConfig
 
 log = structlog.get_logger(__name__)
+STALLED = "every group's rewards are equal (the policy is sure of its answers), so nothing more is learned"
 DEFAULT_CONFIG = Path(__file__).parent.parent / "resources" / "demo.yaml"
 
 
@@ -53,6 +54,8 @@ class DemoOptions:
     steps: int | None = None  # None: the config's trainer.max_steps
     minutes: float = 5.0  # then the trainer is stopped (SIGTERM) wherever it is, and the demo ends
     target_accuracy: float = 0.9  # greedy accuracy at which the task counts as learned and the demo ends
+    stall_s: float = 30.0  # no step for this long: every group is filtered (the policy is sure of every
+    # answer, right or wrong), so nothing more will be learned; the demo ends
     live: bool = True  # a live table (rich); False: a line every few steps
 
 
@@ -137,6 +140,8 @@ async def _supervise(run: Run, url: str, options: DemoOptions, console: Console)
                         state.stop_reason = f"accuracy reached {options.target_accuracy:g}"
                     elif state.elapsed_s > options.minutes * 60:
                         state.stop_reason = f"time limit ({options.minutes:g} min)"
+                    elif state.metrics and time.monotonic() - state.last_step_at > options.stall_s:
+                        state.stop_reason = f"no step for {options.stall_s:g} s: {STALLED}"
                     if state.stop_reason:  # the trainer commits and exports on SIGTERM, then exits
                         run.children["trainer"].proc.send_signal(signal.SIGTERM)
                 _read_metrics(run.work / "metrics.jsonl", state)
@@ -193,6 +198,7 @@ def _read_metrics(path: Path, state: DemoState) -> None:
                 break  # a line being written: read it next time
             state.metrics.append(json.loads(line))
             state.metrics_offset += len(line.encode())
+            state.last_step_at = time.monotonic()
 
 
 class _Evaluator:

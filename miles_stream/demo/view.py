@@ -23,6 +23,7 @@ class DemoState:
     evals: list[tuple[int, float]] = field(default_factory=list)  # (trainer step, greedy accuracy)
     producers: int = 0
     printed_step: int = 0
+    last_step_at: float = 0.0  # monotonic time the last metrics row arrived
     stop_reason: str = ""  # why the demo stopped the trainer before max_steps, if it did
 
     @property
