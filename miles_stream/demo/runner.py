@@ -38,7 +38,7 @@ from miles_stream.demo.plot import plot_run
 from miles_stream.demo.task import greedy_accuracy, write_task
 from miles_stream.demo.view import DemoState, render, summary
 from miles_stream.errors import MilesStreamError, WeightIntegrityError
-from miles_stream.redis_server import EmbeddedRedis, EmbeddedRedisConfig
+from miles_stream.redis_server import EmbeddedRedis, EmbeddedRedisConfig, die_with_parent
 from miles_stream.run_config import RunConfig
 
 log = structlog.get_logger(__name__)
@@ -115,9 +115,9 @@ def _prepare(work: Path, options: DemoOptions, model_dir: Path, prompts: Path) -
 def _spawn(run: Run, name: str, command: str, url: str) -> Child:
     log_path = run.work / f"{name}.log"
     env = {**os.environ, "MILES_REDIS_URL": url, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    with open(log_path, "wb") as out:
+    with open(log_path, "wb") as out:  # SIGTERM'd (and so shut down cleanly) if the demo itself dies
         proc = subprocess.Popen([sys.executable, "-m", "miles_stream.cli", command, "--config", str(run.config_path)],
-                                stdout=out, stderr=subprocess.STDOUT, env=env)  # fmt: skip
+                                stdout=out, stderr=subprocess.STDOUT, env=env, preexec_fn=die_with_parent)  # fmt: skip
     return Child(name, proc, log_path)
 
 
@@ -131,10 +131,14 @@ async def _supervise(run: Run, url: str, options: DemoOptions, console: Console)
         run.children[name] = _spawn(run, name, command, url)
     failed: Child | None = None
     interrupted = False
+    interrupt = asyncio.Event()  # Ctrl-C or SIGTERM: stop everything, summarise what there is
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        asyncio.get_running_loop().add_signal_handler(sig, interrupt.set)
     try:
         with render(console, state, options.live) as refresh:
-            while True:
-                await asyncio.sleep(0.5)
+            while not interrupt.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(interrupt.wait(), 0.5)
                 if not state.stop_reason:
                     if state.evals and state.evals[-1][1] >= options.target_accuracy:
                         state.stop_reason = f"accuracy reached {options.target_accuracy:g}"
@@ -154,8 +158,9 @@ async def _supervise(run: Run, url: str, options: DemoOptions, console: Console)
                 if trainer is not None or failed is not None:
                     break
     except (KeyboardInterrupt, asyncio.CancelledError):
-        interrupted = True
+        interrupt.set()
     finally:
+        interrupted = interrupt.is_set()
         _stop_all(run.children)
         _read_metrics(run.work / "metrics.jsonl", state)
         with contextlib.suppress(Exception):

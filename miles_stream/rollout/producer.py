@@ -135,7 +135,20 @@ class RolloutProducer:
                 if stop.is_set():
                     acquire.cancel()
                     break
-                entries = await self.retry.run(lambda: self.prompts.read(1))
+                reading = asyncio.create_task(self.retry.run(lambda: self.prompts.read(1)))
+                await asyncio.wait({reading, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+                if not reading.done():  # stopped mid-read: a read returns within block_ms, unless Redis is down
+                    await asyncio.wait({reading}, timeout=self.prompts.config.block_ms / 1000 + 1.0)
+                    if not reading.done():  # riding out an outage: give up, what is pending stays pending
+                        reading.cancel()
+                        slots.release()
+                        break
+                entries = reading.result()
+                if stop.is_set():
+                    for entry in entries:  # claimed just as we stopped: hand it straight back
+                        await self._hand_back(entry)
+                    slots.release()
+                    break
                 if not entries:
                     slots.release()
                     continue

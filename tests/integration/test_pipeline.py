@@ -106,3 +106,19 @@ def test_demo_command_runs_and_writes_its_outputs(tmp_path: Path) -> None:
     assert (tmp_path / "reward.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(metrics(tmp_path / "eval.jsonl")) >= 2
     AutoModelForCausalLM.from_pretrained(tmp_path / "final-model")
+
+
+@pytest.mark.timeout(200)
+def test_demo_stopped_with_sigterm_stops_its_processes_and_summarises(tmp_path: Path) -> None:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    demo = subprocess.Popen([*CLI, "demo", "--work-dir", str(tmp_path), "--no-live"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    deadline = time.monotonic() + 120
+    while len(metrics(tmp_path / "metrics.jsonl")) < 5 and time.monotonic() < deadline and demo.poll() is None:
+        time.sleep(0.2)
+    demo.send_signal(signal.SIGTERM)
+    out, err = demo.communicate(timeout=90)
+    assert demo.returncode == 130, out[-2000:] + err[-2000:]
+    assert "demo summary" in out
+    left = subprocess.run(["pgrep", "-f", str(tmp_path)], capture_output=True, text=True)
+    assert left.stdout == "", left.stdout  # the feeder, the producer and the trainer are gone
