@@ -210,3 +210,24 @@ def test_two_data_parallel_trainers_share_the_stream_and_match_one(
             assert sorted(consumers) == ["trainer-0", "trainer-1"]
     for key, value in runs["single"].items():
         assert torch.allclose(runs["dp"][key], value, atol=1e-5), key  # the same steps, summed in another order
+
+
+async def test_weights_published_over_the_file_transport_load_and_equal_the_trained_model(
+    redis: aioredis.Redis, redis_url: str, keys: Keys, model_dir: Path, tmp_path: Path
+) -> None:
+    from miles_stream.weights import FileTransport, WeightSubscriber
+
+    await publish(redis_url, keys.namespace, groups(0, 8))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "MILES_REDIS_URL": redis_url}
+    cmd = train_cmd(keys.namespace, model_dir, tmp_path, "trainer.max_steps=2", "trainer.transport=file",
+                    f"trainer.weights_dir={tmp_path / 'weights'}")  # fmt: skip
+    proc = await asyncio.create_subprocess_exec(*cmd, env=env, stderr=asyncio.subprocess.PIPE)
+    _, err = await asyncio.wait_for(proc.communicate(), 120)
+    assert proc.returncode == 0, err.decode()[-3000:]
+    subscriber = WeightSubscriber(redis, keys, {"file": FileTransport("")})  # a producer's view: path from manifest
+    latest = await subscriber.latest()
+    assert latest is not None and latest[1].version == 2 and latest[1].transport == "file"
+    loaded = await subscriber.load(latest[1])
+    exported = load_file(tmp_path / "export" / "model.safetensors")
+    for name, tensor in exported.items():
+        assert loaded[name].equal(tensor), name  # what producers load is what the trainer ended with
