@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from miles_stream.buffer.filters import FILTERS
 from miles_stream.config import check
 
 
@@ -23,8 +24,6 @@ class BufferConfig:
         check(self.stale in ("drop", "recycle"), "buffer.stale", "allowed: drop, recycle")
         check(self.capacity >= 1, "buffer.capacity", "must be >= 1 (and at least one rank's share of a batch)")
         check(self.read_count >= 1, "buffer.read_count", "must be >= 1")
-        from miles_stream.buffer.filters import FILTERS  # the names are checked here, where config is read
-
         for name in self.filters:
             check(name in FILTERS, "buffer.filters", f"unknown filter {name!r}; known: {sorted(FILTERS)}")
 

@@ -18,14 +18,11 @@ def plan_micro_batches(lengths: Sequence[int], max_tokens: int) -> list[list[int
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     plans: list[list[int]] = []
     current: list[int] = []
-    longest = 0
-    for i in order:
-        longest_if_added = max(longest, lengths[i])
-        if current and longest_if_added * (len(current) + 1) > max_tokens:
+    for i in order:  # longest first, so a micro-batch's first row is its longest
+        if current and lengths[current[0]] * (len(current) + 1) > max_tokens:
             plans.append(current)
-            current, longest_if_added = [], lengths[i]
+            current = []
         current.append(i)
-        longest = longest_if_added
     if current:
         plans.append(current)
     return plans

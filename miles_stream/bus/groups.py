@@ -200,34 +200,26 @@ class GroupConsumer:
         if not items:
             return 0
         records: list[Any] = await self.redis.hmget(self.keys.prompt_of, [r.group_id for r in items])
-        found = [(r, rec) for r, rec in zip(items, records, strict=True) if rec is not None]
-
-        async def requeue() -> None:  # a retry after an applied EXEC re-adds a prompt: its group is a duplicate
-            async with self.redis.pipeline(transaction=True) as pipe:
-                for r, record in found:
-                    pipe.xadd(self.keys.prompts, {DATA: record})
-                    pipe.hdel(self.keys.prompt_of, r.group_id)
-                pipe.xack(self.stream.stream, self.stream.group, *[r.entry_id for r in items])
-                await pipe.execute()
-
-        await self.retry.run(requeue, on_retry=_log_retry)
-        for r in items:
-            self._held.pop(r.group_id, None)
-        self.stream.in_hand.difference_update(r.entry_id for r in items)
+        found = [rec for rec in records if rec is not None]
+        await self._finish(items, done=False, requeue=found)
         log.info("prompts_requeued", count=len(found), without_record=len(items) - len(found))
         return len(found)
 
-    async def _finish(self, items: Sequence[Ticket], *, done: bool) -> None:
+    async def _finish(self, items: Sequence[Ticket], *, done: bool, requeue: Sequence[bytes] = ()) -> None:
+        """Ack `items` in one transaction: marked done or not, their prompt records deleted (and `requeue`
+        re-published to the prompt stream first)."""
         if not items:
             return
         ids = [r.entry_id for r in items]
         group_ids = [r.group_id for r in items]
 
-        async def ack() -> None:  # idempotent, so safe to retry
-            async with self.redis.pipeline(transaction=True) as pipe:
+        async def ack() -> None:  # idempotent, except that a retry after an applied EXEC re-adds `requeue`
+            async with self.redis.pipeline(transaction=True) as pipe:  # (its groups come back as duplicates)
+                for record in requeue:
+                    pipe.xadd(self.keys.prompts, {DATA: record})
                 if done:
                     pipe.sadd(self.done_key, *group_ids)
-                if self.owns_prompts:
+                if self.owns_prompts or requeue:
                     pipe.hdel(self.keys.prompt_of, *group_ids)
                 pipe.xack(self.stream.stream, self.stream.group, *ids)
                 await pipe.execute()

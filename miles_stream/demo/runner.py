@@ -130,7 +130,6 @@ async def _supervise(run: Run, url: str, options: DemoOptions, console: Console)
     for name, command in (("feeder", "feed"), ("producer", "produce"), ("trainer", "train")):
         run.children[name] = _spawn(run, name, command, url)
     failed: Child | None = None
-    interrupted = False
     interrupt = asyncio.Event()  # Ctrl-C or SIGTERM: stop everything, summarise what there is
     for sig in (signal.SIGINT, signal.SIGTERM):
         asyncio.get_running_loop().add_signal_handler(sig, interrupt.set)
@@ -160,7 +159,6 @@ async def _supervise(run: Run, url: str, options: DemoOptions, console: Console)
     except (KeyboardInterrupt, asyncio.CancelledError):
         interrupt.set()
     finally:
-        interrupted = interrupt.is_set()
         _stop_all(run.children)
         _read_metrics(run.work / "metrics.jsonl", state)
         with contextlib.suppress(Exception):
@@ -176,7 +174,7 @@ async def _supervise(run: Run, url: str, options: DemoOptions, console: Console)
         if state.stop_reason:
             console.print(f"stopped early: {state.stop_reason}")
         console.print(summary(state, run.work, plot))
-    return 130 if interrupted else 0
+    return 130 if interrupt.is_set() else 0
 
 
 def _stop_all(children: dict[str, Child]) -> None:

@@ -88,6 +88,7 @@ class TrainerService:
         if self.export is not None and self.config.export_dir and self.parallel.is_main:
             await asyncio.to_thread(self.export, self.trainer.model, Path(self.config.export_dir))
             log.info("exported", path=self.config.export_dir)
+        self.parallel.barrier()  # no rank tears down the process group while another still uses it
         return self.progress
 
     def _finished(self) -> bool:

@@ -144,7 +144,7 @@ def test_cli_status_watch_redraws_until_interrupted(redis_url: str) -> None:
     env = {**os.environ, "MILES_REDIS_URL": redis_url}
     proc = subprocess.Popen([*CLI, "status", "--watch", "--interval", "0.2", "--namespace", "watch"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)  # fmt: skip
-    time.sleep(3)
+    time.sleep(6)  # time to import and draw at least once, even on a loaded machine
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=15)
     assert proc.returncode == 130, err

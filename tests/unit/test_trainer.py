@@ -171,6 +171,7 @@ def _dp_worker(rank: int, world: int, port: int, model_dir: str, out: str) -> No
     metrics = trainer.train(share)
     if rank == 0:
         torch.save({"grads": grads(model), "metrics": metrics}, out)
+    parallel.barrier()  # neither rank tears gloo down while the other still uses it
     parallel.close()
 
 
