@@ -86,7 +86,9 @@ async def _run(config: RunConfig, parallel: DataParallel, resume: bool) -> int:
         async with Heartbeat(redis, keys, role="trainer", member_id=name, config=config.bus,
                              describe=lambda: {"step": progress.step, "version": progress.version,
                                                "rollout_batch_size": config.buffer.rollout_batch_size,
-                                               "max_staleness": config.buffer.max_staleness}):  # fmt: skip
+                                               "max_staleness": config.buffer.max_staleness,
+                                               "held": service.held,
+                                               "read_per_batch": buffer.counters.read_per_batch}):  # fmt: skip
             await service.run(stop, resume=resume)
     finally:
         service.metrics.close()

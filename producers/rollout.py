@@ -15,6 +15,7 @@ from miles_stream.bus import Backpressure, GroupPublisher, Heartbeat, Keys, Stre
 from miles_stream.codec import GroupCodec
 from miles_stream.errors import ConfigError
 from miles_stream.rewards import RewardRegistry
+from miles_stream.rollout.admission import Admission
 from miles_stream.rollout.native import NativeEngine
 from miles_stream.rollout.producer import RolloutConfig, RolloutProducer
 from miles_stream.rollout.turns import Calculator, RolloutFn, ToolLoop, single_turn
@@ -43,21 +44,24 @@ async def _run(config: RunConfig) -> int:
                           seed=cfg.seed)  # fmt: skip
     redis, data = connect(config.redis), open_stream_client(config.redis)
     blocking = open_stream_client(config.redis, block_ms=config.bus.block_ms)
-    prompts = StreamConsumer(redis, blocking, stream=keys.prompts, group="producers",
-                             consumer=cfg.resolved_producer_id(), dead_stream=keys.dead, config=config.bus)  # fmt: skip
-    publisher = GroupPublisher(data, keys.trajectories, config.bus, codec=GroupCodec(config.codec),
+    name, codec = cfg.resolved_producer_id(), GroupCodec(config.codec)
+    prompts, partials = (StreamConsumer(redis, blocking, stream=stream, group="producers", consumer=name,
+                                        dead_stream=keys.dead, config=config.bus)
+                         for stream in (keys.prompts, keys.partials))  # fmt: skip
+    publisher = GroupPublisher(data, keys.trajectories, config.bus, codec=codec,
                                backpressure=Backpressure(redis, keys.trajectories, config.bus))  # fmt: skip
+    admission = Admission(redis, keys, config.bus, producer_id=name, over_sampling=cfg.over_sampling)
     rollout_fn, sampling = _turns(cfg, tokenizer)
     weights = WeightSubscriber(redis, keys, {"redis": RedisTransport(redis, keys), "file": FileTransport("")})
     producer = RolloutProducer(cfg, engine=engine, tokenizer=tokenizer, reward_fn=reward_fn, prompts=prompts,
-                               publisher=publisher, rollout_fn=rollout_fn, sampling=sampling,
-                               weights=weights)  # fmt: skip
+                               publisher=publisher, partials=partials, admission=admission, rollout_fn=rollout_fn,
+                               sampling=sampling, weights=weights, codec=codec)  # fmt: skip
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         asyncio.get_running_loop().add_signal_handler(sig, stop.set)
     try:
         async with Heartbeat(redis, keys, role="producer", member_id=producer.producer_id, config=config.bus,
-                             describe=lambda: {"groups": producer.counters.groups,
+                             describe=lambda: {"groups": producer.counters.groups, "in_flight": producer.in_flight,
                                                "weight_version": engine.weight_version}):  # fmt: skip
             await producer.run(stop)
     finally:

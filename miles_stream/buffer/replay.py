@@ -67,6 +67,7 @@ class BufferCounters:
     samples: int = 0  # their samples, and of those:
     reward_sum: float = 0.0
     correct: int = 0  # samples with reward >= 1 (exactly right, for the built-in rewards)
+    read_per_batch: float = 0.0  # groups read per batch handed out, recent average (filters and drops included)
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +93,7 @@ class ReplayBuffer:
         self.filters = {name: FILTERS[name] for name in config.filters} if filters is None else dict(filters)
         self.counters = BufferCounters()
         self._ready: deque[Received] = deque()
+        self._received_at_last_batch = 0
 
     async def start(self) -> None:
         await self.consumer.start()
@@ -110,6 +112,7 @@ class ReplayBuffer:
                 items = [self._ready.popleft() for _ in range(self.share)]
                 kept = await self.consumer.still_held(items)
                 if len(kept) == len(items):
+                    self._note_batch()
                     self.counters.accepted += len(kept)
                     staleness = [version - r.group.oldest_version for r in kept]
                     return Batch(kept, staleness, time.monotonic() - started)
@@ -127,6 +130,13 @@ class ReplayBuffer:
 
     async def commit(self, items: Sequence[Ticket]) -> None:
         await self.consumer.commit(items)
+
+    def _note_batch(self) -> None:
+        """What a batch costs in groups read, as an average over about the last ten batches: producers size
+        their admission budget by it (rollout/admission.py), since filtered and stale groups are read too."""
+        c = self.counters
+        read, self._received_at_last_batch = c.received - self._received_at_last_batch, c.received
+        c.read_per_batch = float(read) if not c.accepted else 0.9 * c.read_per_batch + 0.1 * read
 
     async def _admit(self, received: list[Received]) -> None:
         dropped: dict[str, list[Received]] = {}

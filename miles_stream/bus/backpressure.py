@@ -36,6 +36,42 @@ async def stream_backlog(redis: aioredis.Redis, stream: str) -> int:
     return (await _backlog(redis, stream))[0]
 
 
+@dataclass(frozen=True, slots=True)
+class GroupBacklog:
+    """What one consumer group has not acknowledged. `undelivered` is None where Redis cannot say (6.2)."""
+
+    undelivered: int | None
+    pending: int
+    length: int  # of the stream: an upper bound on undelivered + pending
+
+    @property
+    def unacked(self) -> int:
+        return self.length if self.undelivered is None else self.undelivered + self.pending
+
+    @property
+    def waiting(self) -> int:
+        """Entries not yet delivered; where Redis cannot say, the length less what is pending."""
+        return max(self.length - self.pending, 0) if self.undelivered is None else self.undelivered
+
+
+async def group_backlog(redis: aioredis.Redis, stream: str, group: str) -> GroupBacklog:
+    """The backlog of consumer group `group` on `stream` (the whole stream if that group does not exist)."""
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.xlen(stream)
+        pipe.xinfo_groups(stream)
+        try:
+            length, groups = await pipe.execute()
+        except rexc.ResponseError as exc:  # no such key yet
+            if "no such key" in str(exc).lower():
+                return GroupBacklog(0, 0, 0)
+            raise
+    for g in groups:
+        if g["name"] in (group, group.encode()):
+            lag = g.get("lag")
+            return GroupBacklog(None if lag is None else int(lag), int(g["pending"]), int(length))
+    return GroupBacklog(int(length), 0, int(length))
+
+
 async def _backlog(redis: aioredis.Redis, stream: str) -> tuple[int, bool]:
     """(backlog, exact): exact where every group reports its lag, else the stream length stands in."""
     async with redis.pipeline(transaction=False) as pipe:

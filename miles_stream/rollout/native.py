@@ -345,13 +345,13 @@ class NativeEngine:
 
 
 def _finish_reason(r: _Row) -> str | None:
-    if r.aborted:
-        return "abort"
+    """A row that ended on its own in the step it was aborted is finished, not aborted: resuming it would
+    generate past its stop token."""
     if r.tokens and r.tokens[-1] in r.stop_ids:
         return "stop"
     if len(r.tokens) >= r.request.params.max_new_tokens:
         return "length"
-    return None
+    return "abort" if r.aborted else None
 
 
 def _left_pad(x: torch.Tensor, width: int) -> torch.Tensor:

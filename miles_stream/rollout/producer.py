@@ -1,21 +1,29 @@
 """The rollout producer: prompts in, scored `TrajectoryGroup`s out.
 
-    {ns}:prompts ──XREADGROUP "producers"──► run(): one task per prompt, at most max_inflight_prompts
-                                              │ tokenize → engine.generate(n samples) → score_group
-                                              ▼
-    {ns}:trajectories ◄── publish (backpressure) ── then XACK the prompt
+    {ns}:partials ─┐ (first: work already started)
+    {ns}:prompts ──┴─XREADGROUP "producers"──► run(): one task per group, at most max_inflight_prompts;
+                       ▲                       │  a new prompt only while the staleness budget allows
+                       │                       │  tokenize → rollout_fn × n samples → score_group
+                       │ aborted: recycle      ▼
+                       └─── {ns}:partials ◄────┤
+    {ns}:trajectories ◄── publish (backpressure) ── then XACK the prompt (or partial)
 
-A prompt is acknowledged only after its group is on the trajectory stream. A producer that dies leaves its
-prompts pending, and another producer takes them over after `bus.claim_idle_ms`; the group id is derived from
-the prompt's (epoch, index), so a prompt generated twice that way yields the same group id and is trained at
-most once. On stop (SIGTERM) the producer takes no new prompt, aborts what it is generating, and hands those
-prompts back at once (re-published and acked in one transaction) so another producer needs not wait.
+A prompt is acknowledged only after its group is on the trajectory stream, or its partial on the partials
+stream (one transaction). A producer that dies leaves its entries pending, and another producer takes them
+over after `bus.claim_idle_ms`; the group id is derived from the prompt's (epoch, index), so a prompt
+generated twice that way yields the same group id and is trained at most once.
 
 Weights: before its first prompt the producer loads the newest announced version (so one attached mid-run
-starts current), then applies each new one between decode steps; samples in flight continue under it and
-their version spans say where. How a sample is rolled out is a `RolloutFn` (`turns.py`): single-turn by
-default, or turns of model and tool output (the calculator example). Not here yet: aborting and recycling
-partial rollouts through `{ns}:partials` on an update, and admission control by the staleness budget.
+starts current), then applies each new one between decode steps. What happens to samples in flight is
+`rollout.on_update`: "continue" (they go on under the new version in the engine, their version spans say
+where), or "recycle" (they are aborted, and their group goes to `{ns}:partials` with what it has; whoever
+claims it resumes each sample under the new weights, spans again saying where: `partials.py`). On stop
+(SIGTERM) the producer takes no new work and aborts what it is generating; groups with tokens go to the
+partials stream, prompts with none back to the prompt stream, so nothing is lost and little is redone.
+
+Admission (`admission.py`): a new prompt is claimed only while in_flight + queued fits the trainers'
+staleness budget; partials are resumed regardless (they were admitted already). How a sample is rolled out
+is a `RolloutFn` (`turns.py`): single-turn by default, or turns of model and tool output (the calculator).
 """
 
 from __future__ import annotations
@@ -34,10 +42,13 @@ import structlog
 from miles_stream.bus import Entry, GroupPublisher, Keys, RetryPolicy, StreamConsumer
 from miles_stream.bus.connection import is_transient
 from miles_stream.bus.streams import DATA
+from miles_stream.codec import GroupCodec
 from miles_stream.config import check
 from miles_stream.errors import InvalidRequest, SchemaError, WeightIntegrityError
 from miles_stream.prompts import PromptRecord, decode_prompt
 from miles_stream.rewards import RewardError, RewardInput, score_group
+from miles_stream.rollout.admission import Admission
+from miles_stream.rollout.partials import Partial, decode_partial, encode_partial, group_id
 from miles_stream.rollout.turns import RolloutFn, Trajectory, single_turn
 from miles_stream.rollout.types import RolloutEngine, SamplingParams
 from miles_stream.schema import Sample, TrajectoryGroup
@@ -61,6 +72,8 @@ class RolloutConfig:
     reward: str = "toy_addition"
     reward_timeout_s: float = 30.0
     max_inflight_prompts: int = 8
+    on_update: Literal["continue", "recycle"] = "continue"  # samples in flight at a weight update
+    over_sampling: float = 1.0  # admit this many times the staleness budget (admission.py)
     producer_id: str = ""  # empty: host-pid
     seed: int = 0
     torch_threads: int = 0  # intra-op threads of the engine; 0 = torch's default (all cores). With several
@@ -72,6 +85,7 @@ class RolloutConfig:
         check(self.max_inflight_prompts >= 1, "rollout.max_inflight_prompts", "must be >= 1")
         check(self.reward_timeout_s > 0, "rollout.reward_timeout_s", "must be positive")
         check(self.max_turns >= 1, "rollout.max_turns", "must be >= 1")
+        check(self.over_sampling >= 1.0, "rollout.over_sampling", "must be >= 1 (1 = the staleness budget)")
 
     def resolved_producer_id(self) -> str:
         return self.producer_id or f"{socket.gethostname()}-{os.getpid()}"
@@ -81,9 +95,24 @@ class RolloutConfig:
 class ProducerCounters:
     prompts: int = 0
     groups: int = 0
-    returned: int = 0
+    returned: int = 0  # prompts handed back untouched
+    recycled: int = 0  # partial groups published to {ns}:partials
+    resumed: int = 0  # partial groups claimed and continued
     dead_lettered: int = 0
     tokens: int = 0
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class _Work:
+    """One group to make: from a prompt entry (every sample fresh) or a partial entry (some started)."""
+
+    source: StreamConsumer
+    entry: Entry
+    partial: Partial
+
+    @property
+    def request_id(self) -> str:
+        return f"{self.source.stream}#{self.entry.id}"
 
 
 class RolloutProducer:
@@ -96,30 +125,46 @@ class RolloutProducer:
         reward_fn: Any,
         prompts: StreamConsumer,
         publisher: GroupPublisher,
+        partials: StreamConsumer | None = None,
+        admission: Admission | None = None,
         rollout_fn: RolloutFn = single_turn,
         sampling: SamplingParams | None = None,
         weights: WeightSubscriber | None = None,
+        codec: GroupCodec | None = None,
     ) -> None:
-        self.weights = weights
+        self.weights, self.admission = weights, admission
         self.config, self.engine, self.tokenizer, self.reward_fn = config, engine, tokenizer, reward_fn
         self.rollout_fn, self.sampling = rollout_fn, sampling or config.sampling
-        self.prompts, self.publisher = prompts, publisher
+        self.prompts, self.partials, self.publisher = prompts, partials, publisher
+        self.codec = codec or GroupCodec()
         self.producer_id = config.resolved_producer_id()
         self.counters = ProducerCounters()
         self.retry = RetryPolicy(attempts=0, max_delay_s=2.0)  # ride out a Redis restart
         self._stopping = False
+        self._generating: set[str] = set()  # request ids of the groups in the engine now
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def in_flight(self) -> int:
+        """Groups this producer is making now (claimed, not yet published or recycled)."""
+        return len(self._tasks)
+
+    @property
+    def sources(self) -> tuple[StreamConsumer, ...]:
+        return (self.prompts,) if self.partials is None else (self.partials, self.prompts)
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Claim and process prompts until `stop` is set, then hand back what is in flight. A prompt whose
-        processing fails unexpectedly stops the producer and is raised here; that prompt stays pending."""
-        await self.prompts.start()
+        """Claim and process prompts and partials until `stop` is set, then hand back or recycle what is in
+        flight. A group whose processing fails unexpectedly stops the producer and is raised here; its entry
+        stays pending."""
+        for source in self.sources:
+            await source.start()
         last_weights = await self._load_latest_weights()
         slots = asyncio.Semaphore(self.config.max_inflight_prompts)
-        tasks: set[asyncio.Task[None]] = set()
         failures: list[BaseException] = []
 
         def done(t: asyncio.Task[None]) -> None:
-            tasks.discard(t)
+            self._tasks.discard(t)
             slots.release()
             if not t.cancelled() and (exc := t.exception()) is not None:
                 failures.append(exc)
@@ -135,25 +180,15 @@ class RolloutProducer:
                 if stop.is_set():
                     acquire.cancel()
                     break
-                reading = asyncio.create_task(self.retry.run(lambda: self.prompts.read(1)))
-                await asyncio.wait({reading, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
-                if not reading.done():  # stopped mid-read: a read returns within block_ms, unless Redis is down
-                    await asyncio.wait({reading}, timeout=self.prompts.config.block_ms / 1000 + 1.0)
-                    if not reading.done():  # riding out an outage: give up, what is pending stays pending
-                        reading.cancel()
-                        slots.release()
+                claimed = await self._claim(stop, stop_wait)
+                if claimed is None or not claimed[1]:
+                    slots.release()
+                    if claimed is None:
                         break
-                entries = reading.result()
-                if stop.is_set():
-                    for entry in entries:  # claimed just as we stopped: hand it straight back
-                        await self._hand_back(entry)
-                    slots.release()
-                    break
-                if not entries:
-                    slots.release()
                     continue
-                task = asyncio.create_task(self._process(entries[0]), name=entries[0].id)
-                tasks.add(task)
+                source, (entry,) = claimed
+                task = asyncio.create_task(self._process(source, entry))
+                self._tasks.add(task)
                 task.add_done_callback(done)
         finally:
             stop_wait.cancel()
@@ -161,11 +196,42 @@ class RolloutProducer:
             if follow is not None:
                 follow.cancel()
             self._stopping = True
-            if tasks:
-                await self.engine.abort([t.get_name() for t in tasks])
-                await asyncio.gather(*tasks, return_exceptions=True)
+            if self._tasks:
+                await self.engine.abort(sorted(self._generating))
+                await asyncio.gather(*self._tasks, return_exceptions=True)
         if failures:
             raise failures[0]
+
+    async def _claim(
+        self, stop: asyncio.Event, stop_wait: asyncio.Task[Any]
+    ) -> tuple[StreamConsumer, list[Entry]] | None:
+        """Up to one entry: a partial if one waits, else a prompt once admission allows. None: stopped."""
+        if self.partials is not None:
+            entries = await self._read(self.partials, stop_wait, block_ms=0)
+            if entries is None or entries:
+                return None if entries is None else (self.partials, entries)
+        if self.admission is not None and not await self.admission.wait_for_room(lambda: self.in_flight, stop):
+            return None
+        entries = await self._read(self.prompts, stop_wait)
+        return None if entries is None else (self.prompts, entries)
+
+    async def _read(
+        self, source: StreamConsumer, stop_wait: asyncio.Task[Any], block_ms: int | None = None
+    ) -> list[Entry] | None:
+        """One read that a stop cuts short. None: stopped (entries read just then are handed back)."""
+        reading = asyncio.create_task(self.retry.run(lambda: source.read(1, block_ms)))
+        await asyncio.wait({reading, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+        if not reading.done():  # stopped mid-read: a read returns within block_ms, unless Redis is down
+            await asyncio.wait({reading}, timeout=source.config.block_ms / 1000 + 1.0)
+            if not reading.done():  # riding out an outage: give up, what is pending stays pending
+                reading.cancel()
+                return None
+        entries = reading.result()
+        if stop_wait.done():
+            for entry in entries:  # claimed just as we stopped: hand it straight back
+                await self._hand_back(source, entry, dict(entry.fields))
+            return None
+        return entries
 
     async def _load_latest_weights(self) -> str:
         """Before generating anything: load the newest published version, if any. Returns its entry id."""
@@ -179,7 +245,7 @@ class RolloutProducer:
 
     async def _follow_weights(self, last: str) -> None:
         """Apply each new version as it is announced; one that fails verification is skipped (old weights
-        stay). Samples in flight go on under the new version, which their version spans record."""
+        stay). With on_update "recycle" the groups being generated are aborted first (they go to partials)."""
         assert self.weights is not None
         while True:
             try:
@@ -188,7 +254,10 @@ class RolloutProducer:
                     continue
                 last, manifest = announced
                 if manifest.version > self.engine.weight_version:
-                    await self.engine.update_weights(manifest.version, await self.weights.load(manifest))
+                    state = await self.weights.load(manifest)
+                    if self.config.on_update == "recycle" and self._generating:
+                        await self.engine.abort(sorted(self._generating))
+                    await self.engine.update_weights(manifest.version, state)
                     log.info("weights_updated", version=manifest.version)
             except WeightIntegrityError as exc:
                 log.error("weights_rejected", error=str(exc))
@@ -199,63 +268,82 @@ class RolloutProducer:
                 await asyncio.sleep(1.0)
 
     async def _keep_alive(self) -> None:
-        """Touch the prompts in flight every claim_idle/3, however long generation takes, so that no other
+        """Touch the entries in flight every claim_idle/3, however long generation takes, so that no other
         producer takes them over; abort any taken over all the same (after a stall): its new owner makes it."""
         interval = self.prompts.config.claim_idle_ms / 3000
         while True:
             await asyncio.sleep(interval)
-            try:
-                await self.prompts.touch_in_hand(force=True)
-            except Exception as exc:
-                if not is_transient(exc):
-                    raise
-                log.warning("keep_alive_failed", error=str(exc))
-            if self.prompts.lost:
-                await self.engine.abort(sorted(self.prompts.lost))
+            for source in self.sources:
+                try:
+                    await source.touch_in_hand(force=True)
+                except Exception as exc:
+                    if not is_transient(exc):
+                        raise
+                    log.warning("keep_alive_failed", error=str(exc))
+                if source.lost:
+                    await self.engine.abort(sorted(f"{source.stream}#{i}" for i in source.lost))
 
-    async def _process(self, entry: Entry) -> None:
+    def _work(self, source: StreamConsumer, entry: Entry) -> _Work:
+        """Raises `SchemaError` for an entry that does not decode."""
+        if source is self.partials:
+            self.counters.resumed += 1
+            return _Work(source, entry, decode_partial(self.codec, entry.fields))
+        prompt = decode_prompt(entry.data)
+        return _Work(source, entry, Partial(bytes(entry.data), prompt, (), self.config.n_samples_per_prompt))
+
+    async def _process(self, source: StreamConsumer, entry: Entry) -> None:
         try:
-            prompt = decode_prompt(entry.data)
+            work = self._work(source, entry)
         except SchemaError as exc:
             self.counters.dead_lettered += 1
-            await self.prompts.dead_letter(entry, f"schema: {exc}")
+            await source.dead_letter(entry, f"schema: {exc}")
             return
+        prompt = work.partial.prompt
         prompt_ids = self.tokenizer(prompt.text)["input_ids"]
-        samples = [self.rollout_fn(self.engine, prompt_ids, self.sampling, entry.id)
-                   for _ in range(self.config.n_samples_per_prompt)]  # fmt: skip
+        self._generating.add(work.request_id)
         try:
-            results = await asyncio.gather(*samples)
+            results = await asyncio.gather(*(self._sample(prompt_ids, work.request_id, p)
+                                             for p in work.partial.prefixes))  # fmt: skip
         except InvalidRequest as exc:  # this prompt cannot run on this model: set it aside, keep going
             self.counters.dead_lettered += 1
-            await self.prompts.dead_letter(entry, f"request: {exc}")
+            await source.dead_letter(entry, f"request: {exc}")
             return
-        if entry.id in self.prompts.lost:  # taken over by another producer: it publishes this prompt
-            self.prompts.lost.discard(entry.id)
-            log.warning("prompt_taken_over", id=entry.id)
+        finally:
+            self._generating.discard(work.request_id)
+        if entry.id in source.lost:  # taken over by another producer: it publishes this group
+            source.lost.discard(entry.id)
+            log.warning("entry_taken_over", stream=source.stream, id=entry.id)
             return
         if self._stopping or any(r.finish_reason == "abort" for r in results):
-            await self._hand_back(entry)
+            await self._recycle(work, prompt_ids, results)
             return
         try:
             rewards = await score_group(self.reward_fn, self._reward_inputs(prompt, results),
                                         timeout_s=self.config.reward_timeout_s)  # fmt: skip
         except RewardError as exc:
             self.counters.dead_lettered += 1
-            await self.prompts.dead_letter(entry, f"reward: {exc}")
+            await source.dead_letter(entry, f"reward: {exc}")
             return
         group = TrajectoryGroup(
-            group_id=f"e{prompt.epoch}-i{prompt.index}",
+            group_id=group_id(prompt),
             prompt_key=prompt.key,
             producer_id=self.producer_id,
             prompt_ids=np.asarray(prompt_ids, dtype=np.int32),
-            samples=tuple(_sample(r, reward) for r, reward in zip(results, rewards, strict=True)),
+            samples=tuple(_scored(r, reward) for r, reward in zip(results, rewards, strict=True)),
             created_at=time.time(),
         )
         await self.publisher.publish(group)
-        await self._ack_published(entry, group.group_id)
+        await self._ack_published(work, group.group_id)
+        if self.admission is not None:
+            self.admission.note_queued()
         self.counters.prompts += 1
         self.counters.groups += 1
         self.counters.tokens += sum(len(r.response_ids) for r in results)
+
+    async def _sample(self, prompt_ids: Sequence[int], request_id: str, prefix: Trajectory | None) -> Trajectory:
+        if prefix is not None and prefix.finish_reason != "abort":
+            return prefix  # finished before the group was recycled
+        return await self.rollout_fn(self.engine, prompt_ids, self.sampling, request_id, prefix)
 
     def _reward_inputs(self, prompt: PromptRecord, results: Sequence[Trajectory]) -> list[RewardInput]:
         texts = self.tokenizer.batch_decode([r.response_ids.tolist() for r in results], skip_special_tokens=True)
@@ -264,33 +352,61 @@ class RolloutProducer:
             for text, r in zip(texts, results, strict=True)
         ]
 
-    async def _ack_published(self, entry: Entry, group_id: str) -> None:
-        """Ack the prompt and keep its record under the group id, in one transaction: the trainer deletes
-        it when done with the group, or re-queues it if the group arrives too stale to train on."""
-        async with self.prompts.redis.pipeline(transaction=True) as pipe:
-            pipe.hset(Keys(self.prompts.config.namespace).prompt_of, group_id, bytes(entry.data))
-            pipe.xack(self.prompts.stream, self.prompts.group, entry.id)
+    async def _ack_published(self, work: _Work, group_id: str) -> None:
+        """Ack the entry and keep its prompt record under the group id, in one transaction: the trainer
+        deletes it when done with the group, or re-queues it if the group arrives too stale to train on."""
+        source = work.source
+        async with source.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(Keys(source.config.namespace).prompt_of, group_id, work.partial.prompt_data)
+            pipe.xack(source.stream, source.group, work.entry.id)
             await pipe.execute()
-        self.prompts.in_hand.discard(entry.id)
+        source.in_hand.discard(work.entry.id)
 
-    async def _hand_back(self, entry: Entry) -> None:
-        """Re-publish a prompt this producer will not finish and ack the original, in one transaction."""
-        async with self.prompts.redis.pipeline(transaction=True) as pipe:
-            pipe.xadd(self.prompts.stream, {DATA: bytes(entry.data)})
-            pipe.xack(self.prompts.stream, self.prompts.group, entry.id)
+    async def _recycle(self, work: _Work, prompt_ids: Sequence[int], results: Sequence[Trajectory]) -> None:
+        """An interrupted group: what it has goes to the partials stream (the prompt back to the prompt
+        stream if no sample has a token yet, or where there is no partials stream)."""
+        fields = None
+        if self.partials is not None:
+            try:
+                fields = encode_partial(self.codec, work.partial.prompt_data, work.partial.prompt, prompt_ids,
+                                        results, self.producer_id)  # fmt: skip
+            except SchemaError as exc:  # should not happen; the prompt is kept all the same
+                log.error("partial_not_encodable", group=group_id(work.partial.prompt), error=str(exc))
+        if fields is None:
+            await self._hand_back(work.source, work.entry, {DATA: work.partial.prompt_data}, to=self.prompts)
+            return
+        assert self.partials is not None
+        await self._hand_back(work.source, work.entry, fields, to=self.partials, count=False)
+        self.counters.recycled += 1
+        if self.admission is not None:
+            self.admission.note_queued()
+
+    async def _hand_back(
+        self,
+        source: StreamConsumer,
+        entry: Entry,
+        fields: dict[Any, Any],
+        to: StreamConsumer | None = None,
+        count: bool = True,
+    ) -> None:
+        """Publish `fields` on `to` (default: the entry's own stream) and ack the entry, in one transaction."""
+        target = to or source
+        async with source.redis.pipeline(transaction=True) as pipe:
+            pipe.xadd(target.stream, fields)
+            pipe.xack(source.stream, source.group, entry.id)
             await pipe.execute()
-        self.prompts.in_hand.discard(entry.id)
-        self.counters.returned += 1
-        log.info("prompt_returned", id=entry.id)
+        source.in_hand.discard(entry.id)
+        self.counters.returned += count
+        log.info("entry_returned", stream=target.stream, id=entry.id)
 
 
-def _sample(r: Trajectory, reward: float) -> Sample:
+def _scored(r: Trajectory, reward: float) -> Sample:
     return Sample(
         response_ids=r.response_ids,
         logprobs=r.logprobs,
         loss_mask=r.loss_mask,
         version_spans=r.version_spans,
         finish_reason=r.finish_reason,
-        reward=reward,
         routing=r.routing,
+        reward=reward,
     )

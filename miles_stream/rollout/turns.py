@@ -3,10 +3,16 @@
 A multi-turn sample interleaves the model's tokens (loss mask 1, the engine's logprobs) with tool output
 (loss mask 0, logprob 0): each turn re-runs the whole context through the engine and generates until a stop
 token, then the tool answers and the next turn starts. Version spans are offset to response positions.
-The routing trace is the last turn's, which ran over every position (prompt, earlier turns, tool output):
-under one weight version it equals what each earlier turn saw.
 
-Legend: P prompt tokens, T response tokens (model and tool), as in `schema.Sample`.
+Every rollout function can resume a sample from a `prefix`, the partial `Trajectory` of an aborted rollout
+(`{ns}:partials`): the engine is given prompt + prefix as its context and the budget left, and what it
+returns is appended (`extend`). The routing trace keeps the rows already known and takes the rest from the
+newest engine call, which ran over every position (prompt, earlier turns, tool output): rows recorded under
+an older weight version stay as they were recorded.
+
+Legend: P prompt tokens, T response tokens (model and tool), as in `schema.Sample`. While a sample is being
+built its routing may cover fewer than P + T - 1 positions (tool output not yet run through the model);
+a finished sample's covers them all.
 """
 
 from __future__ import annotations
@@ -41,25 +47,77 @@ class Trajectory:
     finish_reason: FinishReason
     routing: np.ndarray | None
 
+    @staticmethod
+    def empty() -> Trajectory:
+        return Trajectory(
+            response_ids=np.zeros(0, np.int32), logprobs=np.zeros(0, np.float32), loss_mask=np.zeros(0, np.uint8),
+            version_spans=make_spans([]), finish_reason="abort", routing=None,
+        )  # fmt: skip
+
+    def __len__(self) -> int:
+        return len(self.response_ids)
+
 
 class RolloutFn(Protocol):
     async def __call__(
-        self, engine: RolloutEngine, prompt_ids: Sequence[int], params: SamplingParams, request_id: str
+        self,
+        engine: RolloutEngine,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        request_id: str,
+        prefix: Trajectory | None = None,
     ) -> Trajectory: ...
 
 
-async def single_turn(
-    engine: RolloutEngine, prompt_ids: Sequence[int], params: SamplingParams, request_id: str
-) -> Trajectory:
-    (result,) = await engine.generate([GenerationRequest(request_id=request_id, prompt_ids=prompt_ids, params=params)])
+def extend(done: Trajectory, result: GenerationResult) -> Trajectory:
+    """`done` followed by the model tokens of `result`, which the engine generated after prompt + `done`."""
+    offset = len(done)
+    spans = [*done.version_spans.tolist(), *((start + offset, v) for start, v in result.version_spans.tolist())]
+    routing = result.routing
+    if done.routing is not None and routing is not None:
+        routing = np.concatenate([done.routing, routing[len(done.routing) :]])
     return Trajectory(
-        response_ids=result.response_ids,
-        logprobs=result.logprobs,
-        loss_mask=np.ones(len(result.response_ids), dtype=np.uint8),
-        version_spans=result.version_spans,
+        response_ids=np.concatenate([done.response_ids, result.response_ids.astype(np.int32)]),
+        logprobs=np.concatenate([done.logprobs, result.logprobs.astype(np.float32)]),
+        loss_mask=np.concatenate([done.loss_mask, np.ones(len(result.response_ids), np.uint8)]),
+        version_spans=make_spans(merge_spans([tuple(s) for s in spans], offset + len(result.response_ids))),
         finish_reason=result.finish_reason,
-        routing=result.routing,
+        routing=routing if routing is not None else done.routing,
     )
+
+
+def append_tool_output(done: Trajectory, tool_ids: Sequence[int]) -> Trajectory:
+    """`done` followed by tool output: not the model's, so loss mask 0 and logprob 0."""
+    n = len(tool_ids)
+    return dataclasses.replace(
+        done,
+        response_ids=np.concatenate([done.response_ids, np.asarray(tool_ids, np.int32)]),
+        logprobs=np.concatenate([done.logprobs, np.zeros(n, np.float32)]),
+        loss_mask=np.concatenate([done.loss_mask, np.zeros(n, np.uint8)]),
+    )
+
+
+async def generate_after(
+    engine: RolloutEngine, prompt_ids: Sequence[int], done: Trajectory, params: SamplingParams, request_id: str
+) -> Trajectory:
+    """One engine call that continues `done` within what is left of `params.max_new_tokens`."""
+    budget = params.max_new_tokens - len(done)
+    if budget < 1:  # nothing left to generate: the sample ends where it is
+        return dataclasses.replace(done, finish_reason="length")
+    request = GenerationRequest(request_id=request_id, prompt_ids=[*prompt_ids, *done.response_ids.tolist()],
+                                params=dataclasses.replace(params, max_new_tokens=budget))  # fmt: skip
+    (result,) = await engine.generate([request])
+    return extend(done, result)
+
+
+async def single_turn(
+    engine: RolloutEngine,
+    prompt_ids: Sequence[int],
+    params: SamplingParams,
+    request_id: str,
+    prefix: Trajectory | None = None,
+) -> Trajectory:
+    return await generate_after(engine, prompt_ids, prefix or Trajectory.empty(), params, request_id)
 
 
 Tool = Callable[[list[int]], list[int] | None]  # response so far -> tool output tokens, or None to end
@@ -74,41 +132,29 @@ class ToolLoop:
     max_turns: int = 4
 
     async def __call__(
-        self, engine: RolloutEngine, prompt_ids: Sequence[int], params: SamplingParams, request_id: str
+        self,
+        engine: RolloutEngine,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        request_id: str,
+        prefix: Trajectory | None = None,
     ) -> Trajectory:
-        ids: list[int] = []
-        logprobs: list[float] = []
-        mask: list[int] = []
-        spans: list[tuple[int, int]] = []
-        for turn in range(self.max_turns):
-            budget = params.max_new_tokens - len(ids)
-            request = GenerationRequest(request_id=request_id, prompt_ids=[*prompt_ids, *ids],
-                                        params=dataclasses.replace(params, max_new_tokens=budget))  # fmt: skip
-            (result,) = await engine.generate([request])
-            spans += [(start + len(ids), version) for start, version in result.version_spans.tolist()]
-            ids += result.response_ids.tolist()
-            logprobs += result.logprobs.tolist()
-            mask += [1] * len(result.response_ids)
-            answer = self.tool(ids) if result.finish_reason == "stop" and turn + 1 < self.max_turns else None
-            if not answer or len(ids) + len(answer) >= params.max_new_tokens:
-                return _trajectory(ids, logprobs, mask, spans, result)
-            ids += answer
-            logprobs += [0.0] * len(answer)
-            mask += [0] * len(answer)
-        raise AssertionError("unreachable: the last turn returns")
+        traj = prefix or Trajectory.empty()
+        turns = _tool_outputs(traj.loss_mask)  # model turns finished before the current one
+        while True:
+            traj = await generate_after(engine, prompt_ids, traj, params, request_id)
+            turns += 1
+            last_turn = traj.finish_reason != "stop" or turns >= self.max_turns
+            answer = None if last_turn else self.tool(traj.response_ids.tolist())
+            if not answer or len(traj) + len(answer) >= params.max_new_tokens:
+                return traj
+            traj = append_tool_output(traj, answer)
 
 
-def _trajectory(
-    ids: list[int], logprobs: list[float], mask: list[int], spans: list[tuple[int, int]], last: GenerationResult
-) -> Trajectory:
-    return Trajectory(
-        response_ids=np.asarray(ids, dtype=np.int32),
-        logprobs=np.asarray(logprobs, dtype=np.float32),
-        loss_mask=np.asarray(mask, dtype=np.uint8),
-        version_spans=make_spans(merge_spans(spans, len(ids))),
-        finish_reason=last.finish_reason,
-        routing=last.routing,
-    )
+def _tool_outputs(mask: np.ndarray) -> int:
+    """How many runs of tool output (loss mask 0) a response holds."""
+    zero = mask == 0
+    return int(zero[0]) + int((zero[1:] & ~zero[:-1]).sum()) if len(mask) else 0
 
 
 # ---- the worked example: a calculator ------------------------------------------------------------------

@@ -91,6 +91,11 @@ class TrainerService:
         self.parallel.barrier()  # no rank tears down the process group while another still uses it
         return self.progress
 
+    @property
+    def held(self) -> int:
+        """Groups trained but not yet committed (acked at the next checkpoint)."""
+        return len(self._uncommitted)
+
     def _finished(self) -> bool:
         return 0 < self.config.max_steps <= self.progress.step
 

@@ -50,7 +50,8 @@ def test_feeder_producers_and_trainer_learn_with_nothing_lost(tmp_path: Path) ->
         while len(metrics(tmp_path / "metrics.jsonl")) < 40 and time.monotonic() < deadline:
             assert trainer.poll() is None, (tmp_path / "trainer.log").read_text()[-3000:]
             time.sleep(0.2)
-        late = start("produce", "producer-b", "rollout.producer_id=b")  # attached while the run goes
+        # attached while the run goes; it aborts and recycles what it generates at each weight update
+        late = start("produce", "producer-b", "rollout.producer_id=b", "rollout.on_update=recycle")
         assert trainer.wait(timeout=300) == 0, (tmp_path / "trainer.log").read_text()[-3000:]
         for proc in (late, first, feeder):
             proc.send_signal(signal.SIGTERM)
@@ -60,8 +61,10 @@ def test_feeder_producers_and_trainer_learn_with_nothing_lost(tmp_path: Path) ->
         with sync_redis.Redis.from_url(server.url) as client:
             trajectories = client.xinfo_groups("demo:trajectories")
             prompts_pending = client.xinfo_groups("demo:prompts")[0]["pending"]
+            partials = client.xinfo_groups("demo:partials") if client.exists("demo:partials") else []
             done = {x.decode() for x in client.smembers("demo:done:trainer")}
     assert prompts_pending == 0  # both producers handed back what they had in flight
+    assert all(g["pending"] == 0 for g in partials)  # and every partial claimed was finished or handed back
 
     rows = metrics(tmp_path / "metrics.jsonl")
     assert [r["step"] for r in rows] == list(range(1, steps + 1))
@@ -93,6 +96,9 @@ def test_feeder_producers_and_trainer_learn_with_nothing_lost(tmp_path: Path) ->
         if '"producer_stopped"' in line:
             by_producer = json.loads(line)
     assert by_producer.get("groups", 0) > 0  # the late producer contributed
+    admitted = [json.loads(x) for x in (tmp_path / "producer-a.log").read_text().splitlines() if x.startswith("{")]
+    waits = [e for e in admitted if e.get("event") == "admission_waiting"]
+    assert all(int(e["budget"]) >= (max_staleness + 1) * 16 for e in waits)  # the trainers' budget, when it binds
 
 
 @pytest.mark.timeout(200)

@@ -13,9 +13,11 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 import redis as sync_redis
 import redis.asyncio as aioredis
+import torch
 from transformers import AutoTokenizer
 
 from miles_stream.bus import BusConfig, GroupConsumer, GroupPublisher, Keys, StreamClient, StreamConsumer
@@ -60,13 +62,14 @@ async def make_producer(
                                **overrides)  # type: ignore[arg-type]  # fmt: skip
         engine = NativeEngine(str(model_dir), max_batch=8)
         engines.append(engine)
-        prompts = StreamConsumer(redis, blocking, stream=keys.prompts, group="producers", consumer=name,
-                                 dead_stream=keys.dead, config=bus_config)  # fmt: skip
+        prompts, partials = (StreamConsumer(redis, blocking, stream=stream, group="producers", consumer=name,
+                                            dead_stream=keys.dead, config=bus_config)
+                             for stream in (keys.prompts, keys.partials))  # fmt: skip
         extra = {"rollout_fn": rollout_fn} if rollout_fn is not None else {}
         if weights is not None:
             extra["weights"] = weights
         return RolloutProducer(config, engine=engine, tokenizer=AutoTokenizer.from_pretrained(model_dir),
-                               reward_fn=toy_addition, prompts=prompts,
+                               reward_fn=toy_addition, prompts=prompts, partials=partials,
                                publisher=GroupPublisher(blocking, keys.trajectories, bus_config), **extra)  # fmt: skip
 
     yield make
@@ -131,9 +134,9 @@ async def test_stopping_hands_back_prompts_in_flight_and_loses_none(
     await asyncio.sleep(1.0)  # prompts claimed, generation under way
     stop.set()
     await asyncio.wait_for(run, 30)
-    assert producer.counters.returned >= 1
+    assert producer.counters.recycled >= 1  # groups with tokens go to the partials stream, to be resumed
     assert (await redis.xpending(keys.prompts, "producers"))["pending"] == 0
-    # every prompt is either a published group or back on the prompt stream, unacknowledged
+    # every prompt is a published group, a partial on the partials stream, or back on the prompt stream
     rest = make_producer("rest")
     stop2 = asyncio.Event()
     run2 = asyncio.create_task(rest.run(stop2))
@@ -141,6 +144,8 @@ async def test_stopping_hands_back_prompts_in_flight_and_loses_none(
     stop2.set()
     await asyncio.wait_for(run2, 30)
     assert sorted(r.group.group_id for r in got) == sorted(f"e0-i{i}" for i in range(6))
+    assert rest.counters.resumed == producer.counters.recycled  # the other producer finished each partial
+    assert all(len(s.response_ids) >= 4 for r in got for s in r.group.samples)
 
 
 def test_cli_produce_stops_on_sigterm_and_loses_nothing(redis_url: str, model_dir: Path, tmp_path: Path) -> None:
@@ -169,7 +174,10 @@ def test_cli_produce_stops_on_sigterm_and_loses_nothing(redis_url: str, model_di
         trained = {codec.decode(f[b"d"]).prompt_key for _, f in client.xrange(f"{ns}:trajectories")}
         after = "(" + waiting["last-delivered-id"].decode()  # handed back: re-published, not yet delivered
         returned = {decode_prompt(f[b"d"]).key for _, f in client.xrange(f"{ns}:prompts", min=after)}
-        assert trained | returned == {"0", "1", "2", "3"}  # every prompt published as a group or back in line
+        recycled = {decode_prompt(f[b"p"]).key for _, f in client.xrange(f"{ns}:partials")}
+        assert len(recycled) >= 1  # it was generating when stopped: that work is kept as a partial
+        # every prompt published as a group, recycled with its partial samples, or back in line
+        assert trained | returned | recycled == {"0", "1", "2", "3"}
 
 
 async def test_tool_turns_reach_the_trainer_with_tool_output_masked(
@@ -257,3 +265,99 @@ async def test_a_prompt_the_model_cannot_run_is_dead_lettered_and_the_rest_go_on
     assert len(dead) == 1 and dead[0][1][b"reason"].startswith(b"request: request")
     assert b"empty prompt" in dead[0][1][b"reason"]
     assert (await redis.xpending(keys.prompts, "producers"))["pending"] == 0
+
+
+async def test_recycled_groups_resume_under_the_new_weights_with_each_token_scored_by_its_version(
+    redis: aioredis.Redis, blocking: StreamClient, keys: Keys, bus_config: BusConfig, make_producer, tmp_path: Path,
+    model_dir: Path,
+) -> None:  # fmt: skip
+    from transformers import AutoModelForCausalLM
+
+    from miles_stream.weights import FileTransport, WeightPublisher, WeightSubscriber
+
+    models = [AutoModelForCausalLM.from_pretrained(model_dir).eval() for _ in range(2)]
+    generator = torch.Generator().manual_seed(0)
+    noise: dict[int, torch.Tensor] = {}  # one per storage: tied embeddings move together
+    moved = {k: v + noise.setdefault(v.data_ptr(), 0.05 * torch.randn(v.shape, generator=generator))
+             for k, v in models[1].state_dict().items()}  # fmt: skip
+    models[1].load_state_dict(moved)
+    transport = FileTransport(tmp_path / "weights")
+    await feed(redis, keys, bus_config, addition_jsonl(tmp_path / "p.jsonl", 2))
+    producer = make_producer("r", weights=WeightSubscriber(redis, keys, {"file": transport}), on_update="recycle",
+                             max_new_tokens=400, ignore_eos=True)  # fmt: skip
+    stop = asyncio.Event()
+    run = asyncio.create_task(producer.run(stop))
+    for _ in range(200):  # both groups in the engine, some tokens made
+        if len(producer._generating) == 2:
+            break
+        await asyncio.sleep(0.02)
+    await asyncio.sleep(0.3)
+    await WeightPublisher(redis, keys, transport).publish(1, moved)
+    got = await collect(redis, blocking, keys, bus_config, want=2)
+    stop.set()
+    await asyncio.wait_for(run, 30)
+    assert producer.counters.recycled >= 1 and producer.counters.resumed >= 1 and producer.counters.groups == 2
+    spanned = 0
+    for r in got:
+        validate_group(r.group)
+        prompt = r.group.prompt_ids.tolist()
+        for s in r.group.samples:
+            assert len(s.response_ids) == 400 and s.finish_reason == "length"
+            full = torch.tensor([prompt + s.response_ids.tolist()])
+            ids = torch.from_numpy(s.response_ids.astype(np.int64))[:, None]
+            with torch.no_grad():
+                scored = [torch.log_softmax(m(full[:, :-1]).logits[0, len(prompt) - 1 :], -1).gather(-1, ids)[:, 0]
+                          for m in models]  # fmt: skip
+            bounds = [*s.version_spans[:, 0].tolist(), len(s.response_ids)]
+            for (start, version), end in zip(s.version_spans.tolist(), bounds[1:], strict=True):
+                got_lp = torch.from_numpy(np.array(s.logprobs[start:end]))
+                assert torch.allclose(got_lp, scored[version][start:end], atol=1e-4), (start, version)
+                assert not torch.allclose(got_lp, scored[1 - version][start:end], atol=1e-3)
+            spanned += s.version_spans.tolist()[0][1] == 0 and len(s.version_spans) == 2
+    assert spanned >= 1  # samples begun under version 0 and finished under version 1
+    assert await redis.xlen(keys.partials) == 0 or (await redis.xpending(keys.partials, "producers"))["pending"] == 0
+
+
+async def test_a_malformed_partial_is_dead_lettered_and_the_producer_goes_on(
+    redis: aioredis.Redis, blocking: StreamClient, keys: Keys, bus_config: BusConfig, make_producer, tmp_path: Path
+) -> None:
+    await redis.xadd(keys.partials, {b"d": b"junk", b"p": b"", b"m": b"{}"})
+    await feed(redis, keys, bus_config, addition_jsonl(tmp_path / "p.jsonl", 2))
+    producer = make_producer("p")
+    stop = asyncio.Event()
+    run = asyncio.create_task(producer.run(stop))
+    got = await collect(redis, blocking, keys, bus_config, want=2)
+    stop.set()
+    await asyncio.wait_for(run, 30)
+    assert len(got) == 2
+    dead = await redis.xrange(keys.dead)
+    assert len(dead) == 1 and dead[0][1][b"reason"].startswith(b"schema:")
+    assert (await redis.xpending(keys.partials, "producers"))["pending"] == 0
+
+
+async def test_admission_holds_new_groups_to_the_trainers_staleness_budget(
+    redis: aioredis.Redis, blocking: StreamClient, keys: Keys, bus_config: BusConfig, make_producer, tmp_path: Path
+) -> None:
+    from miles_stream.bus import Heartbeat
+    from miles_stream.bus.streams import trim_acknowledged
+    from miles_stream.rollout.admission import Admission
+
+    await feed(redis, keys, bus_config, addition_jsonl(tmp_path / "p.jsonl", 8))
+    trainer_says = {"rollout_batch_size": 2, "max_staleness": 0, "held": 0}  # budget: (0 + 1) * 2 groups
+    producer = make_producer("a", max_inflight_prompts=8)
+    producer.admission = Admission(redis, keys, bus_config, producer_id="a")
+    stop = asyncio.Event()
+    async with Heartbeat(redis, keys, role="trainer", member_id="t", config=bus_config, describe=lambda: trainer_says):
+        run = asyncio.create_task(producer.run(stop))
+        await asyncio.sleep(3.0)
+        assert await redis.xlen(keys.trajectories) == 2  # in flight + queued never above the budget
+        assert producer.admission.waits >= 1 and producer.in_flight == 0
+        got = await collect(redis, blocking, keys, bus_config, want=2)  # the trainer takes them: room for 2 more
+        await trim_acknowledged(redis, keys.trajectories)
+        await asyncio.sleep(3.0)
+        assert len(got) == 2 and producer.counters.groups == 4
+        trainer_says["max_staleness"] = -1  # no bound: the rest go
+        got += await collect(redis, blocking, keys, bus_config, want=6)  # the 2 made since, and the last 4
+        stop.set()
+        await asyncio.wait_for(run, 30)
+    assert sorted(r.group.group_id for r in got) == sorted(f"e0-i{i}" for i in range(8))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -13,7 +14,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from miles_stream.models import TinyModelConfig, build_tiny_model, build_tokenizer
 from miles_stream.rollout import SamplingParams
 from miles_stream.rollout.native import NativeEngine
-from miles_stream.rollout.turns import Calculator, ToolLoop, evaluate_arithmetic, single_turn
+from miles_stream.rollout.turns import Calculator, ToolLoop, Trajectory, evaluate_arithmetic, extend, single_turn
+from miles_stream.rollout.types import GenerationResult
+from miles_stream.schema import make_spans
 
 
 @pytest.fixture(scope="module")
@@ -88,3 +91,53 @@ async def test_the_token_budget_covers_all_turns(engine: NativeEngine) -> None:
     traj = await loop(engine, [5, 6], params, "r")
     assert len(traj.response_ids) <= 9
     assert traj.loss_mask[-1] == 1  # a sample never ends on tool output
+
+
+def _cut(traj: Trajectory, n: int, prompt_len: int) -> Trajectory:
+    """The first `n` response tokens of `traj`, as an aborted rollout would have left them."""
+    routing = None if traj.routing is None else traj.routing[: prompt_len + n - 1]
+    return Trajectory(response_ids=traj.response_ids[:n], logprobs=traj.logprobs[:n], loss_mask=traj.loss_mask[:n],
+                      version_spans=traj.version_spans[:1], finish_reason="abort", routing=routing)  # fmt: skip
+
+
+@pytest.mark.parametrize("cut", [1, 4, 7])
+async def test_a_resumed_greedy_sample_equals_the_uninterrupted_one(engine: NativeEngine, cut: int) -> None:
+    prompt, params = [5, 6, 7], SamplingParams(temperature=0, max_new_tokens=9, ignore_eos=True)
+    whole = await single_turn(engine, prompt, params, "whole")
+    resumed = await single_turn(engine, prompt, params, "resumed", prefix=_cut(whole, cut, len(prompt)))
+    assert resumed.response_ids.tolist() == whole.response_ids.tolist()
+    assert np.allclose(resumed.logprobs, whole.logprobs, atol=1e-5)
+    assert resumed.routing is not None and whole.routing is not None
+    assert resumed.routing.shape == whole.routing.shape
+    assert (np.sort(resumed.routing, -1) == np.sort(whole.routing, -1)).all()
+    assert resumed.finish_reason == "length" and resumed.version_spans.tolist() == [[0, 0]]
+
+
+async def test_a_tool_loop_resumes_mid_turn_and_after_tool_output(engine: NativeEngine) -> None:
+    loop = ToolLoop(lambda ids: [10, 11], max_turns=3)
+    params = SamplingParams(temperature=0, max_new_tokens=12, stop_token_ids=tuple(range(4, 50)))
+    prompt = [5, 6, 7, 8]
+    whole = await loop(engine, prompt, params, "whole")
+    assert whole.loss_mask.tolist() == [1, 0, 0, 1, 0, 0, 1]
+    assert whole.routing is not None
+    for cut in (3, 6):  # after tool output, which the model has not run over yet (each model turn is one token)
+        known = whole.routing[: len(prompt) + cut - 3]  # fewer routing rows than prompt + response - 1
+        prefix = dataclasses.replace(_cut(whole, cut, len(prompt)), routing=known)
+        resumed = await loop(engine, prompt, params, "resumed", prefix=prefix)
+        assert resumed.response_ids.tolist() == whole.response_ids.tolist(), cut
+        assert resumed.loss_mask.tolist() == whole.loss_mask.tolist()
+        assert resumed.routing is not None and whole.routing is not None
+        assert (np.sort(resumed.routing, -1) == np.sort(whole.routing, -1)).all()
+
+
+def test_extend_records_a_new_version_span_where_the_resumed_tokens_start() -> None:
+    done = Trajectory(response_ids=np.array([1, 2], np.int32), logprobs=np.array([-1, -2], np.float32),
+                      loss_mask=np.ones(2, np.uint8), version_spans=make_spans([(0, 3)]), finish_reason="abort",
+                      routing=np.zeros((4, 2, 1), np.uint8))  # fmt: skip
+    result = GenerationResult(request_id="r", response_ids=np.array([3], np.int32),
+                              logprobs=np.array([-0.5], np.float32), finish_reason="stop",
+                              version_spans=make_spans([(0, 4)]), routing=np.ones((5, 2, 1), np.uint8))  # fmt: skip
+    out = extend(done, result)
+    assert out.response_ids.tolist() == [1, 2, 3] and out.logprobs.tolist() == [-1, -2, -0.5]
+    assert out.version_spans.tolist() == [[0, 3], [2, 4]] and out.finish_reason == "stop"
+    assert out.routing is not None and out.routing[:, 0, 0].tolist() == [0, 0, 0, 0, 1]  # known rows kept
