@@ -26,6 +26,9 @@ class TrainerConfig:
     updates_per_batch: int = 1  # optimizer steps per rollout batch (the batch is cut into this many parts)
     micro_batch_tokens: int = 8192  # padded tokens per forward/backward pass
     recompute_old_logprobs: bool = True  # False: trust the rollout logprobs as the old policy's
+    fused_logprobs: bool = True  # logprobs/entropy from hidden states in chunks (kernels/); False: full logits
+    activation_checkpointing: bool = False  # recompute each layer's activations in the backward pass
+    compile: bool = False  # torch.compile each decoder layer (fuses norms, activations, rotary; compiles once)
     temperature: float = 0.0  # logprobs are log_softmax(logits / T); 0 = rollout.sampling.temperature (1 if greedy)
     max_steps: int = 0  # rollout batches to train on, then stop; 0 = until stopped
     publish_every: int = 1  # publish new weights every k rollout batches

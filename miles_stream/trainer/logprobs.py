@@ -1,8 +1,10 @@
 """Per-token logprobs of the response tokens under a Hugging Face causal LM.
 
-Only the response positions go through the output layer, so a micro-batch's full-vocabulary float32
-logits are [b, T, V], never [b, L, V]; no more than one micro-batch of them exists at a time.
-Shapes as in `batch.py`; V is the vocabulary.
+Only the response positions go through the output layer. With `fused` (the default, where the output
+layer is a plain bias-free linear, as in Llama, Qwen and Mistral) their logprobs and entropy come from the
+hidden states through `kernels.token_logprobs`, chunk by chunk, never holding the [b, T, V] logits; without,
+a micro-batch's full-vocabulary float32 logits [b, T, V] are materialised. Shapes as in `batch.py`; V is the
+vocabulary.
 """
 
 from __future__ import annotations
@@ -12,11 +14,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from miles_stream.kernels import token_logprobs
 from miles_stream.trainer.batch import MicroInputs
 
 
 def response_logprobs(
-    model: Any, x: MicroInputs, *, temperature: float, entropy_grad: bool = False
+    model: Any, x: MicroInputs, *, temperature: float, entropy_grad: bool = False, fused: bool = True
 ) -> tuple[Tensor, Tensor]:
     """(logp_bT, entropy_bT): log_softmax(logits / temperature) at each response token, and the entropy of
     that distribution (differentiable only with `entropy_grad`). Values past a response's end are garbage
@@ -25,7 +28,14 @@ def response_logprobs(
     hidden = base(input_ids=x.input_ids, attention_mask=x.attention_mask, use_cache=False).last_hidden_state
     rows = torch.arange(hidden.shape[0], device=hidden.device)[:, None]
     h_bTH = hidden[rows, x.positions_bT]
-    logits = model.get_output_embeddings()(h_bTH).float()
+    head = model.get_output_embeddings()
+    if fused and type(head) is torch.nn.Linear and getattr(head, "bias", None) is None:
+        b, t, width = h_bTH.shape
+        logp, entropy = token_logprobs(h_bTH.reshape(b * t, width), head.weight, x.targets_bT.reshape(b * t),
+                                       temperature=temperature)  # fmt: skip
+        entropy = entropy if entropy_grad else entropy.detach()
+        return logp.view(b, t), entropy.view(b, t)
+    logits = head(h_bTH).float()
     if temperature != 1.0:
         logits = logits / temperature
     logp_all = torch.log_softmax(logits, dim=-1)

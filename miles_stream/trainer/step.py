@@ -51,6 +51,11 @@ class PolicyTrainer:
         self.parallel = parallel or DataParallel()
         self.device = next(model.parameters()).device
         self.objective = build_objective(algo)
+        if config.activation_checkpointing:
+            set_activation_checkpointing(model, True)
+        if config.compile:
+            for layer in decoder_layers(model):
+                layer.compile(dynamic=True)
         self.optimizer = build_optimizer(model.parameters(), config)
         self.scheduler = build_scheduler(self.optimizer, config)
 
@@ -96,7 +101,7 @@ class PolicyTrainer:
             mb = batch.rows(rows)
             t = mb.mask_BT.shape[1]
             logp, entropy = response_logprobs(self.model, micro_inputs(mb, self.device),
-                                              temperature=self.temperature,
+                                              temperature=self.temperature, fused=self.config.fused_logprobs,
                                               entropy_grad=self.algo.entropy_coef > 0)  # fmt: skip
             mask = mb.mask_BT.to(self.device)
             rollout = mb.logp_rollout_BT.to(self.device)
@@ -145,9 +150,25 @@ class PolicyTrainer:
         out = torch.zeros_like(batch.logp_rollout_BT, device=self.device)
         for rows in plan_micro_batches(batch.lengths, self.config.micro_batch_tokens):
             mb = batch.rows(rows)
-            logp, _ = response_logprobs(model, micro_inputs(mb, self.device), temperature=self.temperature)
+            logp, _ = response_logprobs(model, micro_inputs(mb, self.device), temperature=self.temperature,
+                                        fused=self.config.fused_logprobs)  # fmt: skip
             out[rows, : mb.mask_BT.shape[1]] = logp * mb.mask_BT.to(self.device)
         return out
+
+
+def set_activation_checkpointing(model: nn.Module, on: bool) -> None:
+    """Turn a Hugging Face model's activation checkpointing on or off (transformers >= 5.2x renamed it from
+    gradient checkpointing; both spellings are met in the wild)."""
+    name = "activation" if hasattr(model, "activation_checkpointing_enable") else "gradient"
+    if on:
+        getattr(model, f"{name}_checkpointing_enable")(**{f"{name}_checkpointing_kwargs": {"use_reentrant": False}})
+    else:
+        getattr(model, f"{name}_checkpointing_disable")()
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The transformer blocks of a Hugging Face causal LM (modules whose class ends in "DecoderLayer")."""
+    return [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
 
 
 def _split(rows: Sequence[int], parts: int) -> list[list[int]]:

@@ -111,6 +111,24 @@ def test_micro_batch_size_does_not_change_the_step(model_dir: Path) -> None:
             torch.testing.assert_close(other[name], value, atol=1e-6, rtol=1e-4)
 
 
+@pytest.mark.parametrize("variant", [{"fused_logprobs": False}, {"activation_checkpointing": True}])
+def test_the_full_logits_path_and_activation_checkpointing_take_the_fused_step(
+    model_dir: Path, variant: dict[str, bool]
+) -> None:
+    base = load(model_dir)
+    batch = fixed_batch(base)
+    algo = AlgoConfig(entropy_coef=0.01)  # gradients through the entropy too
+    results = []
+    for options in ({}, variant):
+        model = copy.deepcopy(base)
+        trainer = PolicyTrainer(model, TrainerConfig(lr=1e-3, **options), algo, temperature=0.8)
+        results.append((trainer.train(batch)["loss"], grads(model)))
+    (loss, fused), (other_loss, other) = results
+    assert abs(loss - other_loss) < 1e-6
+    for name, value in fused.items():
+        torch.testing.assert_close(other[name], value, atol=1e-6, rtol=1e-4)
+
+
 def test_several_updates_per_batch_clip_against_the_recomputed_old_policy(model_dir: Path) -> None:
     model = load(model_dir)
     config = TrainerConfig(lr=1e-3, updates_per_batch=2)

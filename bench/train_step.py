@@ -1,0 +1,157 @@
+"""A training step of a Qwen3-0.6B-shaped model with the full RL loss, through `PolicyTrainer`, on one GPU.
+
+    python bench/train_step.py [--steps 5] [--json-out FILE] [--cases naive-4k,fused-16k,...]
+
+The model: Qwen3-0.6B's shape (28 layers, hidden 1024, 16 query / 8 KV heads, head dim 128, MLP 3072,
+vocabulary 151,936, tied embeddings), random weights, bf16, SDPA attention. One rollout batch of groups
+whose samples are 256 prompt + 1,792 response tokens; GRPO advantages, PPO clip, TIS against synthetic
+behaviour logprobs, entropy bonus; AdamW. Each case runs the same batch with a micro-batch token budget and
+the logprob path named (fused: `kernels.token_logprobs`; naive: full float32 logits), optionally with
+activation checkpointing. A case that runs out of memory is reported as such.
+
+MFU = model flops per step / step time / peak bf16 matmul rate, with model flops counted as PaLM does:
+6 x parameters x tokens + 12 x layers x heads x head_dim x sequence length x tokens (attention, not halved
+for causality); the tied embedding counts once (it is the output layer's matmul). The peak rate is measured
+here (an 8192^3 bf16 matmul), not the datasheet's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+import torch
+
+from miles_stream.synthetic import synthetic_group
+from miles_stream.trainer.algo_config import AlgoConfig
+from miles_stream.trainer.batch import collate
+from miles_stream.trainer.config import TrainerConfig
+from miles_stream.trainer.step import PolicyTrainer, set_activation_checkpointing
+
+SHAPE = {"vocab_size": 151936, "hidden_size": 1024, "intermediate_size": 3072, "num_hidden_layers": 28,
+         "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 128, "max_position_embeddings": 40960,
+         "tie_word_embeddings": True, "rope_theta": 1_000_000.0}  # fmt: skip
+CASES = {  # name: (micro-batch tokens, fused, activation checkpointing, compiled layers)
+    "naive-4k": (4096, False, False, False),
+    "naive-16k": (16384, False, False, False),
+    "fused-4k": (4096, True, False, False),
+    "fused-16k": (16384, True, False, False),
+    "fused-16k-ckpt": (16384, True, True, False),
+    "fused-32k-ckpt": (32768, True, True, False),
+    "fused-16k-compile": (16384, True, False, True),
+}
+
+
+def build_model() -> Any:
+    from transformers import AutoModelForCausalLM, Qwen3Config
+
+    config = Qwen3Config(**SHAPE)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa")
+    return model.cuda()
+
+
+def make_batch(groups: int, samples: int, prompt_len: int, response_len: int, vocab: int) -> Any:
+    rng = np.random.default_rng(0)
+    out = []
+    for _ in range(groups):
+        g = synthetic_group(rng, n_samples=samples, prompt_len=prompt_len, response_len=response_len, vocab=vocab)
+        behaviour = np.full(response_len, -3.0, np.float32)  # near a random model's, so TIS weights are sane
+        out.append(replace(g, samples=tuple(replace(s, logprobs=behaviour) for s in g.samples)))
+    return collate(out)
+
+
+def peak_tflops() -> float:
+    a, b = (torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(20):
+        a @ b
+    torch.cuda.synchronize()
+    return 2 * 8192**3 * 20 / (time.perf_counter() - t) / 1e12
+
+
+def run_case(model: Any, batch: Any, tokens_per_seq: int, name: str, steps: int, profile: str = "") -> dict[str, Any]:
+    budget, fused, ckpt, compiled = CASES[name]
+    config = TrainerConfig(lr=1e-6, micro_batch_tokens=budget, fused_logprobs=fused, activation_checkpointing=ckpt,
+                           compile=compiled)  # fmt: skip
+    algo = AlgoConfig(tis_mode="truncate", entropy_coef=0.001)
+    trainer = PolicyTrainer(model, config, algo, temperature=1.0)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    try:
+        trainer.train(batch)  # warm-up
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(steps):
+            t = time.perf_counter()
+            trainer.train(batch)
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - t)
+        if profile:
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                trainer.train(batch)
+                torch.cuda.synchronize()
+            with open(profile, "w") as f:
+                f.write(prof.key_averages().table(sort_by="cuda_time_total", row_limit=40))
+    except torch.OutOfMemoryError:
+        return {"case": name, "oom": True}
+    finally:
+        if ckpt:
+            set_activation_checkpointing(model, False)
+        del trainer
+    step_s = float(np.median(times))
+    return {"case": name, "micro_batch_tokens": budget, "fused": fused, "activation_checkpointing": ckpt,
+            "step_s": step_s, "tokens_per_s": batch.size * tokens_per_seq / step_s,
+            "peak_gib": torch.cuda.max_memory_allocated() / 2**30}  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--groups", type=int, default=4)
+    parser.add_argument("--samples", type=int, default=8)
+    parser.add_argument("--prompt-len", type=int, default=256)
+    parser.add_argument("--response-len", type=int, default=1792)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--cases", default=",".join(CASES))
+    parser.add_argument("--json-out")
+    parser.add_argument("--profile", default="", help="write a CUDA profile of one step of the first case here")
+    args = parser.parse_args()
+    model = build_model()
+    params = sum(p.numel() for p in model.parameters())  # tied embedding once
+    seq = args.prompt_len + args.response_len
+    batch = make_batch(args.groups, args.samples, args.prompt_len, args.response_len, SHAPE["vocab_size"])
+    tokens = batch.size * seq
+    attn = 12 * SHAPE["num_hidden_layers"] * SHAPE["num_attention_heads"] * SHAPE["head_dim"] * seq
+    flops = (6 * params + attn) * tokens
+    peak = peak_tflops()
+    results = []
+    for i, name in enumerate(args.cases.split(",")):
+        r = run_case(model, batch, seq, name, args.steps, args.profile if i == 0 else "")
+        if not r.get("oom"):
+            r["mfu"] = flops / r["step_s"] / (peak * 1e12)
+        results.append(r)
+        print(json.dumps(r), flush=True)
+    summary = {"device": torch.cuda.get_device_name(), "params": params, "tokens_per_step": tokens,
+               "model_tflop_per_step": flops / 1e12, "peak_bf16_tflops": peak, "results": results}  # fmt: skip
+    print(f"\n{summary['device']}: {params / 1e6:.0f}M params, {tokens} tokens/step ({batch.size} x {seq}), "
+          f"{flops / 1e12:.1f} model TFLOP/step, measured bf16 peak {peak:.0f} TFLOP/s")  # fmt: skip
+    print(f"{'case':<16}{'step s':>9}{'tokens/s':>11}{'MFU':>7}{'peak GiB':>10}")
+    for r in results:
+        if r.get("oom"):
+            print(f"{r['case']:<16}{'out of memory':>37}")
+        else:
+            print(f"{r['case']:<16}{r['step_s']:>9.3f}{r['tokens_per_s']:>11.0f}{r['mfu']:>7.1%}{r['peak_gib']:>10.1f}")
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump(summary, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,95 @@
+"""Token logprobs and entropy without the logits: the chunked path equals the full-logits one, values and
+gradients, on CPU (float64 and float32) and, where a GPU is present, the Triton path in bf16."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from miles_stream.kernels import naive_token_logprobs, token_logprobs
+
+
+def inputs(n: int, d: int, v: int, dtype: torch.dtype, device: str = "cpu", seed: int = 0) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    hidden = torch.randn(n, d, generator=g, dtype=torch.float64)
+    weight = torch.randn(v, d, generator=g, dtype=torch.float64) / d**0.5 * 3  # logits of a few units, as in LMs
+    targets = torch.randint(0, v, (n,), generator=g)
+    return hidden.to(device, dtype), weight.to(device, dtype), targets.to(device)
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("chunk", [1, 7, 64])
+def test_values_equal_the_full_logits_path_in_float64(temperature: float, chunk: int) -> None:
+    hidden, weight, targets = inputs(37, 16, 101, torch.float64, seed=chunk)
+    logp, entropy = token_logprobs(hidden, weight, targets, temperature=temperature, chunk=chunk)
+    ref_logp, ref_entropy = naive_token_logprobs(hidden, weight, targets, temperature=temperature)
+    assert logp.dtype == torch.float64
+    assert torch.allclose(logp, ref_logp, rtol=0, atol=1e-12)
+    assert torch.allclose(entropy, ref_entropy, rtol=0, atol=1e-12)
+    assert (logp <= 0).all() and (entropy >= 0).all()
+
+
+def test_gradients_pass_gradcheck_through_both_outputs() -> None:
+    hidden, weight, targets = inputs(9, 5, 13, torch.float64, seed=3)
+    hidden.requires_grad_(True)
+    weight.requires_grad_(True)
+    fn = lambda h, w: token_logprobs(h, w, targets, temperature=0.8, chunk=4)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (hidden, weight))
+
+
+@pytest.mark.parametrize("use", ["logp", "entropy", "both"])
+def test_float32_gradients_match_the_full_logits_path(use: str) -> None:
+    hidden, weight, targets = inputs(50, 32, 300, torch.float32, seed=5)
+    up = torch.randn(2, 50, generator=torch.Generator().manual_seed(9))
+    grads = []
+    for fn in (lambda h, w: token_logprobs(h, w, targets, temperature=0.9, chunk=16),
+               lambda h, w: naive_token_logprobs(h, w, targets, temperature=0.9)):  # fmt: skip
+        h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+        logp, entropy = fn(h, w)
+        loss = {"logp": (logp * up[0]).sum(), "entropy": (entropy * up[1]).sum()}
+        total = sum(loss.values()) if use == "both" else loss[use]
+        total.backward()  # type: ignore[union-attr]
+        grads.append((h.grad, w.grad))
+    (gh, gw), (rh, rw) = grads
+    assert gh is not None and gw is not None and rh is not None and rw is not None
+    assert rel(gh, rh) < 1e-5 and rel(gw, rw) < 1e-5
+
+
+def test_bf16_inputs_stay_close_to_the_float64_result() -> None:
+    hidden, weight, targets = inputs(64, 64, 1000, torch.float64, seed=7)
+    logp, entropy = token_logprobs(hidden.bfloat16(), weight.bfloat16(), targets, chunk=10)
+    ref_logp, ref_entropy = naive_token_logprobs(hidden, weight, targets)
+    assert logp.dtype == torch.float32
+    assert rel(logp, ref_logp) < 1e-2 and rel(entropy, ref_entropy) < 1e-2
+
+
+def test_bad_shapes_and_temperatures_are_refused() -> None:
+    hidden, weight, targets = inputs(4, 8, 10, torch.float32)
+    with pytest.raises(ValueError, match="weight"):
+        token_logprobs(hidden, weight[:, :4], targets)
+    with pytest.raises(ValueError, match="targets"):
+        token_logprobs(hidden, weight, targets[:3])
+    with pytest.raises(ValueError, match="temperature"):
+        token_logprobs(hidden, weight, targets, temperature=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("temperature", [1.0, 0.6])
+def test_triton_path_in_bf16_matches_float64_values_and_gradients(temperature: float) -> None:
+    hidden, weight, targets = inputs(1000, 256, 32_000, torch.bfloat16, device="cuda", seed=11)
+    h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+    logp, entropy = token_logprobs(h, w, targets, temperature=temperature, chunk=300)
+    up = torch.randn(2, 1000, device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+    ((logp * up[0]).sum() + (entropy * up[1]).sum()).backward()
+    h64, w64 = hidden.double().requires_grad_(True), weight.double().requires_grad_(True)
+    ref_logp, ref_entropy = naive_token_logprobs(h64, w64, targets, temperature=temperature)
+    ((ref_logp * up[0].double()).sum() + (ref_entropy * up[1].double()).sum()).backward()
+    assert h.grad is not None and w.grad is not None and h64.grad is not None and w64.grad is not None
+    assert torch.isfinite(logp).all() and torch.isfinite(h.grad).all() and torch.isfinite(w.grad).all()
+    assert rel(logp, ref_logp) < 1e-2 and rel(entropy, ref_entropy) < 1e-2  # bf16 operands: 1e-3 to 1e-2
+    assert rel(h.grad, h64.grad) < 2e-2 and rel(w.grad, w64.grad) < 2e-2

@@ -1,0 +1,45 @@
+"""The trainer on a GPU: compiled decoder layers and the Triton logprob kernel take the eager step."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from miles_stream.models import TinyModelConfig, build_tiny_model
+from miles_stream.synthetic import synthetic_group
+from miles_stream.trainer.algo_config import AlgoConfig
+from miles_stream.trainer.batch import collate
+from miles_stream.trainer.config import TrainerConfig
+from miles_stream.trainer.step import PolicyTrainer
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+
+def test_compiled_layers_and_fused_logprobs_take_the_eager_full_logits_step(tmp_path: Path) -> None:
+    base = AutoModelForCausalLM.from_pretrained(build_tiny_model(tmp_path, TinyModelConfig(kind="dense")))
+    rng = np.random.default_rng(0)
+    groups = []
+    for _ in range(4):
+        g = synthetic_group(rng, n_samples=4, prompt_len=int(rng.integers(2, 9)), response_len=int(rng.integers(3, 12)),
+                            vocab=base.config.vocab_size)  # fmt: skip
+        groups.append(replace(g, samples=tuple(replace(s, logprobs=np.full(s.num_tokens, -3.0, np.float32))
+                                               for s in g.samples)))  # fmt: skip
+    batch = collate(groups)
+    results = []
+    for options in ({"fused_logprobs": False}, {"compile": True}):
+        model = copy.deepcopy(base).cuda()
+        trainer = PolicyTrainer(model, TrainerConfig(lr=1e-3, device="cuda", **options),
+                                AlgoConfig(entropy_coef=0.01), temperature=0.8)  # fmt: skip
+        results.append((trainer.train(batch)["loss"], {n: p.grad.clone() for n, p in model.named_parameters()
+                                                        if p.grad is not None}))  # fmt: skip
+    (loss, eager), (compiled_loss, compiled) = results
+    assert eager.keys() == compiled.keys() and eager
+    assert abs(loss - compiled_loss) < 1e-4
+    for name, value in eager.items():
+        torch.testing.assert_close(compiled[name], value, atol=1e-5, rtol=1e-3)
