@@ -23,6 +23,7 @@ class TrainerConfig:
     decay_steps: int = 0  # cosine: optimizer steps from the end of warm-up to `min_lr`; 0 = max_steps
     min_lr: float = 0.0
     grad_clip: float = 1.0  # max global gradient norm; 0 = off
+    grad_spike_factor: float = 10.0  # log a gradient norm over this many times its recent average
     updates_per_batch: int = 1  # optimizer steps per rollout batch (the batch is cut into this many parts)
     micro_batch_tokens: int = 8192  # padded tokens per forward/backward pass
     recompute_old_logprobs: bool = True  # False: trust the rollout logprobs as the old policy's
@@ -54,6 +55,7 @@ class TrainerConfig:
         check(self.grad_clip >= 0, "trainer.grad_clip", "must be >= 0 (0 = off)")
         check(self.updates_per_batch >= 1, "trainer.updates_per_batch", "must be >= 1")
         check(self.micro_batch_tokens >= 1, "trainer.micro_batch_tokens", "must be >= 1")
+        check(self.grad_spike_factor > 1, "trainer.grad_spike_factor", "must be > 1")
         check(self.temperature >= 0, "trainer.temperature", "must be >= 0")
         check(self.max_steps >= 0, "trainer.max_steps", "must be >= 0")
         check(self.publish_every >= 1, "trainer.publish_every", "must be >= 1")

@@ -12,10 +12,12 @@ runs, so they are its detached logprobs (no second pass); with more, they are co
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from typing import Any
 
+import structlog
 import torch
 from torch import Tensor, nn
 
@@ -28,6 +30,7 @@ from miles_stream.trainer.logprobs import response_logprobs
 from miles_stream.trainer.optim import build_optimizer, build_scheduler
 from miles_stream.trainer.parallel import DataParallel
 
+log = structlog.get_logger(__name__)
 SUMMED = frozenset({"loss", "pg_loss", "kl_loss", "entropy"})  # already divided by the global count
 
 
@@ -58,6 +61,8 @@ class PolicyTrainer:
                 layer.compile(dynamic=True)
         self.optimizer = build_optimizer(model.parameters(), config)
         self.scheduler = build_scheduler(self.optimizer, config)
+        self.skipped_steps = 0  # optimizer steps skipped for a non-finite loss or gradient
+        self._grad_norm_average = 0.0
 
     @property
     def params(self) -> list[nn.Parameter]:
@@ -122,14 +127,28 @@ class PolicyTrainer:
                 target[name] = target.get(name, torch.zeros((), device=self.device)) + value.detach().float() * scale
         self.parallel.sum_grads(self.params)
         clip = self.config.grad_clip if self.config.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip)
-        self.optimizer.step()
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, clip))
         lr = float(self.scheduler.get_last_lr()[0])
-        self.scheduler.step()
+        if math.isfinite(grad_norm):
+            self._watch_grad_norm(grad_norm)
+            self.optimizer.step()
+            self.scheduler.step()
+        else:  # a NaN/inf loss or gradient would ruin the weights: skip this update (every rank sees the same sum)
+            self.optimizer.zero_grad(set_to_none=True)
+            self.skipped_steps += 1
+            log.error("update_skipped_nonfinite", grad_norm=grad_norm, skipped_total=self.skipped_steps)
         return self._reduce_metrics(summed, weighted, local_tokens, num_tokens) | {
-            "grad_norm": float(grad_norm),
+            "grad_norm": grad_norm,
             "lr": lr,
+            "skipped_updates": float(self.skipped_steps),
         }
+
+    def _watch_grad_norm(self, grad_norm: float) -> None:
+        """Log a gradient norm over `grad_spike_factor` times its recent average (the step still goes on)."""
+        average = self._grad_norm_average
+        if average and grad_norm > self.config.grad_spike_factor * average:
+            log.warning("grad_norm_spike", grad_norm=round(grad_norm, 4), recent_average=round(average, 4))
+        self._grad_norm_average = grad_norm if not average else 0.9 * average + 0.1 * grad_norm
 
     def _reduce_metrics(
         self, summed: dict[str, Tensor], weighted: dict[str, Tensor], local_tokens: float, num_tokens: float
