@@ -142,10 +142,20 @@ def test_cli_status_describes_a_namespace(redis_url: str) -> None:
 @pytest.mark.integration
 def test_cli_status_watch_redraws_until_interrupted(redis_url: str) -> None:
     env = {**os.environ, "MILES_REDIS_URL": redis_url}
-    proc = subprocess.Popen([*CLI, "status", "--watch", "--interval", "0.2", "--namespace", "watch"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)  # fmt: skip
-    time.sleep(6)  # time to import and draw at least once, even on a loaded machine
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=15)
+    with redis.Redis.from_url(redis_url) as client:
+        before = len(client.client_list())
+        proc = subprocess.Popen([*CLI, "status", "--watch", "--interval", "0.2", "--namespace", "watch"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)  # fmt: skip
+        try:
+            deadline = time.monotonic() + 60  # imports take seconds on a loaded machine: wait for its connection
+            while len(client.client_list()) <= before and time.monotonic() < deadline and proc.poll() is None:
+                time.sleep(0.1)
+            time.sleep(1.0)  # a few redraws
+            proc.send_signal(signal.SIGINT)
+            out, err = proc.communicate(timeout=30)
+        finally:
+            if proc.poll() is None:  # never leave it running into the next test
+                proc.kill()
+                proc.communicate()
     assert proc.returncode == 130, err
     assert "watch:trajectories" in out and "processes alive" in out
