@@ -41,7 +41,8 @@ async def _run(config: RunConfig) -> int:
     reward_fn = RewardRegistry().get(cfg.reward)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model)
     engine = NativeEngine(cfg.model, device=cfg.device, dtype=getattr(torch, cfg.dtype), max_batch=cfg.max_batch,
-                          seed=cfg.seed)  # fmt: skip
+                          seed=cfg.seed, kv_cache=cfg.kv_cache, max_seq_len=cfg.max_seq_len,
+                          cuda_graphs=cfg.cuda_graphs, compile_decode=cfg.compile_decode)  # fmt: skip
     redis, data = connect(config.redis), open_stream_client(config.redis)
     blocking = open_stream_client(config.redis, block_ms=config.bus.block_ms)
     name, codec = cfg.resolved_producer_id(), GroupCodec(config.codec)

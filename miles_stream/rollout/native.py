@@ -26,7 +26,7 @@ import threading
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -35,6 +35,7 @@ from transformers import AutoModelForCausalLM, DynamicCache
 
 from miles_stream.errors import InvalidRequest, MilesStreamError
 from miles_stream.rollout.sampling import sample_tokens
+from miles_stream.rollout.static_cache import StaticDecoder, supports
 from miles_stream.rollout.types import GenerationRequest, GenerationResult, merge_spans
 from miles_stream.schema import make_spans
 
@@ -62,12 +63,25 @@ class NativeEngine:
         max_batch: int = 32,
         seed: int = 0,
         weight_version: int = 0,
+        kv_cache: Literal["auto", "static", "dynamic"] = "auto",
+        max_seq_len: int = 2048,
+        cuda_graphs: bool = True,
+        compile_decode: bool = True,
     ) -> None:
         self.device = torch.device(device)
         model: Any = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
         self.model: Any = model.to(self.device).eval()
         self.model.requires_grad_(False)
         config = self.model.config
+        if kv_cache == "static" and not supports(self.model):
+            raise ValueError(
+                f"kv_cache=static needs a dense Llama/Qwen2/Qwen3/Mistral model, not {type(model).__name__}"
+            )
+        static = kv_cache == "static" or (kv_cache == "auto" and self.device.type == "cuda" and supports(self.model))
+        self._static: StaticDecoder | None = None
+        if static:
+            self._static = StaticDecoder(self.model, slots=max_batch, max_len=max_seq_len, graphs=cuda_graphs,
+                                         compile=compile_decode)  # fmt: skip
         eos = config.eos_token_id
         self.eos_ids = frozenset([eos] if isinstance(eos, int) else (eos or []))
         self.num_experts = int(getattr(config, "num_experts", 0) or getattr(config, "num_local_experts", 0) or 0)
@@ -127,6 +141,11 @@ class NativeEngine:
             raise InvalidRequest(
                 f"request {request.request_id}: {len(ids)} prompt + {request.params.max_new_tokens} new tokens "
                 f"exceed the model's {self.max_positions} positions"
+            )
+        if self._static is not None and total > self._static.max_len:
+            raise InvalidRequest(
+                f"request {request.request_id}: {len(ids)} prompt + {request.params.max_new_tokens} new tokens "
+                f"exceed the engine's static KV cache of {self._static.max_len} positions (max_seq_len)"
             )
 
     async def update_weights(self, version: int, state: Mapping[str, torch.Tensor]) -> None:
@@ -211,6 +230,9 @@ class NativeEngine:
             new.append(self._queue.get())
         if not new:
             return
+        if self._static is not None:
+            self._admit_static(new)
+            return
         lengths = [len(r.request.prompt_ids) for r in new]
         width = max(lengths)
         ids = torch.zeros(len(new), width, dtype=torch.long, device=self.device)
@@ -230,6 +252,20 @@ class NativeEngine:
         self._merge(new, [(layer.keys, layer.values) for layer in out.cache.layers], mask)
         self._admitting = []
 
+    def _admit_static(self, new: list[_Row]) -> None:
+        """Prefill new rows, right-padded, into the slots after the rows already decoding."""
+        assert self._static is not None
+        lengths = [len(r.request.prompt_ids) for r in new]
+        ids = torch.zeros(len(new), max(lengths), dtype=torch.long)
+        for i, r in enumerate(new):
+            ids[i, : lengths[i]] = torch.as_tensor(list(r.request.prompt_ids))
+            r.length = lengths[i]
+            r.spans.append((0, self._version))
+        logits = self._static.prefill(ids.to(self.device), lengths, first_slot=len(self._rows))
+        self._sample(new, logits)
+        self._rows.extend(new)
+        self._admitting = []
+
     def _merge(self, new: list[_Row], kv: list[tuple[torch.Tensor, torch.Tensor]], mask: torch.Tensor) -> None:
         """Append rows whose KV is `kv` ([k, H, S', D], left-padded as `mask` says) to the batch."""
         if not self._rows:
@@ -245,6 +281,12 @@ class NativeEngine:
 
     def _decode(self) -> None:
         rows = self._rows
+        if self._static is not None:
+            logits = self._static.decode([r.tokens[-1] for r in rows], [r.length for r in rows])
+            for r in rows:
+                r.length += 1
+            self._sample(rows, logits)
+            return
         last = torch.tensor([[r.tokens[-1]] for r in rows], device=self.device)
         positions = torch.tensor([[r.length] for r in rows], device=self.device)
         mask = torch.cat([self._mask, torch.ones(len(rows), 1, dtype=torch.long, device=self.device)], dim=1)
@@ -261,12 +303,15 @@ class NativeEngine:
         self._sample(rows, out.logits[:, -1, :])
 
     def _sample(self, rows: list[_Row], logits: torch.Tensor) -> None:
+        """One token per row; one small copy of the parameters in and one of the results out."""
         params = [r.request.params for r in rows]
-        temperature = torch.tensor([p.temperature for p in params], device=self.device)
-        top_k = torch.tensor([p.top_k for p in params], device=self.device)
-        top_p = torch.tensor([p.top_p for p in params], device=self.device)
-        tokens, logprobs = sample_tokens(logits, temperature, top_k, top_p, self.generator)
-        for r, tok, lp in zip(rows, tokens.tolist(), logprobs.tolist(), strict=True):
+        table = torch.tensor([[p.temperature for p in params], [p.top_k for p in params], [p.top_p for p in params]],
+                             dtype=torch.float64).to(self.device)  # fmt: skip
+        truncating = any(p.top_k > 0 or p.top_p < 1 for p in params)
+        tokens, logprobs = sample_tokens(logits, table[0].float(), table[1].long(), table[2].float(), self.generator,
+                                         any_truncation=truncating)  # fmt: skip
+        out = torch.stack([tokens.double(), logprobs.double()]).tolist()  # token ids are exact in float64
+        for r, tok, lp in zip(rows, out[0], out[1], strict=True):
             r.tokens.append(int(tok))
             r.logprobs.append(float(lp))
 
@@ -282,7 +327,12 @@ class NativeEngine:
                 keep.append(i)
             else:
                 r.future.set_result(self._result(r, reason))
-        if len(keep) < len(self._rows):
+        if len(keep) < len(self._rows) and self._static is not None:
+            for slot, row in enumerate(keep):  # compact: rows keep their order, each moves down at most
+                if slot != row:
+                    self._static.move(row, slot)
+            self._rows = [self._rows[i] for i in keep]
+        elif len(keep) < len(self._rows):
             index = torch.tensor(keep, dtype=torch.long, device=self.device)
             self._rows = [self._rows[i] for i in keep]
             self._kv = [(k.index_select(0, index), v.index_select(0, index)) for k, v in self._kv]

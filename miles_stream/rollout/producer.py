@@ -65,6 +65,10 @@ class RolloutConfig:
     device: str = "cpu"
     dtype: Literal["float32", "bfloat16"] = "float32"
     max_batch: int = 32
+    kv_cache: Literal["auto", "static", "dynamic"] = "auto"  # auto: static + CUDA graphs on CUDA for dense models
+    max_seq_len: int = 2048  # static cache: prompt + response positions per row (memory: rows x this)
+    cuda_graphs: bool = True
+    compile_decode: bool = True  # torch.compile the decode step's elementwise work (static cache on CUDA)
     n_samples_per_prompt: int = 4
     sampling: SamplingParams = field(default_factory=SamplingParams)
     turns: Literal["single", "calculator"] = "single"  # calculator: the multi-turn tool example (turns.py)
@@ -85,6 +89,7 @@ class RolloutConfig:
         check(self.max_inflight_prompts >= 1, "rollout.max_inflight_prompts", "must be >= 1")
         check(self.reward_timeout_s > 0, "rollout.reward_timeout_s", "must be positive")
         check(self.max_turns >= 1, "rollout.max_turns", "must be >= 1")
+        check(self.max_seq_len >= 2, "rollout.max_seq_len", "must be >= 2")
         check(self.over_sampling >= 1.0, "rollout.over_sampling", "must be >= 1 (1 = the staleness budget)")
 
     def resolved_producer_id(self) -> str:

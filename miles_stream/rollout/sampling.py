@@ -11,14 +11,21 @@ from torch import Tensor
 
 
 def sample_tokens(
-    logits_BV: Tensor, temperature_B: Tensor, top_k_B: Tensor, top_p_B: Tensor, generator: torch.Generator | None
+    logits_BV: Tensor,
+    temperature_B: Tensor,
+    top_k_B: Tensor,
+    top_p_B: Tensor,
+    generator: torch.Generator | None,
+    *,
+    any_truncation: bool | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Returns (tokens_B int64, logprobs_B float32)."""
+    """Returns (tokens_B int64, logprobs_B float32). `any_truncation`: whether some row has top-k or top-p, if
+    the caller knows (else it is read from the tensors, which waits for the device)."""
     greedy = temperature_B <= 0
     t = torch.where(greedy, torch.ones_like(temperature_B), temperature_B)
     scaled = logits_BV.float() / t[:, None]
     logp = torch.log_softmax(scaled, dim=-1)
-    needs_truncation = bool(((top_k_B > 0) | (top_p_B < 1)).any())
+    needs_truncation = bool(((top_k_B > 0) | (top_p_B < 1)).any()) if any_truncation is None else any_truncation
     filtered = truncate(scaled, top_k_B, top_p_B) if needs_truncation else scaled
     probs = torch.softmax(filtered, dim=-1)
     sampled = torch.multinomial(probs, 1, generator=generator).squeeze(-1)

@@ -93,3 +93,43 @@ def test_triton_path_in_bf16_matches_float64_values_and_gradients(temperature: f
     assert torch.isfinite(logp).all() and torch.isfinite(h.grad).all() and torch.isfinite(w.grad).all()
     assert rel(logp, ref_logp) < 1e-2 and rel(entropy, ref_entropy) < 1e-2  # bf16 operands: 1e-3 to 1e-2
     assert rel(h.grad, h64.grad) < 2e-2 and rel(w.grad, w64.grad) < 2e-2
+
+
+def decode_inputs(device: str, dtype: torch.dtype, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    q = torch.randn(5, 2, 4, 32, generator=g)  # 5 rows, 2 KV heads, 4 query heads each, head dim 32
+    cache = torch.randn(2, 5, 2, 70, 32, generator=g)  # k and v, 70 positions allocated
+    lengths = torch.tensor([1, 7, 33, 64, 70])
+    return q.to(device, dtype), cache[0].to(device, dtype), cache[1].to(device, dtype), lengths.to(device)
+
+
+def decode_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    out = torch.empty_like(q, dtype=torch.float64)
+    for b, n in enumerate(lengths.tolist()):
+        scores = q[b].double() @ k[b, :, :n].double().transpose(-1, -2) * 0.2  # [H, G, n]
+        out[b] = torch.softmax(scores, -1) @ v[b, :, :n].double()
+    return out
+
+
+def test_decode_attention_reads_each_row_up_to_its_length() -> None:
+    from miles_stream.kernels.decode_attention import decode_attention
+
+    q, k, v, lengths = decode_inputs("cpu", torch.float32)
+    out = decode_attention(q, k, v, lengths, scale=0.2)
+    assert rel(out, decode_reference(q, k, v, lengths)) < 1e-6
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_decode_attention_matches_float64(dtype: torch.dtype) -> None:
+    from miles_stream.kernels.decode_attention import decode_attention
+
+    q, k, v, lengths = decode_inputs("cuda", dtype, seed=4)
+    out = decode_attention(q, k[:, :, :], v, lengths, scale=0.2)
+    assert rel(out, decode_reference(q, k, v, lengths)) < (1e-5 if dtype == torch.float32 else 1e-2)
+    strided = torch.zeros(5, 2, 96, 32, device="cuda", dtype=dtype)[:, :, :70]  # a slice of a larger cache
+    strided.copy_(k)
+    assert rel(decode_attention(q, strided, v, lengths, scale=0.2), decode_reference(q, k, v, lengths)) < 1e-2
+    k[:4, :, 69] = float("nan")  # past the length of every row but the last: never read
+    assert torch.isfinite(decode_attention(q, k, v, lengths, scale=0.2)).all()

@@ -20,16 +20,22 @@ from miles_stream.rollout.sampling import sample_tokens, truncate
 from miles_stream.schema import Sample, TrajectoryGroup, validate_group
 
 
-@pytest.fixture(scope="module", params=["dense", "moe"])
-def model_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_model(
-        tmp_path_factory.mktemp(request.param), TinyModelConfig(kind=request.param, max_position=1024)
-    )
+@pytest.fixture(scope="module", params=["dense", "moe", "dense-static"])
+def variant(request: pytest.FixtureRequest) -> str:
+    """Model kind, and "-static" for the engine's static KV cache (the GPU path, here without CUDA graphs)."""
+    return str(request.param)
+
+
+@pytest.fixture(scope="module")
+def model_dir(variant: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    kind = variant.split("-")[0]
+    return build_tiny_model(tmp_path_factory.mktemp(kind), TinyModelConfig(kind=kind, max_position=1024))  # type: ignore[arg-type]
 
 
 @pytest.fixture
-async def engine(model_dir: Path) -> AsyncIterator[NativeEngine]:
-    eng = NativeEngine(str(model_dir), max_batch=3, seed=1)
+async def engine(model_dir: Path, variant: str) -> AsyncIterator[NativeEngine]:
+    kv_cache = "static" if variant.endswith("static") else "dynamic"
+    eng = NativeEngine(str(model_dir), max_batch=3, seed=1, kv_cache=kv_cache, max_seq_len=1024)
     yield eng
     await eng.close()
 
@@ -142,8 +148,14 @@ async def test_weight_update_mid_generation_starts_a_new_version_span(engine: Na
     name, param = next(iter(engine.model.named_parameters()))
     new = {name: param.detach().clone() + 0.01}
     task = asyncio.create_task(engine.generate(requests(1, SamplingParams(max_new_tokens=300, ignore_eos=True))))
-    await asyncio.sleep(0.3)
-    await engine.update_weights(1, new)
+    await engine.pause()
+    while not engine._rows or len(engine._rows[0].tokens) < 5:  # some tokens made, then the engine held still
+        await engine.resume()
+        await asyncio.sleep(0.001)
+        await engine.pause()
+    update = asyncio.create_task(engine.update_weights(1, new))
+    await engine.resume()
+    await update
     (res,) = await asyncio.wait_for(task, 60)
     spans = res.version_spans.tolist()
     assert spans[0] == [0, 0] and spans[-1][1] == 1 and 0 < spans[-1][0] < 300
