@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import signal
 from collections.abc import Sequence
+from dataclasses import replace
 
 import structlog
 
@@ -19,9 +20,11 @@ from miles_stream.codec import GroupCodec
 from miles_stream.errors import ConfigError
 from miles_stream.record import RecordingSource
 from miles_stream.run_config import RunConfig
+from miles_stream.schema import DEFAULT_LIMITS
 from miles_stream.trainer.assemble import build_service, build_trainer
 from miles_stream.trainer.parallel import DataParallel
 from miles_stream.trainer.service import TrainerService
+from miles_stream.trainer.step import PolicyTrainer
 from miles_stream.weights import FileTransport, RedisTransport, WeightPublisher, WeightSubscriber, WeightTransport
 
 log = structlog.get_logger("consumers.trainer")
@@ -52,12 +55,13 @@ def _stop_on_signals() -> asyncio.Event:
 
 async def _run_replay(config: RunConfig, files: Sequence[str], resume: bool) -> int:
     """Train on a recording: the same groups in the same order every run, nothing published."""
+    trainer = build_trainer(config, DataParallel())
     try:
-        source = RecordingSource(files, GroupCodec(config.codec))
+        source = RecordingSource(files, _codec(config, trainer))
     except FileNotFoundError as exc:
         raise ConfigError(f"--replay: {exc}") from exc
     buffer = ReplayBuffer(source, config.buffer)
-    service = build_service(config, build_trainer(config, DataParallel()), buffer, None, None)
+    service = build_service(config, trainer, buffer, None, None)
     try:
         await service.run(_stop_on_signals(), resume=resume)
     finally:
@@ -73,7 +77,7 @@ async def _run(config: RunConfig, parallel: DataParallel, resume: bool) -> int:
     redis, blocking = connect(config.redis), open_stream_client(config.redis, block_ms=config.bus.block_ms)
     stream = StreamConsumer(redis, blocking, stream=keys.trajectories, group="trainer", consumer=name,
                             dead_stream=keys.dead, config=config.bus)  # fmt: skip
-    consumer = GroupConsumer(stream, keys, GroupCodec(config.codec), owns_prompts=True)
+    consumer = GroupConsumer(stream, keys, _codec(config, trainer), owns_prompts=True)
     buffer = ReplayBuffer(consumer, config.buffer, share=config.buffer.rollout_batch_size // parallel.world)
     transport: WeightTransport = RedisTransport(redis, keys) if cfg.transport == "redis" else FileTransport(
         cfg.weights_dir)  # fmt: skip
@@ -96,6 +100,13 @@ async def _run(config: RunConfig, parallel: DataParallel, resume: bool) -> int:
         await redis.aclose()
     _log_stopped(service, buffer)
     return 0
+
+
+def _codec(config: RunConfig, trainer: PolicyTrainer) -> GroupCodec:
+    """The wire codec, also refusing token ids outside the model's vocabulary: such a group would crash the
+    embedding lookup (a device-side assert on a GPU); it is dead-lettered with the reason instead."""
+    vocab = int(getattr(trainer.model.config, "vocab_size", 0) or 0)
+    return GroupCodec(config.codec, replace(DEFAULT_LIMITS, vocab_size=vocab))
 
 
 def _log_stopped(service: TrainerService, buffer: ReplayBuffer) -> None:

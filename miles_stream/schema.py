@@ -95,6 +95,7 @@ class Limits:
     max_routing_layers: int = 1024
     max_routing_topk: int = 64
     max_id_bytes: int = 256
+    vocab_size: int = 0  # token ids must be below it; 0 = unchecked (a consumer that knows its model sets it)
 
 
 DEFAULT_LIMITS: Final = Limits()
@@ -121,6 +122,9 @@ def validate_group(group: TrajectoryGroup, limits: Limits = DEFAULT_LIMITS) -> N
         raise SchemaError(f"prompt has {prompt_len} tokens, over the limit of {limits.max_prompt_tokens}")
     if prompt_len and int(group.prompt_ids.min()) < 0:
         raise SchemaError("prompt_ids holds a negative token id")
+    if prompt_len and limits.vocab_size and int(group.prompt_ids.max()) >= limits.vocab_size:
+        raise SchemaError(f"prompt_ids holds token id {int(group.prompt_ids.max())}, outside the vocabulary "
+                          f"of {limits.vocab_size}")  # fmt: skip
     if not 1 <= len(group.samples) <= limits.max_samples:
         raise SchemaError(f"a group holds 1 to {limits.max_samples} samples, got {len(group.samples)}")
     routing_layout: tuple[int, int] | None = None
@@ -141,6 +145,9 @@ def _validate_sample(s: Sample, prompt_len: int, limits: Limits, where: str) -> 
         raise SchemaError(f"{where} has {n} response tokens, over the limit of {limits.max_response_tokens}")
     if n and int(s.response_ids.min()) < 0:
         raise SchemaError(f"{where}.response_ids holds a negative token id")
+    if n and limits.vocab_size and int(s.response_ids.max()) >= limits.vocab_size:
+        raise SchemaError(f"{where}.response_ids holds token id {int(s.response_ids.max())}, outside the "
+                          f"vocabulary of {limits.vocab_size}")  # fmt: skip
     _check_array(f"{where}.logprobs", s.logprobs, LOGPROB_DTYPES, 1)
     _check_array(f"{where}.loss_mask", s.loss_mask, MASK_DTYPES, 1)
     for name, arr in (("logprobs", s.logprobs), ("loss_mask", s.loss_mask)):

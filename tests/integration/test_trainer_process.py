@@ -96,7 +96,9 @@ def metrics(run_dir: Path) -> list[dict[str, Any]]:
 def test_trainer_trains_publishes_commits_and_exports(redis_url: str, model_dir: Path, tmp_path: Path) -> None:
     ns = f"tr{uuid.uuid4().hex[:8]}"
     items = groups(0, 8)
-    asyncio.run(publish(redis_url, ns, [*items[:3], items[0], *items[3:]]))  # g0 twice: a retried XADD
+    foreign = synthetic_group(np.random.default_rng(99), n_samples=4, vocab=10_000, group_id="foreign")  # ids >= 50
+    # g0 twice (a retried XADD), and a group whose token ids the model cannot embed
+    asyncio.run(publish(redis_url, ns, [*items[:3], items[0], foreign, *items[3:]]))
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     run = subprocess.run([*train_cmd(ns, model_dir, tmp_path, "trainer.max_steps=2"), "--redis-url", redis_url],
                          capture_output=True, text=True, timeout=120, env=env)  # fmt: skip
@@ -110,6 +112,8 @@ def test_trainer_trains_publishes_commits_and_exports(redis_url: str, model_dir:
         assert client.xinfo_groups(f"{ns}:trajectories")[0]["pending"] == 0
         assert client.scard(f"{ns}:done:trainer") == 8
         assert client.xlen(f"{ns}:weights") == 2
+        (dead,) = client.xrange(f"{ns}:dead")  # dead-lettered with the reason, not a crash
+        assert b"outside the vocabulary of 50" in dead[1][b"reason"]
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "export")
     assert exported.config.vocab_size == AutoModelForCausalLM.from_pretrained(model_dir).config.vocab_size
 

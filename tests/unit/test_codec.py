@@ -175,6 +175,15 @@ def test_too_many_tokens_is_refused() -> None:
         GroupCodec(limits=Limits(max_response_tokens=10)).decode(GroupCodec().encode(group))
 
 
+def test_token_ids_outside_the_vocabulary_are_refused_where_it_is_known() -> None:
+    group = synthetic_group(np.random.default_rng(4), vocab=1000)
+    frame = GroupCodec().encode(group)
+    GroupCodec().decode(frame)  # unchecked by default
+    with pytest.raises(SchemaError, match="outside the vocabulary of 10"):
+        GroupCodec(limits=Limits(vocab_size=10)).decode(frame)
+    GroupCodec(limits=Limits(vocab_size=1000)).decode(frame)
+
+
 def test_compressed_array_with_lying_size_is_refused() -> None:
     codec = GroupCodec(CodecConfig(compress_min_bytes=1))
     frame = codec.encode(synthetic_group(np.random.default_rng(2), prompt_len=64))
