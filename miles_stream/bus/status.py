@@ -58,7 +58,10 @@ class NamespaceStatus:
 
 
 async def namespace_status(redis: aioredis.Redis, keys: Keys, heartbeat_ttl_s: float) -> NamespaceStatus:
-    info = await redis.info("server")
+    try:
+        info = await redis.info("server")
+    except rexc.NoPermissionError:  # an ACL user limited to data commands (docs/redis.md): no server version
+        info = {}
     streams = tuple([await _stream_status(redis, key) for key in keys.streams])
     latest: Any = await redis.xrevrange(keys.weights, count=1)
     version = None
