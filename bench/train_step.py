@@ -35,14 +35,16 @@ from miles_stream.trainer.step import PolicyTrainer, set_activation_checkpointin
 SHAPE = {"vocab_size": 151936, "hidden_size": 1024, "intermediate_size": 3072, "num_hidden_layers": 28,
          "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 128, "max_position_embeddings": 40960,
          "tie_word_embeddings": True, "rope_theta": 1_000_000.0}  # fmt: skip
-CASES = {  # name: (micro-batch tokens, fused, activation checkpointing, compiled layers)
-    "naive-4k": (4096, False, False, False),
-    "naive-16k": (16384, False, False, False),
-    "fused-4k": (4096, True, False, False),
-    "fused-16k": (16384, True, False, False),
-    "fused-16k-ckpt": (16384, True, True, False),
-    "fused-32k-ckpt": (32768, True, True, False),
-    "fused-16k-compile": (16384, True, False, True),
+CASES = {  # name: (micro-batch tokens, fused, activation checkpointing, compiled layers, packed, attention)
+    "naive-4k": (4096, False, False, False, False, "sdpa"),
+    "naive-16k": (16384, False, False, False, False, "sdpa"),
+    "fused-4k": (4096, True, False, False, False, "sdpa"),
+    "fused-16k": (16384, True, False, False, False, "sdpa"),
+    "fused-16k-ckpt": (16384, True, True, False, False, "sdpa"),
+    "fused-32k-ckpt": (32768, True, True, False, False, "sdpa"),
+    "fused-16k-compile": (16384, True, False, True, False, "sdpa"),
+    "packed-16k-compile": (16384, True, False, True, True, "sdpa"),
+    "packed-16k-compile-flex": (16384, True, False, True, True, "flex_attention"),
 }
 
 
@@ -55,13 +57,27 @@ def build_model() -> Any:
     return model.cuda()
 
 
-def make_batch(groups: int, samples: int, prompt_len: int, response_len: int, vocab: int) -> Any:
+def make_batch(groups: int, samples: int, prompt_len: int, response_len: int, vocab: int, vary: bool) -> Any:
+    """Responses of `response_len` tokens, or with `vary` of uniformly random lengths up to it (as RL has)."""
     rng = np.random.default_rng(0)
     out = []
     for _ in range(groups):
         g = synthetic_group(rng, n_samples=samples, prompt_len=prompt_len, response_len=response_len, vocab=vocab)
-        behaviour = np.full(response_len, -3.0, np.float32)  # near a random model's, so TIS weights are sane
-        out.append(replace(g, samples=tuple(replace(s, logprobs=behaviour) for s in g.samples)))
+        cut = [int(rng.integers(response_len // 8, response_len + 1)) if vary else response_len for _ in g.samples]
+        out.append(
+            replace(
+                g,
+                samples=tuple(
+                    replace(
+                        s,
+                        response_ids=s.response_ids[:k],
+                        logprobs=np.full(k, -3.0, np.float32),  # near a random
+                        loss_mask=s.loss_mask[:k],
+                    )
+                    for s, k in zip(g.samples, cut, strict=True)
+                ),
+            )
+        )  # model's: sane TIS
     return collate(out)
 
 
@@ -77,10 +93,12 @@ def peak_tflops() -> float:
     return 2 * 8192**3 * 20 / (time.perf_counter() - t) / 1e12
 
 
-def run_case(model: Any, batch: Any, tokens_per_seq: int, name: str, steps: int, profile: str = "") -> dict[str, Any]:
-    budget, fused, ckpt, compiled = CASES[name]
+def run_case(model: Any, batch: Any, name: str, steps: int, profile: str = "") -> dict[str, Any]:
+    budget, fused, ckpt, compiled, packed, attention = CASES[name]
+    if getattr(model.config, "_attn_implementation", None) != attention:
+        model.set_attn_implementation(attention)
     config = TrainerConfig(lr=1e-6, micro_batch_tokens=budget, fused_logprobs=fused, activation_checkpointing=ckpt,
-                           compile=compiled)  # fmt: skip
+                           compile=compiled, pack_sequences=packed)  # fmt: skip
     algo = AlgoConfig(tis_mode="truncate", entropy_coef=0.001)
     trainer = PolicyTrainer(model, config, algo, temperature=1.0)
     torch.cuda.empty_cache()
@@ -102,13 +120,16 @@ def run_case(model: Any, batch: Any, tokens_per_seq: int, name: str, steps: int,
                 f.write(prof.key_averages().table(sort_by="cuda_time_total", row_limit=40))
     except torch.OutOfMemoryError:
         return {"case": name, "oom": True}
+    except Exception as exc:  # a case that does not run here (e.g. an attention backend): reported, not fatal
+        return {"case": name, "error": repr(exc)[:300]}
     finally:
         if ckpt:
             set_activation_checkpointing(model, False)
         del trainer
     step_s = float(np.median(times))
     return {"case": name, "micro_batch_tokens": budget, "fused": fused, "activation_checkpointing": ckpt,
-            "step_s": step_s, "tokens_per_s": batch.size * tokens_per_seq / step_s,
+            "compiled": compiled, "packed": packed, "attention": attention, "step_s": step_s,
+            "tokens_per_s": sum(batch.lengths) / step_s,
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30}  # fmt: skip
 
 
@@ -120,32 +141,32 @@ def main() -> None:
     parser.add_argument("--response-len", type=int, default=1792)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--cases", default=",".join(CASES))
+    parser.add_argument("--vary", action="store_true", help="response lengths uniform in [len/8, len]")
     parser.add_argument("--json-out")
     parser.add_argument("--profile", default="", help="write a CUDA profile of one step of the first case here")
     args = parser.parse_args()
     model = build_model()
     params = sum(p.numel() for p in model.parameters())  # tied embedding once
-    seq = args.prompt_len + args.response_len
-    batch = make_batch(args.groups, args.samples, args.prompt_len, args.response_len, SHAPE["vocab_size"])
-    tokens = batch.size * seq
-    attn = 12 * SHAPE["num_hidden_layers"] * SHAPE["num_attention_heads"] * SHAPE["head_dim"] * seq
-    flops = (6 * params + attn) * tokens
+    batch = make_batch(args.groups, args.samples, args.prompt_len, args.response_len, SHAPE["vocab_size"], args.vary)
+    tokens = sum(batch.lengths)  # real tokens: padding is not counted
+    attn = 12 * SHAPE["num_hidden_layers"] * SHAPE["num_attention_heads"] * SHAPE["head_dim"]
+    flops = 6 * params * tokens + attn * sum(n * n for n in batch.lengths)  # attention per sequence
     peak = peak_tflops()
     results = []
     for i, name in enumerate(args.cases.split(",")):
-        r = run_case(model, batch, seq, name, args.steps, args.profile if i == 0 else "")
-        if not r.get("oom"):
+        r = run_case(model, batch, name, args.steps, args.profile if i == 0 else "")
+        if "step_s" in r:
             r["mfu"] = flops / r["step_s"] / (peak * 1e12)
         results.append(r)
         print(json.dumps(r), flush=True)
     summary = {"device": torch.cuda.get_device_name(), "params": params, "tokens_per_step": tokens,
                "model_tflop_per_step": flops / 1e12, "peak_bf16_tflops": peak, "results": results}  # fmt: skip
-    print(f"\n{summary['device']}: {params / 1e6:.0f}M params, {tokens} tokens/step ({batch.size} x {seq}), "
+    print(f"\n{summary['device']}: {params / 1e6:.0f}M params, {tokens} tokens/step ({batch.size} sequences), "
           f"{flops / 1e12:.1f} model TFLOP/step, measured bf16 peak {peak:.0f} TFLOP/s")  # fmt: skip
     print(f"{'case':<16}{'step s':>9}{'tokens/s':>11}{'MFU':>7}{'peak GiB':>10}")
     for r in results:
-        if r.get("oom"):
-            print(f"{r['case']:<16}{'out of memory':>37}")
+        if "step_s" not in r:
+            print(f"{r['case']:<16}  {'out of memory' if r.get('oom') else r.get('error')}")
         else:
             print(f"{r['case']:<16}{r['step_s']:>9.3f}{r['tokens_per_s']:>11.0f}{r['mfu']:>7.1%}{r['peak_gib']:>10.1f}")
     if args.json_out:

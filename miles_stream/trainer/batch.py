@@ -84,10 +84,15 @@ def collate(groups: Sequence[TrajectoryGroup]) -> RolloutBatch:
 
 @dataclass(frozen=True, slots=True)
 class MicroInputs:
+    """The forward pass's inputs: [rows, L] ids (with a padding mask, or packed with position ids restarting
+    at each sequence), and for each of the b samples where its T response tokens are read (row, position)."""
+
     input_ids: Tensor
-    attention_mask: Tensor
+    attention_mask: Tensor | None
     positions_bT: Tensor
     targets_bT: Tensor
+    row_b: Tensor | None = None  # the row holding each sample; None: sample i is row i
+    position_ids: Tensor | None = None  # packed rows only
 
 
 def micro_inputs(batch: RolloutBatch, device: torch.device | str) -> MicroInputs:
@@ -106,6 +111,26 @@ def micro_inputs(batch: RolloutBatch, device: torch.device | str) -> MicroInputs
         positions[i, :n] = torch.arange(p - 1, p - 1 + n)
         targets[i, :n] = input_ids[i, p : p + n]
     return MicroInputs(*(x.to(device) for x in (input_ids, attention, positions, targets)))
+
+
+def packed_inputs(batch: RolloutBatch, device: torch.device | str) -> MicroInputs:
+    """All of `batch` in one row, sequence after sequence, each with positions from 0: no padding. The model
+    keeps the sequences apart by those restarting positions (Hugging Face's packed-sequence masks)."""
+    b, t = batch.size, batch.mask_BT.shape[1]
+    ids: list[int] = []
+    positions = torch.zeros(b, t, dtype=torch.long)
+    targets = torch.zeros(b, t, dtype=torch.long)
+    position_ids: list[int] = []
+    for i, (prompt, response) in enumerate(zip(batch.prompts, batch.responses, strict=True)):
+        start, p, n = len(ids), len(prompt), len(response)
+        ids += [*prompt.tolist(), *response.tolist()]
+        position_ids += range(p + n)
+        positions[i, :n] = torch.arange(start + p - 1, start + p - 1 + n)
+        targets[i, :n] = torch.as_tensor(response.astype(np.int64))
+    row = torch.zeros(b, dtype=torch.long)
+    tensors = (torch.tensor([ids]), positions, targets, row, torch.tensor([position_ids]))
+    input_ids, positions_bT, targets_bT, row_b, pos = (x.to(device) for x in tensors)
+    return MicroInputs(input_ids, None, positions_bT, targets_bT, row_b=row_b, position_ids=pos)
 
 
 def _pad(rows: list[np.ndarray], width: int, dtype: torch.dtype) -> Tensor:

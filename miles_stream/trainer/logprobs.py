@@ -25,8 +25,9 @@ def response_logprobs(
     that distribution (differentiable only with `entropy_grad`). Values past a response's end are garbage
     and must be masked by the caller."""
     base = model.base_model  # the decoder without its output layer
-    hidden = base(input_ids=x.input_ids, attention_mask=x.attention_mask, use_cache=False).last_hidden_state
-    rows = torch.arange(hidden.shape[0], device=hidden.device)[:, None]
+    hidden = base(input_ids=x.input_ids, attention_mask=x.attention_mask, position_ids=x.position_ids,
+                  use_cache=False).last_hidden_state  # fmt: skip
+    rows = (torch.arange(hidden.shape[0], device=hidden.device) if x.row_b is None else x.row_b)[:, None]
     h_bTH = hidden[rows, x.positions_bT]
     head = model.get_output_embeddings()
     if fused and type(head) is torch.nn.Linear and getattr(head, "bias", None) is None:

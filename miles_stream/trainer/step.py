@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from miles_stream.buffer.micro import plan_micro_batches
 from miles_stream.trainer.algo import AdvantageInputs, LossInputs, build_objective, compute_advantages
 from miles_stream.trainer.algo_config import AlgoConfig
-from miles_stream.trainer.batch import RolloutBatch, micro_inputs
+from miles_stream.trainer.batch import MicroInputs, RolloutBatch, micro_inputs, packed_inputs
 from miles_stream.trainer.config import TrainerConfig
 from miles_stream.trainer.logprobs import response_logprobs
 from miles_stream.trainer.optim import build_optimizer, build_scheduler
@@ -101,11 +101,11 @@ class PolicyTrainer:
         weighted: dict[str, Tensor] = {}
         local_tokens = 0.0
         lengths = [batch.lengths[i] for i in part]
-        for plan in plan_micro_batches(lengths, self.config.micro_batch_tokens):
+        for plan in self._plan(lengths):
             rows = [part[i] for i in plan]
             mb = batch.rows(rows)
             t = mb.mask_BT.shape[1]
-            logp, entropy = response_logprobs(self.model, micro_inputs(mb, self.device),
+            logp, entropy = response_logprobs(self.model, self._inputs(mb),
                                               temperature=self.temperature, fused=self.config.fused_logprobs,
                                               entropy_grad=self.algo.entropy_coef > 0)  # fmt: skip
             mask = mb.mask_BT.to(self.device)
@@ -163,13 +163,19 @@ class PolicyTrainer:
             out[name] = float(total[i]) if name in summed else float(total[i]) / max(num_tokens, 1.0)
         return out
 
+    def _plan(self, lengths: Sequence[int]) -> list[list[int]]:
+        return plan_micro_batches(lengths, self.config.micro_batch_tokens, packed=self.config.pack_sequences)
+
+    def _inputs(self, mb: RolloutBatch) -> MicroInputs:
+        return packed_inputs(mb, self.device) if self.config.pack_sequences else micro_inputs(mb, self.device)
+
     @torch.no_grad()
     def _logprobs(self, model: Any, batch: RolloutBatch) -> Tensor:
         """[B, T] logprobs of every response token under `model`, micro-batch by micro-batch."""
         out = torch.zeros_like(batch.logp_rollout_BT, device=self.device)
-        for rows in plan_micro_batches(batch.lengths, self.config.micro_batch_tokens):
+        for rows in self._plan(batch.lengths):
             mb = batch.rows(rows)
-            logp, _ = response_logprobs(model, micro_inputs(mb, self.device), temperature=self.temperature,
+            logp, _ = response_logprobs(model, self._inputs(mb), temperature=self.temperature,
                                         fused=self.config.fused_logprobs)  # fmt: skip
             out[rows, : mb.mask_BT.shape[1]] = logp * mb.mask_BT.to(self.device)
         return out

@@ -22,7 +22,7 @@ from miles_stream.bus import Claim
 from miles_stream.models import TinyModelConfig, build_tiny_model
 from miles_stream.synthetic import synthetic_group
 from miles_stream.trainer.algo_config import AlgoConfig
-from miles_stream.trainer.batch import RolloutBatch, collate, micro_inputs
+from miles_stream.trainer.batch import RolloutBatch, collate, micro_inputs, packed_inputs
 from miles_stream.trainer.checkpoint import TrainerState, load_checkpoint, save_checkpoint
 from miles_stream.trainer.config import TrainerConfig
 from miles_stream.trainer.logprobs import response_logprobs
@@ -111,7 +111,29 @@ def test_micro_batch_size_does_not_change_the_step(model_dir: Path) -> None:
             torch.testing.assert_close(other[name], value, atol=1e-6, rtol=1e-4)
 
 
-@pytest.mark.parametrize("variant", [{"fused_logprobs": False}, {"activation_checkpointing": True}])
+def test_packed_rows_give_the_logprobs_of_padded_rows(model_dir: Path) -> None:
+    model = load(model_dir)
+    batch = fixed_batch(model)
+    with torch.no_grad():
+        padded, padded_entropy = response_logprobs(model, micro_inputs(batch, "cpu"), temperature=0.7)
+        packed, packed_entropy = response_logprobs(model, packed_inputs(batch, "cpu"), temperature=0.7)
+    mask = batch.mask_BT.bool()
+    assert packed_inputs(batch, "cpu").input_ids.shape == (1, sum(batch.lengths))  # one row, no padding
+    torch.testing.assert_close(packed[mask], padded[mask], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(packed_entropy[mask], padded_entropy[mask], atol=1e-5, rtol=1e-5)
+
+
+def test_packed_plans_fill_the_budget_and_place_every_row_once() -> None:
+    lengths = [9, 3, 7, 5, 5, 2, 12]
+    plans = plan_micro_batches(lengths, 12, packed=True)
+    assert sorted(i for p in plans for i in p) == list(range(len(lengths)))
+    assert all(sum(lengths[i] for i in p) <= 12 for p in plans)
+    assert len(plans) == 4  # 12 | 9+3 | 7+5 | 5+2: first fit, longest first
+
+
+@pytest.mark.parametrize(
+    "variant", [{"fused_logprobs": False}, {"activation_checkpointing": True}, {"pack_sequences": True}]
+)
 def test_the_full_logits_path_and_activation_checkpointing_take_the_fused_step(
     model_dir: Path, variant: dict[str, bool]
 ) -> None:
