@@ -11,7 +11,16 @@ import structlog
 import torch
 
 from miles_stream import aio
-from miles_stream.bus import Backpressure, GroupPublisher, Heartbeat, Keys, StreamConsumer, connect, open_stream_client
+from miles_stream.bus import (
+    Backpressure,
+    GroupPublisher,
+    Heartbeat,
+    Keys,
+    RetryPolicy,
+    StreamConsumer,
+    connect,
+    open_stream_client,
+)
 from miles_stream.codec import GroupCodec
 from miles_stream.errors import ConfigError
 from miles_stream.rewards import RewardRegistry
@@ -50,7 +59,8 @@ async def _run(config: RunConfig) -> int:
                                         dead_stream=keys.dead, config=config.bus)
                          for stream in (keys.prompts, keys.partials))  # fmt: skip
     publisher = GroupPublisher(data, keys.trajectories, config.bus, codec=codec,
-                               backpressure=Backpressure(redis, keys.trajectories, config.bus))  # fmt: skip
+                               backpressure=Backpressure(redis, keys.trajectories, config.bus),
+                               retry=RetryPolicy(attempts=0, max_delay_s=2.0))  # ride out a Redis restart  # fmt: skip
     admission = Admission(redis, keys, config.bus, producer_id=name, over_sampling=cfg.over_sampling)
     rollout_fn, sampling = _turns(cfg, tokenizer)
     weights = WeightSubscriber(redis, keys, {"redis": RedisTransport(redis, keys), "file": FileTransport("")})

@@ -89,8 +89,8 @@ class GroupPublisher:
         XADD retried after Redis applied it leaves a duplicate, which consumers drop by group id.
         """
         frame = self.codec.encode_frame(group)
-        if self.backpressure is not None:
-            await self.backpressure.wait_for_room(wait_s)
+        if (backpressure := self.backpressure) is not None:  # reads the backlog: retried like the XADD
+            await self.retry.run(lambda: backpressure.wait_for_room(wait_s), on_retry=_log_retry)
         entry_id = await self.retry.run(
             lambda: publish(self.client, self.stream, frame, maxlen=self.config.maxlen_cap),
             on_retry=_log_retry,

@@ -361,10 +361,14 @@ class RolloutProducer:
         """Ack the entry and keep its prompt record under the group id, in one transaction: the trainer
         deletes it when done with the group, or re-queues it if the group arrives too stale to train on."""
         source = work.source
-        async with source.redis.pipeline(transaction=True) as pipe:
-            pipe.hset(Keys(source.config.namespace).prompt_of, group_id, work.partial.prompt_data)
-            pipe.xack(source.stream, source.group, work.entry.id)
-            await pipe.execute()
+
+        async def ack() -> None:  # idempotent: retried through a Redis outage
+            async with source.redis.pipeline(transaction=True) as pipe:
+                pipe.hset(Keys(source.config.namespace).prompt_of, group_id, work.partial.prompt_data)
+                pipe.xack(source.stream, source.group, work.entry.id)
+                await pipe.execute()
+
+        await self.retry.run(ack)
         source.in_hand.discard(work.entry.id)
 
     async def _recycle(self, work: _Work, prompt_ids: Sequence[int], results: Sequence[Trajectory]) -> None:
@@ -396,10 +400,14 @@ class RolloutProducer:
     ) -> None:
         """Publish `fields` on `to` (default: the entry's own stream) and ack the entry, in one transaction."""
         target = to or source
-        async with source.redis.pipeline(transaction=True) as pipe:
-            pipe.xadd(target.stream, fields)
-            pipe.xack(source.stream, source.group, entry.id)
-            await pipe.execute()
+
+        async def hand_back() -> None:  # retried through an outage; a retry after an applied EXEC re-publishes,
+            async with source.redis.pipeline(transaction=True) as pipe:  # and the copy's group id is dropped
+                pipe.xadd(target.stream, fields)
+                pipe.xack(source.stream, source.group, entry.id)
+                await pipe.execute()
+
+        await self.retry.run(hand_back)
         source.in_hand.discard(entry.id)
         self.counters.returned += count
         log.info("entry_returned", stream=target.stream, id=entry.id)

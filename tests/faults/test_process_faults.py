@@ -6,8 +6,8 @@ fed becomes exactly one committed group, or is counted as dead-lettered with a r
     a connection cut during a blocking read       the consumer reconnects; nothing lost, nothing read twice
 
 The other faults of the reliability issue live beside the code they exercise: kill -9 of a trainer between its
-step and its ack (tests/integration/test_trainer_process.py), Redis stopped and restarted with AOF
-(tests/integration/test_restart.py), bad input (tests/unit/test_codec.py, test_config.py, test_rewards.py).
+step and its ack (tests/integration/test_trainer_process.py), Redis stopped or crashed and restarted under the
+pipeline (test_redis_faults.py), bad input (tests/unit/test_codec.py, test_config.py, test_rewards.py).
 """
 
 from __future__ import annotations
