@@ -162,6 +162,37 @@ def test_kill_between_step_and_ack_then_resume_trains_each_group_once(
         assert versions == sorted(versions) and len(set(versions)) == len(versions)  # never backwards
 
 
+def test_kill_in_the_middle_of_a_step_then_resume_commits_each_group_once(
+    redis_url: str, model_dir: Path, tmp_path: Path
+) -> None:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "MILES_REDIS_URL": redis_url}
+    ns, run_dir = f"km{uuid.uuid4().hex[:8]}", tmp_path / "run"
+    asyncio.run(publish(redis_url, ns, groups(0, 24)))
+    slow = ["trainer.updates_per_batch=4", "trainer.micro_batch_tokens=8"]  # a step of many small passes
+    proc = subprocess.Popen([*train_cmd(ns, model_dir, run_dir), *slow], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    assert proc.stderr is not None
+    seen: list[str] = []
+    for line in proc.stderr:  # the step-3 batch is logged as the step starts: kill it then, inside the step
+        seen.append(line)
+        if '"batch_groups"' in line and '"step": 3' in line:
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.wait(timeout=30)
+    proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL, "".join(seen)[-3000:]
+    assert len(metrics(run_dir)) == 2  # step 3 never finished
+    resumed = subprocess.run([*train_cmd(ns, model_dir, run_dir, "trainer.max_steps=6"), *slow, "--resume"],
+                             env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    before, after = trained_groups("".join(seen)), trained_groups(resumed.stderr)
+    effective = [g for s in (1, 2) for g in before[s]] + [g for s in sorted(after) for g in after[s]]
+    assert sorted(effective) == sorted(f"g{i}" for i in range(24))  # each exactly once in the final weights
+    with sync_redis.Redis.from_url(redis_url) as client:
+        assert client.scard(f"{ns}:done:trainer") == 24
+        assert client.xinfo_groups(f"{ns}:trajectories")[0]["pending"] == 0
+
+
 @pytest.mark.parametrize("policy", ["drop", "recycle"])
 async def test_stale_groups_are_dropped_or_their_prompts_recycled(
     policy: str, redis: aioredis.Redis, blocking: StreamClient, redis_url: str, keys: Keys, bus_config: BusConfig
