@@ -7,6 +7,7 @@ import copy
 import itertools
 import os
 import socket
+import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -227,8 +228,11 @@ def _dp_worker(rank: int, world: int, port: int, model_dir: str, out: str) -> No
     metrics = trainer.train(share)
     if rank == 0:
         torch.save({"grads": grads(model), "metrics": metrics}, out)
-    parallel.barrier()  # neither rank tears gloo down while the other still uses it
-    parallel.close()
+    parallel.barrier()  # neither rank leaves while the other still uses gloo
+    # Exit without tearing gloo down: its teardown sometimes aborts ("terminate called without an active
+    # exception", seen about once in ten runs of this test on 2 cores); what is tested here is the step, saved above.
+    sys.stdout.flush()
+    os._exit(0)
 
 
 def test_two_data_parallel_ranks_take_the_step_one_rank_takes(model_dir: Path, tmp_path: Path) -> None:
