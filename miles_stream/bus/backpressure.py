@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import redis.asyncio as aioredis
 import redis.exceptions as rexc
@@ -54,8 +55,8 @@ class GroupBacklog:
         return max(self.length - self.pending, 0) if self.undelivered is None else self.undelivered
 
 
-async def group_backlog(redis: aioredis.Redis, stream: str, group: str) -> GroupBacklog:
-    """The backlog of consumer group `group` on `stream` (the whole stream if that group does not exist)."""
+async def _length_and_groups(redis: aioredis.Redis, stream: str) -> tuple[int, list[Any]]:
+    """XLEN and XINFO GROUPS in one round trip; (0, []) while the stream does not exist."""
     async with redis.pipeline(transaction=False) as pipe:
         pipe.xlen(stream)
         pipe.xinfo_groups(stream)
@@ -63,33 +64,31 @@ async def group_backlog(redis: aioredis.Redis, stream: str, group: str) -> Group
             length, groups = await pipe.execute()
         except rexc.ResponseError as exc:  # no such key yet
             if "no such key" in str(exc).lower():
-                return GroupBacklog(0, 0, 0)
+                return 0, []
             raise
+    return int(length), list(groups)
+
+
+async def group_backlog(redis: aioredis.Redis, stream: str, group: str) -> GroupBacklog:
+    """The backlog of consumer group `group` on `stream` (the whole stream if that group does not exist)."""
+    length, groups = await _length_and_groups(redis, stream)
     for g in groups:
         if g["name"] in (group, group.encode()):
             lag = g.get("lag")
-            return GroupBacklog(None if lag is None else int(lag), int(g["pending"]), int(length))
-    return GroupBacklog(int(length), 0, int(length))
+            return GroupBacklog(None if lag is None else int(lag), int(g["pending"]), length)
+    return GroupBacklog(length, 0, length)
 
 
 async def _backlog(redis: aioredis.Redis, stream: str) -> tuple[int, bool]:
     """(backlog, exact): exact where every group reports its lag, else the stream length stands in."""
-    async with redis.pipeline(transaction=False) as pipe:
-        pipe.xlen(stream)
-        pipe.xinfo_groups(stream)
-        try:
-            length, groups = await pipe.execute()
-        except rexc.ResponseError as exc:  # no such key yet
-            if "no such key" in str(exc).lower():
-                return 0, True
-            raise
+    length, groups = await _length_and_groups(redis, stream)
     if not groups:
-        return int(length), False
+        return length, length == 0  # no stream yet: exactly empty; a stream nobody reads: its length
     worst, exact = 0, True
     for g in groups:
         lag = g.get("lag")  # 7.x: undelivered entries; pending ones come on top
         exact = exact and lag is not None
-        backlog = int(length) if lag is None else int(lag) + int(g["pending"])  # the length holds both
+        backlog = length if lag is None else int(lag) + int(g["pending"])  # the length holds both
         worst = max(worst, backlog)
     return worst, exact
 
