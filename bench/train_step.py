@@ -43,8 +43,8 @@ CASES = {  # name: (micro-batch tokens, fused, activation checkpointing, compile
     "fused-16k-ckpt": (16384, True, True, False, False, "sdpa"),
     "fused-32k-ckpt": (32768, True, True, False, False, "sdpa"),
     "fused-16k-compile": (16384, True, False, True, False, "sdpa"),
-    "packed-16k-compile": (16384, True, False, True, True, "sdpa"),
-    "packed-16k-compile-flex": (16384, True, False, True, True, "flex_attention"),
+    "packed-16k": (16384, True, False, False, True, "sdpa"),  # packed: the trainer switches to kernels/packed_
+    "packed-16k-compile": (16384, True, False, True, True, "sdpa"),  # attention (varlen flash)
 }
 
 

@@ -93,6 +93,8 @@ class MicroInputs:
     targets_bT: Tensor
     row_b: Tensor | None = None  # the row holding each sample; None: sample i is row i
     position_ids: Tensor | None = None  # packed rows only
+    cu_seqlens: Tensor | None = None  # packed rows: int32 [n + 1], where each sequence starts (and the end)
+    max_length: int = 0  # packed rows: the longest sequence
 
 
 def micro_inputs(batch: RolloutBatch, device: torch.device | str) -> MicroInputs:
@@ -110,12 +112,13 @@ def micro_inputs(batch: RolloutBatch, device: torch.device | str) -> MicroInputs
         attention[i, : p + n] = 1
         positions[i, :n] = torch.arange(p - 1, p - 1 + n)
         targets[i, :n] = input_ids[i, p : p + n]
-    return MicroInputs(*(x.to(device) for x in (input_ids, attention, positions, targets)))
+    input_ids, attention, positions, targets = (x.to(device) for x in (input_ids, attention, positions, targets))
+    return MicroInputs(input_ids, attention, positions, targets)
 
 
 def packed_inputs(batch: RolloutBatch, device: torch.device | str) -> MicroInputs:
     """All of `batch` in one row, sequence after sequence, each with positions from 0: no padding. The model
-    keeps the sequences apart by those restarting positions (Hugging Face's packed-sequence masks)."""
+    keeps the sequences apart by their boundaries (`kernels.packed_attention`)."""
     b, t = batch.size, batch.mask_BT.shape[1]
     ids: list[int] = []
     positions = torch.zeros(b, t, dtype=torch.long)
@@ -128,9 +131,11 @@ def packed_inputs(batch: RolloutBatch, device: torch.device | str) -> MicroInput
         positions[i, :n] = torch.arange(start + p - 1, start + p - 1 + n)
         targets[i, :n] = torch.as_tensor(response.astype(np.int64))
     row = torch.zeros(b, dtype=torch.long)
-    tensors = (torch.tensor([ids]), positions, targets, row, torch.tensor([position_ids]))
-    input_ids, positions_bT, targets_bT, row_b, pos = (x.to(device) for x in tensors)
-    return MicroInputs(input_ids, None, positions_bT, targets_bT, row_b=row_b, position_ids=pos)
+    cu = torch.tensor([0, *np.cumsum(batch.lengths)], dtype=torch.int32)
+    tensors = (torch.tensor([ids]), positions, targets, row, torch.tensor([position_ids]), cu)
+    input_ids, positions_bT, targets_bT, row_b, pos, cu = (x.to(device) for x in tensors)
+    return MicroInputs(input_ids, None, positions_bT, targets_bT, row_b=row_b, position_ids=pos, cu_seqlens=cu,
+                       max_length=max(batch.lengths))  # fmt: skip
 
 
 def _pad(rows: list[np.ndarray], width: int, dtype: torch.dtype) -> Tensor:

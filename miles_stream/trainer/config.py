@@ -26,8 +26,8 @@ class TrainerConfig:
     grad_spike_factor: float = 10.0  # log a gradient norm over this many times its recent average
     updates_per_batch: int = 1  # optimizer steps per rollout batch (the batch is cut into this many parts)
     micro_batch_tokens: int = 8192  # padded tokens per forward/backward pass (summed tokens when packed)
-    pack_sequences: bool = False  # one row per micro-batch, sequences side by side, no padding; through SDPA the
-    # model masks the whole row (measured 3.3x slower on an H100, docs/benchmarks.md): for FlexAttention models
+    pack_sequences: bool = False  # one row per micro-batch, sequences side by side, no padding; attention through
+    # PyTorch's variable-length flash kernel on CUDA (kernels/packed_attention.py); needs no sliding window
     recompute_old_logprobs: bool = True  # False: trust the rollout logprobs as the old policy's
     fused_logprobs: bool = True  # logprobs/entropy from hidden states in chunks (kernels/); False: full logits
     activation_checkpointing: bool = False  # recompute each layer's activations in the backward pass

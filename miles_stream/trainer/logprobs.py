@@ -25,8 +25,12 @@ def response_logprobs(
     that distribution (differentiable only with `entropy_grad`). Values past a response's end are garbage
     and must be masked by the caller."""
     base = model.base_model  # the decoder without its output layer
+    packed: dict[str, Any] = {}
+    if x.cu_seqlens is not None:  # transformers passes these down to the attention function
+        packed = {"cu_seq_lens_q": x.cu_seqlens, "cu_seq_lens_k": x.cu_seqlens, "max_length_q": x.max_length,
+                  "max_length_k": x.max_length}  # fmt: skip
     hidden = base(input_ids=x.input_ids, attention_mask=x.attention_mask, position_ids=x.position_ids,
-                  use_cache=False).last_hidden_state  # fmt: skip
+                  use_cache=False, **packed).last_hidden_state  # fmt: skip
     rows = (torch.arange(hidden.shape[0], device=hidden.device) if x.row_b is None else x.row_b)[:, None]
     h_bTH = hidden[rows, x.positions_bT]
     head = model.get_output_embeddings()

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from miles_stream.buffer.micro import plan_micro_batches
+from miles_stream.kernels.packed_attention import use_packed_attention
 from miles_stream.trainer.algo import AdvantageInputs, LossInputs, build_objective, compute_advantages
 from miles_stream.trainer.algo_config import AlgoConfig
 from miles_stream.trainer.batch import MicroInputs, RolloutBatch, micro_inputs, packed_inputs
@@ -54,6 +55,10 @@ class PolicyTrainer:
         self.parallel = parallel or DataParallel()
         self.device = next(model.parameters()).device
         self.objective = build_objective(algo)
+        if config.pack_sequences:
+            for m in (model, ref_model):
+                if m is not None:
+                    use_packed_attention(m)
         if config.activation_checkpointing:
             set_activation_checkpointing(model, True)
         if config.compile:

@@ -133,3 +133,56 @@ def test_triton_decode_attention_matches_float64(dtype: torch.dtype) -> None:
     assert rel(decode_attention(q, strided, v, lengths, scale=0.2), decode_reference(q, k, v, lengths)) < 1e-2
     k[:4, :, 69] = float("nan")  # past the length of every row but the last: never read
     assert torch.isfinite(decode_attention(q, k, v, lengths, scale=0.2)).all()
+
+
+def packed_case(device: str, dtype: torch.dtype, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """Three sequences (5, 1 and 9 tokens) packed in one row; 4 query heads over 2 key/value heads."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    q, k, v = (torch.randn(1, h, 15, 16, generator=g, dtype=torch.float64) for h in (4, 2, 2))
+    cu = torch.tensor([0, 5, 6, 15], dtype=torch.int32)
+    return *(x.to(device, dtype).requires_grad_() for x in (q, k, v)), cu.to(device)
+
+
+def packed_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor) -> torch.Tensor:
+    """Dense attention in float64 under a block-diagonal causal mask; [1, L, H, D] like transformers."""
+    seq = torch.repeat_interleave(torch.arange(len(cu) - 1), (cu[1:] - cu[:-1]).cpu())
+    pos = torch.arange(len(seq))
+    allowed = (seq[:, None] == seq[None, :]) & (pos[None, :] <= pos[:, None])
+    k2, v2 = (x.double().repeat_interleave(2, 1) for x in (k, v))
+    scores = (q.double() @ k2.transpose(-1, -2) * 0.25).masked_fill(~allowed.to(q.device), float("-inf"))
+    return (torch.softmax(scores, -1) @ v2).transpose(1, 2)
+
+
+def check_packed(device: str, dtype: torch.dtype, tol: float) -> None:
+    from miles_stream.kernels.packed_attention import packed_attention
+
+    q, k, v, cu = packed_case(device, dtype)
+    out, _ = packed_attention(None, q, k, v, None, scaling=0.25, cu_seq_lens_q=cu, max_length_q=9)
+    ref = packed_reference(q, k, v, cu)
+    assert out.shape == (1, 15, 4, 16)
+    assert rel(out.detach(), ref.detach()) < tol
+    grad = torch.randn_like(ref)
+    got = torch.autograd.grad(out, (q, k, v), grad.to(dtype))
+    want = torch.autograd.grad(ref, (q, k, v), grad)
+    for a, b in zip(got, want, strict=True):
+        assert rel(a, b) < tol * 2
+
+
+def test_packed_attention_keeps_sequences_apart_on_cpu() -> None:
+    check_packed("cpu", torch.float64, 1e-10)
+
+
+def test_packed_attention_refuses_what_it_cannot_do() -> None:
+    from miles_stream.kernels.packed_attention import packed_attention
+
+    q, k, v, cu = packed_case("cpu", torch.float32)
+    with pytest.raises(ValueError, match="cu_seq_lens_q"):
+        packed_attention(None, q, k, v, None)
+    with pytest.raises(ValueError, match="sliding"):
+        packed_attention(None, q, k, v, None, sliding_window=4, cu_seq_lens_q=cu, max_length_q=9)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_varlen_flash_attention_matches_the_block_diagonal_reference() -> None:
+    check_packed("cuda", torch.bfloat16, 2e-2)

@@ -20,6 +20,7 @@ from transformers import AutoModelForCausalLM
 
 from miles_stream.buffer import plan_micro_batches
 from miles_stream.bus import Claim
+from miles_stream.kernels.packed_attention import use_packed_attention
 from miles_stream.models import TinyModelConfig, build_tiny_model
 from miles_stream.synthetic import synthetic_group
 from miles_stream.trainer.algo_config import AlgoConfig
@@ -117,6 +118,7 @@ def test_packed_rows_give_the_logprobs_of_padded_rows(model_dir: Path) -> None:
     batch = fixed_batch(model)
     with torch.no_grad():
         padded, padded_entropy = response_logprobs(model, micro_inputs(batch, "cpu"), temperature=0.7)
+        use_packed_attention(model)
         packed, packed_entropy = response_logprobs(model, packed_inputs(batch, "cpu"), temperature=0.7)
     mask = batch.mask_BT.bool()
     assert packed_inputs(batch, "cpu").input_ids.shape == (1, sum(batch.lengths))  # one row, no padding

@@ -1,0 +1,96 @@
+"""Attention over packed rows: sequences side by side in one row, each attending causally to itself only.
+
+`packed_attention` is a Hugging Face attention function, registered as `NAME` by `use_packed_attention`. It
+reads the sequences' boundaries from the keyword arguments transformers passes down to attention for
+variable-length kernels: `cu_seq_lens_q` (int32 [n + 1], cumulative lengths) and `max_length_q`. On CUDA it
+runs PyTorch's variable-length flash attention (`torch.nn.attention.varlen`, bf16/fp16): no [L, L] mask, no work across
+sequences. Elsewhere (CPU, float32) it runs causal SDPA on each sequence, the reference. The mask function of the same
+name builds nothing: the boundaries are the mask.
+
+Shapes (L packed tokens, H query heads, G key/value heads, H % G == 0, D head size):
+    query [1, H, L, D], key / value [1, G, L, D] -> output [1, L, H, D] (transformers' attention layout)
+"""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+try:
+    from torch.nn.attention.varlen import varlen_attn as _varlen_attn
+except ImportError:  # PyTorch before 2.9: the per-sequence path only
+    _varlen_attn = None  # type: ignore[assignment]
+varlen_attn: Any = _varlen_attn
+
+NAME = "miles_packed"
+_GQA = varlen_attn is not None and "enable_gqa" in inspect.signature(varlen_attn).parameters  # newer PyTorch
+
+
+def use_packed_attention(model: Any) -> None:
+    """Register the packed attention with transformers and switch `model` (and its sub-configs) to it."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(NAME, packed_attention)
+    AttentionMaskInterface.register(NAME, _no_mask)
+    model.set_attn_implementation(NAME)
+
+
+def packed_attention(
+    module: Any,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    sliding_window: int | None = None,
+    **kwargs: Any,
+) -> tuple[Tensor, None]:
+    cu_seqlens, max_len = kwargs.get("cu_seq_lens_q"), kwargs.get("max_length_q")
+    if cu_seqlens is None or max_len is None:
+        raise ValueError("packed attention needs cu_seq_lens_q and max_length_q (trainer.pack_sequences)")
+    if query.shape[0] != 1:
+        raise ValueError(f"packed attention takes one packed row, got {query.shape[0]}")
+    if dropout > 0 or sliding_window is not None:
+        raise ValueError("packed attention supports neither attention dropout nor sliding windows")
+    q_LHD, k_LGD, v_LGD = (x[0].transpose(0, 1) for x in (query, key, value))
+    if q_LHD.is_cuda and varlen_attn is not None and q_LHD.dtype in (torch.float16, torch.bfloat16):
+        out = _varlen(q_LHD, k_LGD, v_LGD, cu_seqlens, int(max_len), scaling)
+    else:
+        out = _per_sequence(q_LHD, k_LGD, v_LGD, cu_seqlens.tolist(), scaling)
+    return out[None], None
+
+
+def _varlen(q_LHD: Tensor, k_LGD: Tensor, v_LGD: Tensor, cu: Tensor, max_len: int, scale: float | None) -> Tensor:
+    assert varlen_attn is not None
+    heads = q_LHD.shape[1] // k_LGD.shape[1]
+    extra: dict[str, Any] = {}
+    if heads > 1 and _GQA:
+        extra["enable_gqa"] = True
+    elif heads > 1:  # this PyTorch's kernel wants as many key/value heads as query heads
+        k_LGD, v_LGD = k_LGD.repeat_interleave(heads, 1), v_LGD.repeat_interleave(heads, 1)
+    out = varlen_attn(q_LHD, k_LGD, v_LGD, cu.int(), cu.int(), max_len, max_len, scale=scale,
+                      window_size=(-1, 0), **extra)  # fmt: skip  # (-1, 0): causal
+    assert isinstance(out, Tensor)
+    return out
+
+
+def _per_sequence(q_LHD: Tensor, k_LGD: Tensor, v_LGD: Tensor, cu: list[int], scale: float | None) -> Tensor:
+    heads = q_LHD.shape[1] // k_LGD.shape[1]
+    outs = []
+    for start, end in itertools.pairwise(cu):
+        q, k, v = (x[start:end].transpose(0, 1) for x in (q_LHD, k_LGD, v_LGD))
+        if heads > 1:
+            k, v = k.repeat_interleave(heads, 0), v.repeat_interleave(heads, 0)
+        outs.append(F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale).transpose(0, 1))
+    return torch.cat(outs)
+
+
+def _no_mask(*args: Any, **kwargs: Any) -> None:
+    return None
