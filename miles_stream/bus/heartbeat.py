@@ -8,7 +8,6 @@ Each process refreshes its score (unix time) in the `{ns}:members` sorted set an
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import socket
@@ -21,6 +20,7 @@ from typing import Any
 import redis.asyncio as aioredis
 import structlog
 
+from miles_stream.aio import stop_task
 from miles_stream.bus.connection import is_transient
 from miles_stream.bus.keys import Keys
 from miles_stream.bus.streams import BusConfig
@@ -87,9 +87,8 @@ class Heartbeat:
         task, self._task = self._task, None
         if task is None:
             return
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        if not await stop_task(task):
+            log.error("heartbeat_did_not_stop", member=self.name)
         try:
             async with self.redis.pipeline(transaction=True) as pipe:
                 pipe.zrem(self.keys.members, self.name)

@@ -44,6 +44,7 @@ from miles_stream.run_config import RunConfig
 log = structlog.get_logger(__name__)
 STALLED = "every group's rewards are equal (the policy is sure of its answers), so nothing more is learned"
 DEFAULT_CONFIG = Path(__file__).parent.parent / "resources" / "demo.yaml"
+TRAINER_EXIT_S = 60.0  # after being told to stop, the trainer commits and exports; one that takes longer is killed
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -131,6 +132,7 @@ async def _supervise(run: Run, url: str, options: DemoOptions, console: Console)
         run.children[name] = _spawn(run, name, command, url)
     failed: Child | None = None
     interrupt = asyncio.Event()  # Ctrl-C or SIGTERM: stop everything, summarise what there is
+    stopping_since = 0.0  # when the trainer was told to stop
     for sig in (signal.SIGINT, signal.SIGTERM):
         asyncio.get_running_loop().add_signal_handler(sig, interrupt.set)
     try:
@@ -147,6 +149,10 @@ async def _supervise(run: Run, url: str, options: DemoOptions, console: Console)
                         state.stop_reason = f"no step for {options.stall_s:g} s: {STALLED}"
                     if state.stop_reason:  # the trainer commits and exports on SIGTERM, then exits
                         run.children["trainer"].proc.send_signal(signal.SIGTERM)
+                        stopping_since = time.monotonic()
+                elif stopping_since and time.monotonic() - stopping_since > TRAINER_EXIT_S:
+                    log.error("trainer_did_not_exit", after_s=TRAINER_EXIT_S)  # killed: reported as failed below
+                    run.children["trainer"].proc.kill()
                 _read_metrics(run.work / "metrics.jsonl", state)
                 members = await alive_members(redis, keys, run.config.bus.heartbeat_ttl_s)
                 state.producers = sum(m.role == "producer" for m in members)

@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import structlog
 
+from miles_stream.aio import stop_task
 from miles_stream.bus import Entry, GroupPublisher, Keys, RetryPolicy, StreamConsumer
 from miles_stream.bus.connection import is_transient
 from miles_stream.bus.streams import DATA
@@ -197,9 +198,12 @@ class RolloutProducer:
                 task.add_done_callback(done)
         finally:
             stop_wait.cancel()
-            keep_alive.cancel()
-            if follow is not None:
-                follow.cancel()
+            for background in (keep_alive, *([follow] if follow else [])):
+                try:
+                    if not await stop_task(background):
+                        log.error("background_task_did_not_stop", task=background.get_name())
+                except Exception as exc:
+                    log.error("background_task_failed", task=background.get_name(), error=repr(exc))
             self._stopping = True
             if self._tasks:
                 await self.engine.abort(sorted(self._generating))

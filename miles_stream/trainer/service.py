@@ -20,7 +20,6 @@ announced, so producers never see a version go backwards.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ from pathlib import Path
 import structlog
 from torch import nn
 
+from miles_stream.aio import stop_task
 from miles_stream.buffer import Batch, ReplayBuffer
 from miles_stream.bus import Claim
 from miles_stream.bus.connection import is_transient
@@ -81,9 +81,8 @@ class TrainerService:
                 assert batch is not None
                 await self._step(batch)
         finally:
-            keep_alive.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await keep_alive
+            if not await stop_task(keep_alive):
+                log.error("keep_alive_did_not_stop")
         await self._save_and_commit()
         if self.export is not None and self.config.export_dir and self.parallel.is_main:
             await asyncio.to_thread(self.export, self.trainer.model, Path(self.config.export_dir))
