@@ -11,12 +11,13 @@ from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 import structlog
 
 from miles_stream import __version__, aio
-from miles_stream.bus import Keys, connect, namespace_status, redact
-from miles_stream.errors import MilesStreamError
+from miles_stream.bus import Keys, alive_members, connect, namespace_status, redact
+from miles_stream.errors import ConfigError, MilesStreamError
 from miles_stream.logs import configure
 from miles_stream.redis_server import EmbeddedRedis
 from miles_stream.run_config import RunConfig, load_run_config
@@ -106,6 +107,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--watch", action="store_true", help="refresh until Ctrl-C")
     p.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes with --watch")
     p.set_defaults(run=_cmd_status)
+
+    p = command(
+        "sglang", "List the SGLang servers of a running producer (rollout.engine=sglang), or attach / detach one."
+    )
+    change = p.add_mutually_exclusive_group()
+    change.add_argument("--attach", metavar="URL", default="", help="add this server (health, weight sync, router)")
+    change.add_argument("--detach", metavar="URL", default="", help="drain and remove this server")
+    p.add_argument("--producer", default="", help="producer id (default: the only live sglang producer)")
+    p.set_defaults(run=_cmd_sglang)
     return parser
 
 
@@ -235,6 +245,41 @@ def _cmd_status(args: argparse.Namespace, config: RunConfig) -> int:
         return 0
 
     return aio.run(run())
+
+
+def _cmd_sglang(args: argparse.Namespace, config: RunConfig) -> int:
+    """Edits `{ns}:sglang:{producer}`; the producer attaches (health, weight sync, router) or drains to match."""
+    url = args.attach or args.detach
+    if url and not url.startswith(("http://", "https://")):
+        raise ConfigError(f"sglang: give the server's URL (http://host:port), not {url!r}")
+    keys = Keys(config.bus.namespace)
+
+    async def run() -> int:
+        client = connect(config.redis)
+        try:
+            producer = args.producer or await _only_sglang_producer(client, keys, config.bus.heartbeat_ttl_s)
+            key = keys.sglang_servers(producer)
+            if args.attach:
+                await client.sadd(key, url)
+            elif args.detach and not await client.srem(key, url):
+                raise ConfigError(f"producer {producer} does not drive {url}")
+            members: Any = await client.smembers(key)
+            for member in sorted(m.decode() for m in members):
+                print(f"{producer}\t{member}")
+        finally:
+            await client.aclose()
+        return 0
+
+    return aio.run(run())
+
+
+async def _only_sglang_producer(client: Any, keys: Keys, ttl_s: float) -> str:
+    producers = [m.id for m in await alive_members(client, keys, ttl_s)
+                 if m.role == "producer" and m.info.get("engine") == "sglang"]  # fmt: skip
+    if len(producers) != 1:
+        raise ConfigError(f"{len(producers)} live sglang producers ({', '.join(producers) or 'none'}): "
+                          "name one with --producer")  # fmt: skip
+    return producers[0]
 
 
 if __name__ == "__main__":

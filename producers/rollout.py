@@ -11,6 +11,7 @@ import structlog
 import torch
 
 from miles_stream import aio
+from miles_stream.aio import stop_task
 from miles_stream.bus import (
     Backpressure,
     GroupPublisher,
@@ -28,7 +29,7 @@ from miles_stream.rollout.admission import Admission
 from miles_stream.rollout.native import NativeEngine
 from miles_stream.rollout.producer import RolloutConfig, RolloutProducer
 from miles_stream.rollout.turns import Calculator, RolloutFn, ToolLoop, single_turn
-from miles_stream.rollout.types import SamplingParams
+from miles_stream.rollout.types import RolloutEngine, SamplingParams
 from miles_stream.run_config import RunConfig
 from miles_stream.weights import FileTransport, RedisTransport, WeightSubscriber
 
@@ -49,12 +50,11 @@ async def _run(config: RunConfig) -> int:
         torch.set_num_threads(cfg.torch_threads)
     reward_fn = RewardRegistry().get(cfg.reward)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model)
-    engine = NativeEngine(cfg.model, device=cfg.device, dtype=getattr(torch, cfg.dtype), max_batch=cfg.max_batch,
-                          seed=cfg.seed, kv_cache=cfg.kv_cache, max_seq_len=cfg.max_seq_len,
-                          cuda_graphs=cfg.cuda_graphs, compile_decode=cfg.compile_decode)  # fmt: skip
     redis, data = connect(config.redis), open_stream_client(config.redis)
+    name = cfg.resolved_producer_id()
+    engine, membership = await _engine(cfg, redis, keys.sglang_servers(name))
     blocking = open_stream_client(config.redis, block_ms=config.bus.block_ms)
-    name, codec = cfg.resolved_producer_id(), GroupCodec(config.codec)
+    codec = GroupCodec(config.codec)
     prompts, partials = (StreamConsumer(redis, blocking, stream=stream, group="producers", consumer=name,
                                         dead_stream=keys.dead, config=config.bus)
                          for stream in (keys.prompts, keys.partials))  # fmt: skip
@@ -73,9 +73,12 @@ async def _run(config: RunConfig) -> int:
     try:
         async with Heartbeat(redis, keys, role="producer", member_id=producer.producer_id, config=config.bus,
                              describe=lambda: {"groups": producer.counters.groups, "in_flight": producer.in_flight,
-                                               "weight_version": engine.weight_version}):  # fmt: skip
+                                               "weight_version": engine.weight_version,
+                                               "engine": cfg.engine}):  # fmt: skip
             await producer.run(stop)
     finally:
+        if membership is not None:
+            await stop_task(membership)
         await engine.close()
         for client in (blocking, data, redis):
             await client.aclose()
@@ -90,3 +93,20 @@ def _turns(cfg: RolloutConfig, tokenizer: Any) -> tuple[RolloutFn, SamplingParam
         sampling = dataclasses.replace(cfg.sampling, stop_token_ids=(*cfg.sampling.stop_token_ids, equals))
         return ToolLoop(Calculator(tokenizer), max_turns=cfg.max_turns), sampling
     return single_turn, cfg.sampling
+
+
+async def _engine(cfg: RolloutConfig, redis: Any, servers_key: str) -> tuple[RolloutEngine, asyncio.Task[None] | None]:
+    """The configured engine, and for SGLang the task that follows `servers_key` (attach / detach)."""
+    if cfg.engine == "native":
+        return NativeEngine(cfg.model, device=cfg.device, dtype=getattr(torch, cfg.dtype), max_batch=cfg.max_batch,
+                            seed=cfg.seed, kv_cache=cfg.kv_cache, max_seq_len=cfg.max_seq_len,
+                            cuda_graphs=cfg.cuda_graphs, compile_decode=cfg.compile_decode), None  # fmt: skip
+    from miles_stream.rollout.sglang.engine import SGLangEngine, moe_layout
+    from miles_stream.rollout.sglang.membership import follow_membership
+
+    engine = SGLangEngine(cfg.sglang, layout=moe_layout(cfg.model))
+    if cfg.sglang.urls:
+        await redis.sadd(servers_key, *cfg.sglang.urls)
+    await engine.start()
+    follow = asyncio.create_task(follow_membership(redis, servers_key, engine, cfg.sglang.health_interval_s))
+    return engine, follow

@@ -52,6 +52,10 @@ class Keys:
         """Hash: "role:id" -> JSON description of that process."""
         return self._key("members:info")
 
+    def sglang_servers(self, producer_id: str) -> str:
+        """Set of the SGLang server URLs a producer drives; it attaches and detaches to match."""
+        return self._key(f"sglang:{producer_id}")
+
     def done(self, group: str) -> str:
         """Set of trajectory-group ids that consumer group `group` has committed (for dedup)."""
         return self._key(f"done:{group}")

@@ -32,7 +32,7 @@ import asyncio
 import os
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -50,19 +50,24 @@ from miles_stream.prompts import PromptRecord, decode_prompt
 from miles_stream.rewards import RewardError, RewardInput, score_group
 from miles_stream.rollout.admission import Admission
 from miles_stream.rollout.partials import Partial, decode_partial, encode_partial, group_id
+from miles_stream.rollout.sglang.config import SGLangConfig
 from miles_stream.rollout.turns import RolloutFn, Trajectory, single_turn
-from miles_stream.rollout.types import RolloutEngine, SamplingParams
+from miles_stream.rollout.types import RolloutEngine, SamplingParams, UpdatesFromManifest
 from miles_stream.schema import Sample, TrajectoryGroup
 
 if TYPE_CHECKING:
-    from miles_stream.weights import WeightSubscriber
+    import torch
+
+    from miles_stream.weights import WeightManifest, WeightSubscriber
 
 log = structlog.get_logger(__name__)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RolloutConfig:
-    model: str = ""  # a local Hugging Face model directory
+    model: str = ""  # a local Hugging Face model directory (its tokenizer and config; the native engine's weights)
+    engine: Literal["native", "sglang"] = "native"  # sglang: the servers of rollout.sglang (sglang/engine.py)
+    sglang: SGLangConfig = field(default_factory=SGLangConfig)
     device: str = "cpu"
     dtype: Literal["float32", "bfloat16"] = "float32"
     max_batch: int = 32
@@ -92,6 +97,8 @@ class RolloutConfig:
         check(self.max_turns >= 1, "rollout.max_turns", "must be >= 1")
         check(self.max_seq_len >= 2, "rollout.max_seq_len", "must be >= 2")
         check(self.over_sampling >= 1.0, "rollout.over_sampling", "must be >= 1 (1 = the staleness budget)")
+        check(self.engine != "sglang" or bool(self.sglang.urls or self.sglang.router_url), "rollout.sglang.urls",
+              "the sglang engine needs at least one server URL")  # fmt: skip
 
     def resolved_producer_id(self) -> str:
         return self.producer_id or f"{socket.gethostname()}-{os.getpid()}"
@@ -248,9 +255,19 @@ class RolloutProducer:
             return "0-0"
         entry_id, manifest = latest
         if manifest.version != self.engine.weight_version:
-            await self.engine.update_weights(manifest.version, await self.weights.load(manifest))
+            await self._apply(manifest)
             log.info("weights_loaded", version=manifest.version)
         return entry_id
+
+    async def _apply(self, manifest: WeightManifest, state: Mapping[str, torch.Tensor] | None = None) -> None:
+        """Give the engine `manifest`'s version: the tensors (`state`, if loaded already), or the manifest to
+        an engine that takes it itself (SGLang)."""
+        assert self.weights is not None
+        weights = self.weights
+        if isinstance(self.engine, UpdatesFromManifest):
+            await self.engine.apply_manifest(manifest, lambda: weights.load(manifest))
+        else:
+            await self.engine.update_weights(manifest.version, state or await weights.load(manifest))
 
     async def _follow_weights(self, last: str) -> None:
         """Apply each new version as it is announced; one that fails verification is skipped (old weights
@@ -263,10 +280,12 @@ class RolloutProducer:
                     continue
                 last, manifest = announced
                 if manifest.version > self.engine.weight_version:
-                    state = await self.weights.load(manifest)
+                    state = None  # loaded (and verified) before anything is aborted, where the engine takes tensors
+                    if not isinstance(self.engine, UpdatesFromManifest):
+                        state = await self.weights.load(manifest)
                     if self.config.on_update == "recycle" and self._generating:
                         await self.engine.abort(sorted(self._generating))
-                    await self.engine.update_weights(manifest.version, state)
+                    await self._apply(manifest, state)
                     log.info("weights_updated", version=manifest.version)
             except WeightIntegrityError as exc:
                 log.error("weights_rejected", error=str(exc))

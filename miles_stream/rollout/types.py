@@ -11,9 +11,9 @@ Shapes (legend: P prompt tokens, T response tokens, S version spans, L MoE layer
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -22,6 +22,8 @@ from miles_stream.schema import FinishReason
 
 if TYPE_CHECKING:
     import torch
+
+    from miles_stream.weights.manifest import WeightManifest
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -88,3 +90,13 @@ class RolloutEngine(Protocol):
     async def resume(self) -> None: ...
 
     async def close(self) -> None: ...
+
+
+@runtime_checkable
+class UpdatesFromManifest(Protocol):
+    """An engine that takes a published version itself (SGLang: servers may read the version's files, or
+    need the bytes pushed their own way); `load` gives the tensors (checksums verified) if it needs them."""
+
+    async def apply_manifest(
+        self, manifest: WeightManifest, load: Callable[[], Awaitable[Mapping[str, torch.Tensor]]]
+    ) -> None: ...
