@@ -15,7 +15,7 @@ L prompt + response tokens (padded). Row b is one sample; samples of one group a
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -32,6 +32,7 @@ class RolloutBatch:
     mask_BT: Tensor
     rewards_B: Tensor
     group_B: Tensor
+    routing: list[np.ndarray | None] = field(default_factory=list)  # per sample, MoE traces (R3); may be empty
 
     @property
     def size(self) -> int:
@@ -57,12 +58,14 @@ class RolloutBatch:
             mask_BT=self.mask_BT[index, :t],
             rewards_B=self.rewards_B[index],
             group_B=self.group_B[index],
+            routing=[self.routing[i] for i in idx] if self.routing else [],
         )
 
 
 def collate(groups: Sequence[TrajectoryGroup]) -> RolloutBatch:
     """Every sample of every group, one row each."""
     prompts, responses, logps, masks, rewards, group_ids = [], [], [], [], [], []
+    routing: list[np.ndarray | None] = []
     for g, group in enumerate(groups):
         for s in group.samples:
             prompts.append(group.prompt_ids)
@@ -71,6 +74,7 @@ def collate(groups: Sequence[TrajectoryGroup]) -> RolloutBatch:
             masks.append(s.loss_mask)
             rewards.append(s.reward)
             group_ids.append(g)
+            routing.append(s.routing)
     t = max((len(r) for r in responses), default=0)
     return RolloutBatch(
         prompts=prompts,
@@ -79,6 +83,7 @@ def collate(groups: Sequence[TrajectoryGroup]) -> RolloutBatch:
         mask_BT=_pad([np.asarray(x, np.float32) for x in masks], t, torch.float32),
         rewards_B=torch.tensor(rewards, dtype=torch.float32),
         group_B=torch.tensor(group_ids, dtype=torch.long),
+        routing=routing if any(r is not None for r in routing) else [],
     )
 
 

@@ -31,6 +31,8 @@ class TrainerConfig:
     recompute_old_logprobs: bool = True  # False: trust the rollout logprobs as the old policy's
     fused_logprobs: bool = True  # logprobs/entropy from hidden states in chunks (kernels/); False: full logits
     activation_checkpointing: bool = False  # recompute each layer's activations in the backward pass
+    routing_replay: bool = False  # R3: MoE layers use the experts recorded at rollout (routing_replay.py); the
+    # fraction of tokens routed differently is logged either way (routing_mismatch)
     compile: bool = False  # torch.compile each decoder layer (fuses norms, activations, rotary; compiles once)
     temperature: float = 0.0  # logprobs are log_softmax(logits / T); 0 = rollout.sampling.temperature (1 if greedy)
     max_steps: int = 0  # rollout batches to train on, then stop; 0 = until stopped

@@ -30,6 +30,7 @@ from miles_stream.trainer.config import TrainerConfig
 from miles_stream.trainer.logprobs import response_logprobs
 from miles_stream.trainer.optim import build_optimizer, build_scheduler
 from miles_stream.trainer.parallel import DataParallel
+from miles_stream.trainer.routing_replay import RoutingReplay, moe_routers, replay_inputs
 
 log = structlog.get_logger(__name__)
 SUMMED = frozenset({"loss", "pg_loss", "kl_loss", "entropy"})  # already divided by the global count
@@ -59,6 +60,8 @@ class PolicyTrainer:
             for m in (model, ref_model):
                 if m is not None:
                     use_packed_attention(m)
+        self.replays = {id(m): RoutingReplay(m, replace=config.routing_replay)
+                        for m in (model, ref_model) if m is not None and moe_routers(m)}  # fmt: skip
         if config.activation_checkpointing:
             set_activation_checkpointing(model, True)
         if config.compile:
@@ -110,9 +113,12 @@ class PolicyTrainer:
             rows = [part[i] for i in plan]
             mb = batch.rows(rows)
             t = mb.mask_BT.shape[1]
+            replay = self._begin_replay(self.model, mb)
             logp, entropy = response_logprobs(self.model, self._inputs(mb),
                                               temperature=self.temperature, fused=self.config.fused_logprobs,
                                               entropy_grad=self.algo.entropy_coef > 0)  # fmt: skip
+            if replay is not None:
+                replay.end_forward()
             mask = mb.mask_BT.to(self.device)
             rollout = mb.logp_rollout_BT.to(self.device)
             if old_BT is not None:
@@ -125,6 +131,8 @@ class PolicyTrainer:
                 logp_ref_BT=None if ref_BT is None else ref_BT[rows, :t], entropy_BT=entropy,
             ))  # fmt: skip
             loss.backward()  # type: ignore[no-untyped-call]
+            if replay is not None:
+                replay.end()
             mb_tokens = float(mask.sum())
             local_tokens += mb_tokens
             for name, value in metrics.items():
@@ -142,11 +150,15 @@ class PolicyTrainer:
             self.optimizer.zero_grad(set_to_none=True)
             self.skipped_steps += 1
             log.error("update_skipped_nonfinite", grad_norm=grad_norm, skipped_total=self.skipped_steps)
-        return self._reduce_metrics(summed, weighted, local_tokens, num_tokens) | {
-            "grad_norm": grad_norm,
-            "lr": lr,
-            "skipped_updates": float(self.skipped_steps),
-        }
+        return (
+            self._reduce_metrics(summed, weighted, local_tokens, num_tokens)
+            | self._replay_metrics()
+            | {
+                "grad_norm": grad_norm,
+                "lr": lr,
+                "skipped_updates": float(self.skipped_steps),
+            }
+        )
 
     def _watch_grad_norm(self, grad_norm: float) -> None:
         """Log a gradient norm over `grad_spike_factor` times its recent average (the step still goes on)."""
@@ -168,6 +180,25 @@ class PolicyTrainer:
             out[name] = float(total[i]) if name in summed else float(total[i]) / max(num_tokens, 1.0)
         return out
 
+    def _begin_replay(self, model: Any, mb: RolloutBatch, *, count: bool = True) -> RoutingReplay | None:
+        """Hand `model`'s routing replay the micro-batch's recorded experts (None: a dense model)."""
+        replay = self.replays.get(id(model))
+        if replay is None:
+            return None
+        inputs = None
+        if mb.routing:
+            inputs = replay_inputs(mb.routing, mb.lengths, packed=self.config.pack_sequences, device=self.device)
+        replay.begin(inputs, count=count)
+        return replay
+
+    def _replay_metrics(self) -> dict[str, float]:
+        """routing_mismatch: the fraction of recorded tokens whose trainer-side top-k differed in some layer."""
+        replay = self.replays.get(id(self.model))
+        if replay is None:
+            return {}
+        counts = self.parallel.sum(torch.tensor([float(c) for c in replay.take_counts()]))
+        return {"routing_mismatch": float(counts[0] / counts[1])} if counts[1] > 0 else {}
+
     def _plan(self, lengths: Sequence[int]) -> list[list[int]]:
         return plan_micro_batches(lengths, self.config.micro_batch_tokens, packed=self.config.pack_sequences)
 
@@ -180,8 +211,11 @@ class PolicyTrainer:
         out = torch.zeros_like(batch.logp_rollout_BT, device=self.device)
         for rows in self._plan(batch.lengths):
             mb = batch.rows(rows)
+            replay = self._begin_replay(model, mb, count=False)
             logp, _ = response_logprobs(model, self._inputs(mb), temperature=self.temperature,
                                         fused=self.config.fused_logprobs)  # fmt: skip
+            if replay is not None:
+                replay.end()
             out[rows, : mb.mask_BT.shape[1]] = logp * mb.mask_BT.to(self.device)
         return out
 

@@ -1,0 +1,120 @@
+"""Rollout Routing Replay (R3): the trainer's MoE layers use the experts the rollout engine chose.
+
+A MoE router (Qwen3-MoE, Mixtral: the `...mlp.gate` modules with a `top_k`) returns (logits [N, E], gate
+weights [N, K], expert ids [N, K]) for the N tokens of a forward pass. `RoutingReplay` hooks every router of a
+model; for a micro-batch it is given the recorded expert ids of each token (`replay_inputs`) and:
+- counts the tokens whose router's own top-k differs from the recording in some layer (always, as a metric);
+- with `replace`, returns the recorded ids instead, with gate weights from the current router's softmax at
+  those experts, renormalised over them as the router itself renormalises (Mixtral always; Qwen3-MoE when
+  `norm_topk_prob`). Gradients reach the router through those weights.
+Tokens without a record (the last token of a sequence never ran forward at rollout; padding) keep the
+router's own choice. The hooks stay on through the backward pass, so recomputed activations (activation
+checkpointing) route the same way.
+
+Shapes: the recording of a sample is `Sample.routing` [P + T - 1, layers, K]; a micro-batch's is laid out as
+the forward's tokens: padded rows [b x width] (row-major) or packed [sum of lengths].
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+
+def moe_routers(model: nn.Module) -> list[nn.Module]:
+    """The routers of a Hugging Face MoE model, in layer order (empty for a dense model)."""
+    return [m for name, m in model.named_modules() if name.endswith("mlp.gate") and hasattr(m, "top_k")]
+
+
+def replay_inputs(
+    routing: Sequence[np.ndarray | None], lengths: Sequence[int], *, packed: bool, device: torch.device | str
+) -> tuple[Tensor, Tensor] | None:
+    """(ids [N, layers, K] int64, recorded [N] bool) in the forward's token order, or None when no sample of
+    the micro-batch carries a recording."""
+    present = [r for r in routing if r is not None]
+    if not present:
+        return None
+    layers, k = present[0].shape[1:]
+    width = max(lengths)
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]) if packed else np.arange(len(lengths)) * width
+    n = int(sum(lengths)) if packed else len(lengths) * width
+    ids = torch.zeros(n, layers, k, dtype=torch.long)
+    recorded = torch.zeros(n, dtype=torch.bool)
+    for start, trace in zip(starts.tolist(), routing, strict=True):
+        if trace is None:
+            continue
+        if trace.shape[1:] != (layers, k):
+            raise ValueError(f"routing traces of one batch disagree: {trace.shape[1:]} vs {(layers, k)}")
+        ids[start : start + len(trace)] = torch.from_numpy(trace.astype(np.int64))
+        recorded[start : start + len(trace)] = True
+    return ids.to(device), recorded.to(device)
+
+
+class RoutingReplay:
+    def __init__(self, model: nn.Module, *, replace: bool) -> None:
+        self.routers = moe_routers(model)
+        self.replace = replace
+        self._ids: Tensor | None = None
+        self._recorded: Tensor | None = None
+        self._differs: Tensor | None = None
+        self._counting = False
+        self.differing_tokens = 0  # totals over `count`ed forward passes
+        self.recorded_tokens = 0
+        self._hooks = [r.register_forward_hook(self._hook(i)) for i, r in enumerate(self.routers)]
+
+    def begin(self, inputs: tuple[Tensor, Tensor] | None, *, count: bool = True) -> None:
+        """The next forward pass's recording (None: route freely); `count`: add its differing tokens up."""
+        if inputs is not None and inputs[0].shape[1] != len(self.routers):
+            if self.replace:
+                raise ValueError(f"the routing trace has {inputs[0].shape[1]} layers, the model {len(self.routers)} "
+                                 "routers: recorded with another model?")  # fmt: skip
+            inputs = None  # only counted, and these cannot be compared
+        self._ids, self._recorded = inputs if inputs is not None else (None, None)
+        self._differs = None if self._recorded is None else torch.zeros_like(self._recorded)
+        self._counting = inputs is not None and count
+
+    def end_forward(self) -> None:
+        """Count this forward's differing tokens; the recording stays for the backward pass."""
+        if self._counting and self._differs is not None and self._recorded is not None:
+            self.differing_tokens += int(self._differs.sum())
+            self.recorded_tokens += int(self._recorded.sum())
+        self._counting = False
+
+    def end(self) -> None:
+        self._ids = self._recorded = self._differs = None
+        self._counting = False
+
+    def take_counts(self) -> tuple[int, int]:
+        counts = self.differing_tokens, self.recorded_tokens
+        self.differing_tokens = self.recorded_tokens = 0
+        return counts
+
+    def remove(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+
+    def _hook(self, layer: int) -> Any:
+        def hook(module: nn.Module, args: Any, output: Any) -> Any:
+            if self._ids is None or self._recorded is None:
+                return None
+            logits, scores, own = output
+            recorded_ids = self._ids[:, layer]
+            if own.shape != recorded_ids.shape:
+                raise RuntimeError(f"router {layer} saw {tuple(own.shape)} tokens x top-k, the replay has "
+                                   f"{tuple(recorded_ids.shape)}")  # fmt: skip
+            if self._counting and self._differs is not None:
+                differs = (own.sort(-1).values != recorded_ids.sort(-1).values).any(-1) & self._recorded
+                self._differs |= differs
+            if not self.replace:
+                return None
+            chosen = torch.where(self._recorded[:, None], recorded_ids, own)
+            weights = torch.softmax(logits.float(), dim=-1).gather(-1, chosen)
+            if getattr(module, "norm_topk_prob", True):
+                weights = weights / weights.sum(-1, keepdim=True)
+            return logits, weights.to(scores.dtype), chosen
+
+        return hook
