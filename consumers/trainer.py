@@ -15,7 +15,7 @@ import structlog
 
 from miles_stream import aio
 from miles_stream.buffer import ReplayBuffer
-from miles_stream.bus import GroupConsumer, Heartbeat, Keys, StreamConsumer, connect, open_stream_client
+from miles_stream.bus import GroupConsumer, Heartbeat, Keys, RetryPolicy, StreamConsumer, connect, open_stream_client
 from miles_stream.codec import GroupCodec
 from miles_stream.errors import ConfigError
 from miles_stream.record import RecordingSource
@@ -77,14 +77,15 @@ async def _run(config: RunConfig, parallel: DataParallel, resume: bool) -> int:
     redis, blocking = connect(config.redis), open_stream_client(config.redis, block_ms=config.bus.block_ms)
     stream = StreamConsumer(redis, blocking, stream=keys.trajectories, group="trainer", consumer=name,
                             dead_stream=keys.dead, config=config.bus)  # fmt: skip
-    consumer = GroupConsumer(stream, keys, _codec(config, trainer), owns_prompts=True)
+    stop = _stop_on_signals()
+    retry = RetryPolicy(attempts=0, max_delay_s=2.0, stop=stop)  # ride out a Redis restart, unless told to stop
+    consumer = GroupConsumer(stream, keys, _codec(config, trainer), owns_prompts=True, retry=retry)
     buffer = ReplayBuffer(consumer, config.buffer, share=config.buffer.rollout_batch_size // parallel.world)
     transport: WeightTransport = RedisTransport(redis, keys) if cfg.transport == "redis" else FileTransport(
         cfg.weights_dir)  # fmt: skip
-    publisher = WeightPublisher(redis, keys, transport, config.bus.heartbeat_ttl_s) if parallel.is_main else None
+    publisher = WeightPublisher(redis, keys, transport, config.bus.heartbeat_ttl_s, retry) if parallel.is_main else None
     subscriber = WeightSubscriber(redis, keys, {transport.name: transport})
     service = build_service(config, trainer, buffer, publisher, subscriber)
-    stop = _stop_on_signals()
     progress = service.progress
     try:
         async with Heartbeat(redis, keys, role="trainer", member_id=name, config=config.bus,

@@ -14,8 +14,9 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
@@ -113,6 +114,8 @@ class RetryPolicy:
     attempts: int = 5
     base_delay_s: float = 0.05
     max_delay_s: float = 5.0
+    stop: asyncio.Event | None = field(default=None, compare=False)  # once set, keep retrying only stop_grace_s
+    stop_grace_s: float = 10.0  # more: a process told to stop during an outage gives up instead of waiting on
 
     def __post_init__(self) -> None:
         check(self.attempts >= 0, "retry.attempts", "must be >= 0 (0 = forever)")
@@ -129,6 +132,7 @@ class RetryPolicy:
     ) -> T:
         """Call `fn` until it succeeds, retrying transient errors; the last one becomes RedisUnavailableError."""
         attempt = 0
+        stopping_since = None
         while True:
             try:
                 return await fn()
@@ -138,6 +142,10 @@ class RetryPolicy:
                 attempt += 1
                 if self.attempts and attempt >= self.attempts:
                     raise RedisUnavailableError(f"gave up after {attempt} attempts: {exc}") from exc
+                if self.stop is not None and self.stop.is_set():
+                    stopping_since = stopping_since or time.monotonic()
+                    if time.monotonic() - stopping_since > self.stop_grace_s:
+                        raise RedisUnavailableError(f"stopping, and Redis is still unavailable: {exc}") from exc
                 if on_retry is not None:
                     on_retry(attempt, exc)
                 await asyncio.sleep(self.delay(attempt))

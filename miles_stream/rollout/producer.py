@@ -29,6 +29,7 @@ is a `RolloutFn` (`turns.py`): single-turn by default, or turns of model and too
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import time
@@ -186,6 +187,9 @@ class RolloutProducer:
         stop_wait = asyncio.create_task(stop.wait())
         keep_alive = asyncio.create_task(self._keep_alive())
         follow = asyncio.create_task(self._follow_weights(last_weights)) if self.weights else None
+        for background in (keep_alive, follow):  # one that fails (not a Redis blip) stops the producer loudly
+            if background is not None:
+                background.add_done_callback(lambda t: done_background(t, failures, stop))
         try:
             while not stop.is_set():
                 acquire = asyncio.create_task(slots.acquire())
@@ -206,11 +210,9 @@ class RolloutProducer:
         finally:
             stop_wait.cancel()
             for background in (keep_alive, *([follow] if follow else [])):
-                try:
+                with contextlib.suppress(Exception):  # a failure was recorded by done_background
                     if not await stop_task(background):
                         log.error("background_task_did_not_stop", task=background.get_name())
-                except Exception as exc:
-                    log.error("background_task_failed", task=background.get_name(), error=repr(exc))
             self._stopping = True
             if self._tasks:
                 await self.engine.abort(sorted(self._generating))
@@ -434,6 +436,13 @@ class RolloutProducer:
         source.in_hand.discard(entry.id)
         self.counters.returned += count
         log.info("entry_returned", stream=target.stream, id=entry.id)
+
+
+def done_background(task: asyncio.Task[None], failures: list[BaseException], stop: asyncio.Event) -> None:
+    if not task.cancelled() and (exc := task.exception()) is not None:
+        log.error("background_task_failed", task=task.get_name(), error=repr(exc))
+        failures.append(exc)
+        stop.set()
 
 
 def _scored(r: Trajectory, reward: float) -> Sample:

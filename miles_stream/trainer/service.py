@@ -32,6 +32,7 @@ from miles_stream.aio import stop_task
 from miles_stream.buffer import Batch, ReplayBuffer
 from miles_stream.bus import Claim
 from miles_stream.bus.connection import is_transient
+from miles_stream.errors import RedisUnavailableError
 from miles_stream.trainer.batch import collate
 from miles_stream.trainer.checkpoint import TrainerState, load_checkpoint, save_checkpoint
 from miles_stream.trainer.config import TrainerConfig
@@ -73,6 +74,7 @@ class TrainerService:
         await self.buffer.start()
         await self._restore(resume)
         keep_alive = asyncio.create_task(self._keep_alive())
+        outage = False
         try:
             while not self._finished():
                 batch = await self.buffer.next_batch(self.progress.version, stop)
@@ -80,10 +82,19 @@ class TrainerService:
                     break
                 assert batch is not None
                 await self._step(batch)
+        except RedisUnavailableError as exc:
+            if not stop.is_set():
+                raise
+            outage = True  # told to stop while Redis was away (the retries gave up): leave what we can
+            log.error("stopped_during_redis_outage", uncommitted_groups=len(self._uncommitted), error=str(exc),
+                      checkpoint=bool(self.config.checkpoint_dir))  # fmt: skip
         finally:
             if not await stop_task(keep_alive):
                 log.error("keep_alive_did_not_stop")
-        await self._save_and_commit()
+        if outage:  # no commit can reach Redis: the checkpoint names the groups, and --resume commits them
+            await self._save()
+        else:
+            await self._save_and_commit()
         if self.export is not None and self.config.export_dir and self.parallel.is_main:
             await asyncio.to_thread(self.export, self.trainer.model, Path(self.config.export_dir))
             log.info("exported", path=self.config.export_dir)
@@ -150,9 +161,14 @@ class TrainerService:
 
     async def _save_and_commit(self) -> None:
         """Checkpoint (when configured) what has been trained, then ack it. A no-op when nothing is new."""
+        if await self._save():
+            await self._commit()
+
+    async def _save(self) -> bool:
+        """Checkpoint (when configured) what has been trained and not committed; False when nothing is."""
         pending = any(self.parallel.gather(bool(self._uncommitted)))
         if not pending:
-            return
+            return False
         if self.config.checkpoint_dir:
             claims = [c for rank_claims in self.parallel.gather(self._uncommitted) for c in rank_claims]
             if self.parallel.is_main:
@@ -162,7 +178,7 @@ class TrainerService:
                                                keep=self.config.keep_checkpoints)  # fmt: skip
                 log.info("checkpoint_saved", path=str(path), step=state.step, version=state.version)
             self.parallel.barrier()
-        await self._commit()
+        return True
 
     async def _commit(self) -> None:
         await self.buffer.commit(self._uncommitted)

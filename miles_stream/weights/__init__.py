@@ -9,14 +9,15 @@ newest is always kept, so a producer attached later loads it before it generates
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import redis.asyncio as aioredis
 import structlog
 import torch
 
-from miles_stream.bus import Keys, alive_members
+from miles_stream.bus import Keys, RetryPolicy, alive_members
+from miles_stream.bus.connection import is_transient
 from miles_stream.bus.streams import VERSION
 from miles_stream.errors import WeightIntegrityError
 from miles_stream.weights.manifest import WeightManifest, decode_manifest, encode_manifest
@@ -42,18 +43,32 @@ class WeightPublisher:
     keys: Keys
     transport: WeightTransport
     heartbeat_ttl_s: float = 10.0
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
 
     @property
     def versions_key(self) -> str:
         return f"{self.keys.weights}:versions"
 
     async def publish(self, version: int, state: dict[str, torch.Tensor]) -> WeightManifest:
-        manifest = await self.transport.write(version, state)
-        await self.redis.zadd(self.versions_key, {str(version): version})
-        await self.redis.xadd(self.keys.weights, {VERSION: str(version), MANIFEST: encode_manifest(manifest)},
-                              maxlen=1000, approximate=True)  # fmt: skip
+        """Write the version, then announce it (both retried through a Redis outage by `retry`: rewriting
+        chunks is idempotent, and a second announcement of a version is ignored by subscribers)."""
+        manifest = await self.retry.run(lambda: self.transport.write(version, state))
+
+        async def announce() -> None:
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.zadd(self.versions_key, {str(version): version})
+                pipe.xadd(self.keys.weights, {VERSION: str(version), MANIFEST: encode_manifest(manifest)},
+                          maxlen=1000, approximate=True)  # fmt: skip
+                await pipe.execute()
+
+        await self.retry.run(announce)
         log.info("weights_published", version=version, bytes=manifest.nbytes, transport=self.transport.name)
-        await self.prune(latest=version)
+        try:
+            await self.prune(latest=version)
+        except Exception as exc:  # pruning is housekeeping: the next publication prunes again
+            if not is_transient(exc):
+                raise
+            log.warning("weights_prune_failed", error=str(exc))
         return manifest
 
     async def prune(self, latest: int) -> list[int]:
