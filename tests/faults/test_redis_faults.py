@@ -31,7 +31,7 @@ from miles_stream.redis_server import EmbeddedRedis, EmbeddedRedisConfig, free_p
 
 CLI = [sys.executable, "-m", "miles_stream.cli"]
 PROMPTS = 100
-pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(300)]  # flaky in CI: see the note
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
 
 async def consume(url: str, ns: str, stop_after: float) -> tuple[list[str], int]:
