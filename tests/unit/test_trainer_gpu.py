@@ -65,3 +65,18 @@ def test_packed_bf16_step_through_varlen_flash_attention_takes_the_padded_step(t
     assert abs(loss - packed_loss) < 2e-2
     for name, value in padded.items():
         assert (packed[name] - value).norm() <= 0.05 * value.norm() + 1e-6, name
+
+
+def test_routing_replay_inside_compiled_layers_takes_the_eager_step(tmp_path: Path) -> None:
+    base = AutoModelForCausalLM.from_pretrained(build_tiny_model(tmp_path, TinyModelConfig(kind="moe")))
+    batch = variable_batch(base.config.vocab_size)
+    rng = np.random.default_rng(1)
+    traces = [np.argsort(rng.random((n - 1, 2, 8)), -1)[..., :2].astype(np.uint8) for n in batch.lengths]
+    batch = replace(batch, routing=traces)  # distinct experts per token, 2 layers, top-2
+    (free_loss, _), (loss, eager), (compiled_loss, compiled) = steps(
+        base, batch, {}, {"routing_replay": True}, {"routing_replay": True, "compile": True}
+    )
+    assert abs(free_loss - loss) > 1e-3  # the replayed (random) experts change the step: replay is on
+    assert abs(loss - compiled_loss) < 1e-4
+    for name, value in eager.items():
+        torch.testing.assert_close(compiled[name], value, atol=1e-5, rtol=1e-3)
