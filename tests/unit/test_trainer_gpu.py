@@ -73,10 +73,11 @@ def test_routing_replay_inside_compiled_layers_takes_the_eager_step(tmp_path: Pa
     rng = np.random.default_rng(1)
     traces = [np.argsort(rng.random((n - 1, 2, 8)), -1)[..., :2].astype(np.uint8) for n in batch.lengths]
     batch = replace(batch, routing=traces)  # distinct experts per token, 2 layers, top-2
-    (free_loss, _), (loss, eager), (compiled_loss, compiled) = steps(
+    (_, free), (loss, eager), (compiled_loss, compiled) = steps(
         base, batch, {}, {"routing_replay": True}, {"routing_replay": True, "compile": True}
     )
-    assert abs(free_loss - loss) > 1e-3  # the replayed (random) experts change the step: replay is on
+    moved = max(float((free[n] - g).norm() / (g.norm() + 1e-12)) for n, g in eager.items())
+    assert moved > 0.1  # the replayed (random) experts change the gradients: replay is on
     assert abs(loss - compiled_loss) < 1e-4
     for name, value in eager.items():
         torch.testing.assert_close(compiled[name], value, atol=1e-5, rtol=1e-3)
