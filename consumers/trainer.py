@@ -10,6 +10,7 @@ import asyncio
 import signal
 from collections.abc import Sequence
 from dataclasses import replace
+from typing import Any
 
 import structlog
 
@@ -81,8 +82,7 @@ async def _run(config: RunConfig, parallel: DataParallel, resume: bool) -> int:
     retry = RetryPolicy(attempts=0, max_delay_s=2.0, stop=stop)  # ride out a Redis restart, unless told to stop
     consumer = GroupConsumer(stream, keys, _codec(config, trainer), owns_prompts=True, retry=retry)
     buffer = ReplayBuffer(consumer, config.buffer, share=config.buffer.rollout_batch_size // parallel.world)
-    transport: WeightTransport = RedisTransport(redis, keys) if cfg.transport == "redis" else FileTransport(
-        cfg.weights_dir)  # fmt: skip
+    transport = _transport(config, redis, keys)
     publisher = WeightPublisher(redis, keys, transport, config.bus.heartbeat_ttl_s, retry) if parallel.is_main else None
     subscriber = WeightSubscriber(redis, keys, {transport.name: transport})
     service = build_service(config, trainer, buffer, publisher, subscriber)
@@ -101,6 +101,16 @@ async def _run(config: RunConfig, parallel: DataParallel, resume: bool) -> int:
         await redis.aclose()
     _log_stopped(service, buffer)
     return 0
+
+
+def _transport(config: RunConfig, redis: Any, keys: Keys) -> WeightTransport:
+    if config.trainer.transport == "broadcast":
+        from miles_stream.weights.broadcast import BroadcastSender
+
+        return BroadcastSender(config.weights_group)
+    if config.trainer.transport == "file":
+        return FileTransport(config.trainer.weights_dir)
+    return RedisTransport(redis, keys)
 
 
 def _codec(config: RunConfig, trainer: PolicyTrainer) -> GroupCodec:

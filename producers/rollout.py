@@ -31,7 +31,7 @@ from miles_stream.rollout.producer import RolloutConfig, RolloutProducer
 from miles_stream.rollout.turns import Calculator, RolloutFn, ToolLoop, single_turn
 from miles_stream.rollout.types import RolloutEngine, SamplingParams
 from miles_stream.run_config import RunConfig
-from miles_stream.weights import FileTransport, RedisTransport, WeightSubscriber
+from miles_stream.weights import FileTransport, RedisTransport, WeightSubscriber, WeightTransport
 
 log = structlog.get_logger("producers.rollout")
 
@@ -63,7 +63,14 @@ async def _run(config: RunConfig) -> int:
                                retry=RetryPolicy(attempts=0, max_delay_s=2.0))  # ride out a Redis restart  # fmt: skip
     admission = Admission(redis, keys, config.bus, producer_id=name, over_sampling=cfg.over_sampling)
     rollout_fn, sampling = _turns(cfg, tokenizer)
-    weights = WeightSubscriber(redis, keys, {"redis": RedisTransport(redis, keys), "file": FileTransport("")})
+    transports: dict[str, WeightTransport] = {"redis": RedisTransport(redis, keys), "file": FileTransport("")}
+    if cfg.weights_rank:  # in the trainer's broadcast group: versions arrive on this engine's device
+        from miles_stream.weights.broadcast import BroadcastReceiver
+
+        if not isinstance(engine, NativeEngine):
+            raise ConfigError("rollout.weights_rank: the broadcast transport feeds the native engine")
+        transports["broadcast"] = BroadcastReceiver(config.weights_group, cfg.weights_rank, engine.model.state_dict())
+    weights = WeightSubscriber(redis, keys, transports)
     producer = RolloutProducer(cfg, engine=engine, tokenizer=tokenizer, reward_fn=reward_fn, prompts=prompts,
                                publisher=publisher, partials=partials, admission=admission, rollout_fn=rollout_fn,
                                sampling=sampling, weights=weights, codec=codec)  # fmt: skip

@@ -86,6 +86,7 @@ class RolloutConfig:
     on_update: Literal["continue", "recycle"] = "continue"  # samples in flight at a weight update
     over_sampling: float = 1.0  # admit this many times the staleness budget (admission.py)
     producer_id: str = ""  # empty: host-pid
+    weights_rank: int = 0  # > 0: this producer's rank in the trainer's weight-broadcast group (weights_group)
     seed: int = 0
     torch_threads: int = 0  # intra-op threads of the engine; 0 = torch's default (all cores). With several
     # processes on one machine, 1 each avoids oversubscription (docs/benchmarks.md, attaching producers)

@@ -266,3 +266,36 @@ async def test_weights_published_over_the_file_transport_load_and_equal_the_trai
     exported = load_file(tmp_path / "export" / "model.safetensors")
     for name, tensor in exported.items():
         assert loaded[name].equal(tensor), name  # what producers load is what the trainer ended with
+
+
+async def test_weights_broadcast_over_a_gloo_group_equal_the_trained_model(
+    redis: aioredis.Redis, redis_url: str, keys: Keys, model_dir: Path, tmp_path: Path
+) -> None:
+    """The broadcast transport on CPU (gloo in place of NCCL): the trainer is rank 0, this test a producer's
+    receiver (rank 1); every version arrives, and the last equals the exported model."""
+    from miles_stream.redis_server import free_port
+    from miles_stream.weights import WeightSubscriber
+    from miles_stream.weights.broadcast import BroadcastReceiver
+    from miles_stream.weights_group import WeightsGroupConfig
+
+    await publish(redis_url, keys.namespace, groups(0, 8))
+    group = WeightsGroupConfig(master_port=free_port(), backend="gloo", device="cpu", dtype="float32", timeout_s=60,
+                               group_name=f"w-{keys.namespace}")  # one group per name in a process  # fmt: skip
+    receiver = BroadcastReceiver(group, 1, AutoModelForCausalLM.from_pretrained(model_dir).state_dict())
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "MILES_REDIS_URL": redis_url}
+    values = {"master_port": group.master_port, "backend": "gloo", "device": "cpu", "dtype": "float32", "timeout_s": 60,
+              "group_name": group.group_name}  # fmt: skip
+    settings = [f"weights_group.{k}={v}" for k, v in values.items()]
+    cmd = train_cmd(
+        keys.namespace, model_dir, tmp_path, "trainer.max_steps=2", "trainer.transport=broadcast", *settings
+    )
+    proc = await asyncio.create_subprocess_exec(*cmd, env=env, stderr=asyncio.subprocess.PIPE)
+    _, err = await asyncio.wait_for(proc.communicate(), 120)
+    assert proc.returncode == 0, err.decode()[-3000:]
+    subscriber = WeightSubscriber(redis, keys, {"broadcast": receiver})
+    latest = await subscriber.latest()
+    assert latest is not None and latest[1].version == 2 and latest[1].transport == "broadcast"
+    loaded = await subscriber.load(latest[1])
+    exported = load_file(tmp_path / "export" / "model.safetensors")
+    for name, tensor in exported.items():
+        assert loaded[name].equal(tensor), name

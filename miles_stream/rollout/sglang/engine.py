@@ -150,7 +150,8 @@ class SGLangEngine:
         server = _Server(client, healthy=False)
         self._servers[url] = server
         try:
-            await self._make_current(server)
+            async with self._update_lock:  # not while an update is going to the others
+                await self._make_current(server)
             if self._router is not None:
                 await self._router.request("POST", "/workers", {"url": url, "worker_type": "regular"})
         except BaseException:
