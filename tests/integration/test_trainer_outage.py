@@ -1,7 +1,7 @@
 """A trainer process while Redis is away (stopped cleanly, AOF on, started again on the same port):
 
-- an outage of several seconds mid-run: the trainer waits it out (reads, commits, weight announcements are
-  retried) and finishes every step, every group trained once and committed;
+- an outage of several seconds while the trainer waits for groups: it waits it out (reads, commits, weight
+  announcements are retried), then trains what comes after, every group once and committed;
 - SIGTERM during an outage: the trainer gives up its retries after their grace period, saves a checkpoint
   naming the groups it trained but could not commit, exits; once Redis is back, `--resume` commits them
   without training them again.
@@ -47,7 +47,7 @@ def test_the_trainer_waits_out_an_outage_and_trains_every_group_once(
 ) -> None:
     port, ns = free_port(), "outage"
     server = start_redis(tmp_path, redis_binary, port)
-    asyncio.run(publish(server.url, ns, groups(0, 24)))
+    asyncio.run(publish(server.url, ns, groups(0, 8)))  # two steps' worth: then it waits on a read
     time.sleep(1.2)  # past one AOF fsync
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "MILES_REDIS_URL": server.url}
     run_dir = tmp_path / "run"
@@ -56,9 +56,11 @@ def test_the_trainer_waits_out_an_outage_and_trains_every_group_once(
                                    stderr=subprocess.STDOUT)  # fmt: skip
     try:
         wait_for(lambda: len(metrics(run_dir)) >= 2, 120)
+        time.sleep(0.5)  # the step-2 checkpoint commits; then it blocks reading for more
         server.stop()  # SIGTERM: the AOF is written out
         time.sleep(5.0)  # longer than any default retry would wait
         server = start_redis(tmp_path, redis_binary, port)
+        asyncio.run(publish(server.url, ns, groups(8, 16)))
         code = trainer.wait(timeout=120)
         log = (tmp_path / "trainer.log").read_text()
         assert code == 0, log[-3000:]
