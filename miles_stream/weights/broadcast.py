@@ -1,8 +1,8 @@
 """The `broadcast` weight transport: the trainer sends each version straight to the producers' devices over a
 weight-update group (NCCL between GPUs; gloo on CPU, which is how it is tested here).
 
-    trainer (rank 0) ── write(v): header [v, tensors, elements], then one broadcast per tensor, in the model's
-                        state_dict order, in buckets ──► every receiver (ranks 1..N, one per producer)
+    trainer (rank 0) ── write(v): header [v, tensors, elements, float dtype], then one broadcast per tensor in
+                        the model's state_dict order ──► every receiver (ranks 1..N, one per producer)
     producer         ── a thread waits in the broadcast: whatever arrives is kept (the last two versions);
                         read(manifest) returns that version once it is in (the announcement on {ns}:weights
                         still says which version exists, as for every transport)
@@ -31,6 +31,7 @@ from miles_stream.weights_group import WeightsGroupConfig
 
 log = structlog.get_logger(__name__)
 NAME = "broadcast"
+_DTYPE_CODES = {"float32": 0, "bfloat16": 1, "float16": 2}
 
 
 def wire_dtype(config: WeightsGroupConfig, dtype: torch.dtype) -> torch.dtype:
@@ -73,7 +74,8 @@ class BroadcastSender:
             self._group = init_weight_group(c.backend, c.master_address, c.master_port, c.receivers + 1, 0,
                                             c.group_name, c.timeout_s)  # fmt: skip
         tensors = list(state.values())
-        header = torch.tensor([version, len(tensors), sum(t.numel() for t in tensors)], dtype=torch.int64)
+        header = torch.tensor([version, len(tensors), sum(t.numel() for t in tensors), _DTYPE_CODES[c.dtype]],
+                              dtype=torch.int64)  # fmt: skip
         _broadcast(self._group, header.to(c.device))
         for tensor in tensors:
             _broadcast(self._group, tensor.detach().to(c.device, wire_dtype(c, tensor.dtype)).contiguous())
@@ -127,9 +129,12 @@ class BroadcastReceiver:
                                       c.group_name, c.timeout_s)  # fmt: skip
             elements = sum(torch.Size(shape).numel() for shape, _ in self.layout.values())
             while True:
-                header = torch.zeros(3, dtype=torch.int64, device=c.device)
+                header = torch.zeros(4, dtype=torch.int64, device=c.device)
                 _broadcast(group, header)  # the next version, within timeout_s
-                version, count, total = (int(x) for x in header.tolist())
+                version, count, total, code = (int(x) for x in header.tolist())
+                if code != _DTYPE_CODES[c.dtype]:
+                    raise WeightIntegrityError(f"version {version}: floats come as dtype code {code}, not "
+                                               f"{c.dtype}: weights_group.dtype differs from the trainer")  # fmt: skip
                 if (count, total) != (len(self.layout), elements):
                     raise WeightIntegrityError(f"version {version}: {count} tensors / {total} elements came, this "
                                                f"model has {len(self.layout)} / {elements}")  # fmt: skip
