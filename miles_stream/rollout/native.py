@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, DynamicCache
 
 from miles_stream.errors import InvalidRequest, MilesStreamError
+from miles_stream.models.moe import moe_routers
 from miles_stream.rollout.sampling import sample_tokens
 from miles_stream.rollout.static_cache import StaticDecoder, supports
 from miles_stream.rollout.types import GenerationRequest, GenerationResult, merge_spans
@@ -104,7 +105,7 @@ class NativeEngine:
         self._kv: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._mask = torch.zeros(0, 0, dtype=torch.long, device=self.device)
         self._step_routing: list[torch.Tensor] = []
-        self._hooks = [m.register_forward_hook(self._record_routing) for m in self._routers()]
+        self._hooks = [m.register_forward_hook(self._record_routing) for m in moe_routers(self.model)]
         self._thread = threading.Thread(target=self._loop, name="miles-native-engine", daemon=True)
         self._thread.start()
 
@@ -377,10 +378,6 @@ class NativeEngine:
         )
 
     # ---- MoE routing traces -------------------------------------------------------------------------------
-    def _routers(self) -> list[torch.nn.Module]:
-        """The MoE routers: modules named ...mlp.gate that choose experts (Qwen3-MoE, Mixtral)."""
-        return [m for name, m in self.model.named_modules() if name.endswith("mlp.gate") and hasattr(m, "top_k")]
-
     def _record_routing(self, module: torch.nn.Module, inputs: Any, output: Any) -> None:
         self._step_routing.append(output[2].detach())  # [rows * positions, K] expert indices
 

@@ -270,7 +270,9 @@ class RolloutProducer:
         if isinstance(self.engine, UpdatesFromManifest):
             await self.engine.apply_manifest(manifest, lambda: weights.load(manifest))
         else:
-            await self.engine.update_weights(manifest.version, state or await weights.load(manifest))
+            await self.engine.update_weights(
+                manifest.version, state if state is not None else await weights.load(manifest)
+            )
 
     async def _follow_weights(self, last: str) -> None:
         """Apply each new version as it is announced; one that fails verification is skipped (old weights

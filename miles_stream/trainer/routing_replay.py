@@ -24,10 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-
-def moe_routers(model: nn.Module) -> list[nn.Module]:
-    """The routers of a Hugging Face MoE model, in layer order (empty for a dense model)."""
-    return [m for name, m in model.named_modules() if name.endswith("mlp.gate") and hasattr(m, "top_k")]
+from miles_stream.models.moe import moe_routers
 
 
 def replay_inputs(

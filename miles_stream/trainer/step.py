@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from miles_stream.buffer.micro import plan_micro_batches
 from miles_stream.kernels.packed_attention import use_packed_attention
+from miles_stream.models.moe import moe_routers
 from miles_stream.trainer.algo import AdvantageInputs, LossInputs, build_objective, compute_advantages
 from miles_stream.trainer.algo_config import AlgoConfig
 from miles_stream.trainer.batch import MicroInputs, RolloutBatch, micro_inputs, packed_inputs
@@ -30,7 +31,7 @@ from miles_stream.trainer.config import TrainerConfig
 from miles_stream.trainer.logprobs import response_logprobs
 from miles_stream.trainer.optim import build_optimizer, build_scheduler
 from miles_stream.trainer.parallel import DataParallel
-from miles_stream.trainer.routing_replay import RoutingReplay, moe_routers, replay_inputs
+from miles_stream.trainer.routing_replay import RoutingReplay, replay_inputs
 
 log = structlog.get_logger(__name__)
 SUMMED = frozenset({"loss", "pg_loss", "kl_loss", "entropy"})  # already divided by the global count

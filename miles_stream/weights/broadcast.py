@@ -26,6 +26,7 @@ import torch
 
 from miles_stream.config import check
 from miles_stream.errors import WeightIntegrityError
+from miles_stream.weights.collective import broadcast_from_rank0, init_weight_group
 from miles_stream.weights.manifest import ChunkInfo, TensorInfo, WeightManifest
 from miles_stream.weights_group import WeightsGroupConfig
 
@@ -66,8 +67,6 @@ class BroadcastSender:
         return None  # nothing is stored
 
     def _send(self, version: int, state: Mapping[str, torch.Tensor]) -> None:
-        from miles_stream.rollout.sglang.updates import init_weight_group
-
         c = self.config
         if self._group is None:
             log.info("weights_group_waiting", receivers=c.receivers, port=c.master_port)
@@ -76,9 +75,9 @@ class BroadcastSender:
         tensors = list(state.values())
         header = torch.tensor([version, len(tensors), sum(t.numel() for t in tensors), _DTYPE_CODES[c.dtype]],
                               dtype=torch.int64)  # fmt: skip
-        _broadcast(self._group, header.to(c.device))
+        broadcast_from_rank0(self._group, header.to(c.device))
         for tensor in tensors:
-            _broadcast(self._group, tensor.detach().to(c.device, wire_dtype(c, tensor.dtype)).contiguous())
+            broadcast_from_rank0(self._group, tensor.detach().to(c.device, wire_dtype(c, tensor.dtype)).contiguous())
 
 
 class BroadcastReceiver:
@@ -121,8 +120,6 @@ class BroadcastReceiver:
             return self._versions[version]
 
     def _receive_forever(self) -> None:
-        from miles_stream.rollout.sglang.updates import init_weight_group
-
         c = self.config
         try:
             group = init_weight_group(c.backend, c.master_address, c.master_port, c.receivers + 1, self.rank,
@@ -130,7 +127,7 @@ class BroadcastReceiver:
             elements = sum(torch.Size(shape).numel() for shape, _ in self.layout.values())
             while True:
                 header = torch.zeros(4, dtype=torch.int64, device=c.device)
-                _broadcast(group, header)  # the next version, within timeout_s
+                broadcast_from_rank0(group, header)  # the next version, within timeout_s
                 version, count, total, code = (int(x) for x in header.tolist())
                 if code != _DTYPE_CODES[c.dtype]:
                     raise WeightIntegrityError(f"version {version}: floats come as dtype code {code}, not "
@@ -141,7 +138,7 @@ class BroadcastReceiver:
                 state = {}
                 for name, (shape, dtype) in self.layout.items():
                     tensor = torch.empty(shape, dtype=dtype, device=c.device)
-                    _broadcast(group, tensor)
+                    broadcast_from_rank0(group, tensor)
                     state[name] = tensor
                 with self._arrived:
                     self._versions[version] = state
@@ -153,11 +150,3 @@ class BroadcastReceiver:
             with self._arrived:
                 self._failure = exc
                 self._arrived.notify_all()
-
-
-def _broadcast(group: Any, tensor: torch.Tensor) -> None:
-    import torch.distributed as dist
-
-    options = dist.BroadcastOptions()
-    options.rootRank = 0
-    group.broadcast([tensor], options).wait()

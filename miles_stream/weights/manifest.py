@@ -54,25 +54,36 @@ class WeightManifest:
         return sum(c.nbytes for c in self.chunks)
 
 
+def buckets(state: Mapping[str, torch.Tensor], bucket_bytes: int) -> list[list[tuple[str, torch.Tensor]]]:
+    """Whole tensors in order, grouped into buckets of about `bucket_bytes` (a larger tensor alone)."""
+    out: list[list[tuple[str, torch.Tensor]]] = [[]]
+    size = 0
+    for name, tensor in state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if out[-1] and size + nbytes > bucket_bytes:
+            out.append([])
+            size = 0
+        out[-1].append((name, tensor))
+        size += nbytes
+    return [b for b in out if b]
+
+
 def pack_chunks(state: Mapping[str, torch.Tensor], bucket_bytes: int) -> tuple[list[TensorInfo], list[bytes]]:
     """Whole tensors, in order, packed into chunks of about `bucket_bytes` (a larger tensor is a chunk alone)."""
     tensors: list[TensorInfo] = []
     chunks: list[bytes] = []
-    current: list[bytes] = []
-    size = 0
-    for name, tensor in state.items():
-        if tensor.dtype not in _NAMES:
-            raise MilesStreamError(f"weight {name!r} has dtype {tensor.dtype}, not one of {sorted(DTYPES)}")
-        raw = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-        if current and size + len(raw) > bucket_bytes:
-            chunks.append(b"".join(current))
-            current, size = [], 0
-        tensors.append(TensorInfo(name, _NAMES[tensor.dtype], tuple(tensor.shape), len(chunks), size, len(raw)))
-        current.append(raw)
-        size += len(raw)
-    if current or not chunks:
-        chunks.append(b"".join(current))
-    return tensors, chunks
+    for bucket in buckets(state, bucket_bytes):
+        parts: list[bytes] = []
+        offset = 0
+        for name, tensor in bucket:
+            if tensor.dtype not in _NAMES:
+                raise MilesStreamError(f"weight {name!r} has dtype {tensor.dtype}, not one of {sorted(DTYPES)}")
+            raw = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+            tensors.append(TensorInfo(name, _NAMES[tensor.dtype], tuple(tensor.shape), len(chunks), offset, len(raw)))
+            parts.append(raw)
+            offset += len(raw)
+        chunks.append(b"".join(parts))
+    return tensors, chunks or [b""]
 
 
 def chunk_infos(chunks: list[bytes]) -> tuple[ChunkInfo, ...]:

@@ -15,6 +15,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from miles_stream.models import TinyModelConfig, build_tiny_model
+from miles_stream.models.moe import moe_routers
 from miles_stream.rollout.native import NativeEngine
 from miles_stream.rollout.types import GenerationRequest, SamplingParams
 from miles_stream.schema import Sample, TrajectoryGroup, make_spans
@@ -22,7 +23,7 @@ from miles_stream.trainer.algo_config import AlgoConfig
 from miles_stream.trainer.batch import RolloutBatch, collate, micro_inputs, packed_inputs
 from miles_stream.trainer.config import TrainerConfig
 from miles_stream.trainer.logprobs import response_logprobs
-from miles_stream.trainer.routing_replay import RoutingReplay, moe_routers, replay_inputs
+from miles_stream.trainer.routing_replay import RoutingReplay, replay_inputs
 from miles_stream.trainer.step import PolicyTrainer
 
 

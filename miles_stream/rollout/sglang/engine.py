@@ -21,13 +21,14 @@ import contextlib
 import itertools
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 from urllib.parse import quote
 
 import structlog
 import torch
 
+from miles_stream.aio import stop_task
 from miles_stream.errors import MilesStreamError
+from miles_stream.models.moe import moe_layer_indices
 from miles_stream.rollout.sglang.client import SGLangClient, SGLangError
 from miles_stream.rollout.sglang.config import SGLangConfig
 from miles_stream.rollout.sglang.payload import MoeLayout, generate_payload, parse_generate, parse_version
@@ -128,7 +129,7 @@ class SGLangEngine:
 
     async def close(self) -> None:
         if self._health is not None:
-            self._health.cancel()
+            await stop_task(self._health)
         for s in self._servers.values():
             await s.client.close()
         if self._router is not None:
@@ -250,7 +251,9 @@ class SGLangEngine:
         targets = [server] if server is not None else list(self._servers.values())
         await asyncio.gather(*(s.client.abort(rid) for s in targets), return_exceptions=True)
 
-    async def _update(self, servers: list[_Server], manifest: WeightManifest, load: StateLoader) -> list[Any]:
+    async def _update(
+        self, servers: list[_Server], manifest: WeightManifest, load: StateLoader
+    ) -> list[WeightUpdateError]:
         reported = await asyncio.gather(*(s.client.model_info() for s in servers), return_exceptions=True)
         servers = [s for s, info in zip(servers, reported, strict=True)  # those on it already are skipped
                    if not (isinstance(info, dict) and info.get("weight_version") == str(manifest.version))]  # fmt: skip
@@ -329,7 +332,6 @@ def moe_layout(model_dir: str) -> MoeLayout | None:
         return None
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)  # type: ignore[no-untyped-call]
-    layers = sorted({int(name.split(".")[-3]) for name, m in model.named_modules()
-                     if name.endswith("mlp.gate") and hasattr(m, "top_k")})  # fmt: skip
+    layers = moe_layer_indices(model)
     return MoeLayout(num_layers=int(config.num_hidden_layers), top_k=int(config.num_experts_per_tok),
                      num_experts=experts, moe_layers=tuple(layers))  # fmt: skip

@@ -26,7 +26,6 @@ import contextlib
 import hashlib
 import io
 from collections.abc import Mapping, Sequence
-from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
@@ -35,7 +34,8 @@ import torch
 
 from miles_stream.errors import MilesStreamError, WeightIntegrityError
 from miles_stream.rollout.sglang.client import NotSupported, SGLangClient, SGLangError
-from miles_stream.weights.manifest import WeightManifest
+from miles_stream.weights.collective import broadcast_from_rank0, init_weight_group
+from miles_stream.weights.manifest import WeightManifest, buckets
 
 log = structlog.get_logger(__name__)
 PauseMode = Literal["abort", "retract", "in_place"]
@@ -186,20 +186,6 @@ def verify_file(manifest: WeightManifest) -> None:
         raise WeightIntegrityError(f"version {manifest.version}: {path} does not match its manifest's sha256")
 
 
-def buckets(state: Mapping[str, torch.Tensor], bucket_bytes: int) -> list[list[tuple[str, torch.Tensor]]]:
-    """Whole tensors in order, grouped into buckets of about `bucket_bytes` (a larger tensor alone)."""
-    out: list[list[tuple[str, torch.Tensor]]] = [[]]
-    size = 0
-    for name, tensor in state.items():
-        nbytes = tensor.numel() * tensor.element_size()
-        if out[-1] and size + nbytes > bucket_bytes:
-            out.append([])
-            size = 0
-        out[-1].append((name, tensor))
-        size += nbytes
-    return [b for b in out if b]
-
-
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
@@ -270,29 +256,8 @@ class DistributedPush:
             await asyncio.gather(send, *calls)
 
     def _broadcast(self, tensors: list[torch.Tensor]) -> None:
-        import torch.distributed as dist
-
-        options = dist.BroadcastOptions()
-        options.rootRank = 0
         for tensor in tensors:
-            t = tensor.detach().to(self.device).contiguous()
-            self._group.broadcast([t], options).wait()
-
-
-def init_weight_group(backend: str, address: str, port: int, world: int, rank: int, name: str,
-                      timeout_s: float) -> Any:  # fmt: skip
-    """A process group apart from the default one, built as SGLang builds its side (a TCP rendezvous at
-    address:port, keys under `name`), so both ends meet. Uses torch's `_new_process_group_helper`, as SGLang
-    does: PyTorch has no public way to make a group without a default group."""
-    from torch.distributed import rendezvous  # type: ignore[attr-defined]
-    from torch.distributed.distributed_c10d import Backend, PrefixStore, _new_process_group_helper
-
-    timeout = timedelta(seconds=timeout_s)
-    store, _, _ = next(rendezvous(f"tcp://{address}:{port}", rank, world, timeout=timeout))
-    store.set_timeout(timeout)
-    group = _new_process_group_helper(world, rank, [], Backend(backend), PrefixStore(name, store), group_name=name,  # type: ignore[arg-type]
-                                      timeout=timeout)  # fmt: skip
-    return group[0] if isinstance(group, tuple) else group
+            broadcast_from_rank0(self._group, tensor.detach().to(self.device).contiguous())
 
 
 class TensorPush:
@@ -310,6 +275,9 @@ class TensorPush:
     async def push(self, servers: Sequence[SGLangClient], version: int, manifest: WeightManifest,
                    state: Mapping[str, torch.Tensor] | None) -> None:  # fmt: skip
         assert state is not None
+        for s in servers:  # one serialized entry per TP rank, each on its own GPU: only TP 1 is built
+            if (tp := int((await s.server_info()).get("tp_size", 1))) != 1:
+                raise SGLangError(s.url, f"weight_sync=tensor is built for TP 1 servers; this one has tp_size {tp}")
         for bucket in buckets(state, self.bucket_bytes):
             held = [(name, t.detach().to(self.device).contiguous()) for name, t in bucket]
             payload = {"serialized_named_tensors": [serialize_named_tensors(held)], "load_format": None,
