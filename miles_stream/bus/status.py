@@ -72,13 +72,20 @@ async def namespace_status(redis: aioredis.Redis, keys: Keys, heartbeat_ttl_s: f
     done = {name: int(await redis.scard(keys.done(name))) for name in sorted(group_names)}
     return NamespaceStatus(
         namespace=keys.namespace,
-        server_version=str(info.get("redis_version", "?")),
+        server_version=describe_server(info),
         streams=streams,
         members=tuple(await alive_members(redis, keys, heartbeat_ttl_s)),
         latest_weight_version=version,
         dead_letters=next(s.length for s in streams if s.key == keys.dead),
         done_groups={k: v for k, v in done.items() if v},
     )
+
+
+def describe_server(info: dict[str, Any]) -> str:
+    """ "valkey 8.1.8" / "redis 7.0.15" from INFO server; "?" where INFO is not allowed (an ACL user)."""
+    name = str(info.get("server_name", "redis"))
+    version = info.get(f"{name}_version") or info.get("redis_version")
+    return f"{name} {version}" if version else "?"
 
 
 async def _stream_status(redis: aioredis.Redis, key: str) -> StreamStatus:

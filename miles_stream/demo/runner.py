@@ -23,7 +23,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,8 +38,8 @@ from miles_stream.demo.plot import plot_run
 from miles_stream.demo.task import greedy_accuracy, write_task
 from miles_stream.demo.view import DemoState, render, summary
 from miles_stream.errors import MilesStreamError, WeightIntegrityError
-from miles_stream.redis_server import EmbeddedRedis, EmbeddedRedisConfig, die_with_parent
-from miles_stream.run_config import RunConfig
+from miles_stream.redis_server import EmbeddedRedis, die_with_parent
+from miles_stream.run_config import RunConfig, load_run_config
 
 log = structlog.get_logger(__name__)
 STALLED = "every group's rewards are equal (the policy is sure of its answers), so nothing more is learned"
@@ -86,9 +86,11 @@ def run_demo(options: DemoOptions, console: Console | None = None) -> int:
         (work / name).unlink(missing_ok=True)
     console.print(f"[bold]miles-stream demo[/bold]: building the tiny model and the task in {work}")
     model_dir, prompts = write_task(work)
-    with EmbeddedRedis(EmbeddedRedisConfig(persistence="none", maxmemory="1gb")) as server:
+    server_config = load_run_config(options.config, options.overrides).redis_server  # redis_server.binary=...
+    with EmbeddedRedis(replace(server_config, persistence="none", maxmemory="1gb")) as server:
         run = _prepare(work, options, model_dir, prompts)
-        console.print(f"Redis {server.version} at {server.url}. To attach another producer while this runs:\n"
+        console.print(f"Server {server.version} ({server.binary}) at {server.url}.\n"
+                      "To attach another producer while this runs:\n"
                       f"  MILES_REDIS_URL={server.url} miles-stream produce --config {run.config_path}")  # fmt: skip
         return aio.run(_supervise(run, server.url, options, console))
 
