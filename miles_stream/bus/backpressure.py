@@ -1,9 +1,12 @@
 """Backpressure: a producer waits while the consumers' backlog on a stream exceeds a bound.
 
-The backlog of a consumer group is what it has not acknowledged: entries not yet delivered (lag) plus
-entries delivered and pending. Redis 7 reports lag in XINFO GROUPS; where it does not (6.2, or 7.x after
-deletions), the stream length stands in, an upper bound that stays close because consumers trim what every
-group has acknowledged. Bytes are estimated from the sizes this producer has been sending.
+The backlog of a consumer group is what it has not acknowledged: entries not yet delivered plus entries
+delivered and pending, both counted exactly on every server. Redis 7+ and Valkey report the undelivered
+count (`lag` in XINFO GROUPS); where it is missing (Redis 6.2, or 7.x when deletions make it unknown) the
+entries after the group's last-delivered id are counted with one `XRANGE (id + COUNT cap`, capped at what
+the caller needs to know (the bound it compares with). That read costs the server, and the wire, up to `cap`
+entries per poll: fine for small entries or small bounds; with large entries use a server that reports lag.
+Bytes are estimated from the sizes this producer has been sending.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import redis.asyncio as aioredis
 import redis.exceptions as rexc
 import structlog
 
-from miles_stream.bus.streams import BusConfig, trim_acknowledged
+from miles_stream.bus.streams import BusConfig, as_str
 from miles_stream.errors import BackpressureTimeout
 
 log = structlog.get_logger(__name__)
@@ -32,27 +35,42 @@ class Backlog:
         return self.entries >= config.max_backlog_entries or self.bytes >= config.max_backlog_bytes
 
 
-async def stream_backlog(redis: aioredis.Redis, stream: str) -> int:
-    """Largest unacknowledged count over the stream's consumer groups (the stream length if none)."""
-    return (await _backlog(redis, stream))[0]
-
-
 @dataclass(frozen=True, slots=True)
 class GroupBacklog:
-    """What one consumer group has not acknowledged. `undelivered` is None where Redis cannot say (6.2)."""
+    """What one consumer group has not acknowledged: `undelivered` (exact up to the cap asked for) and
+    `pending` (delivered, not acknowledged)."""
 
-    undelivered: int | None
+    undelivered: int
     pending: int
-    length: int  # of the stream: an upper bound on undelivered + pending
 
     @property
     def unacked(self) -> int:
-        return self.length if self.undelivered is None else self.undelivered + self.pending
+        return self.undelivered + self.pending
 
-    @property
-    def waiting(self) -> int:
-        """Entries not yet delivered; where Redis cannot say, the length less what is pending."""
-        return max(self.length - self.pending, 0) if self.undelivered is None else self.undelivered
+
+async def stream_backlog(redis: aioredis.Redis, stream: str, cap: int = 1 << 20) -> int:
+    """Largest unacknowledged count over the stream's consumer groups (the stream length if none)."""
+    length, groups = await _length_and_groups(redis, stream)
+    if not groups:
+        return length
+    return max([(await _group_backlog(redis, stream, g, cap)).unacked for g in groups])
+
+
+async def group_backlog(redis: aioredis.Redis, stream: str, group: str, cap: int = 1 << 20) -> GroupBacklog:
+    """The backlog of consumer group `group` on `stream` (the whole stream if that group does not exist)."""
+    length, groups = await _length_and_groups(redis, stream)
+    for g in groups:
+        if as_str(g["name"]) == group:
+            return await _group_backlog(redis, stream, g, cap)
+    return GroupBacklog(length, 0)
+
+
+async def _group_backlog(redis: aioredis.Redis, stream: str, info: dict[Any, Any], cap: int) -> GroupBacklog:
+    lag = info.get("lag")
+    if lag is None:  # 6.2: count what follows the last-delivered id, at most `cap` (module docstring)
+        after: Any = await redis.xrange(stream, min=f"({as_str(info['last-delivered-id'])}", max="+", count=cap)
+        lag = len(after)
+    return GroupBacklog(int(lag), int(info["pending"]))
 
 
 async def _length_and_groups(redis: aioredis.Redis, stream: str) -> tuple[int, list[Any]]:
@@ -69,30 +87,6 @@ async def _length_and_groups(redis: aioredis.Redis, stream: str) -> tuple[int, l
     return int(length), list(groups)
 
 
-async def group_backlog(redis: aioredis.Redis, stream: str, group: str) -> GroupBacklog:
-    """The backlog of consumer group `group` on `stream` (the whole stream if that group does not exist)."""
-    length, groups = await _length_and_groups(redis, stream)
-    for g in groups:
-        if g["name"] in (group, group.encode()):
-            lag = g.get("lag")
-            return GroupBacklog(None if lag is None else int(lag), int(g["pending"]), length)
-    return GroupBacklog(length, 0, length)
-
-
-async def _backlog(redis: aioredis.Redis, stream: str) -> tuple[int, bool]:
-    """(backlog, exact): exact where every group reports its lag, else the stream length stands in."""
-    length, groups = await _length_and_groups(redis, stream)
-    if not groups:
-        return length, length == 0  # no stream yet: exactly empty; a stream nobody reads: its length
-    worst, exact = 0, True
-    for g in groups:
-        lag = g.get("lag")  # 7.x: undelivered entries; pending ones come on top
-        exact = exact and lag is not None
-        backlog = length if lag is None else int(lag) + int(g["pending"])  # the length holds both
-        worst = max(worst, backlog)
-    return worst, exact
-
-
 class Backpressure:
     """Blocks a producer while the backlog on `stream` is at or over its bound. Polls at most every
     `backpressure_poll_s`, so a hundred producers cost Redis a hundred small reads per poll interval."""
@@ -102,7 +96,6 @@ class Backpressure:
         self._avg_bytes = 0.0
         self._checked_at = -1e9
         self._last_entries = 0
-        self._exact = True
         self._sent_since_check = 0
 
     def record_sent(self, nbytes: int) -> None:
@@ -113,7 +106,7 @@ class Backpressure:
     async def backlog(self) -> Backlog:
         now = time.monotonic()
         if now - self._checked_at >= self.config.backpressure_poll_s:
-            self._last_entries, self._exact = await _backlog(self.redis, self.stream)
+            self._last_entries = await stream_backlog(self.redis, self.stream, cap=self.config.max_backlog_entries)
             self._sent_since_check = 0
             self._checked_at = now
         entries = self._last_entries + self._sent_since_check
@@ -132,9 +125,5 @@ class Backpressure:
             if not logged:
                 log.info("backpressure_engaged", stream=self.stream, entries=backlog.entries, bytes=backlog.bytes)
                 logged = True
-            # Where Redis cannot report lag (6.2) the backlog is the stream length: trim what every group
-            # has acknowledged, or a waiting producer and an idle consumer could wait on each other forever.
-            if not self._exact:
-                await trim_acknowledged(self.redis, self.stream)
             await asyncio.sleep(self.config.backpressure_poll_s)
             self._checked_at = -1e9

@@ -8,6 +8,7 @@ Each process refreshes its score (unix time) in the `{ns}:members` sorted set an
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import socket
@@ -59,6 +60,7 @@ class Heartbeat:
         self.describe = describe or dict
         self._task: asyncio.Task[None] | None = None
         self._started_at = time.time()
+        self._soon = asyncio.Event()
 
     @property
     def name(self) -> str:
@@ -77,6 +79,11 @@ class Heartbeat:
             pipe.zadd(self.keys.members, {self.name: time.time()})
             pipe.hset(self.keys.member_info, self.name, json.dumps(info))
             await pipe.execute()
+
+    def nudge(self) -> None:
+        """Beat now rather than at the next interval: the description changed in a way others act on
+        (a trainer's version or held count, which producers' admission reads)."""
+        self._soon.set()
 
     async def start(self) -> None:
         if self._task is None:
@@ -101,7 +108,9 @@ class Heartbeat:
 
     async def _loop(self) -> None:
         while True:
-            await asyncio.sleep(self.config.heartbeat_interval_s)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._soon.wait(), self.config.heartbeat_interval_s)
+            self._soon.clear()
             try:
                 await self.beat()
             except Exception as exc:

@@ -1,26 +1,33 @@
-"""Admission by the staleness budget: a producer starts a new group only while the trainers can still use it.
+"""Admission by the staleness budget: a producer starts a group only if the trainers will read it while it
+is still fresh.
 
-    in_flight + queued <= (max_staleness + 1) * per_version * over_sampling
-    per_version = max(rollout_batch_size, groups the trainers read per batch)
+A group started now, under the producer's weight version `v`, is read after everything ahead of it in line:
+`ahead` = the groups being generated (every producer's `in_flight`), those waiting on the stream or read by a
+trainer but not yet trained into a published version (`queued`), and partial rollouts waiting to be resumed.
+The trainers read `per_version` groups per weight version, counted from their current version `V`, so this
+group is read when the trainers are at version V + floor(ahead / per_version), and trained within
+`max_staleness` = s versions of `v` exactly when
 
-This is DESIGN.md's rule with the batch counted in groups read, not trained. A group started now is read
-after everything ahead of it: the groups being generated (`in_flight`) and those waiting for the trainer
-(`queued`). The trainers read `per_version` groups per weight version (a batch, plus the groups their filters
-drop: with most groups all-correct that is several batches), so a group that starts with at most
-(max_staleness + 1) versions' worth ahead of it is trained within `max_staleness` versions of the weights it
-was sampled with, and not dropped as stale. `over_sampling` > 1 admits more than that.
+    ahead + 1 <= (s + 1 - (V - v)) * per_version        (times `over_sampling`, which admits more)
+    per_version = publish_every * max(rollout_batch_size, groups the trainers read per batch)
 
-Where the numbers come from, each read at most every `bus.backpressure_poll_s`:
-- `rollout_batch_size`, `max_staleness`, `read_per_batch` (recent average) and `held` (groups trained but not
-  yet committed) from the trainers' heartbeats; with no trainer alive, or `max_staleness` = -1, there is no
-  budget (backpressure still bounds the stream);
-- `queued` = the "trainer" group's unacknowledged entries on `{ns}:trajectories` less the trainers' `held`,
-  plus the partial rollouts waiting on `{ns}:partials` (not yet delivered to a producer);
-- `in_flight` = this producer's own count, live, plus every other producer's `in_flight` from its heartbeat.
+The `V - v` term is what sync mode (s = 0) needs: while the trainer steps towards V + 1, or has published V + 1
+that this producer has not loaded yet, nothing starts, so no group is generated only to be dropped as stale.
+With s = k, groups are started so that they are trained within k versions.
 
-Heartbeats are `bus.heartbeat_interval_s` old at most, so producers that start together can overshoot by
-what each admits in that time; on Redis 6.2, which reports no lag, the stream length stands in (an upper
-bound: admission errs on the side of waiting).
+Where the numbers come from, read at most every `bus.backpressure_poll_s`:
+- `rollout_batch_size`, `max_staleness`, `publish_every`, `read_per_batch` (recent average), `version` (the
+  trainer's, raised when it starts publishing) and `held` (groups trained into a published version but not yet
+  committed) from the trainers' heartbeats, which a trainer refreshes at once when its version or held count
+  changes; `V` is the larger of that and the newest announced version. With no trainer alive, or
+  `max_staleness` = -1, there is no budget (backpressure still bounds the stream);
+- `queued` = the "trainer" group's unacknowledged entries on `{ns}:trajectories` (exact on every server:
+  bus/backpressure.py) less the trainers' `held`, plus the partials not yet delivered to a producer;
+- `in_flight` = this producer's own count, live, plus every other producer's from its heartbeat.
+
+Each reading errs towards waiting where it can (a `held` read late counts groups as queued), except the
+other producers' `in_flight`: producers that start together can overshoot by what each admits within a
+heartbeat interval.
 """
 
 from __future__ import annotations
@@ -44,25 +51,43 @@ log = structlog.get_logger(__name__)
 
 @dataclass(frozen=True, slots=True)
 class Budget:
-    """One reading of the staleness budget. `limit` None: no trainer sets one."""
+    """One reading of the staleness budget. `staleness` None: no trainer sets one."""
 
-    limit: int | None
+    staleness: int | None
+    per_version: float
+    trainer_version: int
     queued: int
     others_in_flight: int
+    over_sampling: float = 1.0
 
-    def room(self, own_in_flight: int) -> int | None:
-        if self.limit is None:
+    def limit(self, own_version: int) -> int | None:
+        """How many groups may be ahead in line, including one started now under `own_version`."""
+        if self.staleness is None:
             return None
-        return self.limit - self.queued - self.others_in_flight - own_in_flight
+        versions = self.staleness + 1 - max(self.trainer_version - own_version, 0)
+        return math.floor(versions * self.per_version * self.over_sampling)
+
+    def room(self, own_in_flight: int, own_version: int) -> int | None:
+        limit = self.limit(own_version)
+        if limit is None:
+            return None
+        return limit - self.queued - self.others_in_flight - own_in_flight
 
 
 class Admission:
     def __init__(
-        self, redis: aioredis.Redis, keys: Keys, config: BusConfig, *, producer_id: str, over_sampling: float = 1.0
+        self,
+        redis: aioredis.Redis,
+        keys: Keys,
+        config: BusConfig,
+        *,
+        producer_id: str,
+        own_version: Callable[[], int],
+        over_sampling: float = 1.0,
     ) -> None:
         self.redis, self.keys, self.config = redis, keys, config
-        self.producer_id, self.over_sampling = producer_id, over_sampling
-        self._budget = Budget(None, 0, 0)
+        self.producer_id, self.own_version, self.over_sampling = producer_id, own_version, over_sampling
+        self._budget = Budget(None, 0.0, 0, 0, 0)
         self._read_at = -math.inf
         self._queued_since_read = 0
         self.waits = 0  # times a start had to wait for room
@@ -88,13 +113,15 @@ class Admission:
         """Return True once one more group fits the budget, False if `stop` is set first."""
         logged = False
         while not stop.is_set():
-            room = (await self.budget()).room(own_in_flight() + self._queued_since_read)
+            budget = await self.budget()
+            room = budget.room(own_in_flight() + self._queued_since_read, self.own_version())
             if room is None or room >= 1:
                 return True
             if not logged:
                 self.waits += 1
-                log.info("admission_waiting", budget=self._budget.limit, queued=self._budget.queued,
-                         in_flight=self._budget.others_in_flight + own_in_flight())  # fmt: skip
+                log.info("admission_waiting", limit=budget.limit(self.own_version()), queued=budget.queued,
+                         in_flight=budget.others_in_flight + own_in_flight(), version=self.own_version(),
+                         trainer_version=budget.trainer_version)  # fmt: skip
                 logged = True
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), self.config.backpressure_poll_s)
@@ -107,13 +134,18 @@ class Admission:
                      and m.id != self.producer_id)  # fmt: skip
         bounded = [t for t in trainers if int(t.get("max_staleness", -1)) >= 0 and t.get("rollout_batch_size")]
         if not bounded:
-            return Budget(None, 0, others)
+            return Budget(None, 0.0, 0, 0, others)
         staleness = min(int(t["max_staleness"]) for t in bounded)
         batch = max(int(t["rollout_batch_size"]) for t in bounded)
-        per_version = max(batch, sum(float(t.get("read_per_batch", 0.0)) for t in trainers))
-        limit = math.floor((staleness + 1) * per_version * self.over_sampling)
-        trajectories = await group_backlog(self.redis, self.keys.trajectories, "trainer")
-        partials = await group_backlog(self.redis, self.keys.partials, "producers")
+        every = max(int(t.get("publish_every", 1)) for t in bounded)
+        per_version = every * max(batch, sum(float(t.get("read_per_batch", 0.0)) for t in trainers))
+        announced: list[tuple[bytes, float]] = await self.redis.zrevrange(  # type: ignore[assignment]
+            f"{self.keys.weights}:versions", 0, 0, withscores=True
+        )
+        version = max([int(t.get("version", 0)) for t in bounded] + [int(score) for _, score in announced])
+        cap = math.floor((staleness + 1) * per_version * self.over_sampling) + 1  # all the count can matter to
+        trajectories = await group_backlog(self.redis, self.keys.trajectories, "trainer", cap)
+        partials = await group_backlog(self.redis, self.keys.partials, "producers", cap)
         held = sum(int(t.get("held", 0)) for t in trainers)
-        queued = max(trajectories.unacked - held, 0) + partials.waiting
-        return Budget(limit, queued, others)
+        queued = max(trajectories.unacked - held, 0) + partials.undelivered
+        return Budget(staleness, per_version, version, queued, others, self.over_sampling)

@@ -4,6 +4,7 @@ groups; producers share prompts without duplicates; stopping hands prompts back;
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import signal
@@ -54,7 +55,10 @@ async def make_producer(
 ) -> AsyncIterator[object]:
     engines: list[NativeEngine] = []
 
-    def make(name: str, rollout_fn: object = None, weights: object = None, **overrides: object) -> RolloutProducer:
+    def make(
+        name: str, rollout_fn: object = None, weights: object = None, bus: BusConfig | None = None, **overrides: object
+    ) -> RolloutProducer:
+        bus = bus or bus_config
         sampling = SamplingParams(max_new_tokens=int(overrides.pop("max_new_tokens", 4)),  # type: ignore[call-overload]
                                   ignore_eos=bool(overrides.pop("ignore_eos", False)),
                                   stop_token_ids=tuple(overrides.pop("stop_token_ids", ())))  # type: ignore[arg-type]  # fmt: skip
@@ -63,21 +67,23 @@ async def make_producer(
         engine = NativeEngine(str(model_dir), max_batch=8)
         engines.append(engine)
         prompts, partials = (StreamConsumer(redis, blocking, stream=stream, group="producers", consumer=name,
-                                            dead_stream=keys.dead, config=bus_config)
+                                            dead_stream=keys.dead, config=bus)
                              for stream in (keys.prompts, keys.partials))  # fmt: skip
         extra = {"rollout_fn": rollout_fn} if rollout_fn is not None else {}
         if weights is not None:
             extra["weights"] = weights
         return RolloutProducer(config, engine=engine, tokenizer=AutoTokenizer.from_pretrained(model_dir),
                                reward_fn=toy_addition, prompts=prompts, partials=partials,
-                               publisher=GroupPublisher(blocking, keys.trajectories, bus_config), **extra)  # fmt: skip
+                               publisher=GroupPublisher(blocking, keys.trajectories, bus), **extra)  # fmt: skip
 
     yield make
     for e in engines:
         await e.close()
 
 
-async def collect(redis: aioredis.Redis, blocking: StreamClient, keys: Keys, bus: BusConfig, want: int) -> list:
+async def collect(
+    redis: aioredis.Redis, blocking: StreamClient, keys: Keys, bus: BusConfig, want: int, commit: bool = True
+) -> list:
     trainer = GroupConsumer(StreamConsumer(redis, blocking, stream=keys.trajectories, group="trainer",
                                            consumer="t", dead_stream=keys.dead, config=bus), keys)  # fmt: skip
     await trainer.start()
@@ -86,8 +92,24 @@ async def collect(redis: aioredis.Redis, blocking: StreamClient, keys: Keys, bus
         got += await trainer.read(10)
         if len(got) >= want:
             break
-    await trainer.commit(got)
+    if commit:
+        await trainer.commit(got)
     return got
+
+
+async def until(condition: object, timeout_s: float = 60.0, what: str = "") -> None:
+    """Poll `condition()` (sync or async) until it holds; fail after `timeout_s` (a bound, not a timing
+    assumption)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        held = condition()  # type: ignore[operator]
+        if asyncio.iscoroutine(held):
+            held = await held
+        if held:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not reached within {timeout_s}s: {what}")
+        await asyncio.sleep(0.05)
 
 
 async def test_prompts_become_valid_scored_groups(
@@ -128,16 +150,21 @@ async def test_stopping_hands_back_prompts_in_flight_and_loses_none(
     redis: aioredis.Redis, blocking: StreamClient, keys: Keys, bus_config: BusConfig, make_producer, tmp_path: Path
 ) -> None:
     await feed(redis, keys, bus_config, addition_jsonl(tmp_path / "p.jsonl", 6))
-    producer = make_producer("slow", max_new_tokens=6000, ignore_eos=True, max_inflight_prompts=3)
+    # One producer at a time: nothing is taken over, however slow this machine is (with the fixture's
+    # claim_idle_ms=200, a loaded CPU let a partial go idle and be resumed twice).
+    bus = dataclasses.replace(bus_config, claim_idle_ms=600_000)
+    producer = make_producer("slow", max_new_tokens=6000, ignore_eos=True, max_inflight_prompts=3, bus=bus)
     stop = asyncio.Event()
     run = asyncio.create_task(producer.run(stop))
-    await asyncio.sleep(1.0)  # prompts claimed, generation under way
+    engine = producer.engine
+    await until(lambda: len(producer._generating) == 3 and bool(engine._rows) and all(r.tokens for r in engine._rows),
+                what="three prompts claimed, each with tokens")  # fmt: skip
     stop.set()
     await asyncio.wait_for(run, 30)
     assert producer.counters.recycled >= 1  # groups with tokens go to the partials stream, to be resumed
     assert (await redis.xpending(keys.prompts, "producers"))["pending"] == 0
     # every prompt is a published group, a partial on the partials stream, or back on the prompt stream
-    rest = make_producer("rest")
+    rest = make_producer("rest", bus=bus)
     stop2 = asyncio.Event()
     run2 = asyncio.create_task(rest.run(stop2))
     got = await collect(redis, blocking, keys, bus_config, want=6)
@@ -338,25 +365,45 @@ async def test_a_malformed_partial_is_dead_lettered_and_the_producer_goes_on(
 async def test_admission_holds_new_groups_to_the_trainers_staleness_budget(
     redis: aioredis.Redis, blocking: StreamClient, keys: Keys, bus_config: BusConfig, make_producer, tmp_path: Path
 ) -> None:
+    """Sync mode (max_staleness 0), a batch of 2: the producer makes 2 groups and waits; it still waits while
+    the trainer holds them in its step and after the trainer moves to version 1 until the producer has version
+    1 itself (a group started then would be stale); then it makes the next 2."""
     from miles_stream.bus import Heartbeat
-    from miles_stream.bus.streams import trim_acknowledged
     from miles_stream.rollout.admission import Admission
 
     await feed(redis, keys, bus_config, addition_jsonl(tmp_path / "p.jsonl", 8))
-    trainer_says = {"rollout_batch_size": 2, "max_staleness": 0, "held": 0}  # budget: (0 + 1) * 2 groups
+    trainer_says = {"rollout_batch_size": 2, "max_staleness": 0, "held": 0, "version": 0}
     producer = make_producer("a", max_inflight_prompts=8)
-    producer.admission = Admission(redis, keys, bus_config, producer_id="a")
+    admission = producer.admission = Admission(redis, keys, bus_config, producer_id="a",
+                                               own_version=lambda: producer.engine.weight_version)  # fmt: skip
     stop = asyncio.Event()
-    async with Heartbeat(redis, keys, role="trainer", member_id="t", config=bus_config, describe=lambda: trainer_says):
+    async with Heartbeat(redis, keys, role="trainer", member_id="t", config=bus_config,
+                         describe=lambda: trainer_says) as beat:  # fmt: skip
         run = asyncio.create_task(producer.run(stop))
-        await asyncio.sleep(3.0)
-        assert await redis.xlen(keys.trajectories) == 2  # in flight + queued never above the budget
-        assert producer.admission.waits >= 1 and producer.in_flight == 0
-        got = await collect(redis, blocking, keys, bus_config, want=2)  # the trainer takes them: room for 2 more
-        await trim_acknowledged(redis, keys.trajectories)
-        await asyncio.sleep(3.0)
-        assert len(got) == 2 and producer.counters.groups == 4
+        await until(lambda: admission.waits >= 1 and producer.in_flight == 0, what="the producer waits")
+        assert await redis.xlen(keys.trajectories) == 2 and producer.counters.groups == 2  # the budget, no more
+
+        got = await collect(redis, blocking, keys, bus_config, want=2, commit=False)  # read into the trainer's step
+        assert (await admission._read()).room(0, own_version=0) == 0  # in the step: nothing may start
+        trainer_says.update(version=1, held=2)  # stepped and published version 1, not yet committed
+        beat.nudge()
+
+        async def trainer_at_1() -> bool:
+            return (await admission._read()).trainer_version == 1
+
+        await until(trainer_at_1, what="the trainer's heartbeat says version 1")
+        budget = await admission._read()
+        assert budget.trainer_version == 1 and budget.room(0, own_version=0) == 0  # would be stale at once
+        assert producer.counters.groups == 2
+
+        await producer.engine.update_weights(1, {})  # the producer has version 1 now: room for a batch
+        await until(lambda: producer.counters.groups == 4, what="the next batch under version 1")
+        await until(lambda: admission.waits >= 2 and producer.in_flight == 0, what="the producer waits again")
+        assert producer.counters.groups == 4
+        await GroupConsumer(StreamConsumer(redis, blocking, stream=keys.trajectories, group="trainer", consumer="t",
+                                           dead_stream=keys.dead, config=bus_config), keys).commit(got)  # fmt: skip
         trainer_says["max_staleness"] = -1  # no bound: the rest go
+        beat.nudge()
         got += await collect(redis, blocking, keys, bus_config, want=6)  # the 2 made since, and the last 4
         stop.set()
         await asyncio.wait_for(run, 30)
