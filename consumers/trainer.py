@@ -16,7 +16,16 @@ import structlog
 
 from miles_stream import aio
 from miles_stream.buffer import ReplayBuffer
-from miles_stream.bus import GroupConsumer, Heartbeat, Keys, RetryPolicy, StreamConsumer, connect, open_stream_client
+from miles_stream.bus import (
+    GroupConsumer,
+    Heartbeat,
+    Keys,
+    RetryPolicy,
+    StreamClient,
+    StreamConsumer,
+    connect,
+    open_stream_client,
+)
 from miles_stream.codec import GroupCodec
 from miles_stream.errors import ConfigError
 from miles_stream.record import RecordingSource
@@ -82,7 +91,8 @@ async def _run(config: RunConfig, parallel: DataParallel, resume: bool) -> int:
     retry = RetryPolicy(attempts=0, max_delay_s=2.0, stop=stop)  # ride out a Redis restart, unless told to stop
     consumer = GroupConsumer(stream, keys, _codec(config, trainer), owns_prompts=True, retry=retry)
     buffer = ReplayBuffer(consumer, config.buffer, share=config.buffer.rollout_batch_size // parallel.world)
-    transport = _transport(config, redis, keys)
+    chunks = open_stream_client(config.redis)  # the redis transport's weight chunks, off the event loop
+    transport = _transport(config, redis, keys, chunks)
     publisher = WeightPublisher(redis, keys, transport, config.bus.heartbeat_ttl_s, retry) if parallel.is_main else None
     subscriber = WeightSubscriber(redis, keys, {transport.name: transport})
     service = build_service(config, trainer, buffer, publisher, subscriber)
@@ -92,25 +102,31 @@ async def _run(config: RunConfig, parallel: DataParallel, resume: bool) -> int:
                              describe=lambda: {"step": progress.step, "version": progress.version,
                                                "rollout_batch_size": config.buffer.rollout_batch_size,
                                                "max_staleness": config.buffer.max_staleness,
-                                               "held": service.held,
-                                               "read_per_batch": buffer.counters.read_per_batch}):  # fmt: skip
+                                               "publish_every": cfg.publish_every, "held": service.held,
+                                               "read_per_batch": buffer.counters.read_per_batch}) as beat:  # fmt: skip
+            service.on_change = beat.nudge  # producers' admission reads the version and held count at once
             await service.run(stop, resume=resume)
     finally:
         service.metrics.close()
         await blocking.aclose()
+        await chunks.aclose()
         await redis.aclose()
     _log_stopped(service, buffer)
     return 0
 
 
-def _transport(config: RunConfig, redis: Any, keys: Keys) -> WeightTransport:
+def _transport(config: RunConfig, redis: Any, keys: Keys, chunks: StreamClient) -> WeightTransport:
     if config.trainer.transport == "broadcast":
         from miles_stream.weights.broadcast import BroadcastSender
 
         return BroadcastSender(config.weights_group)
+    if config.trainer.transport == "cuda_ipc":
+        from miles_stream.weights.cuda_ipc import CudaIpcSender
+
+        return CudaIpcSender()
     if config.trainer.transport == "file":
         return FileTransport(config.trainer.weights_dir)
-    return RedisTransport(redis, keys)
+    return RedisTransport(redis, keys, data=chunks)
 
 
 def _codec(config: RunConfig, trainer: PolicyTrainer) -> GroupCodec:

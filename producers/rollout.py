@@ -61,15 +61,22 @@ async def _run(config: RunConfig) -> int:
     publisher = GroupPublisher(data, keys.trajectories, config.bus, codec=codec,
                                backpressure=Backpressure(redis, keys.trajectories, config.bus),
                                retry=RetryPolicy(attempts=0, max_delay_s=2.0))  # ride out a Redis restart  # fmt: skip
-    admission = Admission(redis, keys, config.bus, producer_id=name, over_sampling=cfg.over_sampling)
+    admission = Admission(redis, keys, config.bus, producer_id=name, own_version=lambda: engine.weight_version,
+                          over_sampling=cfg.over_sampling)  # fmt: skip
     rollout_fn, sampling = _turns(cfg, tokenizer)
-    transports: dict[str, WeightTransport] = {"redis": RedisTransport(redis, keys), "file": FileTransport("")}
+    chunks = open_stream_client(config.redis)  # weight chunks on a connection of their own, off the event loop
+    transports: dict[str, WeightTransport] = {"redis": RedisTransport(redis, keys, data=chunks),
+                                              "file": FileTransport("")}  # fmt: skip
     if cfg.weights_rank:  # in the trainer's broadcast group: versions arrive on this engine's device
         from miles_stream.weights.broadcast import BroadcastReceiver
 
         if not isinstance(engine, NativeEngine):
             raise ConfigError("rollout.weights_rank: the broadcast transport feeds the native engine")
         transports["broadcast"] = BroadcastReceiver(config.weights_group, cfg.weights_rank, engine.model.state_dict())
+    if isinstance(engine, NativeEngine) and engine.device.type == "cuda":  # a trainer on this host's GPU
+        from miles_stream.weights.cuda_ipc import CudaIpcReceiver
+
+        transports["cuda_ipc"] = CudaIpcReceiver(engine.device)
     weights = WeightSubscriber(redis, keys, transports)
     producer = RolloutProducer(cfg, engine=engine, tokenizer=tokenizer, reward_fn=reward_fn, prompts=prompts,
                                publisher=publisher, partials=partials, admission=admission, rollout_fn=rollout_fn,
@@ -80,6 +87,7 @@ async def _run(config: RunConfig) -> int:
     try:
         async with Heartbeat(redis, keys, role="producer", member_id=producer.producer_id, config=config.bus,
                              describe=lambda: {"groups": producer.counters.groups, "in_flight": producer.in_flight,
+                                               "tokens": producer.counters.tokens,
                                                "weight_version": engine.weight_version,
                                                "engine": cfg.engine}):  # fmt: skip
             await producer.run(stop)
@@ -87,7 +95,7 @@ async def _run(config: RunConfig) -> int:
         if membership is not None:
             await stop_task(membership)
         await engine.close()
-        for client in (blocking, data, redis):
+        for client in (blocking, data, chunks, redis):
             await client.aclose()
     log.info("producer_stopped", **dataclasses.asdict(producer.counters))
     return 0

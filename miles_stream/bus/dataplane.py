@@ -1,4 +1,5 @@
-"""The data-plane client: XADD and XREADGROUP of multi-megabyte entries at the speed Redis can serve them.
+"""The data-plane client: XADD and XREADGROUP of multi-megabyte entries (and GET/SET of weight chunks) at the
+speed Redis can serve them.
 
 Why not redis-py for these two commands: a 13.6 MB entry took up to 30 ms to XADD and up to 26 ms to read
 through redis-py (async or sync), against 5-8 ms with this client (docs/benchmarks.md, bench/clients.py). Redis writes a
@@ -42,6 +43,10 @@ class StreamClient(Protocol):
         count: int | None = None,
         block: int | None = None,
     ) -> Any: ...
+
+    async def get(self, name: str) -> Any: ...
+
+    async def set(self, name: str, value: Any) -> Any: ...
 
     async def aclose(self) -> None: ...
 
@@ -212,6 +217,13 @@ class ThreadedStreamClient:
         if reply is None:
             return []
         return [[name, [(i, _pairs(f)) for i, f in entries]] for name, entries in reply]
+
+    async def get(self, name: str) -> Any:
+        """A bulk string (a weight chunk): received into its own buffer on the worker thread."""
+        return await self._run("GET", name)
+
+    async def set(self, name: str, value: Any) -> Any:
+        return await self._run("SET", name, value)
 
     async def aclose(self) -> None:
         await asyncio.get_running_loop().run_in_executor(self._pool, self.conn.close)

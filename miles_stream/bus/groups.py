@@ -171,8 +171,9 @@ class GroupConsumer:
 
     async def still_held(self, items: Sequence[Received]) -> list[Received]:
         """The items this consumer still owns. Call before using a batch: an entry held past
-        `claim_idle_ms` (a stalled process) may have been taken over, and its new owner will train it."""
-        await self.stream.touch_in_hand(force=True)
+        `claim_idle_ms` (a stalled process) may have been taken over, and its new owner will train it.
+        Retried through a Redis outage like a read (it crashed a trainer whose Redis stopped at that moment)."""
+        await self.retry.run(lambda: self.stream.touch_in_hand(force=True), on_retry=_log_retry)
         lost = self.stream.lost
         if not lost:
             return list(items)

@@ -115,6 +115,7 @@ class ProducerCounters:
     resumed: int = 0  # partial groups claimed and continued
     dead_lettered: int = 0
     tokens: int = 0
+    weight_updates: int = 0
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -285,13 +286,19 @@ class RolloutProducer:
                     continue
                 last, manifest = announced
                 if manifest.version > self.engine.weight_version:
+                    started = time.perf_counter()
                     state = None  # loaded (and verified) before anything is aborted, where the engine takes tensors
                     if not isinstance(self.engine, UpdatesFromManifest):
                         state = await self.weights.load(manifest)
+                    loaded = time.perf_counter()
                     if self.config.on_update == "recycle" and self._generating:
                         await self.engine.abort(sorted(self._generating))
                     await self._apply(manifest, state)
-                    log.info("weights_updated", version=manifest.version)
+                    self.counters.weight_updates += 1
+                    pauses = getattr(self.engine, "update_pauses_s", None)  # the native engine's decode pause
+                    log.info("weights_updated", version=manifest.version, load_s=round(loaded - started, 4),
+                             apply_s=round(time.perf_counter() - loaded, 4),
+                             pause_s=round(pauses[-1], 5) if pauses else None)  # fmt: skip
             except WeightIntegrityError as exc:
                 log.error("weights_rejected", error=str(exc))
             except Exception as exc:

@@ -37,7 +37,8 @@ class TrainerConfig:
     temperature: float = 0.0  # logprobs are log_softmax(logits / T); 0 = rollout.sampling.temperature (1 if greedy)
     max_steps: int = 0  # rollout batches to train on, then stop; 0 = until stopped
     publish_every: int = 1  # publish new weights every k rollout batches
-    transport: Literal["redis", "file", "broadcast"] = "redis"  # broadcast: weights_group (weights/broadcast.py)
+    # broadcast: weights_group (weights/broadcast.py); cuda_ipc: producers on this GPU's host (weights/cuda_ipc.py)
+    transport: Literal["redis", "file", "broadcast", "cuda_ipc"] = "redis"
     weights_dir: str = ""  # the file transport's shared directory
     checkpoint_dir: str = ""  # empty: no checkpoints (groups are committed after every step)
     checkpoint_every: int = 10  # rollout batches between checkpoints; groups are committed at each one

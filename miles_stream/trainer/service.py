@@ -5,7 +5,8 @@
          ▼
     PolicyTrainer.train (a worker thread; the event loop keeps the held entries touched meanwhile)
          │
-         ├─ every `publish_every` steps: version += 1, rank 0 publishes the weights (WeightPublisher)
+         ├─ every `publish_every` steps: version += 1, rank 0 hands the weights to the background publisher
+         │  (weights/background.py: a device copy, then the next step starts while the version goes out)
          ├─ every `checkpoint_every` steps, at the end and on SIGTERM: rank 0 saves a checkpoint that names
          │  the groups trained since the last commit; then every rank commits (SADD done + XACK) its own
          └─ without a checkpoint directory, groups are committed after every step
@@ -39,6 +40,7 @@ from miles_stream.trainer.config import TrainerConfig
 from miles_stream.trainer.metrics import MetricsSink
 from miles_stream.trainer.step import PolicyTrainer
 from miles_stream.weights import WeightPublisher, WeightSubscriber
+from miles_stream.weights.background import BackgroundPublisher
 
 log = structlog.get_logger(__name__)
 
@@ -65,6 +67,8 @@ class TrainerService:
     ) -> None:
         self.config, self.trainer, self.buffer = config, trainer, buffer
         self.publisher, self.subscriber, self.metrics, self.export = publisher, subscriber, metrics, export
+        self.background = BackgroundPublisher(publisher) if publisher is not None else None
+        self.on_change: Callable[[], None] = lambda: None  # version or held count changed (heartbeat.nudge)
         self.parallel = trainer.parallel
         self.progress = TrainProgress()
         self._uncommitted: list[Claim] = []
@@ -91,6 +95,8 @@ class TrainerService:
         finally:
             if not await stop_task(keep_alive):
                 log.error("keep_alive_did_not_stop")
+        if self.background is not None and not outage:
+            await self.background.flush()  # the last version out before the trainer says it is done
         if outage:  # no commit can reach Redis: the checkpoint names the groups, and --resume commits them
             await self._save()
         else:
@@ -121,12 +127,14 @@ class TrainerService:
         p.step += 1
         p.groups += len(groups)
         self._uncommitted.extend(r.claim for r in batch.items)
+        blocked = 0.0
         if p.step % self.config.publish_every == 0:
-            await self._publish(p.version + 1)
+            blocked = self._offer(p.version + 1)
         if not self.config.checkpoint_dir:
             await self._commit()
         elif p.step % self.config.checkpoint_every == 0:
             await self._save_and_commit()
+        self.on_change()
         rewards = [s.reward for g in groups for s in g.samples]
         lengths = [s.num_tokens for g in groups for s in g.samples]
         step_s = time.perf_counter() - started
@@ -145,6 +153,9 @@ class TrainerService:
             "staleness_max": max(batch.staleness),
             "wait_s": batch.wait_s,
             "step_s": step_s,
+            "time": time.time(),  # when the step ended (wall clock), for rates across processes
+            "publish_blocked_s": blocked,
+            **self._publish_metrics(),
             "tokens_per_s": metrics["tokens"] / max(metrics["train_s"], 1e-9),
             "stale_dropped": self.buffer.counters.stale_dropped,
             "recycled": self.buffer.counters.recycled,
@@ -153,11 +164,24 @@ class TrainerService:
         if self.parallel.is_main:
             self.metrics.write(p.step, p.last)
 
-    async def _publish(self, version: int) -> None:
+    def _offer(self, version: int) -> float:
+        """A new version: snapshot it for the background publisher; returns the seconds that took."""
         self.progress.version = version
-        if self.publisher is not None:
-            state = {k: v.detach() for k, v in self.trainer.model.state_dict().items()}
-            await self.publisher.publish(version, state)
+        if self.background is None:
+            return 0.0
+        return self.background.offer(version, self.trainer.model.state_dict())
+
+    def _publish_metrics(self) -> dict[str, float]:
+        if self.background is None:
+            return {}
+        s = self.background.stats
+        return {"publish_s": s.last_publish_s, "versions_published": s.published, "versions_skipped": s.skipped}
+
+    async def _publish(self, version: int) -> None:
+        """Publish `version` and wait until it is announced (at start, before any step)."""
+        self._offer(version)
+        if self.background is not None:
+            await self.background.flush()
 
     async def _save_and_commit(self) -> None:
         """Checkpoint (when configured) what has been trained, then ack it. A no-op when nothing is new."""

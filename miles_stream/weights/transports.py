@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import save_file
 
 from miles_stream.bus import Keys
+from miles_stream.bus.dataplane import StreamClient
 from miles_stream.errors import WeightIntegrityError
 from miles_stream.weights.manifest import (
     DTYPES,
@@ -48,10 +49,16 @@ class WeightTransport(Protocol):
 
 
 class RedisTransport:
+    """Chunks through `data` (a data-plane client: bulk bytes move on its worker thread, off the event loop
+    and the GIL, which a producer's decode thread needs) where given, else through `redis`."""
+
     name = "redis"
 
-    def __init__(self, redis: aioredis.Redis, keys: Keys, bucket_bytes: int = 64 << 20) -> None:
+    def __init__(
+        self, redis: aioredis.Redis, keys: Keys, bucket_bytes: int = 64 << 20, data: StreamClient | None = None
+    ) -> None:
         self.redis, self.keys, self.bucket_bytes = redis, keys, bucket_bytes
+        self.data: StreamClient | aioredis.Redis = data if data is not None else redis
 
     def _prefix(self, version: int) -> str:
         return f"{self.keys.weights}:v{version}"
@@ -60,13 +67,13 @@ class RedisTransport:
         tensors, chunks = await asyncio.to_thread(pack_chunks, state, self.bucket_bytes)
         prefix = self._prefix(version)
         for i, chunk in enumerate(chunks):
-            await self.redis.set(f"{prefix}:{i}", chunk)
+            await self.data.set(f"{prefix}:{i}", chunk)
         return WeightManifest(version=version, transport=self.name, location=prefix, tensors=tuple(tensors),
                               chunks=chunk_infos(chunks))  # fmt: skip
 
     async def read(self, manifest: WeightManifest) -> dict[str, torch.Tensor]:
         keys = [f"{manifest.location}:{i}" for i in range(len(manifest.chunks))]
-        chunks: list[Any] = [await self.redis.get(k) for k in keys]
+        chunks: list[Any] = [await self.data.get(k) for k in keys]
         if any(c is None for c in chunks):
             raise WeightIntegrityError(f"version {manifest.version}: a chunk is missing from Redis")
         return await asyncio.to_thread(unpack_chunks, manifest, chunks)
