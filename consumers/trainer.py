@@ -104,7 +104,7 @@ async def _run(config: RunConfig, parallel: DataParallel, resume: bool) -> int:
                                                "max_staleness": config.buffer.max_staleness,
                                                "publish_every": cfg.publish_every, "held": service.held,
                                                "read_per_batch": buffer.counters.read_per_batch}) as beat:  # fmt: skip
-            service.on_change = beat.nudge  # producers' admission reads the version and held count at once
+            service.on_change = beat.beat_now  # producers' admission reads the version and held count at once
             await service.run(stop, resume=resume)
     finally:
         service.metrics.close()

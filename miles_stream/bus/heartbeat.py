@@ -8,7 +8,6 @@ Each process refreshes its score (unix time) in the `{ns}:members` sorted set an
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import socket
@@ -60,7 +59,6 @@ class Heartbeat:
         self.describe = describe or dict
         self._task: asyncio.Task[None] | None = None
         self._started_at = time.time()
-        self._soon = asyncio.Event()
 
     @property
     def name(self) -> str:
@@ -80,10 +78,16 @@ class Heartbeat:
             pipe.hset(self.keys.member_info, self.name, json.dumps(info))
             await pipe.execute()
 
-    def nudge(self) -> None:
-        """Beat now rather than at the next interval: the description changed in a way others act on
-        (a trainer's version or held count, which producers' admission reads)."""
-        self._soon.set()
+    async def beat_now(self) -> None:
+        """Beat now rather than at the next interval, and return once it is in Redis: the description changed
+        in a way others act on (a trainer's version or held count, which producers' admission reads). A Redis
+        blip is logged, not raised: the next beat carries the same news."""
+        try:
+            await self.beat()
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            log.warning("heartbeat_failed", member=self.name, error=str(exc))
 
     async def start(self) -> None:
         if self._task is None:
@@ -108,9 +112,7 @@ class Heartbeat:
 
     async def _loop(self) -> None:
         while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._soon.wait(), self.config.heartbeat_interval_s)
-            self._soon.clear()
+            await asyncio.sleep(self.config.heartbeat_interval_s)
             try:
                 await self.beat()
             except Exception as exc:

@@ -20,7 +20,8 @@ Where the numbers come from, read at most every `bus.backpressure_poll_s`:
   trainer's, raised when it starts publishing) and `held` (groups trained into a published version but not yet
   committed) from the trainers' heartbeats, which a trainer refreshes at once when its version or held count
   changes; `V` is the larger of that and the newest announced version. With no trainer alive, or
-  `max_staleness` = -1, there is no budget (backpressure still bounds the stream);
+  `max_staleness` = -1, there is no budget (backpressure still bounds the stream). The version and `held` are
+  read after the backlog (`_read` says why);
 - `queued` = the "trainer" group's unacknowledged entries on `{ns}:trajectories` (exact on every server:
   bus/backpressure.py) less the trainers' `held`, plus the partials not yet delivered to a producer;
 - `in_flight` = this producer's own count, live, plus every other producer's from its heartbeat.
@@ -45,6 +46,7 @@ import structlog
 from miles_stream.bus import BusConfig, Keys, alive_members
 from miles_stream.bus.backpressure import group_backlog
 from miles_stream.bus.connection import is_transient
+from miles_stream.bus.heartbeat import Member
 
 log = structlog.get_logger(__name__)
 
@@ -128,24 +130,33 @@ class Admission:
         return False
 
     async def _read(self) -> Budget:
+        """The trainers' bounds from their heartbeats, then the backlog, then their version and held count
+        again: a trainer makes a new version visible before it commits the groups it trained, so a reading
+        that sees the commit also sees the version (read in the other order, a sync-mode producer could start
+        groups under a version the trainer had just left)."""
         members = await alive_members(self.redis, self.keys, self.config.heartbeat_ttl_s)
-        trainers = [m.info for m in members if m.role == "trainer"]
-        others = sum(int(m.info.get("in_flight", 0)) for m in members if m.role == "producer"
-                     and m.id != self.producer_id)  # fmt: skip
-        bounded = [t for t in trainers if int(t.get("max_staleness", -1)) >= 0 and t.get("rollout_batch_size")]
+        bounded = [m.info for m in members if m.role == "trainer" and int(m.info.get("max_staleness", -1)) >= 0
+                   and m.info.get("rollout_batch_size")]  # fmt: skip
         if not bounded:
-            return Budget(None, 0.0, 0, 0, others)
+            return Budget(None, 0.0, 0, 0, self._others_in_flight(members))
         staleness = min(int(t["max_staleness"]) for t in bounded)
         batch = max(int(t["rollout_batch_size"]) for t in bounded)
         every = max(int(t.get("publish_every", 1)) for t in bounded)
-        per_version = every * max(batch, sum(float(t.get("read_per_batch", 0.0)) for t in trainers))
-        announced: list[tuple[bytes, float]] = await self.redis.zrevrange(  # type: ignore[assignment]
-            f"{self.keys.weights}:versions", 0, 0, withscores=True
-        )
-        version = max([int(t.get("version", 0)) for t in bounded] + [int(score) for _, score in announced])
+        per_version = every * max(batch, sum(float(m.info.get("read_per_batch", 0.0)) for m in members
+                                             if m.role == "trainer"))  # fmt: skip
         cap = math.floor((staleness + 1) * per_version * self.over_sampling) + 1  # all the count can matter to
         trajectories = await group_backlog(self.redis, self.keys.trajectories, "trainer", cap)
         partials = await group_backlog(self.redis, self.keys.partials, "producers", cap)
+        after = await alive_members(self.redis, self.keys, self.config.heartbeat_ttl_s)
+        trainers = [m.info for m in after if m.role == "trainer"]
+        announced: list[tuple[bytes, float]] = await self.redis.zrevrange(  # type: ignore[assignment]
+            f"{self.keys.weights}:versions", 0, 0, withscores=True
+        )
+        version = max([int(t.get("version", 0)) for t in trainers] + [int(score) for _, score in announced])
         held = sum(int(t.get("held", 0)) for t in trainers)
         queued = max(trajectories.unacked - held, 0) + partials.undelivered
-        return Budget(staleness, per_version, version, queued, others, self.over_sampling)
+        return Budget(staleness, per_version, version, queued, self._others_in_flight(after), self.over_sampling)
+
+    def _others_in_flight(self, members: list[Member]) -> int:
+        return sum(int(m.info.get("in_flight", 0)) for m in members if m.role == "producer"
+                   and m.id != self.producer_id)  # fmt: skip

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -68,7 +68,9 @@ class TrainerService:
         self.config, self.trainer, self.buffer = config, trainer, buffer
         self.publisher, self.subscriber, self.metrics, self.export = publisher, subscriber, metrics, export
         self.background = BackgroundPublisher(publisher) if publisher is not None else None
-        self.on_change: Callable[[], None] = lambda: None  # version or held count changed (heartbeat.nudge)
+        # Say the version or held count changed, and return once others can read it (Heartbeat.beat_now):
+        # producers' admission reads them, and a new version must be visible before the commit that follows it
+        self.on_change: Callable[[], Awaitable[None]] = _nothing
         self.parallel = trainer.parallel
         self.progress = TrainProgress()
         self._uncommitted: list[Claim] = []
@@ -130,11 +132,12 @@ class TrainerService:
         blocked = 0.0
         if p.step % self.config.publish_every == 0:
             blocked = self._offer(p.version + 1)
+        await self.on_change()  # the new version first: a producer that sees the commit must also see it
         if not self.config.checkpoint_dir:
             await self._commit()
         elif p.step % self.config.checkpoint_every == 0:
             await self._save_and_commit()
-        self.on_change()
+        await self.on_change()
         rewards = [s.reward for g in groups for s in g.samples]
         lengths = [s.num_tokens for g in groups for s in g.samples]
         step_s = time.perf_counter() - started
@@ -243,3 +246,7 @@ class TrainerService:
                 if not is_transient(exc):
                     raise
                 log.warning("keep_alive_failed", error=str(exc))  # a Redis blip: the next touch is in time
+
+
+async def _nothing() -> None:
+    return None

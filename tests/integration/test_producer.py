@@ -386,7 +386,7 @@ async def test_admission_holds_new_groups_to_the_trainers_staleness_budget(
         got = await collect(redis, blocking, keys, bus_config, want=2, commit=False)  # read into the trainer's step
         assert (await admission._read()).room(0, own_version=0) == 0  # in the step: nothing may start
         trainer_says.update(version=1, held=2)  # stepped and published version 1, not yet committed
-        beat.nudge()
+        await beat.beat_now()
 
         async def trainer_at_1() -> bool:
             return (await admission._read()).trainer_version == 1
@@ -403,7 +403,7 @@ async def test_admission_holds_new_groups_to_the_trainers_staleness_budget(
         await GroupConsumer(StreamConsumer(redis, blocking, stream=keys.trajectories, group="trainer", consumer="t",
                                            dead_stream=keys.dead, config=bus_config), keys).commit(got)  # fmt: skip
         trainer_says["max_staleness"] = -1  # no bound: the rest go
-        beat.nudge()
+        await beat.beat_now()
         got += await collect(redis, blocking, keys, bus_config, want=6)  # the 2 made since, and the last 4
         stop.set()
         await asyncio.wait_for(run, 30)
