@@ -19,7 +19,12 @@ from miles_stream.trainer.batch import collate
 from miles_stream.trainer.config import TrainerConfig
 from miles_stream.trainer.step import PolicyTrainer
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+# Compiling 28-layer steps on a cold compile cache takes minutes: a bound, not the default 120 s.
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+    pytest.mark.timeout(900),
+]
 
 
 def variable_batch(vocab: int) -> Any:
