@@ -113,12 +113,7 @@ class Heartbeat:
     async def _loop(self) -> None:
         while True:
             await asyncio.sleep(self.config.heartbeat_interval_s)
-            try:
-                await self.beat()
-            except Exception as exc:
-                if not is_transient(exc):
-                    raise
-                log.warning("heartbeat_failed", member=self.name, error=str(exc))
+            await self.beat_now()
 
     async def __aenter__(self) -> Heartbeat:
         await self.start()

@@ -157,7 +157,8 @@ class NativeEngine:
         """Copy `state` into the parameters in place between two decode steps; rows in flight go on under
         the new version (a new version span starts at their next token). The tensors are staged first on
         the engine's device and in its dtype, in a worker thread on a stream of its own while decoding goes
-        on, so the pause between two steps is one device copy (`update_pauses_s` records each)."""
+        on, so the pause between two steps is one device copy (`update_pauses_s` records each). Cost: one
+        more copy of the weights on the engine's device while a version is staged."""
         staged = await asyncio.to_thread(self._stage, state)
         done: Future[None] = Future()
         self._updates.put((version, staged, done))

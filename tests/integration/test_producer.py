@@ -157,14 +157,17 @@ async def test_stopping_hands_back_prompts_in_flight_and_loses_none(
     stop = asyncio.Event()
     run = asyncio.create_task(producer.run(stop))
     engine = producer.engine
-    await until(lambda: len(producer._generating) == 3 and bool(engine._rows) and all(r.tokens for r in engine._rows),
-                what="three prompts claimed, each with tokens")  # fmt: skip
+
+    def under_way() -> bool:  # three prompts claimed, every row in the engine 8 tokens in
+        return len(producer._generating) == 3 and bool(engine._rows) and all(len(r.tokens) >= 8 for r in engine._rows)
+
+    await until(under_way, what="three prompts claimed, 8 tokens each")
     stop.set()
     await asyncio.wait_for(run, 30)
     assert producer.counters.recycled >= 1  # groups with tokens go to the partials stream, to be resumed
     assert (await redis.xpending(keys.prompts, "producers"))["pending"] == 0
     # every prompt is a published group, a partial on the partials stream, or back on the prompt stream
-    rest = make_producer("rest", bus=bus)
+    rest = make_producer("rest", bus=bus, ignore_eos=True)  # every sample of a fresh prompt reaches 4 tokens
     stop2 = asyncio.Event()
     run2 = asyncio.create_task(rest.run(stop2))
     got = await collect(redis, blocking, keys, bus_config, want=6)
