@@ -141,13 +141,13 @@ class Feeder:
     async def run(self, stop: asyncio.Event | None = None) -> int:
         """Publish until the epochs are done or `stop` is set; returns how many prompts this call published."""
         stop = stop or asyncio.Event()
-        await ensure_group(self.redis, self.keys.prompts, self.config.group)
-        epoch, position = await self.position()
+        await self.retry.run(lambda: ensure_group(self.redis, self.keys.prompts, self.config.group))
+        epoch, position = await self.retry.run(self.position)
         log.info("feeder_resumed" if epoch or position else "feeder_started", epoch=epoch, position=position)
         while not stop.is_set() and (self.config.num_epochs == 0 or epoch < self.config.num_epochs):
             order = self.order(epoch)
             while position < len(order) and not stop.is_set():
-                await self.backpressure.wait_for_room()
+                await self.retry.run(self.backpressure.wait_for_room)  # the room check rides out a blip too
                 await self.retry.run(functools.partial(self._publish, epoch, position, int(order[position])))
                 self.published += 1
                 position += 1

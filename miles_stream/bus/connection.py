@@ -94,6 +94,7 @@ TRANSIENT: tuple[type[BaseException], ...] = (
     rexc.ConnectionError,
     rexc.TimeoutError,
     rexc.BusyLoadingError,
+    rexc.OutOfMemoryError,  # redis-py 8 strips the "OOM" prefix from the message: matched by type, not text
     rexc.TryAgainError,
     ConnectionError,
     asyncio.TimeoutError,

@@ -7,6 +7,7 @@ drops a group whose id it already holds or has committed. `commit()` records the
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -150,10 +151,12 @@ class GroupConsumer:
                 decoded.append((entry, self.codec.decode(entry.data)))
             except SchemaError as exc:
                 self.counters.dead_lettered += 1
-                await self.stream.dead_letter(entry, f"schema: {exc}")
+                await self.retry.run(functools.partial(self.stream.dead_letter, entry, f"schema: {exc}"),
+                                     on_retry=_log_retry)  # fmt: skip
         if not decoded:
             return []
-        done = await self.redis.smismember(self.done_key, [g.group_id for _, g in decoded])
+        ids = [g.group_id for _, g in decoded]  # every call on this path rides out a Redis blip, as the read does
+        done = await self.retry.run(lambda: self.redis.smismember(self.done_key, ids), on_retry=_log_retry)
         out, duplicate_ids = [], []
         for (entry, group), already_done in zip(decoded, done, strict=True):
             if already_done or group.group_id in self._held:
@@ -163,7 +166,7 @@ class GroupConsumer:
             out.append(Received(entry.id, group, len(entry.data), entry.deliveries))
         if duplicate_ids:
             self.counters.duplicates += len(duplicate_ids)
-            await self.stream.ack(duplicate_ids)
+            await self.retry.run(lambda: self.stream.ack(duplicate_ids), on_retry=_log_retry)
             log.info("duplicates_dropped", stream=self.stream.stream, count=len(duplicate_ids))
         self.counters.received += len(out)
         self.counters.bytes += sum(r.nbytes for r in out)

@@ -20,6 +20,7 @@ import redis.asyncio as aioredis
 import redis.exceptions as rexc
 import structlog
 
+from miles_stream.bus.connection import is_transient
 from miles_stream.bus.dataplane import StreamClient, ThreadedStreamClient
 from miles_stream.codec import Frame
 from miles_stream.config import check
@@ -206,10 +207,16 @@ class StreamConsumer:
         return n
 
     async def maybe_trim(self) -> None:
-        """Trim what every group has acknowledged, at most once per `claim_interval_s`."""
+        """Trim what every group has acknowledged, at most once per `claim_interval_s`. Housekeeping: a Redis
+        blip is logged and the next call trims (it failed commits whose acks had gone through)."""
         if time.monotonic() >= self._next_trim:
             self._next_trim = time.monotonic() + self.config.claim_interval_s
-            await trim_acknowledged(self.redis, self.stream)
+            try:
+                await trim_acknowledged(self.redis, self.stream)
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise
+                log.warning("trim_failed", stream=self.stream, error=str(exc))
 
     async def dead_letter(self, entry: Entry, reason: str) -> None:
         await dead_letter(
