@@ -285,7 +285,7 @@ class RolloutProducer:
                 if announced is None:
                     continue
                 last, manifest = announced
-                if manifest.version > self.engine.weight_version:
+                if manifest is not None and manifest.version > self.engine.weight_version:
                     started = time.perf_counter()
                     state = None  # loaded (and verified) before anything is aborted, where the engine takes tensors
                     if not isinstance(self.engine, UpdatesFromManifest):

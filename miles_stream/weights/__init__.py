@@ -19,12 +19,13 @@ import torch
 from miles_stream.bus import Keys, RetryPolicy, alive_members
 from miles_stream.bus.connection import is_transient
 from miles_stream.bus.streams import VERSION
-from miles_stream.errors import WeightIntegrityError
+from miles_stream.errors import SchemaError, WeightIntegrityError
 from miles_stream.weights.manifest import WeightManifest, decode_manifest, encode_manifest
 from miles_stream.weights.transports import FileTransport, RedisTransport, WeightTransport
 
 log = structlog.get_logger(__name__)
 MANIFEST = b"manifest"
+_LOOK_BACK = 16  # announcements `latest` reads to find one that decodes
 
 __all__ = [
     "FileTransport",
@@ -92,16 +93,27 @@ class WeightSubscriber:
     transports: dict[str, WeightTransport]
 
     async def latest(self) -> tuple[str, WeightManifest] | None:
-        """(entry id, manifest) of the newest announcement, or None."""
-        entries: Any = await self.redis.xrevrange(self.keys.weights, count=1)
-        return _parse(entries[0]) if entries else None
+        """(entry id, manifest) of the newest announcement that decodes, or None. A malformed one (no
+        manifest, or one that does not decode) is logged and passed over: it must not stop a producer or a
+        trainer's start (it did)."""
+        entries: Any = await self.redis.xrevrange(self.keys.weights, count=_LOOK_BACK)
+        for entry in entries:
+            if (parsed := _parse(entry)) is not None:
+                return parsed
+        return None
 
-    async def next_after(self, entry_id: str, block_ms: int) -> tuple[str, WeightManifest] | None:
-        """The newest announcement after `entry_id`, waiting up to `block_ms`; None if none came."""
+    async def next_after(self, entry_id: str, block_ms: int) -> tuple[str, WeightManifest | None] | None:
+        """The newest announcement after `entry_id`, waiting up to `block_ms`: (the newest entry id read, its
+        manifest, or None where every new entry was malformed). None if nothing came."""
         reply: Any = await self.redis.xread({self.keys.weights: entry_id}, block=block_ms)
         if not reply:
             return None
-        return _parse(reply[0][1][-1])
+        entries = reply[0][1]
+        newest = entries[-1][0].decode()
+        for entry in reversed(entries):
+            if (parsed := _parse(entry)) is not None:
+                return newest, parsed[1]
+        return newest, None
 
     async def load(self, manifest: WeightManifest) -> dict[str, torch.Tensor]:
         transport = self.transports.get(manifest.transport)
@@ -111,6 +123,10 @@ class WeightSubscriber:
         return await transport.read(manifest)
 
 
-def _parse(entry: Any) -> tuple[str, WeightManifest]:
+def _parse(entry: Any) -> tuple[str, WeightManifest] | None:
     entry_id, fields = entry
-    return entry_id.decode(), decode_manifest(fields[MANIFEST])
+    try:
+        return entry_id.decode(), decode_manifest(fields[MANIFEST])
+    except (KeyError, SchemaError) as exc:
+        log.error("weights_announcement_malformed", id=entry_id.decode(), error=str(exc) or "no manifest field")
+        return None

@@ -94,6 +94,26 @@ async def test_subscribers_follow_new_versions(redis: aioredis.Redis, keys: Keys
     assert_bit_exact({"a.weight": torch.ones(2)}, await subscriber.load(nxt[1]))
 
 
+async def test_malformed_announcements_are_passed_over(redis: aioredis.Redis, keys: Keys, tmp_path: Path) -> None:
+    """An announcement with no manifest, or one that does not decode, is logged and skipped by `latest` and
+    by followers: it used to stop every producer and a trainer's --resume."""
+    transport = FileTransport(tmp_path)
+    publisher = WeightPublisher(redis, keys, transport)
+    subscriber = WeightSubscriber(redis, keys, {"file": transport})
+    await publisher.publish(1, state())
+    good = await subscriber.latest()
+    assert good is not None
+    await redis.xadd(keys.weights, {b"version": b"99", b"manifest": b"\xc1 not msgpack"})
+    await redis.xadd(keys.weights, {b"version": b"100"})
+    latest = await subscriber.latest()
+    assert latest is not None and latest[1].version == 1  # the newest that decodes
+    only_garbage = await subscriber.next_after(good[0], block_ms=50)
+    assert only_garbage is not None and only_garbage[1] is None  # read past, nothing to load
+    await publisher.publish(2, {"a.weight": torch.ones(2)})
+    nxt = await subscriber.next_after(only_garbage[0], block_ms=50)
+    assert nxt is not None and nxt[1] is not None and nxt[1].version == 2
+
+
 async def test_old_versions_are_deleted_once_no_producer_uses_them(
     redis: aioredis.Redis, keys: Keys, bus_config: BusConfig
 ) -> None:
