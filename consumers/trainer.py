@@ -27,6 +27,7 @@ from miles_stream.bus import (
     open_stream_client,
 )
 from miles_stream.codec import GroupCodec
+from miles_stream.config import check_model_dir
 from miles_stream.errors import ConfigError
 from miles_stream.record import RecordingSource
 from miles_stream.run_config import RunConfig
@@ -42,8 +43,7 @@ log = structlog.get_logger("consumers.trainer")
 
 def main(config: RunConfig, *, resume: bool = False, replay: Sequence[str] = ()) -> int:
     cfg = config.trainer
-    if not cfg.model:
-        raise ConfigError("trainer.model: set it to a local Hugging Face model directory")
+    check_model_dir(cfg.model, "trainer.model")
     parallel = DataParallel.from_env(cfg.device)
     if config.buffer.rollout_batch_size % parallel.world:
         raise ConfigError(f"buffer.rollout_batch_size={config.buffer.rollout_batch_size} must divide evenly "

@@ -95,6 +95,14 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
+def check_model_dir(path: str, key: str) -> None:
+    """A model path names a local Hugging Face directory (config.json in it): say so instead of letting
+    transformers try the hub and print its traceback."""
+    check(bool(path), key, "set it to a local Hugging Face model directory")
+    check(Path(path).is_dir(), key, f"{path!r} is not a directory (a local Hugging Face model directory)")
+    check((Path(path) / "config.json").is_file(), key, f"{path!r} has no config.json: not a Hugging Face model")
+
+
 def check(condition: bool, key: str, message: str) -> None:
     """Raise `ConfigError` naming `key` unless `condition` holds; for use in `__post_init__`."""
     if not condition:

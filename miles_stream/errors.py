@@ -37,3 +37,7 @@ class WeightIntegrityError(MilesStreamError):
 
 class EmbeddedRedisError(MilesStreamError):
     """The embedded Redis server could not be found, started or stopped."""
+
+
+class CheckpointError(MilesStreamError):
+    """A checkpoint could not be written (a full disk, a read-only directory): the message names where."""

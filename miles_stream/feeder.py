@@ -60,13 +60,17 @@ def load_rows(config: FeederConfig) -> list[Row]:
     path = Path(config.path)
     if not config.path or not path.is_file():
         raise ConfigError(f"feeder.path: {config.path!r} is not a file")
-    records = _read_parquet(path) if path.suffix == ".parquet" else _read_jsonl(path)
+    parquet = path.suffix == ".parquet"
+    records = _read_parquet(path) if parquet else _read_jsonl(path)
     rows = []
-    for i, r in enumerate(records):
+    for where, r in records:
+        at = f"row {where} of {path}" if parquet else f"{path}:{where}"  # JSONL: the file's own line number
         if config.prompt_key not in r:
-            raise ConfigError(f"row {i} of {path} has no {config.prompt_key!r} field (fields: {sorted(r)})")
-        label = r.get(config.label_key)
-        rows.append(Row(str(r[config.prompt_key]), None if label is None else str(label)))
+            raise ConfigError(f"{at} has no {config.prompt_key!r} field (fields: {sorted(r)})")
+        prompt, label = r[config.prompt_key], r.get(config.label_key)
+        if not isinstance(prompt, str):  # a dict or a list would be trained as its repr
+            raise ConfigError(f"{at}: {config.prompt_key!r} must be a string, not {type(prompt).__name__}")
+        rows.append(Row(prompt, None if label is None else str(label)))
     if not rows:
         raise ConfigError(f"feeder.path: {path} holds no rows")
     if config.apply_chat_template:
@@ -74,7 +78,8 @@ def load_rows(config: FeederConfig) -> list[Row]:
     return rows
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+def _read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
+    """(line number, record) for every non-blank line."""
     out = []
     with path.open() as f:
         for n, line in enumerate(f, 1):
@@ -86,17 +91,18 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
                 raise ConfigError(f"{path}:{n} is not valid JSON: {exc.msg}") from exc
             if not isinstance(record, dict):
                 raise ConfigError(f"{path}:{n} must be a JSON object")
-            out.append(record)
+            out.append((n, record))
     return out
 
 
-def _read_parquet(path: Path) -> list[dict[str, Any]]:
+def _read_parquet(path: Path) -> list[tuple[int, dict[str, Any]]]:
+    """(row number, record), rows counted from 0 as Parquet tools do."""
     try:
         import pyarrow.parquet as pq
     except ImportError as exc:
         raise ConfigError("reading Parquet needs pyarrow: pip install 'miles-stream[parquet]'") from exc
     rows: list[dict[str, Any]] = pq.read_table(path).to_pylist()
-    return rows
+    return list(enumerate(rows))
 
 
 def _with_chat_template(rows: list[Row], tokenizer_dir: str) -> list[Row]:

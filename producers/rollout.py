@@ -23,6 +23,7 @@ from miles_stream.bus import (
     open_stream_client,
 )
 from miles_stream.codec import GroupCodec
+from miles_stream.config import check_model_dir
 from miles_stream.errors import ConfigError
 from miles_stream.rewards import RewardRegistry
 from miles_stream.rollout.admission import Admission
@@ -37,8 +38,7 @@ log = structlog.get_logger("producers.rollout")
 
 
 def main(config: RunConfig) -> int:
-    if not config.rollout.model:
-        raise ConfigError("rollout.model: set it to a local Hugging Face model directory")
+    check_model_dir(config.rollout.model, "rollout.model")
     return aio.run(_run(config))
 
 

@@ -26,7 +26,7 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 from miles_stream.bus import Claim
-from miles_stream.errors import MilesStreamError
+from miles_stream.errors import CheckpointError, MilesStreamError
 
 LATEST = "latest"
 
@@ -47,20 +47,29 @@ def save_checkpoint(
     *,
     keep: int = 2,
 ) -> Path:
+    """Write the checkpoint into a temporary directory, then rename it into place. A failure (a full disk)
+    removes the temporary directory and is a `CheckpointError` naming the directory; temporary directories
+    left by a process that died while saving are removed by the next save."""
     root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
     name = f"step-{state.step:08d}"
     tmp = root / f"{name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_model(model, str(tmp / "model.safetensors"))
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "torch_rng": torch.get_rng_state()}, tmp / "state.pt")  # fmt: skip
-    (tmp / "rng.json").write_text(json.dumps(_rng_state()))
-    meta = {"step": state.step, "version": state.version, "claims": [[c.entry_id, c.group_id] for c in state.claims]}
-    (tmp / "trainer.json").write_text(json.dumps(meta))
-    for f in tmp.iterdir():
-        _fsync(f)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        for stale in root.glob("*.tmp-*"):  # a save cut short by kill -9 or a crash (its process is gone)
+            if not _alive(stale.name.rpartition(".tmp-")[2]):
+                shutil.rmtree(stale, ignore_errors=True)
+        tmp.mkdir()
+        save_model(model, str(tmp / "model.safetensors"))
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "torch_rng": torch.get_rng_state()}, tmp / "state.pt")  # fmt: skip
+        (tmp / "rng.json").write_text(json.dumps(_rng_state()))
+        claims = [[c.entry_id, c.group_id] for c in state.claims]
+        (tmp / "trainer.json").write_text(json.dumps({"step": state.step, "version": state.version, "claims": claims}))
+        for f in tmp.iterdir():
+            _fsync(f)
+    except (OSError, RuntimeError) as exc:  # safetensors and torch.save report a full disk as either
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"cannot save the checkpoint of step {state.step} in {root}: {exc}") from exc
     final = root / name
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
@@ -127,3 +136,16 @@ def _prune(root: Path, keep: int) -> None:
     done = sorted(p for p in root.glob("step-*") if p.is_dir() and ".tmp-" not in p.name)
     for old in done[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _alive(pid: str) -> bool:
+    """Whether `pid` is a live process on this host (a save in progress there is not touched)."""
+    if not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

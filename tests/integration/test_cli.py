@@ -116,6 +116,15 @@ def test_cli_unknown_config_key_names_it() -> None:
     assert "unknown config key 'bus.nmespace'; did you mean 'namespace'?" in out.stderr
 
 
+def test_cli_a_missing_model_path_names_itself(tmp_path: Path) -> None:
+    cases = [("produce", "rollout.model", "/nonexistent", "is not a directory"),
+             ("train", "trainer.model", str(tmp_path), "has no config.json")]  # fmt: skip
+    for command, key, value, why in cases:
+        out = subprocess.run([*CLI, command, f"{key}={value}"], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 2 and f"{key}: {value!r} {why}" in out.stderr, out.stderr
+        assert "Traceback" not in out.stderr
+
+
 @pytest.mark.integration
 def test_cli_status_describes_a_namespace(redis_url: str) -> None:
     with redis.Redis.from_url(redis_url) as client:

@@ -118,9 +118,12 @@ def test_bad_datasets_are_named(tmp_path: Path) -> None:
     (tmp_path / "bad.jsonl").write_text('{"prompt": "a"}\nnot json\n')
     with pytest.raises(ConfigError, match=r"bad\.jsonl:2 is not valid JSON"):
         load_rows(FeederConfig(path=str(tmp_path / "bad.jsonl")))
-    (tmp_path / "nokey.jsonl").write_text('{"question": "a"}\n')
-    with pytest.raises(ConfigError, match=r"row 0 .* has no 'prompt' field"):
+    (tmp_path / "nokey.jsonl").write_text('{"prompt": "a"}\n\n{"question": "a"}\n')
+    with pytest.raises(ConfigError, match=r"nokey\.jsonl:3 has no 'prompt' field"):  # the file's line, blank counted
         load_rows(FeederConfig(path=str(tmp_path / "nokey.jsonl")))
+    (tmp_path / "dict.jsonl").write_text('{"prompt": "a"}\n{"prompt": {"a": 1}}\n')
+    with pytest.raises(ConfigError, match=r"dict\.jsonl:2: 'prompt' must be a string, not dict"):
+        load_rows(FeederConfig(path=str(tmp_path / "dict.jsonl")))
     with pytest.raises(ConfigError, match="is not a file"):
         load_rows(FeederConfig(path=str(tmp_path / "missing.jsonl")))
 

@@ -218,6 +218,31 @@ def test_checkpoint_restores_weights_optimizer_and_claims(model_dir: Path, tmp_p
     assert got == expected_next  # bit for bit
 
 
+def test_a_failed_checkpoint_names_its_directory_and_leaves_no_temporary(
+    model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import miles_stream.trainer.checkpoint as checkpoint
+    from miles_stream.errors import CheckpointError
+
+    model = load(model_dir)
+    trainer = PolicyTrainer(model, TrainerConfig(lr=1e-3), AlgoConfig(), temperature=1.0)
+    import subprocess
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (tmp_path / f"step-00000007.tmp-{int(dead.stdout)}").mkdir()  # left by a process killed while saving
+    state = TrainerState(step=1, version=1, claims=())
+    save_checkpoint(tmp_path, state, model, trainer.optimizer, trainer.scheduler)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step-00000001"]  # the leftover is gone
+
+    def disk_full(*args: Any, **kwargs: Any) -> None:  # what safetensors raises when the device is full
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoint, "save_model", disk_full)
+    with pytest.raises(CheckpointError, match=rf"step 2 in {tmp_path}: .*No space left on device"):
+        save_checkpoint(tmp_path, replace(state, step=2), model, trainer.optimizer, trainer.scheduler)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step-00000001"]  # no .tmp-PID left
+
+
 def _dp_worker(rank: int, world: int, port: int, model_dir: str, out: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
