@@ -58,6 +58,9 @@ def test_a_producer_follows_the_trainer_over_the_weight_group(tmp_path: Path) ->
     assert codes == [0, 0], (tmp_path / "produce.log").read_text()[-3000:]
     versions = updated(tmp_path)
     assert versions and versions[-1] == 5 and versions == sorted(versions)  # every announced one it saw, in order
-    published = events(tmp_path / "train.log", "weights_published")
-    assert [e["version"] for e in published] == [1, 2, 3, 4, 5]
-    assert all(e.get("transport") == "broadcast" for e in published)
+    published = [e["version"] for e in events(tmp_path / "train.log", "weights_published")]
+    skipped = [e["version"] for e in events(tmp_path / "train.log", "weights_version_skipped")]
+    # publication runs in the background: a version that waited behind one in flight may be replaced by a newer
+    assert published[-1] == 5 and published == sorted(set(published))
+    assert sorted(published + skipped) == [1, 2, 3, 4, 5]
+    assert all(e.get("transport") == "broadcast" for e in events(tmp_path / "train.log", "weights_published"))
