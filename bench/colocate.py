@@ -21,35 +21,32 @@ import multiprocessing as mp
 import tempfile
 import threading
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from pipeline import CASES, CONFIG, GPU_MODEL, _long_prompts, _prompt_ids, overrides  # bench/pipeline.py
+from pipeline import (  # bench/pipeline.py
+    CASES,
+    CONFIG,
+    GPU_MODEL,
+    _long_prompts,
+    _prompt_ids,
+    overrides,
+    synthetic_batch,
+)
 
 from miles_stream.demo.task import write_task
 from miles_stream.models import build_tiny_model
 from miles_stream.rollout import GenerationRequest, SamplingParams
 from miles_stream.rollout.native import NativeEngine
 from miles_stream.run_config import load_run_config
-from miles_stream.synthetic import synthetic_group
 from miles_stream.trainer.assemble import build_trainer
-from miles_stream.trainer.batch import collate
 from miles_stream.trainer.parallel import DataParallel
 
 
 def _trainer_and_batch(cfg: Any, prompt_len: int) -> tuple[Any, Any]:
     trainer = build_trainer(cfg, DataParallel())
-    rng, vocab = np.random.default_rng(0), int(trainer.model.config.vocab_size)
-    groups = []
-    for _ in range(cfg.buffer.rollout_batch_size):
-        g = synthetic_group(rng, n_samples=cfg.rollout.n_samples_per_prompt, prompt_len=prompt_len,
-                            response_len=cfg.rollout.sampling.max_new_tokens, vocab=vocab)  # fmt: skip
-        groups.append(replace(g, samples=tuple(replace(s, logprobs=np.full(s.num_tokens, -3.0, np.float32))
-                                               for s in g.samples)))  # fmt: skip
-    return trainer, collate(groups)
+    return trainer, synthetic_batch(cfg, prompt_len, int(trainer.model.config.vocab_size))
 
 
 def _train_child(cfg: Any, prompt_len: int, rounds: int, ready: Any, go: Any, done: Any) -> None:

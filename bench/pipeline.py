@@ -105,17 +105,21 @@ async def engine_alone(cfg: Any, prompts: list[list[int]]) -> dict[str, float]:
     return {"rows": rows, "tokens_per_s": tokens / elapsed}
 
 
-def trainer_alone(cfg: Any, prompt_len: int, steps: int = 3) -> dict[str, float]:
-    trainer = build_trainer(cfg, DataParallel())
+def synthetic_batch(cfg: Any, prompt_len: int, vocab: int) -> Any:
+    """A rollout batch of the run's shape: rollout_batch_size groups of n samples, the answer length."""
     rng = np.random.default_rng(0)
-    vocab = int(trainer.model.config.vocab_size)
     groups = []
     for _ in range(cfg.buffer.rollout_batch_size):
         g = synthetic_group(rng, n_samples=cfg.rollout.n_samples_per_prompt, prompt_len=prompt_len,
                             response_len=cfg.rollout.sampling.max_new_tokens, vocab=vocab)  # fmt: skip
         samples = tuple(replace(s, logprobs=np.full(s.num_tokens, -3.0, np.float32)) for s in g.samples)
         groups.append(replace(g, samples=samples))
-    batch = collate(groups)
+    return collate(groups)
+
+
+def trainer_alone(cfg: Any, prompt_len: int, steps: int = 3) -> dict[str, float]:
+    trainer = build_trainer(cfg, DataParallel())
+    batch = synthetic_batch(cfg, prompt_len, int(trainer.model.config.vocab_size))
     trainer.train(batch)  # warm-up (compile)
     tokens, elapsed = 0.0, 0.0
     for _ in range(steps):
