@@ -26,9 +26,10 @@ from miles_stream.bus import (
     connect,
     open_stream_client,
 )
+from miles_stream.bus.lease import Lease
 from miles_stream.codec import GroupCodec
 from miles_stream.config import check_model_dir
-from miles_stream.errors import ConfigError
+from miles_stream.errors import ConfigError, LeaseHeldError
 from miles_stream.record import RecordingSource
 from miles_stream.run_config import RunConfig
 from miles_stream.schema import DEFAULT_LIMITS
@@ -98,21 +99,47 @@ async def _run(config: RunConfig, parallel: DataParallel, resume: bool) -> int:
     service = build_service(config, trainer, buffer, publisher, subscriber)
     progress = service.progress
     try:
+        service.lease = consumer.fence = await _take_lease(config, parallel, redis, keys, name, stop)
+        if publisher is not None:
+            publisher.fence = service.lease
         async with Heartbeat(redis, keys, role="trainer", member_id=name, config=config.bus,
                              describe=lambda: {"step": progress.step, "version": progress.version,
                                                "rollout_batch_size": config.buffer.rollout_batch_size,
                                                "max_staleness": config.buffer.max_staleness,
                                                "publish_every": cfg.publish_every, "held": service.held,
+                                               "lease_token": service.lease.token if service.lease else 0,
                                                "read_per_batch": buffer.counters.read_per_batch}) as beat:  # fmt: skip
             service.on_change = beat.beat_now  # producers' admission reads the version and held count at once
             await service.run(stop, resume=resume)
     finally:
+        if service.lease is not None and parallel.is_main:
+            await service.lease.release()  # a standby need not wait out the ttl
         service.metrics.close()
         await blocking.aclose()
         await chunks.aclose()
         await redis.aclose()
     _log_stopped(service, buffer)
     return 0
+
+
+async def _take_lease(config: RunConfig, parallel: DataParallel, redis: Any, keys: Keys, name: str,
+                      stop: asyncio.Event) -> Lease:  # fmt: skip
+    """Rank 0 takes the trainer lease (waiting trainer.standby_s for another's to end) and keeps renewing it;
+    the other ranks write under the same token."""
+    lease = Lease(redis, keys, "trainer", name, ttl_s=config.bus.lease_ttl_s)
+    taken: tuple[int, bytes] | str | None = None
+    if parallel.is_main:
+        try:
+            await lease.acquire(config.trainer.standby_s, stop)
+            await lease.start_renewing()
+            taken = (lease.token, lease.value)
+        except LeaseHeldError as exc:
+            taken = str(exc)
+    shared = parallel.gather(taken)[0]
+    if isinstance(shared, str):
+        raise LeaseHeldError(shared)
+    lease.token, lease.value = shared
+    return lease
 
 
 def _transport(config: RunConfig, redis: Any, keys: Keys, chunks: StreamClient) -> WeightTransport:

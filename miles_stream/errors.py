@@ -41,3 +41,15 @@ class EmbeddedRedisError(MilesStreamError):
 
 class CheckpointError(MilesStreamError):
     """A checkpoint could not be written (a full disk, a read-only directory): the message names where."""
+
+
+class LeaseHeldError(MilesStreamError):
+    """Another process holds this role's lease in the namespace (a second trainer): the message names it."""
+
+
+class LeaseLostError(MilesStreamError):
+    """This process's lease passed to another (it was frozen or cut off past the ttl): it must not write."""
+
+
+class DataLossError(MilesStreamError):
+    """Redis lost this run's data (restarted without persistence, flushed): accounting cannot go on silently."""

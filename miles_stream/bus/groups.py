@@ -19,6 +19,7 @@ from miles_stream.bus.backpressure import Backpressure
 from miles_stream.bus.connection import RetryPolicy
 from miles_stream.bus.dataplane import StreamClient
 from miles_stream.bus.keys import Keys
+from miles_stream.bus.lease import Lease
 from miles_stream.bus.streams import DATA, BusConfig, Entry, StreamConsumer, publish
 from miles_stream.codec import GroupCodec
 from miles_stream.errors import SchemaError
@@ -122,6 +123,7 @@ class GroupConsumer:
         self.codec = codec or GroupCodec()
         self.retry = retry or RetryPolicy()
         self.owns_prompts = owns_prompts
+        self.fence: Lease | None = None  # with a lease, every commit applies only while it is held
         self.exhausted = False  # a stream never runs out (see RecordingSource)
         self.counters = ConsumeCounters()
         self._held: dict[str, str] = {}  # group id -> entry id, for groups handed out and not committed
@@ -217,15 +219,21 @@ class GroupConsumer:
         ids = [r.entry_id for r in items]
         group_ids = [r.group_id for r in items]
 
-        async def ack() -> None:  # idempotent, except that a retry after an applied EXEC re-adds `requeue`
-            async with self.redis.pipeline(transaction=True) as pipe:  # (its groups come back as duplicates)
-                for record in requeue:
-                    pipe.xadd(self.keys.prompts, {DATA: record})
-                if done:
-                    pipe.sadd(self.done_key, *group_ids)
-                if self.owns_prompts or requeue:
-                    pipe.hdel(self.keys.prompt_of, *group_ids)
-                pipe.xack(self.stream.stream, self.stream.group, *ids)
+        def queue(pipe: Any) -> None:  # idempotent, except that a retry after an applied EXEC re-adds
+            for record in requeue:  # `requeue` (its groups come back as duplicates)
+                pipe.xadd(self.keys.prompts, {DATA: record})
+            if done:
+                pipe.sadd(self.done_key, *group_ids)
+            if self.owns_prompts or requeue:
+                pipe.hdel(self.keys.prompt_of, *group_ids)
+            pipe.xack(self.stream.stream, self.stream.group, *ids)
+
+        async def ack() -> None:
+            if self.fence is not None:  # LeaseLostError: nothing applied, the entries stay for the new holder
+                await self.fence.fenced(queue)
+                return
+            async with self.redis.pipeline(transaction=True) as pipe:
+                queue(pipe)
                 await pipe.execute()
 
         await self.retry.run(ack, on_retry=_log_retry)

@@ -45,6 +45,7 @@ class BusConfig:
     backpressure_poll_s: float = 0.2
     heartbeat_interval_s: float = 2.0
     heartbeat_ttl_s: float = 10.0
+    lease_ttl_s: float = 20.0  # a writer's lease (the trainer's) ends this long after its last renewal
 
     def __post_init__(self) -> None:
         check(bool(self.namespace) and ":" not in self.namespace, "bus.namespace", "must be non-empty, no ':'")
@@ -54,6 +55,7 @@ class BusConfig:
         check(self.max_deliveries >= 1, "bus.max_deliveries", "must be >= 1")
         check(self.max_backlog_entries >= 1, "bus.max_backlog_entries", "must be >= 1")
         check(self.max_backlog_bytes >= 1, "bus.max_backlog_bytes", "must be >= 1")
+        check(self.lease_ttl_s >= 0.1, "bus.lease_ttl_s", "must be >= 0.1 s (renewed every quarter of it)")
         check(
             self.heartbeat_ttl_s > self.heartbeat_interval_s > 0,
             "bus.heartbeat_ttl_s",

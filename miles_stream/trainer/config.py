@@ -47,6 +47,7 @@ class TrainerConfig:
     metrics_path: str = ""  # a JSONL file, one line per step; empty: the structured log only
     tensorboard_dir: str = ""  # when set and tensorboard is installed
     trainer_id: str = ""  # consumer name in the "trainer" group; empty: trainer-{rank}
+    standby_s: float = 0.0  # wait this long for another trainer's lease to end (0: refuse to start at once)
     seed: int = 0
     torch_threads: int = 0  # intra-op threads; 0 = torch's default (all cores)
 
@@ -65,6 +66,7 @@ class TrainerConfig:
         check(self.max_steps >= 0, "trainer.max_steps", "must be >= 0")
         check(self.publish_every >= 1, "trainer.publish_every", "must be >= 1")
         check(self.checkpoint_every >= 1, "trainer.checkpoint_every", "must be >= 1")
+        check(self.standby_s >= 0, "trainer.standby_s", "must be >= 0 (0 = refuse when another trainer runs)")
         check(self.keep_checkpoints >= 1, "trainer.keep_checkpoints", "must be >= 1")
         check(self.transport != "file" or bool(self.weights_dir), "trainer.weights_dir",
               "the file transport needs a shared directory")  # fmt: skip

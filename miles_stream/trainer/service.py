@@ -11,6 +11,11 @@
          │  the groups trained since the last commit; then every rank commits (SADD done + XACK) its own
          └─ without a checkpoint directory, groups are committed after every step
 
+One trainer (all its data-parallel ranks) writes to a namespace at a time: it holds the trainer lease
+(bus/lease.py) and its commits, version numbers and announcements apply only while it does. One that lost
+the lease (frozen past its ttl while a standby took over) stops at once without committing, publishing or
+checkpointing anything: the groups it trained since its last commit are trained again by the new holder.
+
 A trainer killed between a step and its commit leaves those groups pending. On `--resume` it loads the
 newest checkpoint, commits the groups that checkpoint names (their step is in the weights it loaded), and
 re-reads its other pending entries: groups trained after the checkpoint are trained again, into the
@@ -33,7 +38,8 @@ from miles_stream.aio import stop_task
 from miles_stream.buffer import Batch, ReplayBuffer
 from miles_stream.bus import Claim
 from miles_stream.bus.connection import is_transient
-from miles_stream.errors import RedisUnavailableError
+from miles_stream.bus.lease import Lease
+from miles_stream.errors import LeaseLostError, RedisUnavailableError
 from miles_stream.trainer.batch import collate
 from miles_stream.trainer.checkpoint import TrainerState, load_checkpoint, save_checkpoint
 from miles_stream.trainer.config import TrainerConfig
@@ -71,6 +77,7 @@ class TrainerService:
         # Say the version or held count changed, and return once others can read it (Heartbeat.beat_now):
         # producers' admission reads them, and a new version must be visible before the commit that follows it
         self.on_change: Callable[[], Awaitable[None]] = _nothing
+        self.lease: Lease | None = None  # the trainer lease (consumers/trainer.py takes it before reading)
         self.parallel = trainer.parallel
         self.progress = TrainProgress()
         self._uncommitted: list[Claim] = []
@@ -80,14 +87,16 @@ class TrainerService:
         await self.buffer.start()
         await self._restore(resume)
         keep_alive = asyncio.create_task(self._keep_alive())
-        outage = False
+        outage, lost = False, None
         try:
             while not self._finished():
                 batch = await self.buffer.next_batch(self.progress.version, stop)
-                if not self._all_ranks(batch is not None and not stop.is_set()):
+                if not self._all_ranks(batch is not None and not stop.is_set() and not self._lease_lost()):
                     break
                 assert batch is not None
                 await self._step(batch)
+        except LeaseLostError as exc:
+            lost = exc
         except RedisUnavailableError as exc:
             if not stop.is_set():
                 raise
@@ -97,6 +106,11 @@ class TrainerService:
         finally:
             if not await stop_task(keep_alive):
                 log.error("keep_alive_did_not_stop")
+        if lost is not None or any(self.parallel.gather(self._lease_lost())):
+            # another trainer holds the lease now: write nothing; what was not committed is trained again there
+            log.error("lease_lost_stopping", uncommitted_groups=len(self._uncommitted), step=self.progress.step,
+                      error=str(lost or (self.lease and self.lease.lost)))  # fmt: skip
+            raise lost or LeaseLostError(str(self.lease.lost if self.lease else "the trainer lease was lost"))
         if self.background is not None and not outage:
             await self.background.flush()  # the last version out before the trainer says it is done
         if outage:  # no commit can reach Redis: the checkpoint names the groups, and --resume commits them
@@ -117,6 +131,9 @@ class TrainerService:
     def _finished(self) -> bool:
         return 0 < self.config.max_steps <= self.progress.step
 
+    def _lease_lost(self) -> bool:
+        return self.lease is not None and self.lease.lost is not None
+
     def _all_ranks(self, go_on: bool) -> bool:
         return all(self.parallel.gather(go_on))
 
@@ -131,7 +148,7 @@ class TrainerService:
         self._uncommitted.extend(r.claim for r in batch.items)
         blocked = 0.0
         if p.step % self.config.publish_every == 0:
-            blocked = self._offer(p.version + 1)
+            blocked = self._offer(await self._next_version(p.version))
         await self.on_change()  # the new version first: a producer that sees the commit must also see it
         if not self.config.checkpoint_dir:
             await self._commit()
@@ -174,6 +191,14 @@ class TrainerService:
             return 0.0
         return self.background.offer(version, self.trainer.model.state_dict())
 
+    async def _next_version(self, after: int) -> int:
+        """The next weight version: rank 0 draws it from Redis (under the lease, never reused), every rank
+        learns it. Without a publisher (a replay), the next integer."""
+        version = after + 1
+        if self.publisher is not None:
+            version = await self.publisher.new_version(after)
+        return int(self.parallel.gather(version)[0])
+
     def _publish_metrics(self) -> dict[str, float]:
         if self.background is None:
             return {}
@@ -199,6 +224,8 @@ class TrainerService:
         if self.config.checkpoint_dir:
             claims = [c for rank_claims in self.parallel.gather(self._uncommitted) for c in rank_claims]
             if self.parallel.is_main:
+                if self.lease is not None:  # no checkpoint from a trainer that lost the lease
+                    await self._check_lease()
                 state = TrainerState(step=self.progress.step, version=self.progress.version, claims=tuple(claims))
                 path = await asyncio.to_thread(save_checkpoint, self.config.checkpoint_dir, state, self.trainer.model,
                                                self.trainer.optimizer, self.trainer.scheduler,
@@ -206,6 +233,18 @@ class TrainerService:
                 log.info("checkpoint_saved", path=str(path), step=state.step, version=state.version)
             self.parallel.barrier()
         return True
+
+    async def _check_lease(self) -> None:
+        """Raise LeaseLostError unless Redis says the lease is still ours; where Redis cannot be reached (the
+        checkpoint taken in an outage), the last renewal's word: nobody can take it there either."""
+        assert self.lease is not None
+        try:
+            await self.lease.fenced(lambda pipe: None)
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            self.lease.check()
+            log.warning("lease_unverified_redis_unavailable", error=str(exc))
 
     async def _commit(self) -> None:
         await self.buffer.commit(self._uncommitted)
@@ -231,8 +270,8 @@ class TrainerService:
         if announced is None:
             if ours > 0:
                 await self._publish(ours)  # Redis lost the announcements: producers need these weights
-        elif not (state is not None and announced == ours):
-            await self._publish(max(announced, ours) + 1)  # newer than anything producers may hold
+        elif not (state is not None and announced == ours):  # newer than anything producers may hold
+            await self._publish(await self._next_version(max(announced, ours)))
         self.parallel.barrier()
 
     async def _keep_alive(self) -> None:

@@ -9,6 +9,7 @@ newest is always kept, so a producer attached later loads it before it generates
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,6 +19,7 @@ import torch
 
 from miles_stream.bus import Keys, RetryPolicy, alive_members
 from miles_stream.bus.connection import is_transient
+from miles_stream.bus.lease import Lease
 from miles_stream.bus.streams import VERSION
 from miles_stream.errors import SchemaError, WeightIntegrityError
 from miles_stream.weights.manifest import WeightManifest, decode_manifest, encode_manifest
@@ -45,24 +47,49 @@ class WeightPublisher:
     transport: WeightTransport
     heartbeat_ttl_s: float = 10.0
     retry: RetryPolicy = field(default_factory=RetryPolicy)
+    fence: Lease | None = None  # with a lease, versions are drawn and announced only while it is held
 
     @property
     def versions_key(self) -> str:
         return f"{self.keys.weights}:versions"
+
+    @property
+    def last_version_key(self) -> str:
+        """The last version number handed out; numbers are drawn from it and never reused."""
+        return f"{self.keys.weights}:last_version"
+
+    async def new_version(self, after: int) -> int:
+        """Draw the next version number: above every number drawn before in this namespace and above
+        `after` (the trainer's own, in case Redis lost the counter). Under the lease when there is one."""
+
+        async def draw() -> int:
+            (drawn,) = await self._run(lambda pipe: pipe.incr(self.last_version_key))
+            if int(drawn) > after:
+                return int(drawn)
+            await self._run(lambda pipe: pipe.set(self.last_version_key, after + 1))
+            return after + 1
+
+        return await self.retry.run(draw)  # a retry after an applied INCR skips a number; none is reused
+
+    async def _run(self, queue: Callable[[Any], object]) -> list[Any]:
+        if self.fence is not None:
+            return await self.fence.fenced(queue)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            queue(pipe)
+            result: list[Any] = await pipe.execute()
+            return result
 
     async def publish(self, version: int, state: dict[str, torch.Tensor]) -> WeightManifest:
         """Write the version, then announce it (both retried through a Redis outage by `retry`: rewriting
         chunks is idempotent, and a second announcement of a version is ignored by subscribers)."""
         manifest = await self.retry.run(lambda: self.transport.write(version, state))
 
-        async def announce() -> None:
-            async with self.redis.pipeline(transaction=True) as pipe:
-                pipe.zadd(self.versions_key, {str(version): version})
-                pipe.xadd(self.keys.weights, {VERSION: str(version), MANIFEST: encode_manifest(manifest)},
-                          maxlen=1000, approximate=True)  # fmt: skip
-                await pipe.execute()
+        def announce(pipe: Any) -> None:
+            pipe.zadd(self.versions_key, {str(version): version})
+            pipe.xadd(self.keys.weights, {VERSION: str(version), MANIFEST: encode_manifest(manifest)},
+                      maxlen=1000, approximate=True)  # fmt: skip
 
-        await self.retry.run(announce)
+        await self.retry.run(lambda: self._run(announce))  # LeaseLostError: not announced
         log.info("weights_published", version=version, bytes=manifest.nbytes, transport=self.transport.name)
         try:
             await self.prune(latest=version)

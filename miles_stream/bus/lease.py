@@ -1,0 +1,228 @@
+"""One writer per role: a lease in Redis with a fencing token that every write of the role checks.
+
+    {ns}:lease:{role}          "<token> <holder json>", expires after `ttl_s` unless renewed
+    {ns}:lease:{role}:tokens   the last token handed out (INCR): tokens only grow, never reused
+
+A trainer takes the lease before it reads a group and renews it every ttl/4. Its commits (SADD done +
+XACK), its weight versions and its announcements run in transactions that WATCH the lease key and first
+check that it still holds this token (`fenced`). A trainer frozen past the ttl (SIGSTOP, a long GC pause,
+a cut network) finds on waking that another holds the lease, or that its token is not the last one: it
+raises `LeaseLostError` and commits, publishes and checkpoints nothing; its entries stay pending and the
+new holder takes them over. Expiry is judged by the Redis server's clock, never a process's.
+
+A lease that expired while nobody else took it (Redis was away longer than the ttl) is taken again with
+the same token: no other writer can have acted in between, since any other would have drawn a new token.
+A lease whose holder ran on this host and is no longer alive (kill -9, then a restart) is ended at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import socket
+import time
+from collections.abc import Callable
+from typing import Any
+
+import redis.asyncio as aioredis
+import redis.exceptions as rexc
+import structlog
+from redis.asyncio.client import Pipeline
+
+from miles_stream.aio import stop_task
+from miles_stream.bus.connection import RetryPolicy, is_transient
+from miles_stream.bus.keys import Keys
+from miles_stream.errors import LeaseHeldError, LeaseLostError
+
+log = structlog.get_logger(__name__)
+
+# KEYS: lease, tokens. ARGV: holder json, ttl ms, the token to take again (0: draw a new one).
+# Returns {token, value} when taken, {0, current value} when another holds it.
+_ACQUIRE = """
+local current = redis.call('GET', KEYS[1])
+if current then return {0, current} end
+local last = tonumber(redis.call('GET', KEYS[2]) or '0')
+local token = tonumber(ARGV[3])
+if token == 0 or token ~= last then token = redis.call('INCR', KEYS[2]) end
+local value = token .. ' ' .. ARGV[1]
+redis.call('SET', KEYS[1], value, 'PX', ARGV[2])
+return {token, value}
+"""
+# KEYS: lease. ARGV: value, ttl ms. 1 when renewed, 0 when the key holds something else or nothing.
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
+"""
+_FENCE_ATTEMPTS = 8  # a WATCH broken by our own renewal is tried again
+
+
+class Lease:
+    """The lease of `role` in one namespace, held by this process as `holder`."""
+
+    def __init__(self, redis: aioredis.Redis, keys: Keys, role: str, holder: str, *, ttl_s: float,
+                 retry: RetryPolicy | None = None) -> None:  # fmt: skip
+        self.redis, self.role, self.holder, self.ttl_s = redis, role, holder, ttl_s
+        self.key = f"{keys.namespace}:lease:{role}"
+        self.tokens_key = f"{self.key}:tokens"
+        self.retry = retry or RetryPolicy(attempts=0, max_delay_s=2.0)
+        self.token = 0
+        self.value = b""
+        self.lost: str | None = None  # why the lease was lost, once it was
+        self._acquire = redis.register_script(_ACQUIRE)
+        self._renew = redis.register_script(_RENEW)
+        self._task: asyncio.Task[None] | None = None
+
+    async def acquire(self, wait_s: float = 0.0, stop: asyncio.Event | None = None) -> int:
+        """Take the lease, waiting up to `wait_s` for the holder's to end; returns the fencing token.
+        Raises `LeaseHeldError` naming the holder when it is not free in time."""
+        deadline = time.monotonic() + wait_s
+        describe = json.dumps({"holder": self.holder, "host": socket.gethostname(), "pid": os.getpid()})
+        waiting_logged = False
+        while True:
+            token, value = await self.retry.run(
+                lambda: self._acquire(keys=[self.key, self.tokens_key], args=[describe, int(self.ttl_s * 1000), 0])
+            )
+            if token:
+                self.token, self.value, self.lost = int(token), bytes(value), None
+                log.info("lease_taken", role=self.role, holder=self.holder, token=self.token)
+                return self.token
+            if await self._break_if_dead(value):
+                continue
+            if time.monotonic() >= deadline or (stop is not None and stop.is_set()):
+                raise LeaseHeldError(f"another {self.role} holds this namespace's lease: {_describe(value)}. "
+                                     f"Stop it, use another bus.namespace, or set a standby wait "
+                                     f"(trainer.standby_s) to take over when its lease ends")  # fmt: skip
+            if not waiting_logged:
+                log.info("lease_standby", role=self.role, holder=_describe(value), wait_s=wait_s)
+                waiting_logged = True
+            await _sleep(min(self.ttl_s / 4, max(deadline - time.monotonic(), 0.01)), stop)
+
+    async def _break_if_dead(self, value: bytes) -> bool:
+        """End a lease whose holder ran on this host and is gone (a trainer restarted after kill -9 need
+        not wait out the ttl). Safe even if the pid was misjudged: the holder is fenced, not duplicated."""
+        try:
+            holder = json.loads(value.decode().partition(" ")[2])
+            here, pid = holder["host"] == socket.gethostname(), int(holder["pid"])
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+            return False
+        if not here or pid == os.getpid() or _alive(pid):
+            return False
+        async with self.redis.pipeline(transaction=True) as pipe:
+            await pipe.watch(self.key)
+            if await pipe.get(self.key) != value:
+                return True  # it changed meanwhile: look again
+            pipe.multi()  # type: ignore[no-untyped-call]
+            pipe.delete(self.key)
+            try:
+                await pipe.execute()
+            except rexc.WatchError:
+                return True
+        log.warning("lease_of_dead_process_ended", role=self.role, was=_describe(value))
+        return True
+
+    async def renew(self) -> bool:
+        """Extend the lease; False (and `lost` says why) once another holds it or a newer token was drawn."""
+        if self.lost:
+            return False
+        if await self.retry.run(lambda: self._renew(keys=[self.key], args=[self.value, int(self.ttl_s * 1000)])):
+            return True
+        # expired: ours again only if no token was drawn since ours
+        args: list[str | int] = [self._holder_json(), int(self.ttl_s * 1000), self.token]
+        token, value = await self.retry.run(lambda: self._acquire(keys=[self.key, self.tokens_key], args=args))
+        if token == self.token:
+            self.value = bytes(value)
+            log.warning("lease_taken_again", role=self.role, token=self.token)
+            return True
+        self.lost = f"the {self.role} lease (token {self.token}) passed to {_describe(value)}"
+        log.error("lease_lost", role=self.role, token=self.token, now=_describe(value))
+        return False
+
+    def check(self) -> None:
+        """Raise `LeaseLostError` if the renewals found the lease gone (the transactions check it again)."""
+        if self.lost:
+            raise LeaseLostError(self.lost)
+
+    async def fenced(self, queue: Callable[[Pipeline], object]) -> list[Any]:
+        """Run the commands `queue` adds in one MULTI/EXEC that applies only while this lease is held; raises
+        `LeaseLostError` (nothing applied) otherwise. Transient errors are for the caller's retry."""
+        for _ in range(_FENCE_ATTEMPTS):
+            self.check()
+            async with self.redis.pipeline(transaction=True) as pipe:
+                await pipe.watch(self.key)
+                current = await pipe.get(self.key)
+                if current != self.value:
+                    self.lost = f"the {self.role} lease (token {self.token}) is now {_describe(current)}"
+                    raise LeaseLostError(self.lost)
+                pipe.multi()  # type: ignore[no-untyped-call]
+                queue(pipe)
+                try:
+                    result: list[Any] = await pipe.execute()
+                    return result
+                except rexc.WatchError:
+                    continue  # the key was touched (our own renewal, or a new holder): look again
+        raise LeaseLostError(f"the {self.role} lease key kept changing under {_FENCE_ATTEMPTS} transactions")
+
+    async def start_renewing(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._renew_loop(), name=f"lease-{self.role}")
+
+    async def release(self) -> None:
+        """Stop renewing and give the lease up (when still ours), so a standby need not wait out the ttl."""
+        task, self._task = self._task, None
+        if task is not None and not await stop_task(task):
+            log.error("lease_renewal_did_not_stop", role=self.role)
+        if self.lost or not self.token:
+            return
+        try:
+            await self.fenced(lambda pipe: pipe.delete(self.key))
+        except LeaseLostError:
+            pass
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            log.warning("lease_release_failed", role=self.role, error=str(exc))  # it expires after the ttl
+
+    async def _renew_loop(self) -> None:
+        while not self.lost:
+            await asyncio.sleep(self.ttl_s / 4)
+            try:
+                await self.renew()
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise
+                log.warning("lease_renewal_failed", role=self.role, error=str(exc))
+
+    def _holder_json(self) -> str:
+        return self.value.decode().partition(" ")[2]
+
+
+def _describe(value: Any) -> str:
+    """A lease value for people: 'trainer-0 (pid 12 on host-a, token 3)'."""
+    if not value:
+        return "nobody (expired)"
+    token, _, holder = (value.decode() if isinstance(value, bytes) else str(value)).partition(" ")
+    try:
+        h = json.loads(holder)
+        return f"{h['holder']} (pid {h['pid']} on {h['host']}, token {token})"
+    except (ValueError, KeyError, TypeError):
+        return f"token {token}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+async def _sleep(seconds: float, stop: asyncio.Event | None) -> None:
+    if stop is None:
+        await asyncio.sleep(seconds)
+        return
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), seconds)
