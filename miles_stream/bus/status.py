@@ -10,7 +10,7 @@ import redis.exceptions as rexc
 
 from miles_stream.bus.heartbeat import Member, alive_members
 from miles_stream.bus.keys import Keys
-from miles_stream.bus.streams import VERSION, as_str
+from miles_stream.bus.streams import as_str
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,11 +63,10 @@ async def namespace_status(redis: aioredis.Redis, keys: Keys, heartbeat_ttl_s: f
     except rexc.NoPermissionError:  # an ACL user limited to data commands (docs/redis.md): no server version
         info = {}
     streams = tuple([await _stream_status(redis, key) for key in keys.streams])
-    latest: Any = await redis.xrevrange(keys.weights, count=1)
-    version = None
-    if latest:
-        raw = latest[0][1].get(VERSION)
-        version = int(raw) if raw is not None else None
+    from miles_stream.weights import WeightSubscriber  # here: weights builds on the bus package
+
+    latest = await WeightSubscriber(redis, keys, {}).latest()  # a malformed announcement is not the latest
+    version = latest[1].version if latest is not None else None
     group_names = {g.name for s in streams for g in s.groups}
     done = {name: int(await redis.scard(keys.done(name))) for name in sorted(group_names)}
     return NamespaceStatus(

@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import redis.asyncio as aioredis
+import torch
 
 from miles_stream.bus import (
     Backpressure,
@@ -270,14 +272,17 @@ async def test_heartbeats_list_members_while_alive(redis: aioredis.Redis, keys: 
 
 
 async def test_status_describes_the_namespace(
-    redis: aioredis.Redis, blocking: StreamClient, keys: Keys, bus_config: BusConfig
+    redis: aioredis.Redis, blocking: StreamClient, keys: Keys, bus_config: BusConfig, tmp_path: Path
 ) -> None:
+    from miles_stream.weights import FileTransport, WeightPublisher
+
     c = consumer(redis, blocking, keys, bus_config, "c")
     await c.start()
     for _ in range(3):
         await publish(redis, keys.trajectories, b"x", maxlen=bus_config.maxlen_cap)
     await c.read(1)
-    await redis.xadd(keys.weights, {b"version": b"7"})
+    await WeightPublisher(redis, keys, FileTransport(str(tmp_path))).publish(7, {"w": torch.ones(2)})
+    await redis.xadd(keys.weights, {b"version": b"99"})  # malformed (no manifest): not the latest
     await c.dead_letter((await c.read(1))[0], "test")
     status = await namespace_status(redis, keys, bus_config.heartbeat_ttl_s)
     traj = status.stream(keys.trajectories)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -12,8 +13,11 @@ from pathlib import Path
 
 import pytest
 import redis
+import torch
 
+from miles_stream.bus import Keys, RedisConfig, connect
 from miles_stream.redis_server import EmbeddedRedis, EmbeddedRedisConfig
+from miles_stream.weights import FileTransport, WeightPublisher
 
 CLI = [sys.executable, "-m", "miles_stream.cli"]
 
@@ -125,12 +129,21 @@ def test_cli_a_missing_model_path_names_itself(tmp_path: Path) -> None:
         assert "Traceback" not in out.stderr
 
 
+async def announce(url: str, ns: str, version: int, where: Path) -> None:
+    client = connect(RedisConfig(url=url))
+    try:
+        await WeightPublisher(client, Keys(ns), FileTransport(str(where))).publish(version, {"w": torch.ones(2)})
+    finally:
+        await client.aclose()
+
+
 @pytest.mark.integration
-def test_cli_status_describes_a_namespace(redis_url: str) -> None:
+def test_cli_status_describes_a_namespace(redis_url: str, tmp_path: Path) -> None:
+    asyncio.run(announce(redis_url, "cli", 4, tmp_path))
     with redis.Redis.from_url(redis_url) as client:
         client.xgroup_create("cli:trajectories", "trainer", id="0", mkstream=True)
         client.xadd("cli:trajectories", {"d": b"x"})
-        client.xadd("cli:weights", {"version": b"4"})
+        client.xadd("cli:weights", {"version": b"5", "manifest": b"garbage"})  # not the latest: it does not decode
         client.zadd("cli:members", {"producer:p1": time.time()})  # a producer's heartbeat, still on version 2
         client.hset("cli:members:info", "producer:p1", json.dumps({"weight_version": 2}))
     env = {**os.environ, "MILES_REDIS_URL": redis_url}
