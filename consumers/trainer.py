@@ -27,9 +27,10 @@ from miles_stream.bus import (
     open_stream_client,
 )
 from miles_stream.bus.lease import Lease
+from miles_stream.bus.run import join_run, verify_run
 from miles_stream.codec import GroupCodec
 from miles_stream.config import check_model_dir
-from miles_stream.errors import ConfigError, LeaseHeldError
+from miles_stream.errors import ConfigError, LeaseHeldError, LeaseLostError
 from miles_stream.record import RecordingSource
 from miles_stream.run_config import RunConfig
 from miles_stream.schema import DEFAULT_LIMITS
@@ -102,7 +103,15 @@ async def _run(config: RunConfig, parallel: DataParallel, resume: bool) -> int:
         service.lease = consumer.fence = await _take_lease(config, parallel, redis, keys, name, stop)
         if publisher is not None:
             publisher.fence = service.lease
-        async with Heartbeat(redis, keys, role="trainer", member_id=name, config=config.bus,
+        service.run_identity, service.namespace = (run := await join_run(redis, keys)), keys.namespace
+
+        def on_data_loss() -> None:  # write nothing more into what Redis holds now; stop
+            assert service.lease is not None
+            service.lease.lost = "Redis lost this run's data"
+            stop.set()
+
+        async with Heartbeat(redis, keys, role="trainer", member_id=name, config=config.bus, run=run,
+                             on_data_loss=on_data_loss,
                              describe=lambda: {"step": progress.step, "version": progress.version,
                                                "rollout_batch_size": config.buffer.rollout_batch_size,
                                                "max_staleness": config.buffer.max_staleness,
@@ -110,7 +119,13 @@ async def _run(config: RunConfig, parallel: DataParallel, resume: bool) -> int:
                                                "lease_token": service.lease.token if service.lease else 0,
                                                "read_per_batch": buffer.counters.read_per_batch}) as beat:  # fmt: skip
             service.on_change = beat.beat_now  # producers' admission reads the version and held count at once
-            await service.run(stop, resume=resume)
+            try:
+                await service.run(stop, resume=resume)
+            except LeaseLostError as exc:
+                if beat.data_lost is not None:
+                    raise beat.data_lost from exc
+                await verify_run(redis, keys, run)  # the lease may have gone with all the rest: say that
+                raise
     finally:
         if service.lease is not None and parallel.is_main:
             await service.lease.release()  # a standby need not wait out the ttl

@@ -109,6 +109,14 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_cmd_status)
 
     p = command(
+        "reset-run",
+        "After Redis lost a run's data: delete what is left of its bookkeeping in the "
+        "namespace and start it again, on purpose (running processes of the old run stop on their own).",
+    )
+    p.add_argument("--yes", action="store_true", help="do it (without: say what would be deleted)")
+    p.set_defaults(run=_cmd_reset_run)
+
+    p = command(
         "sglang", "List the SGLang servers of a running producer (rollout.engine=sglang), or attach / detach one."
     )
     change = p.add_mutually_exclusive_group()
@@ -243,6 +251,30 @@ def _cmd_status(args: argparse.Namespace, config: RunConfig) -> int:
             print(render_json(status), end="")
         else:
             render_tables(status)
+        return 0
+
+    return aio.run(run())
+
+
+def _cmd_reset_run(args: argparse.Namespace, config: RunConfig) -> int:
+    from miles_stream.bus.run import reset_run
+
+    keys = Keys(config.bus.namespace)
+
+    async def run() -> int:
+        client = connect(config.redis)
+        try:
+            found = [k async for k in client.scan_iter(match=f"{keys.namespace}:*", count=1000)]
+            if not args.yes:
+                print(f"would delete {len(found)} keys of namespace {keys.namespace!r} and start a new run; "
+                      "run again with --yes")  # fmt: skip
+                return 2
+            if found:
+                await client.delete(*found)
+            new = await reset_run(client, keys)
+        finally:
+            await client.aclose()
+        print(f"namespace {keys.namespace!r}: {len(found)} keys deleted, run {new.id} started after a data loss")
         return 0
 
     return aio.run(run())

@@ -23,6 +23,7 @@ import redis.asyncio as aioredis
 import structlog
 
 from miles_stream.bus import Backpressure, BusConfig, Keys, RetryPolicy, ensure_group
+from miles_stream.bus.run import RunIdentity, check_run, run_key
 from miles_stream.bus.streams import DATA
 from miles_stream.config import check
 from miles_stream.errors import ConfigError, MilesStreamError
@@ -123,6 +124,7 @@ class Feeder:
         self.retry = RetryPolicy(attempts=0)
         self.maxlen = bus.maxlen_cap
         self.published = 0
+        self.run_identity: RunIdentity | None = None  # with one, every position read checks the run is intact
 
     @property
     def state_key(self) -> str:
@@ -133,7 +135,14 @@ class Feeder:
         return np.random.default_rng([self.config.seed, epoch]).permutation(len(self.rows))
 
     async def position(self) -> tuple[int, int]:
-        state = await self.redis.hgetall(self.state_key)
+        """(epoch, index into its order) of the next prompt. Raises DataLossError where Redis lost the run
+        (the position would read as the start: the whole dataset fed again without a word)."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hgetall(self.state_key)
+            pipe.get(run_key(self.keys))
+            state, run_now = await pipe.execute()
+        if self.run_identity is not None:
+            check_run(self.keys, self.run_identity, run_now)
         if not state:
             return 0, 0
         size = int(state[b"rows"])

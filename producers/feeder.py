@@ -11,6 +11,7 @@ import structlog
 
 from miles_stream import aio
 from miles_stream.bus import Heartbeat, Keys, connect
+from miles_stream.bus.run import join_run
 from miles_stream.feeder import Feeder, Row, load_rows
 from miles_stream.run_config import RunConfig
 
@@ -33,9 +34,13 @@ async def _run(config: RunConfig, rows: list[Row]) -> int:
     feeder = Feeder(redis, keys, config.bus, config.feeder, rows)
     member = f"{socket.gethostname()}-{os.getpid()}"
     try:
-        async with Heartbeat(redis, keys, role="feeder", member_id=member, config=config.bus,
-                             describe=lambda: {"published": feeder.published}):  # fmt: skip
+        feeder.run_identity = run = await join_run(redis, keys)
+        describe = lambda: {"published": feeder.published}  # noqa: E731
+        async with Heartbeat(redis, keys, role="feeder", member_id=member, config=config.bus, run=run,
+                             on_data_loss=stop.set, describe=describe) as beat:  # fmt: skip
             published = await feeder.run(stop)
+        if beat.data_lost is not None:
+            raise beat.data_lost
         epoch, position = await feeder.position()
         log.info("feeder_stopped", published=published, epoch=epoch, position=position)
     finally:

@@ -22,6 +22,7 @@ from miles_stream.bus import (
     connect,
     open_stream_client,
 )
+from miles_stream.bus.run import join_run
 from miles_stream.codec import GroupCodec
 from miles_stream.config import check_model_dir
 from miles_stream.errors import ConfigError
@@ -85,12 +86,16 @@ async def _run(config: RunConfig) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         asyncio.get_running_loop().add_signal_handler(sig, stop.set)
     try:
+        run = await join_run(redis, keys)
         async with Heartbeat(redis, keys, role="producer", member_id=producer.producer_id, config=config.bus,
+                             run=run, on_data_loss=stop.set,
                              describe=lambda: {"groups": producer.counters.groups, "in_flight": producer.in_flight,
                                                "tokens": producer.counters.tokens,
                                                "weight_version": engine.weight_version,
-                                               "engine": cfg.engine}):  # fmt: skip
+                                               "engine": cfg.engine}) as beat:  # fmt: skip
             await producer.run(stop)
+        if beat.data_lost is not None:
+            raise beat.data_lost
     finally:
         if membership is not None:
             await stop_task(membership)

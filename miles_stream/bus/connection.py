@@ -26,7 +26,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from miles_stream.config import check
-from miles_stream.errors import RedisUnavailableError
+from miles_stream.errors import DataLossError, RedisUnavailableError
 
 T = TypeVar("T")
 ENV_URL = "MILES_REDIS_URL"
@@ -108,6 +108,17 @@ def is_transient(exc: BaseException) -> bool:
     return isinstance(exc, rexc.ResponseError) and str(exc).startswith(("OOM", "LOADING", "MASTERDOWN"))
 
 
+def lost_data(exc: BaseException) -> bool:
+    """Whether `exc` says a consumer group is gone: Redis lost the run's data (or someone deleted it)."""
+    return isinstance(exc, rexc.ResponseError) and str(exc).startswith("NOGROUP")
+
+
+def data_loss_error(exc: BaseException) -> DataLossError:
+    return DataLossError(f"Redis no longer has a consumer group of this run ({exc}): it restarted without "
+                         f"persistence, was flushed, or the group was deleted. Stop every process of the run; to "
+                         f"go on, decide it with `miles-stream reset-run` (docs/reliability.md)")  # fmt: skip
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RetryPolicy:
     """Exponential backoff with full jitter. `attempts=0` retries forever (for long-lived loops)."""
@@ -138,6 +149,8 @@ class RetryPolicy:
             try:
                 return await fn()
             except Exception as exc:
+                if lost_data(exc):
+                    raise data_loss_error(exc) from exc
                 if not is_transient(exc):
                     raise
                 attempt += 1

@@ -23,7 +23,9 @@ import structlog
 from miles_stream.aio import stop_task
 from miles_stream.bus.connection import is_transient
 from miles_stream.bus.keys import Keys
+from miles_stream.bus.run import RunIdentity, check_run, run_key
 from miles_stream.bus.streams import BusConfig
+from miles_stream.errors import DataLossError
 
 log = structlog.get_logger(__name__)
 _FORGET_AFTER_TTLS = 30
@@ -53,10 +55,14 @@ class Heartbeat:
         member_id: str,
         config: BusConfig,
         describe: Callable[[], dict[str, Any]] | None = None,
+        run: RunIdentity | None = None,
+        on_data_loss: Callable[[], None] | None = None,
     ) -> None:
         self.redis, self.keys, self.config = redis, keys, config
         self.role, self.member_id = role, member_id
         self.describe = describe or dict
+        self.run, self.on_data_loss = run, on_data_loss
+        self.data_lost: DataLossError | None = None  # set when a beat found the run gone (see bus/run.py)
         self._task: asyncio.Task[None] | None = None
         self._started_at = time.time()
 
@@ -74,9 +80,18 @@ class Heartbeat:
             **self.describe(),
         }
         async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.get(run_key(self.keys))
             pipe.zadd(self.keys.members, {self.name: time.time()})
             pipe.hset(self.keys.member_info, self.name, json.dumps(info))
-            await pipe.execute()
+            current, *_ = await pipe.execute()
+        if self.run is not None and self.data_lost is None:
+            try:
+                check_run(self.keys, self.run, current)
+            except DataLossError as exc:
+                self.data_lost = exc
+                log.error("data_loss_detected", member=self.name, error=str(exc))
+                if self.on_data_loss is not None:
+                    self.on_data_loss()
 
     async def beat_now(self) -> None:
         """Beat now rather than at the next interval, and return once it is in Redis: the description changed

@@ -1,7 +1,7 @@
 """One writer per role: a lease in Redis with a fencing token that every write of the role checks.
 
     {ns}:lease:{role}          "<token> <holder json>", expires after `ttl_s` unless renewed
-    {ns}:lease:{role}:tokens   the last token handed out (INCR): tokens only grow, never reused
+    {ns}:lease:{role}:tokens   the last token handed out: tokens only grow, never reused
 
 A trainer takes the lease before it reads a group and renews it every ttl/4. Its commits (SADD done +
 XACK), its weight versions and its announcements run in transactions that WATCH the lease key and first
@@ -38,23 +38,6 @@ from miles_stream.errors import LeaseHeldError, LeaseLostError
 
 log = structlog.get_logger(__name__)
 
-# KEYS: lease, tokens. ARGV: holder json, ttl ms, the token to take again (0: draw a new one).
-# Returns {token, value} when taken, {0, current value} when another holds it.
-_ACQUIRE = """
-local current = redis.call('GET', KEYS[1])
-if current then return {0, current} end
-local last = tonumber(redis.call('GET', KEYS[2]) or '0')
-local token = tonumber(ARGV[3])
-if token == 0 or token ~= last then token = redis.call('INCR', KEYS[2]) end
-local value = token .. ' ' .. ARGV[1]
-redis.call('SET', KEYS[1], value, 'PX', ARGV[2])
-return {token, value}
-"""
-# KEYS: lease. ARGV: value, ttl ms. 1 when renewed, 0 when the key holds something else or nothing.
-_RENEW = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
-return 0
-"""
 _FENCE_ATTEMPTS = 8  # a WATCH broken by our own renewal is tried again
 
 
@@ -70,8 +53,6 @@ class Lease:
         self.token = 0
         self.value = b""
         self.lost: str | None = None  # why the lease was lost, once it was
-        self._acquire = redis.register_script(_ACQUIRE)
-        self._renew = redis.register_script(_RENEW)
         self._task: asyncio.Task[None] | None = None
 
     async def acquire(self, wait_s: float = 0.0, stop: asyncio.Event | None = None) -> int:
@@ -81,9 +62,7 @@ class Lease:
         describe = json.dumps({"holder": self.holder, "host": socket.gethostname(), "pid": os.getpid()})
         waiting_logged = False
         while True:
-            token, value = await self.retry.run(
-                lambda: self._acquire(keys=[self.key, self.tokens_key], args=[describe, int(self.ttl_s * 1000), 0])
-            )
+            token, value, _ = await self.retry.run(lambda: self._take(describe, again=0))
             if token:
                 self.token, self.value, self.lost = int(token), bytes(value), None
                 log.info("lease_taken", role=self.role, holder=self.holder, token=self.token)
@@ -126,18 +105,54 @@ class Lease:
         """Extend the lease; False (and `lost` says why) once another holds it or a newer token was drawn."""
         if self.lost:
             return False
-        if await self.retry.run(lambda: self._renew(keys=[self.key], args=[self.value, int(self.ttl_s * 1000)])):
+        if await self.retry.run(self._extend):
             return True
         # expired: ours again only if no token was drawn since ours
-        args: list[str | int] = [self._holder_json(), int(self.ttl_s * 1000), self.token]
-        token, value = await self.retry.run(lambda: self._acquire(keys=[self.key, self.tokens_key], args=args))
-        if token == self.token:
+        _, value, again = await self.retry.run(lambda: self._take(self._holder_json(), again=self.token))
+        if again:  # (a counter that vanished with Redis's data draws anew, even if it lands on our number)
             self.value = bytes(value)
             log.warning("lease_taken_again", role=self.role, token=self.token)
             return True
         self.lost = f"the {self.role} lease (token {self.token}) passed to {_describe(value)}"
         log.error("lease_lost", role=self.role, token=self.token, now=_describe(value))
         return False
+
+    async def _take(self, holder: str, again: int) -> tuple[int, bytes, bool]:
+        """One attempt: (token, value, whether `again` was the token taken) when free, (0, holder's value,
+        False) when held. A new token is drawn unless `again` is still the last one drawn. WATCH/MULTI rather
+        than a script, so a namespace-limited ACL user without @scripting can hold it."""
+        while True:
+            async with self.redis.pipeline(transaction=True) as pipe:
+                await pipe.watch(self.key, self.tokens_key)
+                current: Any = await pipe.get(self.key)
+                if current is not None:
+                    return 0, bytes(current), False
+                last = int(await pipe.get(self.tokens_key) or 0)
+                retaken = bool(again) and again == last
+                token = again if retaken else last + 1
+                value = f"{token} {holder}".encode()
+                pipe.multi()  # type: ignore[no-untyped-call]
+                pipe.set(self.tokens_key, token)
+                pipe.set(self.key, value, px=int(self.ttl_s * 1000))
+                try:
+                    await pipe.execute()
+                except rexc.WatchError:
+                    continue  # another process took it or drew a token meanwhile: look again
+                return token, value, retaken
+
+    async def _extend(self) -> bool:
+        """Push the lease's expiry out by a ttl, if it is still ours."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            await pipe.watch(self.key)
+            if await pipe.get(self.key) != self.value:
+                return False
+            pipe.multi()  # type: ignore[no-untyped-call]
+            pipe.pexpire(self.key, int(self.ttl_s * 1000))
+            try:
+                await pipe.execute()
+            except rexc.WatchError:
+                return False  # changed under us: the caller looks at who holds it now
+            return True
 
     def check(self) -> None:
         """Raise `LeaseLostError` if the renewals found the lease gone (the transactions check it again)."""

@@ -36,6 +36,7 @@ class TrainerState:
     step: int  # rollout batches trained
     version: int  # weight version the policy was last published as
     claims: tuple[Claim, ...]  # groups trained into this state whose entries may not be acked yet
+    run_id: str = ""  # the run (bus/run.py) whose streams these claims name
 
 
 def save_checkpoint(
@@ -64,7 +65,9 @@ def save_checkpoint(
                     "torch_rng": torch.get_rng_state()}, tmp / "state.pt")  # fmt: skip
         (tmp / "rng.json").write_text(json.dumps(_rng_state()))
         claims = [[c.entry_id, c.group_id] for c in state.claims]
-        (tmp / "trainer.json").write_text(json.dumps({"step": state.step, "version": state.version, "claims": claims}))
+        (tmp / "trainer.json").write_text(
+            json.dumps({"step": state.step, "version": state.version, "claims": claims, "run_id": state.run_id})
+        )
         for f in tmp.iterdir():
             _fsync(f)
     except (OSError, RuntimeError) as exc:  # safetensors and torch.save report a full disk as either
@@ -100,7 +103,9 @@ def load_checkpoint(
     torch.set_rng_state(saved["torch_rng"])
     _set_rng_state(rng)
     claims = tuple(Claim(entry_id, group_id) for entry_id, group_id in meta["claims"])
-    return TrainerState(step=int(meta["step"]), version=int(meta["version"]), claims=claims)
+    return TrainerState(
+        step=int(meta["step"]), version=int(meta["version"]), claims=claims, run_id=str(meta.get("run_id", ""))
+    )
 
 
 def _rng_state() -> dict[str, Any]:

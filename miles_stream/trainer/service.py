@@ -39,7 +39,8 @@ from miles_stream.buffer import Batch, ReplayBuffer
 from miles_stream.bus import Claim
 from miles_stream.bus.connection import is_transient
 from miles_stream.bus.lease import Lease
-from miles_stream.errors import LeaseLostError, RedisUnavailableError
+from miles_stream.bus.run import WHAT_TO_DO, RunIdentity
+from miles_stream.errors import DataLossError, LeaseLostError, RedisUnavailableError
 from miles_stream.trainer.batch import collate
 from miles_stream.trainer.checkpoint import TrainerState, load_checkpoint, save_checkpoint
 from miles_stream.trainer.config import TrainerConfig
@@ -78,6 +79,8 @@ class TrainerService:
         # producers' admission reads them, and a new version must be visible before the commit that follows it
         self.on_change: Callable[[], Awaitable[None]] = _nothing
         self.lease: Lease | None = None  # the trainer lease (consumers/trainer.py takes it before reading)
+        self.run_identity: RunIdentity | None = None  # the run joined (bus/run.py); checkpoints record it
+        self.namespace = ""
         self.parallel = trainer.parallel
         self.progress = TrainProgress()
         self._uncommitted: list[Claim] = []
@@ -226,7 +229,8 @@ class TrainerService:
             if self.parallel.is_main:
                 if self.lease is not None:  # no checkpoint from a trainer that lost the lease
                     await self._check_lease()
-                state = TrainerState(step=self.progress.step, version=self.progress.version, claims=tuple(claims))
+                state = TrainerState(step=self.progress.step, version=self.progress.version, claims=tuple(claims),
+                                     run_id=self.run_identity.id if self.run_identity else "")  # fmt: skip
                 path = await asyncio.to_thread(save_checkpoint, self.config.checkpoint_dir, state, self.trainer.model,
                                                self.trainer.optimizer, self.trainer.scheduler,
                                                keep=self.config.keep_checkpoints)  # fmt: skip
@@ -256,10 +260,13 @@ class TrainerService:
             state = load_checkpoint(self.config.checkpoint_dir, self.trainer.model, self.trainer.optimizer,
                                     self.trainer.scheduler)  # fmt: skip
         if state is not None:
+            self._check_same_run(state)
             self.progress.step, self.progress.version = state.step, state.version
-            if self.parallel.is_main:
+            same_run = self.run_identity is None or not state.run_id or state.run_id == self.run_identity.id
+            if self.parallel.is_main and same_run:
                 await self.buffer.commit(list(state.claims))  # trained into the weights just loaded
-            log.info("resumed", step=state.step, version=state.version, committed=len(state.claims))
+            log.info("resumed", step=state.step, version=state.version,
+                     committed=len(state.claims) if same_run else 0)  # fmt: skip
         elif resume:
             log.warning("resume_without_checkpoint", checkpoint_dir=self.config.checkpoint_dir)
         announced = None
@@ -273,6 +280,19 @@ class TrainerService:
         elif not (state is not None and announced == ours):  # newer than anything producers may hold
             await self._publish(await self._next_version(max(announced, ours)))
         self.parallel.barrier()
+
+    def _check_same_run(self, state: TrainerState) -> None:
+        """A checkpoint continues only the run it was taken in, or one reset on purpose after a loss."""
+        run = self.run_identity
+        if run is None or not state.run_id or state.run_id == run.id:
+            return
+        if run.reset_after_loss:
+            log.warning("resumed_into_a_reset_run", checkpoint_run=state.run_id, run=run.id, step=state.step)
+            return
+        raise DataLossError(f"the checkpoint of step {state.step} in {self.config.checkpoint_dir} belongs to run "
+                            f"{state.run_id}, and Redis now holds run {run.id}: it lost the run's data (or this is "
+                            f"another run's namespace). Its streams and done set cannot be trusted to say what was "
+                            f"trained. " + WHAT_TO_DO.format(ns=self.namespace))  # fmt: skip
 
     async def _keep_alive(self) -> None:
         """Keep the entries this trainer holds from being reclaimed while it trains on them."""
