@@ -27,7 +27,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Mapping, Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -218,13 +218,11 @@ class NativeEngine:
         except BaseException as exc:  # fail every waiting caller rather than hang them, and refuse new ones
             self._failure = exc
             for row in self._rows + self._admitting + list(self._queue.queue):
-                if not row.future.done():
-                    row.future.set_exception(MilesStreamError(f"engine failed: {exc!r}"))
+                _settle(row.future, exc=MilesStreamError(f"engine failed: {exc!r}"))
             raise
         finally:
             for row in self._rows:
-                if not row.future.done():
-                    row.future.set_exception(MilesStreamError("engine closed"))
+                _settle(row.future, exc=MilesStreamError("engine closed"))
 
     def _apply_updates(self) -> None:
         while not self._updates.empty():
@@ -247,9 +245,9 @@ class NativeEngine:
                 self._version = version
                 for row in self._rows:
                     row.spans.append((len(row.tokens), version))
-                done.set_result(None)
+                _settle(done)
             except BaseException as exc:
-                done.set_exception(exc)
+                _settle(done, exc=exc)
 
     def _admit(self) -> None:
         """Prefill every request that fits, in one left-padded forward, and merge their rows into the batch."""
@@ -354,7 +352,7 @@ class NativeEngine:
             if reason is None:
                 keep.append(i)
             else:
-                r.future.set_result(self._result(r, reason))
+                _settle(r.future, self._result(r, reason))
         if len(keep) < len(self._rows) and self._static is not None:
             for slot, row in enumerate(keep):  # compact: rows keep their order, each moves down at most
                 if slot != row:
@@ -375,7 +373,7 @@ class NativeEngine:
             row = self._queue.get()
             if row.request.request_id == request_id:
                 row.spans.append((0, self._version))
-                row.future.set_result(self._result(row, "abort"))
+                _settle(row.future, self._result(row, "abort"))
             else:
                 kept.append(row)
         for row in kept:
@@ -435,3 +433,13 @@ def _left_pad(x: torch.Tensor, width: int) -> torch.Tensor:
 def _stack_rows(batch: torch.Tensor, new: torch.Tensor, width: int) -> torch.Tensor:
     """[B, H, S, D] and [k, H, S', D] left-padded to `width` positions and stacked to [B + k, H, width, D]."""
     return torch.cat([_left_pad(batch, width), _left_pad(new, width)])
+
+
+def _settle(future: Future[Any], result: Any = None, exc: BaseException | None = None) -> None:
+    """Report an outcome to its waiter, unless the waiter gave up (a producer stopping cancels it): setting a
+    cancelled future raises, and that stopped the engine thread with a traceback."""
+    with contextlib.suppress(InvalidStateError):
+        if exc is None:
+            future.set_result(result)
+        else:
+            future.set_exception(exc)

@@ -171,6 +171,23 @@ async def test_update_with_an_unknown_parameter_fails_and_changes_nothing(engine
     assert engine.weight_version == 0
 
 
+async def test_waiters_that_gave_up_do_not_stop_the_engine(engine: NativeEngine) -> None:
+    """A producer stopping cancels what it waits for (a generation, a weight update); the engine thread then
+    set a result on a cancelled future, raised InvalidStateError and died with a traceback."""
+    from concurrent.futures import Future
+
+    await engine.pause()
+    for future in [engine.submit(r) for r in requests(2, SamplingParams(max_new_tokens=4))]:
+        future.cancel()  # what cancelling asyncio.wrap_future(...) does to it
+    gave_up: Future[None] = Future()
+    gave_up.cancel()
+    state = {k: v.detach().clone() for k, v in engine.model.state_dict().items()}
+    engine._updates.put((3, state, gave_up))  # as update_weights() hands it over, its waiter already gone
+    await engine.resume()
+    (after,) = await asyncio.wait_for(engine.generate(requests(1, SamplingParams(max_new_tokens=3))), 60)
+    assert after.finish_reason == "length" and engine.weight_version == 3  # applied, and the thread lives on
+
+
 def test_truncation_keeps_top_k_and_the_nucleus() -> None:
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     kept = lambda k, p: torch.isfinite(truncate(logits, torch.tensor([k]), torch.tensor([p])))[0].tolist()  # noqa: E731
