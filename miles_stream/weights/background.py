@@ -88,10 +88,9 @@ class BackgroundPublisher:
                 self.stats.last_publish_s = time.perf_counter() - started
                 self.stats.published += 1
                 self._free.append(snapshot)
-        except BaseException as exc:  # reported to the trainer at its next offer or flush
-            self._failure = exc
+        except Exception as exc:  # reported to the trainer at its next offer or flush (not raised here: a
+            self._failure = exc  # trainer that stops without either would leave it "never retrieved")
             log.error("weights_publish_failed", error=repr(exc))
-            raise
 
 
 def _copy_into(snapshot: Snapshot, state: Mapping[str, torch.Tensor]) -> None:
