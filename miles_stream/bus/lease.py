@@ -35,6 +35,7 @@ from miles_stream.aio import stop_task
 from miles_stream.bus.connection import RetryPolicy, is_transient
 from miles_stream.bus.keys import Keys
 from miles_stream.errors import LeaseHeldError, LeaseLostError
+from miles_stream.procs import pid_alive
 
 log = structlog.get_logger(__name__)
 
@@ -86,18 +87,11 @@ class Lease:
             here, pid = holder["host"] == socket.gethostname(), int(holder["pid"])
         except (ValueError, KeyError, TypeError, UnicodeDecodeError):
             return False
-        if not here or pid == os.getpid() or _alive(pid):
+        if not here or pid == os.getpid() or pid_alive(pid):
             return False
-        async with self.redis.pipeline(transaction=True) as pipe:
-            await pipe.watch(self.key)
-            if await pipe.get(self.key) != value:
-                return True  # it changed meanwhile: look again
-            pipe.multi()  # type: ignore[no-untyped-call]
-            pipe.delete(self.key)
-            try:
-                await pipe.execute()
-            except rexc.WatchError:
-                return True
+        _, applied = await self._if_value(value, lambda pipe: pipe.delete(self.key))
+        if applied is None:
+            return True  # it changed meanwhile: look again
         log.warning("lease_of_dead_process_ended", role=self.role, was=_describe(value))
         return True
 
@@ -109,18 +103,20 @@ class Lease:
             return True
         # expired: ours again only if no token was drawn since ours
         _, value, again = await self.retry.run(lambda: self._take(self._holder_json(), again=self.token))
-        if again:  # (a counter that vanished with Redis's data draws anew, even if it lands on our number)
+        if again:
             self.value = bytes(value)
             log.warning("lease_taken_again", role=self.role, token=self.token)
             return True
-        self.lost = f"the {self.role} lease (token {self.token}) passed to {_describe(value)}"
+        now = _describe(value) if value else "a newer token (another holder came and went, or Redis lost it)"
+        self.lost = f"the {self.role} lease (token {self.token}) passed to {now}"
         log.error("lease_lost", role=self.role, token=self.token, now=_describe(value))
         return False
 
     async def _take(self, holder: str, again: int) -> tuple[int, bytes, bool]:
-        """One attempt: (token, value, whether `again` was the token taken) when free, (0, holder's value,
-        False) when held. A new token is drawn unless `again` is still the last one drawn. WATCH/MULTI rather
-        than a script, so a namespace-limited ACL user without @scripting can hold it."""
+        """(token, value, whether it is `again`'s) when taken, (0, holder's value or b"", False) when not.
+        With `again` 0 a new token is drawn; otherwise only that token is taken, and only while it is still
+        the last one drawn. WATCH/MULTI rather than a script, so a namespace-limited ACL user without
+        @scripting can hold it."""
         while True:
             async with self.redis.pipeline(transaction=True) as pipe:
                 await pipe.watch(self.key, self.tokens_key)
@@ -128,8 +124,9 @@ class Lease:
                 if current is not None:
                     return 0, bytes(current), False
                 last = int(await pipe.get(self.tokens_key) or 0)
-                retaken = bool(again) and again == last
-                token = again if retaken else last + 1
+                if again and again != last:
+                    return 0, b"", False  # a token was drawn since ours (or the counter went with Redis's data)
+                token = again or last + 1
                 value = f"{token} {holder}".encode()
                 pipe.multi()  # type: ignore[no-untyped-call]
                 pipe.set(self.tokens_key, token)
@@ -138,21 +135,29 @@ class Lease:
                     await pipe.execute()
                 except rexc.WatchError:
                     continue  # another process took it or drew a token meanwhile: look again
-                return token, value, retaken
+                return token, value, bool(again)
 
     async def _extend(self) -> bool:
         """Push the lease's expiry out by a ttl, if it is still ours."""
+        _, applied = await self._if_value(self.value, lambda pipe: pipe.pexpire(self.key, int(self.ttl_s * 1000)))
+        return applied is not None
+
+    async def _if_value(self, expected: bytes, queue: Callable[[Pipeline], object]) -> tuple[Any, list[Any] | None]:
+        """WATCH the lease key and, while it holds `expected`, run `queue`'s commands in one MULTI/EXEC.
+        Returns (the value found, the results); results are None where the key held something else or
+        changed before the EXEC."""
         async with self.redis.pipeline(transaction=True) as pipe:
             await pipe.watch(self.key)
-            if await pipe.get(self.key) != self.value:
-                return False
+            current = await pipe.get(self.key)
+            if current != expected:
+                return current, None
             pipe.multi()  # type: ignore[no-untyped-call]
-            pipe.pexpire(self.key, int(self.ttl_s * 1000))
+            queue(pipe)
             try:
-                await pipe.execute()
+                result: list[Any] = await pipe.execute()
             except rexc.WatchError:
-                return False  # changed under us: the caller looks at who holds it now
-            return True
+                return current, None
+            return current, result
 
     def check(self) -> None:
         """Raise `LeaseLostError` if the renewals found the lease gone (the transactions check it again)."""
@@ -164,19 +169,13 @@ class Lease:
         `LeaseLostError` (nothing applied) otherwise. Transient errors are for the caller's retry."""
         for _ in range(_FENCE_ATTEMPTS):
             self.check()
-            async with self.redis.pipeline(transaction=True) as pipe:
-                await pipe.watch(self.key)
-                current = await pipe.get(self.key)
-                if current != self.value:
-                    self.lost = f"the {self.role} lease (token {self.token}) is now {_describe(current)}"
-                    raise LeaseLostError(self.lost)
-                pipe.multi()  # type: ignore[no-untyped-call]
-                queue(pipe)
-                try:
-                    result: list[Any] = await pipe.execute()
-                    return result
-                except rexc.WatchError:
-                    continue  # the key was touched (our own renewal, or a new holder): look again
+            current, result = await self._if_value(self.value, queue)
+            if current != self.value:
+                self.lost = f"the {self.role} lease (token {self.token}) is now {_describe(current)}"
+                raise LeaseLostError(self.lost)
+            if result is not None:
+                return result
+            # the key was touched before the EXEC (our own renewal, or a new holder): look again
         raise LeaseLostError(f"the {self.role} lease key kept changing under {_FENCE_ATTEMPTS} transactions")
 
     async def start_renewing(self) -> None:
@@ -223,16 +222,6 @@ def _describe(value: Any) -> str:
         return f"{h['holder']} (pid {h['pid']} on {h['host']}, token {token})"
     except (ValueError, KeyError, TypeError):
         return f"token {token}"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 async def _sleep(seconds: float, stop: asyncio.Event | None) -> None:

@@ -27,6 +27,7 @@ from torch import nn
 
 from miles_stream.bus import Claim
 from miles_stream.errors import CheckpointError, MilesStreamError
+from miles_stream.procs import pid_alive
 
 LATEST = "latest"
 
@@ -145,12 +146,4 @@ def _prune(root: Path, keep: int) -> None:
 
 def _alive(pid: str) -> bool:
     """Whether `pid` is a live process on this host (a save in progress there is not touched)."""
-    if not pid.isdigit():
-        return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return pid.isdigit() and pid_alive(int(pid))

@@ -26,8 +26,8 @@ from typing import Any
 import numpy as np
 import pytest
 import redis
+from redis_groups import publish_groups
 
-from miles_stream.bus import BusConfig, GroupPublisher, Keys, RedisConfig, open_stream_client
 from miles_stream.demo.task import write_task
 from miles_stream.schema import TrajectoryGroup
 from miles_stream.synthetic import synthetic_group
@@ -50,16 +50,6 @@ def groups(start: int, count: int) -> list[TrajectoryGroup]:
                             group_id=f"new{i}", prompt_key=str(i))  # fmt: skip
         out.append(replace(g, samples=tuple(replace(s, reward=float(k % 2)) for k, s in enumerate(g.samples))))
     return out
-
-
-async def publish(url: str, ns: str, items: list[TrajectoryGroup]) -> None:
-    data = open_stream_client(RedisConfig(url=url))
-    try:
-        publisher = GroupPublisher(data, Keys(ns).trajectories, BusConfig(namespace=ns))
-        for g in items:
-            await publisher.publish(g)
-    finally:
-        await data.aclose()
 
 
 def test_a_flushed_redis_stops_every_process_and_going_on_is_a_decision(redis_url: str, tmp_path: Path) -> None:
@@ -111,7 +101,7 @@ def test_a_flushed_redis_stops_every_process_and_going_on_is_a_decision(redis_ur
     reset = subprocess.run([*CLI, "reset-run", f"bus.namespace={ns}", "--yes"], env=env, capture_output=True,
                            text=True, timeout=60)  # fmt: skip
     assert reset.returncode == 0, reset.stderr
-    asyncio.run(publish(redis_url, ns, groups(0, 8)))
+    asyncio.run(publish_groups(redis_url, ns, groups(0, 8)))
     resumed = subprocess.run([*train, "--resume", f"trainer.max_steps={step + 2}", "--log-level", "debug"], env=env,
                              capture_output=True, text=True, timeout=180)  # fmt: skip
     assert resumed.returncode == 0, resumed.stderr[-3000:]

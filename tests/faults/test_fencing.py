@@ -25,8 +25,8 @@ from typing import Any
 import numpy as np
 import pytest
 import redis
+from redis_groups import publish_groups
 
-from miles_stream.bus import BusConfig, GroupPublisher, Keys, RedisConfig, open_stream_client
 from miles_stream.models import TinyModelConfig, build_tiny_model
 from miles_stream.schema import TrajectoryGroup
 from miles_stream.synthetic import synthetic_group
@@ -48,16 +48,6 @@ def groups(count: int) -> list[TrajectoryGroup]:
                             group_id=f"g{i}", prompt_key=str(i))  # fmt: skip
         out.append(replace(g, samples=tuple(replace(s, reward=float(k % 2)) for k, s in enumerate(g.samples))))
     return out
-
-
-async def publish(url: str, ns: str, items: list[TrajectoryGroup]) -> None:
-    data = open_stream_client(RedisConfig(url=url))
-    try:
-        publisher = GroupPublisher(data, Keys(ns).trajectories, BusConfig(namespace=ns))
-        for g in items:
-            await publisher.publish(g)
-    finally:
-        await data.aclose()
 
 
 def train_cmd(ns: str, model_dir: Path, ckpt: Path, out: Path, *extra: str) -> list[str]:
@@ -95,7 +85,7 @@ def test_the_same_trainer_started_twice_is_refused_and_the_first_is_untouched(
 ) -> None:
     ns = f"dup{uuid.uuid4().hex[:8]}"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "MILES_REDIS_URL": redis_url}
-    asyncio.run(publish(redis_url, ns, groups(12)[:8]))
+    asyncio.run(publish_groups(redis_url, ns, groups(12)[:8]))
     ckpt, metrics = tmp_path / "ckpt", tmp_path / "first.jsonl"
     first = subprocess.Popen([*train_cmd(ns, model_dir, ckpt, metrics), "trainer.max_steps=3"], env=env,
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
@@ -103,7 +93,7 @@ def test_the_same_trainer_started_twice_is_refused_and_the_first_is_untouched(
         wait_for(lambda: steps_done(metrics) >= 2 or first.poll() is not None, 120, "the first trainer's steps")
         second = subprocess.run([*train_cmd(ns, model_dir, ckpt, tmp_path / "second.jsonl"), "trainer.max_steps=3"],
                                 env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
-        asyncio.run(publish(redis_url, ns, groups(12)[8:]))
+        asyncio.run(publish_groups(redis_url, ns, groups(12)[8:]))
         _, first_log = first.communicate(timeout=120)
     finally:
         if first.poll() is None:
@@ -127,7 +117,7 @@ def test_a_frozen_trainer_wakes_after_a_standby_took_over_and_writes_nothing(
 ) -> None:
     ns = f"fz{uuid.uuid4().hex[:8]}"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "MILES_REDIS_URL": redis_url}
-    asyncio.run(publish(redis_url, ns, groups(24)))
+    asyncio.run(publish_groups(redis_url, ns, groups(24)))
     ckpt, a_metrics, b_metrics = tmp_path / "ckpt", tmp_path / "a.jsonl", tmp_path / "b.jsonl"
     slow = ["trainer.updates_per_batch=4", "trainer.micro_batch_tokens=8"]  # a step of many small passes
     a = subprocess.Popen([*train_cmd(ns, model_dir, ckpt, a_metrics), *slow], env=env, stdout=subprocess.DEVNULL,

@@ -67,11 +67,11 @@ async def test_a_token_drawn_after_ours_means_the_lease_is_lost_even_if_free(red
 
 
 async def test_renewals_keep_the_lease_past_its_ttl(redis: aioredis.Redis, keys: Keys) -> None:
-    lease = Lease(redis, keys, "trainer", "a", ttl_s=0.4)
+    lease = Lease(redis, keys, "trainer", "a", ttl_s=1.5)  # renewed every 0.375 s: a miss needs a 1 s stall
     await lease.acquire()
     await lease.start_renewing()
     try:
-        await asyncio.sleep(1.2)  # three ttls: only renewals keep it
+        await asyncio.sleep(4.0)  # over two ttls: only renewals keep it
         await lease.fenced(lambda pipe: pipe.set(f"{keys.namespace}:x", 1))
     finally:
         await lease.release()

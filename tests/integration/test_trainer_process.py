@@ -21,6 +21,7 @@ import pytest
 import redis as sync_redis
 import redis.asyncio as aioredis
 import torch
+from redis_groups import publish_groups
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
@@ -28,12 +29,9 @@ from miles_stream.buffer import BufferConfig, ReplayBuffer
 from miles_stream.bus import (
     BusConfig,
     GroupConsumer,
-    GroupPublisher,
     Keys,
-    RedisConfig,
     StreamClient,
     StreamConsumer,
-    open_stream_client,
 )
 from miles_stream.models import TinyModelConfig, build_tiny_model
 from miles_stream.prompts import PromptRecord, decode_prompt, encode_prompt
@@ -58,16 +56,6 @@ def groups(start: int, count: int, version: int = 0) -> list[TrajectoryGroup]:
         samples = tuple(replace(s, reward=float(k % 2)) for k, s in enumerate(g.samples))
         out.append(replace(g, samples=samples))
     return out
-
-
-async def publish(url: str, ns: str, items: list[TrajectoryGroup]) -> None:
-    data = open_stream_client(RedisConfig(url=url))
-    try:
-        publisher = GroupPublisher(data, Keys(ns).trajectories, BusConfig(namespace=ns))
-        for g in items:
-            await publisher.publish(g)
-    finally:
-        await data.aclose()
 
 
 def train_cmd(ns: str, model_dir: Path, run_dir: Path, *extra: str) -> list[str]:
@@ -98,7 +86,7 @@ def test_trainer_trains_publishes_commits_and_exports(redis_url: str, model_dir:
     items = groups(0, 8)
     foreign = synthetic_group(np.random.default_rng(99), n_samples=4, vocab=10_000, group_id="foreign")  # ids >= 50
     # g0 twice (a retried XADD), and a group whose token ids the model cannot embed
-    asyncio.run(publish(redis_url, ns, [*items[:3], items[0], foreign, *items[3:]]))
+    asyncio.run(publish_groups(redis_url, ns, [*items[:3], items[0], foreign, *items[3:]]))
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     run = subprocess.run([*train_cmd(ns, model_dir, tmp_path, "trainer.max_steps=2"), "--redis-url", redis_url],
                          capture_output=True, text=True, timeout=120, env=env)  # fmt: skip
@@ -124,7 +112,7 @@ def test_kill_between_step_and_ack_then_resume_trains_each_group_once(
 ) -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "MILES_REDIS_URL": redis_url}
     ns, crashed = f"kr{uuid.uuid4().hex[:8]}", tmp_path / "crashed"
-    asyncio.run(publish(redis_url, ns, groups(0, 12)))
+    asyncio.run(publish_groups(redis_url, ns, groups(0, 12)))
     proc = subprocess.Popen(train_cmd(ns, model_dir, crashed), env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)  # fmt: skip
     deadline = time.monotonic() + 90
@@ -135,7 +123,7 @@ def test_kill_between_step_and_ack_then_resume_trains_each_group_once(
     _, first_log = proc.communicate(timeout=30)
     with sync_redis.Redis.from_url(redis_url) as client:
         assert client.xinfo_groups(f"{ns}:trajectories")[0]["pending"] == 4
-    asyncio.run(publish(redis_url, ns, groups(12, 12)))
+    asyncio.run(publish_groups(redis_url, ns, groups(12, 12)))
     resumed = subprocess.run([*train_cmd(ns, model_dir, crashed, "trainer.max_steps=6"), "--resume"], env=env,
                              capture_output=True, text=True, timeout=120)  # fmt: skip
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -147,7 +135,7 @@ def test_kill_between_step_and_ack_then_resume_trains_each_group_once(
     assert after[3] == before[3]  # the killed step's groups came back first
 
     ns2, straight = f"un{uuid.uuid4().hex[:8]}", tmp_path / "straight"
-    asyncio.run(publish(redis_url, ns2, groups(0, 24)))
+    asyncio.run(publish_groups(redis_url, ns2, groups(0, 24)))
     clean = subprocess.run(train_cmd(ns2, model_dir, straight, "trainer.max_steps=6"), env=env,
                            capture_output=True, text=True, timeout=120)  # fmt: skip
     assert clean.returncode == 0, clean.stderr[-3000:]
@@ -168,7 +156,7 @@ def test_kill_in_the_middle_of_a_step_then_resume_commits_each_group_once(
 ) -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "MILES_REDIS_URL": redis_url}
     ns, run_dir = f"km{uuid.uuid4().hex[:8]}", tmp_path / "run"
-    asyncio.run(publish(redis_url, ns, groups(0, 24)))
+    asyncio.run(publish_groups(redis_url, ns, groups(0, 24)))
     slow = ["trainer.updates_per_batch=4", "trainer.micro_batch_tokens=8"]  # a step of many small passes
     proc = subprocess.Popen([*train_cmd(ns, model_dir, run_dir), *slow], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)  # fmt: skip
@@ -202,7 +190,7 @@ async def test_stale_groups_are_dropped_or_their_prompts_recycled(
     for g in stale:  # what a producer keeps when it publishes a group
         record = PromptRecord(key=g.prompt_key, text=f"prompt {g.group_id}", label="1", epoch=0, index=0)
         await redis.hset(keys.prompt_of, g.group_id, encode_prompt(record))
-    await publish(redis_url, keys.namespace, [stale[0], fresh[0], stale[1], fresh[1]])
+    await publish_groups(redis_url, keys.namespace, [stale[0], fresh[0], stale[1], fresh[1]])
     stream = StreamConsumer(redis, blocking, stream=keys.trajectories, group="trainer", consumer="t",
                             dead_stream=keys.dead, config=bus_config)  # fmt: skip
     config = BufferConfig(rollout_batch_size=2, max_staleness=2, stale=policy)  # type: ignore[arg-type]
@@ -232,7 +220,7 @@ def test_two_data_parallel_trainers_share_the_stream_and_match_one(
         ("single", CLI),
     ):  # fmt: skip
         ns = f"{name}{uuid.uuid4().hex[:8]}"
-        asyncio.run(publish(redis_url, ns, groups(0, 8)))
+        asyncio.run(publish_groups(redis_url, ns, groups(0, 8)))
         share = 2 if name == "dp" else 4  # each rank reads exactly its share, so a step's groups are the same
         cmd = train_cmd(ns, model_dir, tmp_path / name, "trainer.max_steps=2", f"buffer.capacity={share}",
                         f"buffer.read_count={share}")  # fmt: skip
@@ -253,7 +241,7 @@ async def test_weights_published_over_the_file_transport_load_and_equal_the_trai
 ) -> None:
     from miles_stream.weights import FileTransport, WeightSubscriber
 
-    await publish(redis_url, keys.namespace, groups(0, 8))
+    await publish_groups(redis_url, keys.namespace, groups(0, 8))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "MILES_REDIS_URL": redis_url}
     cmd = train_cmd(keys.namespace, model_dir, tmp_path, "trainer.max_steps=2", "trainer.transport=file",
                     f"trainer.weights_dir={tmp_path / 'weights'}")  # fmt: skip
@@ -279,7 +267,7 @@ async def test_weights_broadcast_over_a_gloo_group_equal_the_trained_model(
     from miles_stream.weights.broadcast import BroadcastReceiver
     from miles_stream.weights_group import WeightsGroupConfig
 
-    await publish(redis_url, keys.namespace, groups(0, 8))
+    await publish_groups(redis_url, keys.namespace, groups(0, 8))
     group = WeightsGroupConfig(master_port=free_port(), backend="gloo", device="cpu", dtype="float32", timeout_s=60,
                                group_name=f"w-{keys.namespace}")  # one group per name in a process  # fmt: skip
     receiver = BroadcastReceiver(group, 1, AutoModelForCausalLM.from_pretrained(model_dir).state_dict())
