@@ -22,7 +22,8 @@ from miles_stream.models import TinyModelConfig, build_tiny_model
 from miles_stream.record import read_recording, recording_files
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_trainer_process import groups, publish
+from redis_groups import publish_groups
+from test_trainer_process import groups
 
 CLI = [sys.executable, "-m", "miles_stream.cli"]
 
@@ -35,7 +36,7 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_record_then_replay_then_train_on_the_recording_twice(redis_url: str, model_dir: Path, tmp_path: Path) -> None:
     env = {**os.environ, "MILES_REDIS_URL": redis_url, "HF_HUB_OFFLINE": "1"}
     ns, other = f"rec{uuid.uuid4().hex[:8]}", f"rep{uuid.uuid4().hex[:8]}"
-    asyncio.run(publish(redis_url, ns, groups(0, 12)))
+    asyncio.run(publish_groups(redis_url, ns, groups(0, 12)))
     out = tmp_path / "rec"
     recorder = subprocess.Popen([*CLI, "record", "--out", str(out), f"bus.namespace={ns}", "bus.block_ms=100"],
                                 env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 import redis
-from test_trainer_process import groups, metrics, publish, train_cmd, trained_groups
+from redis_groups import publish_groups
+from test_trainer_process import groups, metrics, train_cmd, trained_groups
 
 from miles_stream.models import TinyModelConfig, build_tiny_model
 from miles_stream.redis_server import EmbeddedRedis, EmbeddedRedisConfig, free_port
@@ -47,7 +48,7 @@ def test_the_trainer_waits_out_an_outage_and_trains_every_group_once(
 ) -> None:
     port, ns = free_port(), "outage"
     server = start_redis(tmp_path, redis_binary, port)
-    asyncio.run(publish(server.url, ns, groups(0, 8)))  # two steps' worth: then it waits on a read
+    asyncio.run(publish_groups(server.url, ns, groups(0, 8)))  # two steps' worth: then it waits on a read
     time.sleep(1.2)  # past one AOF fsync
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "MILES_REDIS_URL": server.url}
     run_dir = tmp_path / "run"
@@ -60,7 +61,7 @@ def test_the_trainer_waits_out_an_outage_and_trains_every_group_once(
         server.stop()  # SIGTERM: the AOF is written out
         time.sleep(5.0)  # longer than any default retry would wait
         server = start_redis(tmp_path, redis_binary, port)
-        asyncio.run(publish(server.url, ns, groups(8, 16)))
+        asyncio.run(publish_groups(server.url, ns, groups(8, 16)))
         code = trainer.wait(timeout=120)
         log = (tmp_path / "trainer.log").read_text()
         assert code == 0, log[-3000:]
@@ -87,7 +88,7 @@ def test_sigterm_during_an_outage_checkpoints_and_resume_commits(
 ) -> None:
     port, ns = free_port(), "outstop"
     server = start_redis(tmp_path, redis_binary, port)
-    asyncio.run(publish(server.url, ns, groups(0, 16)))
+    asyncio.run(publish_groups(server.url, ns, groups(0, 16)))
     time.sleep(1.2)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "MILES_REDIS_URL": server.url}
     run_dir = tmp_path / "run"
