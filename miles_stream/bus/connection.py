@@ -109,8 +109,15 @@ def is_transient(exc: BaseException) -> bool:
 
 
 def lost_data(exc: BaseException) -> bool:
-    """Whether `exc` says a consumer group is gone: Redis lost the run's data (or someone deleted it)."""
-    return isinstance(exc, rexc.ResponseError) and str(exc).startswith("NOGROUP")
+    """Whether `exc` says a consumer group or its stream is gone: Redis lost the run's data (or someone deleted it).
+
+    A read blocked on a stream that is deleted meanwhile (FLUSHALL) is answered NOGROUP by Valkey 8 and Redis 6.2,
+    and `UNBLOCKED the stream key no longer exists` by Redis 7.0 (t_stream.c, blocked-client unblock on deletion).
+    """
+    if not isinstance(exc, rexc.ResponseError):
+        return False
+    message = str(exc)
+    return message.startswith("NOGROUP") or (message.startswith("UNBLOCKED") and "no longer exists" in message)
 
 
 def data_loss_error(exc: BaseException) -> DataLossError:

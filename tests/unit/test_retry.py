@@ -4,7 +4,7 @@ import pytest
 import redis.exceptions as rexc
 
 from miles_stream.bus import RetryPolicy
-from miles_stream.errors import ConfigError, RedisUnavailableError
+from miles_stream.errors import ConfigError, DataLossError, RedisUnavailableError
 
 
 async def test_transient_errors_are_retried_until_success() -> None:
@@ -59,3 +59,22 @@ def test_backoff_is_bounded_and_validated() -> None:
     assert all(0 <= policy.delay(n) <= 0.5 for n in range(20))
     with pytest.raises(ConfigError, match=r"retry\.base_delay_s"):
         RetryPolicy(base_delay_s=2.0, max_delay_s=1.0)
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        "NOGROUP No such key 'ns:trajectories' or consumer group 'trainers' in XREADGROUP with GROUP option",
+        "UNBLOCKED the stream key no longer exists",  # Redis 7.0, a blocked read whose stream was flushed
+    ],
+)
+async def test_a_vanished_stream_or_group_is_data_loss_not_retried(reply: str) -> None:
+    calls = []
+
+    async def gone() -> None:
+        calls.append(1)
+        raise rexc.ResponseError(reply)
+
+    with pytest.raises(DataLossError, match="reset-run"):
+        await RetryPolicy(base_delay_s=0.001).run(gone)
+    assert calls == [1]
