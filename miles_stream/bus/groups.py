@@ -159,20 +159,28 @@ class GroupConsumer:
             return []
         ids = [g.group_id for _, g in decoded]  # every call on this path rides out a Redis blip, as the read does
         done = await self.retry.run(lambda: self.redis.smismember(self.done_key, ids), on_retry=_log_retry)
-        out, duplicate_ids = [], []
+        out, duplicate_ids, done_ids = [], [], []
         for (entry, group), already_done in zip(decoded, done, strict=True):
             if already_done or group.group_id in self._held:
                 duplicate_ids.append(entry.id)
+                done_ids += [group.group_id] if already_done else []
                 continue
             self._held[group.group_id] = entry.id
             out.append(Received(entry.id, group, len(entry.data), entry.deliveries))
         if duplicate_ids:
             self.counters.duplicates += len(duplicate_ids)
-            await self.retry.run(lambda: self.stream.ack(duplicate_ids), on_retry=_log_retry)
+            await self.retry.run(lambda: self._drop_duplicates(duplicate_ids, done_ids), on_retry=_log_retry)
             log.info("duplicates_dropped", stream=self.stream.stream, count=len(duplicate_ids))
         self.counters.received += len(out)
         self.counters.bytes += sum(r.nbytes for r in out)
         return out
+
+    async def _drop_duplicates(self, entry_ids: list[str], done_group_ids: list[str]) -> None:
+        """Ack duplicate entries; a duplicate of a group already trained also had its prompt record written
+        again by the producer that re-made it (a reclaimed prompt), which only its trainer can delete."""
+        if self.owns_prompts and done_group_ids:  # safe at any time, by anyone: the group is done for good
+            await self.redis.hdel(self.keys.prompt_of, *done_group_ids)
+        await self.stream.ack(entry_ids)
 
     async def still_held(self, items: Sequence[Received]) -> list[Received]:
         """The items this consumer still owns. Call before using a batch: an entry held past

@@ -117,24 +117,27 @@ class Lease:
         With `again` 0 a new token is drawn; otherwise only that token is taken, and only while it is still
         the last one drawn. WATCH/MULTI rather than a script, so a namespace-limited ACL user without
         @scripting can hold it."""
+        tried = b""
         while True:
             async with self.redis.pipeline(transaction=True) as pipe:
-                await pipe.watch(self.key, self.tokens_key)
-                current: Any = await pipe.get(self.key)
+                current, last_drawn = await _watch_and_get(pipe, self.key, self.tokens_key)
+                if current is not None and current == tried:  # our EXEC applied, its reply lost in a cut
+                    return int(current.split()[0]), bytes(current), bool(again)
                 if current is not None:
                     return 0, bytes(current), False
-                last = int(await pipe.get(self.tokens_key) or 0)
+                last = int(last_drawn or 0)
                 if again and again != last:
                     return 0, b"", False  # a token was drawn since ours (or the counter went with Redis's data)
                 token = again or last + 1
                 value = f"{token} {holder}".encode()
+                tried = value
                 pipe.multi()  # type: ignore[no-untyped-call]
                 pipe.set(self.tokens_key, token)
                 pipe.set(self.key, value, px=int(self.ttl_s * 1000))
                 try:
                     await pipe.execute()
                 except rexc.WatchError:
-                    continue  # another process took it or drew a token meanwhile: look again
+                    continue  # another process took it or drew a token meanwhile (or a cut): look again
                 return token, value, bool(again)
 
     async def _extend(self) -> bool:
@@ -147,8 +150,7 @@ class Lease:
         Returns (the value found, the results); results are None where the key held something else or
         changed before the EXEC."""
         async with self.redis.pipeline(transaction=True) as pipe:
-            await pipe.watch(self.key)
-            current = await pipe.get(self.key)
+            (current,) = await _watch_and_get(pipe, self.key)
             if current != expected:
                 return current, None
             pipe.multi()  # type: ignore[no-untyped-call]
@@ -230,3 +232,14 @@ async def _sleep(seconds: float, stop: asyncio.Event | None) -> None:
         return
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(stop.wait(), seconds)
+
+
+async def _watch_and_get(pipe: Pipeline, *keys: str) -> list[Any]:
+    """WATCH `keys` and read them. redis-py reports a connection lost while watching as a WatchError; before
+    the MULTI nothing was sent that could conflict, so it is the connection error it is, for the caller's
+    retry (a cut connection stopped a trainer with a WatchError)."""
+    try:
+        await pipe.watch(*keys)
+        return [await pipe.get(key) for key in keys]
+    except rexc.WatchError as exc:
+        raise rexc.ConnectionError(str(exc)) from exc

@@ -372,8 +372,9 @@ class RolloutProducer:
             samples=tuple(_scored(r, reward) for r, reward in zip(results, rewards, strict=True)),
             created_at=time.time(),
         )
+        await self._keep_prompt(work, group.group_id)
         await self.publisher.publish(group)
-        await self._ack_published(work, group.group_id)
+        await self._ack_published(work)
         if self.admission is not None:
             self.admission.note_queued()
         self.counters.prompts += 1
@@ -392,18 +393,17 @@ class RolloutProducer:
             for text, r in zip(texts, results, strict=True)
         ]
 
-    async def _ack_published(self, work: _Work, group_id: str) -> None:
-        """Ack the entry and keep its prompt record under the group id, in one transaction: the trainer
-        deletes it when done with the group, or re-queues it if the group arrives too stale to train on."""
+    async def _keep_prompt(self, work: _Work, group_id: str) -> None:
+        """Keep the prompt record under the group id before the group is visible: the trainer deletes it when
+        done with the group (or with a duplicate of it), or re-queues it if the group arrives too stale to train
+        on. Written after the publication, a trainer that committed the group first left it behind for good."""
         source = work.source
+        prompt_of = Keys(source.config.namespace).prompt_of
+        await self.retry.run(lambda: source.redis.hset(prompt_of, group_id, work.partial.prompt_data))
 
-        async def ack() -> None:  # idempotent: retried through a Redis outage
-            async with source.redis.pipeline(transaction=True) as pipe:
-                pipe.hset(Keys(source.config.namespace).prompt_of, group_id, work.partial.prompt_data)
-                pipe.xack(source.stream, source.group, work.entry.id)
-                await pipe.execute()
-
-        await self.retry.run(ack)
+    async def _ack_published(self, work: _Work) -> None:
+        source = work.source
+        await self.retry.run(lambda: source.redis.xack(source.stream, source.group, work.entry.id))  # idempotent
         source.in_hand.discard(work.entry.id)
 
     async def _recycle(self, work: _Work, prompt_ids: Sequence[int], results: Sequence[Trajectory]) -> None:
