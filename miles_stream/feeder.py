@@ -5,7 +5,8 @@
 
 Its position (epoch, next index into that epoch's permutation) lives in the `{ns}:feeder` hash and moves in
 the same transaction as each XADD, so a feeder stopped at any point, even with kill -9, resumes exactly where
-it stopped: no prompt skipped, none published twice. One feeder per namespace.
+it stopped: no prompt skipped, none published twice. Each publication WATCHes the position, so feeders started
+side by side on one namespace (by mistake, or one per host) share the dataset: each position is published once.
 """
 
 from __future__ import annotations
@@ -20,9 +21,11 @@ from typing import Any
 
 import numpy as np
 import redis.asyncio as aioredis
+import redis.exceptions as rexc
 import structlog
 
 from miles_stream.bus import Backpressure, BusConfig, Keys, RetryPolicy, ensure_group
+from miles_stream.bus.connection import read_watched
 from miles_stream.bus.run import RunIdentity, check_run, run_key
 from miles_stream.bus.streams import DATA
 from miles_stream.config import check
@@ -125,6 +128,7 @@ class Feeder:
         self.maxlen = bus.maxlen_cap
         self.published = 0
         self.run_identity: RunIdentity | None = None  # with one, every position read checks the run is intact
+        self._kept_order: tuple[int, np.ndarray] = (-1, np.empty(0, dtype=np.int64))
 
     @property
     def state_key(self) -> str:
@@ -141,6 +145,9 @@ class Feeder:
             pipe.hgetall(self.state_key)
             pipe.get(run_key(self.keys))
             state, run_now = await pipe.execute()
+        return self._parse(state, run_now)
+
+    def _parse(self, state: dict[Any, Any], run_now: Any) -> tuple[int, int]:
         if self.run_identity is not None:
             check_run(self.keys, self.run_identity, run_now)
         if not state:
@@ -153,35 +160,53 @@ class Feeder:
             )
         return int(state[b"epoch"]), int(state[b"position"])
 
+    def _finished(self, epoch: int) -> bool:
+        return self.config.num_epochs != 0 and epoch >= self.config.num_epochs
+
     async def run(self, stop: asyncio.Event | None = None) -> int:
         """Publish until the epochs are done or `stop` is set; returns how many prompts this call published."""
         stop = stop or asyncio.Event()
         await self.retry.run(lambda: ensure_group(self.redis, self.keys.prompts, self.config.group))
-        epoch, position = await self.retry.run(self.position)
-        log.info("feeder_resumed" if epoch or position else "feeder_started", epoch=epoch, position=position)
-        while not stop.is_set() and (self.config.num_epochs == 0 or epoch < self.config.num_epochs):
-            order = self.order(epoch)
-            while position < len(order) and not stop.is_set():
-                await self.retry.run(self.backpressure.wait_for_room)  # the room check rides out a blip too
-                await self.retry.run(functools.partial(self._publish, epoch, position, int(order[position])))
-                self.published += 1
-                position += 1
-            if position >= len(order):
-                epoch, position = epoch + 1, 0
-                log.info("feeder_epoch_done", epoch=epoch - 1)
+        at = await self.retry.run(self.position)
+        log.info("feeder_resumed" if at != (0, 0) else "feeder_started", epoch=at[0], position=at[1])
+        while not stop.is_set() and not self._finished(at[0]):
+            await self.retry.run(self.backpressure.wait_for_room)  # the room check rides out a blip too
+            ours, now = await self.retry.run(functools.partial(self._publish, *at))
+            self.published += ours
+            if now[0] > at[0]:
+                log.info("feeder_epoch_done", epoch=now[0] - 1)
+            at = now
         return self.published
 
-    async def _publish(self, epoch: int, position: int, index: int) -> None:
-        """XADD the prompt and move the position past it, in one transaction; a retry after the transaction
-        went through (reply lost) finds the position moved and does nothing."""
-        if await self.position() != (epoch, position):
-            return
-        row = self.rows[index]
-        record = PromptRecord(key=str(index), text=row.text, label=row.label, epoch=epoch, index=index)
+    async def _publish(self, epoch: int, position: int) -> tuple[bool, tuple[int, int]]:
+        """XADD the prompt at (epoch, position) and move the position past it, in one transaction that applies
+        only while the position is still there (WATCH). Returns whether this call published it, and the
+        position after. Where the position has moved (another feeder published it, or this call's own earlier
+        try went through and its reply was lost) nothing is written: each position is published exactly once,
+        by whichever feeder gets there first."""
         async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.xadd(self.keys.prompts, {DATA: encode_prompt(record)}, maxlen=self.maxlen, approximate=True)
+            await read_watched(pipe.watch(self.state_key, run_key(self.keys)))
+            state = await read_watched(pipe.hgetall(self.state_key))
+            found = self._parse(state, await read_watched(pipe.get(run_key(self.keys))))
+            if found != (epoch, position) or self._finished(epoch):
+                return False, found
+            index = int(self._order(epoch)[position])
+            row = self.rows[index]
+            record = PromptRecord(key=str(index), text=row.text, label=row.label, epoch=epoch, index=index)
             nxt = (epoch, position + 1) if position + 1 < len(self.rows) else (epoch + 1, 0)
+            pipe.multi()  # type: ignore[no-untyped-call]
+            pipe.xadd(self.keys.prompts, {DATA: encode_prompt(record)}, maxlen=self.maxlen, approximate=True)
             pipe.hset(self.state_key, mapping={"epoch": nxt[0], "position": nxt[1], "rows": len(self.rows),
                                                "seed": self.config.seed})  # fmt: skip
-            await pipe.execute()
+            try:
+                await pipe.execute()
+            except rexc.WatchError:  # moved meanwhile (or the EXEC's reply was lost): read it again
+                return False, (epoch, position)
         self.backpressure.record_sent(1)
+        return True, nxt
+
+    def _order(self, epoch: int) -> np.ndarray:
+        """`order(epoch)`, kept for the epoch being fed (a permutation of a large dataset is not free)."""
+        if self._kept_order[0] != epoch:
+            self._kept_order = (epoch, self.order(epoch))
+        return self._kept_order[1]

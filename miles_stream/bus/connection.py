@@ -108,6 +108,16 @@ def is_transient(exc: BaseException) -> bool:
     return isinstance(exc, rexc.ResponseError) and str(exc).startswith(("OOM", "LOADING", "MASTERDOWN"))
 
 
+async def read_watched(read: Awaitable[T]) -> T:
+    """Await a read made after WATCH and before MULTI. redis-py reports a connection lost while watching as a
+    WatchError; before the MULTI nothing was sent that could conflict, so it is the connection error it is, for
+    the caller's retry (a cut connection stopped a trainer with a WatchError)."""
+    try:
+        return await read
+    except rexc.WatchError as exc:
+        raise rexc.ConnectionError(str(exc)) from exc
+
+
 def lost_data(exc: BaseException) -> bool:
     """Whether `exc` says a consumer group or its stream is gone: Redis lost the run's data (or someone deleted it).
 

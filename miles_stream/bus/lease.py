@@ -32,7 +32,7 @@ import structlog
 from redis.asyncio.client import Pipeline
 
 from miles_stream.aio import stop_task
-from miles_stream.bus.connection import RetryPolicy, is_transient
+from miles_stream.bus.connection import RetryPolicy, is_transient, read_watched
 from miles_stream.bus.keys import Keys
 from miles_stream.errors import LeaseHeldError, LeaseLostError
 from miles_stream.procs import pid_alive
@@ -235,11 +235,6 @@ async def _sleep(seconds: float, stop: asyncio.Event | None) -> None:
 
 
 async def _watch_and_get(pipe: Pipeline, *keys: str) -> list[Any]:
-    """WATCH `keys` and read them. redis-py reports a connection lost while watching as a WatchError; before
-    the MULTI nothing was sent that could conflict, so it is the connection error it is, for the caller's
-    retry (a cut connection stopped a trainer with a WatchError)."""
-    try:
-        await pipe.watch(*keys)
-        return [await pipe.get(key) for key in keys]
-    except rexc.WatchError as exc:
-        raise rexc.ConnectionError(str(exc)) from exc
+    """WATCH `keys` and read them (a connection lost meanwhile is a ConnectionError, for the retry)."""
+    await read_watched(pipe.watch(*keys))
+    return [await read_watched(pipe.get(key)) for key in keys]

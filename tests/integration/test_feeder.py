@@ -85,10 +85,25 @@ async def test_a_retried_publish_after_it_went_through_does_nothing(
 ) -> None:
     config = FeederConfig(path=str(write_jsonl(tmp_path / "d.jsonl", 3)))
     feeder = Feeder(redis, keys, bus_config, config, load_rows(config))
-    await feeder._publish(0, 0, int(feeder.order(0)[0]))
-    await feeder._publish(0, 0, int(feeder.order(0)[0]))  # the retry of a transaction whose reply was lost
+    assert await feeder._publish(0, 0) == (True, (0, 1))
+    assert await feeder._publish(0, 0) == (False, (0, 1))  # the retry of a transaction whose reply was lost
     assert await redis.xlen(keys.prompts) == 1
     assert await feeder.position() == (0, 1)
+
+
+async def test_feeders_side_by_side_publish_each_position_once(
+    redis: aioredis.Redis, keys: Keys, bus_config: BusConfig, tmp_path: Path
+) -> None:
+    """Two feeders started on one namespace (an operator's slip, or one per host): they share the dataset."""
+    config = FeederConfig(path=str(write_jsonl(tmp_path / "d.jsonl", 50)), num_epochs=2, max_queued=1000)
+    rows = load_rows(config)
+    feeders = [Feeder(redis, keys, bus_config, config, rows) for _ in range(3)]
+    counts = await asyncio.wait_for(asyncio.gather(*(f.run() for f in feeders)), 60)
+    entries = await redis.xrange(keys.prompts)
+    seen = [(p.epoch, p.index) for p in (decode_prompt(e[b"d"]) for _, e in entries)]
+    assert sorted(seen) == [(epoch, i) for epoch in (0, 1) for i in range(50)]  # each once, none missing
+    assert sum(counts) == 100
+    assert await feeders[0].position() == (2, 0)
 
 
 async def test_resuming_with_another_dataset_is_refused(
@@ -96,7 +111,7 @@ async def test_resuming_with_another_dataset_is_refused(
 ) -> None:
     config = FeederConfig(path=str(write_jsonl(tmp_path / "d.jsonl", 3)))
     feeder = Feeder(redis, keys, bus_config, config, load_rows(config))
-    await feeder._publish(0, 0, 0)
+    await feeder._publish(0, 0)
     other = FeederConfig(path=str(write_jsonl(tmp_path / "e.jsonl", 4)))
     with pytest.raises(MilesStreamError, match="written for 3 rows"):
         await Feeder(redis, keys, bus_config, other, load_rows(other)).run()
