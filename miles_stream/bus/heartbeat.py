@@ -156,7 +156,32 @@ async def alive_members(redis: aioredis.Redis, keys: Keys, ttl_s: float) -> list
     infos = await redis.hmget(keys.member_info, [name for name, _ in rows])
     members = []
     for (name, score), raw in zip(rows, infos, strict=True):
-        role, _, member_id = name.decode().partition(":")
-        info = json.loads(raw) if raw else {}
-        members.append(Member(role, member_id, float(score), info))
+        member = _member(name, float(score), raw)
+        if member is not None:
+            members.append(member)
     return sorted(members, key=lambda m: (m.role, m.id))
+
+
+# What readers of heartbeats do arithmetic on (admission, pruning, status): a number or absent.
+_NUMBERS = ("max_staleness", "rollout_batch_size", "publish_every", "read_per_batch", "version", "held", "in_flight",
+            "weight_version")  # fmt: skip
+_reported: set[bytes] = set()
+
+
+def _member(name: bytes, score: float, raw: Any) -> Member | None:
+    """The member a heartbeat describes, or None (logged once per name) where it does not decode: a poisoned
+    or foreign entry in the members hash must not stop every producer's admission or a trainer's pruning."""
+    try:
+        role, sep, member_id = name.decode().partition(":")
+        info = json.loads(raw) if raw else {}
+        if not sep or not isinstance(info, dict):
+            raise ValueError("not role:id with a JSON object")
+        for key in _NUMBERS:
+            if key in info and (isinstance(info[key], bool) or not isinstance(info[key], int | float)):
+                raise ValueError(f"{key} is {info[key]!r}, not a number")
+    except ValueError as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        if name not in _reported:
+            _reported.add(name)
+            log.warning("heartbeat_malformed", member=name.decode(errors="replace"), error=str(exc))
+        return None
+    return Member(role, member_id, score, info)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import time
 from pathlib import Path
 
@@ -269,6 +270,19 @@ async def test_heartbeats_list_members_while_alive(redis: aioredis.Redis, keys: 
             assert members[0].info["version"] == 3
         assert [m.id for m in await alive_members(redis, keys, config.heartbeat_ttl_s)] == ["p0"]
     assert await alive_members(redis, keys, config.heartbeat_ttl_s) == []
+
+
+async def test_poisoned_heartbeats_are_passed_over(redis: aioredis.Redis, keys: Keys, bus_config: BusConfig) -> None:
+    """Entries in the members set and hash that no process of ours wrote (or that a bug mangled) are logged and
+    skipped by every reader (admission, pruning, status go through alive_members), never raised."""
+    now = time.time()
+    poisoned = {b"producer:garbage": b"{not json", b"producer:list": b"[1, 2]", b"noseparator": b"{}",
+                b"trainer:wrong": json.dumps({"max_staleness": "two"}).encode(), b"producer:\xff": b"{}",
+                b"producer:ok": json.dumps({"in_flight": 3}).encode()}  # fmt: skip
+    await redis.zadd(keys.members, dict.fromkeys(poisoned, now))
+    await redis.hset(keys.member_info, mapping=poisoned)
+    members = await alive_members(redis, keys, bus_config.heartbeat_ttl_s)
+    assert [(m.role, m.id, m.info) for m in members] == [("producer", "ok", {"in_flight": 3})]
 
 
 async def test_status_describes_the_namespace(
