@@ -81,7 +81,8 @@ class Server:
             return {"ok": True}
         if path == "/standin/stats":
             return {**self.stats, "paused": not self.running.is_set(), "session": self.session,
-                    "version": self.version, "in_flight": len(self.in_flight)}  # fmt: skip
+                    "version": self.version, "in_flight": len(self.in_flight),
+                    "tokens_in_flight": sum(len(r.tokens) for r in self.engine._rows)}  # fmt: skip  # tests only
         handler = getattr(self, "do_" + path.strip("/"), None)
         if handler is None:
             raise Reply(404, {"error": {"message": f"no route {path}"}})

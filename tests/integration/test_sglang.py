@@ -11,6 +11,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -159,19 +160,20 @@ async def test_the_spec_schema_gate_refuses_unknown_sampling_keys_and_ours_pass_
 async def test_an_aborted_sample_comes_back_partial_and_resumes_to_its_budget(servers: list[Standin]) -> None:
     engine = SGLangEngine(config(servers[0].url))
     await engine.start()
-    params = SamplingParams(temperature=1.0, max_new_tokens=400, ignore_eos=True)
+    params = SamplingParams(temperature=1.0, max_new_tokens=900, ignore_eos=True)
     try:
         task = asyncio.create_task(single_turn(engine, [3, 4, 5], params, "grp"))
-        for _ in range(100):
-            if (await servers[0].call("/standin/stats"))["in_flight"]:
-                break
-            await asyncio.sleep(0.05)
-        await asyncio.sleep(0.3)
+        deadline = time.monotonic() + 30
+        while not (await servers[0].call("/standin/stats"))["tokens_in_flight"]:  # decoding, not yet done
+            assert time.monotonic() < deadline, "the stand-in never started decoding"
+            await asyncio.sleep(0.01)
+        await servers[0].call("/pause_generation", {"mode": "in_place"})  # no race with the last token
         await engine.abort(["grp"])
+        await servers[0].call("/continue_generation", {})
         partial = await task
-        assert partial.finish_reason == "abort" and 0 < len(partial) < 400
+        assert partial.finish_reason == "abort" and 0 < len(partial) < 900
         done = await single_turn(engine, [3, 4, 5], params, "grp", prefix=partial)
-        assert done.finish_reason == "length" and len(done) == 400
+        assert done.finish_reason == "length" and len(done) == 900
         assert done.response_ids[: len(partial)].tolist() == partial.response_ids.tolist()
     finally:
         await engine.close()
