@@ -31,7 +31,7 @@ def metrics(path: Path) -> list[dict[str, object]]:
 @pytest.mark.timeout(400)
 def test_feeder_producers_and_trainer_learn_with_nothing_lost(tmp_path: Path) -> None:
     model_dir, prompts = write_task(tmp_path)
-    steps, max_staleness = 150, 2
+    steps, max_staleness = 60, 2  # the demo recipe reaches ~0.9 in 60-100 steps; then most groups are filtered
     overrides = [f"rollout.model={model_dir}", f"trainer.model={model_dir}", f"feeder.path={prompts}",
                  f"trainer.metrics_path={tmp_path / 'metrics.jsonl'}", f"trainer.max_steps={steps}",
                  f"buffer.max_staleness={max_staleness}"]  # fmt: skip
@@ -47,7 +47,7 @@ def test_feeder_producers_and_trainer_learn_with_nothing_lost(tmp_path: Path) ->
         first = start("produce", "producer-a", "rollout.producer_id=a")
         trainer = start("train", "trainer")
         deadline = time.monotonic() + 300
-        while len(metrics(tmp_path / "metrics.jsonl")) < 40 and time.monotonic() < deadline:
+        while len(metrics(tmp_path / "metrics.jsonl")) < 30 and time.monotonic() < deadline:
             assert trainer.poll() is None, (tmp_path / "trainer.log").read_text()[-3000:]
             time.sleep(0.2)
         # attached while the run goes; it aborts and recycles what it generates at each weight update
