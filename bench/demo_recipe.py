@@ -4,9 +4,9 @@ groups generated until greedy accuracy reaches 0.9. Used to choose the demo's mo
     python bench/demo_recipe.py [--seeds 0,1,2,3,4,5] [--samples 32] [--init-std 0.1] [--batch 16]
                                 [--max-groups 30000] [--sft] [--json-out FILE]
 
-Each step samples one answer token per row from the policy (T=1), keeps groups whose rewards differ (the
-demo's `reward_variance` filter) until it has `--batch` of them, and trains on them with the project's
-`PolicyTrainer` and the demo config's algorithm and learning rate. Seeds change the prompt order and the
+Each step samples one answer token per row from the policy (at the demo's temperature), keeps groups whose
+rewards differ (the demo's `reward_variance` filter) until it has `--batch` of them, and trains on them with
+the project's `PolicyTrainer` and the demo config's algorithm and learning rate. Seeds change the prompt order and the
 sampling; the model is the demo's (built from its own seed). `--sft` instead trains on the right answers
 (cross-entropy, 16 prompts a step): whether the model can learn the table at all.
 """
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import tempfile
 from pathlib import Path
@@ -38,16 +39,17 @@ DEMO = Path(__file__).parent.parent / "configs" / "demo.yaml"
 def grpo(model: Any, tok: Any, seed: int, args: argparse.Namespace) -> dict[str, Any]:
     config = load_yaml(DEMO)
     algo = build(AlgoConfig, config["algo"], "algo")
-    trainer = PolicyTrainer(model, TrainerConfig(lr=config["trainer"]["lr"], seed=seed), algo, temperature=1.0)
+    temperature = config["rollout"]["sampling"]["temperature"]
+    trainer = PolicyTrainer(model, TrainerConfig(lr=config["trainer"]["lr"], seed=seed), algo, temperature=temperature)
     prompts, labels = _tensors(tok)
     rng, order, generated = np.random.default_rng(seed), [], 0
-    for step in range(1, 10_000):
+    for step in itertools.count(1):
         kept: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]] = []
         while len(kept) < args.batch and generated < args.max_groups:
             order = order or list(rng.permutation(len(labels)))
             idx = [order.pop() for _ in range(min(len(order), 32))]
             with torch.no_grad():
-                logp = torch.log_softmax(model(input_ids=prompts[idx]).logits[:, -1], -1)
+                logp = torch.log_softmax(model(input_ids=prompts[idx]).logits[:, -1] / temperature, -1)
             picks = torch.multinomial(logp.exp(), args.samples, replacement=True)
             for j, i in enumerate(idx):
                 generated += 1
@@ -67,7 +69,7 @@ def grpo(model: Any, tok: Any, seed: int, args: argparse.Namespace) -> dict[str,
         ))  # fmt: skip
         if step % 10 == 0 and greedy_accuracy(model.eval(), tok) >= 0.9:
             return {"seed": seed, "reached": True, "steps": step, "groups": generated}
-    raise AssertionError("unreachable")
+    raise AssertionError("itertools.count does not end")
 
 
 def sft(model: Any, tok: Any, seed: int, args: argparse.Namespace) -> dict[str, Any]:
