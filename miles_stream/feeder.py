@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -126,13 +127,18 @@ class Feeder:
         self.backpressure = Backpressure(redis, keys.prompts, replace(bus, max_backlog_entries=config.max_queued))
         self.retry = RetryPolicy(attempts=0)
         self.maxlen = bus.maxlen_cap
-        self.published = 0
+        self.published = 0  # read back from Redis, so a publication whose reply was lost still counts
+        self.id = uuid.uuid4().hex  # this feeder's field in the `{ns}:feeder:published` hash
         self.run_identity: RunIdentity | None = None  # with one, every position read checks the run is intact
         self._kept_order: tuple[int, np.ndarray] = (-1, np.empty(0, dtype=np.int64))
 
     @property
     def state_key(self) -> str:
         return f"{self.keys.namespace}:feeder"
+
+    @property
+    def counts_key(self) -> str:
+        return f"{self.keys.namespace}:feeder:published"
 
     def order(self, epoch: int) -> np.ndarray:
         """The row order of `epoch`: a permutation fixed by (seed, epoch)."""
@@ -171,25 +177,26 @@ class Feeder:
         log.info("feeder_resumed" if at != (0, 0) else "feeder_started", epoch=at[0], position=at[1])
         while not stop.is_set() and not self._finished(at[0]):
             await self.retry.run(self.backpressure.wait_for_room)  # the room check rides out a blip too
-            ours, now = await self.retry.run(functools.partial(self._publish, *at))
-            self.published += ours
+            now = await self.retry.run(functools.partial(self._publish, *at))
             if now[0] > at[0]:
                 log.info("feeder_epoch_done", epoch=now[0] - 1)
             at = now
         return self.published
 
-    async def _publish(self, epoch: int, position: int) -> tuple[bool, tuple[int, int]]:
+    async def _publish(self, epoch: int, position: int) -> tuple[int, int]:
         """XADD the prompt at (epoch, position) and move the position past it, in one transaction that applies
-        only while the position is still there (WATCH). Returns whether this call published it, and the
-        position after. Where the position has moved (another feeder published it, or this call's own earlier
-        try went through and its reply was lost) nothing is written: each position is published exactly once,
-        by whichever feeder gets there first."""
+        only while the position is still there (WATCH). Returns the position after. Where the position has
+        moved (another feeder published it, or this call's own earlier try went through and its reply was
+        lost) nothing is written: each position is published exactly once, by whichever feeder gets there
+        first. The same transaction counts the publication under this feeder's id, and every call reads that
+        count back, so `published` is exact even where a reply was lost."""
         async with self.redis.pipeline(transaction=True) as pipe:
             await read_watched(pipe.watch(self.state_key, run_key(self.keys)))
             state = await read_watched(pipe.hgetall(self.state_key))
             found = self._parse(state, await read_watched(pipe.get(run_key(self.keys))))
+            self.published = int(await read_watched(pipe.hget(self.counts_key, self.id)) or 0)
             if found != (epoch, position) or self._finished(epoch):
-                return False, found
+                return found
             index = int(self._order(epoch)[position])
             row = self.rows[index]
             record = PromptRecord(key=str(index), text=row.text, label=row.label, epoch=epoch, index=index)
@@ -198,12 +205,13 @@ class Feeder:
             pipe.xadd(self.keys.prompts, {DATA: encode_prompt(record)}, maxlen=self.maxlen, approximate=True)
             pipe.hset(self.state_key, mapping={"epoch": nxt[0], "position": nxt[1], "rows": len(self.rows),
                                                "seed": self.config.seed})  # fmt: skip
+            pipe.hincrby(self.counts_key, self.id, 1)
             try:
-                await pipe.execute()
+                self.published = int((await pipe.execute())[-1])
             except rexc.WatchError:  # moved meanwhile (or the EXEC's reply was lost): read it again
-                return False, (epoch, position)
+                return epoch, position
         self.backpressure.record_sent(1)
-        return True, nxt
+        return nxt
 
     def _order(self, epoch: int) -> np.ndarray:
         """`order(epoch)`, kept for the epoch being fed (a permutation of a large dataset is not free)."""

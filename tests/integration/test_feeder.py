@@ -85,10 +85,12 @@ async def test_a_retried_publish_after_it_went_through_does_nothing(
 ) -> None:
     config = FeederConfig(path=str(write_jsonl(tmp_path / "d.jsonl", 3)))
     feeder = Feeder(redis, keys, bus_config, config, load_rows(config))
-    assert await feeder._publish(0, 0) == (True, (0, 1))
-    assert await feeder._publish(0, 0) == (False, (0, 1))  # the retry of a transaction whose reply was lost
+    assert await feeder._publish(0, 0) == (0, 1)
+    feeder.published = 0  # as if the reply had been lost: the retry finds the position moved
+    assert await feeder._publish(0, 0) == (0, 1)
     assert await redis.xlen(keys.prompts) == 1
     assert await feeder.position() == (0, 1)
+    assert feeder.published == 1  # read back from Redis: the publication whose reply was lost counts
 
 
 async def test_feeders_side_by_side_publish_each_position_once(
