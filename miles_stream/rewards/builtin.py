@@ -1,16 +1,18 @@
-"""Built-in rewards: exact match, a math final-answer check, and the toy addition task of the demo."""
+"""Built-in rewards: exact match, a math final-answer check, the toy addition task of the demo, and the
+long-answer scratchpad task (tasks/scratchpad.py)."""
 
 from __future__ import annotations
 
 import re
 from fractions import Fraction
 
-from miles_stream.rewards.base import RewardInput
+from miles_stream.rewards.base import RewardInput, inline
 
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?|-?\.\d+")
 _LATEX_NOISE = re.compile(r"\\(?:left|right|!|,|;|:|displaystyle)|\\text\{([^{}]*)\}|\\mathrm\{([^{}]*)\}|\$")
 
 
+@inline
 def exact_match(x: RewardInput) -> float:
     """1.0 when the response, stripped of surrounding whitespace, equals the label."""
     return float(x.label is not None and x.response.strip() == x.label.strip())
@@ -55,6 +57,7 @@ def normalize_answer(answer: str) -> str:
     return str(value)
 
 
+@inline
 def math_answer(x: RewardInput) -> float:
     """1.0 when the response's final answer (last \\boxed{}, else last number) equals the label's."""
     if x.label is None:
@@ -64,6 +67,7 @@ def math_answer(x: RewardInput) -> float:
     return float(got is not None and normalize_answer(got) == normalize_answer(want))
 
 
+@inline
 def toy_addition(x: RewardInput) -> float:
     """The demo's task ("12+34=" -> "46"): 1.0 for the exact sum; otherwise partial credit of up to 0.5 for
     the digits right in place, counted from the last one, so a tiny model gets a gradient early on."""
@@ -75,3 +79,11 @@ def toy_addition(x: RewardInput) -> float:
     right = sum(a == b for a, b in zip(reversed(got), reversed(want), strict=False))
     too_long = max(len(got) - len(want), 0)
     return 0.5 * max(right - too_long, 0) / max(len(want), 1)
+
+
+@inline
+def scratchpad_addition(x: RewardInput) -> float:
+    """The scratchpad task (tasks/scratchpad.py): 1.0 when what follows the last '#' is the label (the sum)."""
+    if x.label is None or "#" not in x.response:
+        return 0.0
+    return float(x.response.rpartition("#")[2].strip() == x.label.strip())

@@ -119,8 +119,16 @@ class NativeEngine:
         return self._version
 
     async def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
+        """Results in request order. The caller's loop is woken once, when the last of them is done (a group
+        of 32 samples is one wake-up, not 32)."""
         futures = [self.submit(r) for r in requests]
-        return list(await asyncio.gather(*(asyncio.wrap_future(f) for f in futures)))
+        try:
+            await _all_done(futures)
+        except asyncio.CancelledError:
+            for f in futures:
+                f.cancel()
+            raise
+        return [f.result() for f in futures]
 
     def submit(self, request: GenerationRequest) -> Future[GenerationResult]:
         if self._failure is not None:
@@ -433,6 +441,30 @@ def _left_pad(x: torch.Tensor, width: int) -> torch.Tensor:
 def _stack_rows(batch: torch.Tensor, new: torch.Tensor, width: int) -> torch.Tensor:
     """[B, H, S, D] and [k, H, S', D] left-padded to `width` positions and stacked to [B + k, H, width, D]."""
     return torch.cat([_left_pad(batch, width), _left_pad(new, width)])
+
+
+async def _all_done(futures: Sequence[Future[Any]]) -> None:
+    """Wait until every future is done, with one thread-safe wake-up of the running loop."""
+    if not futures:
+        return
+    loop = asyncio.get_running_loop()
+    woken: asyncio.Future[None] = loop.create_future()
+    left, lock = [len(futures)], threading.Lock()
+
+    def wake() -> None:
+        if not woken.done():
+            woken.set_result(None)
+
+    def one_done(_: Future[Any]) -> None:
+        with lock:
+            left[0] -= 1
+            last = left[0] == 0
+        if last and not loop.is_closed():
+            loop.call_soon_threadsafe(wake)
+
+    for f in futures:
+        f.add_done_callback(one_done)
+    await woken
 
 
 def _settle(future: Future[Any], result: Any = None, exc: BaseException | None = None) -> None:

@@ -342,8 +342,7 @@ class RolloutProducer:
         prompt_ids = self.tokenizer(prompt.text)["input_ids"]
         self._generating.add(work.request_id)
         try:
-            results = await asyncio.gather(*(self._sample(prompt_ids, work.request_id, p)
-                                             for p in work.partial.prefixes))  # fmt: skip
+            results = await self._rollout(prompt_ids, work.request_id, work.partial.prefixes)
         except InvalidRequest as exc:  # this prompt cannot run on this model: set it aside, keep going
             self.counters.dead_lettered += 1
             await source.dead_letter(entry, f"request: {exc}")
@@ -380,6 +379,15 @@ class RolloutProducer:
         self.counters.prompts += 1
         self.counters.groups += 1
         self.counters.tokens += sum(len(r.response_ids) for r in results)
+
+    async def _rollout(
+        self, prompt_ids: Sequence[int], request_id: str, prefixes: Sequence[Trajectory | None]
+    ) -> list[Trajectory]:
+        """The group's samples: in one engine call where the rollout function can (`SingleTurn.group`)."""
+        group = getattr(self.rollout_fn, "group", None)
+        if group is not None:
+            return list(await group(self.engine, prompt_ids, self.sampling, request_id, prefixes))
+        return list(await asyncio.gather(*(self._sample(prompt_ids, request_id, p) for p in prefixes)))
 
     async def _sample(self, prompt_ids: Sequence[int], request_id: str, prefix: Trajectory | None) -> Trajectory:
         if prefix is not None and prefix.finish_reason != "abort":
