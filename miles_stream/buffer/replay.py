@@ -67,7 +67,11 @@ class BufferCounters:
     samples: int = 0  # their samples, and of those:
     reward_sum: float = 0.0
     correct: int = 0  # samples with reward >= 1 (exactly right, for the built-in rewards)
-    read_per_batch: float = 0.0  # groups read per batch handed out, recent average (filters and drops included)
+    read_per_batch: float = 0.0  # groups a batch used up (trained or filtered; not stale), recent average
+
+    @property
+    def stale(self) -> int:
+        return self.stale_dropped + self.recycled + self.recycle_missing
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,7 +97,7 @@ class ReplayBuffer:
         self.filters = {name: FILTERS[name] for name in config.filters} if filters is None else dict(filters)
         self.counters = BufferCounters()
         self._ready: deque[Received] = deque()
-        self._received_at_last_batch = 0
+        self._used_at_last_batch = 0
 
     async def start(self) -> None:
         await self.consumer.start()
@@ -132,10 +136,13 @@ class ReplayBuffer:
         await self.consumer.commit(items)
 
     def _note_batch(self) -> None:
-        """What a batch costs in groups read, as an average over about the last ten batches: producers size
-        their admission budget by it (rollout/admission.py), since filtered and stale groups are read too."""
+        """What a batch costs in groups, as an average over about the last ten batches: producers size their
+        admission budget by it (rollout/admission.py), since filtered groups are used up too. Stale groups are
+        not counted: they are what the budget exists to prevent, and counting them made it grow with every
+        overshoot (more admitted, more stale: 8-11% of the demo's groups once its producer got faster)."""
         c = self.counters
-        read, self._received_at_last_batch = c.received - self._received_at_last_batch, c.received
+        used = c.received - c.stale
+        read, self._used_at_last_batch = used - self._used_at_last_batch, used
         c.read_per_batch = float(read) if not c.accepted else 0.9 * c.read_per_batch + 0.1 * read
 
     async def _admit(self, received: list[Received]) -> None:
