@@ -88,6 +88,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from trainer.checkpoint_dir")
     p.add_argument("--replay", nargs="+", metavar="FILE", help="train on recorded files (or directories) instead "
                    "of the stream: no Redis, no producer, no weights published")  # fmt: skip
+    p.add_argument("--sft", metavar="DATA", help="supervised fine-tuning on a .jsonl/.parquet file of prompt and "
+                   "response records instead (sft.* keys): no Redis; same checkpoints, export, metrics")  # fmt: skip
     p.set_defaults(run=_cmd_train)
 
     p = command("record", "Record every trajectory entry to rotating zstd files (its own consumer group).")
@@ -196,6 +198,12 @@ def _cmd_demo(args: argparse.Namespace, config: RunConfig) -> int:
 
 
 def _cmd_train(args: argparse.Namespace, config: RunConfig) -> int:
+    if args.sft:
+        if args.replay:
+            raise ConfigError("--sft and --replay: choose one")
+        from miles_stream.trainer.sft import main as sft_main  # imports torch and transformers
+
+        return sft_main(replace(config, sft=replace(config.sft, path=args.sft)), resume=args.resume)
     from consumers.trainer import main as train_main  # imports torch and transformers
 
     return train_main(config, resume=args.resume, replay=args.replay or ())

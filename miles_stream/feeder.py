@@ -65,11 +65,8 @@ def load_rows(config: FeederConfig) -> list[Row]:
     path = Path(config.path)
     if not config.path or not path.is_file():
         raise ConfigError(f"feeder.path: {config.path!r} is not a file")
-    parquet = path.suffix == ".parquet"
-    records = _read_parquet(path) if parquet else _read_jsonl(path)
     rows = []
-    for where, r in records:
-        at = f"row {where} of {path}" if parquet else f"{path}:{where}"  # JSONL: the file's own line number
+    for at, r in read_records(path):
         if config.prompt_key not in r:
             raise ConfigError(f"{at} has no {config.prompt_key!r} field (fields: {sorted(r)})")
         prompt, label = r[config.prompt_key], r.get(config.label_key)
@@ -79,8 +76,16 @@ def load_rows(config: FeederConfig) -> list[Row]:
     if not rows:
         raise ConfigError(f"feeder.path: {path} holds no rows")
     if config.apply_chat_template:
-        rows = _with_chat_template(rows, config.tokenizer)
+        rows = with_chat_template(rows, config.tokenizer)
     return rows
+
+
+def read_records(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    """Every record of a .jsonl or .parquet file, each with where it is for messages: `path:line` (JSONL,
+    the file's own line number) or `row N of path` (Parquet, counted from 0 as Parquet tools do)."""
+    if path.suffix == ".parquet":
+        return [(f"row {n} of {path}", r) for n, r in _read_parquet(path)]
+    return [(f"{path}:{n}", r) for n, r in _read_jsonl(path)]
 
 
 def _read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
@@ -110,7 +115,8 @@ def _read_parquet(path: Path) -> list[tuple[int, dict[str, Any]]]:
     return list(enumerate(rows))
 
 
-def _with_chat_template(rows: list[Row], tokenizer_dir: str) -> list[Row]:
+def with_chat_template(rows: list[Row], tokenizer_dir: str) -> list[Row]:
+    """Each row's text as one user turn of the tokenizer's chat template, ending where the answer starts."""
     from transformers import AutoTokenizer
 
     tokenizer: Any = AutoTokenizer.from_pretrained(tokenizer_dir)

@@ -19,7 +19,7 @@ from miles_stream.feeder import FeederConfig
 from miles_stream.redis_server import EmbeddedRedisConfig
 from miles_stream.rollout.producer import RolloutConfig
 from miles_stream.trainer.algo_config import AlgoConfig
-from miles_stream.trainer.config import TrainerConfig
+from miles_stream.trainer.config import SftConfig, TrainerConfig
 from miles_stream.weights_group import WeightsGroupConfig
 
 
@@ -34,6 +34,7 @@ class RunConfig:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     buffer: BufferConfig = field(default_factory=BufferConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    sft: SftConfig = field(default_factory=SftConfig)  # `train --sft` only
     weights_group: WeightsGroupConfig = field(default_factory=WeightsGroupConfig)  # the broadcast transport
 
     @property

@@ -126,10 +126,7 @@ class PolicyObjective:
     token_mean: bool
 
     def reduce(self, x: LossInputs, loss_BT: Tensor) -> Tensor:
-        """Reduce already-masked per-token losses; denominators come from the original mask."""
-        if self.token_mean:
-            return red.token_mean(loss_BT, x.mask_BT, num_tokens=x.num_tokens)
-        return red.seq_mean_token_mean(loss_BT, x.mask_BT, num_samples=x.num_samples)
+        return _reduce(self.token_mean, x, loss_BT)
 
     def __call__(self, x: LossInputs) -> tuple[Tensor, dict[str, Tensor]]:
         c = self.config
@@ -173,6 +170,31 @@ class PolicyObjective:
                 loss = loss - c.entropy_coef * entropy
         metrics["loss"] = loss.detach()
         return loss, metrics
+
+
+@dataclass(frozen=True, slots=True)
+class SftObjective:
+    """Supervised fine-tuning on given answers: −log π_θ of every target token, reduced as the policy loss is
+    (`algo.loss_reduction`). No advantages, corrections or KL. `loss` is the mean NLL per token."""
+
+    token_mean: bool
+
+    def __call__(self, x: LossInputs) -> tuple[Tensor, dict[str, Tensor]]:
+        loss = _reduce(self.token_mean, x, losses.sft_nll(x.logp_BT) * x.mask_BT)
+        metrics = {"loss": loss.detach()}
+        if x.entropy_BT is not None:
+            metrics["entropy"] = _reduce(self.token_mean, x, x.entropy_BT * x.mask_BT).detach()
+        return loss, metrics
+
+
+Objective = PolicyObjective | SftObjective
+
+
+def _reduce(token_mean: bool, x: LossInputs, loss_BT: Tensor) -> Tensor:
+    """Reduce already-masked per-token losses; denominators come from the original mask."""
+    if token_mean:
+        return red.token_mean(loss_BT, x.mask_BT, num_tokens=x.num_tokens)
+    return red.seq_mean_token_mean(loss_BT, x.mask_BT, num_samples=x.num_samples)
 
 
 def build_objective(config: AlgoConfig) -> PolicyObjective:

@@ -87,6 +87,19 @@ def collate(groups: Sequence[TrajectoryGroup]) -> RolloutBatch:
     )
 
 
+def supervised(prompts: Sequence[np.ndarray], responses: Sequence[np.ndarray]) -> RolloutBatch:
+    """A batch of given answers (SFT): every response token is a target, one group per sample, no rewards."""
+    t = max((len(r) for r in responses), default=0)
+    return RolloutBatch(
+        prompts=list(prompts),
+        responses=list(responses),
+        logp_rollout_BT=torch.zeros(len(responses), t),
+        mask_BT=_pad([np.ones(len(r), np.float32) for r in responses], t, torch.float32),
+        rewards_B=torch.zeros(len(responses)),
+        group_B=torch.arange(len(responses)),
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class MicroInputs:
     """The forward pass's inputs: [rows, L] ids (with a padding mask, or packed with position ids restarting

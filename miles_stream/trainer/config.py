@@ -75,3 +75,21 @@ class TrainerConfig:
             "trainer.decay_steps",
             "a cosine schedule needs decay_steps or max_steps",
         )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SftConfig:
+    """`miles-stream train --sft DATA`: supervised fine-tuning on given answers, with the trainer's model,
+    optimizer, checkpoints, export and metrics (trainer.*). Steps: `num_epochs` passes over the data, or
+    trainer.max_steps if that is set and sooner."""
+
+    path: str = ""  # a .jsonl or .parquet file of prompt / response records (--sft sets it)
+    prompt_key: str = "prompt"
+    response_key: str = "response"  # the answer to learn; the model's end-of-sequence token is appended
+    apply_chat_template: bool = False  # the prompt as one user turn of trainer.model's chat template
+    batch_size: int = 32  # examples per optimizer step (split among data-parallel ranks)
+    num_epochs: int = 1
+
+    def __post_init__(self) -> None:
+        check(self.batch_size >= 1, "sft.batch_size", "must be >= 1")
+        check(self.num_epochs >= 1, "sft.num_epochs", "must be >= 1")

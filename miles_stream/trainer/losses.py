@@ -60,6 +60,12 @@ def ppo_clip_loss(
     return loss, metrics
 
 
+def sft_nll(logp_BT: Tensor) -> Tensor:
+    """Supervised fine-tuning: −log π_θ of each target token (miles' sft loss, masked and reduced as the
+    policy loss is)."""
+    return -logp_BT
+
+
 def kl_k1(log_ratio_BT: Tensor) -> Tensor:
     return log_ratio_BT
 

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from miles_stream.buffer.micro import plan_micro_batches
 from miles_stream.kernels.packed_attention import use_packed_attention
 from miles_stream.models.moe import moe_routers
-from miles_stream.trainer.algo import AdvantageInputs, LossInputs, build_objective, compute_advantages
+from miles_stream.trainer.algo import AdvantageInputs, LossInputs, Objective, build_objective, compute_advantages
 from miles_stream.trainer.algo_config import AlgoConfig
 from miles_stream.trainer.batch import MicroInputs, RolloutBatch, micro_inputs, packed_inputs
 from miles_stream.trainer.config import TrainerConfig
@@ -47,6 +47,7 @@ class PolicyTrainer:
         temperature: float,
         ref_model: nn.Module | None = None,
         parallel: DataParallel | None = None,
+        objective: Objective | None = None,
     ) -> None:
         if algo.advantage_estimator == "ppo":
             raise ValueError("algo.advantage_estimator=ppo needs a critic, which the torch trainer does not have")
@@ -56,7 +57,7 @@ class PolicyTrainer:
         self.temperature = temperature
         self.parallel = parallel or DataParallel()
         self.device = next(model.parameters()).device
-        self.objective = build_objective(algo)
+        self.objective = objective or build_objective(algo)  # SftObjective for `train --sft`
         if config.pack_sequences:
             for m in (model, ref_model):
                 if m is not None:
