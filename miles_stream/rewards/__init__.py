@@ -1,7 +1,7 @@
 """Reward functions and the registry that maps config names to them.
 
-Built-ins: `exact_match`, `math_answer`, `toy_addition`. A user's own function gets a name in one of two
-ways, neither an import string in the config:
+Built-ins: `exact_match`, `math_answer`, `toy_addition`, `scratchpad_addition`. A user's own function gets
+a name in one of two ways, neither an import string in the config:
 - from an installed package, with an entry point in the group `miles_stream.rewards`
   (`[project.entry-points."miles_stream.rewards"] my_reward = "mypkg.rewards:fn"` in its pyproject.toml),
   found the first time that name is asked for;
@@ -14,11 +14,23 @@ from importlib.metadata import entry_points
 from typing import Any
 
 from miles_stream.errors import ConfigError
-from miles_stream.rewards.base import RewardError, RewardFn, RewardInput, is_per_group, score_group
-from miles_stream.rewards.builtin import exact_match, final_answer, math_answer, normalize_answer, toy_addition
+from miles_stream.rewards.base import RewardError, RewardFn, RewardInput, inline, is_per_group, score_group
+from miles_stream.rewards.builtin import (
+    exact_match,
+    final_answer,
+    math_answer,
+    normalize_answer,
+    scratchpad_addition,
+    toy_addition,
+)
 
 ENTRY_POINT_GROUP = "miles_stream.rewards"
-BUILTIN: dict[str, Any] = {"exact_match": exact_match, "math_answer": math_answer, "toy_addition": toy_addition}
+BUILTIN: dict[str, Any] = {
+    "exact_match": exact_match,
+    "math_answer": math_answer,
+    "toy_addition": toy_addition,
+    "scratchpad_addition": scratchpad_addition,
+}
 
 
 class RewardRegistry:
@@ -51,9 +63,11 @@ __all__ = [
     "RewardRegistry",
     "exact_match",
     "final_answer",
+    "inline",
     "is_per_group",
     "math_answer",
     "normalize_answer",
     "score_group",
+    "scratchpad_addition",
     "toy_addition",
 ]

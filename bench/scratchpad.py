@@ -1,0 +1,183 @@
+"""Async against sync to the same accuracy, on the long-answer scratchpad task (miles_stream/tasks/scratchpad.py).
+
+    python bench/scratchpad.py --size 0.1b --sft-steps 3000 --minutes 3 --out DIR     # one GPU
+    python bench/scratchpad.py --cpu --size small --sft-steps 20 --minutes 0.5 --out DIR   # the plumbing, on CPU
+
+1. the task: model, worked answers, 50,000 fresh prompts;
+2. SFT warm start through the CLI (`miles-stream train --sft`, configs/scratchpad-sft.yaml), exported;
+3. for each mode (async: max staleness 2; sync: 0), the real processes through the CLI (embedded server,
+   feeder, producer, trainer; configs/scratchpad-grpo.yaml) from the SFT model, the same seed, for the same
+   wall time; then SIGTERM.
+Accuracy is each step's rollout accuracy (share of its groups' samples with reward 1: sampled at temperature 1
+on prompts never seen before), against the wall time since the trainer's first step. Time to target: the
+first time the mean over 5 steps reaches `--target` (default: the midpoint between the first 5 steps' mean and
+the best 5-step mean of either mode). Writes DIR/result.json and DIR/accuracy.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from miles_stream.redis_server import EmbeddedRedis, EmbeddedRedisConfig, die_with_parent
+from miles_stream.tasks.scratchpad import write_task
+
+ROOT = Path(__file__).parents[1]
+CLI = [sys.executable, "-m", "miles_stream.cli"]
+STALENESS = {"async": 2, "sync": 0}
+CPU = ["trainer.device=cpu", "trainer.dtype=float32", "trainer.compile=false", "trainer.torch_threads=1"]
+CPU_ROLLOUT = [
+    "rollout.device=cpu",
+    "rollout.dtype=float32",
+    "rollout.torch_threads=1",
+    "rollout.max_inflight_prompts=8",
+    "rollout.sampling.max_new_tokens=64",
+    "buffer.rollout_batch_size=4",
+    "buffer.filters=[]",  # a tiny model after a few SFT steps gets every answer wrong: no group has signal
+]
+
+
+def sft(work: Path, paths: dict[str, Path], args: argparse.Namespace) -> Path:
+    out = work / "sft-model"
+    cmd = [*CLI, "train", "--sft", str(paths["sft"]), "--config", str(ROOT / "configs" / "scratchpad-sft.yaml"),
+           f"trainer.model={paths['model']}", f"trainer.export_dir={out}", f"trainer.max_steps={args.sft_steps}",
+           f"trainer.metrics_path={work / 'sft-metrics.jsonl'}", *(CPU if args.cpu else [])]  # fmt: skip
+    started = time.perf_counter()
+    with (work / "sft.log").open("w") as log:
+        done = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, timeout=args.minutes * 60 * 4 + 600)
+    if done.returncode != 0:
+        raise RuntimeError(f"SFT exited {done.returncode}: see {work / 'sft.log'}")
+    print(f"sft: {args.sft_steps} steps in {time.perf_counter() - started:.0f} s", flush=True)
+    return out
+
+
+def run_mode(work: Path, model: Path, prompts: Path, mode: str, args: argparse.Namespace) -> list[dict[str, Any]]:
+    work.mkdir(parents=True, exist_ok=True)
+    extra = [f"rollout.model={model}", f"trainer.model={model}", f"feeder.path={prompts}",
+             f"buffer.max_staleness={STALENESS[mode]}", f"trainer.metrics_path={work / 'metrics.jsonl'}",
+             *((CPU + CPU_ROLLOUT) if args.cpu else [])]  # fmt: skip
+    config = str(ROOT / "configs" / "scratchpad-grpo.yaml")
+    with EmbeddedRedis(EmbeddedRedisConfig(persistence="none", maxmemory="8gb")) as server:
+        env = {**os.environ, "MILES_REDIS_URL": server.url, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+        logs = {name: (work / f"{name}.log").open("w") for name in ("feed", "produce", "train")}
+        procs = {name: subprocess.Popen([*CLI, name, "--config", config, *extra], env=env, stdout=logs[name],
+                                        stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
+                 for name in logs}  # fmt: skip
+        metrics = work / "metrics.jsonl"
+        try:
+            deadline = time.monotonic() + args.first_step_s  # start-up, compilation, a first batch with signal
+            while not metrics.exists() or not metrics.read_text().strip():
+                if time.monotonic() > deadline or any(p.poll() is not None for p in procs.values()):
+                    print(f"{mode}: no training step within {args.first_step_s:.0f} s (see {work}/*.log)")
+                    return []
+                time.sleep(0.5)
+            end = time.monotonic() + args.minutes * 60
+            while time.monotonic() < end:
+                if procs["train"].poll() is not None or procs["produce"].poll() is not None:
+                    raise RuntimeError(f"{mode}: a process exited early (see {work}/*.log)")
+                time.sleep(0.5)
+        finally:
+            for p in procs.values():
+                if p.poll() is None:
+                    p.send_signal(signal.SIGTERM)
+            for p in procs.values():
+                try:
+                    p.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+            for f in logs.values():
+                f.close()
+    return [json.loads(line) for line in metrics.read_text().splitlines()]
+
+
+def curve(steps: list[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray]:
+    """(seconds since the first step began, 5-step mean rollout accuracy)."""
+    start = steps[0]["time"] - steps[0]["step_s"] - steps[0]["wait_s"]
+    t = np.array([s["time"] - start for s in steps])
+    acc = np.array([s["rollout_accuracy"] for s in steps])
+    smooth = np.array([acc[max(0, i - 4) : i + 1].mean() for i in range(len(acc))])
+    return t, smooth
+
+
+def summary(steps: list[dict[str, Any]], target: float) -> dict[str, Any]:
+    t, acc = curve(steps)
+    hit = next((float(t[i]) for i in range(len(t)) if acc[i] >= target), None)
+    return {
+        "steps": len(steps),
+        "wall_s": float(t[-1]),
+        "step_s": float(t[-1] / len(steps)),
+        "accuracy_first5": float(acc[min(4, len(acc) - 1)]),
+        "accuracy_best5": float(acc.max()),
+        "time_to_target_s": hit,
+        "trainer_wait_share": sum(s["wait_s"] for s in steps) / float(t[-1]),
+        "stale_dropped": steps[-1]["stale_dropped"],
+        "response_len_mean": float(np.mean([s["response_len_mean"] for s in steps])),
+        "tokens_per_s": sum(s["tokens"] for s in steps) / float(t[-1]),
+    }
+
+
+def plot(runs: dict[str, list[dict[str, Any]]], target: float, path: Path) -> None:
+    try:
+        import matplotlib
+    except ImportError:  # a bare GPU image: plot later with --replot DIR where matplotlib is installed
+        print("no matplotlib: no plot")
+        return
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for mode, steps in runs.items():
+        t, acc = curve(steps)
+        ax.plot(t, acc, label=f"{mode} (max staleness {STALENESS[mode]})")
+    ax.axhline(target, color="grey", linestyle=":", label=f"target {target:.2f}")
+    ax.set(xlabel="wall time since the first step (s)", ylabel="rollout accuracy (5-step mean)",
+           title="scratchpad addition: GRPO from the SFT model, one GPU")  # fmt: skip
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", default="0.1b")
+    parser.add_argument("--sft-steps", type=int, default=3000)
+    parser.add_argument("--minutes", type=float, default=3.0, help="wall time of each mode's RL run")
+    parser.add_argument("--modes", default="async,sync")
+    parser.add_argument("--target", type=float, default=0.0)
+    parser.add_argument("--cpu", action="store_true", help="everything on CPU (to check the plumbing)")
+    parser.add_argument("--first-step-s", type=float, default=240.0, help="give up on a mode without a step by then")
+    parser.add_argument("--replot", action="store_true", help="only summarise and plot the runs already in --out")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    modes = args.modes.split(",")
+    if args.replot:
+        runs = {m: [json.loads(line) for line in (args.out / m / "metrics.jsonl").read_text().splitlines()]
+                for m in modes}  # fmt: skip
+    else:
+        paths = write_task(args.out / "task", size=args.size)
+        model = sft(args.out, paths, args)
+        runs = {mode: run_mode(args.out / mode, model, paths["prompts"], mode, args) for mode in modes}
+    runs = {mode: steps for mode, steps in runs.items() if steps}
+    if not runs:
+        raise SystemExit("no mode trained a step")
+    curves = [curve(s)[1] for s in runs.values()]
+    target = args.target or float((np.mean([c[min(4, len(c) - 1)] for c in curves]) + max(c.max() for c in curves)) / 2)
+    result = {"target": target, "args": {k: str(v) for k, v in vars(args).items()},
+              **{mode: summary(steps, target) for mode, steps in runs.items()}}  # fmt: skip
+    (args.out / "result.json").write_text(json.dumps(result, indent=2))
+    plot(runs, target, args.out / "accuracy.png")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
