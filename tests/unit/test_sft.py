@@ -4,8 +4,10 @@ exports a Hugging Face model, resumes to the same weights as an uninterrupted ru
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -36,12 +38,18 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def sft(
-    model_dir: Path, data: Path, work: Path, *overrides: str, resume: bool = False
+    model_dir: Path,
+    data: Path,
+    work: Path,
+    *overrides: str,
+    resume: bool = False,
+    launcher: Sequence[str] = CLI,
+    env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    args = [*CLI, "--sft", str(data), *(["--resume"] if resume else []), f"trainer.model={model_dir}",
+    args = [*launcher, "--sft", str(data), *(["--resume"] if resume else []), f"trainer.model={model_dir}",
             "trainer.lr=3e-3", "trainer.adam_betas=[0.9,0.98]", "trainer.torch_threads=1", "sft.batch_size=16",
             f"trainer.metrics_path={work / 'metrics.jsonl'}", *overrides]  # fmt: skip
-    return subprocess.run(args, capture_output=True, text=True, timeout=300)
+    return subprocess.run(args, capture_output=True, text=True, timeout=300, env=env)
 
 
 def test_the_objective_is_the_mean_nll_of_the_masked_tokens() -> None:
@@ -94,6 +102,21 @@ def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(
                for d in (straight, split)]  # fmt: skip
     assert weights[0].keys() == weights[1].keys()
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+def test_two_data_parallel_ranks_train_the_weights_one_rank_does(model_dir: Path, data: Path, tmp_path: Path) -> None:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    ranks = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+             "-m", "miles_stream.cli", "train"]  # fmt: skip
+    weights = {}
+    for name, launcher in (("dp", ranks), ("single", CLI)):
+        work = tmp_path / name
+        done = sft(model_dir, data, work, "trainer.max_steps=3", f"trainer.export_dir={work / 'out'}",
+                   launcher=launcher, env=env)  # fmt: skip
+        assert done.returncode == 0, done.stderr[-3000:]
+        weights[name] = load_file(work / "out" / "model.safetensors")
+    for key, value in weights["single"].items():
+        assert torch.allclose(weights["dp"][key], value, atol=1e-5), key  # the same steps, summed in another order
 
 
 def test_bad_data_is_named_without_a_traceback(model_dir: Path, tmp_path: Path) -> None:
