@@ -119,19 +119,20 @@ def micro_inputs(batch: RolloutBatch, device: torch.device | str) -> MicroInputs
     """The forward-pass inputs of `batch` (already cut to one micro-batch's rows)."""
     b, t = batch.size, batch.mask_BT.shape[1]
     length = max(batch.lengths)
-    input_ids = torch.zeros(b, length, dtype=torch.long)
-    attention = torch.zeros(b, length, dtype=torch.long)
-    positions = torch.zeros(b, t, dtype=torch.long)
-    targets = torch.zeros(b, t, dtype=torch.long)
+    input_ids = np.zeros((b, length), dtype=np.int64)  # filled in numpy: a torch op per row costs more than
+    attention = np.zeros((b, length), dtype=np.int64)  # the row itself at one-token answers
+    positions = np.zeros((b, t), dtype=np.int64)
+    targets = np.zeros((b, t), dtype=np.int64)
     for i, (prompt, response) in enumerate(zip(batch.prompts, batch.responses, strict=True)):
         p, n = len(prompt), len(response)
-        input_ids[i, :p] = torch.tensor(prompt, dtype=torch.long)
-        input_ids[i, p : p + n] = torch.tensor(response, dtype=torch.long)
+        input_ids[i, :p] = prompt
+        input_ids[i, p : p + n] = response
         attention[i, : p + n] = 1
-        positions[i, :n] = torch.arange(p - 1, p - 1 + n)
-        targets[i, :n] = input_ids[i, p : p + n]
-    input_ids, attention, positions, targets = (x.to(device) for x in (input_ids, attention, positions, targets))
-    return MicroInputs(input_ids, attention, positions, targets)
+        positions[i, :n] = np.arange(p - 1, p - 1 + n)
+        targets[i, :n] = response
+    ids_t, attention_t, positions_t, targets_t = (torch.from_numpy(x).to(device)
+                                                  for x in (input_ids, attention, positions, targets))  # fmt: skip
+    return MicroInputs(ids_t, attention_t, positions_t, targets_t)
 
 
 def packed_inputs(batch: RolloutBatch, device: torch.device | str) -> MicroInputs:

@@ -110,7 +110,8 @@ class PolicyTrainer:
         summed: dict[str, Tensor] = {}
         weighted: dict[str, Tensor] = {}
         local_tokens = 0.0
-        lengths = [batch.lengths[i] for i in part]
+        every = batch.lengths  # a property that builds the list: once, not once a row
+        lengths = [every[i] for i in part]
         for plan in self._plan(lengths):
             rows = [part[i] for i in plan]
             mb = batch.rows(rows)
