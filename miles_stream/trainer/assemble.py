@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from miles_stream.buffer import ReplayBuffer
@@ -14,12 +16,18 @@ from miles_stream.trainer.step import PolicyTrainer
 from miles_stream.weights import WeightPublisher, WeightSubscriber
 
 
-def build_trainer(config: RunConfig, parallel: DataParallel) -> PolicyTrainer:
+def load_policy(config: RunConfig) -> Any:
+    """trainer.model, loaded after the trainer's seed and thread count are set (RL and SFT alike)."""
     cfg = config.trainer
     torch.manual_seed(cfg.seed)
     if cfg.torch_threads:
         torch.set_num_threads(cfg.torch_threads)
-    model = load_causal_lm(cfg.model, dtype=cfg.dtype, device=cfg.device)
+    return load_causal_lm(cfg.model, dtype=cfg.dtype, device=cfg.device)
+
+
+def build_trainer(config: RunConfig, parallel: DataParallel) -> PolicyTrainer:
+    cfg = config.trainer
+    model = load_policy(config)
     needs_ref = config.algo.kl_loss_coef > 0 or config.algo.kl_coef > 0
     ref = load_causal_lm(cfg.ref_model or cfg.model, dtype=cfg.dtype, device=cfg.device) if needs_ref else None
     if ref is not None:

@@ -23,16 +23,16 @@ from typing import Any
 
 import numpy as np
 import structlog
-import torch
 
 from miles_stream.config import check_model_dir
 from miles_stream.errors import ConfigError
 from miles_stream.feeder import Row, read_records, with_chat_template
 from miles_stream.run_config import RunConfig
 from miles_stream.trainer.algo import SftObjective
+from miles_stream.trainer.assemble import load_policy
 from miles_stream.trainer.batch import RolloutBatch, supervised
 from miles_stream.trainer.checkpoint import TrainerState, load_checkpoint, save_checkpoint
-from miles_stream.trainer.hf import export_hf, load_causal_lm
+from miles_stream.trainer.hf import export_hf
 from miles_stream.trainer.metrics import MetricsSink
 from miles_stream.trainer.parallel import DataParallel
 from miles_stream.trainer.step import PolicyTrainer
@@ -95,14 +95,10 @@ def total_steps(config: RunConfig, size: int) -> int:
 
 
 def build_sft_trainer(config: RunConfig, parallel: DataParallel) -> PolicyTrainer:
-    cfg = config.trainer
-    torch.manual_seed(cfg.seed)
-    if cfg.torch_threads:
-        torch.set_num_threads(cfg.torch_threads)
-    model = load_causal_lm(cfg.model, dtype=cfg.dtype, device=cfg.device)
+    model = load_policy(config)
     algo = replace(config.algo, kl_loss_coef=0.0, kl_coef=0.0, entropy_coef=0.0)  # no reference model
     objective = SftObjective(token_mean=config.algo.loss_reduction == "token_mean")
-    return PolicyTrainer(model, cfg, algo, temperature=1.0, parallel=parallel, objective=objective)
+    return PolicyTrainer(model, config.trainer, algo, temperature=1.0, parallel=parallel, objective=objective)
 
 
 def main(config: RunConfig, *, resume: bool = False) -> int:
