@@ -1,13 +1,17 @@
 """Async against sync to the same accuracy, on the long-answer scratchpad task (miles_stream/tasks/scratchpad.py).
 
-    python bench/scratchpad.py --size 0.1b --sft-steps 3000 --minutes 3 --out DIR     # one GPU
+    python bench/scratchpad.py --size 0.1b --sft-steps 700 --minutes 2 --out DIR     # one GPU
     python bench/scratchpad.py --cpu --size small --sft-steps 20 --minutes 0.5 --out DIR   # the plumbing, on CPU
 
 1. the task: model, worked answers, 50,000 fresh prompts;
-2. SFT warm start through the CLI (`miles-stream train --sft`, configs/scratchpad-sft.yaml), exported;
-3. for each mode (async: max staleness 2; sync: 0), the real processes through the CLI (embedded server,
-   feeder, producer, trainer; configs/scratchpad-grpo.yaml) from the SFT model, the same seed, for the same
-   wall time; then SIGTERM.
+2. SFT warm start through the CLI (`miles-stream train --sft`, configs/scratchpad-sft.yaml), a checkpoint
+   every `--probe-every` steps; RL needs a middling model (a group with some answers right and some wrong), so
+   the checkpoints are probed in order (sampled accuracy on held-out problems, the native engine at T=1) and
+   the first at or above `--start-accuracy` (else the last) is exported and used;
+3. for each mode (MODES: async is max staleness 2, sync 0; recycle and oversample are async with
+   `rollout.on_update=recycle` or `rollout.over_sampling=1.5`), the real processes through the CLI (embedded
+   server, feeder, producer, trainer; configs/scratchpad-grpo.yaml plus `--set` overrides) from that model,
+   the same seed, for the same wall time; then SIGTERM.
 Accuracy is each step's rollout accuracy (share of its groups' samples with reward 1: sampled at temperature 1
 on prompts never seen before), against the wall time since the trainer's first step. Time to target: the
 first time the mean over 5 steps reaches `--target` (default: the midpoint between the first 5 steps' mean and
@@ -17,6 +21,8 @@ the best 5-step mean of either mode). Writes DIR/result.json and DIR/accuracy.pn
 from __future__ import annotations
 
 import argparse
+import asyncio
+import itertools
 import json
 import os
 import signal
@@ -27,13 +33,27 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+from safetensors.torch import load_model
+from transformers import AutoTokenizer
 
 from miles_stream.redis_server import EmbeddedRedis, EmbeddedRedisConfig, die_with_parent
+from miles_stream.rewards.base import RewardInput
+from miles_stream.rewards.builtin import scratchpad_addition
+from miles_stream.rollout import GenerationRequest, SamplingParams
+from miles_stream.rollout.native import NativeEngine
+from miles_stream.run_config import load_run_config
 from miles_stream.tasks.scratchpad import write_task
+from miles_stream.trainer.hf import export_hf, load_causal_lm
 
 ROOT = Path(__file__).parents[1]
 CLI = [sys.executable, "-m", "miles_stream.cli"]
-STALENESS = {"async": 2, "sync": 0}
+MODES = {
+    "async": ["buffer.max_staleness=2"],
+    "sync": ["buffer.max_staleness=0"],
+    "recycle": ["buffer.max_staleness=2", "rollout.on_update=recycle"],
+    "oversample": ["buffer.max_staleness=2", "rollout.over_sampling=1.5"],
+}
 CPU = ["trainer.device=cpu", "trainer.dtype=float32", "trainer.compile=false", "trainer.torch_threads=1"]
 CPU_ROLLOUT = [
     "rollout.device=cpu",
@@ -47,23 +67,68 @@ CPU_ROLLOUT = [
 
 
 def sft(work: Path, paths: dict[str, Path], args: argparse.Namespace) -> Path:
-    out = work / "sft-model"
+    """SFT with a checkpoint every --probe-every steps; returns the exported model of the checkpoint picked."""
+    checkpoints = work / "sft-checkpoints"
     cmd = [*CLI, "train", "--sft", str(paths["sft"]), "--config", str(ROOT / "configs" / "scratchpad-sft.yaml"),
-           f"trainer.model={paths['model']}", f"trainer.export_dir={out}", f"trainer.max_steps={args.sft_steps}",
-           f"trainer.metrics_path={work / 'sft-metrics.jsonl'}", *(CPU if args.cpu else [])]  # fmt: skip
+           f"trainer.model={paths['model']}", f"trainer.max_steps={args.sft_steps}",
+           f"trainer.checkpoint_dir={checkpoints}", f"trainer.checkpoint_every={args.probe_every}",
+           "trainer.keep_checkpoints=1000", f"trainer.metrics_path={work / 'sft-metrics.jsonl'}",
+           *(CPU if args.cpu else [])]  # fmt: skip
     started = time.perf_counter()
     with (work / "sft.log").open("w") as log:
-        done = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, timeout=args.minutes * 60 * 4 + 600)
+        done = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, timeout=args.sft_steps * 2 + 600)
     if done.returncode != 0:
         raise RuntimeError(f"SFT exited {done.returncode}: see {work / 'sft.log'}")
     print(f"sft: {args.sft_steps} steps in {time.perf_counter() - started:.0f} s", flush=True)
-    return out
+    saved = sorted(checkpoints.glob("step-*"))
+    held_out = [json.loads(line) for line in paths["eval"].read_text().splitlines()][: args.probe_prompts]
+    probes = []
+    for step_dir in [d for d in saved if int(d.name.partition("-")[2]) >= args.probe_from] or saved[-1:]:
+        model = export_checkpoint(step_dir, paths["model"], work / "sft-model", "float32" if args.cpu else "bfloat16")
+        accuracy = asyncio.run(sampled_accuracy(model, held_out, args))
+        probes.append({"checkpoint": step_dir.name, "sampled_accuracy": accuracy})
+        print(f"probe: {step_dir.name} sampled accuracy {accuracy:.3f}", flush=True)
+        if accuracy >= args.start_accuracy:
+            break
+    (work / "probes.json").write_text(json.dumps(probes, indent=2))
+    return work / "sft-model"
+
+
+def export_checkpoint(step_dir: Path, base: Path, dest: Path, dtype: str) -> Path:
+    """A trainer checkpoint's weights as a Hugging Face model directory (the base model's config and tokenizer)."""
+    model = load_causal_lm(str(base), dtype=dtype, device="cpu")
+    load_model(model, str(step_dir / "model.safetensors"), strict=True)
+    export_hf(model, base, dest)
+    return dest
+
+
+async def sampled_accuracy(model: Path, rows: list[dict[str, str]], args: argparse.Namespace) -> float:
+    """The share of right answers on held-out problems, 8 samples each at temperature 1: what the RL run's
+    first steps will see."""
+    cfg = load_run_config(ROOT / "configs" / "scratchpad-grpo.yaml", [f"rollout.model={model}",
+                          *((CPU + CPU_ROLLOUT) if args.cpu else [])]).rollout  # fmt: skip
+    tokenizer: Any = AutoTokenizer.from_pretrained(str(model))
+    params = SamplingParams(temperature=1.0, max_new_tokens=cfg.sampling.max_new_tokens)
+    requests = [GenerationRequest(request_id=f"{i}-{k}", prompt_ids=tokenizer(r["prompt"])["input_ids"], params=params)
+                for i, r in enumerate(rows) for k in range(8)]  # fmt: skip
+    engine = NativeEngine(str(model), device=cfg.device, dtype=getattr(torch, cfg.dtype), max_batch=cfg.max_batch,
+                          max_seq_len=cfg.max_seq_len)  # fmt: skip
+    try:
+        results = await engine.generate(requests)
+    finally:
+        await engine.close()
+    texts = tokenizer.batch_decode([x.response_ids.tolist() for x in results], skip_special_tokens=True)
+    labels = [r["label"] for r in rows for _ in range(8)]
+    rewards = [
+        scratchpad_addition(RewardInput(prompt="", response=t, label=y)) for t, y in zip(texts, labels, strict=True)
+    ]
+    return float(np.mean(rewards))
 
 
 def run_mode(work: Path, model: Path, prompts: Path, mode: str, args: argparse.Namespace) -> list[dict[str, Any]]:
     work.mkdir(parents=True, exist_ok=True)
     extra = [f"rollout.model={model}", f"trainer.model={model}", f"feeder.path={prompts}",
-             f"buffer.max_staleness={STALENESS[mode]}", f"trainer.metrics_path={work / 'metrics.jsonl'}",
+             *MODES[mode], *args.set, f"trainer.metrics_path={work / 'metrics.jsonl'}",
              *((CPU + CPU_ROLLOUT) if args.cpu else [])]  # fmt: skip
     config = str(ROOT / "configs" / "scratchpad-grpo.yaml")
     with EmbeddedRedis(EmbeddedRedisConfig(persistence="none", maxmemory="8gb")) as server:
@@ -120,9 +185,21 @@ def summary(steps: list[dict[str, Any]], target: float) -> dict[str, Any]:
         "time_to_target_s": hit,
         "trainer_wait_share": sum(s["wait_s"] for s in steps) / float(t[-1]),
         "stale_dropped": steps[-1]["stale_dropped"],
-        "response_len_mean": float(np.mean([s["response_len_mean"] for s in steps])),
+        "response_len_mean": float(np.mean([s["response_len_mean"] for s in steps])),  # of the samples trained
+        "response_len_p90_mean": float(np.mean([s.get("response_len_p90", 0) for s in steps])),
         "tokens_per_s": sum(s["tokens"] for s in steps) / float(t[-1]),
     }
+
+
+def answer_lengths(out: Path) -> dict[str, Any]:
+    """Tokens in the task's worked answers (one a character, plus the end of sequence): what the trained
+    samples' lengths would be if long answers were trained as often as short ones."""
+    path = out / "task" / "sft.jsonl"
+    if not path.is_file():
+        return {}
+    with path.open() as f:
+        lengths = [len(json.loads(line)["response"]) + 1 for line in itertools.islice(f, 20_000)]
+    return {"task_answer_len": {"mean": float(np.mean(lengths)), "p90": float(np.percentile(lengths, 90))}}
 
 
 def plot(runs: dict[str, list[dict[str, Any]]], target: float, path: Path) -> None:
@@ -138,7 +215,7 @@ def plot(runs: dict[str, list[dict[str, Any]]], target: float, path: Path) -> No
     fig, ax = plt.subplots(figsize=(7, 4))
     for mode, steps in runs.items():
         t, acc = curve(steps)
-        ax.plot(t, acc, label=f"{mode} (max staleness {STALENESS[mode]})")
+        ax.plot(t, acc, label=f"{mode} ({', '.join(MODES[mode])})")
     ax.axhline(target, color="grey", linestyle=":", label=f"target {target:.2f}")
     ax.set(xlabel="wall time since the first step (s)", ylabel="rollout accuracy (5-step mean)",
            title="scratchpad addition: GRPO from the SFT model, one GPU")  # fmt: skip
@@ -150,7 +227,12 @@ def plot(runs: dict[str, list[dict[str, Any]]], target: float, path: Path) -> No
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", default="0.1b")
-    parser.add_argument("--sft-steps", type=int, default=3000)
+    parser.add_argument("--sft-steps", type=int, default=700)
+    parser.add_argument("--probe-every", type=int, default=50, help="SFT steps between checkpoints")
+    parser.add_argument("--probe-from", type=int, default=300, help="the first SFT checkpoint probed")
+    parser.add_argument("--probe-prompts", type=int, default=64)
+    parser.add_argument("--start-accuracy", type=float, default=0.3, help="RL from the first checkpoint this good")
+    parser.add_argument("--set", action="append", default=[], help="a config override for every RL run")
     parser.add_argument("--minutes", type=float, default=3.0, help="wall time of each mode's RL run")
     parser.add_argument("--modes", default="async,sync")
     parser.add_argument("--target", type=float, default=0.0)
@@ -172,7 +254,7 @@ def main() -> None:
         raise SystemExit("no mode trained a step")
     curves = [curve(s)[1] for s in runs.values()]
     target = args.target or float((np.mean([c[min(4, len(c) - 1)] for c in curves]) + max(c.max() for c in curves)) / 2)
-    result = {"target": target, "args": {k: str(v) for k, v in vars(args).items()},
+    result = {"target": target, "args": {k: str(v) for k, v in vars(args).items()}, **answer_lengths(args.out),
               **{mode: summary(steps, target) for mode, steps in runs.items()}}  # fmt: skip
     (args.out / "result.json").write_text(json.dumps(result, indent=2))
     plot(runs, target, args.out / "accuracy.png")

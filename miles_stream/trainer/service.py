@@ -172,6 +172,7 @@ class TrainerService:
             "rollout_accuracy": correct / max(samples, 1),
             "rollout_groups": c.received,
             "response_len_mean": sum(lengths) / len(lengths),
+            "response_len_p90": sorted(lengths)[int(0.9 * (len(lengths) - 1))],
             "staleness_mean": sum(batch.staleness) / len(batch.staleness),
             "staleness_max": max(batch.staleness),
             "wait_s": batch.wait_s,
