@@ -11,10 +11,11 @@ The forward pass reuses the Hugging Face model's own modules (embedding, norms, 
 embedding, MLP, output layer), so the arithmetic is theirs; only attention over the cache is written here:
 each row attends to its positions <= its own, the query heads grouped onto their KV head (no copy of K/V per
 query head), through `kernels.decode_attention` (Triton on CUDA, reading each row's cache up to its length).
-On CUDA each decode step for a bucket of rows is captured once in a CUDA graph and replayed: a step is one
-launch instead of hundreds; with `compile` the parts of each layer before and after attention are compiled
-by torch.compile, fusing the elementwise work between the matmuls (a thousand small kernels a step for a
-28-layer model otherwise); if the compiler fails, the eager step is used and a warning logged.
+On CUDA each decode step for a bucket of rows is captured in a CUDA graph when the decoder is built (every
+bucket, before it serves: see __init__) and replayed: a step is one launch instead of hundreds; with
+`compile` the parts of each layer before and after attention are compiled by torch.compile, fusing the
+elementwise work between the matmuls (a thousand small kernels a step for a 28-layer model otherwise); if
+the compiler fails, the eager step is used and a warning logged.
 Weight updates copy into the same parameters, so the graphs stay valid. Families: Llama, Qwen2, Qwen3,
 Mistral (dense); MoE models take the engine's dynamic path.
 
@@ -82,6 +83,11 @@ class StaticDecoder:
         self._pool: Any = None
         self._row_buckets = _buckets(slots, 1)
         self._len_buckets = _buckets(max_len, min(256, max_len))
+        # Every graph now, before the engine serves: CUDA invalidates a capture when another thread uses the
+        # device meanwhile (a copy from pageable memory, a synchronize: the engine's weight staging, a weight
+        # transport's reader), and a capture on first use of a row bucket could meet a weight update.
+        for rows in self._row_buckets if self.use_graphs else []:
+            self._graphs[(rows, max_len)] = self._capture(rows, max_len)
 
     @property
     def cache_bytes(self) -> int:
