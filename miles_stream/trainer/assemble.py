@@ -22,7 +22,7 @@ def load_policy(config: RunConfig) -> Any:
     torch.manual_seed(cfg.seed)
     if cfg.torch_threads:
         torch.set_num_threads(cfg.torch_threads)
-    return load_causal_lm(cfg.model, dtype=cfg.dtype, device=cfg.device)
+    return load_causal_lm(cfg.model, dtype=cfg.params_dtype, device=cfg.device)
 
 
 def build_trainer(config: RunConfig, parallel: DataParallel) -> PolicyTrainer:

@@ -13,7 +13,12 @@ class TrainerConfig:
     model: str = ""  # a local Hugging Face model directory (the policy's starting point)
     ref_model: str = ""  # a frozen reference for the KL loss; empty: `model` when algo.kl_loss_coef > 0
     device: str = "cpu"
-    dtype: Literal["float32", "bfloat16"] = "float32"
+    dtype: Literal["float32", "bfloat16"] = "float32"  # what the forward and backward passes compute in
+    # bfloat16 compute: the parameters and the optimizer's state stay float32 (autocast; published weights are
+    # cast to bfloat16). "bfloat16" here keeps them in bf16 (half the memory), where an update smaller than
+    # half a weight's bf16 spacing is lost: near 0.03 that spacing is 1.2e-4, so RL learning rates (1e-6 to
+    # 1e-5, Adam's step is at most lr) leave most weights unchanged. Megatron calls these the main params.
+    main_params_dtype: Literal["float32", "bfloat16"] = "float32"
     lr: float = 1e-6
     weight_decay: float = 0.0
     adam_betas: tuple[float, float] = (0.9, 0.98)
@@ -75,6 +80,14 @@ class TrainerConfig:
             "trainer.decay_steps",
             "a cosine schedule needs decay_steps or max_steps",
         )
+        check(self.main_params_dtype == "float32" or self.dtype == "bfloat16", "trainer.main_params_dtype",
+              "bfloat16 main params need trainer.dtype bfloat16")  # fmt: skip
+
+    @property
+    def params_dtype(self) -> str:
+        """What the policy's parameters are held in (and its optimizer's state): `dtype` unless that is bf16
+        computed over float32 main params."""
+        return self.main_params_dtype if self.dtype == "bfloat16" else self.dtype
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

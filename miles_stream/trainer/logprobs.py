@@ -36,7 +36,11 @@ def response_logprobs(
     head = model.get_output_embeddings()
     if fused and type(head) is torch.nn.Linear and getattr(head, "bias", None) is None:
         b, t, width = h_bTH.shape
-        logp, entropy = token_logprobs(h_bTH.reshape(b * t, width), head.weight, x.targets_bT.reshape(b * t),
+        weight = head.weight
+        if torch.is_autocast_enabled(h_bTH.device.type):  # the kernel is not autocast's: cast as it would
+            dtype = torch.get_autocast_dtype(h_bTH.device.type)
+            h_bTH, weight = h_bTH.to(dtype), weight.to(dtype)
+        logp, entropy = token_logprobs(h_bTH.reshape(b * t, width), weight, x.targets_bT.reshape(b * t),
                                        temperature=temperature)  # fmt: skip
         entropy = entropy if entropy_grad else entropy.detach()
         return logp.view(b, t), entropy.view(b, t)

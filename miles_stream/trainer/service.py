@@ -193,7 +193,7 @@ class TrainerService:
         self.progress.version = version
         if self.background is None:
             return 0.0
-        return self.background.offer(version, self.trainer.model.state_dict())
+        return self.background.offer(version, self.trainer.model.state_dict(), self.trainer.compute_dtype)
 
     async def _next_version(self, after: int) -> int:
         """The next weight version: rank 0 draws it from Redis (under the lease, never reused), every rank

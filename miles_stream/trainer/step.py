@@ -12,6 +12,7 @@ runs, so they are its detached logprobs (no second pass); with more, they are co
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Sequence
@@ -57,6 +58,9 @@ class PolicyTrainer:
         self.temperature = temperature
         self.parallel = parallel or DataParallel()
         self.device = next(model.parameters()).device
+        # bf16 compute over float32 main params (trainer.main_params_dtype): autocast around each forward
+        compute = getattr(torch, config.dtype)
+        self.compute_dtype: torch.dtype | None = compute if next(model.parameters()).dtype != compute else None
         self.objective = objective or build_objective(algo)  # SftObjective for `train --sft`
         if config.pack_sequences:
             for m in (model, ref_model):
@@ -117,9 +121,10 @@ class PolicyTrainer:
             mb = batch.rows(rows)
             t = mb.mask_BT.shape[1]
             replay = self._begin_replay(self.model, mb)
-            logp, entropy = response_logprobs(self.model, self._inputs(mb),
-                                              temperature=self.temperature, fused=self.config.fused_logprobs,
-                                              entropy_grad=self.algo.entropy_coef > 0)  # fmt: skip
+            with self._precision():
+                logp, entropy = response_logprobs(self.model, self._inputs(mb),
+                                                  temperature=self.temperature, fused=self.config.fused_logprobs,
+                                                  entropy_grad=self.algo.entropy_coef > 0)  # fmt: skip
             if replay is not None:
                 replay.end_forward()
             mask = mb.mask_BT.to(self.device)
@@ -202,6 +207,11 @@ class PolicyTrainer:
         counts = self.parallel.sum(torch.tensor([float(c) for c in replay.take_counts()]))
         return {"routing_mismatch": float(counts[0] / counts[1])} if counts[1] > 0 else {}
 
+    def _precision(self) -> contextlib.AbstractContextManager[Any]:
+        if self.compute_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.compute_dtype)
+
     def _plan(self, lengths: Sequence[int]) -> list[list[int]]:
         return plan_micro_batches(lengths, self.config.micro_batch_tokens, packed=self.config.pack_sequences)
 
@@ -215,8 +225,9 @@ class PolicyTrainer:
         for rows in self._plan(batch.lengths):
             mb = batch.rows(rows)
             replay = self._begin_replay(model, mb, count=False)
-            logp, _ = response_logprobs(model, self._inputs(mb), temperature=self.temperature,
-                                        fused=self.config.fused_logprobs)  # fmt: skip
+            with self._precision():
+                logp, _ = response_logprobs(model, self._inputs(mb), temperature=self.temperature,
+                                            fused=self.config.fused_logprobs)  # fmt: skip
             if replay is not None:
                 replay.end()
             out[rows, : mb.mask_BT.shape[1]] = logp * mb.mask_BT.to(self.device)

@@ -47,9 +47,10 @@ class BackgroundPublisher:
     _task: asyncio.Task[None] | None = None
     _failure: BaseException | None = None
 
-    def offer(self, version: int, state: Mapping[str, torch.Tensor]) -> float:
-        """Snapshot `state` as `version` and have it published; returns the seconds this took (the trainer's
-        blocked time). Raises the error of an earlier publication that failed."""
+    def offer(self, version: int, state: Mapping[str, torch.Tensor], dtype: torch.dtype | None = None) -> float:
+        """Snapshot `state` as `version` (floating tensors cast to `dtype` if given: float32 main params
+        published as bf16) and have it published; returns the seconds this took (the trainer's blocked time).
+        Raises the error of an earlier publication that failed."""
         if self._failure is not None:
             raise self._failure
         started = time.perf_counter()
@@ -59,7 +60,7 @@ class BackgroundPublisher:
             snapshot = self._pending[1]
         else:
             snapshot = self._free.pop() if self._free else {}
-        _copy_into(snapshot, state)
+        _copy_into(snapshot, state, dtype)
         self._pending = (version, snapshot)
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._run(), name="weights-publisher")
@@ -93,14 +94,15 @@ class BackgroundPublisher:
             log.error("weights_publish_failed", error=repr(exc))
 
 
-def _copy_into(snapshot: Snapshot, state: Mapping[str, torch.Tensor]) -> None:
+def _copy_into(snapshot: Snapshot, state: Mapping[str, torch.Tensor], dtype: torch.dtype | None) -> None:
     """Copy every tensor of `state` into `snapshot`, allocating on first use. On CUDA the copies are queued
     on the current stream, behind the optimizer step that produced them; the transports' reads follow on it."""
     with torch.no_grad():
         for name, tensor in state.items():
             t = tensor.detach()
+            want = dtype if dtype is not None and t.is_floating_point() else t.dtype
             held = snapshot.get(name)
-            if held is None or held.shape != t.shape or held.dtype != t.dtype or held.device != t.device:
-                snapshot[name] = t.clone()
+            if held is None or held.shape != t.shape or held.dtype != want or held.device != t.device:
+                snapshot[name] = t.to(dtype=want, copy=True)
             else:
                 held.copy_(t)
