@@ -175,7 +175,7 @@ def curve(steps: list[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray]:
 
 def summary(steps: list[dict[str, Any]], target: float) -> dict[str, Any]:
     t, acc = curve(steps)
-    hit = next((float(t[i]) for i in range(len(t)) if acc[i] >= target), None)
+    hit = next((float(t[i]) for i in range(4, len(t)) if acc[i] >= target), None)  # a full 5-step window
     return {
         "steps": len(steps),
         "wall_s": float(t[-1]),
@@ -254,7 +254,10 @@ def main() -> None:
         raise SystemExit("no mode trained a step")
     curves = [curve(s)[1] for s in runs.values()]
     target = args.target or float((np.mean([c[min(4, len(c) - 1)] for c in curves]) + max(c.max() for c in curves)) / 2)
-    result = {"target": target, "args": {k: str(v) for k, v in vars(args).items()}, **answer_lengths(args.out),
+    ran = {k: str(v) for k, v in vars(args).items()}
+    if args.replot and (args.out / "result.json").is_file():  # the arguments of the run, not of the replot
+        ran = json.loads((args.out / "result.json").read_text()).get("args", ran)
+    result = {"target": target, "args": ran, **answer_lengths(args.out),
               **{mode: summary(steps, target) for mode, steps in runs.items()}}  # fmt: skip
     (args.out / "result.json").write_text(json.dumps(result, indent=2))
     plot(runs, target, args.out / "accuracy.png")
