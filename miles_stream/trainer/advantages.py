@@ -16,8 +16,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from miles_stream.trainer.reductions import whiten
-
 GRPO_EPS = 1e-6
 
 
@@ -72,30 +70,22 @@ def discounted_returns(token_rewards_BT: Tensor, mask_BT: Tensor, *, gamma: floa
 
 
 def reinforce_pp_advantages(
-    rewards_B: Tensor, kl_BT: Tensor, mask_BT: Tensor, *, kl_coef: float, gamma: float = 1.0, whiten_eps: float = 1e-8
+    rewards_B: Tensor, kl_BT: Tensor, mask_BT: Tensor, *, kl_coef: float, gamma: float = 1.0
 ) -> tuple[Tensor, Tensor]:
-    """REINFORCE++: per-token reward −kl_coef·KL_t plus R_i at the last token, discounted returns,
-    whitened over the batch. Returns (advantages_BT, returns_BT)."""
+    """REINFORCE++: per-token reward −kl_coef·KL_t plus R_i at the last token, discounted returns. The
+    advantages are the returns (whitened over the batch only with algo.normalize_advantages, as in miles).
+    Returns (advantages_BT, returns_BT)."""
     token_rewards = -kl_coef * kl_BT * mask_BT + terminal_rewards(rewards_B, mask_BT)
     returns = discounted_returns(token_rewards, mask_BT, gamma=gamma)
-    return whiten(returns, mask_BT, eps=whiten_eps), returns
+    return returns, returns
 
 
 def reinforce_pp_baseline_advantages(
-    rewards_B: Tensor,
-    group_B: Tensor,
-    kl_BT: Tensor,
-    mask_BT: Tensor,
-    *,
-    kl_coef: float,
-    gamma: float = 1.0,
-    whiten_eps: float = 1e-8,
+    rewards_B: Tensor, group_B: Tensor, kl_BT: Tensor, mask_BT: Tensor, *, kl_coef: float, gamma: float = 1.0
 ) -> tuple[Tensor, Tensor]:
     """REINFORCE++-baseline: R_i − mean_g R, then as REINFORCE++. Returns (advantages_BT, returns_BT)."""
     mean, _, _ = group_stats(rewards_B, group_B)
-    return reinforce_pp_advantages(
-        rewards_B - mean, kl_BT, mask_BT, kl_coef=kl_coef, gamma=gamma, whiten_eps=whiten_eps
-    )
+    return reinforce_pp_advantages(rewards_B - mean, kl_BT, mask_BT, kl_coef=kl_coef, gamma=gamma)
 
 
 def gae_advantages(

@@ -40,7 +40,7 @@ AdvantageFn = Callable[[AdvantageInputs, AlgoConfig], tuple[Tensor, Tensor | Non
 
 def _grpo(x: AdvantageInputs, c: AlgoConfig) -> tuple[Tensor, Tensor | None]:
     a = adv.grpo_advantages(x.rewards_B, x.group_B, x.mask_BT, std_normalization=c.grpo_std_normalization)
-    return (whiten(a, x.mask_BT) if c.normalize_advantages else a), None
+    return a, None
 
 
 def _kl(x: AdvantageInputs) -> Tensor:
@@ -62,7 +62,7 @@ def _ppo(x: AdvantageInputs, c: AlgoConfig) -> tuple[Tensor, Tensor | None]:
         raise ValueError("advantage_estimator=ppo needs critic values (values_BT)")
     token_rewards = adv.terminal_rewards(x.rewards_B, x.mask_BT) - c.kl_coef * _kl(x) * x.mask_BT
     a, returns = adv.gae_advantages(token_rewards, x.values_BT, x.mask_BT, gamma=c.gamma, lam=c.lambd)
-    return whiten(a, x.mask_BT), returns
+    return a, returns
 
 
 ADVANTAGE_ESTIMATORS: dict[str, AdvantageFn] = {
@@ -94,8 +94,10 @@ TIS_MODES: dict[str, corr.ModeFn] = {"truncate": corr.truncate_mode, "clip": cor
 
 
 def compute_advantages(config: AlgoConfig, inputs: AdvantageInputs) -> tuple[Tensor, Tensor | None]:
-    """(advantages_BT, returns_BT or None) for the whole batch, before it is split into micro-batches."""
-    return ADVANTAGE_ESTIMATORS[config.advantage_estimator](inputs, config)
+    """(advantages_BT, returns_BT or None) for the whole batch, before it is split into micro-batches. With
+    `normalize_advantages` every estimator's advantages are whitened over the batch (miles does the same)."""
+    a, returns = ADVANTAGE_ESTIMATORS[config.advantage_estimator](inputs, config)
+    return (whiten(a, inputs.mask_BT) if config.normalize_advantages else a), returns
 
 
 # ---- policy objective ---------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ class AlgoConfig:
 
     advantage_estimator: Estimator = "grpo"
     grpo_std_normalization: bool = True  # False = Dr.GRPO
-    normalize_advantages: bool = False  # whiten advantages over the batch (GRPO/GSPO)
+    normalize_advantages: bool = False  # whiten any estimator's advantages over this rank's batch (as miles)
     gamma: float = 1.0
     lambd: float = 1.0
     eps_clip: float = 0.2

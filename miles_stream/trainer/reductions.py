@@ -40,9 +40,10 @@ def _positive(denominator: float | Tensor) -> float | Tensor:
 
 
 def whiten(x_BT: Tensor, mask_BT: Tensor, *, eps: float = 1e-8, shift_mean: bool = True) -> Tensor:
-    """(x − mean) / std over the masked entries (unbiased std); masked-out entries become 0."""
+    """(x − mean) / std over the masked entries (unbiased std), plus the mean again unless `shift_mean`
+    (as miles' distributed_masked_whiten); masked-out entries become 0."""
     n = mask_BT.sum()
     mean = masked_sum(x_BT, mask_BT) / n.clamp(min=1)
     var = masked_sum((x_BT - mean) ** 2, mask_BT) / (n - 1).clamp(min=1)
-    out = (x_BT - mean) if shift_mean else x_BT
-    return out * torch.rsqrt(var + eps) * mask_BT
+    out = (x_BT - mean) * torch.rsqrt(var + eps)
+    return (out if shift_mean else out + mean) * mask_BT

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from miles_stream.trainer import advantages as adv
+from miles_stream.trainer.algo import AdvantageInputs, AlgoConfig, compute_advantages
 from miles_stream.trainer.reductions import whiten
 
 
@@ -96,7 +97,7 @@ def test_reinforce_pp_hand_computed() -> None:
     assert returns[0].tolist() == pytest.approx([0.1625, 0.425, 0.95])
 
 
-def test_reinforce_pp_matches_loop_and_is_whitened() -> None:
+def test_reinforce_pp_matches_loop_and_its_advantages_are_the_returns() -> None:
     g = torch.Generator().manual_seed(1)
     mask = ragged_mask([6, 4, 8, 2], 8, holes=True).double()
     rewards = torch.randn(4, generator=g, dtype=torch.float64)
@@ -105,10 +106,31 @@ def test_reinforce_pp_matches_loop_and_is_whitened() -> None:
     tok = (-0.1 * kl * mask + adv.terminal_rewards(rewards, mask)).tolist()
     expected = torch.tensor(loop_returns(tok, mask.tolist(), 0.9), dtype=torch.float64)
     assert torch.allclose(returns, expected)
+    assert torch.equal(a, returns)  # miles: whitened only with normalize_advantages (next test)
+
+
+@pytest.mark.parametrize("estimator", ["grpo", "reinforce_plus_plus", "reinforce_plus_plus_baseline", "ppo"])
+def test_normalize_advantages_decides_whitening_for_every_estimator(estimator: str) -> None:
+    g = torch.Generator().manual_seed(2)
+    mask = ragged_mask([3, 5, 2, 4], 5, holes=True).double()
+    inputs = AdvantageInputs(rewards_B=torch.tensor([1.0, 0.0, 0.5, 2.0], dtype=torch.float64),
+                             group_B=torch.tensor([0, 0, 1, 1]), mask_BT=mask,
+                             values_BT=torch.rand(4, 5, generator=g, dtype=torch.float64) * mask)  # fmt: skip
+    raw, _ = compute_advantages(AlgoConfig(advantage_estimator=estimator), inputs)  # type: ignore[arg-type]
+    white, _ = compute_advantages(AlgoConfig(advantage_estimator=estimator, normalize_advantages=True), inputs)  # type: ignore[arg-type]
     n = mask.sum()
-    assert ((a * mask).sum() / n).item() == pytest.approx(0.0, abs=1e-9)
-    assert (((a * mask) ** 2).sum() / (n - 1)).item() == pytest.approx(1.0, rel=1e-6)
-    assert torch.equal(a * (1 - mask), torch.zeros_like(a))
+    mean = (raw * mask).sum() / n
+    std = (((raw - mean) * mask) ** 2).sum().div(n - 1).sqrt()
+    assert torch.allclose(white, (raw - mean) / std * mask, atol=1e-6)
+    assert not torch.allclose(white, raw, atol=1e-3)  # the flag changed them: raw ones are not whitened
+
+
+def test_whiten_without_shifting_the_mean_adds_it_back() -> None:
+    # x = [1, 3] (third masked): mean 2, unbiased std sqrt(2); (x - 2)/sqrt(2) + 2
+    x = torch.tensor([[1.0, 3.0, 100.0]], dtype=torch.float64)
+    m = torch.tensor([[1.0, 1.0, 0.0]], dtype=torch.float64)
+    out = whiten(x, m, shift_mean=False)
+    assert out[0].tolist() == pytest.approx([2 - 1 / math.sqrt(2), 2 + 1 / math.sqrt(2), 0.0], rel=1e-6)
 
 
 def test_reinforce_pp_baseline_subtracts_group_mean_first() -> None:
