@@ -11,8 +11,9 @@ Legend: B samples, T tokens, as in `losses.py`.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+import torch
 from torch import Tensor
 
 from miles_stream.trainer import advantages as adv
@@ -132,11 +133,13 @@ class PolicyObjective:
 
     def __call__(self, x: LossInputs) -> tuple[Tensor, dict[str, Tensor]]:
         c = self.config
+        x, nonfinite = finite_inputs(x)
         metrics = corr.mismatch_metrics(x.logp_old_BT, x.logp_rollout_BT, x.mask_BT)
+        metrics["nonfinite_frac"] = nonfinite
         weight: Tensor | float = 1.0
-        pg_mask = x.mask_BT
+        keep = x.mask_BT  # what TIS mask mode and the veto leave: every term of the loss uses it (as miles)
         if self.level is not None and self.mode is not None:
-            weight, pg_mask, tis = corr.importance_weights(
+            weight, keep, tis = corr.importance_weights(
                 x.logp_old_BT,
                 x.logp_rollout_BT,
                 x.mask_BT,
@@ -147,7 +150,8 @@ class PolicyObjective:
                 veto_threshold=c.tis_veto_threshold,
             )
             metrics.update(tis)
-        if c.use_opsm:
+        pg_mask = keep
+        if c.use_opsm:  # OPSM drops a sample's policy-gradient term only (as miles)
             keep = corr.opsm_keep(x.logp_BT, x.logp_rollout_BT, x.adv_BT, x.mask_BT, delta=c.opsm_delta)
             metrics["opsm_masked_frac"] = 1 - keep.float().mean()
             pg_mask = pg_mask * keep
@@ -162,11 +166,11 @@ class PolicyObjective:
         if c.kl_loss_coef > 0:
             if x.logp_ref_BT is None:
                 raise ValueError("kl_loss_coef > 0 needs reference logprobs (logp_ref_BT)")
-            kl_loss = self.reduce(x, self.kl(x.logp_BT - x.logp_ref_BT) * x.mask_BT)
+            kl_loss = self.reduce(x, self.kl(x.logp_BT - x.logp_ref_BT) * keep)
             loss = loss + c.kl_loss_coef * kl_loss
             metrics["kl_loss"] = kl_loss.detach()
         if x.entropy_BT is not None:
-            entropy = self.reduce(x, x.entropy_BT * x.mask_BT)
+            entropy = self.reduce(x, x.entropy_BT * keep)
             metrics["entropy"] = entropy.detach()
             if c.entropy_coef > 0:
                 loss = loss - c.entropy_coef * entropy
@@ -182,14 +186,35 @@ class SftObjective:
     token_mean: bool
 
     def __call__(self, x: LossInputs) -> tuple[Tensor, dict[str, Tensor]]:
+        x, nonfinite = finite_inputs(x)
         loss = _reduce(self.token_mean, x, losses.sft_nll(x.logp_BT) * x.mask_BT)
-        metrics = {"loss": loss.detach()}
+        metrics = {"loss": loss.detach(), "nonfinite_frac": nonfinite}
         if x.entropy_BT is not None:
             metrics["entropy"] = _reduce(self.token_mean, x, x.entropy_BT * x.mask_BT).detach()
         return loss, metrics
 
 
 Objective = PolicyObjective | SftObjective
+
+
+_PER_TOKEN = ("logp_BT", "logp_old_BT", "logp_rollout_BT", "adv_BT", "logp_ref_BT", "entropy_BT")
+
+
+def finite_inputs(x: LossInputs) -> tuple[LossInputs, Tensor]:
+    """`x` with every per-token value outside the mask, and every non-finite one, set to 0 before any
+    reduction (NaN x 0 is NaN: one stray value in a padded or tool token poisoned the whole step), and the
+    share of active tokens that held a non-finite value."""
+    active = x.mask_BT > 0
+    bad = torch.zeros((), dtype=torch.float32, device=x.mask_BT.device)
+    clean: dict[str, Tensor] = {}
+    for name in _PER_TOKEN:
+        t = getattr(x, name)
+        if t is None:
+            continue
+        finite = torch.isfinite(t)
+        bad = bad + (active & ~finite).sum()
+        clean[name] = torch.where(active & finite, t, torch.zeros_like(t))
+    return replace(x, **clean), bad / active.sum().clamp(min=1)
 
 
 def _reduce(token_mean: bool, x: LossInputs, loss_BT: Tensor) -> Tensor:

@@ -154,14 +154,18 @@ def test_the_full_logits_path_and_activation_checkpointing_take_the_fused_step(
         torch.testing.assert_close(other[name], value, atol=1e-6, rtol=1e-4)
 
 
-def test_a_non_finite_loss_skips_the_update_and_training_goes_on(model_dir: Path) -> None:
+def test_a_non_finite_gradient_skips_the_update_and_training_goes_on(model_dir: Path) -> None:
     model = load(model_dir)
     batch = fixed_batch(model)
     trainer = PolicyTrainer(model, TrainerConfig(lr=1e-3), AlgoConfig(), temperature=1.0)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     poisoned = replace(batch, rewards_B=batch.rewards_B.clone())
-    poisoned.rewards_B[0] = float("nan")  # NaN advantages, so a NaN loss and NaN gradients
+    poisoned.rewards_B[0] = float("nan")  # NaN advantages on that sample's tokens: zeroed by the objective
+    first = next(p for p in model.parameters() if p.requires_grad)
+    hook = first.register_hook(lambda g: g * float("nan"))  # and a NaN gradient, as a model can produce
     metrics = trainer.train(poisoned)
+    hook.remove()
+    assert metrics["nonfinite_frac"] > 0  # the NaN advantages were seen and counted
     assert metrics["skipped_updates"] == 1 and not np.isfinite(metrics["grad_norm"])
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # weights untouched
     assert all(not s for s in trainer.optimizer.state.values())  # and no optimizer state from the bad step
