@@ -148,6 +148,10 @@ class PolicyObjective:
                 low=c.tis_clip_low,
                 high=c.tis_clip,
                 veto_threshold=c.tis_veto_threshold,
+                rs_level=TIS_LEVELS[c.rs_level] if c.use_rs else None,
+                rs_low=c.rs_bounds[0],
+                rs_high=c.rs_bounds[1],
+                batch_normalize=c.tis_batch_normalize,
             )
             metrics.update(tis)
         pg_mask = keep
@@ -156,6 +160,7 @@ class PolicyObjective:
             metrics["opsm_masked_frac"] = 1 - keep.float().mean()
             pg_mask = pg_mask * keep
         log_ratio = self.ratio(x.logp_BT, x.logp_old_BT, x.mask_BT)
+        metrics["ess_ratio"] = corr.sample_ess(x.logp_BT.detach() - x.logp_old_BT, x.mask_BT)
         pg_BT, pg_metrics = losses.ppo_clip_loss(
             log_ratio, x.adv_BT, x.mask_BT, eps_clip=c.eps_clip, eps_clip_high=c.clip_high, dual_clip_c=c.eps_clip_c
         )
@@ -166,7 +171,10 @@ class PolicyObjective:
         if c.kl_loss_coef > 0:
             if x.logp_ref_BT is None:
                 raise ValueError("kl_loss_coef > 0 needs reference logprobs (logp_ref_BT)")
-            kl_loss = self.reduce(x, self.kl(x.logp_BT - x.logp_ref_BT) * keep)
+            kl_BT = self.kl(x.logp_BT - x.logp_ref_BT)
+            if c.use_unbiased_kl:  # the ratio carries gradient, as in miles
+                kl_BT = kl_BT * (x.logp_BT - x.logp_old_BT).clamp(-corr.LOG_W_CLAMP, corr.LOG_W_CLAMP).exp()
+            kl_loss = self.reduce(x, kl_BT * keep)
             loss = loss + c.kl_loss_coef * kl_loss
             metrics["kl_loss"] = kl_loss.detach()
         if x.entropy_BT is not None:

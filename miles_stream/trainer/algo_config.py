@@ -42,6 +42,12 @@ class AlgoConfig:
     tis_clip_low: float = 0.0
     tis_clip: float = 2.0
     tis_veto_threshold: float = 0.0  # e.g. 1e-4; 0 = off
+    tis_batch_normalize: bool = False  # divide the weights by their micro-batch mean (tokens, or samples)
+    use_rs: bool = False  # rejection sampling: a ratio outside [rs_clip_low, rs_clip] at rs_level leaves the mask
+    rs_level: TISLevel = "token"
+    rs_clip_low: float | None = None  # None = tis_clip_low
+    rs_clip: float | None = None  # None = tis_clip
+    use_unbiased_kl: bool = False  # the KL loss weighted by π_θ/π_old per token (DeepSeek-V3.2; miles' flag)
     use_opsm: bool = False
     opsm_delta: float = 1e-4
 
@@ -57,11 +63,19 @@ class AlgoConfig:
         check(0 <= self.tis_clip_low <= self.tis_clip, "algo.tis_clip_low", "must be in [0, tis_clip]")
         check(self.tis_clip > 0, "algo.tis_clip", "must be positive")
         check(self.opsm_delta >= 0, "algo.opsm_delta", "must be >= 0")
+        check(not self.use_rs or self.tis_mode != "off", "algo.use_rs", "rejection sampling needs tis_mode on")
+        check(self.rs_bounds[0] <= self.rs_bounds[1], "algo.rs_clip_low", "must be <= rs_clip")
         check(
             not (self.tis_mode == "truncate" and self.tis_clip_low > 0),
             "algo.tis_clip_low",
             "truncate mode clamps to [0, tis_clip]; use tis_mode=clip for a lower bound",
         )
+
+    @property
+    def rs_bounds(self) -> tuple[float, float]:
+        """Rejection sampling's [low, high]: its own, else the TIS bounds (as miles)."""
+        low = self.tis_clip_low if self.rs_clip_low is None else self.rs_clip_low
+        return low, self.tis_clip if self.rs_clip is None else self.rs_clip
 
     @property
     def clip_high(self) -> float:

@@ -13,7 +13,8 @@ and one of three modes:
     clip       w ← clamp(w, low, high)
     mask       tokens (or samples) with w outside [low, high] leave the loss mask; the rest keep w (MIS;
                at token level this is ICEPOP)
-Weights never carry gradient. With logp_old == logp_rollout every mode is the identity.
+Weights never carry gradient. With logp_old == logp_rollout every mode is the identity. Rejection sampling
+(`use_rs`) masks by a ratio of its own level and bounds; `tis_batch_normalize` rescales the weights to mean 1.
 """
 
 from __future__ import annotations
@@ -66,15 +67,41 @@ def importance_weights(
     low: float,
     high: float,
     veto_threshold: float = 0.0,
+    rs_level: LevelFn | None = None,
+    rs_low: float = 0.0,
+    rs_high: float = float("inf"),
+    batch_normalize: bool = False,
 ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
     """Returns (w_BT, corrected mask_BT, diagnostics). Multiply per-token losses by w and reduce them
-    with the corrected mask. `veto_threshold` > 0 masks every sample holding a token with w_t below it."""
+    with the corrected mask. `veto_threshold` > 0 masks every sample holding a token with w_t below it.
+    `rs_level` (rejection sampling, decoupled from the weights as in slime's MIS): tokens or samples whose
+    ratio at that level lies outside [rs_low, rs_high] also leave the mask. `batch_normalize`: the weights
+    are divided by their mean over the tokens (token level) or over the samples (sequence, geometric) of
+    this micro-batch, so they average 1."""
     with torch.no_grad():
         dtype = torch.promote_types(logp_old_BT.dtype, torch.float32)  # bf16 in, at least fp32 inside
         log_w_tok = (logp_old_BT.to(dtype) - logp_rollout_BT.to(dtype)) * mask_BT
         log_w = level(log_w_tok, mask_BT).clamp(-LOG_W_CLAMP, LOG_W_CLAMP)
         raw = log_w.exp() * mask_BT
-        w, new_mask = mode(raw, mask_BT, low, high)
+        w, mode_mask = mode(raw, mask_BT, low, high)
+        clipped, new_mask = (w != raw).float(), mode_mask
+        metrics: dict[str, Tensor] = {}
+        if rs_level is not None:
+            rs_w = rs_level(log_w_tok, mask_BT).clamp(-LOG_W_CLAMP, LOG_W_CLAMP).exp()
+            inside = ((rs_w >= rs_low) & (rs_w <= rs_high)).to(new_mask.dtype)
+            metrics["rs_masked_frac"] = masked_mean(1 - inside, mask_BT)
+            new_mask = new_mask * inside
+        if batch_normalize:  # over every token of the mask, a mask-mode rejected one at its raw weight (slime)
+            basis = torch.where(mode_mask > 0, w, raw) * mask_BT
+            if level is token_level:
+                mean = basis.sum() / mask_BT.sum().clamp(min=1)
+            else:  # one weight a sample: the mean over samples that have a token
+                has = mask_BT.sum(dim=-1) > 0
+                per_sample = basis.sum(dim=-1) / mask_BT.sum(dim=-1).clamp(min=1)
+                mean = per_sample[has].mean() if bool(has.any()) else torch.ones((), dtype=w.dtype, device=w.device)
+            factor = torch.where(mean > 1e-8, mean, torch.ones_like(mean))
+            w = w / factor
+            metrics["tis_batch_norm_factor"] = factor
         if veto_threshold > 0:
             vetoed = ((log_w_tok.exp() < veto_threshold) & (mask_BT > 0)).any(dim=-1, keepdim=True)
             new_mask = new_mask * (~vetoed).to(new_mask.dtype)
@@ -82,9 +109,9 @@ def importance_weights(
             vetoed = torch.zeros_like(mask_BT[:, :1], dtype=torch.bool)
         w = w * new_mask
         n = mask_BT.sum().clamp(min=1)
-        metrics = {
+        metrics |= {
             "tis_mean": masked_mean(raw, mask_BT),
-            "tis_clipfrac": masked_mean((w != raw).float() * new_mask, mask_BT),
+            "tis_clipfrac": masked_mean(clipped * new_mask, mask_BT),
             "tis_masked_frac": 1 - new_mask.sum() / n,
             "tis_veto_frac": vetoed.float().mean(),
             "tis_ess": effective_sample_size(w, new_mask),
@@ -98,6 +125,16 @@ def effective_sample_size(w_BT: Tensor, mask_BT: Tensor) -> Tensor:
     n = mask_BT.sum()
     denom = n * (w**2).sum()
     return torch.where(denom > 0, w.sum() ** 2 / denom.clamp(min=1e-30), torch.ones_like(denom))
+
+
+def sample_ess(log_ratio_BT: Tensor, mask_BT: Tensor) -> Tensor:
+    """Per-sample effective sample size of the weights π_θ/π_old, ESS_i = (Σ_t w)² / (n_i Σ_t w²), averaged
+    over the micro-batch's tokens (each sample weighted by its token count, as miles with per-token loss)."""
+    with torch.no_grad():
+        w = log_ratio_BT.float().clamp(-LOG_W_CLAMP, LOG_W_CLAMP).exp() * mask_BT
+        n = mask_BT.sum(dim=-1)
+        ess = w.sum(dim=-1) ** 2 / (n.clamp(min=1) * (w**2).sum(dim=-1).clamp(min=1e-8))
+        return (ess * n).sum() / n.sum().clamp(min=1)
 
 
 def opsm_keep(logp_BT: Tensor, logp_rollout_BT: Tensor, adv_BT: Tensor, mask_BT: Tensor, *, delta: float) -> Tensor:
