@@ -161,9 +161,12 @@ class PolicyObjective:
             pg_mask = pg_mask * keep
         log_ratio = self.ratio(x.logp_BT, x.logp_old_BT, x.mask_BT)
         metrics["ess_ratio"] = corr.sample_ess(x.logp_BT.detach() - x.logp_old_BT, x.mask_BT)
-        pg_BT, pg_metrics = losses.ppo_clip_loss(
-            log_ratio, x.adv_BT, x.mask_BT, eps_clip=c.eps_clip, eps_clip_high=c.clip_high, dual_clip_c=c.eps_clip_c
-        )
+        if c.policy_loss == "cispo":
+            pg_BT, pg_metrics = losses.cispo_loss(log_ratio, x.logp_BT, x.adv_BT, x.mask_BT, eps_clip=c.eps_clip,
+                                                  eps_clip_high=c.clip_high)  # fmt: skip
+        else:
+            pg_BT, pg_metrics = losses.ppo_clip_loss(log_ratio, x.adv_BT, x.mask_BT, eps_clip=c.eps_clip,
+                                                     eps_clip_high=c.clip_high, dual_clip_c=c.eps_clip_c)  # fmt: skip
         metrics.update(pg_metrics)
         pg_loss = self.reduce(x, pg_BT * weight * pg_mask)
         loss = pg_loss

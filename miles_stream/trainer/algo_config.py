@@ -12,6 +12,7 @@ from typing import Literal
 
 from miles_stream.config import check
 
+PolicyLoss = Literal["ppo", "cispo"]
 Estimator = Literal["grpo", "gspo", "reinforce_plus_plus", "reinforce_plus_plus_baseline", "ppo"]
 KLType = Literal["k1", "k2", "k3", "low_var_kl"]
 Reduction = Literal["token_mean", "seq_mean_token_mean"]
@@ -24,6 +25,7 @@ class AlgoConfig:
     """RL algorithm hyperparameters. ICEPOP is tis_mode=mask, tis_level=token, tis_clip_low=0.5, tis_clip=5."""
 
     advantage_estimator: Estimator = "grpo"
+    policy_loss: PolicyLoss = "ppo"  # ppo: the clipped surrogate; cispo: clipped IS weight x logp (slime's CISPO)
     grpo_std_normalization: bool = True  # False = Dr.GRPO
     normalize_advantages: bool = False  # whiten any estimator's advantages over this rank's batch (as miles)
     gamma: float = 1.0
@@ -64,6 +66,7 @@ class AlgoConfig:
         check(self.tis_clip > 0, "algo.tis_clip", "must be positive")
         check(self.opsm_delta >= 0, "algo.opsm_delta", "must be >= 0")
         check(not self.use_rs or self.tis_mode != "off", "algo.use_rs", "rejection sampling needs tis_mode on")
+        check(self.eps_clip_c is None or self.policy_loss == "ppo", "algo.eps_clip_c", "dual clip is PPO's, not CISPO's")
         check(self.rs_bounds[0] <= self.rs_bounds[1], "algo.rs_clip_low", "must be <= rs_clip")
         check(
             not (self.tis_mode == "truncate" and self.tis_clip_low > 0),

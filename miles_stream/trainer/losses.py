@@ -60,6 +60,19 @@ def ppo_clip_loss(
     return loss, metrics
 
 
+def cispo_loss(
+    log_ratio_BT: Tensor, logp_BT: Tensor, adv_BT: Tensor, mask_BT: Tensor, *, eps_clip: float, eps_clip_high: float
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """CISPO (MiniMax-M1, as slime): L_t = −sg(clip(r, 1−ε_low, 1+ε_high))·A·logp. The gradient flows through
+    logp only, so a clipped token still learns, with its weight capped."""
+    ratio = log_ratio_BT.exp()
+    capped = ratio.clamp(1.0 - eps_clip, 1.0 + eps_clip_high).detach()
+    metrics = {"pg_clipfrac": masked_mean((capped != ratio).to(ratio.dtype), mask_BT).detach()}
+    with torch.no_grad():
+        metrics["ppo_kl"] = masked_mean(ratio - 1 - log_ratio_BT, mask_BT)
+    return -capped * adv_BT * logp_BT, metrics
+
+
 def sft_nll(logp_BT: Tensor) -> Tensor:
     """Supervised fine-tuning: −log π_θ of each target token (miles' sft loss, masked and reduced as the
     policy loss is)."""

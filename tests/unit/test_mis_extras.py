@@ -1,4 +1,4 @@
-"""miles/slime's MIS extras and unbiased KL, by hand and as properties: batch-normalized weights, rejection
+"""miles/slime's MIS extras, unbiased KL and CISPO, by hand and as properties: batch-normalized weights, rejection
 sampling decoupled from the weights, the per-sample ESS of π_θ/π_old, the KL loss weighted by π_θ/π_old."""
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import torch
 
 from miles_stream.errors import ConfigError
 from miles_stream.trainer import correction as corr
+from miles_stream.trainer import losses
 from miles_stream.trainer.algo import AlgoConfig, LossInputs, build_objective
 
 F64 = torch.float64
@@ -115,3 +116,24 @@ def test_unbiased_kl_equals_the_plain_one_on_policy(seed: int) -> None:
     assert kl_loss(True, logp, logp.clone(), ref).item() == pytest.approx(
         kl_loss(False, logp, logp.clone(), ref).item()
     )
+
+
+def test_cispo_by_hand_and_its_gradient_flows_through_logp_only() -> None:
+    # ratios e^0.5 (capped at 1.28), 1, e^-0.5 (capped at 0.8); A = 1, -1, 2
+    logp = torch.tensor([[-1.0, -2.0, -0.5]], dtype=F64, requires_grad=True)
+    log_ratio = torch.tensor([[0.5, 0.0, -0.5]], dtype=F64, requires_grad=True)
+    adv = torch.tensor([[1.0, -1.0, 2.0]], dtype=F64)
+    loss, metrics = losses.cispo_loss(log_ratio, logp, adv, torch.ones_like(adv), eps_clip=0.2, eps_clip_high=0.28)
+    capped = [1.28, 1.0, 0.8]
+    assert loss[0].tolist() == pytest.approx(
+        [-c * a * lp for c, a, lp in zip(capped, [1, -1, 2], [-1, -2, -0.5], strict=True)]
+    )
+    assert metrics["pg_clipfrac"].item() == pytest.approx(2 / 3)
+    loss.sum().backward()  # type: ignore[no-untyped-call]
+    assert logp.grad is not None and logp.grad[0].tolist() == pytest.approx([-1.28, 1.0, -1.6])
+    assert log_ratio.grad is None or torch.all(log_ratio.grad == 0)
+
+
+def test_cispo_refuses_dual_clip() -> None:
+    with pytest.raises(ConfigError, match="eps_clip_c"):
+        AlgoConfig(policy_loss="cispo", eps_clip_c=3.0)
