@@ -46,6 +46,8 @@ log = structlog.get_logger("consumers.trainer")
 def main(config: RunConfig, *, resume: bool = False, replay: Sequence[str] = ()) -> int:
     cfg = config.trainer
     check_model_dir(cfg.model, "trainer.model")
+    if config.algo.use_opd:
+        check_model_dir(cfg.teacher_model, "trainer.teacher_model")
     parallel = DataParallel.from_env(cfg.device)
     if config.buffer.rollout_batch_size % parallel.world:
         raise ConfigError(f"buffer.rollout_batch_size={config.buffer.rollout_batch_size} must divide evenly "

@@ -34,6 +34,8 @@ class AdvantageInputs:
     mask_BT: Tensor
     kl_BT: Tensor | None = None  # policy vs reference, per token (REINFORCE++, PPO)
     values_BT: Tensor | None = None  # critic values (PPO)
+    student_BT: Tensor | None = None  # on-policy distillation: the student's (old) logprobs
+    teacher_BT: Tensor | None = None  # and the teacher's
 
 
 AdvantageFn = Callable[[AdvantageInputs, AlgoConfig], tuple[Tensor, Tensor | None]]
@@ -98,7 +100,17 @@ def compute_advantages(config: AlgoConfig, inputs: AdvantageInputs) -> tuple[Ten
     """(advantages_BT, returns_BT or None) for the whole batch, before it is split into micro-batches. With
     `normalize_advantages` every estimator's advantages are whitened over the batch (miles does the same)."""
     a, returns = ADVANTAGE_ESTIMATORS[config.advantage_estimator](inputs, config)
+    if config.use_opd:  # after any estimator, before whitening (as miles)
+        if inputs.student_BT is None or inputs.teacher_BT is None:
+            raise ValueError("algo.use_opd needs student and teacher logprobs")
+        a = a - config.opd_kl_coef * opd_reverse_kl(inputs)
     return (whiten(a, inputs.mask_BT) if config.normalize_advantages else a), returns
+
+
+def opd_reverse_kl(inputs: AdvantageInputs) -> Tensor:
+    """Per-token reverse KL of student to teacher on the sampled tokens, log π_s − log π_t; 0 off the mask."""
+    assert inputs.student_BT is not None and inputs.teacher_BT is not None
+    return (inputs.student_BT - inputs.teacher_BT) * inputs.mask_BT
 
 
 # ---- policy objective ---------------------------------------------------------------------------------

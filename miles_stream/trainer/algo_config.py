@@ -49,6 +49,8 @@ class AlgoConfig:
     rs_level: TISLevel = "token"
     rs_clip_low: float | None = None  # None = tis_clip_low
     rs_clip: float | None = None  # None = tis_clip
+    use_opd: bool = False  # on-policy distillation: A_t -= opd_kl_coef * (log π_student - log π_teacher) (miles)
+    opd_kl_coef: float = 1.0
     use_unbiased_kl: bool = False  # the KL loss weighted by π_θ/π_old per token (DeepSeek-V3.2; miles' flag)
     use_opsm: bool = False
     opsm_delta: float = 1e-4
@@ -59,14 +61,16 @@ class AlgoConfig:
         check(self.eps_clip_c is None or self.eps_clip_c > 1, "algo.eps_clip_c", "dual clip needs c > 1")
         check(0 <= self.gamma <= 1, "algo.gamma", "must be in [0, 1]")
         check(0 <= self.lambd <= 1, "algo.lambd", "must be in [0, 1]")
-        for name in ("kl_coef", "kl_loss_coef", "entropy_coef", "tis_veto_threshold"):
+        for name in ("kl_coef", "kl_loss_coef", "entropy_coef", "tis_veto_threshold", "opd_kl_coef"):
             check(getattr(self, name) >= 0, f"algo.{name}", "must be >= 0")
         check(self.value_clip is None or self.value_clip > 0, "algo.value_clip", "must be positive or null")
         check(0 <= self.tis_clip_low <= self.tis_clip, "algo.tis_clip_low", "must be in [0, tis_clip]")
         check(self.tis_clip > 0, "algo.tis_clip", "must be positive")
         check(self.opsm_delta >= 0, "algo.opsm_delta", "must be >= 0")
         check(not self.use_rs or self.tis_mode != "off", "algo.use_rs", "rejection sampling needs tis_mode on")
-        check(self.eps_clip_c is None or self.policy_loss == "ppo", "algo.eps_clip_c", "dual clip is PPO's, not CISPO's")
+        check(
+            self.eps_clip_c is None or self.policy_loss == "ppo", "algo.eps_clip_c", "dual clip is PPO's, not CISPO's"
+        )
         check(self.rs_bounds[0] <= self.rs_bounds[1], "algo.rs_clip_low", "must be <= rs_clip")
         check(
             not (self.tis_mode == "truncate" and self.tis_clip_low > 0),

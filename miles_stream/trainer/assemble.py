@@ -30,10 +30,12 @@ def build_trainer(config: RunConfig, parallel: DataParallel) -> PolicyTrainer:
     model = load_policy(config)
     needs_ref = config.algo.kl_loss_coef > 0 or config.algo.kl_coef > 0
     ref = load_causal_lm(cfg.ref_model or cfg.model, dtype=cfg.dtype, device=cfg.device) if needs_ref else None
-    if ref is not None:
-        ref.requires_grad_(False).train(False)
+    teacher = load_causal_lm(cfg.teacher_model, dtype=cfg.dtype, device=cfg.device) if config.algo.use_opd else None
+    for frozen in (ref, teacher):
+        if frozen is not None:
+            frozen.requires_grad_(False).train(False)
     return PolicyTrainer(model, cfg, config.algo, temperature=config.trainer_temperature, ref_model=ref,
-                         parallel=parallel)  # fmt: skip
+                         teacher_model=teacher, parallel=parallel)  # fmt: skip
 
 
 def build_service(config: RunConfig, trainer: PolicyTrainer, buffer: ReplayBuffer, publisher: WeightPublisher | None,

@@ -12,6 +12,7 @@ from miles_stream.config import check
 class TrainerConfig:
     model: str = ""  # a local Hugging Face model directory (the policy's starting point)
     ref_model: str = ""  # a frozen reference for the KL loss; empty: `model` when algo.kl_loss_coef > 0
+    teacher_model: str = ""  # on-policy distillation (algo.use_opd): the teacher whose logprobs the trainer computes
     device: str = "cpu"
     dtype: Literal["float32", "bfloat16"] = "float32"  # what the forward and backward passes compute in
     # bfloat16 compute: the parameters and the optimizer's state stay float32 (autocast; published weights are

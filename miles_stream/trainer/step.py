@@ -47,6 +47,7 @@ class PolicyTrainer:
         *,
         temperature: float,
         ref_model: nn.Module | None = None,
+        teacher_model: nn.Module | None = None,
         parallel: DataParallel | None = None,
         objective: Objective | None = None,
     ) -> None:
@@ -54,7 +55,10 @@ class PolicyTrainer:
             raise ValueError("algo.advantage_estimator=ppo needs a critic, which the torch trainer does not have")
         if (algo.kl_loss_coef > 0 or algo.kl_coef > 0) and ref_model is None:
             raise ValueError("algo.kl_loss_coef / algo.kl_coef > 0 need a reference model")
+        if algo.use_opd and teacher_model is None:
+            raise ValueError("algo.use_opd needs a teacher model")
         self.model, self.ref_model, self.config, self.algo = model, ref_model, config, algo
+        self.teacher_model = teacher_model
         self.temperature = temperature
         self.parallel = parallel or DataParallel()
         self.device = next(model.parameters()).device
@@ -63,11 +67,11 @@ class PolicyTrainer:
         self.compute_dtype: torch.dtype | None = compute if next(model.parameters()).dtype != compute else None
         self.objective = objective or build_objective(algo)  # SftObjective for `train --sft`
         if config.pack_sequences:
-            for m in (model, ref_model):
+            for m in (model, ref_model, teacher_model):
                 if m is not None:
                     use_packed_attention(m)
         self.replays = {id(m): RoutingReplay(m, replace=config.routing_replay)
-                        for m in (model, ref_model) if m is not None and moe_routers(m)}  # fmt: skip
+                        for m in (model, ref_model, teacher_model) if m is not None and moe_routers(m)}  # fmt: skip
         if config.activation_checkpointing:
             set_activation_checkpointing(model, True)
         if config.compile:
@@ -87,12 +91,19 @@ class PolicyTrainer:
         started = time.perf_counter()
         self.model.train()
         ref_BT = self._logprobs(self.ref_model, batch) if self.ref_model is not None else None
-        several = self.config.updates_per_batch > 1 and self.config.recompute_old_logprobs
-        old_BT = self._logprobs(self.model, batch) if several else None
+        recompute = self.config.recompute_old_logprobs
+        several = self.config.updates_per_batch > 1 and recompute
+        old_BT = self._logprobs(self.model, batch) if several or (self.algo.use_opd and recompute) else None
         kl_BT = None
         if ref_BT is not None and self.algo.kl_coef > 0:
-            kl_BT = (batch.logp_rollout_BT if old_BT is None else old_BT) - ref_BT
-        inputs = AdvantageInputs(rewards_B=batch.rewards_B, group_B=batch.group_B, mask_BT=batch.mask_BT, kl_BT=kl_BT)
+            cpu = batch.mask_BT.device  # old and reference logprobs were computed on the trainer's device
+            kl_BT = (batch.logp_rollout_BT if old_BT is None else old_BT.to(cpu)) - ref_BT.to(cpu)
+        student_BT = teacher_BT = None
+        if self.teacher_model is not None:  # advantages are computed where the batch is (the CPU)
+            teacher_BT = self._logprobs(self.teacher_model, batch).to(batch.mask_BT.device)
+            student_BT = batch.logp_rollout_BT if old_BT is None else old_BT.to(batch.mask_BT.device)
+        inputs = AdvantageInputs(rewards_B=batch.rewards_B, group_B=batch.group_B, mask_BT=batch.mask_BT, kl_BT=kl_BT,
+                                 student_BT=student_BT, teacher_BT=teacher_BT)  # fmt: skip
         adv_BT, _ = compute_advantages(self.algo, inputs)
         totals: dict[str, float] = {}
         parts = _split(list(range(batch.size)), self.config.updates_per_batch)

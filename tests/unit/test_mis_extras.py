@@ -1,17 +1,22 @@
-"""miles/slime's MIS extras, unbiased KL and CISPO, by hand and as properties: batch-normalized weights, rejection
-sampling decoupled from the weights, the per-sample ESS of π_θ/π_old, the KL loss weighted by π_θ/π_old."""
+"""miles/slime's MIS extras, unbiased KL, CISPO and on-policy distillation, by hand and as properties:
+batch-normalized weights, rejection sampling decoupled from the weights, the per-sample ESS of π_θ/π_old,
+the KL loss weighted by π_θ/π_old."""
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
+from consumers.trainer import main
 from miles_stream.errors import ConfigError
+from miles_stream.models import build_tiny_model
+from miles_stream.run_config import load_run_config
 from miles_stream.trainer import correction as corr
 from miles_stream.trainer import losses
-from miles_stream.trainer.algo import AlgoConfig, LossInputs, build_objective
+from miles_stream.trainer.algo import AdvantageInputs, AlgoConfig, LossInputs, build_objective, compute_advantages
 
 F64 = torch.float64
 
@@ -137,3 +142,24 @@ def test_cispo_by_hand_and_its_gradient_flows_through_logp_only() -> None:
 def test_cispo_refuses_dual_clip() -> None:
     with pytest.raises(ConfigError, match="eps_clip_c"):
         AlgoConfig(policy_loss="cispo", eps_clip_c=3.0)
+
+
+def test_opd_subtracts_the_reverse_kl_to_the_teacher_before_whitening() -> None:
+    # GRPO advantages of rewards 1, 0 in one group: +0.7071, -0.7071; reverse KL student - teacher per token
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]], dtype=F64)
+    student = torch.tensor([[-1.0, -0.5, 9.0], [-2.0, -1.0, -0.1]], dtype=F64)
+    teacher = torch.tensor([[-0.5, -0.5, 0.0], [-1.0, -3.0, -0.1]], dtype=F64)
+    x = AdvantageInputs(rewards_B=torch.tensor([1.0, 0.0], dtype=F64), group_B=torch.tensor([0, 0]), mask_BT=mask,
+                        student_BT=student, teacher_BT=teacher)  # fmt: skip
+    plain, _ = compute_advantages(AlgoConfig(), x)
+    opd, _ = compute_advantages(AlgoConfig(use_opd=True, opd_kl_coef=0.5), x)
+    rkl = torch.tensor([[-0.5, 0.0, 0.0], [-1.0, 2.0, 0.0]], dtype=F64)
+    assert torch.allclose(opd, plain - 0.5 * rkl)
+    assert opd[0, 2].item() == plain[0, 2].item()  # off the mask: untouched
+
+
+def test_distillation_without_a_teacher_names_the_key(tmp_path: Path) -> None:
+    model = build_tiny_model(tmp_path / "m")
+    config = load_run_config(None, [f"trainer.model={model}", "algo.use_opd=true"])
+    with pytest.raises(ConfigError, match=r"trainer\.teacher_model"):
+        main(config)

@@ -294,3 +294,23 @@ def test_kl_loss_against_a_frozen_reference_starts_at_zero_and_grows(model_dir: 
     assert kls[0] == pytest.approx(0.0, abs=1e-7) and kls[2] > 1e-6
     with pytest.raises(ValueError, match="reference model"):
         PolicyTrainer(load(model_dir), TrainerConfig(), algo, temperature=1.0)
+
+
+def test_distillation_from_a_teacher_equal_to_the_student_changes_nothing(model_dir: Path) -> None:
+    # the reverse KL is 0 on every token, so the update is the plain one; a different teacher changes it
+    batch = fixed_batch(load(model_dir))
+    updates = []
+    for teacher in ("none", "same", "other"):
+        model = load(model_dir)
+        algo = AlgoConfig(use_opd=teacher != "none", opd_kl_coef=1.0)
+        other = load(model_dir)
+        if teacher == "other":
+            with torch.no_grad():
+                for p in other.parameters():
+                    p.add_(torch.randn_like(p) * 0.05)
+        trainer = PolicyTrainer(model, TrainerConfig(lr=1e-3), algo, temperature=1.0,
+                                teacher_model=None if teacher == "none" else other)  # fmt: skip
+        trainer.train(batch)
+        updates.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    assert torch.allclose(updates[0], updates[1], atol=1e-6)
+    assert not torch.allclose(updates[0], updates[2], atol=1e-6)
