@@ -38,6 +38,7 @@ class AlgoConfig:
     kl_loss_type: KLType = "low_var_kl"
     entropy_coef: float = 0.0
     value_clip: float | None = 0.2
+    num_critic_only_steps: int = 0  # PPO: batches on which only the critic learns, at the start
     loss_reduction: Reduction = "token_mean"
     tis_mode: TISMode = "off"
     tis_level: TISLevel = "token"
@@ -64,6 +65,7 @@ class AlgoConfig:
         for name in ("kl_coef", "kl_loss_coef", "entropy_coef", "tis_veto_threshold", "opd_kl_coef"):
             check(getattr(self, name) >= 0, f"algo.{name}", "must be >= 0")
         check(self.value_clip is None or self.value_clip > 0, "algo.value_clip", "must be positive or null")
+        check(self.num_critic_only_steps >= 0, "algo.num_critic_only_steps", "must be >= 0")
         check(0 <= self.tis_clip_low <= self.tis_clip, "algo.tis_clip_low", "must be in [0, tis_clip]")
         check(self.tis_clip > 0, "algo.tis_clip", "must be positive")
         check(self.opsm_delta >= 0, "algo.opsm_delta", "must be >= 0")

@@ -8,6 +8,7 @@ import torch
 
 from miles_stream.buffer import ReplayBuffer
 from miles_stream.run_config import RunConfig
+from miles_stream.trainer.critic import Critic, ValueModel
 from miles_stream.trainer.hf import export_hf, load_causal_lm
 from miles_stream.trainer.metrics import MetricsSink
 from miles_stream.trainer.parallel import DataParallel
@@ -34,8 +35,12 @@ def build_trainer(config: RunConfig, parallel: DataParallel) -> PolicyTrainer:
     for frozen in (ref, teacher):
         if frozen is not None:
             frozen.requires_grad_(False).train(False)
+    critic = None
+    if config.algo.advantage_estimator == "ppo":
+        lm = load_causal_lm(cfg.critic_model or cfg.model, dtype=cfg.params_dtype, device=cfg.device)
+        critic = Critic(ValueModel(lm), cfg, config.algo, parallel)
     return PolicyTrainer(model, cfg, config.algo, temperature=config.trainer_temperature, ref_model=ref,
-                         teacher_model=teacher, parallel=parallel)  # fmt: skip
+                         teacher_model=teacher, critic=critic, parallel=parallel)  # fmt: skip
 
 
 def build_service(config: RunConfig, trainer: PolicyTrainer, buffer: ReplayBuffer, publisher: WeightPublisher | None,

@@ -1,6 +1,7 @@
 """Trainer checkpoints: saved atomically, loaded to continue a run exactly.
 
     {checkpoint_dir}/step-00000010/   model.safetensors   the policy's parameters and buffers
+                                      critic.safetensors  PPO's value model (only with a critic)
                                       state.pt            AdamW, schedule and torch RNG state (loaded weights_only)
                                       rng.json            numpy and python RNG states
                                       trainer.json        step, weight version, claims (groups trained, not yet acked)
@@ -48,6 +49,7 @@ def save_checkpoint(
     scheduler: Any,
     *,
     keep: int = 2,
+    critic: Any = None,
 ) -> Path:
     """Write the checkpoint into a temporary directory, then rename it into place. A failure (a full disk)
     removes the temporary directory and is a `CheckpointError` naming the directory; temporary directories
@@ -62,8 +64,13 @@ def save_checkpoint(
                 shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir()
         save_model(model, str(tmp / "model.safetensors"))
+        extra = {}
+        if critic is not None:  # PPO's value model (trainer/critic.py), its optimizer and schedule
+            save_model(critic.model, str(tmp / "critic.safetensors"))
+            extra = {"critic_optimizer": critic.optimizer.state_dict(),
+                     "critic_scheduler": critic.scheduler.state_dict()}  # fmt: skip
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "torch_rng": torch.get_rng_state()}, tmp / "state.pt")  # fmt: skip
+                    "torch_rng": torch.get_rng_state(), **extra}, tmp / "state.pt")  # fmt: skip
         (tmp / "rng.json").write_text(json.dumps(_rng_state()))
         claims = [[c.entry_id, c.group_id] for c in state.claims]
         (tmp / "trainer.json").write_text(
@@ -84,7 +91,7 @@ def save_checkpoint(
 
 
 def load_checkpoint(
-    root: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any
+    root: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, *, critic: Any = None
 ) -> TrainerState | None:
     """Restore the newest checkpoint under `root` into the given objects; None if there is none."""
     root = Path(root)
@@ -97,6 +104,12 @@ def load_checkpoint(
         load_model(model, str(path / "model.safetensors"), strict=True)  # strict: a missing name raises
         saved = torch.load(path / "state.pt", weights_only=True)
         rng = json.loads((path / "rng.json").read_text())
+        if critic is not None:
+            if not (path / "critic.safetensors").is_file():
+                raise ValueError("it holds no critic (saved by a run without algo.advantage_estimator=ppo)")
+            load_model(critic.model, str(path / "critic.safetensors"), strict=True)
+            critic.optimizer.load_state_dict(saved["critic_optimizer"])
+            critic.scheduler.load_state_dict(saved["critic_scheduler"])
     except (OSError, ValueError, RuntimeError, KeyError) as exc:
         raise MilesStreamError(f"checkpoint {path} cannot be loaded: {exc}") from exc
     optimizer.load_state_dict(saved["optimizer"])

@@ -12,6 +12,8 @@ from miles_stream.config import check
 class TrainerConfig:
     model: str = ""  # a local Hugging Face model directory (the policy's starting point)
     ref_model: str = ""  # a frozen reference for the KL loss; empty: `model` when algo.kl_loss_coef > 0
+    critic_model: str = ""  # PPO's value model starts from this LM's decoder; empty: `model`
+    critic_lr: float = 0.0  # 0 = lr
     teacher_model: str = ""  # on-policy distillation (algo.use_opd): the teacher whose logprobs the trainer computes
     device: str = "cpu"
     dtype: Literal["float32", "bfloat16"] = "float32"  # what the forward and backward passes compute in
@@ -60,6 +62,7 @@ class TrainerConfig:
     def __post_init__(self) -> None:
         check(self.torch_threads >= 0, "trainer.torch_threads", "must be >= 0 (0 = torch's default)")
         check(self.lr > 0, "trainer.lr", "must be positive")
+        check(self.critic_lr >= 0, "trainer.critic_lr", "must be >= 0 (0 = trainer.lr)")
         check(self.weight_decay >= 0, "trainer.weight_decay", "must be >= 0")
         check(all(0 <= b < 1 for b in self.adam_betas), "trainer.adam_betas", "each must be in [0, 1)")
         check(self.warmup_steps >= 0, "trainer.warmup_steps", "must be >= 0")

@@ -24,15 +24,7 @@ def response_logprobs(
     """(logp_bT, entropy_bT): log_softmax(logits / temperature) at each response token, and the entropy of
     that distribution (differentiable only with `entropy_grad`). Values past a response's end are garbage
     and must be masked by the caller."""
-    base = model.base_model  # the decoder without its output layer
-    packed: dict[str, Any] = {}
-    if x.cu_seqlens is not None:  # transformers passes these down to the attention function
-        packed = {"cu_seq_lens_q": x.cu_seqlens, "cu_seq_lens_k": x.cu_seqlens, "max_length_q": x.max_length,
-                  "max_length_k": x.max_length}  # fmt: skip
-    hidden = base(input_ids=x.input_ids, attention_mask=x.attention_mask, position_ids=x.position_ids,
-                  use_cache=False, **packed).last_hidden_state  # fmt: skip
-    rows = (torch.arange(hidden.shape[0], device=hidden.device) if x.row_b is None else x.row_b)[:, None]
-    h_bTH = hidden[rows, x.positions_bT]
+    h_bTH = response_hidden(model.base_model, x)
     head = model.get_output_embeddings()
     if fused and type(head) is torch.nn.Linear and getattr(head, "bias", None) is None:
         b, t, width = h_bTH.shape
@@ -52,3 +44,17 @@ def response_logprobs(
     with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
         entropy = -(logp_all.exp() * logp_all).sum(-1)
     return logp, entropy
+
+
+def response_hidden(decoder: Any, x: MicroInputs) -> Tensor:
+    """[b, T, H] the decoder's last hidden states at the positions that predict each response token (the
+    state before the token: what the output layer, or a critic's value head, reads)."""
+    packed: dict[str, Any] = {}
+    if x.cu_seqlens is not None:  # transformers passes these down to the attention function
+        packed = {"cu_seq_lens_q": x.cu_seqlens, "cu_seq_lens_k": x.cu_seqlens, "max_length_q": x.max_length,
+                  "max_length_k": x.max_length}  # fmt: skip
+    hidden = decoder(input_ids=x.input_ids, attention_mask=x.attention_mask, position_ids=x.position_ids,
+                     use_cache=False, **packed).last_hidden_state  # fmt: skip
+    rows = (torch.arange(hidden.shape[0], device=hidden.device) if x.row_b is None else x.row_b)[:, None]
+    out: Tensor = hidden[rows, x.positions_bT]
+    return out

@@ -234,7 +234,8 @@ class TrainerService:
                                      run_id=self.run_identity.id if self.run_identity else "")  # fmt: skip
                 path = await asyncio.to_thread(save_checkpoint, self.config.checkpoint_dir, state, self.trainer.model,
                                                self.trainer.optimizer, self.trainer.scheduler,
-                                               keep=self.config.keep_checkpoints)  # fmt: skip
+                                               keep=self.config.keep_checkpoints,
+                                               critic=self.trainer.critic)  # fmt: skip
                 log.info("checkpoint_saved", path=str(path), step=state.step, version=state.version)
             self.parallel.barrier()
         return True
@@ -259,7 +260,7 @@ class TrainerService:
         state = None
         if resume and self.config.checkpoint_dir:
             state = load_checkpoint(self.config.checkpoint_dir, self.trainer.model, self.trainer.optimizer,
-                                    self.trainer.scheduler)  # fmt: skip
+                                    self.trainer.scheduler, critic=self.trainer.critic)  # fmt: skip
         if state is not None:
             self._check_same_run(state)
             self.progress.step, self.progress.version = state.step, state.version

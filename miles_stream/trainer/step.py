@@ -29,6 +29,7 @@ from miles_stream.trainer.algo import AdvantageInputs, LossInputs, Objective, bu
 from miles_stream.trainer.algo_config import AlgoConfig
 from miles_stream.trainer.batch import MicroInputs, RolloutBatch, micro_inputs, packed_inputs
 from miles_stream.trainer.config import TrainerConfig
+from miles_stream.trainer.critic import Critic
 from miles_stream.trainer.logprobs import response_logprobs
 from miles_stream.trainer.optim import build_optimizer, build_scheduler
 from miles_stream.trainer.parallel import DataParallel
@@ -48,17 +49,18 @@ class PolicyTrainer:
         temperature: float,
         ref_model: nn.Module | None = None,
         teacher_model: nn.Module | None = None,
+        critic: Critic | None = None,
         parallel: DataParallel | None = None,
         objective: Objective | None = None,
     ) -> None:
-        if algo.advantage_estimator == "ppo":
-            raise ValueError("algo.advantage_estimator=ppo needs a critic, which the torch trainer does not have")
+        if (algo.advantage_estimator == "ppo") != (critic is not None):
+            raise ValueError("algo.advantage_estimator=ppo needs a critic (and only ppo has one)")
         if (algo.kl_loss_coef > 0 or algo.kl_coef > 0) and ref_model is None:
             raise ValueError("algo.kl_loss_coef / algo.kl_coef > 0 need a reference model")
         if algo.use_opd and teacher_model is None:
             raise ValueError("algo.use_opd needs a teacher model")
         self.model, self.ref_model, self.config, self.algo = model, ref_model, config, algo
-        self.teacher_model = teacher_model
+        self.teacher_model, self.critic = teacher_model, critic
         self.temperature = temperature
         self.parallel = parallel or DataParallel()
         self.device = next(model.parameters()).device
@@ -67,7 +69,7 @@ class PolicyTrainer:
         self.compute_dtype: torch.dtype | None = compute if next(model.parameters()).dtype != compute else None
         self.objective = objective or build_objective(algo)  # SftObjective for `train --sft`
         if config.pack_sequences:
-            for m in (model, ref_model, teacher_model):
+            for m in (model, ref_model, teacher_model, critic.model.decoder if critic else None):
                 if m is not None:
                     use_packed_attention(m)
         self.replays = {id(m): RoutingReplay(m, replace=config.routing_replay)
@@ -102,14 +104,19 @@ class PolicyTrainer:
         if self.teacher_model is not None:  # advantages are computed where the batch is (the CPU)
             teacher_BT = self._logprobs(self.teacher_model, batch).to(batch.mask_BT.device)
             student_BT = batch.logp_rollout_BT if old_BT is None else old_BT.to(batch.mask_BT.device)
+        values_BT = self.critic.values(batch, self._plan, self._inputs, self._precision) if self.critic else None
         inputs = AdvantageInputs(rewards_B=batch.rewards_B, group_B=batch.group_B, mask_BT=batch.mask_BT, kl_BT=kl_BT,
-                                 student_BT=student_BT, teacher_BT=teacher_BT)  # fmt: skip
-        adv_BT, _ = compute_advantages(self.algo, inputs)
+                                 values_BT=values_BT, student_BT=student_BT, teacher_BT=teacher_BT)  # fmt: skip
+        adv_BT, returns_BT = compute_advantages(self.algo, inputs)
         totals: dict[str, float] = {}
-        parts = _split(list(range(batch.size)), self.config.updates_per_batch)
+        critic_only = self.critic is not None and self.critic.steps < self.algo.num_critic_only_steps
+        parts = [] if critic_only else _split(list(range(batch.size)), self.config.updates_per_batch)
         for part in parts:
             for name, value in self._update(batch, part, adv_BT, old_BT, ref_BT).items():
                 totals[name] = totals.get(name, 0.0) + value / len(parts)
+        if self.critic is not None and values_BT is not None and returns_BT is not None:
+            totals |= self.critic.update(batch, returns_BT, values_BT, self._plan, self._inputs, self._precision)
+            totals["critic_only"] = float(critic_only)
         tokens = self.parallel.sum(torch.tensor(float(sum(batch.lengths)))).item()
         totals["train_s"] = time.perf_counter() - started
         totals["tokens"] = tokens
