@@ -163,3 +163,33 @@ def test_distillation_without_a_teacher_names_the_key(tmp_path: Path) -> None:
     config = load_run_config(None, [f"trainer.model={model}", "algo.use_opd=true"])
     with pytest.raises(ConfigError, match=r"trainer\.teacher_model"):
         main(config)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_rejection_sampling_only_removes_tokens(seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    log_w = (torch.randn(4, 6, generator=g, dtype=F64) * 0.5).tolist()
+    mask = (torch.rand(4, 6, generator=g) > 0.2).to(F64)
+    _, plain = weights(log_w, mask.tolist())
+    _, rejected = weights(log_w, mask.tolist(), rs_level=corr.geometric_level, rs_low=0.8, rs_high=1.25)
+    _, everything = weights(log_w, mask.tolist(), rs_level=corr.token_level, rs_low=0.0, rs_high=math.inf)
+    assert torch.all(rejected <= plain) and torch.equal(everything, plain)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_cispo_and_ppo_have_the_same_gradient_on_policy(seed: int) -> None:
+    # at logp == logp_old the ratio is 1 (inside any clip range): both gradients are -A * d logp
+    g = torch.Generator().manual_seed(seed)
+    logp = (-torch.rand(3, 5, generator=g, dtype=F64)).requires_grad_(True)
+    adv, mask = torch.randn(3, 5, generator=g, dtype=F64), torch.ones(3, 5, dtype=F64)
+    grads = []
+    for loss_fn in ("ppo", "cispo"):
+        log_ratio = losses.token_log_ratio(logp, logp.detach(), mask)
+        if loss_fn == "ppo":
+            loss, _ = losses.ppo_clip_loss(log_ratio, adv, mask, eps_clip=0.2, eps_clip_high=0.28)
+        else:
+            loss, _ = losses.cispo_loss(log_ratio, logp, adv, mask, eps_clip=0.2, eps_clip_high=0.28)
+        (grad,) = torch.autograd.grad(loss.sum(), logp)
+        grads.append(grad)
+    torch.testing.assert_close(grads[0], grads[1])
+    torch.testing.assert_close(grads[0], -adv)
