@@ -100,17 +100,11 @@ def compute_advantages(config: AlgoConfig, inputs: AdvantageInputs) -> tuple[Ten
     """(advantages_BT, returns_BT or None) for the whole batch, before it is split into micro-batches. With
     `normalize_advantages` every estimator's advantages are whitened over the batch (miles does the same)."""
     a, returns = ADVANTAGE_ESTIMATORS[config.advantage_estimator](inputs, config)
-    if config.use_opd:  # after any estimator, before whitening (as miles)
+    if config.use_opd:  # after any estimator, before whitening (as miles): minus the reverse KL to the teacher
         if inputs.student_BT is None or inputs.teacher_BT is None:
             raise ValueError("algo.use_opd needs student and teacher logprobs")
-        a = a - config.opd_kl_coef * opd_reverse_kl(inputs)
+        a = a - config.opd_kl_coef * (inputs.student_BT - inputs.teacher_BT) * inputs.mask_BT
     return (whiten(a, inputs.mask_BT) if config.normalize_advantages else a), returns
-
-
-def opd_reverse_kl(inputs: AdvantageInputs) -> Tensor:
-    """Per-token reverse KL of student to teacher on the sampled tokens, log π_s − log π_t; 0 off the mask."""
-    assert inputs.student_BT is not None and inputs.teacher_BT is not None
-    return (inputs.student_BT - inputs.teacher_BT) * inputs.mask_BT
 
 
 # ---- policy objective ---------------------------------------------------------------------------------

@@ -95,10 +95,10 @@ def importance_weights(
             basis = torch.where(mode_mask > 0, w, raw) * mask_BT
             if level is token_level:
                 mean = basis.sum() / mask_BT.sum().clamp(min=1)
-            else:  # one weight a sample: the mean over samples that have a token
-                has = mask_BT.sum(dim=-1) > 0
+            else:  # one weight a sample: the mean over samples that have a token (no host sync)
+                has = (mask_BT.sum(dim=-1) > 0).to(basis.dtype)
                 per_sample = basis.sum(dim=-1) / mask_BT.sum(dim=-1).clamp(min=1)
-                mean = per_sample[has].mean() if bool(has.any()) else torch.ones((), dtype=w.dtype, device=w.device)
+                mean = (per_sample * has).sum() / has.sum().clamp(min=1)
             factor = torch.where(mean > 1e-8, mean, torch.ones_like(mean))
             w = w / factor
             metrics["tis_batch_norm_factor"] = factor

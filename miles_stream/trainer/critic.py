@@ -50,9 +50,8 @@ class ValueModel(nn.Module):
 class Critic:
     def __init__(self, model: ValueModel, config: TrainerConfig, algo: AlgoConfig, parallel: DataParallel) -> None:
         self.model, self.algo, self.parallel = model, algo, parallel
-        own = replace(
-            config, lr=config.critic_lr or config.lr, min_lr=min(config.min_lr, config.critic_lr or config.lr)
-        )
+        lr = config.critic_lr or config.lr
+        own = replace(config, lr=lr, min_lr=min(config.min_lr, lr))
         self.optimizer = build_optimizer(model.parameters(), own)
         self.scheduler = build_scheduler(self.optimizer, own)
         self.grad_clip = config.grad_clip if config.grad_clip > 0 else float("inf")
