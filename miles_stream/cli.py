@@ -11,17 +11,15 @@ from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from types import FrameType
-from typing import Any
 
 import structlog
 
 from miles_stream import __version__, aio
-from miles_stream.bus import Keys, alive_members, connect, namespace_status, redact
+from miles_stream.bus import redact
 from miles_stream.errors import ConfigError, MilesStreamError
 from miles_stream.logs import configure
 from miles_stream.redis_server import EmbeddedRedis
 from miles_stream.run_config import RunConfig, load_run_config
-from miles_stream.status_view import render_json, render_tables, watch
 
 log = structlog.get_logger("miles_stream.cli")
 OVERRIDE = re.compile(r"^[A-Za-z_]\w*(\.\w+)+=")  # section.key=value
@@ -134,9 +132,11 @@ def _with_url(config: RunConfig, url: str) -> RunConfig:
 
 
 def _cmd_redis(args: argparse.Namespace, config: RunConfig) -> int:
+    from miles_stream import admin
+
     url = config.redis.resolved_url()
     if url:
-        aio.run(_ping(config, url))
+        aio.run(admin.ping(config, url))
         print(f"Redis is up at {redact(url)} (nothing started).")
         return 0
     server_config = config.redis_server
@@ -159,16 +159,6 @@ def _cmd_redis(args: argparse.Namespace, config: RunConfig) -> int:
         stop.wait()
     print("Redis stopped.")
     return 0
-
-
-async def _ping(config: RunConfig, url: str) -> None:
-    client = connect(config.redis, url)
-    try:
-        await client.ping()
-    except Exception as exc:
-        raise MilesStreamError(f"Redis at {redact(url)} does not answer: {exc}") from exc
-    finally:
-        await client.aclose()
 
 
 def _cmd_feed(args: argparse.Namespace, config: RunConfig) -> int:
@@ -216,111 +206,33 @@ def _cmd_record(args: argparse.Namespace, config: RunConfig) -> int:
 
 
 def _cmd_replay(args: argparse.Namespace, config: RunConfig) -> int:
-    from miles_stream.bus import Backpressure, open_stream_client
-    from miles_stream.record.recorder import replay
+    from miles_stream import admin  # the status snapshot imports torch (weights)
 
-    keys = Keys(config.bus.namespace)
-
-    async def run() -> tuple[int, int]:
-        redis, data = connect(config.redis), open_stream_client(config.redis)
-        try:
-            pressure = Backpressure(redis, keys.trajectories, config.bus)
-            return await replay(args.files, data, keys.trajectories, maxlen=config.bus.maxlen_cap, rate=args.rate,
-                                backpressure=pressure)  # fmt: skip
-        finally:
-            await data.aclose()
-            await redis.aclose()
-
-    try:
-        published, skipped = aio.run(run())
-    except FileNotFoundError as exc:
-        raise MilesStreamError(str(exc)) from exc
-    print(f"replayed {published} groups into {keys.trajectories} ({skipped} invalid records skipped)")
+    print(aio.run(admin.replay_files(config, args.files, args.rate)))
     return 0
 
 
 def _cmd_status(args: argparse.Namespace, config: RunConfig) -> int:
-    keys = Keys(args.namespace or config.bus.namespace)
+    from miles_stream import admin  # the status snapshot imports torch (weights)
 
-    async def run() -> int:
-        client = connect(config.redis)
-        try:
-            if args.watch:
-                await watch(client, keys, config.bus.heartbeat_ttl_s, args.interval)
-                return 0
-            status = await namespace_status(client, keys, config.bus.heartbeat_ttl_s)
-        except MilesStreamError:
-            raise
-        except Exception as exc:
-            raise MilesStreamError(f"cannot read Redis at {redact(config.redis.resolved_url())}: {exc}") from exc
-        finally:
-            await client.aclose()
-        if args.json:
-            print(render_json(status), end="")
-        else:
-            render_tables(status)
-        return 0
-
-    return aio.run(run())
+    aio.run(admin.show_status(config, args.namespace, as_json=args.json, follow=args.watch, interval_s=args.interval))
+    return 0
 
 
 def _cmd_reset_run(args: argparse.Namespace, config: RunConfig) -> int:
-    from miles_stream.bus.run import reset_run
+    from miles_stream import admin  # the status snapshot imports torch (weights)
 
-    keys = Keys(config.bus.namespace)
-
-    async def run() -> int:
-        client = connect(config.redis)
-        try:
-            found = [k async for k in client.scan_iter(match=f"{keys.namespace}:*", count=1000)]
-            if not args.yes:
-                print(f"would delete {len(found)} keys of namespace {keys.namespace!r} and start a new run; "
-                      "run again with --yes")  # fmt: skip
-                return 2
-            if found:
-                await client.delete(*found)
-            new = await reset_run(client, keys)
-        finally:
-            await client.aclose()
-        print(f"namespace {keys.namespace!r}: {len(found)} keys deleted, run {new.id} started after a data loss")
-        return 0
-
-    return aio.run(run())
+    code, said = aio.run(admin.reset_namespace(config, yes=args.yes))
+    print(said)
+    return code
 
 
 def _cmd_sglang(args: argparse.Namespace, config: RunConfig) -> int:
-    """Edits `{ns}:sglang:{producer}`; the producer attaches (health, weight sync, router) or drains to match."""
-    url = args.attach or args.detach
-    if url and not url.startswith(("http://", "https://")):
-        raise ConfigError(f"sglang: give the server's URL (http://host:port), not {url!r}")
-    keys = Keys(config.bus.namespace)
+    from miles_stream import admin  # the status snapshot imports torch (weights)
 
-    async def run() -> int:
-        client = connect(config.redis)
-        try:
-            producer = args.producer or await _only_sglang_producer(client, keys, config.bus.heartbeat_ttl_s)
-            key = keys.sglang_servers(producer)
-            if args.attach:
-                await client.sadd(key, url)
-            elif args.detach and not await client.srem(key, url):
-                raise ConfigError(f"producer {producer} does not drive {url}")
-            members: Any = await client.smembers(key)
-            for member in sorted(m.decode() for m in members):
-                print(f"{producer}\t{member}")
-        finally:
-            await client.aclose()
-        return 0
-
-    return aio.run(run())
-
-
-async def _only_sglang_producer(client: Any, keys: Keys, ttl_s: float) -> str:
-    producers = [m.id for m in await alive_members(client, keys, ttl_s)
-                 if m.role == "producer" and m.info.get("engine") == "sglang"]  # fmt: skip
-    if len(producers) != 1:
-        raise ConfigError(f"{len(producers)} live sglang producers ({', '.join(producers) or 'none'}): "
-                          "name one with --producer")  # fmt: skip
-    return producers[0]
+    for line in aio.run(admin.sglang_servers(config, attach=args.attach, detach=args.detach, producer=args.producer)):
+        print(line)
+    return 0
 
 
 if __name__ == "__main__":

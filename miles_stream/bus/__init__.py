@@ -6,7 +6,6 @@ from miles_stream.bus.dataplane import StreamClient, open_stream_client
 from miles_stream.bus.groups import Claim, GroupConsumer, GroupPublisher, Received, Ticket
 from miles_stream.bus.heartbeat import Heartbeat, Member, alive_members
 from miles_stream.bus.keys import Keys
-from miles_stream.bus.status import NamespaceStatus, namespace_status
 from miles_stream.bus.streams import BusConfig, Entry, StreamConsumer, ensure_group, publish, trim_acknowledged
 
 __all__ = [
@@ -20,7 +19,6 @@ __all__ = [
     "Heartbeat",
     "Keys",
     "Member",
-    "NamespaceStatus",
     "Received",
     "RedisConfig",
     "RetryPolicy",
@@ -30,7 +28,6 @@ __all__ = [
     "alive_members",
     "connect",
     "ensure_group",
-    "namespace_status",
     "open_stream_client",
     "publish",
     "redact",

@@ -23,13 +23,13 @@ from miles_stream.bus import (
     StreamClient,
     StreamConsumer,
     alive_members,
-    namespace_status,
     publish,
     stream_backlog,
     trim_acknowledged,
 )
 from miles_stream.codec import GroupCodec
 from miles_stream.errors import BackpressureTimeout
+from miles_stream.status import namespace_status
 from miles_stream.synthetic import synthetic_group
 
 RNG = np.random.default_rng(0)

@@ -11,6 +11,7 @@ import redis.exceptions as rexc
 from miles_stream.bus.heartbeat import Member, alive_members
 from miles_stream.bus.keys import Keys
 from miles_stream.bus.streams import as_str
+from miles_stream.weights import WeightSubscriber
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,8 +64,6 @@ async def namespace_status(redis: aioredis.Redis, keys: Keys, heartbeat_ttl_s: f
     except rexc.NoPermissionError:  # an ACL user limited to data commands (docs/redis.md): no server version
         info = {}
     streams = tuple([await _stream_status(redis, key) for key in keys.streams])
-    from miles_stream.weights import WeightSubscriber  # here: weights builds on the bus package
-
     latest = await WeightSubscriber(redis, keys, {}).latest()  # a malformed announcement is not the latest
     version = latest[1].version if latest is not None else None
     group_names = {g.name for s in streams for g in s.groups}

@@ -15,7 +15,8 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 
-from miles_stream.bus import Keys, NamespaceStatus, namespace_status
+from miles_stream.bus import Keys
+from miles_stream.status.snapshot import NamespaceStatus, namespace_status
 
 
 def render_json(status: NamespaceStatus) -> str:

@@ -1,0 +1,106 @@
+"""What the CLI does to a namespace without starting a process of the run: check a server, replay a recording
+into it, show its status, reset it after a data loss, edit a producer's SGLang servers. Each takes the run
+config and returns what the command prints; the CLI only parses and dispatches."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from miles_stream.bus import Backpressure, Keys, alive_members, connect, open_stream_client, redact
+from miles_stream.bus.run import reset_run
+from miles_stream.errors import ConfigError, MilesStreamError
+from miles_stream.record.recorder import replay
+from miles_stream.run_config import RunConfig
+from miles_stream.status import namespace_status, render_json, render_tables, watch
+
+
+async def ping(config: RunConfig, url: str) -> None:
+    client = connect(config.redis, url)
+    try:
+        await client.ping()
+    except Exception as exc:
+        raise MilesStreamError(f"Redis at {redact(url)} does not answer: {exc}") from exc
+    finally:
+        await client.aclose()
+
+
+async def replay_files(config: RunConfig, files: Sequence[str], rate: float) -> str:
+    keys = Keys(config.bus.namespace)
+    redis, data = connect(config.redis), open_stream_client(config.redis)
+    try:
+        pressure = Backpressure(redis, keys.trajectories, config.bus)
+        published, skipped = await replay(files, data, keys.trajectories, maxlen=config.bus.maxlen_cap, rate=rate,
+                                          backpressure=pressure)  # fmt: skip
+    except FileNotFoundError as exc:
+        raise MilesStreamError(str(exc)) from exc
+    finally:
+        await data.aclose()
+        await redis.aclose()
+    return f"replayed {published} groups into {keys.trajectories} ({skipped} invalid records skipped)"
+
+
+async def show_status(config: RunConfig, namespace: str, *, as_json: bool, follow: bool, interval_s: float) -> None:
+    keys = Keys(namespace or config.bus.namespace)
+    client = connect(config.redis)
+    try:
+        if follow:
+            await watch(client, keys, config.bus.heartbeat_ttl_s, interval_s)
+            return
+        status = await namespace_status(client, keys, config.bus.heartbeat_ttl_s)
+    except MilesStreamError:
+        raise
+    except Exception as exc:
+        raise MilesStreamError(f"cannot read Redis at {redact(config.redis.resolved_url())}: {exc}") from exc
+    finally:
+        await client.aclose()
+    if as_json:
+        print(render_json(status), end="")
+    else:
+        render_tables(status)
+
+
+async def reset_namespace(config: RunConfig, *, yes: bool) -> tuple[int, str]:
+    """Delete what is left of the namespace's keys and start a new run: (exit code, what to print)."""
+    keys = Keys(config.bus.namespace)
+    client = connect(config.redis)
+    try:
+        found = [k async for k in client.scan_iter(match=f"{keys.namespace}:*", count=1000)]
+        if not yes:
+            return 2, (f"would delete {len(found)} keys of namespace {keys.namespace!r} and start a new run; "
+                       "run again with --yes")  # fmt: skip
+        if found:
+            await client.delete(*found)
+        new = await reset_run(client, keys)
+    finally:
+        await client.aclose()
+    return 0, f"namespace {keys.namespace!r}: {len(found)} keys deleted, run {new.id} started after a data loss"
+
+
+async def sglang_servers(config: RunConfig, *, attach: str, detach: str, producer: str) -> list[str]:
+    """Edit `{ns}:sglang:{producer}` (the producer attaches or drains to match); its servers, one line each."""
+    url = attach or detach
+    if url and not url.startswith(("http://", "https://")):
+        raise ConfigError(f"sglang: give the server's URL (http://host:port), not {url!r}")
+    keys = Keys(config.bus.namespace)
+    client = connect(config.redis)
+    try:
+        producer = producer or await _only_sglang_producer(client, keys, config.bus.heartbeat_ttl_s)
+        key = keys.sglang_servers(producer)
+        if attach:
+            await client.sadd(key, url)
+        elif detach and not await client.srem(key, url):
+            raise ConfigError(f"producer {producer} does not drive {url}")
+        members: Any = await client.smembers(key)
+    finally:
+        await client.aclose()
+    return [f"{producer}\t{member}" for member in sorted(m.decode() for m in members)]
+
+
+async def _only_sglang_producer(client: Any, keys: Keys, ttl_s: float) -> str:
+    producers = [m.id for m in await alive_members(client, keys, ttl_s)
+                 if m.role == "producer" and m.info.get("engine") == "sglang"]  # fmt: skip
+    if len(producers) != 1:
+        raise ConfigError(f"{len(producers)} live sglang producers ({', '.join(producers) or 'none'}): "
+                          "name one with --producer")  # fmt: skip
+    return producers[0]
