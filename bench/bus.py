@@ -44,7 +44,7 @@ from miles_stream.bus import (
 )
 from miles_stream.codec import GroupCodec
 from miles_stream.redis_server import EmbeddedRedis, EmbeddedRedisConfig
-from miles_stream.synthetic import payload_bytes, synthetic_group
+from miles_stream.testing.synthetic import payload_bytes, synthetic_group
 
 
 def realistic_group(args: argparse.Namespace, seed: int = 0) -> Any:

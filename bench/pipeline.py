@@ -52,7 +52,7 @@ from miles_stream.redis_server import EmbeddedRedis, EmbeddedRedisConfig
 from miles_stream.rollout import GenerationRequest, SamplingParams
 from miles_stream.rollout.native import NativeEngine
 from miles_stream.run_config import load_run_config
-from miles_stream.synthetic import synthetic_group
+from miles_stream.testing.synthetic import synthetic_group
 from miles_stream.trainer.assemble import build_trainer
 from miles_stream.trainer.batch import collate
 from miles_stream.trainer.parallel import DataParallel

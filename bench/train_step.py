@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from miles_stream.synthetic import synthetic_group
+from miles_stream.testing.synthetic import synthetic_group
 from miles_stream.trainer.algo_config import AlgoConfig
 from miles_stream.trainer.batch import collate
 from miles_stream.trainer.config import TrainerConfig

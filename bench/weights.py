@@ -18,7 +18,8 @@ import torch
 
 from miles_stream.bus import Keys, RedisConfig, connect
 from miles_stream.redis_server import EmbeddedRedis, EmbeddedRedisConfig
-from miles_stream.weights import FileTransport, RedisTransport, WeightPublisher, WeightSubscriber
+from miles_stream.weights.transports import FileTransport, RedisTransport
+from miles_stream.weights.versions import WeightPublisher, WeightSubscriber
 
 
 def make_state(params_m: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:

@@ -38,7 +38,8 @@ from miles_stream.trainer.assemble import build_service, build_trainer
 from miles_stream.trainer.parallel import DataParallel
 from miles_stream.trainer.service import TrainerService
 from miles_stream.trainer.step import PolicyTrainer
-from miles_stream.weights import FileTransport, RedisTransport, WeightPublisher, WeightSubscriber, WeightTransport
+from miles_stream.weights.transports import FileTransport, RedisTransport, WeightTransport
+from miles_stream.weights.versions import WeightPublisher, WeightSubscriber
 
 log = structlog.get_logger("consumers.trainer")
 

@@ -20,7 +20,7 @@ from miles_stream.redis_server import EmbeddedRedisConfig
 from miles_stream.rollout.producer import RolloutConfig
 from miles_stream.trainer.algo_config import AlgoConfig
 from miles_stream.trainer.config import SftConfig, TrainerConfig
-from miles_stream.weights_group import WeightsGroupConfig
+from miles_stream.weights.group import WeightsGroupConfig
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

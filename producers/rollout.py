@@ -33,7 +33,8 @@ from miles_stream.rollout.producer import RolloutConfig, RolloutProducer
 from miles_stream.rollout.turns import Calculator, RolloutFn, ToolLoop, single_turn
 from miles_stream.rollout.types import RolloutEngine, SamplingParams
 from miles_stream.run_config import RunConfig
-from miles_stream.weights import FileTransport, RedisTransport, WeightSubscriber, WeightTransport
+from miles_stream.weights.transports import FileTransport, RedisTransport, WeightTransport
+from miles_stream.weights.versions import WeightSubscriber
 
 log = structlog.get_logger("producers.rollout")
 

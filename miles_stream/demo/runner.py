@@ -218,7 +218,8 @@ class _Evaluator:
     def __init__(self, run: Run, redis: Any, keys: Keys) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from miles_stream.weights import RedisTransport, WeightSubscriber
+        from miles_stream.weights.transports import RedisTransport
+        from miles_stream.weights.versions import WeightSubscriber
 
         model_dir = run.config.trainer.model
         self.model: Any = AutoModelForCausalLM.from_pretrained(model_dir)

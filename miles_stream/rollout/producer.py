@@ -59,7 +59,8 @@ from miles_stream.schema import Sample, TrajectoryGroup
 if TYPE_CHECKING:
     import torch
 
-    from miles_stream.weights import WeightManifest, WeightSubscriber
+    from miles_stream.weights.manifest import WeightManifest
+    from miles_stream.weights.versions import WeightSubscriber
 
 log = structlog.get_logger(__name__)
 

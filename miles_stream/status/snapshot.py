@@ -11,7 +11,7 @@ import redis.exceptions as rexc
 from miles_stream.bus.heartbeat import Member, alive_members
 from miles_stream.bus.keys import Keys
 from miles_stream.bus.streams import as_str
-from miles_stream.weights import WeightSubscriber
+from miles_stream.weights.versions import WeightSubscriber
 
 
 @dataclass(frozen=True, slots=True)

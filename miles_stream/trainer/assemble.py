@@ -14,7 +14,7 @@ from miles_stream.trainer.metrics import MetricsSink
 from miles_stream.trainer.parallel import DataParallel
 from miles_stream.trainer.service import TrainerService
 from miles_stream.trainer.step import PolicyTrainer
-from miles_stream.weights import WeightPublisher, WeightSubscriber
+from miles_stream.weights.versions import WeightPublisher, WeightSubscriber
 
 
 def load_policy(config: RunConfig) -> Any:

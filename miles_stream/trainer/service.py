@@ -46,8 +46,8 @@ from miles_stream.trainer.checkpoint import TrainerState, load_checkpoint, save_
 from miles_stream.trainer.config import TrainerConfig
 from miles_stream.trainer.metrics import MetricsSink
 from miles_stream.trainer.step import PolicyTrainer
-from miles_stream.weights import WeightPublisher, WeightSubscriber
 from miles_stream.weights.background import BackgroundPublisher
+from miles_stream.weights.versions import WeightPublisher, WeightSubscriber
 
 log = structlog.get_logger(__name__)
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import structlog
 import torch
 
-from miles_stream.weights import WeightPublisher
+from miles_stream.weights.versions import WeightPublisher
 
 log = structlog.get_logger(__name__)
 Snapshot = dict[str, torch.Tensor]

@@ -27,8 +27,8 @@ import torch
 from miles_stream.config import check
 from miles_stream.errors import WeightIntegrityError
 from miles_stream.weights.collective import broadcast_from_rank0, init_weight_group
+from miles_stream.weights.group import WeightsGroupConfig
 from miles_stream.weights.manifest import ChunkInfo, TensorInfo, WeightManifest
-from miles_stream.weights_group import WeightsGroupConfig
 
 log = structlog.get_logger(__name__)
 NAME = "broadcast"

@@ -16,7 +16,7 @@ from miles_stream.bus import BusConfig, GroupConsumer, Keys, RetryPolicy, Stream
 from miles_stream.codec import GroupCodec
 from miles_stream.feeder import Feeder, FeederConfig, load_rows
 from miles_stream.prompts import decode_prompt
-from miles_stream.synthetic import synthetic_group
+from miles_stream.testing.synthetic import synthetic_group
 
 pytestmark = pytest.mark.timeout(180)
 

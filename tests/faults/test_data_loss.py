@@ -30,7 +30,7 @@ from redis_groups import publish_groups
 
 from miles_stream.demo.task import write_task
 from miles_stream.schema import TrajectoryGroup
-from miles_stream.synthetic import synthetic_group
+from miles_stream.testing.synthetic import synthetic_group
 
 CLI = [sys.executable, "-m", "miles_stream.cli"]
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(400)]

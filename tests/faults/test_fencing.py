@@ -29,7 +29,7 @@ from redis_groups import publish_groups
 
 from miles_stream.models import TinyModelConfig, build_tiny_model
 from miles_stream.schema import TrajectoryGroup
-from miles_stream.synthetic import synthetic_group
+from miles_stream.testing.synthetic import synthetic_group
 
 CLI = [sys.executable, "-m", "miles_stream.cli"]
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(400)]

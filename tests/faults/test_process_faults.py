@@ -28,7 +28,7 @@ import redis
 from miles_stream.bus import BusConfig, GroupConsumer, GroupPublisher, Keys, RedisConfig, StreamConsumer, connect
 from miles_stream.bus.dataplane import open_stream_client
 from miles_stream.demo.task import write_task
-from miles_stream.synthetic import synthetic_group
+from miles_stream.testing.synthetic import synthetic_group
 
 CLI = [sys.executable, "-m", "miles_stream.cli"]
 PROMPTS = 100  # the demo task's dataset

@@ -30,7 +30,7 @@ from miles_stream.bus import (
 from miles_stream.codec import GroupCodec
 from miles_stream.errors import BackpressureTimeout
 from miles_stream.status import namespace_status
-from miles_stream.synthetic import synthetic_group
+from miles_stream.testing.synthetic import synthetic_group
 
 RNG = np.random.default_rng(0)
 
@@ -288,7 +288,8 @@ async def test_poisoned_heartbeats_are_passed_over(redis: aioredis.Redis, keys: 
 async def test_status_describes_the_namespace(
     redis: aioredis.Redis, blocking: StreamClient, keys: Keys, bus_config: BusConfig, tmp_path: Path
 ) -> None:
-    from miles_stream.weights import FileTransport, WeightPublisher
+    from miles_stream.weights.transports import FileTransport
+    from miles_stream.weights.versions import WeightPublisher
 
     c = consumer(redis, blocking, keys, bus_config, "c")
     await c.start()

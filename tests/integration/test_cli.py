@@ -17,7 +17,8 @@ import torch
 
 from miles_stream.bus import Keys, RedisConfig, connect
 from miles_stream.redis_server import EmbeddedRedis, EmbeddedRedisConfig
-from miles_stream.weights import FileTransport, WeightPublisher
+from miles_stream.weights.transports import FileTransport
+from miles_stream.weights.versions import WeightPublisher
 
 CLI = [sys.executable, "-m", "miles_stream.cli"]
 

@@ -12,7 +12,8 @@ import redis.asyncio as aioredis
 from miles_stream.bus import Keys
 from miles_stream.bus.lease import Lease
 from miles_stream.errors import LeaseHeldError, LeaseLostError
-from miles_stream.weights import FileTransport, WeightPublisher
+from miles_stream.weights.transports import FileTransport
+from miles_stream.weights.versions import WeightPublisher
 
 
 async def until_expired(redis: aioredis.Redis, lease: Lease, within_s: float = 10.0) -> None:

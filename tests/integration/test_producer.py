@@ -236,8 +236,9 @@ async def test_producers_load_the_latest_weights_then_follow_and_reject_corrupt_
 ) -> None:  # fmt: skip
     from transformers import AutoModelForCausalLM
 
-    from miles_stream.weights import FileTransport, WeightPublisher, WeightSubscriber
     from miles_stream.weights.manifest import encode_manifest
+    from miles_stream.weights.transports import FileTransport
+    from miles_stream.weights.versions import WeightPublisher, WeightSubscriber
 
     # in-memory names, as a trainer publishes them (transformers 5 saves MoE experts under other names)
     base = {k: v.clone() for k, v in AutoModelForCausalLM.from_pretrained(model_dir).state_dict().items()}
@@ -303,7 +304,8 @@ async def test_recycled_groups_resume_under_the_new_weights_with_each_token_scor
 ) -> None:  # fmt: skip
     from transformers import AutoModelForCausalLM
 
-    from miles_stream.weights import FileTransport, WeightPublisher, WeightSubscriber
+    from miles_stream.weights.transports import FileTransport
+    from miles_stream.weights.versions import WeightPublisher, WeightSubscriber
 
     models = [AutoModelForCausalLM.from_pretrained(model_dir).eval() for _ in range(2)]
     generator = torch.Generator().manual_seed(0)

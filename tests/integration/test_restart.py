@@ -19,7 +19,7 @@ from miles_stream.bus import (
     open_stream_client,
 )
 from miles_stream.redis_server import EmbeddedRedis, EmbeddedRedisConfig, free_port
-from miles_stream.synthetic import synthetic_group
+from miles_stream.testing.synthetic import synthetic_group
 
 
 async def test_producer_and_consumer_ride_out_a_redis_restart_with_aof(tmp_path: Path, redis_binary: str) -> None:

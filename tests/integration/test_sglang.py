@@ -28,8 +28,8 @@ from miles_stream.rollout.sglang.engine import SGLangEngine, make_push, moe_layo
 from miles_stream.rollout.sglang.updates import WeightUpdateError
 from miles_stream.rollout.turns import single_turn
 from miles_stream.rollout.types import GenerationRequest, SamplingParams
-from miles_stream.weights import FileTransport
 from miles_stream.weights.manifest import WeightManifest
+from miles_stream.weights.transports import FileTransport
 
 STANDIN = Path(__file__).parent.parent / "sglang_standin.py"
 GREEDY = SamplingParams(temperature=0.0, max_new_tokens=12, ignore_eos=True)

@@ -21,7 +21,8 @@ from miles_stream.bus import BusConfig, Keys, StreamClient
 from miles_stream.feeder import Feeder, FeederConfig, load_rows
 from miles_stream.models import TinyModelConfig, build_tiny_model
 from miles_stream.schema import validate_group
-from miles_stream.weights import FileTransport, WeightPublisher
+from miles_stream.weights.transports import FileTransport
+from miles_stream.weights.versions import WeightPublisher
 
 CLI = [sys.executable, "-m", "miles_stream.cli"]
 

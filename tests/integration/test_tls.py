@@ -19,7 +19,7 @@ import pytest
 from miles_stream.bus import BusConfig, GroupConsumer, GroupPublisher, Keys, RedisConfig, StreamConsumer, connect
 from miles_stream.bus.dataplane import open_stream_client
 from miles_stream.redis_server import find_redis_server
-from miles_stream.synthetic import synthetic_group
+from miles_stream.testing.synthetic import synthetic_group
 
 pytestmark = pytest.mark.integration
 

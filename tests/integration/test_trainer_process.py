@@ -36,7 +36,7 @@ from miles_stream.bus import (
 from miles_stream.models import TinyModelConfig, build_tiny_model
 from miles_stream.prompts import PromptRecord, decode_prompt, encode_prompt
 from miles_stream.schema import TrajectoryGroup
-from miles_stream.synthetic import synthetic_group
+from miles_stream.testing.synthetic import synthetic_group
 
 CLI = [sys.executable, "-m", "miles_stream.cli"]
 
@@ -239,7 +239,8 @@ def test_two_data_parallel_trainers_share_the_stream_and_match_one(
 async def test_weights_published_over_the_file_transport_load_and_equal_the_trained_model(
     redis: aioredis.Redis, redis_url: str, keys: Keys, model_dir: Path, tmp_path: Path
 ) -> None:
-    from miles_stream.weights import FileTransport, WeightSubscriber
+    from miles_stream.weights.transports import FileTransport
+    from miles_stream.weights.versions import WeightSubscriber
 
     await publish_groups(redis_url, keys.namespace, groups(0, 8))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "MILES_REDIS_URL": redis_url}
@@ -263,9 +264,9 @@ async def test_weights_broadcast_over_a_gloo_group_equal_the_trained_model(
     """The broadcast transport on CPU (gloo in place of NCCL): the trainer is rank 0, this test a producer's
     receiver (rank 1); every version arrives, and the last equals the exported model."""
     from miles_stream.redis_server import free_port
-    from miles_stream.weights import WeightSubscriber
     from miles_stream.weights.broadcast import BroadcastReceiver
-    from miles_stream.weights_group import WeightsGroupConfig
+    from miles_stream.weights.group import WeightsGroupConfig
+    from miles_stream.weights.versions import WeightSubscriber
 
     await publish_groups(redis_url, keys.namespace, groups(0, 8))
     group = WeightsGroupConfig(master_port=free_port(), backend="gloo", device="cpu", dtype="float32", timeout_s=60,

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from miles_stream.codec import CodecConfig, GroupCodec
 from miles_stream.errors import SchemaError
 from miles_stream.schema import Limits, Sample, TrajectoryGroup, make_spans
-from miles_stream.synthetic import synthetic_group
+from miles_stream.testing.synthetic import synthetic_group
 
 
 @st.composite

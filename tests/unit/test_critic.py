@@ -13,7 +13,7 @@ import torch
 from miles_stream.errors import MilesStreamError
 from miles_stream.models import TinyModelConfig, build_tiny_model
 from miles_stream.run_config import load_run_config
-from miles_stream.synthetic import synthetic_group
+from miles_stream.testing.synthetic import synthetic_group
 from miles_stream.trainer.algo_config import AlgoConfig
 from miles_stream.trainer.assemble import build_trainer
 from miles_stream.trainer.batch import RolloutBatch, collate, micro_inputs

@@ -126,8 +126,13 @@ async def test_stop_ids_stop_and_max_tokens_truncate(engine: NativeEngine) -> No
 async def test_abort_returns_the_partial_output(engine: NativeEngine) -> None:
     long = SamplingParams(max_new_tokens=200, ignore_eos=True)
     task = asyncio.create_task(engine.generate(requests(2, long)))
-    await asyncio.sleep(0.2)
+    await engine.pause()
+    while not any(r.request.request_id == "r0" and r.tokens for r in engine._rows):  # a few tokens, then hold
+        await engine.resume()
+        await asyncio.sleep(0.001)
+        await engine.pause()
     await engine.abort(["r0"])
+    await engine.resume()
     results = await asyncio.wait_for(task, 30)
     assert results[0].finish_reason == "abort" and 0 < len(results[0].response_ids) < 200
     assert len(results[0].logprobs) == len(results[0].response_ids)

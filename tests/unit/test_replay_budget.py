@@ -10,7 +10,7 @@ import numpy as np
 
 from miles_stream.buffer import BufferConfig, ReplayBuffer
 from miles_stream.bus.groups import Received
-from miles_stream.synthetic import synthetic_group
+from miles_stream.testing.synthetic import synthetic_group
 
 
 class Groups:

@@ -22,7 +22,7 @@ from miles_stream.buffer import plan_micro_batches
 from miles_stream.bus import Claim
 from miles_stream.kernels.packed_attention import use_packed_attention
 from miles_stream.models import TinyModelConfig, build_tiny_model
-from miles_stream.synthetic import synthetic_group
+from miles_stream.testing.synthetic import synthetic_group
 from miles_stream.trainer.algo_config import AlgoConfig
 from miles_stream.trainer.batch import RolloutBatch, collate, micro_inputs, packed_inputs
 from miles_stream.trainer.checkpoint import TrainerState, load_checkpoint, save_checkpoint

@@ -13,7 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from miles_stream.models import TinyModelConfig, build_tiny_model
-from miles_stream.synthetic import synthetic_group
+from miles_stream.testing.synthetic import synthetic_group
 from miles_stream.trainer.algo_config import AlgoConfig
 from miles_stream.trainer.batch import collate
 from miles_stream.trainer.config import TrainerConfig
