@@ -163,7 +163,7 @@ class PolicyObjective:
         pg_mask = keep
         if c.use_opsm:  # OPSM drops the policy-gradient term only (as miles): `keep` stays what KL and entropy use
             opsm = corr.opsm_keep(x.logp_BT, x.logp_rollout_BT, x.adv_BT, x.mask_BT, delta=c.opsm_delta)
-            metrics["opsm_masked_frac"] = 1 - opsm.float().mean()
+            metrics["opsm_masked_frac"] = 1 - red.masked_mean(opsm, x.mask_BT)  # share of active tokens
             pg_mask = pg_mask * opsm
         log_ratio = self.ratio(x.logp_BT, x.logp_old_BT, x.mask_BT)
         metrics["ess_ratio"] = corr.sample_ess(x.logp_BT.detach() - x.logp_old_BT, x.mask_BT)

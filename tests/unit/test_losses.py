@@ -132,12 +132,14 @@ def test_veto_masks_the_whole_sample() -> None:
     assert m["tis_veto_frac"].item() == 0.5
 
 
-def test_opsm_drops_negative_advantage_samples_that_drifted() -> None:
-    logp = t([[-2.0, -2.0], [-2.0, -2.0], [-2.0, -2.0]])
-    rollout = t([[-1.0, -1.0], [-1.0, -1.0], [-2.0, -2.0]])
-    adv = t([[-1.0, -1.0], [1.0, 1.0], [-1.0, -1.0]])
-    keep = corr.opsm_keep(logp, rollout, adv, torch.ones(3, 2, dtype=F64), delta=0.5)
-    assert keep[:, 0].tolist() == [0.0, 1.0, 1.0]
+def test_opsm_drops_negative_advantage_tokens_of_samples_that_drifted() -> None:
+    # drift mean(rollout - logp): 1, 1, 0, 1 against delta 0.5; sample 3's advantages change sign (GAE, KL
+    # shaping, OPD): only its negative token goes (miles masks per token, not by the sample's mean advantage)
+    logp = t([[-2.0, -2.0], [-2.0, -2.0], [-2.0, -2.0], [-2.0, -2.0]])
+    rollout = t([[-1.0, -1.0], [-1.0, -1.0], [-2.0, -2.0], [-1.0, -1.0]])
+    adv = t([[-1.0, -1.0], [1.0, 1.0], [-1.0, -1.0], [3.0, -1.0]])
+    keep = corr.opsm_keep(logp, rollout, adv, torch.ones(4, 2, dtype=F64), delta=0.5)
+    assert keep.tolist() == [[0.0, 0.0], [1.0, 1.0], [1.0, 1.0], [1.0, 0.0]]
 
 
 def test_effective_sample_size() -> None:
