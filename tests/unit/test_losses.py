@@ -82,6 +82,14 @@ def test_value_loss_clipping_hand_computed() -> None:
     assert m["vf_clipfrac"].item() == 1.0
 
 
+def test_vf_clipfrac_counts_values_that_moved_past_the_clip_whichever_branch_wins() -> None:
+    # V - V_old: 1, 0.1, -0.5 against clip 0.2. Token 0 (R = 0): unclipped 1 > clipped 0.04, the max takes the
+    # unclipped branch, but V moved past the clip; miles counts |V - V_old| > clip: 2 of 3
+    v, old, ret = t([[1.0, 0.1, -0.5]]), t([[0.0, 0.0, 0.0]]), t([[0.0, 0.0, 0.0]])
+    _, m = losses.value_loss(v, old, ret, torch.ones(1, 3, dtype=F64), value_clip=0.2)
+    assert m["vf_clipfrac"].item() == pytest.approx(2 / 3)
+
+
 def test_tis_truncate_hand_computed() -> None:
     old = t([[0.0, 0.0, 0.0]])
     rollout = t([[math.log(4.0), 0.0, -math.log(4.0)]])  # w = 0.25, 1, 4
