@@ -32,7 +32,7 @@ class AdvantageInputs:
     rewards_B: Tensor
     group_B: Tensor
     mask_BT: Tensor
-    kl_BT: Tensor | None = None  # policy vs reference, per token (REINFORCE++, PPO)
+    kl_BT: Tensor | None = None  # log π_old − log π_ref per token; the reward KL is kl_loss_type's estimate of it
     values_BT: Tensor | None = None  # critic values (PPO)
     student_BT: Tensor | None = None  # on-policy distillation: the student's (old) logprobs
     teacher_BT: Tensor | None = None  # and the teacher's
@@ -46,24 +46,27 @@ def _grpo(x: AdvantageInputs, c: AlgoConfig) -> tuple[Tensor, Tensor | None]:
     return a, None
 
 
-def _kl(x: AdvantageInputs) -> Tensor:
-    return x.mask_BT.new_zeros(x.mask_BT.shape, dtype=x.rewards_B.dtype) if x.kl_BT is None else x.kl_BT
+def _kl(x: AdvantageInputs, c: AlgoConfig) -> Tensor:
+    """The reward KL per token, by the estimator the KL loss uses (`kl_loss_type`, as miles)."""
+    if x.kl_BT is None:
+        return x.mask_BT.new_zeros(x.mask_BT.shape, dtype=x.rewards_B.dtype)
+    return KL_ESTIMATORS[c.kl_loss_type](x.kl_BT)
 
 
 def _reinforce_pp(x: AdvantageInputs, c: AlgoConfig) -> tuple[Tensor, Tensor | None]:
-    return adv.reinforce_pp_advantages(x.rewards_B, _kl(x), x.mask_BT, kl_coef=c.kl_coef, gamma=c.gamma)
+    return adv.reinforce_pp_advantages(x.rewards_B, _kl(x, c), x.mask_BT, kl_coef=c.kl_coef, gamma=c.gamma)
 
 
 def _reinforce_pp_baseline(x: AdvantageInputs, c: AlgoConfig) -> tuple[Tensor, Tensor | None]:
     return adv.reinforce_pp_baseline_advantages(
-        x.rewards_B, x.group_B, _kl(x), x.mask_BT, kl_coef=c.kl_coef, gamma=c.gamma
+        x.rewards_B, x.group_B, _kl(x, c), x.mask_BT, kl_coef=c.kl_coef, gamma=c.gamma
     )
 
 
 def _ppo(x: AdvantageInputs, c: AlgoConfig) -> tuple[Tensor, Tensor | None]:
     if x.values_BT is None:
         raise ValueError("advantage_estimator=ppo needs critic values (values_BT)")
-    token_rewards = adv.terminal_rewards(x.rewards_B, x.mask_BT) - c.kl_coef * _kl(x) * x.mask_BT
+    token_rewards = adv.terminal_rewards(x.rewards_B, x.mask_BT) - c.kl_coef * _kl(x, c) * x.mask_BT
     a, returns = adv.gae_advantages(token_rewards, x.values_BT, x.mask_BT, gamma=c.gamma, lam=c.lambd)
     return a, returns
 
@@ -161,10 +164,10 @@ class PolicyObjective:
             )
             metrics.update(tis)
         pg_mask = keep
-        if c.use_opsm:  # OPSM drops a sample's policy-gradient term only (as miles)
-            keep = corr.opsm_keep(x.logp_BT, x.logp_rollout_BT, x.adv_BT, x.mask_BT, delta=c.opsm_delta)
-            metrics["opsm_masked_frac"] = 1 - keep.float().mean()
-            pg_mask = pg_mask * keep
+        if c.use_opsm:  # OPSM drops the policy-gradient term only (as miles): `keep` stays what KL and entropy use
+            opsm = corr.opsm_keep(x.logp_BT, x.logp_rollout_BT, x.adv_BT, x.mask_BT, delta=c.opsm_delta)
+            metrics["opsm_masked_frac"] = 1 - red.masked_mean(opsm, x.mask_BT)  # share of active tokens
+            pg_mask = pg_mask * opsm
         log_ratio = self.ratio(x.logp_BT, x.logp_old_BT, x.mask_BT)
         metrics["ess_ratio"] = corr.sample_ess(x.logp_BT.detach() - x.logp_old_BT, x.mask_BT)
         if c.policy_loss == "cispo":

@@ -48,7 +48,7 @@ class AlgoConfig:
     tis_batch_normalize: bool = False  # divide the weights by their micro-batch mean (tokens, or samples)
     use_rs: bool = False  # rejection sampling: a ratio outside [rs_clip_low, rs_clip] at rs_level leaves the mask
     rs_level: TISLevel = "token"
-    rs_clip_low: float | None = None  # None = tis_clip_low
+    rs_clip_low: float | None = None  # None = tis_clip_low, or 1 / rs_clip where that is 0 (as miles)
     rs_clip: float | None = None  # None = tis_clip
     use_opd: bool = False  # on-policy distillation: A_t -= opd_kl_coef * (log π_student - log π_teacher) (miles)
     opd_kl_coef: float = 1.0
@@ -82,9 +82,12 @@ class AlgoConfig:
 
     @property
     def rs_bounds(self) -> tuple[float, float]:
-        """Rejection sampling's [low, high]: its own, else the TIS bounds (as miles)."""
-        low = self.tis_clip_low if self.rs_clip_low is None else self.rs_clip_low
-        return low, self.tis_clip if self.rs_clip is None else self.rs_clip
+        """Rejection sampling's [low, high]: its own, else the TIS bounds; with no lower bound of either (truncate
+        mode has none) 1 / high, as miles (a lower bound of 0 would reject nothing below)."""
+        high = self.tis_clip if self.rs_clip is None else self.rs_clip
+        if self.rs_clip_low is not None:
+            return self.rs_clip_low, high
+        return (self.tis_clip_low if self.tis_clip_low > 0 else 1 / high), high
 
     @property
     def clip_high(self) -> float:

@@ -138,14 +138,14 @@ def sample_ess(log_ratio_BT: Tensor, mask_BT: Tensor) -> Tensor:
 
 
 def opsm_keep(logp_BT: Tensor, logp_rollout_BT: Tensor, adv_BT: Tensor, mask_BT: Tensor, *, delta: float) -> Tensor:
-    """Off-policy sequence masking: [B, 1] keep-mask that drops sample i when its advantage is negative and
-    mean_t (logp_rollout − logp) > delta (the policy has moved too far from the data on a bad sample)."""
+    """Off-policy sequence masking: [B, T] keep-mask that drops token t of sample i when its advantage A_t is
+    negative and the sample drifted, mean_t (logp_rollout − logp) > delta (the policy has moved too far from
+    the data; as miles, per token, so a sample whose advantages change sign keeps its positive tokens)."""
     with torch.no_grad():
-        n = mask_BT.sum(dim=-1).clamp(min=1)
-        drift = ((logp_rollout_BT - logp_BT) * mask_BT).sum(dim=-1) / n
-        adv = (adv_BT * mask_BT).sum(dim=-1) / n
-        drop = (adv < 0) & (drift > delta)
-    return (~drop)[:, None].to(mask_BT.dtype)
+        n = mask_BT.sum(dim=-1, keepdim=True).clamp(min=1)
+        drift = ((logp_rollout_BT - logp_BT) * mask_BT).sum(dim=-1, keepdim=True) / n
+        drop = (adv_BT < 0) & (drift > delta)
+    return (~drop).to(mask_BT.dtype)
 
 
 def mismatch_metrics(logp_old_BT: Tensor, logp_rollout_BT: Tensor, mask_BT: Tensor) -> dict[str, Tensor]:

@@ -99,11 +99,13 @@ def kl_low_var(log_ratio_BT: Tensor) -> Tensor:
 def value_loss(
     values_BT: Tensor, old_values_BT: Tensor, returns_BT: Tensor, mask_BT: Tensor, *, value_clip: float | None
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """½·max((V − R)², (V_clipped − R)²) with V_clipped = V_old + clip(V − V_old, ±value_clip)."""
+    """½·max((V − R)², (V_clipped − R)²) with V_clipped = V_old + clip(V − V_old, ±value_clip). `vf_clipfrac`:
+    the share of tokens whose |V − V_old| exceeds value_clip (as miles), whichever branch the max took."""
     unclipped = (values_BT - returns_BT) ** 2
     if value_clip is None:
         return 0.5 * unclipped, {}
     v_clipped = old_values_BT + (values_BT - old_values_BT).clamp(-value_clip, value_clip)
     clipped = (v_clipped - returns_BT) ** 2
     loss = 0.5 * torch.maximum(unclipped, clipped)
-    return loss, {"vf_clipfrac": masked_mean((clipped > unclipped).to(loss.dtype), mask_BT).detach()}
+    outside = ((values_BT - old_values_BT).abs() > value_clip).to(loss.dtype)
+    return loss, {"vf_clipfrac": masked_mean(outside, mask_BT).detach()}

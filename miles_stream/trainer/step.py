@@ -7,7 +7,8 @@
 Losses are normalised by the part's token (or sample) count summed over every rank, and gradients are
 summed over ranks, so N ranks with 1/N of the data each take exactly the step one rank would take with all
 of it. Old logprobs: with one update per batch, the policy before the step is the one the forward pass
-runs, so they are its detached logprobs (no second pass); with more, they are computed once up front.
+runs, so they are its detached logprobs (no second pass); with more, or when the advantages need them (the
+reward KL, OPD), they are computed once up front.
 """
 
 from __future__ import annotations
@@ -94,8 +95,9 @@ class PolicyTrainer:
         self.model.train()
         ref_BT = self._logprobs(self.ref_model, batch) if self.ref_model is not None else None
         recompute = self.config.recompute_old_logprobs
-        several = self.config.updates_per_batch > 1 and recompute
-        old_BT = self._logprobs(self.model, batch) if several or (self.algo.use_opd and recompute) else None
+        # up front when something before the first update reads them: several updates, OPD, the reward KL
+        early = self.config.updates_per_batch > 1 or self.algo.use_opd or (self.algo.kl_coef > 0 and ref_BT is not None)
+        old_BT = self._logprobs(self.model, batch) if recompute and early else None
         kl_BT = None
         if ref_BT is not None and self.algo.kl_coef > 0:
             cpu = batch.mask_BT.device  # old and reference logprobs were computed on the trainer's device

@@ -181,3 +181,23 @@ def test_whiten_ignores_masked_entries() -> None:
     out = whiten(x, m)
     assert out[0, :2].tolist() == pytest.approx([-1 / math.sqrt(2), 1 / math.sqrt(2)], rel=1e-6)
     assert out[0, 2].item() == 0.0
+
+
+@pytest.mark.parametrize(
+    "kl_type,kl",
+    [
+        ("k1", [0.5, -0.5]),
+        ("k2", [0.125, 0.125]),
+        ("low_var_kl", [math.exp(-0.5) - 0.5, math.exp(0.5) - 1.5]),  # e^-x - 1 + x
+    ],
+)
+def test_the_reward_kl_follows_kl_loss_type(kl_type: str, kl: list[float]) -> None:
+    # REINFORCE++, one sample of two tokens, log π_old − log π_ref = [0.5, -0.5], reward 1, kl_coef 0.1, γ = 1:
+    # G_1 = 1 − 0.1·kl_1, G_0 = G_1 − 0.1·kl_0 (miles passes its kl_loss_type to the reward KL too)
+    x = AdvantageInputs(rewards_B=torch.tensor([1.0], dtype=torch.float64), group_B=torch.tensor([0]),
+                        mask_BT=torch.ones(1, 2, dtype=torch.float64),
+                        kl_BT=torch.tensor([[0.5, -0.5]], dtype=torch.float64))  # fmt: skip
+    config = AlgoConfig(advantage_estimator="reinforce_plus_plus", kl_coef=0.1, kl_loss_type=kl_type)  # type: ignore[arg-type]
+    a, _ = compute_advantages(config, x)
+    g1 = 1 - 0.1 * kl[1]
+    assert a[0].tolist() == pytest.approx([g1 - 0.1 * kl[0], g1], abs=1e-12)

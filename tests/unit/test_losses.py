@@ -82,6 +82,14 @@ def test_value_loss_clipping_hand_computed() -> None:
     assert m["vf_clipfrac"].item() == 1.0
 
 
+def test_vf_clipfrac_counts_values_that_moved_past_the_clip_whichever_branch_wins() -> None:
+    # V - V_old: 1, 0.1, -0.5 against clip 0.2. Token 0 (R = 0): unclipped 1 > clipped 0.04, the max takes the
+    # unclipped branch, but V moved past the clip; miles counts |V - V_old| > clip: 2 of 3
+    v, old, ret = t([[1.0, 0.1, -0.5]]), t([[0.0, 0.0, 0.0]]), t([[0.0, 0.0, 0.0]])
+    _, m = losses.value_loss(v, old, ret, torch.ones(1, 3, dtype=F64), value_clip=0.2)
+    assert m["vf_clipfrac"].item() == pytest.approx(2 / 3)
+
+
 def test_tis_truncate_hand_computed() -> None:
     old = t([[0.0, 0.0, 0.0]])
     rollout = t([[math.log(4.0), 0.0, -math.log(4.0)]])  # w = 0.25, 1, 4
@@ -132,12 +140,14 @@ def test_veto_masks_the_whole_sample() -> None:
     assert m["tis_veto_frac"].item() == 0.5
 
 
-def test_opsm_drops_negative_advantage_samples_that_drifted() -> None:
-    logp = t([[-2.0, -2.0], [-2.0, -2.0], [-2.0, -2.0]])
-    rollout = t([[-1.0, -1.0], [-1.0, -1.0], [-2.0, -2.0]])
-    adv = t([[-1.0, -1.0], [1.0, 1.0], [-1.0, -1.0]])
-    keep = corr.opsm_keep(logp, rollout, adv, torch.ones(3, 2, dtype=F64), delta=0.5)
-    assert keep[:, 0].tolist() == [0.0, 1.0, 1.0]
+def test_opsm_drops_negative_advantage_tokens_of_samples_that_drifted() -> None:
+    # drift mean(rollout - logp): 1, 1, 0, 1 against delta 0.5; sample 3's advantages change sign (GAE, KL
+    # shaping, OPD): only its negative token goes (miles masks per token, not by the sample's mean advantage)
+    logp = t([[-2.0, -2.0], [-2.0, -2.0], [-2.0, -2.0], [-2.0, -2.0]])
+    rollout = t([[-1.0, -1.0], [-1.0, -1.0], [-2.0, -2.0], [-1.0, -1.0]])
+    adv = t([[-1.0, -1.0], [1.0, 1.0], [-1.0, -1.0], [3.0, -1.0]])
+    keep = corr.opsm_keep(logp, rollout, adv, torch.ones(4, 2, dtype=F64), delta=0.5)
+    assert keep.tolist() == [[0.0, 0.0], [1.0, 1.0], [1.0, 1.0], [1.0, 0.0]]
 
 
 def test_effective_sample_size() -> None:

@@ -77,6 +77,13 @@ def test_rejection_bounds_fall_back_to_the_tis_bounds() -> None:
         AlgoConfig(use_rs=True)
 
 
+def test_rejection_lower_bound_falls_back_to_one_over_the_upper_without_a_tis_lower_bound() -> None:
+    # truncate mode has no lower bound (tis_clip_low 0): miles rejects below 1 / upper, here 1 / 4 = 0.25
+    assert AlgoConfig(tis_mode="truncate", tis_clip=4.0, use_rs=True).rs_bounds == (0.25, 4.0)
+    assert AlgoConfig(tis_mode="truncate", tis_clip=4.0, use_rs=True, rs_clip=2.0).rs_bounds == (0.5, 2.0)
+    assert AlgoConfig(tis_mode="truncate", use_rs=True, rs_clip_low=0.0).rs_bounds == (0.0, 2.0)  # asked for
+
+
 def test_sample_ess_by_hand() -> None:
     # sample 0: w = 1, 3 -> (4)^2 / (2 * 10) = 0.8; sample 1: w = 1, 1, 1 -> 1; token-weighted (0.8*2 + 3) / 5
     log_ratio = torch.tensor([[0.0, math.log(3), 0.0], [0.0, 0.0, 0.0]], dtype=F64)

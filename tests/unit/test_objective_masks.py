@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -77,3 +78,37 @@ def test_a_rejected_token_gets_no_gradient_from_any_term() -> None:
     assert x.logp_BT.grad is not None and entropy.grad is not None
     assert x.logp_BT.grad[0, 1].item() == 0.0 and entropy.grad[0, 1].item() == 0.0
     assert x.logp_BT.grad[0, 0].item() != 0.0 and entropy.grad[0, 0].item() != 0.0  # kept tokens still learn
+
+
+def two_tokens(adv: float, logp: list[float], rollout: list[float], ref: list[float]) -> LossInputs:
+    """One sample of two tokens: old logprobs -1 each, entropy 2 each, k1 KL and entropy terms to weigh."""
+    mask = torch.ones(1, 2, dtype=torch.float64)
+    return LossInputs(logp_BT=torch.tensor([logp], dtype=torch.float64, requires_grad=True),
+                      logp_old_BT=torch.tensor([[-1.0, -1.0]], dtype=torch.float64),
+                      logp_rollout_BT=torch.tensor([rollout], dtype=torch.float64),
+                      adv_BT=torch.full((1, 2), adv, dtype=torch.float64), mask_BT=mask,
+                      logp_ref_BT=torch.tensor([ref], dtype=torch.float64),
+                      entropy_BT=torch.tensor([[2.0, 2.0]], dtype=torch.float64),
+                      num_tokens=2.0, num_samples=1.0)  # fmt: skip
+
+
+def test_opsm_drops_the_policy_gradient_only_and_keeps_the_kl_and_entropy_terms() -> None:
+    # old = rollout = -1, logp = -1.5, A = -1: drift 0.5 > delta, so OPSM drops the policy-gradient term.
+    # Left: KL k1 mean(logp - ref) = -0.5 (coef 1) and -0.1 * mean entropy 2 = -0.2; d/dlogp = 1/2 per token
+    config = AlgoConfig(kl_loss_coef=1.0, kl_loss_type="k1", entropy_coef=0.1, use_opsm=True, opsm_delta=1e-4)
+    x = two_tokens(-1.0, [-1.5, -1.5], [-1.0, -1.0], [-1.0, -1.0])
+    loss, metrics = build_objective(config)(x)
+    loss.backward()  # type: ignore[no-untyped-call]
+    assert metrics["pg_loss"].item() == 0.0
+    assert loss.item() == pytest.approx(-0.7, abs=1e-12)
+    assert x.logp_BT.grad is not None and x.logp_BT.grad[0].tolist() == pytest.approx([0.5, 0.5], abs=1e-12)
+
+
+def test_opsm_that_drops_nothing_leaves_the_loss_of_tis_rejected_tokens_out() -> None:
+    # tis_mode=mask [0.5, 2]: token 2's weight exp(-1 - -3) = e^2 is rejected; A = +1, so OPSM drops nothing.
+    # logp = old = -1, ref = -2: token 1 alone counts: (pg -1 + KL 1) / 2 - 0.1 * 2 / 2 = -0.1
+    base = AlgoConfig(kl_loss_coef=1.0, kl_loss_type="k1", entropy_coef=0.1, tis_mode="mask", tis_clip_low=0.5,
+                      tis_clip=2.0)  # fmt: skip
+    for config in (base, replace(base, use_opsm=True)):
+        loss, _ = build_objective(config)(two_tokens(1.0, [-1.0, -1.0], [-1.0, -3.0], [-2.0, -2.0]))
+        assert loss.item() == pytest.approx(-0.1, abs=1e-12), config.use_opsm

@@ -23,6 +23,7 @@ from miles_stream.bus import Claim
 from miles_stream.kernels.packed_attention import use_packed_attention
 from miles_stream.models import TinyModelConfig, build_tiny_model
 from miles_stream.testing.synthetic import synthetic_group
+from miles_stream.trainer.algo import compute_advantages
 from miles_stream.trainer.algo_config import AlgoConfig
 from miles_stream.trainer.batch import RolloutBatch, collate, micro_inputs, packed_inputs
 from miles_stream.trainer.checkpoint import TrainerState, load_checkpoint, save_checkpoint
@@ -314,3 +315,37 @@ def test_distillation_from_a_teacher_equal_to_the_student_changes_nothing(model_
         updates.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
     assert torch.allclose(updates[0], updates[1], atol=1e-6)
     assert not torch.allclose(updates[0], updates[2], atol=1e-6)
+
+
+def test_the_reward_kl_uses_the_recomputed_old_logprobs_whatever_updates_per_batch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # REINFORCE++, kl_coef 0.1, k1, one sample of one token, reward 1: A = 1 - 0.1 * (old - ref), where old are
+    # the recomputed logprobs (trainer.recompute_old_logprobs), not the rollout engine's (shifted by -0.1 here)
+    import miles_stream.trainer.step as step
+
+    model_dir = build_tiny_model(tmp_path, TinyModelConfig())
+    ref = load(model_dir).requires_grad_(False)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    seen: list[torch.Tensor] = []
+
+    def recorded(config: AlgoConfig, inputs: Any) -> Any:
+        out = compute_advantages(config, inputs)
+        seen.append(out[0])
+        return out
+
+    monkeypatch.setattr(step, "compute_advantages", recorded)
+    g = synthetic_group(np.random.default_rng(0), n_samples=1, prompt_len=4, response_len=1, vocab=VOCAB)
+    b = collate([replace(g, samples=(replace(g.samples[0], reward=1.0),))])
+    with torch.no_grad():
+        old, _ = response_logprobs(load(model_dir), micro_inputs(b, "cpu"), temperature=1.0)
+        ref_logp, _ = response_logprobs(ref, micro_inputs(b, "cpu"), temperature=1.0)
+    batch = RolloutBatch(b.prompts, b.responses, old - 0.1, b.mask_BT, b.rewards_B, b.group_B)
+    expected = 1.0 - 0.1 * (old - ref_logp).item()
+    algo = AlgoConfig(advantage_estimator="reinforce_plus_plus", kl_coef=0.1, kl_loss_type="k1")
+    for updates in (1, 2):
+        config = TrainerConfig(lr=1e-3, updates_per_batch=updates)
+        PolicyTrainer(load(model_dir), config, algo, temperature=1.0, ref_model=ref).train(batch)
+        assert seen[-1].item() == pytest.approx(expected, abs=1e-6), updates
