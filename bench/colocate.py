@@ -40,12 +40,12 @@ from miles_stream.models import build_tiny_model
 from miles_stream.rollout import GenerationRequest, SamplingParams
 from miles_stream.rollout.native import NativeEngine
 from miles_stream.run_config import load_run_config
-from miles_stream.trainer.assemble import build_trainer
 from miles_stream.trainer.parallel import DataParallel
+from miles_stream.trainer.torch.build import build_trainer
 
 
 def _trainer_and_batch(cfg: Any, prompt_len: int) -> tuple[Any, Any]:
-    trainer = build_trainer(cfg, DataParallel())
+    trainer = build_trainer(cfg.trainer, cfg.algo, temperature=cfg.trainer_temperature, parallel=DataParallel())
     return trainer, synthetic_batch(cfg, prompt_len, int(trainer.model.config.vocab_size))
 
 

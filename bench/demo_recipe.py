@@ -31,7 +31,7 @@ from miles_stream.models import build_tiny_model
 from miles_stream.trainer.algo_config import AlgoConfig
 from miles_stream.trainer.batch import RolloutBatch
 from miles_stream.trainer.config import TrainerConfig
-from miles_stream.trainer.step import PolicyTrainer
+from miles_stream.trainer.torch.policy import PolicyTrainer
 
 DEMO = Path(__file__).parent.parent / "configs" / "demo.yaml"
 

@@ -53,9 +53,9 @@ from miles_stream.rollout import GenerationRequest, SamplingParams
 from miles_stream.rollout.native import NativeEngine
 from miles_stream.run_config import load_run_config
 from miles_stream.testing.synthetic import synthetic_group
-from miles_stream.trainer.assemble import build_trainer
 from miles_stream.trainer.batch import collate
 from miles_stream.trainer.parallel import DataParallel
+from miles_stream.trainer.torch.build import build_trainer
 
 CONFIG = Path(__file__).parents[1] / "configs" / "demo.yaml"
 GPU_MODEL = TinyModelConfig(kind="dense", charset=CHARSET, hidden_size=1024, num_layers=28, num_heads=16,
@@ -118,7 +118,7 @@ def synthetic_batch(cfg: Any, prompt_len: int, vocab: int) -> Any:
 
 
 def trainer_alone(cfg: Any, prompt_len: int, steps: int = 3) -> dict[str, float]:
-    trainer = build_trainer(cfg, DataParallel())
+    trainer = build_trainer(cfg.trainer, cfg.algo, temperature=cfg.trainer_temperature, parallel=DataParallel())
     batch = synthetic_batch(cfg, prompt_len, int(trainer.model.config.vocab_size))
     trainer.train(batch)  # warm-up (compile)
     tokens, elapsed = 0.0, 0.0

@@ -20,9 +20,10 @@ from miles_stream.models.moe import moe_routers
 from miles_stream.rollout.native import NativeEngine
 from miles_stream.rollout.types import GenerationRequest, SamplingParams
 from miles_stream.schema import Sample, TrajectoryGroup, make_spans
-from miles_stream.trainer.batch import RolloutBatch, collate, micro_inputs
-from miles_stream.trainer.logprobs import response_logprobs
-from miles_stream.trainer.routing_replay import RoutingReplay, replay_inputs
+from miles_stream.trainer.batch import RolloutBatch, collate
+from miles_stream.trainer.torch.inputs import micro_inputs
+from miles_stream.trainer.torch.logprobs import response_logprobs
+from miles_stream.trainer.torch.routing_replay import RoutingReplay, replay_inputs
 
 
 async def rollout(model_dir: str, samples: int, tokens: int) -> RolloutBatch:

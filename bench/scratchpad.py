@@ -45,7 +45,7 @@ from miles_stream.rollout import GenerationRequest, SamplingParams
 from miles_stream.rollout.native import NativeEngine
 from miles_stream.run_config import load_run_config
 from miles_stream.tasks.scratchpad import write_task
-from miles_stream.trainer.hf import export_hf, load_causal_lm
+from miles_stream.trainer.torch.hf import export_hf, load_causal_lm
 
 ROOT = Path(__file__).parents[1]
 CLI = [sys.executable, "-m", "miles_stream.cli"]

@@ -30,7 +30,7 @@ from miles_stream.testing.synthetic import synthetic_group
 from miles_stream.trainer.algo_config import AlgoConfig
 from miles_stream.trainer.batch import collate
 from miles_stream.trainer.config import TrainerConfig
-from miles_stream.trainer.step import PolicyTrainer, set_activation_checkpointing
+from miles_stream.trainer.torch.policy import PolicyTrainer, set_activation_checkpointing
 
 SHAPE = {"vocab_size": 151936, "hidden_size": 1024, "intermediate_size": 3072, "num_hidden_layers": 28,
          "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 128, "max_position_embeddings": 40960,

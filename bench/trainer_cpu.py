@@ -28,7 +28,7 @@ from miles_stream.testing.synthetic import synthetic_group
 from miles_stream.trainer.algo_config import AlgoConfig
 from miles_stream.trainer.batch import collate
 from miles_stream.trainer.config import TrainerConfig
-from miles_stream.trainer.step import PolicyTrainer
+from miles_stream.trainer.torch.policy import PolicyTrainer
 
 SIZES = {
     "tiny-dense": TinyModelConfig(kind="dense", max_position=1024),

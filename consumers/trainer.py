@@ -34,10 +34,10 @@ from miles_stream.errors import ConfigError, LeaseHeldError, LeaseLostError
 from miles_stream.record import RecordingSource
 from miles_stream.run_config import RunConfig
 from miles_stream.schema import DEFAULT_LIMITS
-from miles_stream.trainer.assemble import build_service, build_trainer
+from miles_stream.trainer.backend import TrainerBackend
+from miles_stream.trainer.backends import build_backend
 from miles_stream.trainer.parallel import DataParallel
 from miles_stream.trainer.service import TrainerService
-from miles_stream.trainer.step import PolicyTrainer
 from miles_stream.weights.transports import FileTransport, RedisTransport, WeightTransport
 from miles_stream.weights.versions import WeightPublisher, WeightSubscriber
 
@@ -70,13 +70,13 @@ def _stop_on_signals() -> asyncio.Event:
 
 async def _run_replay(config: RunConfig, files: Sequence[str], resume: bool) -> int:
     """Train on a recording: the same groups in the same order every run, nothing published."""
-    trainer = build_trainer(config, DataParallel())
+    trainer = _backend(config, DataParallel())
     try:
         source = RecordingSource(files, _codec(config, trainer))
     except FileNotFoundError as exc:
         raise ConfigError(f"--replay: {exc}") from exc
     buffer = ReplayBuffer(source, config.buffer)
-    service = build_service(config, trainer, buffer, None, None)
+    service = TrainerService(config.trainer, trainer=trainer, buffer=buffer, publisher=None, subscriber=None)
     try:
         await service.run(_stop_on_signals(), resume=resume)
     finally:
@@ -87,7 +87,7 @@ async def _run_replay(config: RunConfig, files: Sequence[str], resume: bool) -> 
 
 async def _run(config: RunConfig, parallel: DataParallel, resume: bool) -> int:
     cfg, keys = config.trainer, Keys(config.bus.namespace)
-    trainer = build_trainer(config, parallel)
+    trainer = _backend(config, parallel)
     name = cfg.trainer_id or f"trainer-{parallel.rank}"
     redis, blocking = connect(config.redis), open_stream_client(config.redis, block_ms=config.bus.block_ms)
     stream = StreamConsumer(redis, blocking, stream=keys.trajectories, group="trainer", consumer=name,
@@ -100,7 +100,7 @@ async def _run(config: RunConfig, parallel: DataParallel, resume: bool) -> int:
     transport = _transport(config, redis, keys, chunks)
     publisher = WeightPublisher(redis, keys, transport, config.bus.heartbeat_ttl_s, retry) if parallel.is_main else None
     subscriber = WeightSubscriber(redis, keys, {transport.name: transport})
-    service = build_service(config, trainer, buffer, publisher, subscriber)
+    service = TrainerService(cfg, trainer=trainer, buffer=buffer, publisher=publisher, subscriber=subscriber)
     progress = service.progress
     try:
         service.lease = consumer.fence = await _take_lease(config, parallel, redis, keys, name, stop)
@@ -174,11 +174,14 @@ def _transport(config: RunConfig, redis: Any, keys: Keys, chunks: StreamClient) 
     return RedisTransport(redis, keys, data=chunks)
 
 
-def _codec(config: RunConfig, trainer: PolicyTrainer) -> GroupCodec:
+def _backend(config: RunConfig, parallel: DataParallel) -> TrainerBackend:
+    return build_backend(config.trainer, config.algo, temperature=config.trainer_temperature, parallel=parallel)
+
+
+def _codec(config: RunConfig, trainer: TrainerBackend) -> GroupCodec:
     """The wire codec, also refusing token ids outside the model's vocabulary: such a group would crash the
     embedding lookup (a device-side assert on a GPU); it is dead-lettered with the reason instead."""
-    vocab = int(getattr(trainer.model.config, "vocab_size", 0) or 0)
-    return GroupCodec(config.codec, replace(DEFAULT_LIMITS, vocab_size=vocab))
+    return GroupCodec(config.codec, replace(DEFAULT_LIMITS, vocab_size=trainer.vocab_size))
 
 
 def _log_stopped(service: TrainerService, buffer: ReplayBuffer) -> None:

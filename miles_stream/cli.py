@@ -193,7 +193,7 @@ def _cmd_train(args: argparse.Namespace, config: RunConfig) -> int:
             raise ConfigError("--sft and --replay: choose one")
         from miles_stream.trainer.sft import main as sft_main  # imports torch and transformers
 
-        return sft_main(replace(config, sft=replace(config.sft, path=args.sft)), resume=args.resume)
+        return sft_main(replace(config.sft, path=args.sft), config.trainer, config.algo, resume=args.resume)
     from consumers.trainer import main as train_main  # imports torch and transformers
 
     return train_main(config, resume=args.resume, replay=args.replay or ())

@@ -1,14 +1,14 @@
-"""Trainer checkpoints: saved atomically, loaded to continue a run exactly.
+"""Trainer checkpoints: saved atomically, loaded to continue a run exactly, whatever the backend.
 
-    {checkpoint_dir}/step-00000010/   model.safetensors   the policy's parameters and buffers
-                                      critic.safetensors  PPO's value model (only with a critic)
-                                      state.pt            AdamW, schedule and torch RNG state (loaded weights_only)
+    {checkpoint_dir}/step-00000010/   (the backend's files: torch/state.py writes model.safetensors,
+                                       critic.safetensors, state.pt)
                                       rng.json            numpy and python RNG states
                                       trainer.json        step, weight version, claims (groups trained, not yet acked)
     {checkpoint_dir}/latest           the name of the newest complete checkpoint
 
 A checkpoint is written into `step-N.tmp-<pid>`, fsynced, renamed into place, and only then named in
-`latest` (itself replaced by rename): a crash at any point leaves the previous checkpoint whole.
+`latest` (itself replaced by rename): a crash at any point leaves the previous checkpoint whole. The backend
+writes and reads its own files through the `write` / `read` callables (`TrainerBackend.save` / `.load`).
 """
 
 from __future__ import annotations
@@ -17,14 +17,12 @@ import json
 import os
 import random
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from safetensors.torch import load_model, save_model
-from torch import nn
 
 from miles_stream.bus import Claim
 from miles_stream.errors import CheckpointError, MilesStreamError
@@ -41,19 +39,10 @@ class TrainerState:
     run_id: str = ""  # the run (bus/run.py) whose streams these claims name
 
 
-def save_checkpoint(
-    root: str | Path,
-    state: TrainerState,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    *,
-    keep: int = 2,
-    critic: Any = None,
-) -> Path:
-    """Write the checkpoint into a temporary directory, then rename it into place. A failure (a full disk)
-    removes the temporary directory and is a `CheckpointError` naming the directory; temporary directories
-    left by a process that died while saving are removed by the next save."""
+def save_checkpoint(root: str | Path, state: TrainerState, write: Callable[[Path], None], *, keep: int = 2) -> Path:
+    """Write the checkpoint into a temporary directory (`write` puts the backend's files there), then rename it
+    into place. A failure (a full disk) removes the temporary directory and is a `CheckpointError` naming the
+    directory; temporary directories left by a process that died while saving are removed by the next save."""
     root = Path(root)
     name = f"step-{state.step:08d}"
     tmp = root / f"{name}.tmp-{os.getpid()}"
@@ -63,14 +52,7 @@ def save_checkpoint(
             if not _alive(stale.name.rpartition(".tmp-")[2]):
                 shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir()
-        save_model(model, str(tmp / "model.safetensors"))
-        extra = {}
-        if critic is not None:  # PPO's value model (trainer/critic.py), its optimizer and schedule
-            save_model(critic.model, str(tmp / "critic.safetensors"))
-            extra = {"critic_optimizer": critic.optimizer.state_dict(),
-                     "critic_scheduler": critic.scheduler.state_dict()}  # fmt: skip
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "torch_rng": torch.get_rng_state(), **extra}, tmp / "state.pt")  # fmt: skip
+        write(tmp)
         (tmp / "rng.json").write_text(json.dumps(_rng_state()))
         claims = [[c.entry_id, c.group_id] for c in state.claims]
         (tmp / "trainer.json").write_text(
@@ -90,10 +72,8 @@ def save_checkpoint(
     return final
 
 
-def load_checkpoint(
-    root: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, *, critic: Any = None
-) -> TrainerState | None:
-    """Restore the newest checkpoint under `root` into the given objects; None if there is none."""
+def load_checkpoint(root: str | Path, read: Callable[[Path], None]) -> TrainerState | None:
+    """Restore the newest checkpoint under `root` (`read` loads the backend's files); None if there is none."""
     root = Path(root)
     pointer = root / LATEST
     if not pointer.is_file():
@@ -101,20 +81,10 @@ def load_checkpoint(
     path = root / pointer.read_text().strip()
     try:
         meta = json.loads((path / "trainer.json").read_text())
-        load_model(model, str(path / "model.safetensors"), strict=True)  # strict: a missing name raises
-        saved = torch.load(path / "state.pt", weights_only=True)
         rng = json.loads((path / "rng.json").read_text())
-        if critic is not None:
-            if not (path / "critic.safetensors").is_file():
-                raise ValueError("it holds no critic (saved by a run without algo.advantage_estimator=ppo)")
-            load_model(critic.model, str(path / "critic.safetensors"), strict=True)
-            critic.optimizer.load_state_dict(saved["critic_optimizer"])
-            critic.scheduler.load_state_dict(saved["critic_scheduler"])
+        read(path)
     except (OSError, ValueError, RuntimeError, KeyError) as exc:
         raise MilesStreamError(f"checkpoint {path} cannot be loaded: {exc}") from exc
-    optimizer.load_state_dict(saved["optimizer"])
-    scheduler.load_state_dict(saved["scheduler"])
-    torch.set_rng_state(saved["torch_rng"])
     _set_rng_state(rng)
     claims = tuple(Claim(entry_id, group_id) for entry_id, group_id in meta["claims"])
     return TrainerState(

@@ -10,6 +10,7 @@ from miles_stream.config import check
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class TrainerConfig:
+    backend: Literal["torch"] = "torch"  # what trains the model (trainer/backends.py); torch: HF model, PyTorch DP
     model: str = ""  # a local Hugging Face model directory (the policy's starting point)
     ref_model: str = ""  # a frozen reference for the KL loss; empty: `model` when algo.kl_loss_coef > 0
     critic_model: str = ""  # PPO's value model starts from this LM's decoder; empty: `model`

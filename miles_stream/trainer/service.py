@@ -3,7 +3,7 @@
     ReplayBuffer.next_batch(version) ── waits for `share` fresh groups (new entries on the stream unblock it)
          │
          ▼
-    PolicyTrainer.train (a worker thread; the event loop keeps the held entries touched meanwhile)
+    TrainerBackend.train (a worker thread; the event loop keeps the held entries touched meanwhile)
          │
          ├─ every `publish_every` steps: version += 1, rank 0 hands the weights to the background publisher
          │  (weights/background.py: a device copy, then the next step starts while the version goes out)
@@ -32,7 +32,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import structlog
-from torch import nn
 
 from miles_stream.aio import stop_task
 from miles_stream.buffer import Batch, ReplayBuffer
@@ -41,11 +40,11 @@ from miles_stream.bus.connection import is_transient
 from miles_stream.bus.lease import Lease
 from miles_stream.bus.run import WHAT_TO_DO, RunIdentity
 from miles_stream.errors import DataLossError, LeaseLostError, RedisUnavailableError
+from miles_stream.trainer.backend import TrainerBackend
 from miles_stream.trainer.batch import collate
 from miles_stream.trainer.checkpoint import TrainerState, load_checkpoint, save_checkpoint
 from miles_stream.trainer.config import TrainerConfig
 from miles_stream.trainer.metrics import MetricsSink
-from miles_stream.trainer.step import PolicyTrainer
 from miles_stream.weights.background import BackgroundPublisher
 from miles_stream.weights.versions import WeightPublisher, WeightSubscriber
 
@@ -65,15 +64,19 @@ class TrainerService:
         self,
         config: TrainerConfig,
         *,
-        trainer: PolicyTrainer,
+        trainer: TrainerBackend,
         buffer: ReplayBuffer,
         publisher: WeightPublisher | None,
         subscriber: WeightSubscriber | None,
-        metrics: MetricsSink,
-        export: Callable[[nn.Module, Path], None] | None = None,
+        metrics: MetricsSink | None = None,
     ) -> None:
         self.config, self.trainer, self.buffer = config, trainer, buffer
-        self.publisher, self.subscriber, self.metrics, self.export = publisher, subscriber, metrics, export
+        self.publisher, self.subscriber = publisher, subscriber
+        if metrics is None:  # rank 0 writes the run's metrics
+            metrics = (
+                MetricsSink(config.metrics_path, config.tensorboard_dir) if trainer.parallel.is_main else MetricsSink()
+            )
+        self.metrics = metrics
         self.background = BackgroundPublisher(publisher) if publisher is not None else None
         # Say the version or held count changed, and return once others can read it (Heartbeat.beat_now):
         # producers' admission reads them, and a new version must be visible before the commit that follows it
@@ -120,8 +123,8 @@ class TrainerService:
             await self._save()
         else:
             await self._save_and_commit()
-        if self.export is not None and self.config.export_dir and self.parallel.is_main:
-            await asyncio.to_thread(self.export, self.trainer.model, Path(self.config.export_dir))
+        if self.config.export_dir and self.parallel.is_main:
+            await asyncio.to_thread(self.trainer.export_hf, Path(self.config.export_dir))
             log.info("exported", path=self.config.export_dir)
         self.parallel.barrier()  # no rank tears down the process group while another still uses it
         return self.progress
@@ -193,7 +196,7 @@ class TrainerService:
         self.progress.version = version
         if self.background is None:
             return 0.0
-        return self.background.offer(version, self.trainer.model.state_dict(), self.trainer.compute_dtype)
+        return self.background.offer(version, *self.trainer.weights())
 
     async def _next_version(self, after: int) -> int:
         """The next weight version: rank 0 draws it from Redis (under the lease, never reused), every rank
@@ -232,10 +235,8 @@ class TrainerService:
                     await self._check_lease()
                 state = TrainerState(step=self.progress.step, version=self.progress.version, claims=tuple(claims),
                                      run_id=self.run_identity.id if self.run_identity else "")  # fmt: skip
-                path = await asyncio.to_thread(save_checkpoint, self.config.checkpoint_dir, state, self.trainer.model,
-                                               self.trainer.optimizer, self.trainer.scheduler,
-                                               keep=self.config.keep_checkpoints,
-                                               critic=self.trainer.critic)  # fmt: skip
+                path = await asyncio.to_thread(save_checkpoint, self.config.checkpoint_dir, state, self.trainer.save,
+                                               keep=self.config.keep_checkpoints)  # fmt: skip
                 log.info("checkpoint_saved", path=str(path), step=state.step, version=state.version)
             self.parallel.barrier()
         return True
@@ -259,8 +260,7 @@ class TrainerService:
     async def _restore(self, resume: bool) -> None:
         state = None
         if resume and self.config.checkpoint_dir:
-            state = load_checkpoint(self.config.checkpoint_dir, self.trainer.model, self.trainer.optimizer,
-                                    self.trainer.scheduler, critic=self.trainer.critic)  # fmt: skip
+            state = load_checkpoint(self.config.checkpoint_dir, self.trainer.load)
         if state is not None:
             self._check_same_run(state)
             self.progress.step, self.progress.version = state.step, state.version

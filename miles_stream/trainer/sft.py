@@ -2,7 +2,7 @@
 
     DATA (.jsonl | .parquet: prompt, response) ─► tokenize (prompt as the producer does; response + EOS)
         ─► per epoch a permutation fixed by (trainer.seed, epoch) ─► batches of sft.batch_size
-        ─► PolicyTrainer.train with SftObjective (mean NLL of the response tokens)
+        ─► TrainerBackend.train with SftObjective (mean NLL of the response tokens)
         ─► metrics.jsonl / TensorBoard, checkpoints every trainer.checkpoint_every steps, HF export at the end
 
 No Redis: the data is a file. The model, optimizer, schedule, micro-batching, data parallelism (torchrun),
@@ -27,15 +27,15 @@ import structlog
 from miles_stream.config import check_model_dir
 from miles_stream.errors import ConfigError
 from miles_stream.feeder import Row, read_records, with_chat_template
-from miles_stream.run_config import RunConfig
 from miles_stream.trainer.algo import SftObjective
-from miles_stream.trainer.assemble import load_policy
+from miles_stream.trainer.algo_config import AlgoConfig
+from miles_stream.trainer.backend import TrainerBackend
+from miles_stream.trainer.backends import build_backend
 from miles_stream.trainer.batch import RolloutBatch, supervised
 from miles_stream.trainer.checkpoint import TrainerState, load_checkpoint, save_checkpoint
-from miles_stream.trainer.hf import export_hf
+from miles_stream.trainer.config import SftConfig, TrainerConfig
 from miles_stream.trainer.metrics import MetricsSink
 from miles_stream.trainer.parallel import DataParallel
-from miles_stream.trainer.step import PolicyTrainer
 
 log = structlog.get_logger(__name__)
 
@@ -49,12 +49,11 @@ class Examples:
         return len(self.prompts)
 
 
-def load_examples(config: RunConfig) -> Examples:
-    """Every record of sft.path, tokenized with trainer.model's tokenizer. A record without a prompt or a
-    response string, or with an empty response, is a `ConfigError` naming its place."""
+def load_examples(cfg: SftConfig, model: str) -> Examples:
+    """Every record of sft.path, tokenized with `model`'s tokenizer (trainer.model). A record without a prompt
+    or a response string, or with an empty response, is a `ConfigError` naming its place."""
     from transformers import AutoTokenizer
 
-    cfg = config.sft
     path = Path(cfg.path)
     if not cfg.path or not path.is_file():
         raise ConfigError(f"sft.path: {cfg.path!r} is not a file (train --sft DATA.jsonl)")
@@ -69,8 +68,8 @@ def load_examples(config: RunConfig) -> Examples:
     if not rows:
         raise ConfigError(f"sft.path: {path} holds no records")
     if cfg.apply_chat_template:
-        rows = with_chat_template(rows, config.trainer.model)
-    tokenizer: Any = AutoTokenizer.from_pretrained(config.trainer.model)
+        rows = with_chat_template(rows, model)
+    tokenizer: Any = AutoTokenizer.from_pretrained(model)
     eos = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
     prompts = tokenizer([r.text for r in rows])["input_ids"]  # as the producer tokenizes a prompt
     responses = tokenizer([r.label for r in rows], add_special_tokens=False)["input_ids"]
@@ -80,44 +79,44 @@ def load_examples(config: RunConfig) -> Examples:
     )
 
 
-def batch_rows(config: RunConfig, size: int, step: int, parallel: DataParallel) -> list[int]:
-    """This rank's rows of step `step` (see the module docstring)."""
-    per_epoch = math.ceil(size / config.sft.batch_size)
+def batch_rows(cfg: SftConfig, seed: int, size: int, step: int, parallel: DataParallel) -> list[int]:
+    """This rank's rows of step `step` (see the module docstring); `seed`: trainer.seed."""
+    per_epoch = math.ceil(size / cfg.batch_size)
     epoch, k = divmod(step, per_epoch)
-    order = np.random.default_rng([config.trainer.seed, epoch]).permutation(size)
-    rows = order[k * config.sft.batch_size : (k + 1) * config.sft.batch_size]
+    order = np.random.default_rng([seed, epoch]).permutation(size)
+    rows = order[k * cfg.batch_size : (k + 1) * cfg.batch_size]
     return [int(i) for i in rows[parallel.rank :: parallel.world]]
 
 
-def total_steps(config: RunConfig, size: int) -> int:
-    steps = config.sft.num_epochs * math.ceil(size / config.sft.batch_size)
-    return min(steps, config.trainer.max_steps) if config.trainer.max_steps else steps
+def total_steps(cfg: SftConfig, max_steps: int, size: int) -> int:
+    """Steps of `cfg.num_epochs` epochs over `size` examples, at most `max_steps` (trainer.max_steps; 0: no cap)."""
+    steps = cfg.num_epochs * math.ceil(size / cfg.batch_size)
+    return min(steps, max_steps) if max_steps else steps
 
 
-def build_sft_trainer(config: RunConfig, parallel: DataParallel) -> PolicyTrainer:
-    model = load_policy(config)
-    algo = replace(config.algo, kl_loss_coef=0.0, kl_coef=0.0, entropy_coef=0.0)  # no reference model
-    objective = SftObjective(token_mean=config.algo.loss_reduction == "token_mean")
-    return PolicyTrainer(model, config.trainer, algo, temperature=1.0, parallel=parallel, objective=objective)
+def build_sft_trainer(cfg: TrainerConfig, algo: AlgoConfig, parallel: DataParallel) -> TrainerBackend:
+    """The RL trainer's backend with the SFT objective: no reference, teacher or critic."""
+    algo = replace(algo, kl_loss_coef=0.0, kl_coef=0.0, entropy_coef=0.0, use_opd=False, advantage_estimator="grpo")
+    objective = SftObjective(token_mean=algo.loss_reduction == "token_mean")
+    return build_backend(cfg, algo, temperature=1.0, parallel=parallel, objective=objective)
 
 
-def main(config: RunConfig, *, resume: bool = False) -> int:
-    cfg = config.trainer
+def main(sft: SftConfig, cfg: TrainerConfig, algo: AlgoConfig, *, resume: bool = False) -> int:
     check_model_dir(cfg.model, "trainer.model")
-    examples = load_examples(config)
+    examples = load_examples(sft, cfg.model)
     parallel = DataParallel.from_env(cfg.device)
     try:
-        trainer = build_sft_trainer(config, parallel)
-        return _train(config, trainer, examples, resume)
+        trainer = build_sft_trainer(cfg, algo, parallel)
+        return _train(sft, cfg, trainer, examples, resume)
     finally:
         parallel.close()
 
 
-def _train(config: RunConfig, trainer: PolicyTrainer, examples: Examples, resume: bool) -> int:
-    cfg, parallel = config.trainer, trainer.parallel
-    run_id = f"sft:{Path(config.sft.path).resolve()}"
-    step = _restore(config, trainer, run_id) if resume else 0
-    steps = total_steps(config, len(examples))
+def _train(sft: SftConfig, cfg: TrainerConfig, trainer: TrainerBackend, examples: Examples, resume: bool) -> int:
+    parallel = trainer.parallel
+    run_id = f"sft:{Path(sft.path).resolve()}"
+    step = _restore(cfg, trainer, run_id) if resume else 0
+    steps = total_steps(sft, cfg.max_steps, len(examples))
     metrics = MetricsSink(cfg.metrics_path, cfg.tensorboard_dir) if parallel.is_main else MetricsSink()
     stopping: list[int] = []
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -126,17 +125,17 @@ def _train(config: RunConfig, trainer: PolicyTrainer, examples: Examples, resume
     try:
         while step < steps and not stopping:
             started = time.perf_counter()
-            out = trainer.train(_batch(examples, batch_rows(config, len(examples), step, parallel)))
+            out = trainer.train(_batch(examples, batch_rows(sft, cfg.seed, len(examples), step, parallel)))
             step += 1
             elapsed = time.perf_counter() - started
-            epoch = step / math.ceil(len(examples) / config.sft.batch_size)
+            epoch = step / math.ceil(len(examples) / sft.batch_size)
             metrics.write(step, out | {"epoch": epoch, "step_s": elapsed, "tokens_per_s": out["tokens"] / elapsed})
             if cfg.checkpoint_dir and (step % cfg.checkpoint_every == 0 or step == steps or stopping):
-                _save(config, trainer, step, run_id)
+                _save(cfg, trainer, step, run_id)
     finally:
         metrics.close()
     if step >= steps and cfg.export_dir and parallel.is_main:
-        export_hf(trainer.model, cfg.model, Path(cfg.export_dir))
+        trainer.export_hf(Path(cfg.export_dir))
         log.info("model_exported", path=cfg.export_dir)
     log.info("sft_stopped", step=step, of=steps, interrupted=bool(stopping))
     return 0
@@ -146,24 +145,23 @@ def _batch(examples: Examples, rows: list[int]) -> RolloutBatch:
     return supervised([examples.prompts[i] for i in rows], [examples.responses[i] for i in rows])
 
 
-def _save(config: RunConfig, trainer: PolicyTrainer, step: int, run_id: str) -> None:
+def _save(cfg: TrainerConfig, trainer: TrainerBackend, step: int, run_id: str) -> None:
     if trainer.parallel.is_main:
         state = TrainerState(step=step, version=0, claims=(), run_id=run_id)
-        path = save_checkpoint(config.trainer.checkpoint_dir, state, trainer.model, trainer.optimizer,
-                               trainer.scheduler, keep=config.trainer.keep_checkpoints)  # fmt: skip
+        path = save_checkpoint(cfg.checkpoint_dir, state, trainer.save, keep=cfg.keep_checkpoints)
         log.info("checkpoint_saved", path=str(path), step=step)
     trainer.parallel.barrier()
 
 
-def _restore(config: RunConfig, trainer: PolicyTrainer, run_id: str) -> int:
-    if not config.trainer.checkpoint_dir:
+def _restore(cfg: TrainerConfig, trainer: TrainerBackend, run_id: str) -> int:
+    if not cfg.checkpoint_dir:
         raise ConfigError("--resume needs trainer.checkpoint_dir")
-    state = load_checkpoint(config.trainer.checkpoint_dir, trainer.model, trainer.optimizer, trainer.scheduler)
+    state = load_checkpoint(cfg.checkpoint_dir, trainer.load)
     if state is None:
-        log.info("no_checkpoint_starting_fresh", checkpoint_dir=config.trainer.checkpoint_dir)
+        log.info("no_checkpoint_starting_fresh", checkpoint_dir=cfg.checkpoint_dir)
         return 0
     if state.run_id != run_id:
-        raise ConfigError(f"trainer.checkpoint_dir {config.trainer.checkpoint_dir} holds a checkpoint of "
+        raise ConfigError(f"trainer.checkpoint_dir {cfg.checkpoint_dir} holds a checkpoint of "
                           f"{state.run_id or 'an RL run'!r}, not of {run_id!r}: use another directory")  # fmt: skip
     log.info("resumed", step=state.step)
     return state.step

@@ -15,12 +15,13 @@ from miles_stream.models import TinyModelConfig, build_tiny_model
 from miles_stream.run_config import load_run_config
 from miles_stream.testing.synthetic import synthetic_group
 from miles_stream.trainer.algo_config import AlgoConfig
-from miles_stream.trainer.assemble import build_trainer
-from miles_stream.trainer.batch import RolloutBatch, collate, micro_inputs
+from miles_stream.trainer.batch import RolloutBatch, collate
 from miles_stream.trainer.checkpoint import TrainerState, load_checkpoint, save_checkpoint
-from miles_stream.trainer.logprobs import response_logprobs
 from miles_stream.trainer.parallel import DataParallel
-from miles_stream.trainer.step import PolicyTrainer
+from miles_stream.trainer.torch.build import build_trainer
+from miles_stream.trainer.torch.inputs import micro_inputs
+from miles_stream.trainer.torch.logprobs import response_logprobs
+from miles_stream.trainer.torch.policy import PolicyTrainer
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +32,7 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def ppo_trainer(model_dir: Path, *overrides: str) -> PolicyTrainer:
     config = load_run_config(None, [f"trainer.model={model_dir}", "algo.advantage_estimator=ppo", "trainer.lr=1e-3",
                                     "trainer.torch_threads=1", *overrides])  # fmt: skip
-    return build_trainer(config, DataParallel())
+    return build_trainer(config.trainer, config.algo, temperature=config.trainer_temperature, parallel=DataParallel())
 
 
 def batch_for(model: torch.nn.Module, seed: int = 0) -> RolloutBatch:
@@ -90,19 +91,20 @@ def test_the_critic_is_checkpointed_with_its_optimizer(model_dir: Path, tmp_path
     batch = batch_for(trainer.model)
     trainer.train(batch)
     state = TrainerState(step=1, version=1, claims=())
-    save_checkpoint(tmp_path, state, trainer.model, trainer.optimizer, trainer.scheduler, critic=trainer.critic)
+    save_checkpoint(tmp_path, state, trainer.save)
     fresh = ppo_trainer(model_dir)
     assert fresh.critic is not None
-    load_checkpoint(tmp_path, fresh.model, fresh.optimizer, fresh.scheduler, critic=fresh.critic)
+    load_checkpoint(tmp_path, fresh.load)
     for a, b in zip(trainer.critic.model.state_dict().values(), fresh.critic.model.state_dict().values(), strict=True):
         assert torch.equal(a, b)
     assert fresh.critic.steps == trainer.critic.steps == 1
     out_a, out_b = trainer.train(batch), fresh.train(batch)  # the same next step: the optimizer state came back
     assert out_a["value_loss"] == pytest.approx(out_b["value_loss"], rel=1e-6)
-    plain = build_trainer(load_run_config(None, [f"trainer.model={model_dir}"]), DataParallel())
-    save_checkpoint(tmp_path / "plain", state, plain.model, plain.optimizer, plain.scheduler)
+    plain_config = load_run_config(None, [f"trainer.model={model_dir}"])
+    plain = build_trainer(plain_config.trainer, plain_config.algo, temperature=1.0, parallel=DataParallel())
+    save_checkpoint(tmp_path / "plain", state, plain.save)
     with pytest.raises(MilesStreamError, match="holds no critic"):
-        load_checkpoint(tmp_path / "plain", fresh.model, fresh.optimizer, fresh.scheduler, critic=fresh.critic)
+        load_checkpoint(tmp_path / "plain", fresh.load)
 
 
 def test_ppo_needs_its_critic_and_only_ppo_has_one(model_dir: Path) -> None:

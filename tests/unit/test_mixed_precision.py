@@ -13,11 +13,12 @@ from miles_stream.errors import ConfigError
 from miles_stream.models import TinyModelConfig, build_tiny_model
 from miles_stream.testing.synthetic import synthetic_group
 from miles_stream.trainer.algo_config import AlgoConfig
-from miles_stream.trainer.batch import RolloutBatch, collate, micro_inputs
+from miles_stream.trainer.batch import RolloutBatch, collate
 from miles_stream.trainer.config import TrainerConfig
-from miles_stream.trainer.hf import load_causal_lm
-from miles_stream.trainer.logprobs import response_logprobs
-from miles_stream.trainer.step import PolicyTrainer
+from miles_stream.trainer.torch.hf import load_causal_lm
+from miles_stream.trainer.torch.inputs import micro_inputs
+from miles_stream.trainer.torch.logprobs import response_logprobs
+from miles_stream.trainer.torch.policy import PolicyTrainer
 from miles_stream.weights.background import _copy_into
 
 

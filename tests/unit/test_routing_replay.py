@@ -20,11 +20,12 @@ from miles_stream.rollout.native import NativeEngine
 from miles_stream.rollout.types import GenerationRequest, SamplingParams
 from miles_stream.schema import Sample, TrajectoryGroup, make_spans
 from miles_stream.trainer.algo_config import AlgoConfig
-from miles_stream.trainer.batch import RolloutBatch, collate, micro_inputs, packed_inputs
+from miles_stream.trainer.batch import RolloutBatch, collate
 from miles_stream.trainer.config import TrainerConfig
-from miles_stream.trainer.logprobs import response_logprobs
-from miles_stream.trainer.routing_replay import RoutingReplay, replay_inputs
-from miles_stream.trainer.step import PolicyTrainer
+from miles_stream.trainer.torch.inputs import micro_inputs, packed_inputs
+from miles_stream.trainer.torch.logprobs import response_logprobs
+from miles_stream.trainer.torch.policy import PolicyTrainer
+from miles_stream.trainer.torch.routing_replay import RoutingReplay, replay_inputs
 
 
 @pytest.fixture(scope="module")

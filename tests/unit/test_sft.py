@@ -64,14 +64,17 @@ def test_the_objective_is_the_mean_nll_of_the_masked_tokens() -> None:
 
 def test_steps_cover_each_epoch_once_in_its_own_order_and_ranks_split_a_step() -> None:
     config = load_run_config(None, ["sft.batch_size=4", "sft.num_epochs=2", "trainer.seed=3"])
-    assert total_steps(config, 10) == 6  # 3 steps an epoch, the last one of 2
+    assert total_steps(config.sft, config.trainer.max_steps, 10) == 6  # 3 steps an epoch, the last one of 2
     one = DataParallel()
-    epochs = [[i for s in range(e * 3, e * 3 + 3) for i in batch_rows(config, 10, s, one)] for e in (0, 1)]
+    epochs = [
+        [i for s in range(e * 3, e * 3 + 3) for i in batch_rows(config.sft, config.trainer.seed, 10, s, one)]
+        for e in (0, 1)
+    ]
     assert all(sorted(rows) == list(range(10)) for rows in epochs) and epochs[0] != epochs[1]
-    halves = [batch_rows(config, 10, 1, DataParallel(rank=r, world=2)) for r in (0, 1)]
-    assert sorted(halves[0] + halves[1]) == sorted(batch_rows(config, 10, 1, one))
+    halves = [batch_rows(config.sft, config.trainer.seed, 10, 1, DataParallel(rank=r, world=2)) for r in (0, 1)]
+    assert sorted(halves[0] + halves[1]) == sorted(batch_rows(config.sft, config.trainer.seed, 10, 1, one))
     capped = load_run_config(None, ["sft.batch_size=4", "sft.num_epochs=2", "trainer.max_steps=4"])
-    assert total_steps(capped, 10) == 4
+    assert total_steps(capped.sft, capped.trainer.max_steps, 10) == 4
 
 
 def test_it_learns_the_demo_table_and_exports_the_model(model_dir: Path, data: Path, tmp_path: Path) -> None:

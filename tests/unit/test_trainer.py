@@ -25,13 +25,14 @@ from miles_stream.models import TinyModelConfig, build_tiny_model
 from miles_stream.testing.synthetic import synthetic_group
 from miles_stream.trainer.algo import compute_advantages
 from miles_stream.trainer.algo_config import AlgoConfig
-from miles_stream.trainer.batch import RolloutBatch, collate, micro_inputs, packed_inputs
+from miles_stream.trainer.batch import RolloutBatch, collate
 from miles_stream.trainer.checkpoint import TrainerState, load_checkpoint, save_checkpoint
 from miles_stream.trainer.config import TrainerConfig
-from miles_stream.trainer.logprobs import response_logprobs
-from miles_stream.trainer.optim import lr_factor
 from miles_stream.trainer.parallel import DataParallel
-from miles_stream.trainer.step import PolicyTrainer
+from miles_stream.trainer.torch.inputs import micro_inputs, packed_inputs
+from miles_stream.trainer.torch.logprobs import response_logprobs
+from miles_stream.trainer.torch.optim import lr_factor
+from miles_stream.trainer.torch.policy import PolicyTrainer
 
 VOCAB = 50  # the tiny tokenizer's vocabulary is 51 ids
 
@@ -209,14 +210,13 @@ def test_checkpoint_restores_weights_optimizer_and_claims(model_dir: Path, tmp_p
     trainer.train(batch)
     claims = (Claim("1-0", "g1"), Claim("2-0", "g2"))
     for step in (1, 2, 3):
-        save_checkpoint(tmp_path, TrainerState(step=step, version=step, claims=claims), model, trainer.optimizer,
-                        trainer.scheduler, keep=2)  # fmt: skip
+        save_checkpoint(tmp_path, TrainerState(step=step, version=step, claims=claims), trainer.save, keep=2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step-00000002", "step-00000003"]
     expected_next = trainer.train(batch)
 
     fresh = load(model_dir)
     other = PolicyTrainer(fresh, config, AlgoConfig(), temperature=1.0)
-    state = load_checkpoint(tmp_path, fresh, other.optimizer, other.scheduler)
+    state = load_checkpoint(tmp_path, other.load)
     assert state == TrainerState(step=3, version=3, claims=claims)
     got = other.train(batch)
     got.pop("train_s"), expected_next.pop("train_s")
@@ -226,7 +226,7 @@ def test_checkpoint_restores_weights_optimizer_and_claims(model_dir: Path, tmp_p
 def test_a_failed_checkpoint_names_its_directory_and_leaves_no_temporary(
     model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import miles_stream.trainer.checkpoint as checkpoint
+    import miles_stream.trainer.torch.state as checkpoint
     from miles_stream.errors import CheckpointError
 
     model = load(model_dir)
@@ -236,7 +236,7 @@ def test_a_failed_checkpoint_names_its_directory_and_leaves_no_temporary(
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     (tmp_path / f"step-00000007.tmp-{int(dead.stdout)}").mkdir()  # left by a process killed while saving
     state = TrainerState(step=1, version=1, claims=())
-    save_checkpoint(tmp_path, state, model, trainer.optimizer, trainer.scheduler)
+    save_checkpoint(tmp_path, state, trainer.save)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step-00000001"]  # the leftover is gone
 
     def disk_full(*args: Any, **kwargs: Any) -> None:  # what safetensors raises when the device is full
@@ -244,7 +244,7 @@ def test_a_failed_checkpoint_names_its_directory_and_leaves_no_temporary(
 
     monkeypatch.setattr(checkpoint, "save_model", disk_full)
     with pytest.raises(CheckpointError, match=rf"step 2 in {tmp_path}: .*No space left on device"):
-        save_checkpoint(tmp_path, replace(state, step=2), model, trainer.optimizer, trainer.scheduler)
+        save_checkpoint(tmp_path, replace(state, step=2), trainer.save)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step-00000001"]  # no .tmp-PID left
 
 
@@ -322,7 +322,7 @@ def test_the_reward_kl_uses_the_recomputed_old_logprobs_whatever_updates_per_bat
 ) -> None:
     # REINFORCE++, kl_coef 0.1, k1, one sample of one token, reward 1: A = 1 - 0.1 * (old - ref), where old are
     # the recomputed logprobs (trainer.recompute_old_logprobs), not the rollout engine's (shifted by -0.1 here)
-    import miles_stream.trainer.step as step
+    import miles_stream.trainer.torch.policy as step
 
     model_dir = build_tiny_model(tmp_path, TinyModelConfig())
     ref = load(model_dir).requires_grad_(False)

@@ -17,7 +17,7 @@ from miles_stream.testing.synthetic import synthetic_group
 from miles_stream.trainer.algo_config import AlgoConfig
 from miles_stream.trainer.batch import collate
 from miles_stream.trainer.config import TrainerConfig
-from miles_stream.trainer.step import PolicyTrainer
+from miles_stream.trainer.torch.policy import PolicyTrainer
 
 # Compiling 28-layer steps on a cold compile cache takes minutes: a bound, not the default 120 s.
 pytestmark = [

@@ -1,4 +1,5 @@
-"""`PolicyTrainer`: one rollout batch in, `updates_per_batch` optimizer steps out.
+"""`PolicyTrainer`, the torch backend (`TrainerBackend`): one rollout batch in, `updates_per_batch` optimizer
+steps out.
 
     batch ─► [ref logprobs] ─► [old logprobs] ─► advantages (whole batch) ─► for each of the batch's parts:
                zero grads ─► micro-batches (token budget): forward ─► objective ─► backward
@@ -16,7 +17,8 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -28,13 +30,16 @@ from miles_stream.kernels.packed_attention import use_packed_attention
 from miles_stream.models.moe import moe_routers
 from miles_stream.trainer.algo import AdvantageInputs, LossInputs, Objective, build_objective, compute_advantages
 from miles_stream.trainer.algo_config import AlgoConfig
-from miles_stream.trainer.batch import MicroInputs, RolloutBatch, micro_inputs, packed_inputs
+from miles_stream.trainer.batch import RolloutBatch
 from miles_stream.trainer.config import TrainerConfig
-from miles_stream.trainer.critic import Critic
-from miles_stream.trainer.logprobs import response_logprobs
-from miles_stream.trainer.optim import build_optimizer, build_scheduler
 from miles_stream.trainer.parallel import DataParallel
-from miles_stream.trainer.routing_replay import RoutingReplay, replay_inputs
+from miles_stream.trainer.torch.critic import Critic
+from miles_stream.trainer.torch.hf import export_hf
+from miles_stream.trainer.torch.inputs import MicroInputs, micro_inputs, packed_inputs
+from miles_stream.trainer.torch.logprobs import response_logprobs
+from miles_stream.trainer.torch.optim import build_optimizer, build_scheduler
+from miles_stream.trainer.torch.routing_replay import RoutingReplay, replay_inputs
+from miles_stream.trainer.torch.state import read_state, write_state
 
 log = structlog.get_logger(__name__)
 SUMMED = frozenset({"loss", "pg_loss", "kl_loss", "entropy"})  # already divided by the global count
@@ -88,6 +93,23 @@ class PolicyTrainer:
     @property
     def params(self) -> list[nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
+
+    @property
+    def vocab_size(self) -> int:
+        return int(getattr(self.model.config, "vocab_size", 0) or 0)
+
+    def weights(self) -> tuple[Mapping[str, Tensor], torch.dtype | None]:
+        """The policy's tensors (HF names) and, under mixed precision, the compute dtype to publish them in."""
+        return self.model.state_dict(), self.compute_dtype
+
+    def save(self, directory: Path) -> None:
+        write_state(directory, self.model, self.optimizer, self.scheduler, self.critic)
+
+    def load(self, directory: Path) -> None:
+        read_state(directory, self.model, self.optimizer, self.scheduler, self.critic)
+
+    def export_hf(self, dest: Path) -> None:
+        export_hf(self.model, self.config.model, dest)
 
     def train(self, batch: RolloutBatch) -> dict[str, float]:
         """Train on `batch` (this rank's share); returns metrics averaged over its optimizer steps and ranks."""

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from miles_stream.kernels import token_logprobs
-from miles_stream.trainer.batch import MicroInputs
+from miles_stream.trainer.torch.inputs import MicroInputs
 
 
 def response_logprobs(

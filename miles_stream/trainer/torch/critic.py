@@ -22,11 +22,12 @@ from torch import Tensor, nn
 from miles_stream.trainer import losses
 from miles_stream.trainer import reductions as red
 from miles_stream.trainer.algo_config import AlgoConfig
-from miles_stream.trainer.batch import MicroInputs, RolloutBatch
+from miles_stream.trainer.batch import RolloutBatch
 from miles_stream.trainer.config import TrainerConfig
-from miles_stream.trainer.logprobs import response_hidden
-from miles_stream.trainer.optim import build_optimizer, build_scheduler
 from miles_stream.trainer.parallel import DataParallel
+from miles_stream.trainer.torch.inputs import MicroInputs
+from miles_stream.trainer.torch.logprobs import response_hidden
+from miles_stream.trainer.torch.optim import build_optimizer, build_scheduler
 
 Plan = Callable[[Sequence[int]], list[list[int]]]
 Inputs = Callable[[RolloutBatch], MicroInputs]

@@ -1,0 +1,43 @@
+"""The torch backend built from its own configs (trainer.*, algo.*): for the entry points and for tests."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from miles_stream.trainer.algo import Objective
+from miles_stream.trainer.algo_config import AlgoConfig
+from miles_stream.trainer.config import TrainerConfig
+from miles_stream.trainer.parallel import DataParallel
+from miles_stream.trainer.torch.critic import Critic, ValueModel
+from miles_stream.trainer.torch.hf import load_causal_lm
+from miles_stream.trainer.torch.policy import PolicyTrainer
+
+
+def load_policy(cfg: TrainerConfig) -> Any:
+    """trainer.model, loaded after the trainer's seed and thread count are set (RL and SFT alike)."""
+    torch.manual_seed(cfg.seed)
+    if cfg.torch_threads:
+        torch.set_num_threads(cfg.torch_threads)
+    return load_causal_lm(cfg.model, dtype=cfg.params_dtype, device=cfg.device)
+
+
+def build_trainer(cfg: TrainerConfig, algo: AlgoConfig, *, temperature: float, parallel: DataParallel,
+                  objective: Objective | None = None) -> PolicyTrainer:  # fmt: skip
+    """The policy with what `algo` asks for: a frozen reference (KL), a frozen teacher (OPD), a critic (PPO).
+    `temperature`: what the trainer divides logits by (`RunConfig.trainer_temperature`); `objective`: the loss
+    (default: `algo`'s policy objective; `train --sft` passes its NLL)."""
+    model = load_policy(cfg)
+    needs_ref = algo.kl_loss_coef > 0 or algo.kl_coef > 0
+    ref = load_causal_lm(cfg.ref_model or cfg.model, dtype=cfg.dtype, device=cfg.device) if needs_ref else None
+    teacher = load_causal_lm(cfg.teacher_model, dtype=cfg.dtype, device=cfg.device) if algo.use_opd else None
+    for frozen in (ref, teacher):
+        if frozen is not None:
+            frozen.requires_grad_(False).train(False)
+    critic = None
+    if algo.advantage_estimator == "ppo":
+        lm = load_causal_lm(cfg.critic_model or cfg.model, dtype=cfg.params_dtype, device=cfg.device)
+        critic = Critic(ValueModel(lm), cfg, algo, parallel)
+    return PolicyTrainer(model, cfg, algo, temperature=temperature, ref_model=ref, teacher_model=teacher,
+                         critic=critic, parallel=parallel, objective=objective)  # fmt: skip
