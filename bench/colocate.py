@@ -36,9 +36,9 @@ from pipeline import (  # bench/pipeline.py
 )
 
 from miles_stream.demo.task import write_task
+from miles_stream.engines.native.engine import NativeEngine
 from miles_stream.models import build_tiny_model
 from miles_stream.rollout import GenerationRequest, SamplingParams
-from miles_stream.rollout.native import NativeEngine
 from miles_stream.run_config import load_run_config
 from miles_stream.trainer.parallel import DataParallel
 from miles_stream.trainer.torch.build import build_trainer

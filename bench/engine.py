@@ -23,8 +23,8 @@ from typing import Any
 
 import torch
 
+from miles_stream.engines.native.engine import NativeEngine
 from miles_stream.rollout import GenerationRequest, SamplingParams
-from miles_stream.rollout.native import NativeEngine
 
 SHAPE = {"vocab_size": 151936, "hidden_size": 1024, "intermediate_size": 3072, "num_hidden_layers": 28,
          "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 128, "max_position_embeddings": 40960,

@@ -18,9 +18,9 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM
 
+from miles_stream.engines.native.engine import NativeEngine
 from miles_stream.models import TinyModelConfig, build_tiny_model
 from miles_stream.rollout import GenerationRequest, SamplingParams
-from miles_stream.rollout.native import NativeEngine
 
 SIZES = {
     "tiny-dense": TinyModelConfig(kind="dense"),

@@ -47,10 +47,10 @@ import redis
 import torch
 
 from miles_stream.demo.task import CHARSET, write_task
+from miles_stream.engines.native.engine import NativeEngine
 from miles_stream.models import TinyModelConfig, build_tiny_model
 from miles_stream.redis_server import EmbeddedRedis, EmbeddedRedisConfig
 from miles_stream.rollout import GenerationRequest, SamplingParams
-from miles_stream.rollout.native import NativeEngine
 from miles_stream.run_config import load_run_config
 from miles_stream.testing.synthetic import synthetic_group
 from miles_stream.trainer.batch import collate

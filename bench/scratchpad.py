@@ -38,11 +38,11 @@ import torch
 from safetensors.torch import load_model
 from transformers import AutoTokenizer
 
+from miles_stream.engines.native.engine import NativeEngine
 from miles_stream.redis_server import EmbeddedRedis, EmbeddedRedisConfig, die_with_parent
 from miles_stream.rewards.base import RewardInput
 from miles_stream.rewards.builtin import scratchpad_addition
 from miles_stream.rollout import GenerationRequest, SamplingParams
-from miles_stream.rollout.native import NativeEngine
 from miles_stream.run_config import load_run_config
 from miles_stream.tasks.scratchpad import write_task
 from miles_stream.trainer.torch.hf import export_hf, load_causal_lm

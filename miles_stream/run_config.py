@@ -17,7 +17,7 @@ from miles_stream.codec import CodecConfig
 from miles_stream.config import apply_overrides, build, load_yaml
 from miles_stream.feeder import FeederConfig
 from miles_stream.redis_server import EmbeddedRedisConfig
-from miles_stream.rollout.producer import RolloutConfig
+from miles_stream.rollout.config import RolloutConfig
 from miles_stream.trainer.algo_config import AlgoConfig
 from miles_stream.trainer.config import SftConfig, TrainerConfig
 from miles_stream.weights.group import WeightsGroupConfig

@@ -25,13 +25,15 @@ from miles_stream.bus import (
 from miles_stream.bus.run import join_run
 from miles_stream.codec import GroupCodec
 from miles_stream.config import check_model_dir
+from miles_stream.engines.base import SamplingParams
+from miles_stream.engines.native.engine import NativeEngine
 from miles_stream.errors import ConfigError
 from miles_stream.rewards import RewardRegistry
 from miles_stream.rollout.admission import Admission
-from miles_stream.rollout.native import NativeEngine
-from miles_stream.rollout.producer import RolloutConfig, RolloutProducer
+from miles_stream.rollout.config import RolloutConfig
+from miles_stream.rollout.engines import open_engine
+from miles_stream.rollout.producer import RolloutProducer
 from miles_stream.rollout.turns import Calculator, RolloutFn, ToolLoop, single_turn
-from miles_stream.rollout.types import RolloutEngine, SamplingParams
 from miles_stream.run_config import RunConfig
 from miles_stream.weights.transports import FileTransport, RedisTransport, WeightTransport
 from miles_stream.weights.versions import WeightSubscriber
@@ -54,7 +56,7 @@ async def _run(config: RunConfig) -> int:
     tokenizer = AutoTokenizer.from_pretrained(cfg.model)
     redis, data = connect(config.redis), open_stream_client(config.redis)
     name = cfg.resolved_producer_id()
-    engine, membership = await _engine(cfg, redis, keys.sglang_servers(name))
+    engine, membership = await open_engine(cfg, redis, keys.sglang_servers(name))
     blocking = open_stream_client(config.redis, block_ms=config.bus.block_ms)
     codec = GroupCodec(config.codec)
     prompts, partials = (StreamConsumer(redis, blocking, stream=stream, group="producers", consumer=name,
@@ -114,20 +116,3 @@ def _turns(cfg: RolloutConfig, tokenizer: Any) -> tuple[RolloutFn, SamplingParam
         sampling = dataclasses.replace(cfg.sampling, stop_token_ids=(*cfg.sampling.stop_token_ids, equals))
         return ToolLoop(Calculator(tokenizer), max_turns=cfg.max_turns), sampling
     return single_turn, cfg.sampling
-
-
-async def _engine(cfg: RolloutConfig, redis: Any, servers_key: str) -> tuple[RolloutEngine, asyncio.Task[None] | None]:
-    """The configured engine, and for SGLang the task that follows `servers_key` (attach / detach)."""
-    if cfg.engine == "native":
-        return NativeEngine(cfg.model, device=cfg.device, dtype=getattr(torch, cfg.dtype), max_batch=cfg.max_batch,
-                            seed=cfg.seed, kv_cache=cfg.kv_cache, max_seq_len=cfg.max_seq_len,
-                            cuda_graphs=cfg.cuda_graphs, compile_decode=cfg.compile_decode), None  # fmt: skip
-    from miles_stream.rollout.sglang.engine import SGLangEngine, moe_layout
-    from miles_stream.rollout.sglang.membership import follow_membership
-
-    engine = SGLangEngine(cfg.sglang, layout=moe_layout(cfg.model))
-    if cfg.sglang.urls:
-        await redis.sadd(servers_key, *cfg.sglang.urls)
-    await engine.start()
-    follow = asyncio.create_task(follow_membership(redis, servers_key, engine, cfg.sglang.health_interval_s))
-    return engine, follow

@@ -43,7 +43,7 @@ class Reply(Exception):
 
 class Server:
     def __init__(self, model: str) -> None:
-        from miles_stream.rollout.native import NativeEngine
+        from miles_stream.engines.native.engine import NativeEngine
 
         self.model_path = model
         self.engine = NativeEngine(model, max_batch=16, seed=0)
@@ -90,7 +90,7 @@ class Server:
 
     # ---- generation --------------------------------------------------------------------------------------
     def do_generate(self, body: dict[str, Any]) -> Any:
-        from miles_stream.rollout.types import GenerationRequest, SamplingParams
+        from miles_stream.engines.base import GenerationRequest, SamplingParams
 
         ids, sp, rid = body.get("input_ids"), body.get("sampling_params", {}), str(body.get("rid", ""))
         if not isinstance(ids, list) or not all(isinstance(t, int) for t in ids):

@@ -1,5 +1,5 @@
 """Rollout: the `RolloutEngine` protocol, its request and result types, and the native engine."""
 
-from miles_stream.rollout.types import GenerationRequest, GenerationResult, RolloutEngine, SamplingParams
+from miles_stream.engines.base import GenerationRequest, GenerationResult, RolloutEngine, SamplingParams
 
 __all__ = ["GenerationRequest", "GenerationResult", "RolloutEngine", "SamplingParams"]

@@ -30,12 +30,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import socket
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import structlog
@@ -45,66 +43,21 @@ from miles_stream.bus import Entry, GroupPublisher, Keys, RetryPolicy, StreamCon
 from miles_stream.bus.connection import is_transient
 from miles_stream.bus.streams import DATA
 from miles_stream.codec import GroupCodec
-from miles_stream.config import check
-from miles_stream.errors import InvalidRequest, SchemaError, WeightIntegrityError
+from miles_stream.engines.base import RolloutEngine, SamplingParams
+from miles_stream.errors import InvalidRequest, SchemaError
 from miles_stream.prompts import PromptRecord, decode_prompt
 from miles_stream.rewards import RewardError, RewardInput, score_group
 from miles_stream.rollout.admission import Admission
+from miles_stream.rollout.config import RolloutConfig
 from miles_stream.rollout.partials import Partial, decode_partial, encode_partial, group_id
-from miles_stream.rollout.sglang.config import SGLangConfig
 from miles_stream.rollout.turns import RolloutFn, Trajectory, single_turn
-from miles_stream.rollout.types import RolloutEngine, SamplingParams, UpdatesFromManifest
+from miles_stream.rollout.weight_sync import WeightFollower
 from miles_stream.schema import Sample, TrajectoryGroup
 
 if TYPE_CHECKING:
-    import torch
-
-    from miles_stream.weights.manifest import WeightManifest
     from miles_stream.weights.versions import WeightSubscriber
 
 log = structlog.get_logger(__name__)
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class RolloutConfig:
-    model: str = ""  # a local Hugging Face model directory (its tokenizer and config; the native engine's weights)
-    engine: Literal["native", "sglang"] = "native"  # sglang: the servers of rollout.sglang (sglang/engine.py)
-    sglang: SGLangConfig = field(default_factory=SGLangConfig)
-    device: str = "cpu"
-    dtype: Literal["float32", "bfloat16"] = "float32"
-    max_batch: int = 32
-    kv_cache: Literal["auto", "static", "dynamic"] = "auto"  # auto: static + CUDA graphs on CUDA for dense models
-    max_seq_len: int = 2048  # static cache: prompt + response positions per row (memory: rows x this)
-    cuda_graphs: bool = True
-    compile_decode: bool = True  # torch.compile the decode step's elementwise work (static cache on CUDA)
-    n_samples_per_prompt: int = 4
-    sampling: SamplingParams = field(default_factory=SamplingParams)
-    turns: Literal["single", "calculator"] = "single"  # calculator: the multi-turn tool example (turns.py)
-    max_turns: int = 4
-    reward: str = "toy_addition"
-    reward_timeout_s: float = 30.0
-    max_inflight_prompts: int = 8
-    on_update: Literal["continue", "recycle"] = "continue"  # samples in flight at a weight update
-    over_sampling: float = 1.0  # admit this many times the staleness budget (admission.py)
-    producer_id: str = ""  # empty: host-pid
-    weights_rank: int = 0  # > 0: this producer's rank in the trainer's weight-broadcast group (weights_group)
-    seed: int = 0
-    torch_threads: int = 0  # intra-op threads of the engine; 0 = torch's default (all cores). With several
-    # processes on one machine, 1 each avoids oversubscription (docs/benchmarks.md, attaching producers)
-
-    def __post_init__(self) -> None:
-        check(self.torch_threads >= 0, "rollout.torch_threads", "must be >= 0 (0 = torch's default)")
-        check(self.n_samples_per_prompt >= 1, "rollout.n_samples_per_prompt", "must be >= 1")
-        check(self.max_inflight_prompts >= 1, "rollout.max_inflight_prompts", "must be >= 1")
-        check(self.reward_timeout_s > 0, "rollout.reward_timeout_s", "must be positive")
-        check(self.max_turns >= 1, "rollout.max_turns", "must be >= 1")
-        check(self.max_seq_len >= 2, "rollout.max_seq_len", "must be >= 2")
-        check(self.over_sampling >= 1.0, "rollout.over_sampling", "must be >= 1 (1 = the staleness budget)")
-        check(self.engine != "sglang" or bool(self.sglang.urls or self.sglang.router_url), "rollout.sglang.urls",
-              "the sglang engine needs at least one server URL")  # fmt: skip
-
-    def resolved_producer_id(self) -> str:
-        return self.producer_id or f"{socket.gethostname()}-{os.getpid()}"
 
 
 @dataclass(slots=True)
@@ -176,7 +129,10 @@ class RolloutProducer:
         stays pending."""
         for source in self.sources:
             await source.start()
-        last_weights = await self._load_latest_weights()
+        follower = WeightFollower(self.engine, self.weights, recycle=self.config.on_update == "recycle",
+                                  generating=lambda: self._generating, block_ms=self.prompts.config.block_ms,
+                                  on_update=self._count_update) if self.weights else None  # fmt: skip
+        last_weights = await follower.load_latest() if follower else "0-0"
         slots = asyncio.Semaphore(self.config.max_inflight_prompts)
         failures: list[BaseException] = []
 
@@ -189,7 +145,7 @@ class RolloutProducer:
 
         stop_wait = asyncio.create_task(stop.wait())
         keep_alive = asyncio.create_task(self._keep_alive())
-        follow = asyncio.create_task(self._follow_weights(last_weights)) if self.weights else None
+        follow = asyncio.create_task(follower.follow(last_weights)) if follower else None
         for background in (keep_alive, follow):  # one that fails (not a Redis blip) stops the producer loudly
             if background is not None:
                 background.add_done_callback(lambda t: done_background(t, failures, stop))
@@ -254,59 +210,8 @@ class RolloutProducer:
             return None
         return entries
 
-    async def _load_latest_weights(self) -> str:
-        """Before generating anything: load the newest published version, if any. Returns its entry id."""
-        if self.weights is None or (latest := await self.weights.latest()) is None:
-            return "0-0"
-        entry_id, manifest = latest
-        if manifest.version != self.engine.weight_version:
-            await self._apply(manifest)
-            log.info("weights_loaded", version=manifest.version)
-        return entry_id
-
-    async def _apply(self, manifest: WeightManifest, state: Mapping[str, torch.Tensor] | None = None) -> None:
-        """Give the engine `manifest`'s version: the tensors (`state`, if loaded already), or the manifest to
-        an engine that takes it itself (SGLang)."""
-        assert self.weights is not None
-        weights = self.weights
-        if isinstance(self.engine, UpdatesFromManifest):
-            await self.engine.apply_manifest(manifest, lambda: weights.load(manifest))
-        else:
-            await self.engine.update_weights(
-                manifest.version, state if state is not None else await weights.load(manifest)
-            )
-
-    async def _follow_weights(self, last: str) -> None:
-        """Apply each new version as it is announced; one that fails verification is skipped (old weights
-        stay). With on_update "recycle" the groups being generated are aborted first (they go to partials)."""
-        assert self.weights is not None
-        while True:
-            try:
-                announced = await self.weights.next_after(last, block_ms=self.prompts.config.block_ms)
-                if announced is None:
-                    continue
-                last, manifest = announced
-                if manifest is not None and manifest.version > self.engine.weight_version:
-                    started = time.perf_counter()
-                    state = None  # loaded (and verified) before anything is aborted, where the engine takes tensors
-                    if not isinstance(self.engine, UpdatesFromManifest):
-                        state = await self.weights.load(manifest)
-                    loaded = time.perf_counter()
-                    if self.config.on_update == "recycle" and self._generating:
-                        await self.engine.abort(sorted(self._generating))
-                    await self._apply(manifest, state)
-                    self.counters.weight_updates += 1
-                    pauses = getattr(self.engine, "update_pauses_s", None)  # the native engine's decode pause
-                    log.info("weights_updated", version=manifest.version, load_s=round(loaded - started, 4),
-                             apply_s=round(time.perf_counter() - loaded, 4),
-                             pause_s=round(pauses[-1], 5) if pauses else None)  # fmt: skip
-            except WeightIntegrityError as exc:
-                log.error("weights_rejected", error=str(exc))
-            except Exception as exc:
-                if not is_transient(exc):
-                    raise
-                log.warning("weights_follow_retry", error=str(exc))
-                await asyncio.sleep(1.0)
+    def _count_update(self) -> None:
+        self.counters.weight_updates += 1
 
     async def _keep_alive(self) -> None:
         """Touch the entries in flight every claim_idle/3, however long generation takes, so that no other

@@ -26,7 +26,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from miles_stream.rollout.types import (
+from miles_stream.engines.base import (
     GenerationRequest,
     GenerationResult,
     RolloutEngine,

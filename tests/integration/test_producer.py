@@ -23,13 +23,14 @@ from transformers import AutoTokenizer
 
 from miles_stream.bus import BusConfig, GroupConsumer, GroupPublisher, Keys, StreamClient, StreamConsumer
 from miles_stream.codec import GroupCodec
+from miles_stream.engines.native.engine import NativeEngine
 from miles_stream.feeder import Feeder, FeederConfig, load_rows
 from miles_stream.models import TinyModelConfig, build_tiny_model
 from miles_stream.prompts import decode_prompt
 from miles_stream.rewards import toy_addition
 from miles_stream.rollout import SamplingParams
-from miles_stream.rollout.native import NativeEngine
-from miles_stream.rollout.producer import RolloutConfig, RolloutProducer
+from miles_stream.rollout.config import RolloutConfig
+from miles_stream.rollout.producer import RolloutProducer
 from miles_stream.rollout.turns import ToolLoop
 from miles_stream.schema import validate_group
 

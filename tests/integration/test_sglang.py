@@ -20,14 +20,14 @@ import numpy as np
 import pytest
 import torch
 
+from miles_stream.engines.base import GenerationRequest, SamplingParams
+from miles_stream.engines.native.engine import NativeEngine
+from miles_stream.engines.sglang.client import SGLangClient, SGLangError
+from miles_stream.engines.sglang.config import SGLangConfig
+from miles_stream.engines.sglang.engine import SGLangEngine, make_push, moe_layout
+from miles_stream.engines.sglang.updates import WeightUpdateError
 from miles_stream.models import TinyModelConfig, build_tiny_model
-from miles_stream.rollout.native import NativeEngine
-from miles_stream.rollout.sglang.client import SGLangClient, SGLangError
-from miles_stream.rollout.sglang.config import SGLangConfig
-from miles_stream.rollout.sglang.engine import SGLangEngine, make_push, moe_layout
-from miles_stream.rollout.sglang.updates import WeightUpdateError
 from miles_stream.rollout.turns import single_turn
-from miles_stream.rollout.types import GenerationRequest, SamplingParams
 from miles_stream.weights.manifest import WeightManifest
 from miles_stream.weights.transports import FileTransport
 

@@ -10,9 +10,9 @@ import redis.asyncio as aioredis
 import torch
 
 from miles_stream.bus import BusConfig, Heartbeat, Keys
+from miles_stream.engines.native.engine import NativeEngine
 from miles_stream.errors import SchemaError, WeightIntegrityError
 from miles_stream.models import build_tiny_model
-from miles_stream.rollout.native import NativeEngine
 from miles_stream.weights.manifest import decode_manifest, encode_manifest
 from miles_stream.weights.transports import FileTransport, RedisTransport
 from miles_stream.weights.versions import WeightPublisher, WeightSubscriber

@@ -12,11 +12,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from miles_stream.engines.native.engine import NativeEngine
+from miles_stream.engines.native.sampling import sample_tokens, truncate
 from miles_stream.errors import InvalidRequest
 from miles_stream.models import TinyModelConfig, build_tiny_model
 from miles_stream.rollout import GenerationRequest, GenerationResult, SamplingParams
-from miles_stream.rollout.native import NativeEngine
-from miles_stream.rollout.sampling import sample_tokens, truncate
 from miles_stream.schema import Sample, TrajectoryGroup, validate_group
 
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from miles_stream.engines.native.engine import NativeEngine
 from miles_stream.models import TinyModelConfig, build_tiny_model
 from miles_stream.rollout import GenerationRequest, SamplingParams
-from miles_stream.rollout.native import NativeEngine
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 

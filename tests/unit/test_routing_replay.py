@@ -14,10 +14,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from miles_stream.engines.base import GenerationRequest, SamplingParams
+from miles_stream.engines.native.engine import NativeEngine
 from miles_stream.models import TinyModelConfig, build_tiny_model
 from miles_stream.models.moe import moe_routers
-from miles_stream.rollout.native import NativeEngine
-from miles_stream.rollout.types import GenerationRequest, SamplingParams
 from miles_stream.schema import Sample, TrajectoryGroup, make_spans
 from miles_stream.trainer.algo_config import AlgoConfig
 from miles_stream.trainer.batch import RolloutBatch, collate

@@ -8,14 +8,14 @@ import base64
 import numpy as np
 import pytest
 
-from miles_stream.rollout.sglang.payload import (
+from miles_stream.engines.base import GenerationRequest, SamplingParams
+from miles_stream.engines.sglang.payload import (
     SAMPLING_KEYS,
     MoeLayout,
     ResponseError,
     generate_payload,
     parse_generate,
 )
-from miles_stream.rollout.types import GenerationRequest, SamplingParams
 
 GREEDY = SamplingParams(temperature=0.0, top_k=0, max_new_tokens=4, stop_token_ids=(9,))
 REQUEST = GenerationRequest(request_id="grp", prompt_ids=[5, 6, 7], params=GREEDY)

@@ -11,11 +11,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from miles_stream.engines.base import GenerationResult
+from miles_stream.engines.native.engine import NativeEngine
 from miles_stream.models import TinyModelConfig, build_tiny_model, build_tokenizer
 from miles_stream.rollout import SamplingParams
-from miles_stream.rollout.native import NativeEngine
 from miles_stream.rollout.turns import Calculator, ToolLoop, Trajectory, evaluate_arithmetic, extend, single_turn
-from miles_stream.rollout.types import GenerationResult
 from miles_stream.schema import make_spans
 
 

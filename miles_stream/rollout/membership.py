@@ -14,7 +14,7 @@ import redis.asyncio as aioredis
 import structlog
 
 from miles_stream.bus.connection import is_transient
-from miles_stream.rollout.sglang.engine import SGLangEngine
+from miles_stream.engines.sglang.engine import SGLangEngine
 
 log = structlog.get_logger(__name__)
 

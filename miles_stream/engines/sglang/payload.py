@@ -20,8 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from miles_stream.engines.base import GenerationRequest, GenerationResult, merge_spans
 from miles_stream.errors import MilesStreamError
-from miles_stream.rollout.types import GenerationRequest, GenerationResult, merge_spans
 from miles_stream.schema import FinishReason, make_spans
 
 _FINISH: dict[str, FinishReason] = {"stop": "stop", "length": "length", "abort": "abort"}

@@ -27,12 +27,11 @@ import structlog
 import torch
 
 from miles_stream.aio import stop_task
-from miles_stream.errors import MilesStreamError
-from miles_stream.models.moe import moe_layer_indices
-from miles_stream.rollout.sglang.client import SGLangClient, SGLangError
-from miles_stream.rollout.sglang.config import SGLangConfig
-from miles_stream.rollout.sglang.payload import MoeLayout, generate_payload, parse_generate, parse_version
-from miles_stream.rollout.sglang.updates import (
+from miles_stream.engines.base import GenerationRequest, GenerationResult
+from miles_stream.engines.sglang.client import SGLangClient, SGLangError
+from miles_stream.engines.sglang.config import SGLangConfig
+from miles_stream.engines.sglang.payload import MoeLayout, generate_payload, parse_generate, parse_version
+from miles_stream.engines.sglang.updates import (
     DiskPush,
     DistributedPush,
     TensorPush,
@@ -40,7 +39,8 @@ from miles_stream.rollout.sglang.updates import (
     WeightUpdateError,
     update_servers,
 )
-from miles_stream.rollout.types import GenerationRequest, GenerationResult
+from miles_stream.errors import MilesStreamError
+from miles_stream.models.moe import moe_layer_indices
 from miles_stream.weights.manifest import WeightManifest
 
 log = structlog.get_logger(__name__)

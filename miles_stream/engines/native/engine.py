@@ -36,11 +36,11 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, DynamicCache
 
+from miles_stream.engines.base import GenerationRequest, GenerationResult, merge_spans
+from miles_stream.engines.native.sampling import sample_tokens
+from miles_stream.engines.native.static_cache import StaticDecoder, supports
 from miles_stream.errors import InvalidRequest, MilesStreamError
 from miles_stream.models.moe import moe_routers
-from miles_stream.rollout.sampling import sample_tokens
-from miles_stream.rollout.static_cache import StaticDecoder, supports
-from miles_stream.rollout.types import GenerationRequest, GenerationResult, merge_spans
 from miles_stream.schema import make_spans
 
 

@@ -32,8 +32,8 @@ from typing import Any, Literal, Protocol
 import structlog
 import torch
 
+from miles_stream.engines.sglang.client import NotSupported, SGLangClient, SGLangError
 from miles_stream.errors import MilesStreamError, WeightIntegrityError
-from miles_stream.rollout.sglang.client import NotSupported, SGLangClient, SGLangError
 from miles_stream.weights.collective import broadcast_from_rank0, init_weight_group
 from miles_stream.weights.manifest import WeightManifest, buckets
 
