@@ -40,6 +40,8 @@ from miles_stream.demo.view import DemoState, render, summary
 from miles_stream.errors import MilesStreamError, WeightIntegrityError
 from miles_stream.redis_server import EmbeddedRedis, die_with_parent
 from miles_stream.run_config import RunConfig, load_run_config
+from miles_stream.weights.transports import RedisTransport
+from miles_stream.weights.versions import WeightSubscriber
 
 log = structlog.get_logger(__name__)
 STALLED = "every group's rewards are equal (the policy is sure of its answers), so nothing more is learned"
@@ -217,9 +219,6 @@ class _Evaluator:
 
     def __init__(self, run: Run, redis: Any, keys: Keys) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        from miles_stream.weights.transports import RedisTransport
-        from miles_stream.weights.versions import WeightSubscriber
 
         model_dir = run.config.trainer.model
         self.model: Any = AutoModelForCausalLM.from_pretrained(model_dir)

@@ -92,6 +92,18 @@ class RolloutEngine(Protocol):
     async def close(self) -> None: ...
 
 
+class ServerPool(Protocol):
+    """An engine over HTTP servers that can join and leave while it runs (SGLang): `rollout/membership.py`
+    keeps `servers` equal to the set a producer is told to drive."""
+
+    @property
+    def servers(self) -> Mapping[str, object]: ...
+
+    async def attach(self, url: str) -> None: ...
+
+    async def detach(self, url: str) -> None: ...
+
+
 @runtime_checkable
 class UpdatesFromManifest(Protocol):
     """An engine that takes a published version itself (SGLang: servers may read the version's files, or

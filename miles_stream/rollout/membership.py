@@ -1,4 +1,5 @@
-"""Which SGLang servers a producer drives, kept in Redis so they can change while it runs.
+"""Which servers a producer's engine drives (SGLang: `engines/base.ServerPool`), kept in Redis so they can
+change while it runs.
 
 `{ns}:sglang:{producer_id}` is a set of URLs (`miles-stream sglang --attach | --detach URL`). The producer adds its
 configured servers at start, then every `health_interval_s` attaches what is new (waiting for health and
@@ -14,12 +15,12 @@ import redis.asyncio as aioredis
 import structlog
 
 from miles_stream.bus.connection import is_transient
-from miles_stream.engines.sglang.engine import SGLangEngine
+from miles_stream.engines.base import ServerPool
 
 log = structlog.get_logger(__name__)
 
 
-async def follow_membership(redis: aioredis.Redis, key: str, engine: SGLangEngine, interval_s: float) -> None:
+async def follow_membership(redis: aioredis.Redis, key: str, engine: ServerPool, interval_s: float) -> None:
     attaching: dict[str, asyncio.Task[None]] = {}
     while True:
         try:
