@@ -106,11 +106,34 @@ def _on_path() -> str | None:
     return shutil.which("redis-server") or shutil.which("valkey-server")
 
 
-def server_version(binary: str) -> str:
-    """ "valkey 8.1.8" or "redis 7.0.15": the server's name and version, from `--version`."""
-    out = subprocess.run([binary, "--version"], capture_output=True, text=True, check=True).stdout
-    name = "valkey" if out.lower().startswith("valkey") else "redis"
-    return f"{name} " + next((p.split("=", 1)[1] for p in out.split() if p.startswith("v=")), "unknown")
+@dataclass(frozen=True, slots=True)
+class ServerVersion:
+    """What a server binary says it is: `name` "redis" or "valkey", `version` "7.0.15" ("unknown" if unsaid)."""
+
+    name: str
+    version: str
+
+    def __str__(self) -> str:
+        return f"{self.name} {self.version}"
+
+    def is_release(self, name: str, version: str) -> bool:
+        """Whether this is `name` at `version` or a release under it: ("redis", "7") holds 7.0.15, not 6.2."""
+        return self.name == name and (self.version == version or self.version.startswith(f"{version}."))
+
+
+def parse_server_version(text: str) -> ServerVersion:
+    """The name and version in a `--version` line ("Redis server v=7.0.15 sha=..." / "Valkey server v=8.1.8 ...")."""
+    name = "valkey" if text.lower().startswith("valkey") else "redis"
+    return ServerVersion(name, next((p.split("=", 1)[1] for p in text.split() if p.startswith("v=")), "unknown"))
+
+
+def server_version(binary: str, timeout_s: float = 30.0) -> ServerVersion:
+    """What `binary --version` says it is."""
+    try:
+        out = subprocess.run([binary, "--version"], capture_output=True, text=True, check=True, timeout=timeout_s)
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise EmbeddedRedisError(f"{binary} --version failed: {exc}") from exc
+    return parse_server_version(out.stdout)
 
 
 def free_port() -> int:
@@ -131,7 +154,7 @@ class EmbeddedRedis:
     def __init__(self, config: EmbeddedRedisConfig | None = None) -> None:
         self.config = config or EmbeddedRedisConfig()
         self.binary = find_redis_server(self.config.binary)
-        self.version = server_version(self.binary)
+        self.version = str(server_version(self.binary))
         self.port = 0
         self._proc: subprocess.Popen[bytes] | None = None
         self._tmp: tempfile.TemporaryDirectory[str] | None = None

