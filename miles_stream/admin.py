@@ -45,7 +45,7 @@ async def show_status(config: RunConfig, namespace: str, *, as_json: bool, follo
     client = connect(config.redis)
     try:
         if follow:
-            await watch(client, keys, config.bus.heartbeat_ttl_s, interval_s)
+            await watch(client, keys, config.bus.heartbeat_ttl_s, interval_s, as_json=as_json)
             return
         status = await namespace_status(client, keys, config.bus.heartbeat_ttl_s)
     except MilesStreamError:

@@ -104,7 +104,9 @@ def _parser() -> argparse.ArgumentParser:
     p = command("status", "Describe a namespace: streams, groups, lag, pending, dead letters, members, weights.")
     p.add_argument("--namespace", help="namespace (default: bus.namespace)")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
-    p.add_argument("--watch", action="store_true", help="refresh until Ctrl-C")
+    p.add_argument("--watch", action="store_true", help="refresh until Ctrl-C (exit 130) or SIGTERM (exit 0): a live "
+                   "table on a terminal; into a file or pipe, or with --json, one snapshot after another (--json: "
+                   "one JSON object a line)")  # fmt: skip
     p.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes with --watch")
     p.set_defaults(run=_cmd_status)
 

@@ -1,4 +1,5 @@
-"""Rendering of a `NamespaceStatus`: rich tables for people, JSON for scripts, a live view with --watch."""
+"""Rendering of a `NamespaceStatus`: rich tables for people, JSON for scripts, and with --watch a live view on a
+terminal or one snapshot after another into a file or a pipe."""
 
 from __future__ import annotations
 
@@ -6,7 +7,9 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import os
 import signal
+import sys
 import time
 from typing import Any
 
@@ -15,11 +18,14 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 
+from miles_stream.aio import stop_task
 from miles_stream.bus import Keys
 from miles_stream.status.snapshot import NamespaceStatus, namespace_status
 
 
-def render_json(status: NamespaceStatus) -> str:
+def render_json(status: NamespaceStatus, *, indent: int | None = 2) -> str:
+    """The status as JSON; `indent=None` puts it on one line (one snapshot a line, with --watch)."""
+
     def plain(obj: Any) -> Any:
         if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
             return {f.name: plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
@@ -30,7 +36,7 @@ def render_json(status: NamespaceStatus) -> str:
         return obj
 
     data = plain(status) | {"versions_in_use": status.versions_in_use, "producer_lag": status.producer_lag}
-    return json.dumps(data, indent=2) + "\n"
+    return json.dumps(data, indent=indent) + "\n"
 
 
 def build_view(status: NamespaceStatus) -> Group:
@@ -84,21 +90,85 @@ def render_tables(status: NamespaceStatus, console: Console | None = None) -> No
     (console or Console()).print(build_view(status))
 
 
-async def watch(redis: aioredis.Redis, keys: Keys, heartbeat_ttl_s: float, interval_s: float) -> None:
-    """Redraw the status every `interval_s` until Ctrl-C (SIGINT), then raise KeyboardInterrupt. The signal
-    sets an event the loop waits on, rather than cancelling the task: a cancel that lands inside a redis-py
-    call can be swallowed (aio.stop_task), and the command then never exited."""
-    interrupted = asyncio.Event()
+async def watch(
+    redis: aioredis.Redis, keys: Keys, heartbeat_ttl_s: float, interval_s: float, *, as_json: bool = False
+) -> None:
+    """Show the status every `interval_s` until SIGINT (Ctrl-C: raises KeyboardInterrupt, so the command exits
+    130) or SIGTERM (returns: exit 0). On a terminal, without `as_json`, one live table redrawn in place;
+    otherwise (a file or a pipe, where a live view prints nothing) one snapshot after another, flushed: the
+    tables, or with `as_json` one JSON object per line. The signals set an event the loop waits on, rather
+    than cancelling the task: a cancel that lands inside a redis-py call can be swallowed (aio.stop_task),
+    and the command then never exited."""
+    stopped = asyncio.Event()
+    received: list[signal.Signals] = []
+
+    def on_signal(sig: signal.Signals) -> None:
+        received.append(sig)
+        stopped.set()
+
     loop = asyncio.get_running_loop()
-    loop.add_signal_handler(signal.SIGINT, interrupted.set)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal, sig)
     try:
-        status = await namespace_status(redis, keys, heartbeat_ttl_s)
-        with Live(build_view(status), refresh_per_second=4, screen=False) as live:
-            while not interrupted.is_set():
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(interrupted.wait(), interval_s)
-                if not interrupted.is_set():
-                    live.update(build_view(await namespace_status(redis, keys, heartbeat_ttl_s)))
+        if as_json or not sys.stdout.isatty():
+            await _print_snapshots(redis, keys, heartbeat_ttl_s, interval_s, stopped, as_json=as_json)
+        else:
+            await _live(redis, keys, heartbeat_ttl_s, interval_s, stopped)
     finally:
-        loop.remove_signal_handler(signal.SIGINT)
-    raise KeyboardInterrupt
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+    if received and received[0] == signal.SIGINT:
+        raise KeyboardInterrupt
+
+
+async def _live(redis: aioredis.Redis, keys: Keys, ttl_s: float, interval_s: float, stopped: asyncio.Event) -> None:
+    status = await _snapshot(redis, keys, ttl_s, stopped)
+    if status is None:
+        return
+    with Live(build_view(status), refresh_per_second=4, screen=False) as live:
+        while not await _wait(stopped, interval_s):
+            status = await _snapshot(redis, keys, ttl_s, stopped)
+            if status is None:
+                return
+            live.update(build_view(status))
+
+
+async def _print_snapshots(
+    redis: aioredis.Redis, keys: Keys, ttl_s: float, interval_s: float, stopped: asyncio.Event, *, as_json: bool
+) -> None:
+    console = Console(file=sys.stdout)
+    status = await _snapshot(redis, keys, ttl_s, stopped)
+    while status is not None:
+        try:
+            if as_json:
+                sys.stdout.write(render_json(status, indent=None))
+            else:
+                console.print(build_view(status), "")
+            sys.stdout.flush()
+        except BrokenPipeError:  # the reader went away (`| head`): stop, and keep Python's exit flush quiet
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return
+        if await _wait(stopped, interval_s):
+            return
+        status = await _snapshot(redis, keys, ttl_s, stopped)
+
+
+async def _wait(stopped: asyncio.Event, timeout_s: float) -> bool:
+    """Whether `stopped` was set within `timeout_s`."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stopped.wait(), timeout_s)
+    return stopped.is_set()
+
+
+async def _snapshot(redis: aioredis.Redis, keys: Keys, ttl_s: float, stopped: asyncio.Event) -> NamespaceStatus | None:
+    """The namespace's status, or None if `stopped` is set first (the read is then abandoned: a slow or hung
+    server does not hold up the exit)."""
+    read = asyncio.ensure_future(namespace_status(redis, keys, ttl_s))
+    stop = asyncio.ensure_future(stopped.wait())
+    await asyncio.wait({read, stop}, return_when=asyncio.FIRST_COMPLETED)
+    stop.cancel()
+    if read.done():
+        return read.result()
+    with contextlib.suppress(Exception):  # an error of a read we no longer want is not reported
+        await stop_task(read, timeout_s=1.0)
+    return None

@@ -5,11 +5,15 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import queue
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import IO
 
 import pytest
 import redis
@@ -162,23 +166,87 @@ def test_cli_status_describes_a_namespace(redis_url: str, tmp_path: Path) -> Non
     assert "cli:trajectories" in table.stdout and "latest weight version" in table.stdout
 
 
-@pytest.mark.integration
-def test_cli_status_watch_redraws_until_interrupted(redis_url: str) -> None:
+class Lines:
+    """A process's stdout, read line by line on a thread, so the test can wait for output with a deadline."""
+
+    def __init__(self, proc: subprocess.Popen[str]) -> None:
+        assert proc.stdout is not None
+        self.proc, self.lines, self._queue = proc, list[str](), queue.Queue[str | None]()
+        self._thread = threading.Thread(target=self._read, args=(proc.stdout,), daemon=True)
+        self._thread.start()
+
+    def _read(self, stream: IO[str]) -> None:
+        for line in stream:
+            self._queue.put(line)
+        self._queue.put(None)
+
+    def wait_for(self, done: Callable[[list[str]], bool], timeout_s: float) -> bool:
+        """Read until `done(lines so far)`; False at the deadline or at the end of the output."""
+        deadline = time.monotonic() + timeout_s
+        while not done(self.lines):
+            try:
+                line = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                return False
+            if line is None:
+                return False
+            self.lines.append(line)
+        return True
+
+    def close(self) -> None:
+        """After the process ended: its output is read to the end, then closed."""
+        self._thread.join(timeout=10)
+        assert self.proc.stdout is not None
+        self.proc.stdout.close()
+
+
+def watch_status(redis_url: str, stderr: Path, *args: str) -> subprocess.Popen[str]:
     env = {**os.environ, "MILES_REDIS_URL": redis_url}
-    with redis.Redis.from_url(redis_url) as client:
-        before = len(client.client_list())
-        proc = subprocess.Popen([*CLI, "status", "--watch", "--interval", "0.2", "--namespace", "watch"],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)  # fmt: skip
-        try:
-            deadline = time.monotonic() + 60  # imports take seconds on a loaded machine: wait for its connection
-            while len(client.client_list()) <= before and time.monotonic() < deadline and proc.poll() is None:
-                time.sleep(0.1)
-            time.sleep(1.0)  # a few redraws
-            proc.send_signal(signal.SIGINT)
-            out, err = proc.communicate(timeout=30)
-        finally:
-            if proc.poll() is None:  # never leave it running into the next test
-                proc.kill()
-                proc.communicate()
+    with stderr.open("w") as err:
+        return subprocess.Popen([*CLI, "status", "--watch", "--interval", "0.2", "--namespace", "watch", *args],
+                                stdout=subprocess.PIPE, stderr=err, text=True, env=env)  # fmt: skip
+
+
+def stop_watch(proc: subprocess.Popen[str], sig: signal.Signals, stderr: Path) -> str:
+    """Send `sig`, wait for the exit, and return stderr; a process still running after 10 s is killed (and its
+    exit status then fails the test's check)."""
+    proc.send_signal(sig)
+    try:
+        proc.wait(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return stderr.read_text()[-2000:]
+
+
+@pytest.mark.integration
+def test_cli_status_watch_json_into_a_pipe_prints_one_json_object_a_line_until_sigterm(
+    redis_url: str, tmp_path: Path
+) -> None:
+    proc = watch_status(redis_url, tmp_path / "stderr", "--json")
+    out = Lines(proc)
+    try:  # imports take seconds on a loaded machine
+        two = out.wait_for(lambda lines: len(lines) >= 2, timeout_s=90)
+    finally:
+        err = stop_watch(proc, signal.SIGTERM, tmp_path / "stderr")
+        out.close()
+    assert two, f"fewer than two snapshots: {out.lines!r} {err}"
+    snapshots = [json.loads(line) for line in out.lines[:2]]
+    assert all(s["namespace"] == "watch" for s in snapshots)
+    assert all("watch:trajectories" in [st["key"] for st in s["streams"]] for s in snapshots)
+    assert proc.returncode == 0, err
+
+
+@pytest.mark.integration
+def test_cli_status_watch_into_a_pipe_prints_a_table_per_snapshot_until_ctrl_c(redis_url: str, tmp_path: Path) -> None:
+    proc = watch_status(redis_url, tmp_path / "stderr")
+    out = Lines(proc)
+    try:
+        two = out.wait_for(lambda lines: sum("processes alive" in line for line in lines) >= 2, timeout_s=90)
+    finally:
+        err = stop_watch(proc, signal.SIGINT, tmp_path / "stderr")
+        out.close()
+    assert two, f"fewer than two snapshots: {out.lines!r} {err}"
+    assert "watch:trajectories" in "".join(out.lines)
     assert proc.returncode == 130, err
-    assert "watch:trajectories" in out and "processes alive" in out
