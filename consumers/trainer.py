@@ -7,7 +7,6 @@ rank reads `buffer.rollout_batch_size / world` groups per step as consumer `trai
 from __future__ import annotations
 
 import asyncio
-import signal
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
@@ -25,6 +24,7 @@ from miles_stream.bus import (
     StreamConsumer,
     connect,
     open_stream_client,
+    wait_until_reachable,
 )
 from miles_stream.bus.lease import Lease
 from miles_stream.bus.run import join_run, verify_run
@@ -56,19 +56,14 @@ def main(config: RunConfig, *, resume: bool = False, replay: Sequence[str] = ())
     if replay and parallel.world > 1:
         raise ConfigError("--replay trains on one rank: every rank would read the whole recording")
     try:
-        return aio.run(_run_replay(config, replay, resume) if replay else _run(config, parallel, resume))
+        if replay:
+            return aio.run_process(lambda stop: _run_replay(config, replay, resume, stop), what="the trainer")
+        return aio.run_process(lambda stop: _run(config, parallel, resume, stop), what="the trainer")
     finally:
         parallel.close()
 
 
-def _stop_on_signals() -> asyncio.Event:
-    stop = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
-    return stop
-
-
-async def _run_replay(config: RunConfig, files: Sequence[str], resume: bool) -> int:
+async def _run_replay(config: RunConfig, files: Sequence[str], resume: bool, stop: asyncio.Event) -> int:
     """Train on a recording: the same groups in the same order every run, nothing published."""
     trainer = _backend(config, DataParallel())
     try:
@@ -78,21 +73,26 @@ async def _run_replay(config: RunConfig, files: Sequence[str], resume: bool) -> 
     buffer = ReplayBuffer(source, config.buffer)
     service = TrainerService(config.trainer, trainer=trainer, buffer=buffer, publisher=None, subscriber=None)
     try:
-        await service.run(_stop_on_signals(), resume=resume)
+        await service.run(stop, resume=resume)
     finally:
         service.metrics.close()
     _log_stopped(service, buffer)
     return 0
 
 
-async def _run(config: RunConfig, parallel: DataParallel, resume: bool) -> int:
+async def _run(config: RunConfig, parallel: DataParallel, resume: bool, stop: asyncio.Event) -> int:
     cfg, keys = config.trainer, Keys(config.bus.namespace)
     trainer = _backend(config, parallel)
     name = cfg.trainer_id or f"trainer-{parallel.rank}"
     redis, blocking = connect(config.redis), open_stream_client(config.redis, block_ms=config.bus.block_ms)
+    try:
+        await wait_until_reachable(redis, config.redis, stop)
+    except BaseException:
+        await blocking.aclose()
+        await redis.aclose()
+        raise
     stream = StreamConsumer(redis, blocking, stream=keys.trajectories, group="trainer", consumer=name,
                             dead_stream=keys.dead, config=config.bus)  # fmt: skip
-    stop = _stop_on_signals()
     retry = RetryPolicy(attempts=0, max_delay_s=2.0, stop=stop)  # ride out a Redis restart, unless told to stop
     consumer = GroupConsumer(stream, keys, _codec(config, trainer), owns_prompts=True, retry=retry)
     buffer = ReplayBuffer(consumer, config.buffer, share=config.buffer.rollout_batch_size // parallel.world)
@@ -103,7 +103,7 @@ async def _run(config: RunConfig, parallel: DataParallel, resume: bool) -> int:
     service = TrainerService(cfg, trainer=trainer, buffer=buffer, publisher=publisher, subscriber=subscriber)
     progress = service.progress
     try:
-        service.lease = consumer.fence = await _take_lease(config, parallel, redis, keys, name, stop)
+        service.lease = consumer.fence = await _take_lease(config, parallel, redis, keys, name, stop, retry)
         if publisher is not None:
             publisher.fence = service.lease
         service.run_identity, service.namespace = (run := await join_run(redis, keys)), keys.namespace
@@ -141,10 +141,10 @@ async def _run(config: RunConfig, parallel: DataParallel, resume: bool) -> int:
 
 
 async def _take_lease(config: RunConfig, parallel: DataParallel, redis: Any, keys: Keys, name: str,
-                      stop: asyncio.Event) -> Lease:  # fmt: skip
+                      stop: asyncio.Event, retry: RetryPolicy) -> Lease:  # fmt: skip
     """Rank 0 takes the trainer lease (waiting trainer.standby_s for another's to end) and keeps renewing it;
     the other ranks write under the same token."""
-    lease = Lease(redis, keys, "trainer", name, ttl_s=config.bus.lease_ttl_s)
+    lease = Lease(redis, keys, "trainer", name, ttl_s=config.bus.lease_ttl_s, retry=retry)
     taken: tuple[int, bytes] | str | None = None
     if parallel.is_main:
         try:

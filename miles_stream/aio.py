@@ -1,12 +1,21 @@
-"""Running a coroutine as a process's main loop: uvloop where it is installed, asyncio otherwise."""
+"""Running a coroutine as a process's main loop: uvloop where it is installed, asyncio otherwise; and the one
+way every process stops when told (`until_stopped`)."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine
+import os
+import signal
+import sys
+import threading
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
+from miles_stream.errors import StopTimeout
+
 T = TypeVar("T")
+STOP_GRACE_S = 6.0  # after SIGTERM / Ctrl-C: time to finish cleanly (hand work back, checkpoint, commit)
+EXIT_GRACE_S = 2.0  # then the main task is cancelled; this long after that the process exits regardless
 
 
 def run(main: Coroutine[Any, Any, T]) -> T:
@@ -31,3 +40,74 @@ async def stop_task(task: asyncio.Task[Any], timeout_s: float = 10.0) -> bool:
     if not task.cancelled() and (exc := task.exception()) is not None:
         raise exc
     return True
+
+
+def run_process(main: Callable[[asyncio.Event], Awaitable[T]], *, what: str, grace_s: float = STOP_GRACE_S,
+                exit_grace_s: float = EXIT_GRACE_S) -> T:  # fmt: skip
+    """Run a process's main loop `main(stop)`: SIGINT and SIGTERM set `stop`, and `main` is expected to finish
+    cleanly soon after.
+
+    Every process stops within seconds of being told, whatever it is waiting on (a Redis that is gone, a full
+    stream with no reader, a retry loop): `grace_s` after the first signal the main task is cancelled and
+    `StopTimeout` names what did not finish; `exit_grace_s` later (a worker thread still in a training step
+    that the loop's shutdown waits for, a cancel swallowed inside a client library) the process writes one line
+    and exits at once, as kill -9 would: what it had not committed stays pending in Redis for another process.
+    A second signal cancels at once."""
+    hard: list[threading.Timer] = []
+    try:
+        return run(_until_stopped(main, what, grace_s, exit_grace_s, hard))
+    finally:  # the loop is shut down (its worker threads joined): nothing is left to force
+        for timer in hard:
+            timer.cancel()
+
+
+async def _until_stopped(main: Callable[[asyncio.Event], Awaitable[T]], what: str, grace_s: float,
+                         exit_grace_s: float, hard: list[threading.Timer]) -> T:  # fmt: skip
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    task = asyncio.ensure_future(main(stop))
+    timed_out: list[str] = []
+    soft: list[asyncio.TimerHandle] = []
+
+    def cancel(why: str) -> None:
+        if not task.done() and not timed_out:
+            timed_out.append(why)
+            task.cancel()
+            timer = threading.Timer(exit_grace_s, _exit_now, args=(what, why))
+            timer.daemon = True
+            timer.start()
+            hard.append(timer)
+
+    def on_signal(signum: int) -> None:
+        name = signal.Signals(signum).name
+        if stop.is_set():
+            cancel(f"a second {name}")
+            return
+        stop.set()
+        soft.append(loop.call_later(grace_s, cancel, f"{grace_s:g} s after {name}"))
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal, sig)
+    try:
+        while True:  # a cancel swallowed by a client library is repeated until the task ends
+            done, _ = await asyncio.wait({task}, timeout=0.1)
+            if done:
+                break
+            if timed_out:
+                task.cancel()
+        if task.cancelled() and timed_out:
+            raise StopTimeout(f"{what} did not finish cleanly ({timed_out[0]}): stopped where it was; what it had "
+                              "not committed stays pending for another process")  # fmt: skip
+        return task.result()
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+        for handle in soft:
+            handle.cancel()
+
+
+def _exit_now(what: str, why: str) -> None:
+    sys.stderr.write(f"miles-stream: {what} did not stop ({why}, then cancelled): exiting now; what it had not "
+                     "committed stays pending for another process\n")  # fmt: skip
+    sys.stderr.flush()
+    os._exit(3)

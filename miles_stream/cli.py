@@ -12,6 +12,7 @@ from dataclasses import replace
 from pathlib import Path
 from types import FrameType
 
+import redis.exceptions as rexc
 import structlog
 
 from miles_stream import __version__, aio
@@ -32,6 +33,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args([w for w in words if not OVERRIDE.match(w)])
     args.overrides = [*args.overrides, *overrides]  # a stray word is left in and named by the config loader
     configure(json=args.log_json, level=args.log_level)
+    config: RunConfig | None = None
     try:
         config = load_run_config(args.config, args.overrides)
         if args.redis_url:
@@ -40,6 +42,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return result
     except MilesStreamError as exc:
         print(f"miles-stream {args.command}: {exc}", file=sys.stderr)
+        return 2
+    except (rexc.ConnectionError, rexc.TimeoutError) as exc:  # a server lost where no retry was in place
+        where = redact(config.redis.resolved_url()) if config is not None else "?"
+        print(f"miles-stream {args.command}: Redis at {where} is unavailable: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -53,3 +53,11 @@ class LeaseLostError(MilesStreamError):
 
 class DataLossError(MilesStreamError):
     """Redis lost this run's data (restarted without persistence, flushed): accounting cannot go on silently."""
+
+
+class StopTimeout(MilesStreamError):
+    """A process told to stop (SIGTERM, Ctrl-C) did not finish cleanly in time and was stopped where it was."""
+
+
+class RecordingError(MilesStreamError):
+    """A recording could not be written (a full disk): the message names the directory."""

@@ -178,12 +178,15 @@ class Feeder:
     async def run(self, stop: asyncio.Event | None = None) -> int:
         """Publish until the epochs are done or `stop` is set; returns how many prompts this call published."""
         stop = stop or asyncio.Event()
-        await self.retry.run(lambda: ensure_group(self.redis, self.keys.prompts, self.config.group))
-        at = await self.retry.run(self.position)
+        retry = replace(self.retry, stop=stop)  # told to stop in an outage: give up after its grace
+        await retry.run(lambda: ensure_group(self.redis, self.keys.prompts, self.config.group))
+        at = await retry.run(self.position)
         log.info("feeder_resumed" if at != (0, 0) else "feeder_started", epoch=at[0], position=at[1])
         while not stop.is_set() and not self._finished(at[0]):
-            await self.retry.run(self.backpressure.wait_for_room)  # the room check rides out a blip too
-            now = await self.retry.run(functools.partial(self._publish, *at))
+            await retry.run(lambda: self.backpressure.wait_for_room(stop=stop))  # rides out a blip too
+            if stop.is_set():  # the stream stayed full (nobody reads it) until we were told to stop
+                break
+            now = await retry.run(functools.partial(self._publish, *at))
             if now[0] > at[0]:
                 log.info("feeder_epoch_done", epoch=now[0] - 1)
             at = now

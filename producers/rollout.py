@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import signal
 from typing import Any
 
 import structlog
@@ -21,6 +20,7 @@ from miles_stream.bus import (
     StreamConsumer,
     connect,
     open_stream_client,
+    wait_until_reachable,
 )
 from miles_stream.bus.run import join_run
 from miles_stream.codec import GroupCodec
@@ -43,10 +43,10 @@ log = structlog.get_logger("producers.rollout")
 
 def main(config: RunConfig) -> int:
     check_model_dir(config.rollout.model, "rollout.model")
-    return aio.run(_run(config))
+    return aio.run_process(lambda stop: _run(config, stop), what="the producer")
 
 
-async def _run(config: RunConfig) -> int:
+async def _run(config: RunConfig, stop: asyncio.Event) -> int:
     from transformers import AutoTokenizer
 
     cfg, keys = config.rollout, Keys(config.bus.namespace)
@@ -55,6 +55,12 @@ async def _run(config: RunConfig) -> int:
     reward_fn = RewardRegistry().get(cfg.reward)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model)
     redis, data = connect(config.redis), open_stream_client(config.redis)
+    try:
+        await wait_until_reachable(redis, config.redis, stop)
+    except BaseException:
+        await redis.aclose()
+        await data.aclose()
+        raise
     name = cfg.resolved_producer_id()
     engine, membership = await open_engine(cfg, redis, keys.sglang_servers(name))
     blocking = open_stream_client(config.redis, block_ms=config.bus.block_ms)
@@ -64,7 +70,7 @@ async def _run(config: RunConfig) -> int:
                          for stream in (keys.prompts, keys.partials))  # fmt: skip
     publisher = GroupPublisher(data, keys.trajectories, config.bus, codec=codec,
                                backpressure=Backpressure(redis, keys.trajectories, config.bus),
-                               retry=RetryPolicy(attempts=0, max_delay_s=2.0))  # ride out a Redis restart  # fmt: skip
+                               retry=RetryPolicy(attempts=0, max_delay_s=2.0, stop=stop))  # fmt: skip
     admission = Admission(redis, keys, config.bus, producer_id=name, own_version=lambda: engine.weight_version,
                           over_sampling=cfg.over_sampling)  # fmt: skip
     rollout_fn, sampling = _turns(cfg, tokenizer)
@@ -85,9 +91,6 @@ async def _run(config: RunConfig) -> int:
     producer = RolloutProducer(cfg, engine=engine, tokenizer=tokenizer, reward_fn=reward_fn, prompts=prompts,
                                publisher=publisher, partials=partials, admission=admission, rollout_fn=rollout_fn,
                                sampling=sampling, weights=weights, codec=codec)  # fmt: skip
-    stop = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
     try:
         run = await join_run(redis, keys)
         async with Heartbeat(redis, keys, role="producer", member_id=producer.producer_id, config=config.bus,

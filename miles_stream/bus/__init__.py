@@ -1,7 +1,7 @@
 """The stream bus: Redis Streams with consumer groups, dead letters, backpressure and heartbeats."""
 
 from miles_stream.bus.backpressure import Backlog, Backpressure, stream_backlog
-from miles_stream.bus.connection import RedisConfig, RetryPolicy, connect, redact
+from miles_stream.bus.connection import RedisConfig, RetryPolicy, connect, redact, wait_until_reachable
 from miles_stream.bus.dataplane import StreamClient, open_stream_client
 from miles_stream.bus.groups import Claim, GroupConsumer, GroupPublisher, Received, Ticket
 from miles_stream.bus.heartbeat import Heartbeat, Member, alive_members
@@ -33,4 +33,5 @@ __all__ = [
     "redact",
     "stream_backlog",
     "trim_acknowledged",
+    "wait_until_reachable",
 ]

@@ -12,6 +12,7 @@ Bytes are estimated from the sizes this producer has been sending.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -112,10 +113,13 @@ class Backpressure:
         entries = self._last_entries + self._sent_since_check
         return Backlog(entries, int(entries * self._avg_bytes))
 
-    async def wait_for_room(self, timeout_s: float | None = None) -> None:
+    async def wait_for_room(self, timeout_s: float | None = None, stop: asyncio.Event | None = None) -> None:
+        """Return once the backlog is under its bound, or as soon as `stop` is set (the caller checks it)."""
         start = time.monotonic()
         logged = False
         while (backlog := await self.backlog()).exceeds(self.config):
+            if stop is not None and stop.is_set():
+                return
             waited = time.monotonic() - start
             if timeout_s is not None and waited >= timeout_s:
                 raise BackpressureTimeout(
@@ -125,5 +129,9 @@ class Backpressure:
             if not logged:
                 log.info("backpressure_engaged", stream=self.stream, entries=backlog.entries, bytes=backlog.bytes)
                 logged = True
-            await asyncio.sleep(self.config.backpressure_poll_s)
+            if stop is None:
+                await asyncio.sleep(self.config.backpressure_poll_s)
+            else:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), self.config.backpressure_poll_s)
             self._checked_at = -1e9

@@ -22,6 +22,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
 import redis.exceptions as rexc
+import structlog
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
@@ -29,6 +30,7 @@ from miles_stream.config import check
 from miles_stream.errors import DataLossError, RedisUnavailableError
 
 T = TypeVar("T")
+log = structlog.get_logger(__name__)
 ENV_URL = "MILES_REDIS_URL"
 
 
@@ -39,6 +41,7 @@ class RedisConfig:
     url: str = ""
     connect_timeout_s: float = 5.0
     socket_timeout_s: float = 30.0
+    startup_wait_s: float = 15.0  # a process waits this long for its Redis to answer at start, then says so
     max_connections: int = 16
     health_check_interval_s: float = 15.0
 
@@ -50,6 +53,7 @@ class RedisConfig:
         )
         check(self.connect_timeout_s > 0, "redis.connect_timeout_s", "must be positive")
         check(self.socket_timeout_s > 0, "redis.socket_timeout_s", "must be positive")
+        check(self.startup_wait_s >= 0, "redis.startup_wait_s", "must be >= 0")
         check(self.max_connections >= 2, "redis.max_connections", "must be at least 2")
 
     def resolved_url(self) -> str:
@@ -88,6 +92,33 @@ def connect(config: RedisConfig, url: str | None = None, *, block_ms: int | None
         retry=Retry(NoBackoff(), 0),
     )
     return aioredis.Redis.from_pool(pool)  # the client owns the pool: aclose() closes its connections
+
+
+async def wait_until_reachable(redis: aioredis.Redis, config: RedisConfig, stop: asyncio.Event | None = None) -> None:
+    """PING until the server answers, for at most `config.startup_wait_s`: a process started just before its
+    Redis waits for it, and a wrong url, port or password fails here in one line naming the server, instead of
+    every later call being retried for ever. Raises `RedisUnavailableError`."""
+    where = redact(config.resolved_url())
+    deadline = time.monotonic() + config.startup_wait_s
+    waiting = False
+    while True:
+        try:
+            await redis.ping()
+            return
+        except Exception as exc:
+            if not is_transient(exc):  # a wrong password or a refused command: waiting will not help
+                raise RedisUnavailableError(f"Redis at {where} refused this process: {exc}") from exc
+            if time.monotonic() >= deadline:
+                raise RedisUnavailableError(f"Redis at {where} does not answer ({exc}) after "
+                                            f"{config.startup_wait_s:g} s: check --redis-url, $MILES_REDIS_URL or "
+                                            f"redis.url, and that the server runs (redis.startup_wait_s waits "
+                                            f"longer)") from exc  # fmt: skip
+            if stop is not None and stop.is_set():
+                raise RedisUnavailableError(f"stopped while waiting for Redis at {where} ({exc})") from exc
+            if not waiting:
+                log.warning("waiting_for_redis", url=where, error=str(exc), wait_s=config.startup_wait_s)
+                waiting = True
+            await asyncio.sleep(min(0.25, max(deadline - time.monotonic(), 0.0)))
 
 
 TRANSIENT: tuple[type[BaseException], ...] = (
@@ -144,7 +175,7 @@ class RetryPolicy:
     base_delay_s: float = 0.05
     max_delay_s: float = 5.0
     stop: asyncio.Event | None = field(default=None, compare=False)  # once set, keep retrying only stop_grace_s
-    stop_grace_s: float = 10.0  # more: a process told to stop during an outage gives up instead of waiting on
+    stop_grace_s: float = 3.0  # more: a process told to stop during an outage gives up instead of waiting on
 
     def __post_init__(self) -> None:
         check(self.attempts >= 0, "retry.attempts", "must be >= 0 (0 = forever)")

@@ -20,7 +20,7 @@ import redis.asyncio as aioredis
 import redis.exceptions as rexc
 import structlog
 
-from miles_stream.bus.connection import is_transient
+from miles_stream.bus.connection import data_loss_error, is_transient, lost_data
 from miles_stream.bus.dataplane import StreamClient, ThreadedStreamClient
 from miles_stream.codec import Frame
 from miles_stream.config import check
@@ -216,6 +216,8 @@ class StreamConsumer:
             try:
                 await trim_acknowledged(self.redis, self.stream)
             except Exception as exc:
+                if lost_data(exc) or _no_such_key(exc):  # the stream just read from is gone: Redis lost it
+                    raise data_loss_error(exc) from exc
                 if not is_transient(exc):
                     raise
                 log.warning("trim_failed", stream=self.stream, error=str(exc))
@@ -328,3 +330,8 @@ class StreamConsumer:
 def as_str(value: Any) -> str:
     """Redis replies hold bytes; ids and names are text."""
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _no_such_key(exc: BaseException) -> bool:
+    """XINFO on a stream that does not exist (any more)."""
+    return isinstance(exc, rexc.ResponseError) and "no such key" in str(exc).lower()

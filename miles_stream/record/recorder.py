@@ -21,7 +21,7 @@ import structlog
 from miles_stream.bus import Backpressure, RetryPolicy, StreamClient, StreamConsumer
 from miles_stream.bus.streams import publish
 from miles_stream.codec import GroupCodec
-from miles_stream.errors import SchemaError
+from miles_stream.errors import RecordingError, SchemaError
 from miles_stream.record.format import RecordingWriter, read_recording, recording_files
 
 log = structlog.get_logger(__name__)
@@ -30,16 +30,28 @@ log = structlog.get_logger(__name__)
 async def record(stream: StreamConsumer, writer: RecordingWriter, stop: asyncio.Event, *, batch: int = 64) -> int:
     """Record until `stop` is set; returns how many entries were written."""
     await stream.start()
-    retry = RetryPolicy(attempts=0, max_delay_s=2.0)  # ride out a Redis restart
+    retry = RetryPolicy(attempts=0, max_delay_s=2.0, stop=stop)  # ride out a Redis restart, unless told to stop
+    failed: RecordingError | None = None
     try:
         while not stop.is_set():
             entries = await retry.run(lambda: stream.read(batch))
             if not entries:
                 continue
-            await asyncio.to_thread(writer.write, [e.data for e in entries])
+            try:
+                await asyncio.to_thread(writer.write, [e.data for e in entries])
+            except OSError as exc:  # a full or read-only disk: these entries stay pending, unacked
+                failed = RecordingError(f"cannot write the recording in {writer.directory}: {exc}; the entries "
+                                        f"not written stay pending for this recorder's next start")  # fmt: skip
+                raise failed from exc
             await retry.run(functools.partial(stream.ack, [e.id for e in entries]))
     finally:
-        writer.close()
+        try:
+            writer.close()
+        except OSError as exc:
+            if failed is None:
+                raise RecordingError(f"cannot close the recording in {writer.directory}: {exc}") from exc
+            # already failing: the .part file reads up to its last flushed block; say so, do not raise again
+            log.error("recording_left_open", directory=str(writer.directory), error=str(exc))
     log.info("recording_closed", records=writer.records, files=[str(f) for f in writer.files])
     return writer.records
 

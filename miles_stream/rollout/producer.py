@@ -32,7 +32,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -127,6 +127,7 @@ class RolloutProducer:
         """Claim and process prompts and partials until `stop` is set, then hand back or recycle what is in
         flight. A group whose processing fails unexpectedly stops the producer and is raised here; its entry
         stays pending."""
+        self.retry = replace(self.retry, stop=stop)  # told to stop in an outage: hand back what it can, then go
         for source in self.sources:
             await source.start()
         follower = WeightFollower(self.engine, self.weights, recycle=self.config.on_update == "recycle",

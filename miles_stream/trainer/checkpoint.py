@@ -60,7 +60,8 @@ def save_checkpoint(root: str | Path, state: TrainerState, write: Callable[[Path
         )
         for f in tmp.iterdir():
             _fsync(f)
-    except (OSError, RuntimeError) as exc:  # safetensors and torch.save report a full disk as either
+    except Exception as exc:  # a full disk: OSError from torch.save and open, SafetensorError (an Exception,
+        # not an OSError, in safetensors 0.8) from save_model, RuntimeError from others
         shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointError(f"cannot save the checkpoint of step {state.step} in {root}: {exc}") from exc
     final = root / name

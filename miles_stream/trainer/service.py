@@ -36,7 +36,7 @@ import structlog
 from miles_stream.aio import stop_task
 from miles_stream.buffer import Batch, ReplayBuffer
 from miles_stream.bus import Claim
-from miles_stream.bus.connection import is_transient
+from miles_stream.bus.connection import data_loss_error, is_transient, lost_data
 from miles_stream.bus.lease import Lease
 from miles_stream.bus.run import WHAT_TO_DO, RunIdentity
 from miles_stream.errors import DataLossError, LeaseLostError, RedisUnavailableError
@@ -304,6 +304,8 @@ class TrainerService:
             try:
                 await source.keep_alive()
             except Exception as exc:
+                if lost_data(exc):  # NOGROUP: Redis came back without this run's data
+                    raise data_loss_error(exc) from exc
                 if not is_transient(exc):
                     raise
                 log.warning("keep_alive_failed", error=str(exc))  # a Redis blip: the next touch is in time
