@@ -256,6 +256,23 @@ class StreamConsumer:
             min_idle = self.config.claim_idle_ms // 4
             await self.redis.xclaim(self.stream, self.group, self.consumer, min_idle, ids, justid=True)
 
+    async def confirm_owned(self, entry_id: str) -> bool:
+        """Whether this consumer still owns `entry_id`, and if so its idle time reset, in one atomic step.
+
+        Call just before making the entry's work visible (the producer: before XADDing a group). A process
+        frozen past `claim_idle_ms` (SIGSTOP, swap) may have had the entry taken over while keep-alive could not
+        run; `touch_in_hand` sees that only at its next tick, which may come after the publication. Resetting
+        the idle time here gives the caller a fresh `claim_idle_ms` to publish in; a stall longer than that
+        between this call and the publication still yields a duplicate, which consumers drop by group id.
+        An entry found taken over leaves `in_hand` (and `lost`): the caller drops its work.
+        """
+        owned = await self.redis.eval(_CONFIRM_OWNED, 1, self.stream, self.group, self.consumer, entry_id)
+        if not owned:
+            self.in_hand.discard(entry_id)
+            self.lost.discard(entry_id)
+            log.warning("entry_taken_over", stream=self.stream, group=self.group, id=entry_id)
+        return bool(owned)
+
     async def claim_idle(self, count: int) -> list[Entry]:
         """Take over entries idle longer than `claim_idle_ms` from any consumer of the group."""
         reply = await self.redis.xautoclaim(
@@ -323,6 +340,16 @@ class StreamConsumer:
         out = list(entries)
         self.in_hand.update(e.id for e in out)
         return out
+
+
+# KEYS[1] stream; ARGV group, consumer, entry id. 1 and the entry's idle time reset if the consumer owns it,
+# else 0 (XPENDING's extended form: [[id, owner, idle, deliveries]]; JUSTID leaves the delivery count alone).
+_CONFIRM_OWNED = """
+local rows = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1)
+if #rows == 0 or rows[1][2] ~= ARGV[2] then return 0 end
+redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[3], 'JUSTID')
+return 1
+"""
 
 
 def as_str(value: Any) -> str:
