@@ -20,7 +20,7 @@ import redis.asyncio as aioredis
 import redis.exceptions as rexc
 import structlog
 
-from miles_stream.bus.connection import is_transient
+from miles_stream.bus.connection import is_transient, read_watched
 from miles_stream.bus.dataplane import StreamClient, ThreadedStreamClient
 from miles_stream.bus.keys import observers_of
 from miles_stream.codec import Frame
@@ -331,12 +331,32 @@ class StreamConsumer:
         between this call and the publication still yields a duplicate, which consumers drop by group id.
         An entry found taken over leaves `in_hand` (and `lost`): the caller drops its work.
         """
-        owned = await self.redis.eval(_CONFIRM_OWNED, 1, self.stream, self.group, self.consumer, entry_id)
+        owned = await self._confirm_owned(entry_id)
         if not owned:
             self.in_hand.discard(entry_id)
             self.lost.discard(entry_id)
             log.warning("entry_taken_over", stream=self.stream, group=self.group, id=entry_id)
         return bool(owned)
+
+    async def _confirm_owned(self, entry_id: str) -> bool:
+        """WATCH the stream, read the entry's owner, and if it is this consumer XCLAIM it (idle reset, delivery
+        count unchanged) in a MULTI that applies only if nothing changed the stream meanwhile. WATCH/MULTI
+        rather than a script, so a namespace-limited ACL user without @scripting can run it (as the lease)."""
+        while True:
+            async with self.redis.pipeline(transaction=True) as pipe:
+                await read_watched(pipe.watch(self.stream))
+                rows: Any = await read_watched(
+                    pipe.xpending_range(self.stream, self.group, min=entry_id, max=entry_id, count=1)
+                )
+                if not rows or as_str(rows[0]["consumer"]) != self.consumer:
+                    return False
+                pipe.multi()  # type: ignore[no-untyped-call]
+                pipe.xclaim(self.stream, self.group, self.consumer, 0, [entry_id], justid=True)
+                try:
+                    await pipe.execute()
+                    return True
+                except rexc.WatchError:  # the stream changed between the read and the claim: look again
+                    continue
 
     async def claim_idle(self, count: int) -> list[Entry]:
         """Take over entries idle longer than `claim_idle_ms` from any consumer of the group."""
@@ -405,16 +425,6 @@ class StreamConsumer:
         out = list(entries)
         self.in_hand.update(e.id for e in out)
         return out
-
-
-# KEYS[1] stream; ARGV group, consumer, entry id. 1 and the entry's idle time reset if the consumer owns it,
-# else 0 (XPENDING's extended form: [[id, owner, idle, deliveries]]; JUSTID leaves the delivery count alone).
-_CONFIRM_OWNED = """
-local rows = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1)
-if #rows == 0 or rows[1][2] ~= ARGV[2] then return 0 end
-redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[3], 'JUSTID')
-return 1
-"""
 
 
 def as_str(value: Any) -> str:
