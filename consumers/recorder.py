@@ -25,7 +25,7 @@ async def _run(config: RunConfig, out: str, max_file_mb: int, name: str, stop: a
     keys = Keys(config.bus.namespace)
     redis, blocking = connect(config.redis), open_stream_client(config.redis, block_ms=config.bus.block_ms)
     stream = StreamConsumer(redis, blocking, stream=keys.trajectories, group="recorder", consumer=name,
-                            dead_stream=keys.dead, config=config.bus)  # fmt: skip
+                            dead_stream=keys.dead, config=config.bus, observer=True)  # fmt: skip
     writer = RecordingWriter(out, namespace=keys.namespace, stream=keys.trajectories,
                              max_file_bytes=max_file_mb << 20)  # fmt: skip
     try:

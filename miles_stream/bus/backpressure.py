@@ -21,6 +21,7 @@ import redis.asyncio as aioredis
 import redis.exceptions as rexc
 import structlog
 
+from miles_stream.bus.keys import observers_of
 from miles_stream.bus.streams import BusConfig, as_str
 from miles_stream.errors import BackpressureTimeout
 
@@ -50,8 +51,18 @@ class GroupBacklog:
 
 
 async def stream_backlog(redis: aioredis.Redis, stream: str, cap: int = 1 << 20) -> int:
-    """Largest unacknowledged count over the stream's consumer groups (the stream length if none)."""
-    length, groups = await _length_and_groups(redis, stream)
+    """Largest unacknowledged count over the stream's consumer groups that consume the run (the stream length
+    if none).
+
+    Observer groups (`keys.observers_of`: the recorder, a future evaluator) are not counted, live or dead: an
+    observer must never stop the run it observes. A recorder whose disk filled left its group behind, its lag
+    grew to `max_backlog_entries` and every producer blocked until someone restarted it. What a slow or dead
+    observer loses instead is said in `streams.trim_acknowledged`. Only groups that are not observers count:
+    rather than guessing a consumer's liveness (a trainer checkpointing for minutes reads nothing and must
+    still hold producers back), the observer says what it is when it starts.
+    """
+    length, groups, observers = await _length_and_groups(redis, stream)
+    groups = [g for g in groups if as_str(g["name"]) not in observers]
     if not groups:
         return length
     return max([(await _group_backlog(redis, stream, g, cap)).unacked for g in groups])
@@ -59,7 +70,7 @@ async def stream_backlog(redis: aioredis.Redis, stream: str, cap: int = 1 << 20)
 
 async def group_backlog(redis: aioredis.Redis, stream: str, group: str, cap: int = 1 << 20) -> GroupBacklog:
     """The backlog of consumer group `group` on `stream` (the whole stream if that group does not exist)."""
-    length, groups = await _length_and_groups(redis, stream)
+    length, groups, _ = await _length_and_groups(redis, stream)
     for g in groups:
         if as_str(g["name"]) == group:
             return await _group_backlog(redis, stream, g, cap)
@@ -74,18 +85,20 @@ async def _group_backlog(redis: aioredis.Redis, stream: str, info: dict[Any, Any
     return GroupBacklog(int(lag), int(info["pending"]))
 
 
-async def _length_and_groups(redis: aioredis.Redis, stream: str) -> tuple[int, list[Any]]:
-    """XLEN and XINFO GROUPS in one round trip; (0, []) while the stream does not exist."""
+async def _length_and_groups(redis: aioredis.Redis, stream: str) -> tuple[int, list[Any], set[str]]:
+    """XLEN, XINFO GROUPS and the observer groups in one round trip; (0, [], set()) while the stream does not
+    exist."""
     async with redis.pipeline(transaction=False) as pipe:
         pipe.xlen(stream)
         pipe.xinfo_groups(stream)
+        pipe.hkeys(observers_of(stream))
         try:
-            length, groups = await pipe.execute()
+            length, groups, observers = await pipe.execute()
         except rexc.ResponseError as exc:  # no such key yet
             if "no such key" in str(exc).lower():
-                return 0, []
+                return 0, [], set()
             raise
-    return int(length), list(groups)
+    return int(length), list(groups), {as_str(o) for o in observers}
 
 
 class Backpressure:

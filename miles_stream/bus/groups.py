@@ -8,7 +8,7 @@ drops a group whose id it already holds or has committed. `commit()` records the
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -84,8 +84,18 @@ class GroupPublisher:
     backpressure: Backpressure | None = None
     retry: RetryPolicy = field(default_factory=RetryPolicy)
 
-    async def publish(self, group: TrajectoryGroup, *, wait_s: float | None = None) -> tuple[str, int]:
+    async def publish(
+        self,
+        group: TrajectoryGroup,
+        *,
+        wait_s: float | None = None,
+        still_owned: Callable[[], Awaitable[bool]] | None = None,
+    ) -> tuple[str, int] | None:
         """Publish `group` (waiting up to `wait_s` for room, forever if None); returns (entry id, bytes).
+
+        `still_owned` (the producer: `StreamConsumer.confirm_owned` of the group's prompt entry) is asked after
+        the wait for room, the last moment before the XADD: a wait, or a stall, may outlast the entry's claim;
+        if it says no, nothing is published and this returns None.
 
         Transient failures (connection lost, Redis loading or out of memory) are retried by `retry`; an
         XADD retried after Redis applied it leaves a duplicate, which consumers drop by group id.
@@ -93,6 +103,8 @@ class GroupPublisher:
         frame = self.codec.encode_frame(group)
         if (backpressure := self.backpressure) is not None:  # reads the backlog: retried like the XADD
             await self.retry.run(lambda: backpressure.wait_for_room(wait_s), on_retry=_log_retry)
+        if still_owned is not None and not await self.retry.run(still_owned, on_retry=_log_retry):
+            return None
         entry_id = await self.retry.run(
             lambda: publish(self.client, self.stream, frame, maxlen=self.config.maxlen_cap),
             on_retry=_log_retry,

@@ -5,6 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
+def observers_of(stream: str) -> str:
+    """Hash on `stream`'s key: observer group -> entries trimmed before that group read them, not yet reported.
+    A group listed here observes the run (the recorder): it never holds producers back (`backpressure.py`)
+    and, once dead, not the stream either (`streams.trim_acknowledged`)."""
+    return f"{stream}:observers"
+
+
 @dataclass(frozen=True, slots=True)
 class Keys:
     namespace: str

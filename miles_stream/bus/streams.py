@@ -20,8 +20,9 @@ import redis.asyncio as aioredis
 import redis.exceptions as rexc
 import structlog
 
-from miles_stream.bus.connection import data_loss_error, is_transient, lost_data
+from miles_stream.bus.connection import data_loss_error, is_transient, lost_data, read_watched
 from miles_stream.bus.dataplane import StreamClient, ThreadedStreamClient
+from miles_stream.bus.keys import observers_of
 from miles_stream.codec import Frame
 from miles_stream.config import check
 
@@ -37,7 +38,7 @@ class BusConfig:
     namespace: str = "miles"
     maxlen_cap: int = 100_000  # memory safety cap on XADD (MAXLEN ~); trimming normally follows acks
     block_ms: int = 1000
-    claim_idle_ms: int = 60_000
+    claim_idle_ms: int = 60_000  # also: an observer group (recorder) silent this long is dead, trimmed past
     claim_interval_s: float = 5.0
     max_deliveries: int = 5
     max_backlog_entries: int = 1024
@@ -124,26 +125,72 @@ def parse_id(entry_id: str | bytes) -> tuple[int, int]:
     return int(ms), int(seq or 0)
 
 
-async def trim_acknowledged(redis: aioredis.Redis, stream: str) -> int:
+async def trim_acknowledged(redis: aioredis.Redis, stream: str, *, observer_dead_ms: int | None = None) -> int:
     """XTRIM MINID below the oldest entry some consumer group still needs; returns entries removed.
 
     An entry is needed while it is pending in a group or not yet delivered to it. A stream with no group
     is left alone: nobody has said what they have read.
+
+    Observer groups (`keys.observers_of`: the recorder) hold the stream like the others while alive. With
+    `observer_dead_ms`, one none of whose consumers has touched Redis for that long (it died, its disk
+    filled) is trimmed past: a dead observer must not keep every entry until Redis runs out of memory. What
+    it had not read is then lost to it; the entries removed are counted in the observers hash, and the
+    observer reports the count when it comes back (`StreamConsumer.trimmed_unread`). A live observer that
+    lags holds the stream until the XADD cap (`bus.maxlen_cap`) cuts its oldest entries, uncounted (Redis
+    does not say what MAXLEN removed). Without any group but dead observers the stream is left alone: the
+    run's consumer has not started and will want it all.
     """
     groups = await redis.xinfo_groups(stream)
     if not groups:
         return 0
-    floor: tuple[int, int] | None = None
+    observers = {as_str(o) for o in await redis.hkeys(observers_of(stream))} if observer_dead_ms is not None else set()
+    holds: list[tuple[int, int]] = []
+    dead: list[tuple[tuple[int, int], str]] = []  # (need, group) of dead observers
     for g in groups:
-        oldest_pending = (await redis.xpending(stream, g["name"]))["min"] if int(g["pending"]) else None
+        name = as_str(g["name"])
+        oldest_pending = (await redis.xpending(stream, name))["min"] if int(g["pending"]) else None
         if oldest_pending is not None:
             need = parse_id(oldest_pending)
         else:  # nothing pending (or acked since XINFO): all up to last-delivered-id is acknowledged
             ms, seq = parse_id(g["last-delivered-id"])
             need = (ms, seq + 1)
-        floor = need if floor is None else min(floor, need)
-    assert floor is not None
-    return int(await redis.xtrim(stream, minid=f"{floor[0]}-{floor[1]}", approximate=False))
+        if name in observers and observer_dead_ms is not None and await _dead(redis, stream, name, observer_dead_ms):
+            dead.append((need, name))
+        else:
+            holds.append(need)
+    if not holds:
+        return 0
+    floor = min(holds)
+    behind = sorted(d for d in dead if d[0] < floor)
+    if not behind:
+        return await _trim_below(redis, stream, floor)
+    # Lowest need first: what the step from one dead observer's need to the next removes, every dead observer
+    # at or below that step had not read. The first step removes what all of them had acknowledged.
+    removed = await _trim_below(redis, stream, behind[0][0])
+    lost: dict[str, int] = {}
+    for i in range(len(behind)):
+        step = await _trim_below(redis, stream, behind[i + 1][0] if i + 1 < len(behind) else floor)
+        removed += step
+        for _, earlier in behind[: i + 1]:
+            lost[earlier] = lost.get(earlier, 0) + step
+    async with redis.pipeline(transaction=False) as pipe:
+        for name, n in lost.items():
+            if n:
+                pipe.hincrby(observers_of(stream), name, n)
+        await pipe.execute()
+    if any(lost.values()):
+        log.warning("trimmed_past_dead_observers", stream=stream, lost={k: v for k, v in lost.items() if v})
+    return removed
+
+
+async def _trim_below(redis: aioredis.Redis, stream: str, need: tuple[int, int]) -> int:
+    return int(await redis.xtrim(stream, minid=f"{need[0]}-{need[1]}", approximate=False))
+
+
+async def _dead(redis: aioredis.Redis, stream: str, group: str, dead_ms: int) -> bool:
+    """No consumer of `group` has read, claimed or acked for `dead_ms` (or it has none)."""
+    consumers: Any = await redis.xinfo_consumers(stream, group)
+    return all(int(c["idle"]) >= dead_ms for c in consumers)
 
 
 class StreamConsumer:
@@ -166,10 +213,13 @@ class StreamConsumer:
         consumer: str,
         dead_stream: str,
         config: BusConfig,
+        observer: bool = False,
     ) -> None:
         self.redis, self.blocking = redis, blocking
         self.stream, self.group, self.consumer = stream, group, consumer
         self.dead_stream, self.config = dead_stream, config
+        self.observer = observer  # watches the run (the recorder): never holds it back (`trim_acknowledged`)
+        self.trimmed_unread = 0  # an observer's entries trimmed before it read them (it was dead), reported
         self._pending_cursor: str | None = "0"  # None once our own backlog has been re-read
         self._claim_cursor = "0-0"
         self._next_claim = 0.0
@@ -180,10 +230,14 @@ class StreamConsumer:
 
     async def start(self) -> None:
         await ensure_group(self.redis, self.stream, self.group)
+        if self.observer:
+            await self.redis.hsetnx(observers_of(self.stream), self.group, 0)
 
     async def read(self, count: int, block_ms: int | None = None) -> list[Entry]:
         await self.touch_in_hand()
         await self.maybe_trim()
+        if self.observer:
+            await self._report_trimmed()
         if self._pending_cursor is not None:
             entries = await self._read_own_pending(count)
             if entries:
@@ -214,13 +268,24 @@ class StreamConsumer:
         if time.monotonic() >= self._next_trim:
             self._next_trim = time.monotonic() + self.config.claim_interval_s
             try:
-                await trim_acknowledged(self.redis, self.stream)
+                await trim_acknowledged(self.redis, self.stream, observer_dead_ms=self.config.claim_idle_ms)
             except Exception as exc:
                 if lost_data(exc) or _no_such_key(exc):  # the stream just read from is gone: Redis lost it
                     raise data_loss_error(exc) from exc
                 if not is_transient(exc):
                     raise
                 log.warning("trim_failed", stream=self.stream, error=str(exc))
+
+    async def _report_trimmed(self) -> None:
+        """Log (and count) the entries trimmed before this observer read them: it was dead a while."""
+        async with self.redis.pipeline(transaction=True) as pipe:  # read and reset, so each is told once
+            pipe.hget(observers_of(self.stream), self.group)
+            pipe.hset(observers_of(self.stream), self.group, 0)
+            lost, _ = await pipe.execute()
+        if lost is not None and int(lost) > 0:
+            self.trimmed_unread += int(lost)
+            log.error("entries_trimmed_unread", stream=self.stream, group=self.group, count=int(lost),
+                      total=self.trimmed_unread)  # fmt: skip
 
     async def dead_letter(self, entry: Entry, reason: str) -> None:
         await dead_letter(
@@ -257,6 +322,43 @@ class StreamConsumer:
             ids: list[Any] = sorted(owned)
             min_idle = self.config.claim_idle_ms // 4
             await self.redis.xclaim(self.stream, self.group, self.consumer, min_idle, ids, justid=True)
+
+    async def confirm_owned(self, entry_id: str) -> bool:
+        """Whether this consumer still owns `entry_id`, and if so its idle time reset, in one atomic step.
+
+        Call just before making the entry's work visible (the producer: before XADDing a group). A process
+        frozen past `claim_idle_ms` (SIGSTOP, swap) may have had the entry taken over while keep-alive could not
+        run; `touch_in_hand` sees that only at its next tick, which may come after the publication. Resetting
+        the idle time here gives the caller a fresh `claim_idle_ms` to publish in; a stall longer than that
+        between this call and the publication still yields a duplicate, which consumers drop by group id.
+        An entry found taken over leaves `in_hand` (and `lost`): the caller drops its work.
+        """
+        owned = await self._confirm_owned(entry_id)
+        if not owned:
+            self.in_hand.discard(entry_id)
+            self.lost.discard(entry_id)
+            log.warning("entry_taken_over", stream=self.stream, group=self.group, id=entry_id)
+        return bool(owned)
+
+    async def _confirm_owned(self, entry_id: str) -> bool:
+        """WATCH the stream, read the entry's owner, and if it is this consumer XCLAIM it (idle reset, delivery
+        count unchanged) in a MULTI that applies only if nothing changed the stream meanwhile. WATCH/MULTI
+        rather than a script, so a namespace-limited ACL user without @scripting can run it (as the lease)."""
+        while True:
+            async with self.redis.pipeline(transaction=True) as pipe:
+                await read_watched(pipe.watch(self.stream))
+                rows: Any = await read_watched(
+                    pipe.xpending_range(self.stream, self.group, min=entry_id, max=entry_id, count=1)
+                )
+                if not rows or as_str(rows[0]["consumer"]) != self.consumer:
+                    return False
+                pipe.multi()  # type: ignore[no-untyped-call]
+                pipe.xclaim(self.stream, self.group, self.consumer, 0, [entry_id], justid=True)
+                try:
+                    await pipe.execute()
+                    return True
+                except rexc.WatchError:  # the stream changed between the read and the claim: look again
+                    continue
 
     async def claim_idle(self, count: int) -> list[Entry]:
         """Take over entries idle longer than `claim_idle_ms` from any consumer of the group."""

@@ -2,10 +2,17 @@
 
     {ns}:trajectories ──XREADGROUP "recorder"──► RecordingWriter.write (block flushed, fsynced) ──► XACK
 
-An entry is acked only once it is on disk, so a recorder killed at any point loses nothing: restarted
-under the same name it re-reads what it had not acked (which may then be in two files; a replay drops
-the second copy by group id). While the recorder's group exists, the stream is not trimmed past what it
-has acked: a recorder that stops for good should have its group deleted (XGROUP DESTROY).
+An entry is acked only once it is on disk, so a recorder restarted under the same name soon after it was
+killed loses nothing: it re-reads what it had not acked (which may then be in two files; a replay drops the
+second copy by group id).
+
+The recorder is an observer (`StreamConsumer(observer=True)`): it must never stop the run it records. Its
+backlog does not hold producers back, and once no consumer of its group has read for `bus.claim_idle_ms` (it
+died: its disk filled) the stream is trimmed past it as soon as the trainer has acked. What it missed is then
+lost to the recording; restarted, it logs `entries_trimmed_unread` with how many, and records from there on.
+A live recorder that lags keeps its entries up to the XADD cap, `bus.maxlen_cap` entries behind the newest
+(beyond that the oldest go, uncounted). A recorder that stops for good can have its group deleted (XGROUP
+DESTROY); left behind, it costs nothing but a line in `status`.
 """
 
 from __future__ import annotations

@@ -68,6 +68,7 @@ class ProducerCounters:
     recycled: int = 0  # partial groups published to {ns}:partials
     resumed: int = 0  # partial groups claimed and continued
     dead_lettered: int = 0
+    taken_over: int = 0  # groups dropped unpublished: another producer took their entry over (after a stall)
     tokens: int = 0
     weight_updates: int = 0
 
@@ -258,6 +259,7 @@ class RolloutProducer:
             self._generating.discard(work.request_id)
         if entry.id in source.lost:  # taken over by another producer: it publishes this group
             source.lost.discard(entry.id)
+            self.counters.taken_over += 1
             log.warning("entry_taken_over", stream=source.stream, id=entry.id)
             return
         if self._stopping or any(r.finish_reason == "abort" for r in results):
@@ -278,8 +280,13 @@ class RolloutProducer:
             samples=tuple(_scored(r, reward) for r, reward in zip(results, rewards, strict=True)),
             created_at=time.time(),
         )
-        await self._keep_prompt(work, group.group_id)
-        await self.publisher.publish(group)
+        await self._keep_prompt(work, group.group_id)  # left if dropped below: its new owner writes the same
+        # Ownership is checked again at the XADD: a stall during scoring or the wait for room may outlast the
+        # claim, and the check above (after generation) came before it.
+        if await self.publisher.publish(group, still_owned=lambda: source.confirm_owned(entry.id)) is None:
+            self.counters.taken_over += 1
+            log.warning("group_dropped_taken_over", stream=source.stream, id=entry.id, group=group.group_id)
+            return
         await self._ack_published(work)
         if self.admission is not None:
             self.admission.note_queued()

@@ -66,6 +66,9 @@ class BroadcastSender:
     async def delete(self, version: int) -> None:
         return None  # nothing is stored
 
+    async def stored(self) -> list[int]:
+        return []
+
     def _send(self, version: int, state: Mapping[str, torch.Tensor]) -> None:
         c = self.config
         if self._group is None:
@@ -104,6 +107,9 @@ class BroadcastReceiver:
 
     async def delete(self, version: int) -> None:
         return None
+
+    async def stored(self) -> list[int]:
+        return []
 
     def _wait_for(self, version: int) -> dict[str, torch.Tensor]:
         with self._arrived:

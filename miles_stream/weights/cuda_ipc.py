@@ -102,6 +102,9 @@ class CudaIpcSender:
     async def delete(self, version: int) -> None:
         """Nothing to delete: the two slots are reused."""
 
+    async def stored(self) -> list[int]:
+        return []
+
 
 class CudaIpcReceiver:
     """A producer's side: opens the trainer's slots once, copies each version into its own buffer."""
@@ -149,6 +152,9 @@ class CudaIpcReceiver:
 
     async def delete(self, version: int) -> None:
         """Nothing to delete."""
+
+    async def stored(self) -> list[int]:
+        return []
 
 
 def _share(slot: torch.Tensor) -> list[Any]:

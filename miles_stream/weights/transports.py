@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import shutil
 import struct
 import uuid
@@ -47,6 +48,11 @@ class WeightTransport(Protocol):
 
     async def delete(self, version: int) -> None: ...
 
+    async def stored(self) -> list[int]:
+        """The versions whose bytes this transport holds, ascending ([] where it stores nothing): the publisher
+        prunes those written and never announced (a trainer killed in between)."""
+        ...
+
 
 class RedisTransport:
     """Chunks through `data` (a data-plane client: bulk bytes move on its worker thread, off the event loop
@@ -82,6 +88,11 @@ class RedisTransport:
         keys = [k async for k in self.redis.scan_iter(match=f"{self._prefix(version)}:*", count=1000)]
         if keys:
             await self.redis.delete(*keys)
+
+    async def stored(self) -> list[int]:
+        pattern = re.compile(rf"{re.escape(self.keys.weights)}:v(\d+):\d+")
+        found = [k async for k in self.redis.scan_iter(match=f"{self.keys.weights}:v[0-9]*:*", count=1000)]
+        return sorted({int(m[1]) for k in found if (m := pattern.fullmatch(k.decode()))})
 
 
 class FileTransport:
@@ -121,6 +132,10 @@ class FileTransport:
 
     async def delete(self, version: int) -> None:
         await asyncio.to_thread(shutil.rmtree, self._dir(version), True)
+
+    async def stored(self) -> list[int]:
+        names = await asyncio.to_thread(lambda: [p.name for p in self.root.glob("v*")] if self.root.is_dir() else [])
+        return sorted(int(n[1:]) for n in names if re.fullmatch(r"v\d{8,}", n))
 
 
 def _unshared(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -4,7 +4,8 @@
     producer ◄── WeightSubscriber.latest() / .next_after(id) ◄── transport.read (checksums verified)
 
 Old versions are deleted once no live producer reports using them (heartbeat field `weight_version`); the
-newest is always kept, so a producer attached later loads it before it generates.
+newest is always kept, so a producer attached later loads it before it generates. A version written and never
+announced (the trainer died in between) is deleted by the next publication's prune.
 """
 
 from __future__ import annotations
@@ -90,17 +91,30 @@ class WeightPublisher:
         return manifest
 
     async def prune(self, latest: int) -> list[int]:
-        """Delete versions older than every version a live producer uses (the latest is always kept)."""
+        """Delete versions older than every version a live producer uses (the latest is always kept), and
+        versions below `latest` that were written and never announced.
+
+        A trainer killed after its transport wrote a version and before the announcement left that version's
+        bytes behind (a full model copy per crash) with nothing pointing at them. Version numbers are drawn in
+        increasing order and one trainer (the lease holder) publishes one version at a time, so a version below
+        the one just announced that is not announced never will be: it is no one's in-flight publication. One
+        above `latest` is left for a later pass (a fenced-out trainer may still be writing it).
+        """
         members = await alive_members(self.redis, self.keys, self.heartbeat_ttl_s)
         in_use = [int(m.info["weight_version"]) for m in members if "weight_version" in m.info]
         floor = min([latest, *in_use])
+        announced: Any = await self.redis.zrange(self.versions_key, 0, -1)
         listed: Any = await self.redis.zrangebyscore(self.versions_key, "-inf", f"({floor}")
         old = [int(v) for v in listed]
-        for v in old:
+        known = {int(v) for v in announced} | {latest}
+        never_announced = [v for v in await self.transport.stored() if v < latest and v not in known]
+        for v in old + never_announced:
             await self.transport.delete(v)
         if old:
             await self.redis.zremrangebyscore(self.versions_key, "-inf", f"({floor}")
-        return old
+        if never_announced:
+            log.warning("weights_never_announced_pruned", versions=never_announced)
+        return sorted(old + never_announced)
 
 
 @dataclass(slots=True)

@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -177,6 +178,43 @@ async def test_stopping_hands_back_prompts_in_flight_and_loses_none(
     assert sorted(r.group.group_id for r in got) == sorted(f"e0-i{i}" for i in range(6))
     assert rest.counters.resumed == producer.counters.recycled  # the other producer finished each partial
     assert all(len(s.response_ids) >= 4 for r in got for s in r.group.samples)
+
+
+async def test_a_group_whose_prompt_was_taken_over_while_it_was_scored_is_not_published(
+    redis: aioredis.Redis, blocking: StreamClient, keys: Keys, bus_config: BusConfig, make_producer, tmp_path: Path
+) -> None:
+    """A producer frozen after generating (SIGSTOP) past claim_idle_ms wakes to find its prompt taken over by
+    another producer, which makes and publishes that group: it must drop its own copy, not publish it (dedup
+    would drop it downstream, but the bytes travel and the prompt's new owner loses its pending entry to the
+    stale producer's XACK). The stall is simulated: the reward blocks until another consumer has claimed the
+    entry, and keep-alive never runs (claim_idle_ms is long), so only the check at publication can see it."""
+    await feed(redis, keys, bus_config, addition_jsonl(tmp_path / "p.jsonl", 1))
+    bus = dataclasses.replace(bus_config, claim_idle_ms=600_000)
+    producer = make_producer("stalled", bus=bus)
+    scoring, taken = threading.Event(), threading.Event()
+
+    def reward(sample: object) -> float:  # per sample, in a thread: the first one waits for the takeover
+        scoring.set()
+        if not taken.wait(60):
+            raise AssertionError("the entry was not taken over")
+        return toy_addition(sample)  # type: ignore[arg-type]
+
+    producer.reward_fn = reward
+    stop = asyncio.Event()
+    run = asyncio.create_task(producer.run(stop))
+    await until(scoring.is_set, what="the group generated and being scored")
+    [pending] = await redis.xpending_range(keys.prompts, "producers", min="-", max="+", count=10)
+    assert pending["consumer"] == b"stalled"
+    await redis.xclaim(keys.prompts, "producers", "other", 0, [pending["message_id"]], justid=True)
+    taken.set()
+    await until(lambda: producer.counters.groups + getattr(producer.counters, "taken_over", 0) >= 1,
+                what="the group published or dropped")  # fmt: skip
+    stop.set()
+    await asyncio.wait_for(run, 30)
+    assert await redis.xlen(keys.trajectories) == 0
+    assert producer.counters.groups == 0 and producer.counters.taken_over == 1
+    [still] = await redis.xpending_range(keys.prompts, "producers", min="-", max="+", count=10)
+    assert still["consumer"] == b"other"  # not acked away under its new owner
 
 
 def test_cli_produce_stops_on_sigterm_and_loses_nothing(redis_url: str, model_dir: Path, tmp_path: Path) -> None:

@@ -125,6 +125,36 @@ async def test_old_versions_are_deleted_once_no_producer_uses_them(
     assert [await redis.exists(f"{keys.weights}:v{v}:0") for v in (1, 2, 3, 4)] == [0, 0, 1, 1]
 
 
+async def test_a_version_written_but_never_announced_is_pruned_by_the_next_publication(
+    redis: aioredis.Redis, keys: Keys, bus_config: BusConfig, transport
+) -> None:
+    """A trainer killed between writing a version's chunks and announcing it left them behind for good (a
+    full model copy per crash): the next trainer's publication deletes them, and keeps what is announced
+    and in use."""
+    publisher = WeightPublisher(redis, keys, transport, heartbeat_ttl_s=bus_config.heartbeat_ttl_s)
+    in_use = {"weight_version": 1}
+    async with Heartbeat(redis, keys, role="producer", member_id="p", config=bus_config, describe=lambda: in_use):
+        await publisher.publish(await publisher.new_version(0), state())  # 1: announced, a producer uses it
+        crashed = await publisher.new_version(1)  # 2: drawn and written, the trainer dies before announcing
+        await transport.write(crashed, state())
+        assert await stored_versions(redis, keys, transport) == [1, 2]
+        restarted = WeightPublisher(redis, keys, transport, heartbeat_ttl_s=bus_config.heartbeat_ttl_s)
+        await restarted.publish(await restarted.new_version(1), state())  # 3
+        assert await stored_versions(redis, keys, transport) == [1, 3]
+        subscriber = WeightSubscriber(redis, keys, {transport.name: transport})
+        for announced in await redis.xrange(keys.weights):
+            assert_bit_exact(await subscriber.load(decode_manifest(announced[1][b"manifest"])), state())
+
+
+async def stored_versions(redis: aioredis.Redis, keys: Keys, transport: object) -> list[int]:
+    """The versions whose bytes are stored, read from Redis or the directory (not through the transport)."""
+    if isinstance(transport, RedisTransport):
+        found = [k.decode() async for k in redis.scan_iter(match=f"{keys.weights}:v[0-9]*:*")]
+        return sorted({int(k.split(":")[-2][1:]) for k in found})
+    assert isinstance(transport, FileTransport)
+    return sorted(int(p.name[1:]) for p in transport.root.glob("v[0-9]*"))
+
+
 async def test_a_model_published_by_one_side_loads_into_the_engine(
     redis: aioredis.Redis, keys: Keys, tmp_path: Path
 ) -> None:
