@@ -55,6 +55,14 @@ class GroupSource(Protocol):
 
     async def keep_alive(self) -> None: ...
 
+    def remember(self, group_ids: Sequence[str]) -> None:
+        """Take these groups as committed already (a checkpoint's recent commits, after a restart)."""
+        ...
+
+    def recent_commits(self) -> list[str]:
+        """Group ids committed so recently that a Redis host crash may still take the commit back."""
+        ...
+
 
 @dataclass(slots=True)
 class BufferCounters:

@@ -8,6 +8,8 @@ drops a group whose id it already holds or has committed. `commit()` records the
 from __future__ import annotations
 
 import functools
+import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -71,6 +73,7 @@ class ConsumeCounters:
     dead_lettered: int = 0
     committed: int = 0
     bytes: int = 0
+    commits_lost: int = 0  # groups committed here, lost by Redis (a host crash), dropped again when they came back
 
 
 @dataclass(slots=True)
@@ -139,6 +142,7 @@ class GroupConsumer:
         self.exhausted = False  # a stream never runs out (see RecordingSource)
         self.counters = ConsumeCounters()
         self._held: dict[str, str] = {}  # group id -> entry id, for groups handed out and not committed
+        self._recent: OrderedDict[str, float] = OrderedDict()  # group id -> when committed, the last commit_memory
 
     @property
     def done_key(self) -> str:
@@ -171,8 +175,11 @@ class GroupConsumer:
             return []
         ids = [g.group_id for _, g in decoded]  # every call on this path rides out a Redis blip, as the read does
         done = await self.retry.run(lambda: self.redis.smismember(self.done_key, ids), on_retry=_log_retry)
-        out, duplicate_ids, done_ids = [], [], []
+        out, duplicate_ids, done_ids, lost = [], [], [], []
         for (entry, group), already_done in zip(decoded, done, strict=True):
+            if not already_done and group.group_id in self._recent:  # committed here, the commit lost by Redis
+                lost.append(Claim(entry.id, group.group_id))
+                continue
             if already_done or group.group_id in self._held:
                 duplicate_ids.append(entry.id)
                 done_ids += [group.group_id] if already_done else []
@@ -183,6 +190,12 @@ class GroupConsumer:
             self.counters.duplicates += len(duplicate_ids)
             await self.retry.run(lambda: self._drop_duplicates(duplicate_ids, done_ids), on_retry=_log_retry)
             log.info("duplicates_dropped", stream=self.stream.stream, count=len(duplicate_ids))
+        if lost:  # trained once already: commit again (done set and ack), do not hand out
+            self.counters.commits_lost += len(lost)
+            self.counters.duplicates += len(lost)
+            await self._finish(lost, done=True)
+            log.warning("commits_lost_by_redis_recommitted", stream=self.stream.stream, count=len(lost),
+                        total=self.counters.commits_lost)  # fmt: skip
         self.counters.received += len(out)
         self.counters.bytes += sum(r.nbytes for r in out)
         return out
@@ -208,6 +221,26 @@ class GroupConsumer:
                 self._held.pop(r.group.group_id, None)
                 lost.discard(r.entry_id)
         return kept
+
+    def remember(self, group_ids: Sequence[str]) -> None:
+        """Take `group_ids` as committed by this consumer (a checkpoint's recent commits after a restart): one
+        that comes back while Redis's done set lacks it is committed again instead of handed out."""
+        now = time.monotonic()
+        for group_id in group_ids:
+            self._recent[group_id] = now
+            self._recent.move_to_end(group_id)
+        while len(self._recent) > self.stream.config.commit_memory:
+            self._recent.popitem(last=False)
+
+    def recent_commits(self) -> list[str]:
+        """The group ids committed in the last `bus.durable_after_s`: what a host crash may still take back."""
+        since = time.monotonic() - self.stream.config.durable_after_s
+        out = []
+        for group_id in reversed(self._recent):  # newest first; stop at the first one old enough
+            if self._recent[group_id] < since:
+                break
+            out.append(group_id)
+        return out
 
     async def commit(self, items: Sequence[Ticket]) -> None:
         """Mark the groups done and ack their entries, atomically."""
@@ -257,6 +290,8 @@ class GroupConsumer:
                 await pipe.execute()
 
         await self.retry.run(ack, on_retry=_log_retry)
+        if done:
+            self.remember(group_ids)
         for group_id in group_ids:
             self._held.pop(group_id, None)
         self.stream.in_hand.difference_update(ids)

@@ -79,3 +79,9 @@ class RecordingSource:
 
     async def keep_alive(self) -> None:
         return None
+
+    def remember(self, group_ids: Sequence[str]) -> None:
+        """A recording has no commits to lose: nothing to remember."""
+
+    def recent_commits(self) -> list[str]:
+        return []

@@ -37,6 +37,7 @@ class TrainerState:
     version: int  # weight version the policy was last published as
     claims: tuple[Claim, ...]  # groups trained into this state whose entries may not be acked yet
     run_id: str = ""  # the run (bus/run.py) whose streams these claims name
+    recent: tuple[str, ...] = ()  # groups committed just before (a host crash may take those commits back)
 
 
 def save_checkpoint(root: str | Path, state: TrainerState, write: Callable[[Path], None], *, keep: int = 2) -> Path:
@@ -56,7 +57,15 @@ def save_checkpoint(root: str | Path, state: TrainerState, write: Callable[[Path
         (tmp / "rng.json").write_text(json.dumps(_rng_state()))
         claims = [[c.entry_id, c.group_id] for c in state.claims]
         (tmp / "trainer.json").write_text(
-            json.dumps({"step": state.step, "version": state.version, "claims": claims, "run_id": state.run_id})
+            json.dumps(
+                {
+                    "step": state.step,
+                    "version": state.version,
+                    "claims": claims,
+                    "run_id": state.run_id,
+                    "recent": list(state.recent),
+                }
+            )
         )
         for f in tmp.iterdir():
             _fsync(f)
@@ -88,9 +97,8 @@ def load_checkpoint(root: str | Path, read: Callable[[Path], None]) -> TrainerSt
         raise MilesStreamError(f"checkpoint {path} cannot be loaded: {exc}") from exc
     _set_rng_state(rng)
     claims = tuple(Claim(entry_id, group_id) for entry_id, group_id in meta["claims"])
-    return TrainerState(
-        step=int(meta["step"]), version=int(meta["version"]), claims=claims, run_id=str(meta.get("run_id", ""))
-    )
+    return TrainerState(step=int(meta["step"]), version=int(meta["version"]), claims=claims,
+                        run_id=str(meta.get("run_id", "")), recent=tuple(meta.get("recent", ())))  # fmt: skip
 
 
 def _rng_state() -> dict[str, Any]:

@@ -230,11 +230,15 @@ class TrainerService:
             return False
         if self.config.checkpoint_dir:
             claims = [c for rank_claims in self.parallel.gather(self._uncommitted) for c in rank_claims]
+            recent = [
+                g for rank_recent in self.parallel.gather(self.buffer.consumer.recent_commits()) for g in rank_recent
+            ]
             if self.parallel.is_main:
                 if self.lease is not None:  # no checkpoint from a trainer that lost the lease
                     await self._check_lease()
                 state = TrainerState(step=self.progress.step, version=self.progress.version, claims=tuple(claims),
-                                     run_id=self.run_identity.id if self.run_identity else "")  # fmt: skip
+                                     run_id=self.run_identity.id if self.run_identity else "",
+                                     recent=tuple(recent))  # fmt: skip
                 path = await asyncio.to_thread(save_checkpoint, self.config.checkpoint_dir, state, self.trainer.save,
                                                keep=self.config.keep_checkpoints)  # fmt: skip
                 log.info("checkpoint_saved", path=str(path), step=state.step, version=state.version)
@@ -265,6 +269,8 @@ class TrainerService:
             self._check_same_run(state)
             self.progress.step, self.progress.version = state.step, state.version
             same_run = self.run_identity is None or not state.run_id or state.run_id == self.run_identity.id
+            if same_run:  # committed just before the checkpoint: a host crash may have taken the commits back
+                self.buffer.consumer.remember(state.recent)
             if self.parallel.is_main and same_run:
                 await self.buffer.commit(list(state.claims))  # trained into the weights just loaded
             log.info("resumed", step=state.step, version=state.version,
