@@ -57,8 +57,10 @@ def main(config: RunConfig, *, resume: bool = False, replay: Sequence[str] = ())
         raise ConfigError("--replay trains on one rank: every rank would read the whole recording")
     try:
         if replay:
-            return aio.run_process(lambda stop: _run_replay(config, replay, resume, stop), what="the trainer")
-        return aio.run_process(lambda stop: _run(config, parallel, resume, stop), what="the trainer")
+            return aio.run_process(lambda stop: _run_replay(config, replay, resume, stop), what="the trainer",
+                                   grace_s=cfg.stop_grace_s)  # fmt: skip
+        return aio.run_process(lambda stop: _run(config, parallel, resume, stop), what="the trainer",
+                               grace_s=cfg.stop_grace_s)  # fmt: skip
     finally:
         parallel.close()
 

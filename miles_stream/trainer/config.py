@@ -52,6 +52,9 @@ class TrainerConfig:
     checkpoint_dir: str = ""  # empty: no checkpoints (groups are committed after every step)
     checkpoint_every: int = 10  # rollout batches between checkpoints; groups are committed at each one
     keep_checkpoints: int = 2
+    # after SIGTERM / Ctrl-C: time to finish the step, checkpoint and commit before the trainer is stopped where
+    # it is (aio.run_process); raise it where a step plus a checkpoint takes longer (a large model)
+    stop_grace_s: float = 6.0
     export_dir: str = ""  # at the end, save the final policy here as a Hugging Face checkpoint
     metrics_path: str = ""  # a JSONL file, one line per step; empty: the structured log only
     tensorboard_dir: str = ""  # when set and tensorboard is installed
@@ -78,6 +81,7 @@ class TrainerConfig:
         check(self.checkpoint_every >= 1, "trainer.checkpoint_every", "must be >= 1")
         check(self.standby_s >= 0, "trainer.standby_s", "must be >= 0 (0 = refuse when another trainer runs)")
         check(self.keep_checkpoints >= 1, "trainer.keep_checkpoints", "must be >= 1")
+        check(self.stop_grace_s > 0, "trainer.stop_grace_s", "must be positive")
         check(self.transport != "file" or bool(self.weights_dir), "trainer.weights_dir",
               "the file transport needs a shared directory")  # fmt: skip
         check(
