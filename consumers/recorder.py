@@ -9,9 +9,11 @@ import structlog
 
 from miles_stream import aio
 from miles_stream.bus import Heartbeat, Keys, StreamConsumer, connect, open_stream_client, wait_until_reachable
+from miles_stream.metrics_http import MetricsServer
 from miles_stream.record import RecordingWriter
 from miles_stream.record.recorder import record
 from miles_stream.run_config import RunConfig
+from miles_stream.status.exporter import combine, consumer_metrics, recorder_metrics
 
 log = structlog.get_logger("consumers.recorder")
 
@@ -30,8 +32,12 @@ async def _run(config: RunConfig, out: str, max_file_mb: int, name: str, stop: a
                              max_file_bytes=max_file_mb << 20)  # fmt: skip
     try:
         await wait_until_reachable(redis, config.redis, stop)
-        async with Heartbeat(redis, keys, role="recorder", member_id=name, config=config.bus,
-                             describe=lambda: {"records": writer.records}):  # fmt: skip
+        exported = combine(recorder_metrics(lambda: writer.records), consumer_metrics("recorder", [stream]))
+        async with (
+            MetricsServer(config.metrics, exported),
+            Heartbeat(redis, keys, role="recorder", member_id=name, config=config.bus,
+                      describe=lambda: {"records": writer.records}),
+        ):  # fmt: skip
             await record(stream, writer, stop)
     finally:
         await blocking.aclose()

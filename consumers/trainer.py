@@ -31,9 +31,12 @@ from miles_stream.bus.run import join_run, verify_run
 from miles_stream.codec import GroupCodec
 from miles_stream.config import check_model_dir
 from miles_stream.errors import ConfigError, LeaseHeldError, LeaseLostError
+from miles_stream.metrics_http import Collect, MetricsServer
 from miles_stream.record import RecordingSource
 from miles_stream.run_config import RunConfig
 from miles_stream.schema import DEFAULT_LIMITS
+from miles_stream.status import exporter
+from miles_stream.status.snapshot import StreamStatus, stream_status
 from miles_stream.trainer.backend import TrainerBackend
 from miles_stream.trainer.backends import build_backend
 from miles_stream.trainer.parallel import DataParallel
@@ -115,14 +118,17 @@ async def _run(config: RunConfig, parallel: DataParallel, resume: bool, stop: as
             service.lease.lost = "Redis lost this run's data"
             stop.set()
 
-        async with Heartbeat(redis, keys, role="trainer", member_id=name, config=config.bus, run=run,
-                             on_data_loss=on_data_loss,
-                             describe=lambda: {"step": progress.step, "version": progress.version,
-                                               "rollout_batch_size": config.buffer.rollout_batch_size,
-                                               "max_staleness": config.buffer.max_staleness,
-                                               "publish_every": cfg.publish_every, "held": service.held,
-                                               "lease_token": service.lease.token if service.lease else 0,
-                                               "read_per_batch": buffer.counters.read_per_batch}) as beat:  # fmt: skip
+        async with (
+            MetricsServer(config.metrics, _exported(service, consumer, redis, keys, parallel)),
+            Heartbeat(redis, keys, role="trainer", member_id=name, config=config.bus, run=run,
+                      on_data_loss=on_data_loss,
+                      describe=lambda: {"step": progress.step, "version": progress.version,
+                                        "rollout_batch_size": config.buffer.rollout_batch_size,
+                                        "max_staleness": config.buffer.max_staleness,
+                                        "publish_every": cfg.publish_every, "held": service.held,
+                                        "lease_token": service.lease.token if service.lease else 0,
+                                        "read_per_batch": buffer.counters.read_per_batch}) as beat,
+        ):  # fmt: skip
             service.on_change = beat.beat_now  # producers' admission reads the version and held count at once
             try:
                 await service.run(stop, resume=resume)
@@ -160,6 +166,22 @@ async def _take_lease(config: RunConfig, parallel: DataParallel, redis: Any, key
         raise LeaseHeldError(shared)
     lease.token, lease.value = shared
     return lease
+
+
+def _exported(service: TrainerService, consumer: GroupConsumer, redis: Any, keys: Keys,
+              parallel: DataParallel) -> Collect:  # fmt: skip
+    """What this rank's /metrics serves; rank 0 alone also reads the streams' lag and pending from Redis."""
+    parts = [exporter.trainer_metrics(service, service.buffer.counters, consumer.counters),
+             exporter.consumer_metrics("trainer", [consumer.stream]),
+             exporter.weight_version_metric("trainer", lambda: service.progress.version)]  # fmt: skip
+    if parallel.is_main:
+        loop = asyncio.get_running_loop()
+        parts.append(exporter.stream_metrics(lambda: _streams(redis, keys), loop))
+    return exporter.combine(*parts)
+
+
+async def _streams(redis: Any, keys: Keys) -> list[StreamStatus]:
+    return [await stream_status(redis, key) for key in keys.streams]
 
 
 def _transport(config: RunConfig, redis: Any, keys: Keys, chunks: StreamClient) -> WeightTransport:

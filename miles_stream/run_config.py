@@ -16,6 +16,7 @@ from miles_stream.bus.streams import BusConfig
 from miles_stream.codec import CodecConfig
 from miles_stream.config import apply_overrides, build, load_yaml
 from miles_stream.feeder import FeederConfig
+from miles_stream.metrics_http import MetricsConfig
 from miles_stream.redis_server import EmbeddedRedisConfig
 from miles_stream.rollout.config import RolloutConfig
 from miles_stream.trainer.algo_config import AlgoConfig
@@ -36,6 +37,7 @@ class RunConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     sft: SftConfig = field(default_factory=SftConfig)  # `train --sft` only
     weights_group: WeightsGroupConfig = field(default_factory=WeightsGroupConfig)  # the broadcast transport
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)  # this process's Prometheus endpoint
 
     @property
     def trainer_temperature(self) -> float:

@@ -13,7 +13,9 @@ from miles_stream.bus import Heartbeat, Keys, connect, wait_until_reachable
 from miles_stream.bus.connection import is_transient
 from miles_stream.bus.run import join_run
 from miles_stream.feeder import Feeder, Row, load_rows
+from miles_stream.metrics_http import MetricsServer
 from miles_stream.run_config import RunConfig
+from miles_stream.status.exporter import feeder_metrics
 
 log = structlog.get_logger("producers.feeder")
 
@@ -33,8 +35,11 @@ async def _run(config: RunConfig, rows: list[Row], stop: asyncio.Event) -> int:
         await wait_until_reachable(redis, config.redis, stop)
         feeder.run_identity = run = await join_run(redis, keys)
         describe = lambda: {"published": feeder.published}  # noqa: E731
-        async with Heartbeat(redis, keys, role="feeder", member_id=member, config=config.bus, run=run,
-                             on_data_loss=stop.set, describe=describe) as beat:  # fmt: skip
+        async with (
+            MetricsServer(config.metrics, feeder_metrics(feeder)),
+            Heartbeat(redis, keys, role="feeder", member_id=member, config=config.bus, run=run,
+                      on_data_loss=stop.set, describe=describe) as beat,
+        ):  # fmt: skip
             published = await feeder.run(stop)
         if beat.data_lost is not None:
             raise beat.data_lost

@@ -28,6 +28,7 @@ from miles_stream.config import check_model_dir
 from miles_stream.engines.base import SamplingParams
 from miles_stream.engines.native.engine import NativeEngine
 from miles_stream.errors import ConfigError
+from miles_stream.metrics_http import MetricsServer
 from miles_stream.rewards import RewardRegistry
 from miles_stream.rollout.admission import Admission
 from miles_stream.rollout.config import RolloutConfig
@@ -35,6 +36,7 @@ from miles_stream.rollout.engines import open_engine
 from miles_stream.rollout.producer import RolloutProducer
 from miles_stream.rollout.turns import Calculator, RolloutFn, ToolLoop, single_turn
 from miles_stream.run_config import RunConfig
+from miles_stream.status.exporter import combine, consumer_metrics, producer_metrics, weight_version_metric
 from miles_stream.weights.transports import FileTransport, RedisTransport, WeightTransport
 from miles_stream.weights.versions import WeightSubscriber
 
@@ -93,12 +95,16 @@ async def _run(config: RunConfig, stop: asyncio.Event) -> int:
                                sampling=sampling, weights=weights, codec=codec)  # fmt: skip
     try:
         run = await join_run(redis, keys)
-        async with Heartbeat(redis, keys, role="producer", member_id=producer.producer_id, config=config.bus,
-                             run=run, on_data_loss=stop.set,
-                             describe=lambda: {"groups": producer.counters.groups, "in_flight": producer.in_flight,
-                                               "tokens": producer.counters.tokens,
-                                               "weight_version": engine.weight_version,
-                                               "engine": cfg.engine}) as beat:  # fmt: skip
+        exported = combine(producer_metrics(producer, admission), consumer_metrics("producer", [prompts, partials]),
+                           weight_version_metric("producer", lambda: engine.weight_version))  # fmt: skip
+        async with (
+            MetricsServer(config.metrics, exported),
+            Heartbeat(redis, keys, role="producer", member_id=producer.producer_id, config=config.bus, run=run,
+                      on_data_loss=stop.set,
+                      describe=lambda: {"groups": producer.counters.groups, "in_flight": producer.in_flight,
+                                        "tokens": producer.counters.tokens, "weight_version": engine.weight_version,
+                                        "engine": cfg.engine}) as beat,
+        ):  # fmt: skip
             await producer.run(stop)
         if beat.data_lost is not None:
             raise beat.data_lost

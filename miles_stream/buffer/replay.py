@@ -76,6 +76,7 @@ class BufferCounters:
     reward_sum: float = 0.0
     correct: int = 0  # samples with reward >= 1 (exactly right, for the built-in rewards)
     read_per_batch: float = 0.0  # groups a batch used up (trained or filtered; not stale), recent average
+    staleness: dict[int, int] = field(default_factory=dict)  # versions behind -> groups handed out that stale
 
     @property
     def stale(self) -> int:
@@ -127,6 +128,8 @@ class ReplayBuffer:
                     self._note_batch()
                     self.counters.accepted += len(kept)
                     staleness = [version - r.group.oldest_version for r in kept]
+                    for s in staleness:
+                        self.counters.staleness[s] = self.counters.staleness.get(s, 0) + 1
                     return Batch(kept, staleness, time.monotonic() - started)
                 self._ready.extendleft(reversed(kept))  # some were taken over by another trainer: refill
                 continue

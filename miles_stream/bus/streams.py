@@ -105,6 +105,12 @@ async def ensure_group(redis: aioredis.Redis, stream: str, group: str, start_id:
             raise
 
 
+def reason_kind(reason: str) -> str:
+    """A dead letter's reason, short enough for a metric label: "schema: bad frame" -> "schema", "delivered 6
+    times (...)" -> "delivered", "deleted from the stream while pending" -> "deleted"."""
+    return reason.split(":", 1)[0].split(" ", 1)[0][:32] or "unknown"
+
+
 async def dead_letter(
     redis: aioredis.Redis, dead_stream: str, *, source: str, group: str, entry: Entry, reason: str, maxlen: int
 ) -> None:
@@ -229,6 +235,7 @@ class StreamConsumer:
         self.dead_stream, self.config = dead_stream, config
         self.observer = observer  # watches the run (the recorder): never holds it back (`trim_acknowledged`)
         self.trimmed_unread = 0  # an observer's entries trimmed before it read them (it was dead), reported
+        self.dead_letters: dict[str, int] = {}  # reason kind (`reason_kind`) -> entries this consumer dead-lettered
         self._pending_cursor: str | None = "0"  # None once our own backlog has been re-read
         self._claim_cursor = "0-0"
         self._next_claim = 0.0
@@ -307,6 +314,8 @@ class StreamConsumer:
             maxlen=self.config.maxlen_cap,
         )
         self.in_hand.discard(entry.id)
+        kind = reason_kind(reason)
+        self.dead_letters[kind] = self.dead_letters.get(kind, 0) + 1
 
     async def touch_in_hand(self, force: bool = False) -> None:
         """Reset the idle time of entries held but not acked, so no other consumer reclaims them.

@@ -63,7 +63,7 @@ async def namespace_status(redis: aioredis.Redis, keys: Keys, heartbeat_ttl_s: f
         info = await redis.info("server")
     except rexc.NoPermissionError:  # an ACL user limited to data commands (docs/redis.md): no server version
         info = {}
-    streams = tuple([await _stream_status(redis, key) for key in keys.streams])
+    streams = tuple([await stream_status(redis, key) for key in keys.streams])
     latest = await WeightSubscriber(redis, keys, {}).latest()  # a malformed announcement is not the latest
     version = latest[1].version if latest is not None else None
     group_names = {g.name for s in streams for g in s.groups}
@@ -86,7 +86,7 @@ def describe_server(info: dict[str, Any]) -> str:
     return f"{name} {version}" if version else "?"
 
 
-async def _stream_status(redis: aioredis.Redis, key: str) -> StreamStatus:
+async def stream_status(redis: aioredis.Redis, key: str) -> StreamStatus:
     length = int(await redis.xlen(key))
     try:
         groups = await redis.xinfo_groups(key)

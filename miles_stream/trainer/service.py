@@ -57,6 +57,7 @@ class TrainProgress:
     version: int = 0
     groups: int = 0
     last: dict[str, float] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)  # step, wait, publish_blocked -> summed over steps
 
 
 class TrainerService:
@@ -164,6 +165,8 @@ class TrainerService:
         rewards = [s.reward for g in groups for s in g.samples]
         lengths = [s.num_tokens for g in groups for s in g.samples]
         step_s = time.perf_counter() - started
+        for phase, spent in (("step", step_s), ("wait", batch.wait_s), ("publish_blocked", blocked)):
+            p.seconds[phase] = p.seconds.get(phase, 0.0) + spent
         c = self.buffer.counters
         samples, reward_sum, correct = (c.samples - self._seen[0], c.reward_sum - self._seen[1],
                                         c.correct - self._seen[2])  # fmt: skip

@@ -27,6 +27,7 @@ LAYERS: list[set[str]] = [
         "miles_stream.models",
         "miles_stream.rewards",
         "miles_stream.redis_server",
+        "miles_stream.metrics_http",
     },
     {"miles_stream.bus", "miles_stream.testing"},
     {"miles_stream.weights", "miles_stream.buffer", "miles_stream.record", "miles_stream.feeder"},
