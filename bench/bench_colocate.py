@@ -1,8 +1,8 @@
 """One GPU, rollout and training side by side: how much do they overlap, in one process or in two?
 
-    python bench/colocate.py [--case gpu] [--rounds 3] [--json-out FILE]
+    python bench/bench_colocate.py [--case gpu] [--rounds 3] [--json-out FILE]
 
-Same model and shapes as `bench/pipeline.py --case gpu`. Measures, after warm-ups:
+Same model and shapes as `bench/bench_pipeline.py --case gpu`. Measures, after warm-ups:
 - `generate_s`: one producer batch (max_inflight_prompts x samples rows, the answer length) on the engine alone;
 - `train_s`: one training step of a rollout batch alone;
 - `one_process_s`: both at once in this process, the trainer on a CUDA stream of its own while the engine's
@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pipeline import (  # bench/pipeline.py
+from bench_pipeline import (  # bench/bench_pipeline.py, beside this script
     CASES,
     CONFIG,
     GPU_MODEL,

@@ -2,8 +2,8 @@
 the CLI) for a set number of steps, beside the engine and the trainer measured alone on the same model, the
 same shapes and the same call.
 
-    python bench/pipeline.py --case cpu [--steps 40] [--modes async,sync] [--json-out FILE]
-    python bench/pipeline.py --case gpu [--transport cuda_ipc] [--steps 30] [--json-out FILE]
+    python bench/bench_pipeline.py --case cpu [--steps 40] [--modes async,sync] [--json-out FILE]
+    python bench/bench_pipeline.py --case gpu [--transport cuda_ipc] [--steps 30] [--json-out FILE]
 
 Cases: `cpu` is the demo's tiny model (2 layers, hidden 64) with 32-token answers, one thread per process;
 `gpu` a Qwen3-shaped model of 28 layers, hidden 1024, 16/8 heads, character vocabulary, bf16, the trainer

@@ -1,6 +1,6 @@
 """A training step of a Qwen3-0.6B-shaped model with the full RL loss, through `PolicyTrainer`, on one GPU.
 
-    python bench/train_step.py [--steps 5] [--json-out FILE] [--cases naive-4k,fused-16k,...]
+    python bench/bench_train_step.py [--steps 5] [--json-out FILE] [--cases naive-4k,fused-16k,...]
 
 The model: Qwen3-0.6B's shape (28 layers, hidden 1024, 16 query / 8 KV heads, head dim 128, MLP 3072,
 vocabulary 151,936, tied embeddings), random weights, bf16, SDPA attention. One rollout batch of groups
