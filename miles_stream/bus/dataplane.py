@@ -1,12 +1,12 @@
 """The data-plane client: XADD and XREADGROUP of multi-megabyte entries (and GET/SET of weight chunks) at the
 speed Redis can serve them.
 
-Why not redis-py for these two commands: a 13.6 MB entry took up to 30 ms to XADD and up to 26 ms to read
-through redis-py (async or sync), against 5-8 ms with this client (docs/benchmarks.md, bench/clients.py). Redis writes a
-large reply 64 KB per event-loop turn, so an asyncio reader pays an event-loop wake-up per 64 KB; a blocking
-socket is woken by the kernel directly. So this client speaks RESP2 on a blocking socket, on one worker
-thread per connection: a command goes out in one `sendmsg` (no copy of the payload), and a large bulk reply
-is received straight into its final buffer. Replies mirror redis-py's shapes, and failures raise redis-py's
+Why not redis-py for these two commands: a 13.6 MB entry took up to 30 ms to XADD and up to 26 ms to read through
+redis-py (async or sync), against 5-8 ms with this client (docs/benchmarks.md, bench/bench_clients.py). Redis
+writes a large reply 64 KB per event-loop turn, so an asyncio reader pays an event-loop wake-up per 64 KB; a
+blocking socket is woken by the kernel directly. So this client speaks RESP2 on a blocking socket, on one worker
+thread per connection: a command goes out in one `sendmsg` (no copy of the payload), and a large bulk reply is
+received straight into its final buffer. Replies mirror redis-py's shapes, and failures raise redis-py's
 exception types, so callers and `is_transient` treat both clients alike.
 
 `rediss://` (TLS) uses redis-py instead; see `open_stream_client`.

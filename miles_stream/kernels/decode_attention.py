@@ -6,7 +6,7 @@
 
 One Triton program per (row, KV head) streams that head's keys and values once, in blocks of positions, with
 an online softmax for its G query heads, and stops at the row's length: the bytes moved are the cache
-actually in use, which is what bounds decoding. On an H100 (bench/engine.py's profile, 128 rows of 256-320
+actually in use, which is what bounds decoding. On an H100 (bench/bench_engine.py's profile, 128 rows of 256-320
 positions) it takes 57 us a layer, against 119 us for PyTorch's fused attention given a mask over the 512
 allocated positions. Elsewhere (CPU) the same function runs as masked `scaled_dot_product_attention`.
 """

@@ -1,6 +1,6 @@
 """Token logprobs + entropy from hidden states: full float32 logits (naive) versus `miles_stream.kernels`.
 
-    python bench/kernels.py [--tokens 16384] [--hidden 1024] [--vocab 151936] [--json-out FILE]
+    python bench/bench_kernels.py [--tokens 16384] [--hidden 1024] [--vocab 151936] [--json-out FILE]
 
 On CUDA (bf16 inputs, as a bf16 trainer has them): forward time and extra memory, forward + backward time,
 for both, in one process, plus the error of each against a float64 computation on a slice of the tokens.

@@ -1,7 +1,7 @@
 """Async against sync to the same accuracy, on the long-answer scratchpad task (miles_stream/tasks/scratchpad.py).
 
-    python bench/scratchpad.py --size 0.1b --sft-steps 700 --minutes 2 --out DIR     # one GPU
-    python bench/scratchpad.py --cpu --size small --sft-steps 20 --minutes 0.5 --out DIR   # the plumbing, on CPU
+    python bench/bench_scratchpad.py --size 0.1b --sft-steps 700 --minutes 2 --out DIR     # one GPU
+    python bench/bench_scratchpad.py --cpu --size small --sft-steps 20 --minutes 0.5 --out DIR   # the plumbing, on CPU
 
 1. the task: model, worked answers, 50,000 fresh prompts;
 2. SFT warm start through the CLI (`miles-stream train --sft`, configs/scratchpad-sft.yaml), a checkpoint

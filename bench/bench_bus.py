@@ -1,7 +1,7 @@
 """Wire-format and stream-bus throughput on this machine.
 
-    python bench/bus.py                      # codec, then max rate, then half of it for latency
-    python bench/bus.py --seconds 5 --json-out bench/results/bus.json
+    python bench/bench_bus.py                      # codec, then max rate, then half of it for latency
+    python bench/bench_bus.py --seconds 5 --json-out bench/results/bus.json
 
 1. codec: encode + decode of one realistic group (8 samples x 4096 response tokens, float32 logprobs and a
    routing trace of [positions, 48 layers, top-8] uint8), GB/s of array payload.
@@ -10,7 +10,7 @@
    highest rate the producer sustains under backpressure (at most --backlog entries unacknowledged),
    then the latency (group created -> decoded at the consumer) at half that rate.
 
-Load (reliability issue): `python bench/bus.py --producers 8 --sweep 1,2,4,8 --response-len 2048 --layers 0`
+Load (reliability issue): `python bench/bench_bus.py --producers 8 --sweep 1,2,4,8 --response-len 2048 --layers 0`
 runs --producers producer processes at each per-producer rate of --sweep against the one consumer: groups/s
 and MB/s held, p99 latency, the share of producer time spent waiting on backpressure (where it engages), the
 largest backlog the producers saw, dead letters and duplicates.

@@ -1,18 +1,21 @@
 """A training step of a Qwen3-0.6B-shaped model with the full RL loss, through `PolicyTrainer`, on one GPU.
 
-    python bench/train_step.py [--steps 5] [--json-out FILE] [--cases naive-4k,fused-16k,...]
+    python bench/bench_train_step.py [--steps 5] [--json-out FILE] [--cases naive-4k,fused-16k,...]
+    python bench/bench_train_step.py --device cpu --shape tiny --groups 1 --samples 2 --prompt-len 8 \
+        --response-len 8 --steps 1 --cases fused-4k          # the plumbing, on CPU, in seconds
 
-The model: Qwen3-0.6B's shape (28 layers, hidden 1024, 16 query / 8 KV heads, head dim 128, MLP 3072,
-vocabulary 151,936, tied embeddings), random weights, bf16, SDPA attention. One rollout batch of groups
-whose samples are 256 prompt + 1,792 response tokens; GRPO advantages, PPO clip, TIS against synthetic
-behaviour logprobs, entropy bonus; AdamW. Each case runs the same batch with a micro-batch token budget and
-the logprob path named (fused: `kernels.token_logprobs`; naive: full float32 logits), optionally with
-activation checkpointing. A case that runs out of memory is reported as such.
+The model: Qwen3-0.6B's shape (28 layers, hidden 1024, 16 query / 8 KV heads, head dim 128, MLP 3072, vocabulary
+151,936, tied embeddings), random weights, SDPA attention; on CUDA bf16 compute over bf16 parameters (`--dtype`,
+`--params-dtype`: said explicitly, since `trainer.dtype` defaults to float32, which ran out of memory at this
+shape on an 80 GB H100). One rollout batch of groups whose samples are 256 prompt + 1,792 response tokens; GRPO
+advantages, PPO clip, TIS against synthetic behaviour logprobs, entropy bonus; AdamW. Each case runs the same
+batch with a micro-batch token budget and the logprob path named (fused: `kernels.token_logprobs`; naive: full
+float32 logits), optionally with activation checkpointing. A case that runs out of memory is reported as such.
 
 MFU = model flops per step / step time / peak bf16 matmul rate, with model flops counted as PaLM does:
 6 x parameters x tokens + 12 x layers x heads x head_dim x sequence length x tokens (attention, not halved
 for causality); the tied embedding counts once (it is the output layer's matmul). The peak rate is measured
-here (an 8192^3 bf16 matmul), not the datasheet's.
+here (an 8192^3 bf16 matmul), not the datasheet's; on CPU there is no MFU.
 """
 
 from __future__ import annotations
@@ -35,6 +38,12 @@ from miles_stream.trainer.torch.policy import PolicyTrainer, set_activation_chec
 SHAPE = {"vocab_size": 151936, "hidden_size": 1024, "intermediate_size": 3072, "num_hidden_layers": 28,
          "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 128, "max_position_embeddings": 40960,
          "tie_word_embeddings": True, "rope_theta": 1_000_000.0}  # fmt: skip
+SHAPES = {
+    "qwen3-0.6b": SHAPE,
+    # 2 layers, hidden 64: the CPU case, to check the plumbing (model load, config keys, a step) in seconds
+    "tiny": {**SHAPE, "vocab_size": 512, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+             "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "max_position_embeddings": 4096},
+}  # fmt: skip
 CASES = {  # name: (micro-batch tokens, fused, activation checkpointing, compiled layers, packed, attention)
     "naive-4k": (4096, False, False, False, False, "sdpa"),
     "naive-16k": (16384, False, False, False, False, "sdpa"),
@@ -48,13 +57,18 @@ CASES = {  # name: (micro-batch tokens, fused, activation checkpointing, compile
 }
 
 
-def build_model() -> Any:
+def build_model(shape: dict[str, Any], device: str, params_dtype: str) -> Any:
     from transformers import AutoModelForCausalLM, Qwen3Config
 
-    config = Qwen3Config(**SHAPE)
+    config = Qwen3Config(**shape)
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa")
-    return model.cuda()
+    model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, params_dtype), attn_implementation="sdpa")
+    return model.to(device)
+
+
+def synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
 
 
 def make_batch(groups: int, samples: int, prompt_len: int, response_len: int, vocab: int, vary: bool) -> Any:
@@ -93,24 +107,28 @@ def peak_tflops() -> float:
     return 2 * 8192**3 * 20 / (time.perf_counter() - t) / 1e12
 
 
-def run_case(model: Any, batch: Any, name: str, steps: int, profile: str = "") -> dict[str, Any]:
+def run_case(model: Any, batch: Any, name: str, args: argparse.Namespace, profile: str = "") -> dict[str, Any]:
     budget, fused, ckpt, compiled, packed, attention = CASES[name]
     if getattr(model.config, "_attn_implementation", None) != attention:
         model.set_attn_implementation(attention)
-    config = TrainerConfig(lr=1e-6, micro_batch_tokens=budget, fused_logprobs=fused, activation_checkpointing=ckpt,
+    # every key that decides what is measured is set here, none inherited from TrainerConfig's defaults
+    config = TrainerConfig(device=args.device, dtype=args.dtype, main_params_dtype=args.params_dtype, lr=1e-6,
+                           micro_batch_tokens=budget, fused_logprobs=fused, activation_checkpointing=ckpt,
                            compile=compiled, pack_sequences=packed)  # fmt: skip
     algo = AlgoConfig(tis_mode="truncate", entropy_coef=0.001)
     trainer = PolicyTrainer(model, config, algo, temperature=1.0)
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
+    cuda = args.device == "cuda"
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
     try:
         trainer.train(batch)  # warm-up
-        torch.cuda.synchronize()
+        synchronize(args.device)
         times = []
-        for _ in range(steps):
+        for _ in range(args.steps):
             t = time.perf_counter()
             trainer.train(batch)
-            torch.cuda.synchronize()
+            synchronize(args.device)
             times.append(time.perf_counter() - t)
         if profile:
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
@@ -130,11 +148,19 @@ def run_case(model: Any, batch: Any, name: str, steps: int, profile: str = "") -
     return {"case": name, "micro_batch_tokens": budget, "fused": fused, "activation_checkpointing": ckpt,
             "compiled": compiled, "packed": packed, "attention": attention, "step_s": step_s,
             "tokens_per_s": sum(batch.lengths) / step_s,
-            "peak_gib": torch.cuda.max_memory_allocated() / 2**30}  # fmt: skip
+            "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")}  # fmt: skip
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cuda", "cpu"])
+    parser.add_argument("--shape", default="qwen3-0.6b", choices=sorted(SHAPES))
+    parser.add_argument(
+        "--dtype", choices=["bfloat16", "float32"], help="trainer.dtype; default bf16 on CUDA, fp32 on CPU"
+    )
+    parser.add_argument("--params-dtype", choices=["bfloat16", "float32"],
+                        help="trainer.main_params_dtype, what the weights and Adam's state are held in; default "
+                             "--dtype (the published figures: bf16 parameters)")  # fmt: skip
     parser.add_argument("--groups", type=int, default=4)
     parser.add_argument("--samples", type=int, default=8)
     parser.add_argument("--prompt-len", type=int, default=256)
@@ -145,22 +171,27 @@ def main() -> None:
     parser.add_argument("--json-out")
     parser.add_argument("--profile", default="", help="write a CUDA profile of one step of the first case here")
     args = parser.parse_args()
-    model = build_model()
+    args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
+    args.params_dtype = args.params_dtype or args.dtype
+    shape = SHAPES[args.shape]
+    model = build_model(shape, args.device, args.params_dtype)
     params = sum(p.numel() for p in model.parameters())  # tied embedding once
-    batch = make_batch(args.groups, args.samples, args.prompt_len, args.response_len, SHAPE["vocab_size"], args.vary)
+    batch = make_batch(args.groups, args.samples, args.prompt_len, args.response_len, shape["vocab_size"], args.vary)
     tokens = sum(batch.lengths)  # real tokens: padding is not counted
-    attn = 12 * SHAPE["num_hidden_layers"] * SHAPE["num_attention_heads"] * SHAPE["head_dim"]
+    attn = 12 * shape["num_hidden_layers"] * shape["num_attention_heads"] * shape["head_dim"]
     flops = 6 * params * tokens + attn * sum(n * n for n in batch.lengths)  # attention per sequence
-    peak = peak_tflops()
+    peak = peak_tflops() if args.device == "cuda" else float("nan")
     results = []
     for i, name in enumerate(args.cases.split(",")):
-        r = run_case(model, batch, name, args.steps, args.profile if i == 0 else "")
+        r = run_case(model, batch, name, args, args.profile if i == 0 else "")
         if "step_s" in r:
             r["mfu"] = flops / r["step_s"] / (peak * 1e12)
         results.append(r)
         print(json.dumps(r), flush=True)
-    summary = {"device": torch.cuda.get_device_name(), "params": params, "tokens_per_step": tokens,
-               "model_tflop_per_step": flops / 1e12, "peak_bf16_tflops": peak, "results": results}  # fmt: skip
+    device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    summary = {"device": device, "shape": args.shape, "dtype": args.dtype, "params_dtype": args.params_dtype,
+               "params": params, "tokens_per_step": tokens, "model_tflop_per_step": flops / 1e12,
+               "peak_bf16_tflops": peak, "results": results}  # fmt: skip
     print(f"\n{summary['device']}: {params / 1e6:.0f}M params, {tokens} tokens/step ({batch.size} sequences), "
           f"{flops / 1e12:.1f} model TFLOP/step, measured bf16 peak {peak:.0f} TFLOP/s")  # fmt: skip
     print(f"{'case':<16}{'step s':>9}{'tokens/s':>11}{'MFU':>7}{'peak GiB':>10}")

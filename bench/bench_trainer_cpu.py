@@ -1,6 +1,6 @@
 """Trainer tokens/s and peak memory on CPU: optimizer steps of the torch trainer on fixed synthetic batches.
 
-    python bench/trainer_cpu.py [--groups 8] [--samples 8] [--prompt-len 32] [--response-len 96]
+    python bench/bench_trainer_cpu.py [--groups 8] [--samples 8] [--prompt-len 32] [--response-len 96]
                                 [--micro-batch-tokens 8192] [--steps 5] [--json-out FILE]
 
 Each size runs in a fresh process (peak RSS is per process). Tokens counted are prompt + response tokens

@@ -1,6 +1,6 @@
 """XADD and XREADGROUP of one large entry through redis-py (async and sync) and the data-plane client.
 
-    python bench/clients.py [--mb 13.66] [--redis-binary PATH]
+    python bench/bench_clients.py [--mb 13.66] [--redis-binary PATH]
 
 Each client adds an entry to a stream trimmed to a few entries (so Redis reuses its memory, as under real
 trimming), then reads one back through a consumer group. Medians of --reps runs, in milliseconds.

@@ -1,7 +1,7 @@
 """R3 on a tiny Qwen3-MoE, CPU: how many tokens a perturbed trainer routes differently from the rollout, and how
 far its logprobs are from the rollout's with and without replaying the recorded experts.
 
-    python bench/routing_replay.py [--scale 0.5] [--samples 12] [--tokens 16]
+    python bench/bench_routing_replay.py [--scale 0.5] [--samples 12] [--tokens 16]
 """
 
 from __future__ import annotations

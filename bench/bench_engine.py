@@ -1,6 +1,6 @@
 """Native engine versus Hugging Face `generate()` on a GPU, same model and workload, one process.
 
-    python bench/engine.py [--prompts 128] [--prompt-len 256] [--new-tokens 256] [--json-out FILE]
+    python bench/bench_engine.py [--prompts 128] [--prompt-len 256] [--new-tokens 256] [--json-out FILE]
 
 The model: Qwen3-0.6B's shape (28 layers, hidden 1024, 16 query / 8 KV heads, head dim 128, vocabulary
 151,936), random weights, bf16, saved to a temporary directory and loaded by both. Every prompt gets exactly

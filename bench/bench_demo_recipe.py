@@ -1,7 +1,7 @@
 """The demo's recipe without the pipeline: synchronous GRPO on the demo task in one process, counting the
 groups generated until greedy accuracy reaches 0.9. Used to choose the demo's model init and group size.
 
-    python bench/demo_recipe.py [--seeds 0,1,2,3,4,5] [--samples 32] [--init-std 0.1] [--batch 16]
+    python bench/bench_demo_recipe.py [--seeds 0,1,2,3,4,5] [--samples 32] [--init-std 0.1] [--batch 16]
                                 [--max-groups 30000] [--sft] [--json-out FILE]
 
 Each step samples one answer token per row from the policy (at the demo's temperature), keeps groups whose

@@ -1,6 +1,6 @@
 """Native engine tokens/s on CPU for the tiny models, next to Hugging Face generate() on the same batch.
 
-    python bench/engine_cpu.py [--batch 32] [--prompt-len 16] [--new-tokens 64] [--json-out FILE]
+    python bench/bench_engine_cpu.py [--batch 32] [--prompt-len 16] [--new-tokens 64] [--json-out FILE]
 
 Both sample at temperature 1 with EOS ignored, so every row makes exactly --new-tokens tokens. generate()
 gets the whole batch left-padded at once; the native engine gets the same requests with max_batch = batch.

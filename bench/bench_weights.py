@@ -1,6 +1,6 @@
 """Time to publish and to load one weight version over each transport, for a ~100M-parameter state.
 
-    python bench/weights.py [--params-m 100] [--dtype float32] [--json-out FILE]
+    python bench/bench_weights.py [--params-m 100] [--dtype float32] [--json-out FILE]
 
 A synthetic state of 2-D float tensors (hidden 1024 blocks) totalling --params-m million parameters. The
 embedded Redis and a local directory stand for the data planes; "load" includes checksum verification.

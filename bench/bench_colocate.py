@@ -1,8 +1,8 @@
 """One GPU, rollout and training side by side: how much do they overlap, in one process or in two?
 
-    python bench/colocate.py [--case gpu] [--rounds 3] [--json-out FILE]
+    python bench/bench_colocate.py [--case gpu] [--rounds 3] [--json-out FILE]
 
-Same model and shapes as `bench/pipeline.py --case gpu`. Measures, after warm-ups:
+Same model and shapes as `bench/bench_pipeline.py --case gpu`. Measures, after warm-ups:
 - `generate_s`: one producer batch (max_inflight_prompts x samples rows, the answer length) on the engine alone;
 - `train_s`: one training step of a rollout batch alone;
 - `one_process_s`: both at once in this process, the trainer on a CUDA stream of its own while the engine's
@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pipeline import (  # bench/pipeline.py
+from bench_pipeline import (  # bench/bench_pipeline.py, beside this script
     CASES,
     CONFIG,
     GPU_MODEL,
@@ -66,6 +66,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--case", default="gpu", choices=[c for c in CASES if c.startswith("gpu")])
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--groups-per-step", type=int, default=16, help="as bench_pipeline.py (the tables: 16)")
+    parser.add_argument("--samples-per-group", type=int, default=8, help="as bench_pipeline.py (the tables: 8)")
     parser.add_argument("--json-out")
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="miles-colocate-"))
@@ -73,7 +75,8 @@ def main() -> None:
     model = build_tiny_model(root / "task" / "gpu-model", GPU_MODEL)
     if CASES[args.case]["prompt_len"]:
         prompts = _long_prompts(root / "long.jsonl", CASES[args.case]["prompt_len"])
-    ns = argparse.Namespace(steps=1, transport="redis")
+    ns = argparse.Namespace(steps=1, transport="redis", groups_per_step=args.groups_per_step,
+                            samples_per_group=args.samples_per_group)  # fmt: skip
     cfg = load_run_config(CONFIG, overrides(args.case, ns, root, model, prompts, "async"))
     ids = _prompt_ids(model, prompts)
     r = cfg.rollout

@@ -2,8 +2,9 @@
 the CLI) for a set number of steps, beside the engine and the trainer measured alone on the same model, the
 same shapes and the same call.
 
-    python bench/pipeline.py --case cpu [--steps 40] [--modes async,sync] [--json-out FILE]
-    python bench/pipeline.py --case gpu [--transport cuda_ipc] [--steps 30] [--json-out FILE]
+    python bench/bench_pipeline.py --case cpu [--steps 40] [--modes async,sync] [--json-out FILE]
+    python bench/bench_pipeline.py --case cpu --steps 2 --warmup 0 --modes async   # the plumbing, ~20 s
+    python bench/bench_pipeline.py --case gpu [--transport cuda_ipc] [--steps 30] [--json-out FILE]
 
 Cases: `cpu` is the demo's tiny model (2 layers, hidden 64) with 32-token answers, one thread per process;
 `gpu` a Qwen3-shaped model of 28 layers, hidden 1024, 16/8 heads, character vocabulary, bf16, the trainer
@@ -11,7 +12,10 @@ compiled, 512-token answers; producer and trainer share the one GPU as two proce
 the CLI: no code shared between them, each with its own CUDA context, the GPU time-sliced between them).
 `gpu-balanced` is that model with 448-token prompts and 128-token answers, so that training a step takes about
 as long as generating it (the case where overlapping the two can at most halve the time). All: 16 groups x 8
-samples per step, EOS ignored, no dynamic filter (every group is trained).
+samples per step (`--groups-per-step`, `--samples-per-group`; the producer keeps as many groups in flight, so
+the engine's batch is 128 rows), EOS ignored, no dynamic filter (every group is trained). The shape is set
+here, not taken from configs/demo.yaml (which fills only what does not change the measurement): the demo
+moved to 32 samples a group after the published tables were measured with 8.
 
 Per mode (`async`: max staleness 2; `sync`: 0), over the steady window (steps after `--warmup`):
 - generated tokens/s in the pipeline (the producer's count, polled from its heartbeat) vs the engine alone
@@ -60,10 +64,15 @@ from miles_stream.trainer.torch.build import build_trainer
 CONFIG = Path(__file__).parents[1] / "configs" / "demo.yaml"
 GPU_MODEL = TinyModelConfig(kind="dense", charset=CHARSET, hidden_size=1024, num_layers=28, num_heads=16,
                             num_kv_heads=8, intermediate_size=3072, max_position=4096, seed=0)  # fmt: skip
+# bf16 parameters in the trainer, as the published GPU tables measured (trainer.main_params_dtype defaults to
+# float32 since: 8 more bytes a parameter, not re-measured here)
 GPU = ["rollout.device=cuda", "rollout.dtype=bfloat16", "rollout.max_seq_len=640", "trainer.device=cuda",
-       "trainer.dtype=bfloat16", "trainer.compile=true", "trainer.micro_batch_tokens=16384"]  # fmt: skip
+       "trainer.dtype=bfloat16", "trainer.main_params_dtype=bfloat16", "trainer.compile=true",
+       "trainer.micro_batch_tokens=16384"]  # fmt: skip
+CPU = ["rollout.device=cpu", "rollout.dtype=float32", "rollout.torch_threads=1", "trainer.device=cpu",
+       "trainer.dtype=float32", "trainer.main_params_dtype=float32", "trainer.torch_threads=1"]  # fmt: skip
 CASES: dict[str, dict[str, Any]] = {
-    "cpu": {"new_tokens": 32, "prompt_len": 0, "overrides": ["rollout.torch_threads=1", "trainer.torch_threads=1"]},
+    "cpu": {"new_tokens": 32, "prompt_len": 0, "overrides": CPU},
     "gpu": {"new_tokens": 512, "prompt_len": 0, "overrides": GPU},
     # 448-token prompts, 128-token answers: a step's training about as long as its generation
     "gpu-balanced": {"new_tokens": 128, "prompt_len": 448, "overrides": GPU},
@@ -79,7 +88,21 @@ def overrides(case: str, args: argparse.Namespace, work: Path, model: Path, prom
         *(f"rollout.sampling.max_new_tokens={c['new_tokens']}", "trainer.lr=1e-5", "rollout.reward=exact_match"),
         *(f"trainer.max_steps={args.steps}", f"trainer.metrics_path={work / 'metrics.jsonl'}"),
         *(f"trainer.transport={args.transport}", "feeder.max_queued=4096"),
+        *shape_overrides(args),
         *c["overrides"],
+    ]
+
+
+def shape_overrides(args: argparse.Namespace) -> list[str]:
+    """Groups a step and samples a group, and as many groups in flight in the producer (its engine batch)."""
+    rows = args.groups_per_step * args.samples_per_group
+    return [
+        *(
+            f"buffer.rollout_batch_size={args.groups_per_step}",
+            f"rollout.n_samples_per_prompt={args.samples_per_group}",
+        ),
+        *(f"rollout.max_inflight_prompts={args.groups_per_step}", f"rollout.max_batch={rows}"),
+        "rollout.sampling.temperature=1.0",
     ]
 
 
@@ -202,6 +225,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--case", choices=sorted(CASES), default="cpu")
     parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--groups-per-step", type=int, default=16, help="buffer.rollout_batch_size (the tables: 16)")
+    parser.add_argument("--samples-per-group", type=int, default=8, help="rollout.n_samples_per_prompt (the tables: 8)")
     parser.add_argument("--warmup", type=int, default=5, help="steps left out of the figures (compile, start)")
     parser.add_argument("--modes", default="async,sync")
     parser.add_argument("--transport", default="redis", choices=["redis", "cuda_ipc"])

