@@ -22,8 +22,8 @@ BENCH = ROOT / "bench"
 SERVER = pytest.mark.integration  # the script starts an embedded Redis of its own
 
 SMOKE = [
-    # bus: a short run (--seconds 0.5, 2 samples of 64 tokens) did not end within 90 s here; imports only, for now
-    pytest.param("bench_bus.py", ["--help"], id="bus-imports-only"),
+    pytest.param("bench_bus.py", ["--seconds", "0.5", "--samples", "2", "--response-len", "64", "--layers", "0"],
+                 marks=SERVER, id="bus"),
     pytest.param("bench_clients.py", ["--mb", "0.1", "--reps", "1"], marks=SERVER, id="clients"),
     pytest.param("bench_colocate.py", ["--help"], id="colocate-gpu-only"),
     pytest.param("bench_demo_recipe.py", ["--seeds", "0", "--samples", "4", "--batch", "2", "--max-groups", "8"],
