@@ -160,3 +160,9 @@ def test_the_checker_sees_imports_of_every_kind() -> None:
     assert found.get("miles_stream.weights.manifest") is False  # under `if TYPE_CHECKING:`
     assert found.get("miles_stream.config") is False
     assert ("miles_stream.admin", True) in set(imports("miles_stream.cli"))
+
+
+def test_test_modules_have_unique_basenames() -> None:
+    """pytest imports test modules by basename (no packages under tests/): two of one name stop collection."""
+    names = [p.name for p in (ROOT / "tests").rglob("test_*.py")]
+    assert len(names) == len(set(names)), sorted(n for n in set(names) if names.count(n) > 1)
