@@ -70,7 +70,7 @@ def main(config: RunConfig, *, resume: bool = False, replay: Sequence[str] = ())
 
 async def _run_replay(config: RunConfig, files: Sequence[str], resume: bool, stop: asyncio.Event) -> int:
     """Train on a recording: the same groups in the same order every run, nothing published."""
-    trainer = _backend(config, DataParallel())
+    trainer = await asyncio.to_thread(_backend, config, DataParallel())  # off the loop: signals stay handled
     try:
         source = RecordingSource(files, _codec(config, trainer))
     except FileNotFoundError as exc:
@@ -87,7 +87,7 @@ async def _run_replay(config: RunConfig, files: Sequence[str], resume: bool, sto
 
 async def _run(config: RunConfig, parallel: DataParallel, resume: bool, stop: asyncio.Event) -> int:
     cfg, keys = config.trainer, Keys(config.bus.namespace)
-    trainer = _backend(config, parallel)
+    trainer = await asyncio.to_thread(_backend, config, parallel)  # off the loop: signals stay handled
     name = cfg.trainer_id or f"trainer-{parallel.rank}"
     redis, blocking = connect(config.redis), open_stream_client(config.redis, block_ms=config.bus.block_ms)
     try:

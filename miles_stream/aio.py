@@ -16,6 +16,8 @@ from miles_stream.errors import StopTimeout
 T = TypeVar("T")
 STOP_GRACE_S = 6.0  # after SIGTERM / Ctrl-C: time to finish cleanly (hand work back, checkpoint, commit)
 EXIT_GRACE_S = 2.0  # then the main task is cancelled; this long after that the process exits regardless
+SECOND_SIGNAL_S = 1.0  # a second signal this soon after the first is the same request (a terminal's Ctrl-C
+# reaches a whole process group, and a supervisor may send SIGTERM just after): only a later one hurries
 
 
 def run(main: Coroutine[Any, Any, T]) -> T:
@@ -43,7 +45,8 @@ async def stop_task(task: asyncio.Task[Any], timeout_s: float = 10.0) -> bool:
 
 
 def run_process(main: Callable[[asyncio.Event], Awaitable[T]], *, what: str, grace_s: float = STOP_GRACE_S,
-                exit_grace_s: float = EXIT_GRACE_S) -> T:  # fmt: skip
+                exit_grace_s: float = EXIT_GRACE_S,
+                hard_exit: Callable[[str, str], None] | None = None) -> T:  # fmt: skip
     """Run a process's main loop `main(stop)`: SIGINT and SIGTERM set `stop`, and `main` is expected to finish
     cleanly soon after.
 
@@ -52,37 +55,48 @@ def run_process(main: Callable[[asyncio.Event], Awaitable[T]], *, what: str, gra
     `StopTimeout` names what did not finish; `exit_grace_s` later (a worker thread still in a training step
     that the loop's shutdown waits for, a cancel swallowed inside a client library) the process writes one line
     and exits at once, as kill -9 would: what it had not committed stays pending in Redis for another process.
-    A second signal cancels at once."""
+    A second signal (SECOND_SIGNAL_S or more after the first) cancels at once. `hard_exit` replaces the exit
+    (tests)."""
     hard: list[threading.Timer] = []
+    exit_now = hard_exit or _exit_now
     try:
-        return run(_until_stopped(main, what, grace_s, exit_grace_s, hard))
-    finally:  # the loop is shut down (its worker threads joined): nothing is left to force
+        return run(_until_stopped(main, what, grace_s, exit_grace_s, hard, exit_now))
+    finally:
         for timer in hard:
             timer.cancel()
+        if hard:  # stopped where it was: what is left (joining worker threads blocked on a dead server at
+            # interpreter exit, a process group's teardown) gets exit_grace_s more, then the process goes
+            last = threading.Timer(exit_grace_s, exit_now, args=(what, "shutting down after the cancel"))
+            last.daemon = True
+            last.start()
 
 
 async def _until_stopped(main: Callable[[asyncio.Event], Awaitable[T]], what: str, grace_s: float,
-                         exit_grace_s: float, hard: list[threading.Timer]) -> T:  # fmt: skip
+                         exit_grace_s: float, hard: list[threading.Timer],
+                         exit_now: Callable[[str, str], None]) -> T:  # fmt: skip
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     task = asyncio.ensure_future(main(stop))
     timed_out: list[str] = []
     soft: list[asyncio.TimerHandle] = []
+    first_signal: list[float] = []  # when the first signal came (the stop event is also set by the code itself)
 
     def cancel(why: str) -> None:
         if not task.done() and not timed_out:
             timed_out.append(why)
             task.cancel()
-            timer = threading.Timer(exit_grace_s, _exit_now, args=(what, why))
+            timer = threading.Timer(exit_grace_s, exit_now, args=(what, why))
             timer.daemon = True
             timer.start()
             hard.append(timer)
 
     def on_signal(signum: int) -> None:
         name = signal.Signals(signum).name
-        if stop.is_set():
-            cancel(f"a second {name}")
+        if first_signal:
+            if loop.time() - first_signal[0] >= SECOND_SIGNAL_S:
+                cancel(f"a second {name}")
             return
+        first_signal.append(loop.time())
         stop.set()
         soft.append(loop.call_later(grace_s, cancel, f"{grace_s:g} s after {name}"))
 

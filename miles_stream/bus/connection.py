@@ -133,7 +133,11 @@ TRANSIENT: tuple[type[BaseException], ...] = (
 
 
 def is_transient(exc: BaseException) -> bool:
-    """Whether `exc` is worth retrying: connection trouble, a loading server, or Redis out of memory."""
+    """Whether `exc` is worth retrying: connection trouble, a loading server, or Redis out of memory. A wrong
+    password (redis-py raises AuthenticationError / AuthorizationError, subclasses of its ConnectionError) is not:
+    waiting would not fix it."""
+    if isinstance(exc, rexc.AuthenticationError | rexc.AuthorizationError):
+        return False
     if isinstance(exc, TRANSIENT):
         return True
     return isinstance(exc, rexc.ResponseError) and str(exc).startswith(("OOM", "LOADING", "MASTERDOWN"))

@@ -180,6 +180,8 @@ class GroupConsumer:
             if not already_done and group.group_id in self._recent:  # committed here, the commit lost by Redis
                 lost.append(Claim(entry.id, group.group_id))
                 continue
+            if self._held.get(group.group_id) == entry.id:  # ours, held, handed out again: not a duplicate
+                continue
             if already_done or group.group_id in self._held:
                 duplicate_ids.append(entry.id)
                 done_ids += [group.group_id] if already_done else []

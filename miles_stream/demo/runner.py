@@ -122,7 +122,8 @@ def _spawn(run: Run, name: str, command: str, url: str) -> Child:
     env = {**os.environ, "MILES_REDIS_URL": url, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     with open(log_path, "wb") as out:  # SIGTERM'd (and so shut down cleanly) if the demo itself dies
         proc = subprocess.Popen([sys.executable, "-m", "miles_stream.cli", command, "--config", str(run.config_path)],
-                                stdout=out, stderr=subprocess.STDOUT, env=env, preexec_fn=die_with_parent)  # fmt: skip
+                                stdout=out, stderr=subprocess.STDOUT, env=env, preexec_fn=die_with_parent,
+                                start_new_session=True)  # Ctrl-C reaches the demo, which stops them  # fmt: skip
     return Child(name, proc, log_path)
 
 

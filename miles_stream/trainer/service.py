@@ -261,8 +261,11 @@ class TrainerService:
             log.warning("lease_unverified_redis_unavailable", error=str(exc))
 
     async def _commit(self) -> None:
+        ours = [c.group_id for c in self._uncommitted]
         await self.buffer.commit(self._uncommitted)
         self._uncommitted = []
+        if self.parallel.world > 1:  # an entry whose commit Redis loses may come back to any rank: all remember
+            self.buffer.consumer.remember([g for rank_ids in self.parallel.gather(ours) for g in rank_ids])
 
     async def _restore(self, resume: bool) -> None:
         state = None
@@ -273,7 +276,7 @@ class TrainerService:
             self.progress.step, self.progress.version = state.step, state.version
             same_run = self.run_identity is None or not state.run_id or state.run_id == self.run_identity.id
             if same_run:  # committed just before the checkpoint: a host crash may have taken the commits back
-                self.buffer.consumer.remember(state.recent)
+                self.buffer.consumer.remember([*state.recent, *(c.group_id for c in state.claims)])
             if self.parallel.is_main and same_run:
                 await self.buffer.commit(list(state.claims))  # trained into the weights just loaded
             log.info("resumed", step=state.step, version=state.version,

@@ -226,3 +226,25 @@ async def test_the_trainers_keep_alive_meeting_a_lost_group_is_a_data_loss(
     service.buffer = type("Buffer", (), {"consumer": consumer})()  # type: ignore[assignment]
     with pytest.raises(DataLossError, match="no longer has a consumer group"):
         await asyncio.wait_for(service._keep_alive(), 30)
+
+
+async def test_a_wrong_password_is_refused_at_once_not_waited_for(redis: aioredis.Redis, redis_url: str) -> None:
+    """redis-py's AuthenticationError is a subclass of its ConnectionError: it was retried as a blip for the
+    whole startup wait, then reported as a server that does not answer."""
+    from miles_stream.bus import RedisConfig, connect, wait_until_reachable
+    from miles_stream.errors import RedisUnavailableError
+
+    user = f"u{uuid.uuid4().hex[:8]}"
+    await redis.execute_command("ACL", "SETUSER", user, "on", ">right", "~*", "+@all")
+    try:
+        config = RedisConfig(url=redis_url.replace("redis://", f"redis://{user}:wrong@"), startup_wait_s=60)
+        client = connect(config)
+        began = time.monotonic()
+        try:
+            with pytest.raises(RedisUnavailableError, match="refused this process"):
+                await wait_until_reachable(client, config)
+        finally:
+            await client.aclose()
+        assert time.monotonic() - began < 30  # not the 60 s startup wait
+    finally:
+        await redis.execute_command("ACL", "DELUSER", user)
