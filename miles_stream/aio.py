@@ -1,5 +1,5 @@
 """Running a coroutine as a process's main loop: uvloop where it is installed, asyncio otherwise; and the one
-way every process stops when told (`until_stopped`)."""
+way every process stops when told (`run_process`)."""
 
 from __future__ import annotations
 

@@ -22,7 +22,7 @@ import redis.exceptions as rexc
 import structlog
 
 from miles_stream.bus.keys import observers_of
-from miles_stream.bus.streams import BusConfig, as_str
+from miles_stream.bus.streams import BusConfig, as_str, no_such_key
 from miles_stream.errors import BackpressureTimeout
 
 log = structlog.get_logger(__name__)
@@ -95,7 +95,7 @@ async def _length_and_groups(redis: aioredis.Redis, stream: str) -> tuple[int, l
         try:
             length, groups, observers = await pipe.execute()
         except rexc.ResponseError as exc:  # no such key yet
-            if "no such key" in str(exc).lower():
+            if no_such_key(exc):
                 return 0, [], set()
             raise
     return int(length), list(groups), {as_str(o) for o in observers}

@@ -286,7 +286,7 @@ class StreamConsumer:
             try:
                 await trim_acknowledged(self.redis, self.stream, observer_dead_ms=self.config.claim_idle_ms)
             except Exception as exc:
-                if lost_data(exc) or _no_such_key(exc):  # the stream just read from is gone: Redis lost it
+                if lost_data(exc) or no_such_key(exc):  # the stream just read from is gone: Redis lost it
                     raise data_loss_error(exc) from exc
                 if not is_transient(exc):
                     raise
@@ -457,6 +457,6 @@ def as_str(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def _no_such_key(exc: BaseException) -> bool:
+def no_such_key(exc: BaseException) -> bool:
     """XINFO on a stream that does not exist (any more)."""
     return isinstance(exc, rexc.ResponseError) and "no such key" in str(exc).lower()

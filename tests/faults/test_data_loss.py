@@ -17,16 +17,15 @@ import json
 import os
 import subprocess
 import sys
-import time
 import uuid
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
 import redis
 from redis_groups import publish_groups
+from waiting import wait_for
 
 from miles_stream.demo.task import write_task
 from miles_stream.schema import TrajectoryGroup
@@ -34,13 +33,6 @@ from miles_stream.testing.synthetic import synthetic_group
 
 CLI = [sys.executable, "-m", "miles_stream.cli"]
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(400)]
-
-
-def wait_for(predicate: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 def groups(start: int, count: int) -> list[TrajectoryGroup]:

@@ -16,16 +16,15 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
 import redis
 from redis_groups import publish_groups
+from waiting import wait_for
 
 from miles_stream.models import TinyModelConfig, build_tiny_model
 from miles_stream.schema import TrajectoryGroup
@@ -67,13 +66,6 @@ def trained(log: str) -> dict[int, list[str]]:
     """step -> group ids, from a trainer's debug log."""
     return {e["step"]: e["group_ids"] for e in map(json.loads, filter(lambda s: '"batch_groups"' in s,
                                                                        log.splitlines()))}  # fmt: skip
-
-
-def wait_for(predicate: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 def announced(client: redis.Redis, ns: str) -> list[int]:

@@ -29,6 +29,7 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 from redis_groups import publish_groups
+from waiting import wait_for
 
 from miles_stream.bus import BusConfig, GroupConsumer, Keys, StreamClient, StreamConsumer, publish
 from miles_stream.demo.task import write_task
@@ -39,13 +40,6 @@ from miles_stream.trainer.checkpoint import TrainerState, load_checkpoint, save_
 CLI = [sys.executable, "-m", "miles_stream.cli"]
 PROMPTS = 100  # the demo task's dataset
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(400)]
-
-
-def wait_for(predicate: object, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():  # type: ignore[operator]
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 async def test_a_commit_lost_by_redis_is_committed_again_not_handed_out(

@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 import redis
 import redis.asyncio as aioredis
+from waiting import wait_for
 
 from miles_stream.bus import BusConfig, GroupConsumer, Keys, StreamClient, StreamConsumer, publish
 from miles_stream.demo.task import write_task
@@ -36,13 +37,6 @@ from miles_stream.trainer.service import TrainerService
 CLI = [sys.executable, "-m", "miles_stream.cli"]
 STOPPED_WITHIN_S = 20.0  # the product's bound is aio.STOP_GRACE_S + EXIT_GRACE_S (8 s); the rest is a busy CPU
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(400)]
-
-
-def wait_for(predicate: object, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():  # type: ignore[operator]
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 def commands(ns: str, tmp_path: Path) -> dict[str, list[str]]:
