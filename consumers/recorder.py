@@ -9,6 +9,7 @@ import structlog
 
 from miles_stream import aio
 from miles_stream.bus import Heartbeat, Keys, StreamConsumer, connect, open_stream_client, wait_until_reachable
+from miles_stream.bus.blobs import blobs_for
 from miles_stream.metrics_http import MetricsServer
 from miles_stream.record import RecordingWriter
 from miles_stream.record.recorder import record
@@ -38,7 +39,7 @@ async def _run(config: RunConfig, out: str, max_file_mb: int, name: str, stop: a
             Heartbeat(redis, keys, role="recorder", member_id=name, config=config.bus,
                       describe=lambda: {"records": writer.records}),
         ):  # fmt: skip
-            await record(stream, writer, stop)
+            await record(stream, writer, stop, blobs=blobs_for(config.bus))
     finally:
         await blocking.aclose()
         await redis.aclose()

@@ -4,6 +4,7 @@ Importable from any test: the conftest beside it puts tests/ on sys.path."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from miles_stream.bus import BusConfig, GroupPublisher, Keys, RedisConfig, open_stream_client
 from miles_stream.schema import TrajectoryGroup
@@ -17,3 +18,8 @@ async def publish_groups(url: str, ns: str, items: Sequence[TrajectoryGroup]) ->
             await publisher.publish(g)
     finally:
         await data.aclose()
+
+
+def done_total(client: Any, key: str) -> int:
+    """Groups ever committed into done set `key`, with a synchronous redis client (`bus.done.done_count`)."""
+    return int(client.zcard(key)) + int(client.hget(f"{key}:sweep", "forgotten") or 0)

@@ -7,6 +7,7 @@ drops a group whose id it already holds or has committed. `commit()` records the
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import time
 from collections import OrderedDict
@@ -18,12 +19,14 @@ import redis.asyncio as aioredis
 import structlog
 
 from miles_stream.bus.backpressure import Backpressure
-from miles_stream.bus.connection import RetryPolicy
+from miles_stream.bus.blobs import BLOB, Blobs, blobs_for, payload
+from miles_stream.bus.connection import RetryPolicy, is_transient
 from miles_stream.bus.dataplane import StreamClient
-from miles_stream.bus.keys import Keys
+from miles_stream.bus.done import DoneSet
+from miles_stream.bus.keys import PRODUCER_GROUP, Keys
 from miles_stream.bus.lease import Lease
 from miles_stream.bus.streams import DATA, BusConfig, Entry, StreamConsumer, publish
-from miles_stream.codec import GroupCodec
+from miles_stream.codec import Frame, GroupCodec
 from miles_stream.errors import SchemaError
 from miles_stream.schema import TrajectoryGroup
 
@@ -86,6 +89,11 @@ class GroupPublisher:
     codec: GroupCodec = field(default_factory=GroupCodec)
     backpressure: Backpressure | None = None
     retry: RetryPolicy = field(default_factory=RetryPolicy)
+    blobs: Blobs | None = None  # default: the store `config.blob_store` names (none if empty)
+
+    def __post_init__(self) -> None:
+        if self.blobs is None:
+            self.blobs = blobs_for(self.config)
 
     async def publish(
         self,
@@ -108,13 +116,28 @@ class GroupPublisher:
             await self.retry.run(lambda: backpressure.wait_for_room(wait_s), on_retry=_log_retry)
         if still_owned is not None and not await self.retry.run(still_owned, on_retry=_log_retry):
             return None
-        entry_id = await self.retry.run(
-            lambda: publish(self.client, self.stream, frame, maxlen=self.config.maxlen_cap),
-            on_retry=_log_retry,
-        )
+        if self.blobs is not None and self.blobs.wants(frame.nbytes):
+            entry_id, in_redis = await self._publish_blob(self.blobs, frame), 128
+        else:
+            entry_id, in_redis = await self.retry.run(
+                lambda: publish(self.client, self.stream, frame, maxlen=self.config.maxlen_cap),
+                on_retry=_log_retry,
+            ), frame.nbytes  # fmt: skip
         if self.backpressure is not None:
-            self.backpressure.record_sent(frame.nbytes)
+            self.backpressure.record_sent(in_redis)
         return entry_id, frame.nbytes
+
+    async def _publish_blob(self, blobs: Blobs, frame: Frame) -> str:
+        """Put the frame in the blob store, then XADD an entry naming it (`bus/blobs.py`)."""
+        name = await blobs.put(frame.parts)
+
+        async def add() -> str:
+            nonlocal name
+            if not blobs.fresh(name):  # an outage outlasted half the sweep's margin: a new name, a new put
+                name = await blobs.put(frame.parts)
+            return await publish(self.client, self.stream, b"", maxlen=self.config.maxlen_cap, **{BLOB.decode(): name})
+
+        return await self.retry.run(add, on_retry=_log_retry)
 
 
 class GroupConsumer:
@@ -142,7 +165,13 @@ class GroupConsumer:
         self.exhausted = False  # a stream never runs out (see RecordingSource)
         self.counters = ConsumeCounters()
         self._held: dict[str, str] = {}  # group id -> entry id, for groups handed out and not committed
+        self._spares: dict[str, list[str]] = {}  # held group id -> later entries of it, pending until it is done
         self._recent: OrderedDict[str, float] = OrderedDict()  # group id -> when committed, the last commit_memory
+        self.done = DoneSet(stream.redis, keys.done(stream.group), group=stream.group, stream=stream.stream,
+                            sources=[(keys.prompts, PRODUCER_GROUP), (keys.partials, PRODUCER_GROUP)],
+                            margin_ms=stream.config.claim_idle_ms)  # fmt: skip
+        self._next_sweep = time.monotonic() + stream.config.done_sweep_s
+        self.blobs = blobs_for(stream.config)
 
     @property
     def done_key(self) -> str:
@@ -150,6 +179,7 @@ class GroupConsumer:
 
     async def start(self) -> None:
         await self.stream.start()
+        await self.retry.run(self.done.upgrade, on_retry=_log_retry)
 
     @property
     def keep_alive_interval_s(self) -> float:
@@ -164,9 +194,12 @@ class GroupConsumer:
         leaves its entries pending to this consumer; they come back through reclaim after claim_idle_ms)."""
         entries = await self.retry.run(lambda: self.stream.read(count, block_ms), on_retry=_log_retry)
         decoded: list[tuple[Entry, TrajectoryGroup]] = []
+        sizes: dict[str, int] = {}
         for entry in entries:
             try:
-                decoded.append((entry, self.codec.decode(entry.data)))
+                data = await payload(entry.fields, self.blobs)
+                decoded.append((entry, self.codec.decode(data)))
+                sizes[entry.id] = len(data)
             except SchemaError as exc:
                 self.counters.dead_lettered += 1
                 await self.retry.run(functools.partial(self.stream.dead_letter, entry, f"schema: {exc}"),
@@ -174,7 +207,7 @@ class GroupConsumer:
         if not decoded:
             return []
         ids = [g.group_id for _, g in decoded]  # every call on this path rides out a Redis blip, as the read does
-        done = await self.retry.run(lambda: self.redis.smismember(self.done_key, ids), on_retry=_log_retry)
+        done = await self.retry.run(lambda: self.done.contains(ids), on_retry=_log_retry)
         out, duplicate_ids, done_ids, lost = [], [], [], []
         for (entry, group), already_done in zip(decoded, done, strict=True):
             if not already_done and group.group_id in self._recent:  # committed here, the commit lost by Redis
@@ -182,12 +215,16 @@ class GroupConsumer:
                 continue
             if self._held.get(group.group_id) == entry.id:  # ours, held, handed out again: not a duplicate
                 continue
-            if already_done or group.group_id in self._held:
+            if group.group_id in self._held and not already_done:  # kept pending: the held entry may vanish
+                self._spares.setdefault(group.group_id, []).append(entry.id)
+                self.counters.duplicates += 1
+                continue
+            if already_done:
                 duplicate_ids.append(entry.id)
-                done_ids += [group.group_id] if already_done else []
+                done_ids.append(group.group_id)
                 continue
             self._held[group.group_id] = entry.id
-            out.append(Received(entry.id, group, len(entry.data), entry.deliveries))
+            out.append(Received(entry.id, group, sizes[entry.id], entry.deliveries))
         if duplicate_ids:
             self.counters.duplicates += len(duplicate_ids)
             await self.retry.run(lambda: self._drop_duplicates(duplicate_ids, done_ids), on_retry=_log_retry)
@@ -217,12 +254,43 @@ class GroupConsumer:
         lost = self.stream.lost
         if not lost:
             return list(items)
-        kept = [r for r in items if r.entry_id not in lost]
+        kept = []
         for r in items:
-            if r.entry_id in lost:
-                self._held.pop(r.group.group_id, None)
-                lost.discard(r.entry_id)
+            if r.entry_id not in lost:
+                kept.append(r)
+                continue
+            lost.discard(r.entry_id)
+            spare = await self.retry.run(functools.partial(self._take_spare, r), on_retry=_log_retry)
+            if spare is None:
+                self._held.pop(r.group_id, None)
+            else:
+                kept.append(dataclasses.replace(r, entry_id=spare))
         return kept
+
+    async def _take_spare(self, item: Received) -> str | None:
+        """A held group's entry is no longer pending to this consumer. If another consumer holds it (taken
+        over) or committed the group, that consumer trains it: drop ours, ack our later copies. If no one holds
+        it and the group is not done, Redis lost the entry (a host crash rolled the stream back): a later copy
+        of the group, kept pending for this case, takes its place (acked as a duplicate, the group was never
+        trained: found stalled a run at 99 of 100 groups)."""
+        spares = self._spares.pop(item.group_id, [])
+        for entry_id in spares:
+            self.stream.lost.discard(entry_id)
+        mine = [e for e in spares if e in self.stream.in_hand]
+        if not mine:
+            return None
+        rows: Any = await self.redis.xpending_range(
+            self.stream.stream, self.stream.group, min=item.entry_id, max=item.entry_id, count=1
+        )
+        if rows or (await self.done.contains([item.group_id]))[0]:  # XPENDING first: commits are atomic
+            await self.stream.ack(mine)
+            return None
+        self._held[item.group_id] = mine[0]
+        if mine[1:]:
+            self._spares[item.group_id] = mine[1:]
+        log.warning("held_entry_vanished_copy_used", stream=self.stream.stream, group=item.group_id,
+                    lost=item.entry_id, used=mine[0])  # fmt: skip
+        return mine[0]
 
     def remember(self, group_ids: Sequence[str]) -> None:
         """Take `group_ids` as committed by this consumer (a checkpoint's recent commits after a restart): one
@@ -260,8 +328,10 @@ class GroupConsumer:
         returns how many had a prompt record. A group without one (published by a replay) is just released."""
         if not items:
             return 0
-        records: list[Any] = await self.redis.hmget(self.keys.prompt_of, [r.group_id for r in items])
-        found = [rec for rec in records if rec is not None]
+        group_ids = [r.group_id for r in items]
+        records: list[Any] = await self.redis.hmget(self.keys.prompt_of, group_ids)
+        done = await self.done.contains(group_ids)  # done by another rank meanwhile: made again, it would be a copy
+        found = [rec for rec, d in zip(records, done, strict=True) if rec is not None and not d]
         await self._finish(items, done=False, requeue=found)
         log.info("prompts_requeued", count=len(found), without_record=len(items) - len(found))
         return len(found)
@@ -271,24 +341,25 @@ class GroupConsumer:
         re-published to the prompt stream first)."""
         if not items:
             return
-        ids = [r.entry_id for r in items]
         group_ids = [r.group_id for r in items]
+        ids = [r.entry_id for r in items] + [e for g in group_ids for e in self._spares.get(g, ())]
 
-        def queue(pipe: Any) -> None:  # idempotent, except that a retry after an applied EXEC re-adds
-            for record in requeue:  # `requeue` (its groups come back as duplicates)
+        def queue(pipe: Any, score: int) -> None:  # idempotent, except that a retry after an applied EXEC
+            for record in requeue:  # re-adds `requeue` (its groups come back as duplicates)
                 pipe.xadd(self.keys.prompts, {DATA: record})
             if done:
-                pipe.sadd(self.done_key, *group_ids)
+                self.done.queue_add(pipe, group_ids, score)
             if self.owns_prompts or requeue:
                 pipe.hdel(self.keys.prompt_of, *group_ids)
             pipe.xack(self.stream.stream, self.stream.group, *ids)
 
         async def ack() -> None:
+            score = await self.done.stamp() if done else 0
             if self.fence is not None:  # LeaseLostError: nothing applied, the entries stay for the new holder
-                await self.fence.fenced(queue)
+                await self.fence.fenced(functools.partial(queue, score=score))
                 return
             async with self.redis.pipeline(transaction=True) as pipe:
-                queue(pipe)
+                queue(pipe, score)
                 await pipe.execute()
 
         await self.retry.run(ack, on_retry=_log_retry)
@@ -296,8 +367,25 @@ class GroupConsumer:
             self.remember(group_ids)
         for group_id in group_ids:
             self._held.pop(group_id, None)
+            self._spares.pop(group_id, None)
         self.stream.in_hand.difference_update(ids)
         await self.stream.maybe_trim()
+        await self._maybe_sweep()
+
+    async def _maybe_sweep(self) -> None:
+        """Bound the done set (`bus/done.py`), at most once per `bus.done_sweep_s`. Housekeeping, like a trim:
+        a Redis blip is logged and the next call sweeps."""
+        if time.monotonic() < self._next_sweep:
+            return
+        self._next_sweep = time.monotonic() + self.stream.config.done_sweep_s
+        try:
+            await self.done.sweep()
+            if self.blobs is not None:
+                await self.blobs.maybe_sweep(self.redis, self.stream.stream)
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            log.warning("done_sweep_failed", key=self.done.key, error=str(exc))
 
     @property
     def redis(self) -> aioredis.Redis:

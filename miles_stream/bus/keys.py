@@ -12,6 +12,10 @@ def observers_of(stream: str) -> str:
     return f"{stream}:observers"
 
 
+PRODUCER_GROUP = "producers"  # the consumer group of producers on {ns}:prompts and {ns}:partials
+TRAINER_GROUP = "trainer"  # the trainers' consumer group on {ns}:trajectories
+
+
 @dataclass(frozen=True, slots=True)
 class Keys:
     namespace: str
@@ -64,7 +68,8 @@ class Keys:
         return self._key(f"sglang:{producer_id}")
 
     def done(self, group: str) -> str:
-        """Set of trajectory-group ids that consumer group `group` has committed (for dedup)."""
+        """Sorted set of trajectory-group ids that consumer group `group` has committed (for dedup), bounded by
+        a sweep (`bus/done.py`); its state and the count of those forgotten in `{this key}:sweep`."""
         return self._key(f"done:{group}")
 
     @property

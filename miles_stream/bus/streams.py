@@ -54,6 +54,12 @@ class BusConfig:
     # `durable_after_s`, for a trainer that died with the host (docs/reliability.md).
     commit_memory: int = 100_000
     durable_after_s: float = 5.0
+    done_sweep_s: float = 30.0  # how often a consumer group's done set forgets what no copy can reach (done.py)
+    # Groups whose encoded frame reaches blob_threshold_bytes go to a blob store, the entry naming it (blobs.py):
+    # "" (off), file:///shared/dir or s3://bucket/prefix[?endpoint=URL]. Every process of the run needs it set.
+    blob_store: str = ""
+    blob_threshold_bytes: int = 32 << 20
+    blob_grace_s: float = 600.0  # a blob outlives the trim of entries put around its time by this much
 
     def __post_init__(self) -> None:
         check(bool(self.namespace) and ":" not in self.namespace, "bus.namespace", "must be non-empty, no ':'")
@@ -66,6 +72,9 @@ class BusConfig:
         check(self.lease_ttl_s >= 0.1, "bus.lease_ttl_s", "must be >= 0.1 s (renewed every quarter of it)")
         check(self.commit_memory >= 0, "bus.commit_memory", "must be >= 0 (0 = forget every commit)")
         check(self.durable_after_s >= 0, "bus.durable_after_s", "must be >= 0")
+        check(self.done_sweep_s > 0, "bus.done_sweep_s", "must be > 0")
+        check(self.blob_threshold_bytes >= 1, "bus.blob_threshold_bytes", "must be >= 1")
+        check(self.blob_grace_s > 0, "bus.blob_grace_s", "must be > 0")
         check(
             self.heartbeat_ttl_s > self.heartbeat_interval_s > 0,
             "bus.heartbeat_ttl_s",

@@ -26,6 +26,7 @@ from pathlib import Path
 import structlog
 
 from miles_stream.bus import Backpressure, RetryPolicy, StreamClient, StreamConsumer
+from miles_stream.bus.blobs import Blobs, payload
 from miles_stream.bus.streams import publish
 from miles_stream.codec import GroupCodec
 from miles_stream.errors import RecordingError, SchemaError
@@ -34,8 +35,11 @@ from miles_stream.record.format import RecordingWriter, read_recording, recordin
 log = structlog.get_logger(__name__)
 
 
-async def record(stream: StreamConsumer, writer: RecordingWriter, stop: asyncio.Event, *, batch: int = 64) -> int:
-    """Record until `stop` is set; returns how many entries were written."""
+async def record(
+    stream: StreamConsumer, writer: RecordingWriter, stop: asyncio.Event, *, batch: int = 64, blobs: Blobs | None = None
+) -> int:
+    """Record until `stop` is set; returns how many entries were written. An entry that names a blob is
+    recorded with the blob's bytes (the blob itself is deleted once the run has trimmed it)."""
     await stream.start()
     retry = RetryPolicy(attempts=0, max_delay_s=2.0, stop=stop)  # ride out a Redis restart, unless told to stop
     failed: RecordingError | None = None
@@ -44,8 +48,14 @@ async def record(stream: StreamConsumer, writer: RecordingWriter, stop: asyncio.
             entries = await retry.run(lambda: stream.read(batch))
             if not entries:
                 continue
+            payloads = []
+            for entry in entries:
+                try:
+                    payloads.append(await retry.run(functools.partial(payload, entry.fields, blobs)))
+                except SchemaError as exc:  # a blob missing or altered: set aside with its reason
+                    await retry.run(functools.partial(stream.dead_letter, entry, f"schema: {exc}"))
             try:
-                await asyncio.to_thread(writer.write, [e.data for e in entries])
+                await asyncio.to_thread(writer.write, payloads)
             except OSError as exc:  # a full or read-only disk: these entries stay pending, unacked
                 failed = RecordingError(f"cannot write the recording in {writer.directory}: {exc}; the entries "
                                         f"not written stay pending for this recorder's next start")  # fmt: skip

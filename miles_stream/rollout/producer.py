@@ -31,16 +31,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import structlog
+from redis.exceptions import WatchError
 
 from miles_stream.aio import stop_task
 from miles_stream.bus import Entry, GroupPublisher, Keys, RetryPolicy, StreamConsumer
-from miles_stream.bus.connection import is_transient
+from miles_stream.bus.connection import is_transient, read_watched
+from miles_stream.bus.done import is_done
+from miles_stream.bus.keys import TRAINER_GROUP
 from miles_stream.bus.streams import DATA
 from miles_stream.codec import GroupCodec
 from miles_stream.engines.base import RolloutEngine, SamplingParams
@@ -49,7 +52,7 @@ from miles_stream.prompts import PromptRecord, decode_prompt
 from miles_stream.rewards import RewardError, RewardInput, score_group
 from miles_stream.rollout.admission import Admission
 from miles_stream.rollout.config import RolloutConfig
-from miles_stream.rollout.partials import Partial, decode_partial, encode_partial, group_id
+from miles_stream.rollout.partials import PROMPT, Partial, decode_partial, encode_partial, group_id
 from miles_stream.rollout.turns import RolloutFn, Trajectory, single_turn
 from miles_stream.rollout.weight_sync import WeightFollower
 from miles_stream.schema import Sample, TrajectoryGroup
@@ -66,6 +69,7 @@ class ProducerCounters:
     groups: int = 0
     returned: int = 0  # prompts handed back untouched
     recycled: int = 0  # partial groups published to {ns}:partials
+    dropped_done: int = 0  # entries handed back, or recycled, for a group the trainer had done: acked only
     resumed: int = 0  # partial groups claimed and continued
     dead_lettered: int = 0
     taken_over: int = 0  # groups dropped unpublished: another producer took their entry over (after a stall)
@@ -342,7 +346,8 @@ class RolloutProducer:
             await self._hand_back(work.source, work.entry, {DATA: work.partial.prompt_data}, to=self.prompts)
             return
         assert self.partials is not None
-        await self._hand_back(work.source, work.entry, fields, to=self.partials, count=False)
+        if not await self._hand_back(work.source, work.entry, fields, to=self.partials, count=False):
+            return
         self.counters.recycled += 1
         if self.admission is not None:
             self.admission.note_queued()
@@ -354,20 +359,48 @@ class RolloutProducer:
         fields: dict[Any, Any],
         to: StreamConsumer | None = None,
         count: bool = True,
-    ) -> None:
-        """Publish `fields` on `to` (default: the entry's own stream) and ack the entry, in one transaction."""
+    ) -> bool:
+        """Publish `fields` on `to` (default: the entry's own stream) and ack the entry, in one transaction;
+        only ack it if the trainer is done with its group already (a copy published by another producer): a
+        new entry for a done group would outlive the done set's record of it (`bus/done.py`)."""
         target = to or source
+        group = _group_of(fields)
+        done_key = Keys(source.config.namespace).done(TRAINER_GROUP)
 
-        async def hand_back() -> None:  # retried through an outage; a retry after an applied EXEC re-publishes,
-            async with source.redis.pipeline(transaction=True) as pipe:  # and the copy's group id is dropped
-                pipe.xadd(target.stream, fields)
-                pipe.xack(source.stream, source.group, entry.id)
-                await pipe.execute()
+        async def hand_back() -> bool:  # retried through an outage; a retry after an applied EXEC re-publishes,
+            while True:  # and the copy's group id is dropped
+                async with source.redis.pipeline(transaction=True) as pipe:
+                    await read_watched(pipe.watch(done_key))
+                    done = group is not None and await is_done(pipe, done_key, group)
+                    pipe.multi()  # type: ignore[no-untyped-call]
+                    if not done:
+                        pipe.xadd(target.stream, fields)
+                    pipe.xack(source.stream, source.group, entry.id)
+                    try:
+                        await pipe.execute()
+                    except WatchError:  # a commit meanwhile: look again
+                        continue
+                    return not done
 
-        await self.retry.run(hand_back)
+        returned = await self.retry.run(hand_back)
         source.in_hand.discard(entry.id)
+        if not returned:
+            self.counters.dropped_done += 1
+            log.info("entry_dropped_group_done", stream=source.stream, id=entry.id, group=group)
+            return False
         self.counters.returned += count
         log.info("entry_returned", stream=target.stream, id=entry.id)
+        return True
+
+
+def _group_of(fields: Mapping[Any, Any]) -> str | None:
+    """The group id a prompt entry or a partial makes (None if its prompt record does not decode: it is handed
+    back as it is, and dead-lettered by whoever claims it)."""
+    data = fields.get(PROMPT, fields.get(DATA))
+    try:
+        return group_id(decode_prompt(data)) if data is not None else None
+    except SchemaError:
+        return None
 
 
 def done_background(task: asyncio.Task[None], failures: list[BaseException], stop: asyncio.Event) -> None:

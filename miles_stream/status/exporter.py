@@ -99,7 +99,7 @@ def producer_metrics(producer: RolloutProducer, admission: Admission) -> Collect
         events = _counter("producer_events_total", "Producer events: prompts claimed, groups published, ...",
                           ["event"])  # fmt: skip
         for event in ("prompts", "groups", "returned", "recycled", "resumed", "dead_lettered", "taken_over",
-                      "weight_updates"):  # fmt: skip
+                      "dropped_done", "weight_updates"):  # fmt: skip
             events.add_metric([event], getattr(c, event))
         yield events
         yield CounterMetricFamily(P + "admission_waits", "Times a start waited for room in the run's budget",

@@ -8,6 +8,7 @@ from typing import Any
 import redis.asyncio as aioredis
 import redis.exceptions as rexc
 
+from miles_stream.bus.done import done_count
 from miles_stream.bus.heartbeat import Member, alive_members
 from miles_stream.bus.keys import Keys
 from miles_stream.bus.streams import as_str
@@ -67,7 +68,7 @@ async def namespace_status(redis: aioredis.Redis, keys: Keys, heartbeat_ttl_s: f
     latest = await WeightSubscriber(redis, keys, {}).latest()  # a malformed announcement is not the latest
     version = latest[1].version if latest is not None else None
     group_names = {g.name for s in streams for g in s.groups}
-    done = {name: int(await redis.scard(keys.done(name))) for name in sorted(group_names)}
+    done = {name: await done_count(redis, keys.done(name)) for name in sorted(group_names)}
     return NamespaceStatus(
         namespace=keys.namespace,
         server_version=describe_server(info),

@@ -13,6 +13,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from miles_stream.bus import BusConfig, GroupConsumer, Keys, RetryPolicy, StreamClient, StreamConsumer, publish
+from miles_stream.bus.done import done_count
 from miles_stream.codec import GroupCodec
 from miles_stream.feeder import Feeder, FeederConfig, load_rows
 from miles_stream.prompts import decode_prompt
@@ -84,5 +85,5 @@ async def test_the_group_consumer_reads_and_commits_every_group_once_through_cut
         n_cut = await cuts
     assert n_cut > 0
     assert sorted(got) == sorted(f"g{i}" for i in range(120))  # every group once
-    assert await RetryPolicy().run(lambda: redis.scard(keys.done("trainer"))) == 120
+    assert await RetryPolicy().run(lambda: done_count(redis, keys.done("trainer"))) == 120
     assert (await redis.xpending(keys.trajectories, "trainer"))["pending"] == 0

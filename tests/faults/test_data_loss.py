@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import redis
-from redis_groups import publish_groups
+from redis_groups import done_total, publish_groups
 from waiting import wait_for
 
 from miles_stream.demo.task import write_task
@@ -102,5 +102,5 @@ def test_a_flushed_redis_stops_every_process_and_going_on_is_a_decision(redis_ur
                for g in json.loads(line)["group_ids"]]  # fmt: skip
     assert sorted(trained) == sorted(f"new{i}" for i in range(8))  # each group of the new run exactly once
     with redis.Redis.from_url(redis_url) as client:
-        assert client.scard(f"{ns}:done:trainer") == 8
+        assert done_total(client, f"{ns}:done:trainer") == 8
         assert client.xinfo_groups(f"{ns}:trajectories")[0]["pending"] == 0

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import redis
-from redis_groups import publish_groups
+from redis_groups import done_total, publish_groups
 from waiting import wait_for
 
 from miles_stream.models import TinyModelConfig, build_tiny_model
@@ -99,7 +99,7 @@ def test_the_same_trainer_started_twice_is_refused_and_the_first_is_untouched(
     assert sorted(g for ids in steps.values() for g in ids) == sorted(f"g{i}" for i in range(12))
     assert (ckpt / (ckpt / "latest").read_text().strip() / "trainer.json").is_file()  # latest names a whole one
     with redis.Redis.from_url(redis_url) as client:
-        assert client.scard(f"{ns}:done:trainer") == 12
+        assert done_total(client, f"{ns}:done:trainer") == 12
         assert client.xinfo_groups(f"{ns}:trajectories")[0]["pending"] == 0
         assert not client.exists(f"{ns}:lease:trainer")  # given up at the end
 
@@ -149,7 +149,7 @@ def test_a_frozen_trainer_wakes_after_a_standby_took_over_and_writes_nothing(
     assert sorted(lineage) == sorted(f"g{i}" for i in range(24))  # each group exactly once in the final weights
     assert set(a_steps_log[3]) <= set(lineage[8:])  # A's uncommitted step 3 was trained again by B
     with redis.Redis.from_url(redis_url) as client:
-        assert client.scard(f"{ns}:done:trainer") == 24
+        assert done_total(client, f"{ns}:done:trainer") == 24
         assert client.xinfo_groups(f"{ns}:trajectories")[0]["pending"] == 0
         versions = announced(client, ns)
     assert versions == sorted(set(versions))  # every version announced once, never reused, never backwards

@@ -31,7 +31,7 @@ import redis.asyncio as aioredis
 from redis_groups import publish_groups
 from waiting import wait_for
 
-from miles_stream.bus import BusConfig, GroupConsumer, Keys, StreamClient, StreamConsumer, publish
+from miles_stream.bus import BusConfig, GroupConsumer, Keys, Received, StreamClient, StreamConsumer, publish
 from miles_stream.demo.task import write_task
 from miles_stream.redis_server import EmbeddedRedis, EmbeddedRedisConfig, free_port
 from miles_stream.testing.synthetic import synthetic_group
@@ -56,7 +56,7 @@ async def test_a_commit_lost_by_redis_is_committed_again_not_handed_out(
         got += await consumer.read(3)
     await consumer.commit(got)
     # What Redis rolled back: the done set lost g0 and g1, and their entries are back (pending, or re-added)
-    await redis.srem(consumer.done_key, "g0", "g1")
+    await redis.zrem(consumer.done_key, "g0", "g1")
     await publish_groups(redis_url, keys.namespace, groups[:2])
     again = []
     deadline = time.monotonic() + 10
@@ -64,7 +64,7 @@ async def test_a_commit_lost_by_redis_is_committed_again_not_handed_out(
         again += await consumer.read(8)
     assert again == []  # trained once: not handed out again
     assert consumer.counters.commits_lost == 2
-    assert await redis.smismember(consumer.done_key, ["g0", "g1", "g2"]) == [1, 1, 1]  # committed again
+    assert await consumer.done.contains(["g0", "g1", "g2"]) == [True, True, True]  # committed again
     assert int((await redis.xinfo_groups(keys.trajectories))[0]["pending"]) == 0
     assert sorted(consumer.recent_commits()) == ["g0", "g1", "g2"]
 
@@ -86,6 +86,55 @@ async def test_an_entry_handed_back_after_it_was_marked_lost_is_ours_again(
     while entry_id not in a.in_hand and time.monotonic() < deadline:
         await a.read(1)  # reclaims its own idle pending entry
     assert entry_id in a.in_hand and entry_id not in a.lost
+
+
+async def _held_then_copied(redis_url: str, consumer: GroupConsumer, keys: Keys) -> tuple[Received, str]:
+    """g0 read and held (not committed), then a second copy of it published (a producer re-made it)."""
+    group = synthetic_group(np.random.default_rng(0), group_id="g0", prompt_key="0")
+    await publish_groups(redis_url, keys.namespace, [group])
+    got: list[Received] = []
+    while not got:
+        got = await consumer.read(1)
+    await publish_groups(redis_url, keys.namespace, [group])
+    deadline = time.monotonic() + 10
+    while consumer.counters.duplicates < 1 and time.monotonic() < deadline:
+        assert await consumer.read(1) == []  # held already: not handed out twice
+    copy = [e for e in consumer.stream.in_hand if e != got[0].entry_id]
+    assert len(copy) == 1, "the copy is kept pending, not acked"
+    return got[0], copy[0]
+
+
+async def test_a_held_group_whose_entry_redis_lost_is_trained_from_its_copy(
+    redis: aioredis.Redis, blocking: StreamClient, keys: Keys, bus_config: BusConfig, redis_url: str
+) -> None:
+    stream = StreamConsumer(redis, blocking, stream=keys.trajectories, group="trainer", consumer="t",
+                            dead_stream=keys.dead, config=bus_config)  # fmt: skip
+    consumer = GroupConsumer(stream, keys)
+    await consumer.start()
+    held, copy = await _held_then_copied(redis_url, consumer, keys)
+    # What a rolled-back Redis shows: the held entry was written after the last fsync, so it is gone, pending
+    # to no one; the copy (the producer re-made the group from its rolled-back prompt) is all there is.
+    await redis.xack(keys.trajectories, "trainer", held.entry_id)
+    await redis.xdel(keys.trajectories, held.entry_id)
+    kept = await consumer.still_held([held])
+    assert [r.entry_id for r in kept] == [copy] and kept[0].group_id == "g0"
+    await consumer.commit(kept)
+    assert await consumer.done.contains(["g0"]) == [True]
+    assert int((await redis.xinfo_groups(keys.trajectories))[0]["pending"]) == 0
+
+
+async def test_a_held_group_taken_over_leaves_its_copy_to_the_new_owner(
+    redis: aioredis.Redis, blocking: StreamClient, keys: Keys, bus_config: BusConfig, redis_url: str
+) -> None:
+    stream = StreamConsumer(redis, blocking, stream=keys.trajectories, group="trainer", consumer="a",
+                            dead_stream=keys.dead, config=bus_config)  # fmt: skip
+    consumer = GroupConsumer(stream, keys)
+    await consumer.start()
+    held, _copy = await _held_then_copied(redis_url, consumer, keys)
+    await redis.xclaim(keys.trajectories, "trainer", "b", 0, [held.entry_id], justid=True)  # b trains it
+    assert await consumer.still_held([held]) == []
+    pending = await redis.xpending_range(keys.trajectories, "trainer", min="-", max="+", count=10)
+    assert [(r["message_id"].decode(), r["consumer"].decode()) for r in pending] == [(held.entry_id, "b")]
 
 
 def test_a_checkpoint_names_its_recent_commits(tmp_path: Path) -> None:
@@ -180,7 +229,7 @@ def test_a_host_crash_trains_nothing_twice(tmp_path: Path, redis_binary: str, tr
 
         def all_trained() -> bool:
             with redis.Redis.from_url(server.url) as client:
-                return client.scard(f"{ns}:done:trainer") >= PROMPTS
+                return client.zcard(f"{ns}:done:trainer") >= PROMPTS  # no sweep in a run this short (30 s)
 
         wait_for(all_trained, 300, "every prompt trained")
         with redis.Redis.from_url(server.url) as client:

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 import redis
+from redis_groups import done_total
 
 from miles_stream.demo.task import write_task
 
@@ -95,11 +96,11 @@ def test_the_pipeline_rides_out_the_fault_and_trains_every_prompt_once(
     done_key = f"{ns}:done:trainer"
     try:
         with redis.Redis.from_url(redis_url) as client:
-            wait_for(lambda: client.scard(done_key) >= 2 * BATCH, 240, "two trained steps")
+            wait_for(lambda: done_total(client, done_key) >= 2 * BATCH, 240, "two trained steps")
             if fault == "out of memory":
                 assert out_of_memory(client, 12.0) >= 10  # the server really refused writes the whole time
             else:
-                rounds = cut_connections(client, lambda: client.scard(done_key) >= total - 4 * BATCH, 120)
+                rounds = cut_connections(client, lambda: done_total(client, done_key) >= total - 4 * BATCH, 120)
                 assert rounds >= 5, rounds
             procs["train"].wait(timeout=240)  # it stops by itself after its last step
             procs["feed"].wait(timeout=30)  # the dataset is published: it ended long before
@@ -120,7 +121,7 @@ def test_the_pipeline_rides_out_the_fault_and_trains_every_prompt_once(
                for g in json.loads(line)["group_ids"]]  # fmt: skip
     assert len(trained) == total and len(set(trained)) == total  # every group once
     with redis.Redis.from_url(redis_url) as client:
-        assert client.scard(done_key) == total
+        assert done_total(client, done_key) == total
         for stream in (f"{ns}:prompts", f"{ns}:trajectories"):  # producers' and trainer's groups
             assert sum(int(g["pending"]) for g in client.xinfo_groups(stream)) == 0, stream
         assert not client.exists(f"{ns}:dead")

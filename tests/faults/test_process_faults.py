@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import redis
+from redis_groups import done_total
 
 from miles_stream.bus import BusConfig, GroupConsumer, GroupPublisher, Keys, RedisConfig, StreamConsumer, connect
 from miles_stream.bus.dataplane import open_stream_client
@@ -93,7 +94,7 @@ def feed(ns: str, prompts: Path, env: dict[str, str]) -> None:
 def account(keys: list[str], client: redis.Redis, ns: str) -> None:
     """Every prompt exactly once, nothing pending, nothing dead-lettered (no input here was bad)."""
     assert sorted(keys, key=int) == [str(i) for i in range(PROMPTS)]
-    assert client.scard(f"{ns}:done:trainer") == PROMPTS
+    assert done_total(client, f"{ns}:done:trainer") == PROMPTS
     assert pending(client, f"{ns}:prompts", "producers") == 0
     assert pending(client, f"{ns}:trajectories", "trainer") == 0
     assert not client.exists(f"{ns}:dead")

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 import redis
+from redis_groups import done_total
 
 from miles_stream.bus import BusConfig, GroupConsumer, Keys, RedisConfig, RetryPolicy, StreamConsumer, connect
 from miles_stream.bus.dataplane import open_stream_client
@@ -96,7 +97,7 @@ def test_the_pipeline_rides_out_a_redis_restart(tmp_path: Path, redis_binary: st
         assert code == 0, (tmp_path / "producer.log").read_text()[-3000:]
         assert sorted(keys, key=int) == [str(i) for i in range(PROMPTS)]  # each prompt committed exactly once
         with redis.Redis.from_url(server.url) as client:
-            assert client.scard(f"{ns}:done:trainer") == PROMPTS
+            assert done_total(client, f"{ns}:done:trainer") == PROMPTS
             assert not client.exists(f"{ns}:dead")
             assert int(client.xinfo_groups(f"{ns}:prompts")[0]["pending"]) == 0
         # Second copies happen even on a clean restart: an XADD whose reply was lost as the

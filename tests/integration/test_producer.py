@@ -180,6 +180,28 @@ async def test_stopping_hands_back_prompts_in_flight_and_loses_none(
     assert all(len(s.response_ids) >= 4 for r in got for s in r.group.samples)
 
 
+async def test_stopping_hands_back_nothing_for_a_group_the_trainer_has_done(
+    redis: aioredis.Redis, blocking: StreamClient, keys: Keys, bus_config: BusConfig, make_producer, tmp_path: Path
+) -> None:
+    """A prompt in flight whose group another producer already published and the trainer committed: stopping
+    acks it and writes no new entry (a new one would outlive the done set's record of the group, bus/done.py)."""
+    await feed(redis, keys, bus_config, addition_jsonl(tmp_path / "p.jsonl", 3))
+    bus = dataclasses.replace(bus_config, claim_idle_ms=600_000)
+    producer = make_producer("slow", max_new_tokens=6000, ignore_eos=True, max_inflight_prompts=3, bus=bus)
+    stop = asyncio.Event()
+    run = asyncio.create_task(producer.run(stop))
+    await until(lambda: len(producer._generating) == 3, what="three prompts claimed")
+    await redis.zadd(keys.done("trainer"), {f"e0-i{i}": 1 for i in range(3)})  # trained from copies
+    stop.set()
+    await asyncio.wait_for(run, 30)
+    assert producer.counters.dropped_done == 3
+    assert producer.counters.returned == producer.counters.recycled == 0
+    assert (await redis.xpending(keys.prompts, "producers"))["pending"] == 0
+    info = next(g for g in await redis.xinfo_groups(keys.prompts) if g["name"] == b"producers")
+    assert await redis.xrange(keys.prompts, min="(" + info["last-delivered-id"].decode()) == []
+    assert await redis.xlen(keys.partials) == 0
+
+
 async def test_a_group_whose_prompt_was_taken_over_while_it_was_scored_is_not_published(
     redis: aioredis.Redis, blocking: StreamClient, keys: Keys, bus_config: BusConfig, make_producer, tmp_path: Path
 ) -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import redis
-from redis_groups import publish_groups
+from redis_groups import done_total, publish_groups
 from test_trainer_process import groups, metrics, train_cmd, trained_groups
 
 from miles_stream.models import TinyModelConfig, build_tiny_model
@@ -70,7 +70,7 @@ def test_the_trainer_waits_out_an_outage_and_trains_every_group_once(
         assert len(steps) == 6 and len(trained) == len(set(trained)) == 24
         assert "redis_retry" in log  # it did ride something out
         with redis.Redis.from_url(server.url) as client:
-            assert client.scard(f"{ns}:done:trainer") == 24
+            assert done_total(client, f"{ns}:done:trainer") == 24
             assert client.xinfo_groups(f"{ns}:trajectories")[0]["pending"] == 0
             # the last version is announced (publication runs in the background: one that waited behind a
             # publication stuck in the outage may have been skipped for a newer one)
@@ -110,7 +110,7 @@ def test_sigterm_during_an_outage_checkpoints_and_resume_commits(
         assert first
         server = start_redis(tmp_path, redis_binary, port)
         with redis.Redis.from_url(server.url) as client:
-            assert client.scard(f"{ns}:done:trainer") == 0  # nothing reached Redis
+            assert done_total(client, f"{ns}:done:trainer") == 0  # nothing reached Redis
         resumed = subprocess.run([*train_cmd(ns, model_dir, run_dir, "trainer.max_steps=4"), "--resume"],
                                  env={**env, "MILES_REDIS_URL": server.url}, capture_output=True, text=True,
                                  timeout=120)  # fmt: skip
@@ -118,7 +118,7 @@ def test_sigterm_during_an_outage_checkpoints_and_resume_commits(
         second = [g for ids in trained_groups(resumed.stderr).values() for g in ids]
         assert not set(first) & set(second)  # the checkpoint's groups were committed, not trained again
         with redis.Redis.from_url(server.url) as client:
-            assert client.scard(f"{ns}:done:trainer") == len(first) + len(second) == 16
+            assert done_total(client, f"{ns}:done:trainer") == len(first) + len(second) == 16
     finally:
         if trainer.poll() is None:
             trainer.kill()

@@ -21,7 +21,7 @@ import pytest
 import redis as sync_redis
 import redis.asyncio as aioredis
 import torch
-from redis_groups import publish_groups
+from redis_groups import done_total, publish_groups
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
@@ -98,7 +98,7 @@ def test_trainer_trains_publishes_commits_and_exports(redis_url: str, model_dir:
     assert all(np.isfinite(r["loss"]) and r["tokens_per_s"] > 0 for r in rows)
     with sync_redis.Redis.from_url(redis_url) as client:
         assert client.xinfo_groups(f"{ns}:trajectories")[0]["pending"] == 0
-        assert client.scard(f"{ns}:done:trainer") == 8
+        assert done_total(client, f"{ns}:done:trainer") == 8
         announced = [int(f[b"version"]) for _, f in client.xrange(f"{ns}:weights")]
         assert announced[-1] == 2 and announced == sorted(set(announced))  # one may be skipped (background)
         (dead,) = client.xrange(f"{ns}:dead")  # dead-lettered with the reason, not a crash
@@ -178,7 +178,7 @@ def test_kill_in_the_middle_of_a_step_then_resume_commits_each_group_once(
     effective = [g for s in (1, 2) for g in before[s]] + [g for s in sorted(after) for g in after[s]]
     assert sorted(effective) == sorted(f"g{i}" for i in range(24))  # each exactly once in the final weights
     with sync_redis.Redis.from_url(redis_url) as client:
-        assert client.scard(f"{ns}:done:trainer") == 24
+        assert done_total(client, f"{ns}:done:trainer") == 24
         assert client.xinfo_groups(f"{ns}:trajectories")[0]["pending"] == 0
 
 
@@ -229,7 +229,7 @@ def test_two_data_parallel_trainers_share_the_stream_and_match_one(
         runs[name] = load_file(tmp_path / name / "export" / "model.safetensors")
         with sync_redis.Redis.from_url(redis_url) as client:
             consumers = {c["name"].decode(): c for c in client.xinfo_consumers(f"{ns}:trajectories", "trainer")}
-            assert client.scard(f"{ns}:done:trainer") == 8
+            assert done_total(client, f"{ns}:done:trainer") == 8
         if name == "dp":
             assert sorted(consumers) == ["trainer-0", "trainer-1"]
     for key, value in runs["single"].items():

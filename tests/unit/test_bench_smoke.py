@@ -36,6 +36,8 @@ SMOKE = [
     pytest.param("bench_producers.py", ["--help"], id="producers-minutes"),
     pytest.param("bench_routing_replay.py", ["--samples", "2", "--tokens", "4"], id="routing_replay"),
     pytest.param("bench_scratchpad.py", ["--help"], id="scratchpad-minutes"),
+    pytest.param("bench_soak.py", ["--minutes", "0.05", "--sample-s", "1", "--producers", "1", "--prompts", "20"],
+                 marks=SERVER, id="soak"),
     pytest.param("bench_train_step.py", ["--device", "cpu", "--shape", "tiny", "--groups", "1", "--samples", "2",
                                          "--prompt-len", "8", "--response-len", "8", "--steps", "1",
                                          "--cases", "fused-4k"], id="train_step-cpu"),

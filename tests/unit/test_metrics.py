@@ -36,7 +36,8 @@ def every_role() -> Collect:
     consumer: Any = SimpleNamespace(stream="ns:trajectories", group="trainer", trimmed_unread=0,
                                     dead_letters={"schema": 2})  # fmt: skip
     producer: Any = SimpleNamespace(counters=SimpleNamespace(prompts=3, groups=2, returned=0, recycled=0, resumed=0,
-                                                             dead_lettered=0, taken_over=0, weight_updates=1,
+                                                             dead_lettered=0, taken_over=0, dropped_done=0,
+                                                             weight_updates=1,
                                                              tokens=40),
                                     in_flight=1)  # fmt: skip
     streams = [StreamStatus("ns:trajectories", 7, (GroupStatus("trainer", 1, 2, 3, "0-0"),))]
