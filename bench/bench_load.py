@@ -1,0 +1,188 @@
+"""Load: many producers against one trainer. What does each producer cost Redis? (issue 25, item 4)
+
+    python bench/bench_load.py --producers 100 --rate 0.5 --seconds 60 --json-out bench/results/load_100.json
+
+One process, one embedded Redis: the feeder, --producers `RolloutProducer`s each with its own connections,
+heartbeat, admission and backpressure (as `miles-stream produce` builds them), an engine that takes 1/--rate
+seconds a group and answers random tokens, and a trainer loop (`ReplayBuffer` over the "trainer"
+`GroupConsumer`, with a heartbeat, no model) committing every batch. Simulation is fine: the bus is measured.
+
+After --warmup seconds it reads Redis's INFO (commandstats, cpu) at the start and the end of the window:
+commands/s by command and per producer, Redis CPU (user + sys seconds per second), groups/s committed, and the
+publish latency (GroupPublisher.publish, the wait for room included) p50/p99.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import functools
+import json
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from bench_soak import ByteTokenizer, InstantEngine, coin
+
+from miles_stream.buffer.config import BufferConfig
+from miles_stream.buffer.replay import ReplayBuffer
+from miles_stream.bus import BusConfig, GroupConsumer, GroupPublisher, Heartbeat, Keys, StreamConsumer, connect
+from miles_stream.bus.backpressure import Backpressure
+from miles_stream.bus.connection import RedisConfig
+from miles_stream.bus.dataplane import open_stream_client
+from miles_stream.bus.keys import PRODUCER_GROUP, TRAINER_GROUP
+from miles_stream.feeder import Feeder, FeederConfig, load_rows
+from miles_stream.redis_server import EmbeddedRedis, EmbeddedRedisConfig
+from miles_stream.rollout.admission import Admission
+from miles_stream.rollout.config import RolloutConfig
+from miles_stream.rollout.producer import RolloutProducer
+from miles_stream.schema import TrajectoryGroup
+
+PUBLISH_S: list[float] = []
+
+
+class TimedPublisher(GroupPublisher):
+    async def publish(self, group: TrajectoryGroup, **kwargs: Any) -> tuple[str, int] | None:
+        started = time.perf_counter()
+        try:
+            return await super().publish(group, **kwargs)
+        finally:
+            PUBLISH_S.append(time.perf_counter() - started)
+
+
+class PacedEngine(InstantEngine):
+    def __init__(self, length: int, seed: int, seconds: float) -> None:
+        super().__init__(length, seed)
+        self.seconds = seconds
+
+    async def generate(self, requests: Any) -> Any:
+        await asyncio.sleep(self.seconds)
+        return await super().generate(requests)
+
+
+def in_flight(producer: RolloutProducer) -> dict[str, Any]:
+    return {"in_flight": producer.in_flight}
+
+
+async def redis_counts(redis: Any) -> tuple[dict[str, int], float]:
+    stats = await redis.info("commandstats")
+    cpu = await redis.info("cpu")
+    calls = {k.removeprefix("cmdstat_"): int(v["calls"]) for k, v in stats.items()}
+    return calls, float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"])
+
+
+async def trainer(buffer: ReplayBuffer, committed: list[int], stop: asyncio.Event) -> None:
+    await buffer.start()
+    while not stop.is_set():
+        batch = await buffer.next_batch(0, stop)
+        if batch is None:
+            return
+        await buffer.commit(batch.items)
+        committed[0] += len(batch.items)
+
+
+async def run(args: argparse.Namespace, url: str, work: Path) -> dict[str, Any]:
+    keys = Keys(f"load{int(time.time())}")
+    bus = BusConfig(namespace=keys.namespace)
+    data = work / "prompts.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"{i}+{i}=", "label": str(2 * i)}) + "\n" for i in range(1000)))
+    redis = connect(RedisConfig(url=url))
+    stop = asyncio.Event()
+    feeder_config = FeederConfig(path=str(data), num_epochs=0, max_queued=4 * args.producers)
+    tasks: list[asyncio.Task[Any]] = [
+        asyncio.create_task(Feeder(redis, keys, bus, feeder_config, load_rows(feeder_config)).run(stop))
+    ]
+    closers: list[Any] = []
+    for p in range(args.producers):
+        name = f"p{p}"
+        own, blocking = connect(RedisConfig(url=url)), open_stream_client(RedisConfig(url=url))
+        plane = open_stream_client(RedisConfig(url=url))
+        closers += [own, blocking, plane]
+        prompts, partials = (
+            StreamConsumer(own, blocking, stream=s, group=PRODUCER_GROUP, consumer=name, dead_stream=keys.dead,
+                           config=bus)
+            for s in (keys.prompts, keys.partials)
+        )  # fmt: skip
+        config = RolloutConfig(model="load", producer_id=name, n_samples_per_prompt=4, max_inflight_prompts=1)
+        engine = PacedEngine(16, p, 1 / args.rate)
+        publisher = TimedPublisher(
+            plane, keys.trajectories, bus, backpressure=Backpressure(own, keys.trajectories, bus)
+        )
+        admission = Admission(own, keys, bus, producer_id=name, own_version=lambda: 0)
+        producer = RolloutProducer(config, engine=engine, tokenizer=ByteTokenizer(), reward_fn=coin, prompts=prompts,
+                                   partials=partials, publisher=publisher, admission=admission)  # fmt: skip
+        beat = Heartbeat(own, keys, role="producer", member_id=name, config=bus,
+                         describe=functools.partial(in_flight, producer))  # fmt: skip
+
+        async def produce(producer: RolloutProducer = producer, beat: Heartbeat = beat) -> None:
+            async with beat:
+                await producer.run(stop)
+
+        tasks.append(asyncio.create_task(produce()))
+    blocking = open_stream_client(RedisConfig(url=url))
+    closers.append(blocking)
+    stream = StreamConsumer(redis, blocking, stream=keys.trajectories, group=TRAINER_GROUP, consumer="t0",
+                            dead_stream=keys.dead, config=bus)  # fmt: skip
+    consumer = GroupConsumer(stream, keys, owns_prompts=True)
+    buffer = ReplayBuffer(consumer, BufferConfig(rollout_batch_size=16, max_staleness=-1, filters=(), capacity=64))
+    committed = [0]
+    beat = Heartbeat(redis, keys, role="trainer", member_id="t0", config=bus,
+                     describe=lambda: {"max_staleness": -1, "rollout_batch_size": 16})  # fmt: skip
+
+    async def train() -> None:
+        async with beat:
+            await trainer(buffer, committed, stop)
+
+    tasks.append(asyncio.create_task(train()))
+    try:
+        await asyncio.sleep(args.warmup)
+        calls0, cpu0, done0, t0 = *(await redis_counts(redis)), committed[0], time.monotonic()
+        PUBLISH_S.clear()
+        await asyncio.sleep(args.seconds)
+        calls1, cpu1, done1, t1 = *(await redis_counts(redis)), committed[0], time.monotonic()
+        failed = [t for t in tasks if t.done() and not t.cancelled() and t.exception() is not None]
+        if failed:
+            raise failed[0].exception()  # type: ignore[misc]
+    finally:
+        stop.set()
+        await asyncio.wait(tasks, timeout=60)
+        for c in closers:
+            await c.aclose()
+        await redis.aclose()
+    wall = t1 - t0
+    per_s = {k: round((calls1.get(k, 0) - calls0.get(k, 0)) / wall, 1) for k in calls1}
+    per_s = dict(sorted(((k, v) for k, v in per_s.items() if v > 0), key=lambda kv: -kv[1]))
+    total = sum(per_s.values())
+    latencies = sorted(PUBLISH_S)
+    return {
+        "producers": args.producers, "rate_per_producer": args.rate, "window_s": round(wall, 1),
+        "groups_per_s": round((done1 - done0) / wall, 1),
+        "redis_commands_per_s": round(total, 1), "per_producer_commands_per_s": round(total / args.producers, 2),
+        "redis_cpu_share": round((cpu1 - cpu0) / wall, 3),
+        "publish_p50_ms": round(1000 * statistics.median(latencies), 2) if latencies else None,
+        "publish_p99_ms": round(1000 * latencies[int(0.99 * (len(latencies) - 1))], 2) if latencies else None,
+        "commands_per_s": per_s,
+    }  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--producers", type=int, default=100)
+    parser.add_argument("--rate", type=float, default=0.5, help="groups/s each producer makes")
+    parser.add_argument("--seconds", type=float, default=60.0)
+    parser.add_argument("--warmup", type=float, default=10.0)
+    parser.add_argument("--json-out", type=Path)
+    args = parser.parse_args()
+    with EmbeddedRedis(EmbeddedRedisConfig(persistence="none")) as server, tempfile.TemporaryDirectory() as work:
+        result = asyncio.run(run(args, server.url, Path(work)))
+    result["machine"] = platform.processor() or platform.machine()
+    print(json.dumps(result, indent=1))
+    if args.json_out:
+        args.json_out.write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
