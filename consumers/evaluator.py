@@ -54,7 +54,7 @@ async def _run(config: RunConfig, rows: list[Row], reward_fn: object, stop: asyn
     if rollout.torch_threads:
         torch.set_num_threads(rollout.torch_threads)
     tokenizer = AutoTokenizer.from_pretrained(rollout.model)
-    redis, blocking = connect(config.redis), open_stream_client(config.redis, block_ms=config.bus.block_ms)
+    redis = connect(config.redis)  # its reads block bus.block_ms at most (the producer's weight follower's too)
     chunks = open_stream_client(config.redis)  # weight chunks on a connection of their own
     files = EvalFiles(cfg.out, cfg.tensorboard_dir)
     engine, membership = None, None
@@ -64,7 +64,7 @@ async def _run(config: RunConfig, rows: list[Row], reward_fn: object, stop: asyn
         transports: dict[str, WeightTransport] = {"redis": RedisTransport(redis, keys, data=chunks),
                                                   "file": FileTransport("")}  # fmt: skip
         evaluator = Evaluator(cfg, engine=engine, tokenizer=tokenizer, reward_fn=reward_fn, rows=rows,
-                              sampling=rollout.sampling, weights=WeightSubscriber(blocking, keys, transports),
+                              sampling=rollout.sampling, weights=WeightSubscriber(redis, keys, transports),
                               redis=redis, keys=keys, evaluator_id=name, max_batch=rollout.max_batch,
                               reward_timeout_s=rollout.reward_timeout_s, block_ms=config.bus.block_ms,
                               sinks=[files])  # fmt: skip
@@ -84,7 +84,7 @@ async def _run(config: RunConfig, rows: list[Row], reward_fn: object, stop: asyn
         if engine is not None:
             await engine.close()
         files.close()
-        for client in (blocking, chunks, redis):
+        for client in (chunks, redis):
             await client.aclose()
     log.info("evaluator_stopped", evaluated=evaluator.counters.evaluated, skipped=evaluator.counters.skipped)
     return 0

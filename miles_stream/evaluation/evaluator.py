@@ -19,6 +19,7 @@ version 0 when nothing is published yet. Stop (SIGTERM) is checked between batch
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -90,7 +91,8 @@ class Evaluator:
         """`sampling`: the rollout's (stop tokens, max_new_tokens); eval's own temperature and top_p apply."""
         self.config, self.engine, self.tokenizer, self.reward_fn = config, engine, tokenizer, reward_fn
         self.rows, self.weights, self.redis, self.keys = rows, weights, redis, keys
-        self.evaluator_id, self.block_ms, self.reward_timeout_s, self.sinks = evaluator_id, block_ms, reward_timeout_s, sinks
+        self.evaluator_id, self.block_ms, self.sinks = evaluator_id, block_ms, sinks
+        self.reward_timeout_s = reward_timeout_s
         budget = config.max_new_tokens or sampling.max_new_tokens
         self.greedy = replace(sampling, temperature=0.0, top_p=1.0, top_k=0, max_new_tokens=budget)
         self.sampled = replace(sampling, temperature=config.temperature, top_p=config.top_p, max_new_tokens=budget)
@@ -164,8 +166,10 @@ class Evaluator:
         if previous is not None:
             c.rate_per_min = 60.0 / max(result.created_at - previous.created_at, 1e-6)
         c.skipped += skipped
-        log.info("eval_result", **{k: round(v, 4) if isinstance(v, float) else v
-                                   for k, v in result.as_row().items() if k not in ("dataset", "created_at")})  # fmt: skip
+        log.info("eval_result", version=result.version, pass_at_1=round(result.pass_at_1, 4),
+                 pass_at_k={k: round(v, 4) for k, v in result.pass_at_k.items()},
+                 reward_mean=round(result.reward_mean, 4), response_tokens=round(result.response_tokens_mean, 2),
+                 truncated=round(result.truncated_rate, 4), eval_s=result.eval_s, skipped=skipped)  # fmt: skip
         return True
 
     async def evaluate(self, version: int, stop: asyncio.Event | None = None, *, skipped: int = 0) -> EvalResult:
@@ -225,7 +229,5 @@ class Evaluator:
 
 
 async def _wait(stop: asyncio.Event, seconds: float) -> None:
-    try:
+    with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(stop.wait(), seconds)
-    except TimeoutError:
-        pass

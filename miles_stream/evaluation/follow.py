@@ -12,6 +12,7 @@ trainer a blocking XREAD on a connection of its own. A Redis blip is retried; a 
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import Callable
 from typing import Any
@@ -44,10 +45,11 @@ def parse_results(entries: Any) -> list[EvalResult]:
 
 
 class RunFollower:
-    def __init__(self, redis: Any, blocking: Any, keys: Keys, sink: MetricsSink, *, step: Callable[[], int],
-                 version: Callable[[], int], ttl_s: float, every_s: float = 10.0, block_ms: int = 1000) -> None:  # fmt: skip
-        """`blocking`: a client whose socket timeout allows XREAD BLOCK `block_ms`."""
-        self.redis, self.blocking, self.keys, self.sink = redis, blocking, keys, sink
+    def __init__(self, redis: Any, keys: Keys, sink: MetricsSink, *, step: Callable[[], int],
+                 version: Callable[[], int], ttl_s: float, every_s: float = 10.0,
+                 block_ms: int = 1000) -> None:  # fmt: skip
+        """`redis`: an asyncio client whose socket timeout allows XREAD BLOCK `block_ms` (bus.block_ms)."""
+        self.redis, self.keys, self.sink = redis, keys, sink
         self.step, self.version, self.ttl_s, self.every_s, self.block_ms = step, version, ttl_s, every_s, block_ms
         self.results: list[EvalResult] = []  # the ones seen, for tests and the last one's log
         self._tokens: tuple[float, int] | None = None  # (when, producers' tokens then)
@@ -57,9 +59,8 @@ class RunFollower:
         last = await self._retrying(lambda: last_entry_id(self.redis, self.keys.eval), "0-0")
         next_summary = time.monotonic()
         while True:
-            reply: Any = await self._retrying(
-                lambda: self.blocking.xread({self.keys.eval: last}, block=self.block_ms), None
-            )
+            reply: Any = await self._retrying(functools.partial(self.redis.xread, {self.keys.eval: last},
+                                                                block=self.block_ms), None)  # fmt: skip
             if reply:
                 entries = reply[0][1]
                 last = entries[-1][0].decode()
@@ -73,7 +74,7 @@ class RunFollower:
         self.results.append(r)
         del self.results[:-100]
         log.info("eval_result", eval_version=r.version, trainer_step=self.step(), trainer_version=self.version(),
-                 pass_at_1=round(r.pass_at_1, 4), **{f"pass_at_{k}": round(v, 4) for k, v in r.pass_at_k.items()},
+                 pass_at_1=round(r.pass_at_1, 4), pass_at_k={k: round(v, 4) for k, v in r.pass_at_k.items()},
                  reward_mean=round(r.reward_mean, 4), evaluator=r.evaluator_id)  # fmt: skip
         self.sink.write_extra(self.step(), r.scalars() | {"eval/version": r.version})
 
@@ -82,7 +83,7 @@ class RunFollower:
         producers = [m.info for m in members if m.role == "producer"]
         tokens = sum(int(p.get("tokens", 0)) for p in producers)
         now = time.monotonic()
-        summary = {"producers/count": len(producers), "producers/tokens": tokens,
+        summary: dict[str, float] = {"producers/count": len(producers), "producers/tokens": tokens,
                    "producers/groups": sum(int(p.get("groups", 0)) for p in producers),
                    "producers/in_flight": sum(int(p.get("in_flight", 0)) for p in producers)}  # fmt: skip
         if self._tokens is not None and now > self._tokens[0]:

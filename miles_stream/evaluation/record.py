@@ -37,10 +37,10 @@ class EvalResult:
     created_at: float  # unix time
 
     def as_row(self) -> dict[str, Any]:
-        """Plain JSON: pass@k keys as "pass@k" entries next to pass@1."""
+        """Plain JSON (pass_at_k's keys become strings: {"4": 0.61})."""
         row = asdict(self)
-        row.pop("pass_at_k")
-        return row | {f"pass_at_{k}": v for k, v in sorted(self.pass_at_k.items())}
+        row["pass_at_k"] = {str(k): v for k, v in sorted(self.pass_at_k.items())}
+        return row
 
     def scalars(self) -> dict[str, float]:
         """The numbers a logger plots (TensorBoard, W&B), under eval/."""
@@ -48,7 +48,7 @@ class EvalResult:
                "eval/greedy_reward_mean": self.greedy_reward_mean,
                "eval/response_tokens_mean": self.response_tokens_mean, "eval/truncated_rate": self.truncated_rate,
                "eval/seconds": self.eval_s}  # fmt: skip
-        return out | {f"eval/pass_at_{k}": v for k, v in sorted(self.pass_at_k.items())}
+        return out | {f"eval/pass_at_k/{k}": v for k, v in sorted(self.pass_at_k.items())}
 
 
 _TYPES: Final = {f.name: f.type for f in fields(EvalResult)}

@@ -103,7 +103,8 @@ def eval_metrics(counters: EvalCounters) -> Collect:
         r = counters.last
         if r is None:
             return
-        yield GaugeMetricFamily(P + "eval_weight_version", "The weight version of the last eval result", value=r.version)
+        yield GaugeMetricFamily(P + "eval_weight_version", "The weight version of the last eval result",
+                                value=r.version)  # fmt: skip
         yield GaugeMetricFamily(P + "eval_pass_at_1", "Greedy: share of held-out prompts answered correctly",
                                 value=r.pass_at_1)  # fmt: skip
         at_k = _gauge("eval_pass_at_k", "Unbiased pass@k over the n sampled responses per prompt", ["k"])
