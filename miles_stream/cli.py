@@ -96,8 +96,11 @@ def _parser() -> argparse.ArgumentParser:
                    "response records instead (sft.* keys): no Redis; same checkpoints, export, metrics")  # fmt: skip
     p.set_defaults(run=_cmd_train)
 
-    p = command("eval", "Run an evaluator: score each new weight version (or every k-th, or the latest when behind) "
-                "on a held-out set (eval.*), announce results on {ns}:eval.")
+    p = command(
+        "eval",
+        "Run an evaluator: score each new weight version (or every k-th, or the latest when behind) "
+        "on a held-out set (eval.*), announce results on {ns}:eval.",
+    )
     p.set_defaults(run=_cmd_eval)
 
     p = command("record", "Record every trajectory entry to rotating zstd files (its own consumer group).")

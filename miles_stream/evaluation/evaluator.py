@@ -184,7 +184,7 @@ class Evaluator:
             results = await self.engine.generate([r for i in span for r in self._requests(version, i)])
             per = 1 + self.config.n_samples
             for j, i in enumerate(span):
-                scored.append(await self._score(self.rows[i], results[j * per:(j + 1) * per]))
+                scored.append(await self._score(self.rows[i], results[j * per : (j + 1) * per]))
         return self._summarise(version, scored, time.perf_counter() - started, skipped)
 
     def _requests(self, version: int, i: int) -> list[GenerationRequest]:
