@@ -11,8 +11,10 @@
 
 It waits on nothing but announcements and its own engine. It is no consumer group on any stream the trainer or
 producers use, so backpressure never counts it, and it holds no weight version back from pruning (its
-heartbeat reports `eval_version`, not `weight_version`): a version pruned while it loads is skipped, and the
-newer one that caused the prune comes next. With `eval.initial`, the weights the engine starts with are scored as
+heartbeat reports `eval_version`, not `weight_version`). A chosen version pruned before it could be read (the
+trainer keeps only the newest and those live producers use) is replaced by the newest announced one, which is
+always kept: with `eval.every` > 1 and no producer on that version, the result may be for a version that is not
+a multiple of k; it says which. With `eval.initial`, the weights the engine starts with are scored as
 version 0 when nothing is published yet. Stop (SIGTERM) is checked between batches of prompts.
 """
 
@@ -127,7 +129,11 @@ class Evaluator:
                 skipped += len(fresh)
                 continue
             skipped += len(fresh) - 1
-            if await self._load_and_evaluate(chosen[-1], stop, skipped):
+            evaluated = await self._load_and_evaluate(chosen[-1], stop, skipped)
+            if not evaluated and not stop.is_set() and fresh[-1] is not chosen[-1]:
+                # pruned before it could be read (no live producer used it): the newest announced is kept
+                evaluated = await self._load_and_evaluate(fresh[-1], stop, skipped)
+            if evaluated:
                 skipped = 0
 
     async def _next(self, last_id: str, stop: asyncio.Event) -> tuple[str, list[WeightManifest]] | None:

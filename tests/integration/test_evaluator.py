@@ -24,7 +24,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from miles_stream.bus import Keys
+from miles_stream.bus import BusConfig, Heartbeat, Keys
 from miles_stream.demo.task import write_task
 from miles_stream.engines.base import GenerationRequest, GenerationResult, RolloutEngine, SamplingParams
 from miles_stream.evaluation.config import EvalConfig
@@ -98,31 +98,41 @@ async def test_the_evaluator_scores_every_kth_version_and_the_newest_when_behind
                           evaluator_id="e1", max_batch=64, block_ms=50, sinks=[files])  # fmt: skip
     stop = asyncio.Event()
     task = asyncio.create_task(evaluator.run(stop))
+    producer = Heartbeat(redis, keys, role="producer", member_id="p", config=BusConfig(namespace=keys.namespace),
+                         describe=lambda: {"weight_version": 2})  # keeps versions >= 2 from pruning  # fmt: skip
     try:
         await _until(lambda: evaluator.counters.evaluated == 1, "version 0 (nothing published yet)")
-        engine.gate.clear()
-        await publisher.publish(1, state)  # not a multiple of 2: skipped
-        await publisher.publish(2, state)
-        await _until(engine.held.is_set, "the evaluation of version 2 to start")
-        for v in range(3, 8):  # announced while it evaluates version 2: it is behind by five versions
+        async with producer:
+            engine.gate.clear()
+            await publisher.publish(1, state)  # not a multiple of 2: skipped
+            await publisher.publish(2, state)
+            await _until(engine.held.is_set, "the evaluation of version 2 to start")
+            for v in range(3, 8):  # announced while it evaluates version 2: it is behind by five versions
+                await publisher.publish(v, state)
+            engine.held.clear()
+            engine.gate.set()
+            await _until(lambda: evaluator.counters.evaluated == 3, "the newest even version after falling behind")
+        engine.gate.clear()  # no producer now: the trainer keeps only the newest version
+        await publisher.publish(8, state)
+        await _until(engine.held.is_set, "the evaluation of version 8 to start")
+        for v in range(9, 12):  # 10 is chosen, but pruned when 11 was announced: 11 is scored instead
             await publisher.publish(v, state)
         engine.gate.set()
-        await _until(lambda: evaluator.counters.evaluated == 3, "the newest even version after falling behind")
-        assert evaluator.counters.waiting == "weights" or evaluator.counters.evaluated == 3
+        await _until(lambda: evaluator.counters.evaluated == 5, "the newest version in place of a pruned one")
     finally:
         stop.set()
         await asyncio.wait_for(task, 10)
         await engine.close()
         files.close()
     results = parse_results(await redis.xrange(keys.eval))
-    assert [r.version for r in results] == [0, 2, 6]  # 4 was passed over for the newer 6
-    assert [r.skipped for r in results] == [0, 1, 4]  # 1; then 3, 4, 5 and 7
-    assert evaluator.counters.skipped == 5
+    assert [r.version for r in results] == [0, 2, 6, 8, 11]  # 4 passed over for the newer 6; 10 was pruned
+    assert [r.skipped for r in results] == [0, 1, 4, 0, 2]  # 1; 3, 4, 5 and 7; 9 and 10
+    assert evaluator.counters.skipped == 7 and evaluator.counters.rejected == 1
     rows = [json.loads(line) for line in (tmp_path / "eval.jsonl").read_text().splitlines()]
-    assert [r["version"] for r in rows] == [0, 2, 6] and all(r["prompts"] == 20 for r in rows)
+    assert [r["version"] for r in rows] == [0, 2, 6, 8, 11] and all(r["prompts"] == 20 for r in rows)
     events = EventAccumulator(str(tmp_path / "tb"))
     events.Reload()
-    assert [e.step for e in events.Scalars("eval/pass_at_1")] == [0, 2, 6]
+    assert [e.step for e in events.Scalars("eval/pass_at_1")] == [0, 2, 6, 8, 11]
     assert [e.value for e in events.Scalars("eval/pass_at_k/2")] == pytest.approx([r.pass_at_k[2] for r in results])
 
 
