@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import structlog
 
@@ -19,10 +19,9 @@ class EvalFiles:
     A callable sink (`Evaluator(sinks=[files])`); `close()` is idempotent."""
 
     def __init__(self, jsonl_path: str = "", tensorboard_dir: str = "") -> None:
-        self._file = None
-        if jsonl_path:
-            Path(jsonl_path).parent.mkdir(parents=True, exist_ok=True)
-            self._file = open(jsonl_path, "a", buffering=1)  # noqa: SIM115 - closed in close()
+        self.jsonl_path = jsonl_path
+        self._file: TextIO | None = None  # opened at the first result: a process that fails to
+        # start leaves no empty file behind
         self._tb: Any = None
         if tensorboard_dir:
             try:
@@ -33,6 +32,9 @@ class EvalFiles:
                 self._tb = SummaryWriter(tensorboard_dir)
 
     def __call__(self, result: EvalResult) -> None:
+        if self.jsonl_path and self._file is None:
+            Path(self.jsonl_path).parent.mkdir(parents=True, exist_ok=True)
+            self._file = open(self.jsonl_path, "a", buffering=1)  # noqa: SIM115 - closed in close()
         if self._file is not None:
             self._file.write(json.dumps(result.as_row()) + "\n")
         if self._tb is not None:
@@ -44,6 +46,7 @@ class EvalFiles:
         if self._file is not None:
             self._file.close()
             self._file = None
+        self.jsonl_path = ""
         if self._tb is not None:
             self._tb.close()
             self._tb = None

@@ -235,7 +235,8 @@ def test_a_wrong_dataset_path_or_redis_url_is_one_line_naming_it(redis_url: str,
     ]
     nobody = f"redis://127.0.0.1:{free_port()}"
     unreachable = subprocess.run([*base, "--redis-url", nobody, f"eval.path={prompts}", "redis.startup_wait_s=0.5"],
-                                 capture_output=True, text=True, timeout=60, env=env)  # fmt: skip
+                                 capture_output=True, text=True, timeout=60, env=env, cwd=tmp_path)  # fmt: skip
     assert unreachable.returncode == 2
     last = unreachable.stderr.strip().splitlines()[-1]
     assert last.startswith("miles-stream eval: Redis at redis://127.0.0.1:") and "does not answer" in last
+    assert not (tmp_path / "eval.jsonl").exists()  # eval.out's default, in the working directory: no result, no file
