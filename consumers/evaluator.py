@@ -15,6 +15,7 @@ import torch
 from miles_stream import aio
 from miles_stream.aio import stop_task
 from miles_stream.bus import Heartbeat, Keys, connect, open_stream_client, wait_until_reachable
+from miles_stream.bus.run import join_run
 from miles_stream.config import check_model_dir
 from miles_stream.errors import ConfigError
 from miles_stream.evaluation.evaluator import Evaluator
@@ -68,16 +69,18 @@ async def _run(config: RunConfig, rows: list[Row], reward_fn: object, stop: asyn
                               redis=redis, keys=keys, evaluator_id=name, max_batch=rollout.max_batch,
                               reward_timeout_s=rollout.reward_timeout_s, block_ms=config.bus.block_ms,
                               sinks=[files])  # fmt: skip
-        c = evaluator.counters
+        c, run = evaluator.counters, await join_run(redis, keys)
         async with (
             MetricsServer(config.metrics, eval_metrics(c)),
-            Heartbeat(redis, keys, role="evaluator", member_id=name, config=config.bus,
+            Heartbeat(redis, keys, role="evaluator", member_id=name, config=config.bus, run=run, on_data_loss=stop.set,
                       describe=lambda: {"eval_version": c.last.version if c.last else -1, "evaluated": c.evaluated,
                                         "skipped": c.skipped, "waiting": c.waiting, "rate_per_min": c.rate_per_min,
                                         "pass_at_1": c.last.pass_at_1 if c.last else None,
-                                        "engine": rollout.engine, "dataset": cfg.path}),
+                                        "engine": rollout.engine, "dataset": cfg.path}) as beat,
         ):  # fmt: skip
             await evaluator.run(stop)
+        if beat.data_lost is not None:  # Redis lost the run (bus/run.py): say so, as the producer does
+            raise beat.data_lost
     finally:
         if membership is not None:
             await stop_task(membership)
