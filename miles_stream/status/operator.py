@@ -1,10 +1,10 @@
 """`status --watch` for operators: one screen, 80 columns, what each process does and waits on.
 
     miles-stream  demo on valkey 8.1.8   weights v42   dead 0                  12:00:01
-    ROLE       ID                    RATE           WAITS ON       VERSION  MORE
-    producer   vm-1234               1,234 tok/s    admission      v41      16 in flight
-    trainer    trainer-0             2.10 step/s    data           v42      0 held
-    evaluator  evaluator-vm-77       3.0 eval/min   weights        v40      pass@1 0.91
+    ROLE       ID                   RATE          WAITS ON     VERSION MORE
+    evaluator  evaluator-vm-77      3.0 eval/min  weights      v40     pass@1 0.91
+    producer   vm-1234              1,234 tok/s   admission    v41     16 in flight
+    trainer    trainer-0            2.00 step/s   data         v42     0 held
     trajectories: 40 entries; trainer lag 3, pending 16
     last eval v40 (evaluator-vm-77): pass@1 0.91  pass@8 0.99  reward 0.93  len 1.0  trunc 0.95
 
@@ -35,13 +35,13 @@ def operator_lines(status: NamespaceStatus, previous: NamespaceStatus | None = N
     )
     lines = [
         f"{head:<{WIDTH - 9}} {clock}",
-        f"{'ROLE':<10} {'ID':<21} {'RATE':<14} {'WAITS ON':<14} {'VERSION':<8} MORE",
+        f"{'ROLE':<10} {'ID':<20} {'RATE':<13} {'WAITS ON':<12} {'VERSION':<7} MORE",
     ]
     before = {(m.role, m.id): m for m in previous.members} if previous is not None else {}
     for m in status.members:
         rate = _rate(m, before.get((m.role, m.id)), status.taken_at, previous.taken_at if previous else 0.0)
         waiting = str(m.info.get("waiting") or "-")
-        lines.append(f"{m.role[:10]:<10} {_clip(m.id, 21):<21} {rate:<14} {waiting[:14]:<14} {_version(m):<8} "
+        lines.append(f"{m.role[:10]:<10} {_clip(m.id, 20):<20} {rate[:13]:<13} {waiting[:12]:<12} {_version(m):<7} "
                      f"{_more(m)}")  # fmt: skip
     if not status.members:
         lines.append("(no process alive)")

@@ -84,8 +84,8 @@ def build_view(status: NamespaceStatus) -> Group:
     summary.add_row("dead letters", str(status.dead_letters))
     for r in status.evals:
         at_k = ", ".join(f"pass@{k} {v:.3f}" for k, v in sorted(r.pass_at_k.items()))
-        summary.add_row(f"last eval ({r.evaluator_id})", f"v{r.version}: pass@1 {r.pass_at_1:.3f}"
-                        + (f", {at_k}" if at_k else "") + f", reward {r.reward_mean:.3f}")  # fmt: skip
+        summary.add_row(f"last eval ({r.evaluator_id})", f"v{r.version}: greedy pass@1 {r.pass_at_1:.3f}"
+                        + (f", sampled {at_k}" if at_k else "") + f", reward {r.reward_mean:.3f}")  # fmt: skip
     for group, n in status.done_groups.items():
         summary.add_row(f"groups committed by {group!r}", str(n))
     summary.add_row("as of", time.strftime("%Y-%m-%d %H:%M:%S"))
