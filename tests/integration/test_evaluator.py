@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,7 @@ from miles_stream.evaluation.evaluator import Evaluator
 from miles_stream.evaluation.follow import parse_results
 from miles_stream.evaluation.sinks import EvalFiles
 from miles_stream.feeder import FeederConfig, load_rows
-from miles_stream.redis_server import free_port
+from miles_stream.redis_server import EmbeddedRedis, EmbeddedRedisConfig, free_port
 from miles_stream.rewards import RewardRegistry
 from miles_stream.rollout.config import RolloutConfig
 from miles_stream.rollout.engines import open_engine
@@ -141,10 +141,19 @@ def _start(cmd: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen[b
         return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
 
 
+@pytest.fixture(scope="module")
+def one_server() -> Iterator[str]:
+    """One server (the default, Valkey) for the process tests: four processes are not run again on every tier
+    (the bus calls they make are the ones the tiered tests cover)."""
+    with EmbeddedRedis(EmbeddedRedisConfig(persistence="none")) as server:
+        yield server.url
+
+
 @pytest.mark.timeout(400)
 def test_miles_stream_eval_beside_a_live_pipeline_shows_in_the_stream_status_metrics_and_trainer_log(
-    redis_url: str, tmp_path: Path
+    one_server: str, tmp_path: Path
 ) -> None:
+    redis_url = one_server
     model_dir, prompts = write_task(tmp_path)
     ns = f"e{uuid.uuid4().hex[:8]}"
     port = free_port()
@@ -223,7 +232,8 @@ def test_miles_stream_eval_beside_a_live_pipeline_shows_in_the_stream_status_met
 
 
 @pytest.mark.timeout(120)
-def test_a_wrong_dataset_path_or_redis_url_is_one_line_naming_it(redis_url: str, tmp_path: Path) -> None:
+def test_a_wrong_dataset_path_or_redis_url_is_one_line_naming_it(one_server: str, tmp_path: Path) -> None:
+    redis_url = one_server
     model_dir, prompts = write_task(tmp_path)
     base = [*CLI, "eval", f"rollout.model={model_dir}"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
