@@ -29,8 +29,9 @@ from miles_stream.bus import (
 from miles_stream.bus.lease import Lease
 from miles_stream.bus.run import join_run, verify_run
 from miles_stream.codec import GroupCodec
-from miles_stream.config import check_model_dir
+from miles_stream.config import check_model_dir, to_dict
 from miles_stream.errors import ConfigError, LeaseHeldError, LeaseLostError
+from miles_stream.evaluation.follow import RunFollower
 from miles_stream.metrics_http import Collect, MetricsServer
 from miles_stream.record import RecordingSource
 from miles_stream.run_config import RunConfig
@@ -41,6 +42,7 @@ from miles_stream.trainer.backend import TrainerBackend
 from miles_stream.trainer.backends import build_backend
 from miles_stream.trainer.parallel import DataParallel
 from miles_stream.trainer.service import TrainerService
+from miles_stream.wandb_log import WandbRun
 from miles_stream.weights.transports import FileTransport, RedisTransport, WeightTransport
 from miles_stream.weights.versions import WeightPublisher, WeightSubscriber
 
@@ -107,11 +109,19 @@ async def _run(config: RunConfig, parallel: DataParallel, resume: bool, stop: as
     subscriber = WeightSubscriber(redis, keys, {transport.name: transport})
     service = TrainerService(cfg, trainer=trainer, buffer=buffer, publisher=publisher, subscriber=subscriber)
     progress = service.progress
+    follower: asyncio.Task[None] | None = None
     try:
         service.lease = consumer.fence = await _take_lease(config, parallel, redis, keys, name, stop, retry)
         if publisher is not None:
             publisher.fence = service.lease
         service.run_identity, service.namespace = (run := await join_run(redis, keys)), keys.namespace
+        if parallel.is_main:  # rank 0 logs the run: W&B (optional), and eval results and producers next to steps
+            service.metrics.wandb = WandbRun(config.wandb, run_id=f"{keys.namespace}-{run.id}", name=keys.namespace,
+                                             settings=_loggable(config))  # fmt: skip
+            follower = asyncio.create_task(RunFollower(redis, keys, service.metrics, step=lambda: progress.step,
+                                                       version=lambda: progress.version,
+                                                       ttl_s=config.bus.heartbeat_ttl_s,
+                                                       block_ms=config.bus.block_ms).run())  # fmt: skip
 
         def on_data_loss() -> None:  # write nothing more into what Redis holds now; stop
             assert service.lease is not None
@@ -127,7 +137,8 @@ async def _run(config: RunConfig, parallel: DataParallel, resume: bool, stop: as
                                         "max_staleness": config.buffer.max_staleness,
                                         "publish_every": cfg.publish_every, "held": service.held,
                                         "lease_token": service.lease.token if service.lease else 0,
-                                        "read_per_batch": buffer.counters.read_per_batch}) as beat,
+                                        "read_per_batch": buffer.counters.read_per_batch,
+                                        "waiting": service.waiting}) as beat,
         ):  # fmt: skip
             service.on_change = beat.beat_now  # producers' admission reads the version and held count at once
             try:
@@ -138,6 +149,12 @@ async def _run(config: RunConfig, parallel: DataParallel, resume: bool, stop: as
                 await verify_run(redis, keys, run)  # the lease may have gone with all the rest: say that
                 raise
     finally:
+        if follower is not None:
+            try:  # what it logs is a view of the run: its failure is said, never the trainer's
+                if not await aio.stop_task(follower, timeout_s=2.0):
+                    log.error("run_follower_did_not_stop")
+            except Exception as exc:
+                log.error("run_follower_failed", error=repr(exc))
         if service.lease is not None and parallel.is_main:
             await service.lease.release()  # a standby need not wait out the ttl
         service.metrics.close()
@@ -182,6 +199,11 @@ def _exported(service: TrainerService, consumer: GroupConsumer, redis: Any, keys
 
 async def _streams(redis: Any, keys: Keys) -> list[StreamStatus]:
     return [await stream_status(redis, key) for key in keys.streams]
+
+
+def _loggable(config: RunConfig) -> dict[str, Any]:
+    """The run config for W&B, without the Redis section (its URL may hold a password)."""
+    return {k: v for k, v in to_dict(config).items() if k not in ("redis", "redis_server")}
 
 
 def _transport(config: RunConfig, redis: Any, keys: Keys, chunks: StreamClient) -> WeightTransport:

@@ -96,6 +96,13 @@ def _parser() -> argparse.ArgumentParser:
                    "response records instead (sft.* keys): no Redis; same checkpoints, export, metrics")  # fmt: skip
     p.set_defaults(run=_cmd_train)
 
+    p = command(
+        "eval",
+        "Run an evaluator: score each new weight version (or every k-th, or the latest when behind) "
+        "on a held-out set (eval.*), announce results on {ns}:eval.",
+    )
+    p.set_defaults(run=_cmd_eval)
+
     p = command("record", "Record every trajectory entry to rotating zstd files (its own consumer group).")
     p.add_argument("--out", required=True, help="directory for the recording files")
     p.add_argument("--max-file-mb", type=int, default=256, help="start a new file past this many MiB (raw)")
@@ -205,6 +212,12 @@ def _cmd_train(args: argparse.Namespace, config: RunConfig) -> int:
     from consumers.trainer import main as train_main  # imports torch and transformers
 
     return train_main(config, resume=args.resume, replay=args.replay or ())
+
+
+def _cmd_eval(args: argparse.Namespace, config: RunConfig) -> int:
+    from consumers.evaluator import main as eval_main  # imports torch and transformers
+
+    return eval_main(config)
 
 
 def _cmd_record(args: argparse.Namespace, config: RunConfig) -> int:

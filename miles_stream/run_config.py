@@ -15,12 +15,14 @@ from miles_stream.bus.connection import RedisConfig
 from miles_stream.bus.streams import BusConfig
 from miles_stream.codec import CodecConfig
 from miles_stream.config import apply_overrides, build, load_yaml
+from miles_stream.evaluation.config import EvalConfig
 from miles_stream.feeder import FeederConfig
 from miles_stream.metrics_http import MetricsConfig
 from miles_stream.redis_server import EmbeddedRedisConfig
 from miles_stream.rollout.config import RolloutConfig
 from miles_stream.trainer.algo_config import AlgoConfig
 from miles_stream.trainer.config import SftConfig, TrainerConfig
+from miles_stream.wandb_log import WandbConfig
 from miles_stream.weights.group import WeightsGroupConfig
 
 
@@ -38,6 +40,8 @@ class RunConfig:
     sft: SftConfig = field(default_factory=SftConfig)  # `train --sft` only
     weights_group: WeightsGroupConfig = field(default_factory=WeightsGroupConfig)  # the broadcast transport
     metrics: MetricsConfig = field(default_factory=MetricsConfig)  # this process's Prometheus endpoint
+    eval: EvalConfig = field(default_factory=EvalConfig)  # `miles-stream eval` (docs/evaluation.md)
+    wandb: WandbConfig = field(default_factory=WandbConfig)  # the trainer's optional W&B run
 
     @property
     def trainer_temperature(self) -> float:

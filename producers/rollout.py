@@ -103,7 +103,8 @@ async def _run(config: RunConfig, stop: asyncio.Event) -> int:
                       on_data_loss=stop.set,
                       describe=lambda: {"groups": producer.counters.groups, "in_flight": producer.in_flight,
                                         "tokens": producer.counters.tokens, "weight_version": engine.weight_version,
-                                        "engine": cfg.engine}) as beat,
+                                        "engine": cfg.engine,
+                                        "waiting": _waiting(producer, admission, publisher)}) as beat,
         ):  # fmt: skip
             await producer.run(stop)
         if beat.data_lost is not None:
@@ -116,6 +117,16 @@ async def _run(config: RunConfig, stop: asyncio.Event) -> int:
             await client.aclose()
     log.info("producer_stopped", **dataclasses.asdict(producer.counters))
     return 0
+
+
+def _waiting(producer: RolloutProducer, admission: Admission, publisher: GroupPublisher) -> str:
+    """What the producer waits on now, for `status --watch`: room in the staleness budget, the trainer to read
+    (backpressure), or prompts (nothing in flight and not held back)."""
+    if admission.waiting:
+        return "admission"
+    if publisher.backpressure is not None and publisher.backpressure.waiting:
+        return "backpressure"
+    return "data" if producer.in_flight == 0 else ""
 
 
 def _turns(cfg: RolloutConfig, tokenizer: Any) -> tuple[RolloutFn, SamplingParams]:

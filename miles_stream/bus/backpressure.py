@@ -111,6 +111,7 @@ class Backpressure:
         self._checked_at = -1e9
         self._last_entries = 0
         self._sent_since_check = 0
+        self.waiting = False  # in wait_for_room, over the bound (heartbeats carry it to `status --watch`)
 
     def record_sent(self, nbytes: int) -> None:
         """Call after each publish: counts toward the backlog until the next check sees it in Redis."""
@@ -128,9 +129,16 @@ class Backpressure:
 
     async def wait_for_room(self, timeout_s: float | None = None, stop: asyncio.Event | None = None) -> None:
         """Return once the backlog is under its bound, or as soon as `stop` is set (the caller checks it)."""
+        try:
+            await self._wait_for_room(timeout_s, stop)
+        finally:
+            self.waiting = False
+
+    async def _wait_for_room(self, timeout_s: float | None, stop: asyncio.Event | None) -> None:
         start = time.monotonic()
         logged = False
         while (backlog := await self.backlog()).exceeds(self.config):
+            self.waiting = True
             if stop is not None and stop.is_set():
                 return
             waited = time.monotonic() - start

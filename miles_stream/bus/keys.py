@@ -50,6 +50,12 @@ class Keys:
         return self._key("weights")
 
     @property
+    def eval(self) -> str:
+        """Stream: one entry per weight version an evaluator scored (`evaluation/record.py`). Read with XREAD, no
+        consumer group: nothing waits on it, and producers' backpressure never counts it."""
+        return self._key("eval")
+
+    @property
     def dead(self) -> str:
         return self._key("dead")
 
@@ -74,4 +80,4 @@ class Keys:
 
     @property
     def streams(self) -> tuple[str, ...]:
-        return (self.prompts, self.trajectories, self.partials, self.weights, self.dead)
+        return (self.prompts, self.trajectories, self.partials, self.weights, self.eval, self.dead)

@@ -1,11 +1,14 @@
-"""The demo: one embedded Redis, and a feeder, a rollout producer and a trainer as separate processes.
+"""The demo: one embedded Redis, and an evaluator, a feeder, a rollout producer and a trainer as processes.
 
-    run_demo ── EmbeddedRedis ── spawns ──► miles-stream feed     (prompts.jsonl ─► {ns}:prompts)
+    run_demo ── EmbeddedRedis ── spawns ──► miles-stream eval     ({ns}:weights ─► eval.jsonl, {ns}:eval)
+       │                                    miles-stream feed     (prompts.jsonl ─► {ns}:prompts)
        │                                    miles-stream produce  ({ns}:prompts ─► {ns}:trajectories)
-       │                                    miles-stream train    ({ns}:trajectories ─► {ns}:weights)
-       └── every 0.5 s: new lines of metrics.jsonl, producers alive (heartbeats); on each new weight version,
-           greedy accuracy of those weights on the 100 prompts. Ends when the trainer exits (max_steps), then
-           stops the others with SIGTERM, writes the plot, prints a summary.
+       │                                    miles-stream train    ({ns}:trajectories ─► {ns}:weights), once the
+       │                                        evaluator has scored the untrained weights (version 0)
+       └── every 0.5 s: new lines of metrics.jsonl and eval.jsonl, producers alive (heartbeats). The accuracy
+           shown is the evaluator's pass@1 (greedy) on the 100 prompts, of the newest version it scored. Ends when
+           the trainer exits (max_steps), waits for the evaluator to score the last version, then stops the others
+           with SIGTERM, writes the plot, prints a summary.
 
 Everything lands in the work directory: the model, the dataset, the resolved config (`demo.yaml`, usable
 to attach another producer while the demo runs), one log per process, metrics.jsonl, eval.jsonl,
@@ -35,18 +38,19 @@ from miles_stream import aio
 from miles_stream.bus import Keys, RedisConfig, alive_members, connect
 from miles_stream.config import apply_overrides, build, load_yaml
 from miles_stream.demo.plot import plot_run
-from miles_stream.demo.task import greedy_accuracy, write_task
+from miles_stream.demo.task import write_task
 from miles_stream.demo.view import DemoState, render, summary
-from miles_stream.errors import MilesStreamError, WeightIntegrityError
+from miles_stream.errors import MilesStreamError
 from miles_stream.redis_server import EmbeddedRedis, die_with_parent
 from miles_stream.run_config import RunConfig, load_run_config
-from miles_stream.weights.transports import RedisTransport
 from miles_stream.weights.versions import WeightSubscriber
 
 log = structlog.get_logger(__name__)
 STALLED = "every group's rewards are equal (the policy is sure of its answers), so nothing more is learned"
 DEFAULT_CONFIG = Path(__file__).parent.parent / "resources" / "demo.yaml"
 TRAINER_EXIT_S = 60.0  # after being told to stop, the trainer commits and exports; one that takes longer is killed
+EVAL_START_S = 120.0  # the evaluator's start (torch, the model) and its score of version 0, at most
+LAST_EVAL_S = 30.0  # after the trainer exits: the evaluator's score of the last version, at most
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -105,6 +109,8 @@ def _prepare(work: Path, options: DemoOptions, model_dir: Path, prompts: Path) -
         f"feeder.path={prompts}",
         f"trainer.metrics_path={work / 'metrics.jsonl'}",
         f"trainer.export_dir={work / 'final-model'}",
+        f"eval.path={prompts}",  # the demo has no held-out set: the evaluator scores the 100 training prompts
+        f"eval.out={work / 'eval.jsonl'}",
     ]
     if options.steps is not None:
         paths.append(f"trainer.max_steps={options.steps}")
@@ -131,18 +137,19 @@ async def _supervise(run: Run, url: str, options: DemoOptions, console: Console)
     state = DemoState(max_steps=run.config.trainer.max_steps, started=time.monotonic())
     redis = connect(RedisConfig(url=url))
     keys = Keys(run.config.bus.namespace)
-    evaluator = _Evaluator(run, redis, keys)
-    await evaluator.maybe_evaluate(state)  # the untrained policy: version 0
-    for name, command in (("feeder", "feed"), ("producer", "produce"), ("trainer", "train")):
+    evals = _EvalLog(run.work / "eval.jsonl", run.config.trainer.publish_every)
+    for name, command in (("evaluator", "eval"), ("feeder", "feed"), ("producer", "produce")):
         run.children[name] = _spawn(run, name, command, url)
-    failed: Child | None = None
+    failed = await _first_eval(run, evals, state)  # version 0 is scored before any other exists
+    if failed is None:
+        run.children["trainer"] = _spawn(run, "trainer", "train", url)
     interrupt = asyncio.Event()  # Ctrl-C or SIGTERM: stop everything, summarise what there is
     stopping_since = 0.0  # when the trainer was told to stop
     for sig in (signal.SIGINT, signal.SIGTERM):
         asyncio.get_running_loop().add_signal_handler(sig, interrupt.set)
     try:
         with render(console, state, options.live) as refresh:
-            while not interrupt.is_set():
+            while failed is None and not interrupt.is_set():
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(interrupt.wait(), 0.5)
                 if not state.stop_reason:
@@ -159,21 +166,22 @@ async def _supervise(run: Run, url: str, options: DemoOptions, console: Console)
                     log.error("trainer_did_not_exit", after_s=TRAINER_EXIT_S)  # killed: reported as failed below
                     run.children["trainer"].proc.kill()
                 _read_metrics(run.work / "metrics.jsonl", state)
+                evals.read(state)
                 members = await alive_members(redis, keys, run.config.bus.heartbeat_ttl_s)
                 state.producers = sum(m.role == "producer" for m in members)
-                await evaluator.maybe_evaluate(state)
                 refresh()
                 trainer = run.children["trainer"].proc.poll()
                 failed = next((c for c in run.children.values() if c.proc.poll() not in (None, 0)), None)
                 if trainer is not None or failed is not None:
                     break
+            if failed is None and not interrupt.is_set():
+                await _last_eval(run, redis, keys, evals, state)
     except (KeyboardInterrupt, asyncio.CancelledError):
         interrupt.set()
     finally:
         _stop_all(run.children)
         _read_metrics(run.work / "metrics.jsonl", state)
-        with contextlib.suppress(Exception):
-            await evaluator.maybe_evaluate(state)
+        evals.read(state)
         await redis.aclose()
     if failed is not None:
         console.print(f"[red]the {failed.name} process failed (exit {failed.proc.returncode}); its log ends:[/red]")
@@ -215,40 +223,52 @@ def _read_metrics(path: Path, state: DemoState) -> None:
             state.last_step_at = time.monotonic()
 
 
-class _Evaluator:
-    """Greedy accuracy of each new weight version, on the demo's own copy of the model."""
+class _EvalLog:
+    """New lines of the evaluator's eval.jsonl: (trainer step, pass@1) into the demo's state."""
 
-    def __init__(self, run: Run, redis: Any, keys: Keys) -> None:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+    def __init__(self, path: Path, publish_every: int) -> None:
+        self.path, self.publish_every = path, publish_every
+        self.offset, self.version = 0, -1  # bytes read; the newest version scored
 
-        model_dir = run.config.trainer.model
-        self.model: Any = AutoModelForCausalLM.from_pretrained(model_dir)
-        self.model.train(False)
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        self.subscriber = WeightSubscriber(redis, keys, {"redis": RedisTransport(redis, keys)})
-        self.publish_every = run.config.trainer.publish_every
-        self.version = -1
-        self.out = run.work / "eval.jsonl"
-
-    async def maybe_evaluate(self, state: DemoState) -> None:
-        latest = await self.subscriber.latest()
-        version = latest[1].version if latest else 0
-        if version == self.version:
+    def read(self, state: DemoState) -> None:
+        if not self.path.exists():
             return
-        if latest is not None:
-            try:
-                weights = await self.subscriber.load(latest[1])
-            except WeightIntegrityError:  # pruned while we read it: a newer one is announced, try that next
-                return
-            self.model.load_state_dict(weights)
-        accuracy = await asyncio.to_thread(greedy_accuracy, self.model, self.tokenizer)
-        self.version = version
-        step = version * self.publish_every
-        state.evals.append((step, accuracy))
-        line = json.dumps({"step": step, "version": version, "accuracy": accuracy}) + "\n"
-        await asyncio.to_thread(_append, self.out, line)
+        with open(self.path) as f:
+            f.seek(self.offset)
+            for line in f:
+                if not line.endswith("\n"):
+                    break  # a line being written: read it next time
+                row = json.loads(line)
+                self.offset += len(line.encode())
+                self.version = max(self.version, int(row["version"]))
+                state.evals.append((int(row["version"]) * self.publish_every, float(row["pass_at_1"])))
 
 
-def _append(path: Path, line: str) -> None:
-    with open(path, "a") as f:
-        f.write(line)
+async def _first_eval(run: Run, evals: _EvalLog, state: DemoState) -> Child | None:
+    """Wait for the evaluator's score of version 0 (the trainer starts after it); the child that failed, if one
+    did. A timeout is the evaluator's failure."""
+    deadline = time.monotonic() + EVAL_START_S
+    while not state.evals:
+        failed = next((c for c in run.children.values() if c.proc.poll() not in (None, 0)), None)
+        if failed is not None:
+            return failed
+        if time.monotonic() > deadline:
+            log.error("evaluator_did_not_start", after_s=EVAL_START_S)
+            run.children["evaluator"].proc.kill()
+            run.children["evaluator"].proc.wait()
+            return run.children["evaluator"]
+        await asyncio.sleep(0.1)
+        evals.read(state)
+    return None
+
+
+async def _last_eval(run: Run, redis: Any, keys: Keys, evals: _EvalLog, state: DemoState) -> None:
+    """After the trainer exits: wait (LAST_EVAL_S at most) until the evaluator has scored the last version."""
+    latest = await WeightSubscriber(redis, keys, {}).latest()
+    last = latest[1].version if latest is not None else 0
+    deadline = time.monotonic() + LAST_EVAL_S
+    while evals.version < last and time.monotonic() < deadline and run.children["evaluator"].proc.poll() is None:
+        await asyncio.sleep(0.1)
+        evals.read(state)
+    if evals.version < last:
+        log.warning("last_version_not_evaluated", version=last, evaluated=evals.version)

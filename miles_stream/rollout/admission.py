@@ -93,6 +93,7 @@ class Admission:
         self._read_at = -math.inf
         self._queued_since_read = 0
         self.waits = 0  # times a start had to wait for room
+        self.waiting = False  # waiting for room now (heartbeats carry it to `status --watch`)
 
     def note_queued(self) -> None:
         """Call when this producer puts a group in line (published, or recycled as a partial): it counts as
@@ -114,20 +115,24 @@ class Admission:
     async def wait_for_room(self, own_in_flight: Callable[[], int], stop: asyncio.Event) -> bool:
         """Return True once one more group fits the budget, False if `stop` is set first."""
         logged = False
-        while not stop.is_set():
-            budget = await self.budget()
-            room = budget.room(own_in_flight() + self._queued_since_read, self.own_version())
-            if room is None or room >= 1:
-                return True
-            if not logged:
-                self.waits += 1
-                log.info("admission_waiting", limit=budget.limit(self.own_version()), queued=budget.queued,
-                         in_flight=budget.others_in_flight + own_in_flight(), version=self.own_version(),
-                         trainer_version=budget.trainer_version)  # fmt: skip
-                logged = True
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), self.config.backpressure_poll_s)
-        return False
+        try:
+            while not stop.is_set():
+                budget = await self.budget()
+                room = budget.room(own_in_flight() + self._queued_since_read, self.own_version())
+                if room is None or room >= 1:
+                    return True
+                self.waiting = True
+                if not logged:
+                    self.waits += 1
+                    log.info("admission_waiting", limit=budget.limit(self.own_version()), queued=budget.queued,
+                             in_flight=budget.others_in_flight + own_in_flight(), version=self.own_version(),
+                             trainer_version=budget.trainer_version)  # fmt: skip
+                    logged = True
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), self.config.backpressure_poll_s)
+            return False
+        finally:
+            self.waiting = False
 
     async def _read(self) -> Budget:
         """The trainers' bounds from their heartbeats, then the backlog, then their version and held count

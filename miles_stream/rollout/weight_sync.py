@@ -70,6 +70,10 @@ class WeightFollower:
                 log.warning("weights_follow_retry", error=str(exc))
                 await asyncio.sleep(1.0)
 
+    async def update(self, manifest: WeightManifest) -> None:
+        """Load `manifest`'s version and give it to the engine now (the evaluator picks its own versions)."""
+        await self._update(manifest)
+
     async def _update(self, manifest: WeightManifest) -> None:
         started = time.perf_counter()
         state = None  # loaded (and verified) before anything is aborted, where the engine takes tensors

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from miles_stream.buffer.replay import BufferCounters
     from miles_stream.bus.groups import ConsumeCounters
     from miles_stream.bus.streams import StreamConsumer
+    from miles_stream.evaluation.evaluator import EvalCounters
     from miles_stream.feeder import Feeder
     from miles_stream.rollout.admission import Admission
     from miles_stream.rollout.producer import RolloutProducer
@@ -88,6 +89,35 @@ def feeder_metrics(feeder: Feeder) -> Collect:
 
 def recorder_metrics(records: Callable[[], int]) -> Collect:
     return lambda: [CounterMetricFamily(P + "recorder_records", "Trajectory entries written", value=records())]
+
+
+def eval_metrics(counters: EvalCounters) -> Collect:
+    """The evaluator's last result (absent until its first), and how many versions it scored or passed over."""
+
+    def collect() -> Iterator[Metric]:
+        events = _counter("eval_versions_total", "Weight versions the evaluator scored, skipped or failed to load",
+                          ["outcome"])  # fmt: skip
+        for outcome in ("evaluated", "skipped", "rejected"):
+            events.add_metric([outcome], getattr(counters, outcome))
+        yield events
+        r = counters.last
+        if r is None:
+            return
+        yield GaugeMetricFamily(P + "eval_weight_version", "The weight version of the last eval result",
+                                value=r.version)  # fmt: skip
+        yield GaugeMetricFamily(P + "eval_pass_at_1", "Greedy: share of held-out prompts answered correctly",
+                                value=r.pass_at_1)  # fmt: skip
+        at_k = _gauge("eval_pass_at_k", "Unbiased pass@k over the n sampled responses per prompt", ["k"])
+        for k, v in sorted(r.pass_at_k.items()):
+            at_k.add_metric([str(k)], v)
+        yield at_k
+        for name, value, doc in (("eval_reward_mean", r.reward_mean, "Mean reward of the sampled responses"),
+                                 ("eval_response_tokens_mean", r.response_tokens_mean, "Mean response length, tokens"),
+                                 ("eval_truncated_ratio", r.truncated_rate, "Responses cut at max_new_tokens"),
+                                 ("eval_duration_seconds", r.eval_s, "Wall time of the last evaluation")):  # fmt: skip
+            yield GaugeMetricFamily(P + name, doc, value=value)
+
+    return collect
 
 
 def producer_metrics(producer: RolloutProducer, admission: Admission) -> Collect:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -12,6 +13,8 @@ from miles_stream.bus.done import done_count
 from miles_stream.bus.heartbeat import Member, alive_members
 from miles_stream.bus.keys import Keys
 from miles_stream.bus.streams import as_str
+from miles_stream.evaluation.follow import parse_results
+from miles_stream.evaluation.record import EvalResult
 from miles_stream.weights.versions import WeightSubscriber
 
 
@@ -40,6 +43,12 @@ class NamespaceStatus:
     latest_weight_version: int | None
     dead_letters: int
     done_groups: dict[str, int] = field(default_factory=dict)
+    evals: tuple[EvalResult, ...] = ()  # the newest result of each evaluator, newest first (from {ns}:eval)
+    taken_at: float = 0.0  # unix time of the snapshot (rates in `status --watch` come from two of them)
+
+    @property
+    def last_eval(self) -> EvalResult | None:
+        return self.evals[0] if self.evals else None
 
     def stream(self, key: str) -> StreamStatus:
         return next(s for s in self.streams if s.key == key)
@@ -77,7 +86,18 @@ async def namespace_status(redis: aioredis.Redis, keys: Keys, heartbeat_ttl_s: f
         latest_weight_version=version,
         dead_letters=next(s.length for s in streams if s.key == keys.dead),
         done_groups={k: v for k, v in done.items() if v},
+        evals=await latest_evals(redis, keys),
+        taken_at=time.time(),
     )
+
+
+async def latest_evals(redis: aioredis.Redis, keys: Keys, look_back: int = 64) -> tuple[EvalResult, ...]:
+    """The newest result of each evaluator among the last `look_back` entries of `{ns}:eval`, newest first."""
+    entries: Any = await redis.xrevrange(keys.eval, count=look_back)
+    newest: dict[str, EvalResult] = {}
+    for result in parse_results(entries):
+        newest.setdefault(result.evaluator_id, result)
+    return tuple(newest.values())
 
 
 def describe_server(info: dict[str, Any]) -> str:

@@ -1,5 +1,5 @@
-"""Rendering of a `NamespaceStatus`: rich tables for people, JSON for scripts, and with --watch a live view on a
-terminal or one snapshot after another into a file or a pipe."""
+"""Rendering of a `NamespaceStatus`: rich tables for people, JSON for scripts, and with --watch the operators'
+80-column view (`operator.py`) live on a terminal, or one snapshot after another into a file or a pipe."""
 
 from __future__ import annotations
 
@@ -17,9 +17,11 @@ import redis.asyncio as aioredis
 from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
+from rich.text import Text
 
 from miles_stream.aio import stop_task
 from miles_stream.bus import Keys
+from miles_stream.status.operator import operator_lines
 from miles_stream.status.snapshot import NamespaceStatus, namespace_status
 
 
@@ -80,6 +82,10 @@ def build_view(status: NamespaceStatus) -> Group:
     summary.add_row("versions producers use", ", ".join(map(str, in_use)) or "-")
     summary.add_row("producer staleness (versions)", "-" if behind is None else str(behind))
     summary.add_row("dead letters", str(status.dead_letters))
+    for r in status.evals:
+        at_k = ", ".join(f"pass@{k} {v:.3f}" for k, v in sorted(r.pass_at_k.items()))
+        summary.add_row(f"last eval ({r.evaluator_id})", f"v{r.version}: greedy pass@1 {r.pass_at_1:.3f}"
+                        + (f", sampled {at_k}" if at_k else "") + f", reward {r.reward_mean:.3f}")  # fmt: skip
     for group, n in status.done_groups.items():
         summary.add_row(f"groups committed by {group!r}", str(n))
     summary.add_row("as of", time.strftime("%Y-%m-%d %H:%M:%S"))
@@ -125,32 +131,36 @@ async def _live(redis: aioredis.Redis, keys: Keys, ttl_s: float, interval_s: flo
     status = await _snapshot(redis, keys, ttl_s, stopped)
     if status is None:
         return
-    with Live(build_view(status), refresh_per_second=4, screen=False) as live:
+    with Live(_operator(status, None), refresh_per_second=4, screen=False) as live:
         while not await _wait(stopped, interval_s):
-            status = await _snapshot(redis, keys, ttl_s, stopped)
+            previous, status = status, await _snapshot(redis, keys, ttl_s, stopped)
             if status is None:
                 return
-            live.update(build_view(status))
+            live.update(_operator(status, previous))
+
+
+def _operator(status: NamespaceStatus, previous: NamespaceStatus | None) -> Text:
+    return Text("\n".join(operator_lines(status, previous)), no_wrap=True)
 
 
 async def _print_snapshots(
     redis: aioredis.Redis, keys: Keys, ttl_s: float, interval_s: float, stopped: asyncio.Event, *, as_json: bool
 ) -> None:
-    console = Console(file=sys.stdout)
     status = await _snapshot(redis, keys, ttl_s, stopped)
+    previous: NamespaceStatus | None = None
     while status is not None:
         try:
             if as_json:
                 sys.stdout.write(render_json(status, indent=None))
             else:
-                console.print(build_view(status), "")
+                sys.stdout.write("\n".join([*operator_lines(status, previous), "", ""]))
             sys.stdout.flush()
         except BrokenPipeError:  # the reader went away (`| head`): stop, and keep Python's exit flush quiet
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             return
         if await _wait(stopped, interval_s):
             return
-        status = await _snapshot(redis, keys, ttl_s, stopped)
+        previous, status = status, await _snapshot(redis, keys, ttl_s, stopped)
 
 
 async def _wait(stopped: asyncio.Event, timeout_s: float) -> bool:

@@ -87,6 +87,7 @@ class TrainerService:
         self.namespace = ""
         self.parallel = trainer.parallel
         self.progress = TrainProgress()
+        self.waiting = ""  # "data" while waiting for a batch (heartbeats carry it to `status --watch`)
         self._uncommitted: list[Claim] = []
         self._seen = (0, 0.0, 0)  # buffer's (samples, reward sum, correct) at the previous step
 
@@ -97,7 +98,9 @@ class TrainerService:
         outage, lost = False, None
         try:
             while not self._finished():
+                self.waiting = "data"
                 batch = await self.buffer.next_batch(self.progress.version, stop)
+                self.waiting = ""
                 if not self._all_ranks(batch is not None and not stop.is_set() and not self._lease_lost()):
                     break
                 assert batch is not None

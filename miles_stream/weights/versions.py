@@ -146,6 +146,15 @@ class WeightSubscriber:
                 return newest, parsed[1]
         return newest, None
 
+    async def announced_after(self, entry_id: str, block_ms: int) -> tuple[str, list[WeightManifest]] | None:
+        """Every announcement after `entry_id` (waiting up to `block_ms`), oldest first: (the newest entry id
+        read, the manifests that decode). None if nothing came."""
+        reply: Any = await self.redis.xread({self.keys.weights: entry_id}, block=block_ms)
+        if not reply:
+            return None
+        entries = reply[0][1]
+        return entries[-1][0].decode(), [parsed[1] for e in entries if (parsed := _parse(e)) is not None]
+
     async def load(self, manifest: WeightManifest) -> dict[str, torch.Tensor]:
         transport = self.transports.get(manifest.transport)
         if transport is None:

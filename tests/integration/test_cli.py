@@ -239,14 +239,17 @@ def test_cli_status_watch_json_into_a_pipe_prints_one_json_object_a_line_until_s
 
 
 @pytest.mark.integration
-def test_cli_status_watch_into_a_pipe_prints_a_table_per_snapshot_until_ctrl_c(redis_url: str, tmp_path: Path) -> None:
+def test_cli_status_watch_into_a_pipe_prints_the_80_column_view_per_snapshot_until_ctrl_c(
+    redis_url: str, tmp_path: Path
+) -> None:
     proc = watch_status(redis_url, tmp_path / "stderr")
     out = Lines(proc)
     try:
-        two = out.wait_for(lambda lines: sum("processes alive" in line for line in lines) >= 2, timeout_s=90)
+        two = out.wait_for(lambda lines: sum("WAITS ON" in line for line in lines) >= 2, timeout_s=90)
     finally:
         err = stop_watch(proc, signal.SIGINT, tmp_path / "stderr")
         out.close()
     assert two, f"fewer than two snapshots: {out.lines!r} {err}"
-    assert "watch:trajectories" in "".join(out.lines)
+    assert any(line.startswith("trajectories:") for line in out.lines)
+    assert all(len(line.rstrip("\n")) <= 80 for line in out.lines)
     assert proc.returncode == 130, err

@@ -18,6 +18,8 @@ from miles_stream.buffer.replay import BufferCounters
 from miles_stream.bus.groups import ConsumeCounters
 from miles_stream.bus.streams import reason_kind
 from miles_stream.errors import ConfigError
+from miles_stream.evaluation.evaluator import EvalCounters
+from miles_stream.evaluation.record import EvalResult
 from miles_stream.metrics_http import Collect, MetricsConfig, MetricsServer
 from miles_stream.redis_server import free_port
 from miles_stream.status import exporter
@@ -53,7 +55,13 @@ def every_role() -> Collect:
         exporter.weight_version_metric("trainer", lambda: 2),
         exporter.recorder_metrics(lambda: 5),
         lambda: exporter.streams_to_metrics(streams),
+        exporter.eval_metrics(EvalCounters(evaluated=2, skipped=1, last=LAST_EVAL)),
     )
+
+
+LAST_EVAL = EvalResult(version=4, evaluator_id="e", dataset="d", prompts=10, n_samples=4, pass_at_1=0.5,
+                       pass_at_k={1: 0.4, 4: 0.8}, reward_mean=0.4, greedy_reward_mean=0.5, response_tokens_mean=3.0,
+                       truncated_rate=0.1, eval_s=2.0, skipped=1, created_at=0.0)  # fmt: skip
 
 
 def sample_names(families: list[Metric]) -> set[str]:
@@ -71,7 +79,20 @@ def test_every_exported_name_has_the_prefix_and_a_unit_or_total_where_it_counts(
             "miles_stream_producer_tokens_total", "miles_stream_admission_waits_total",
             "miles_stream_trainer_step_seconds_sum", "miles_stream_trainer_wait_seconds_sum",
             "miles_stream_trainer_publish_blocked_seconds_sum", "miles_stream_batch_staleness_versions_bucket",
-            "miles_stream_weight_version"} <= names  # fmt: skip
+            "miles_stream_weight_version", "miles_stream_eval_pass_at_1", "miles_stream_eval_pass_at_k",
+            "miles_stream_eval_reward_mean", "miles_stream_eval_weight_version",
+            "miles_stream_eval_versions_total"} <= names  # fmt: skip
+
+
+def test_eval_gauges_carry_the_last_result_and_are_absent_before_the_first() -> None:
+    families = exporter.eval_metrics(EvalCounters(evaluated=2, skipped=1, last=LAST_EVAL))()
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in families for s in f.samples}
+    assert samples[("miles_stream_eval_pass_at_1", ())] == 0.5
+    assert samples[("miles_stream_eval_pass_at_k", (("k", "4"),))] == 0.8
+    assert samples[("miles_stream_eval_weight_version", ())] == 4
+    assert samples[("miles_stream_eval_versions_total", (("outcome", "skipped"),))] == 1
+    before = sample_names(list(exporter.eval_metrics(EvalCounters())()))
+    assert before == {"miles_stream_eval_versions_total"}
 
 
 def test_the_staleness_histogram_is_cumulative_over_its_buckets() -> None:
