@@ -171,20 +171,26 @@ def test_miles_stream_eval_beside_a_live_pipeline_shows_in_the_stream_status_met
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     procs: dict[str, subprocess.Popen[bytes]] = {}
     try:
-        for name, cmd in cmds.items():
-            procs[name] = _start(cmd, tmp_path / f"{name}.log", env)
         with sync_redis.Redis.from_url(redis_url) as client:
 
             def evaluated() -> list[int]:
                 return [r.version for r in parse_results(client.xrange(f"{ns}:eval"))]
 
+            procs["evaluator"] = _start(cmds["evaluator"], tmp_path / "evaluator.log", env)
             deadline = time.monotonic() + 240
+            while not evaluated():  # the untrained weights first, before any trainer exists (as the demo starts)
+                assert procs["evaluator"].poll() is None, (tmp_path / "evaluator.log").read_text()[-3000:]
+                assert time.monotonic() < deadline, "no eval of the untrained weights"
+                time.sleep(0.2)
+            for name, cmd in cmds.items():
+                if name != "evaluator":
+                    procs[name] = _start(cmd, tmp_path / f"{name}.log", env)
             while not (len(evaluated()) >= 2 and max(evaluated()) >= 1):
                 for name, proc in procs.items():
                     assert proc.poll() is None, f"{name} exited: " + (tmp_path / f"{name}.log").read_text()[-3000:]
                 assert time.monotonic() < deadline, f"no eval of a trained version: {evaluated()}"
                 time.sleep(0.2)
-            assert evaluated()[0] == 0  # it attached before the trainer published: the untrained weights first
+            assert evaluated()[0] == 0
             assert [g["name"] for g in client.xinfo_groups(f"{ns}:trajectories")] == [b"trainer"]  # no eval group
 
         status = subprocess.run([*CLI, "status", "--json", "--redis-url", redis_url, f"bus.namespace={ns}"],
