@@ -16,11 +16,9 @@ from __future__ import annotations
 
 import argparse
 import base64
-import io
 import itertools
 import json
 import os
-import pickle
 import threading
 import urllib.error
 import urllib.request
@@ -28,7 +26,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import torch
-from sglang_standin_weights import Weights
+from sglang_standin_weights import Reply, Weights
 
 # sglang/api/v1/api_types.py:177-208: SamplingParams is a JSON object whose unknown keys are rejected; the
 # decoder (api_types.py:1259-1330) checks each key's JSON type. The keys and types we may meet:
@@ -50,11 +48,6 @@ ADMIN_ROUTES = frozenset({"/flush_cache", "/update_weights_from_disk", "/init_we
                           "/destroy_weights_update_group", "/update_weights_from_tensor", "/begin_weight_update",
                           "/end_weight_update", "/update_weights_from_distributed", "/update_weight_version",
                           "/abort_request", "/pause_generation", "/continue_generation"})  # fmt: skip
-
-
-class Reply(Exception):
-    def __init__(self, status: int, body: Any) -> None:
-        self.status, self.body = status, body
 
 
 def _bearer(header: str | None, key: str) -> bool:  # sglang/srt/utils/auth.py:108-117
@@ -325,41 +318,6 @@ def serve(app: Server | Router, port: int) -> None:
 
 def _wire(version: int) -> str:
     return "default" if version == 0 else str(version)
-
-
-def loads_restricted(data: bytes) -> Any:
-    """utils/common.py:3085-3099 + 3144-3345 (SafeUnpickler): only allow-listed globals; the ones a tensor
-    pickle names are listed here (torch's rebuild functions, storage and dtype types)."""
-    allowed = {("torch.multiprocessing.reductions", n) for n in ("rebuild_tensor", "rebuild_cuda_tensor",
-               "rebuild_storage_fd", "rebuild_storage_filename", "rebuild_typed_storage")}  # fmt: skip
-    allowed |= {("torch", "Tensor"), ("torch", "Size"), ("torch.storage", "UntypedStorage"),
-                ("torch.storage", "TypedStorage"), ("torch.nn.parameter", "Parameter")}  # fmt: skip
-
-    class SafeUnpickler(pickle.Unpickler):
-        def find_class(self, module: str, name: str) -> Any:
-            if (module, name) == ("torch.multiprocessing.reductions", "rebuild_cuda_tensor"):
-                return rebuild_cuda_tensor_by_uuid  # what the name resolves to once SGLang has patched torch
-            if (module, name) in allowed or (module == "torch" and isinstance(getattr(torch, name, None),
-                                                                             torch.dtype)):  # fmt: skip
-                return super().find_class(module, name)
-            raise pickle.UnpicklingError(f"Deserialization of {module}.{name} is not allowed")
-
-    return SafeUnpickler(io.BytesIO(data)).load()
-
-
-def rebuild_cuda_tensor_by_uuid(*args: Any) -> Any:
-    """utils/patch_torch.py:80-99: argument 6, the device, may be a GPU's UUID, found among this process's
-    devices; an int is taken as this process's own ordinal (so a sender's bare ordinal names whatever GPU has
-    that ordinal here)."""
-    from torch.multiprocessing import reductions
-
-    device = args[6]
-    if isinstance(device, str):
-        found = [i for i in range(torch.cuda.device_count()) if str(torch.cuda.get_device_properties(i).uuid) == device]
-        if not found:
-            raise RuntimeError("Invalid device_uuid=" + device)
-        device = found[0]
-    return reductions.rebuild_cuda_tensor(*args[:6], device, *args[7:])
 
 
 if __name__ == "__main__":

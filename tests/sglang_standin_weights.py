@@ -7,6 +7,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import io
+import pickle
 import threading
 import time
 from datetime import timedelta
@@ -17,6 +19,13 @@ import torch
 
 WU = "sglang/srt/managers/scheduler_components/weight_updater.py"
 MRU = "sglang/srt/model_executor/model_runner_components/weight_updater.py"
+
+
+class Reply(Exception):
+    """An HTTP answer other than 200 (here, not in sglang_standin.py: that one runs as __main__)."""
+
+    def __init__(self, status: int, body: Any) -> None:
+        self.status, self.body = status, body
 
 
 class Weights:
@@ -39,8 +48,6 @@ class Weights:
 
     def _reply(self, success: bool, message: str, **more: Any) -> Any:
         """The weight routes answer {"success", "message"} with 200, or 400 on failure (http_server.py:1300-1556)."""
-        from sglang_standin import Reply
-
         if not success:
             raise Reply(400, {"success": False, "message": message, **more})
         return {"success": True, "message": message, **more}
@@ -158,8 +165,6 @@ class Weights:
         """WU:232-262: needs the session; this rank reads entry [tp_rank] only (tp_worker.py:194-201), base64
         text from HTTP (io_struct.py:2030-2035, utils/common.py:3109-3132), unpickled by SafeUnpickler with
         SGLang's patched CUDA rebuild (a device named by UUID: utils/patch_torch.py:80-99)."""
-        from sglang_standin import loads_restricted
-
         self._dp_one("update weights from tensor")
         if not self.session:
             return self._reply(False, "update_weights_from_tensor must run between begin_weight_update() and "
@@ -200,3 +205,38 @@ class Weights:
 
 def _ours(version: str) -> int:
     return 0 if version == "default" else int(version)
+
+
+def loads_restricted(data: bytes) -> Any:
+    """utils/common.py:3085-3099 + 3144-3345 (SafeUnpickler): only allow-listed globals; the ones a tensor
+    pickle names are listed here (torch's rebuild functions, storage and dtype types)."""
+    allowed = {("torch.multiprocessing.reductions", n) for n in ("rebuild_tensor", "rebuild_cuda_tensor",
+               "rebuild_storage_fd", "rebuild_storage_filename", "rebuild_typed_storage")}  # fmt: skip
+    allowed |= {("torch", "Tensor"), ("torch", "Size"), ("torch.storage", "UntypedStorage"),
+                ("torch.storage", "TypedStorage"), ("torch.nn.parameter", "Parameter")}  # fmt: skip
+
+    class SafeUnpickler(pickle.Unpickler):
+        def find_class(self, module: str, name: str) -> Any:
+            if (module, name) == ("torch.multiprocessing.reductions", "rebuild_cuda_tensor"):
+                return rebuild_cuda_tensor_by_uuid  # what the name resolves to once SGLang has patched torch
+            if (module, name) in allowed or (module == "torch" and isinstance(getattr(torch, name, None),
+                                                                             torch.dtype)):  # fmt: skip
+                return super().find_class(module, name)
+            raise pickle.UnpicklingError(f"Deserialization of {module}.{name} is not allowed")
+
+    return SafeUnpickler(io.BytesIO(data)).load()
+
+
+def rebuild_cuda_tensor_by_uuid(*args: Any) -> Any:
+    """utils/patch_torch.py:80-99: argument 6, the device, may be a GPU's UUID, found among this process's
+    devices; an int is taken as this process's own ordinal (so a sender's bare ordinal names whatever GPU has
+    that ordinal here)."""
+    from torch.multiprocessing import reductions
+
+    device = args[6]
+    if isinstance(device, str):
+        found = [i for i in range(torch.cuda.device_count()) if str(torch.cuda.get_device_properties(i).uuid) == device]
+        if not found:
+            raise RuntimeError("Invalid device_uuid=" + device)
+        device = found[0]
+    return reductions.rebuild_cuda_tensor(*args[:6], device, *args[7:])

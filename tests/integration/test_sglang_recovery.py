@@ -238,7 +238,7 @@ async def test_a_refused_generate_is_a_bad_request_not_a_dead_server(dense_dir: 
         with pytest.raises(RequestRefused, match="exceeds the model's maximum context length of 32 tokens"):
             await engine.generate(requests(1, over))
         with pytest.raises(RequestRefused, match=r"top_p must be in \(0, 1\], got 0.0"):
-            await client.generate({"input_ids": [1, 2], "sampling_params": {"top_p": 0.0}})
+            await client.generate({"input_ids": [1, 2], "sampling_params": {"top_p": 0.0, "max_new_tokens": 4}})
         assert engine.servers == {server.url: True}  # not taken out of rotation
         (result,) = await engine.generate(requests(1, SamplingParams(temperature=0.0, max_new_tokens=4)))
         assert len(result.response_ids) >= 1

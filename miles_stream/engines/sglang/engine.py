@@ -113,8 +113,8 @@ class SGLangEngine:
         old or half-written weights, never resumed so); if none succeeds this raises."""
         async with self._update_lock:
             self._latest = (manifest, load)
-            servers = [s for s in self._servers.values() if not s.draining]
-            failed = await self._update(servers, manifest, load)
+            servers = [s for s in self._servers.values() if not (s.draining or s.joining)]  # joining: synced
+            failed = await self._update(servers, manifest, load)  # by attach() right after, under this lock
             if servers and len(failed) == len(servers):
                 raise failed[0]
             self._version = manifest.version

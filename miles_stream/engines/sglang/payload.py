@@ -1,8 +1,9 @@
 """What goes over the wire to SGLang's `/generate` and what comes back, as pure functions.
 
 The request carries token ids (never text) and only sampling keys SGLang accepts (0.5.23 answers 400 to an
-unknown one: sglang/api/v1/api_types.py:177-178, http_server.py:933-940). The response's `meta_info.output_token_logprobs` items are [logprob, token id, text or null],
-one per output token including a final stop token; the tokens are taken from there, never re-tokenised.
+unknown one: sglang/api/v1/api_types.py:177-178, srt/entrypoints/http_server.py:933-940). The response's
+`meta_info.output_token_logprobs` items are [logprob, token id, text or null], one per output token including
+a final stop token; the tokens are taken from there, never re-tokenised.
 `finish_reason.type` stop / length / abort maps to ours; an abort is a partial the producer can resume.
 Versions are strings on the wire ("default" before any update, our integers after); `weight_versions`
 (0.5.23) gives spans over output tokens when a request outlived an update, else `weight_version` covers all.
