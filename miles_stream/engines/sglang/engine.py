@@ -4,7 +4,8 @@ plays what that source does (tests/sglang_standin.py).
 
     generate(requests) ──► one /generate per sample (unique rid), on the server with the fewest in flight
                            (or through the router), at most max_inflight_per_server each ──► parse_generate
-    apply_manifest(v)  ──► updates.update_servers: pause ─ flush ─ [begin] ─ push ─ version ─ [end] ─ continue
+    apply_manifest(v)  ──► updates.update_servers: pause ─ flush ─ [begin] ─ push ─ [end ─ version] ─ check
+                           ─ continue
     attach(url)        ──► wait /health_generate (resuming a paused server) ─ check /server_info ─ sync to the
                            current version ─ check /model_info ─ register with the router ─ in rotation
     detach(url)        ──► out of rotation ─ drain (abort after a grace period) ─ unregister
@@ -103,7 +104,12 @@ class SGLangEngine:
         self._health = asyncio.create_task(self._health_loop(), name="sglang-health")
 
     async def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
-        return list(await asyncio.gather(*(self._generate_one(r) for r in requests)))
+        """Every sample ends (none is left running unawaited) before the first failure, if any, is raised."""
+        results = await asyncio.gather(*(self._generate_one(r) for r in requests), return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        return [r for r in results if isinstance(r, GenerationResult)]
 
     async def update_weights(self, version: int, state: Mapping[str, torch.Tensor]) -> None:
         raise MilesStreamError("the SGLang engine updates from a published manifest (apply_manifest)")
@@ -283,7 +289,7 @@ class SGLangEngine:
                       dirty=error.dirty, error=str(error))  # fmt: skip
             server.paused, server.dirty = True, server.dirty or error.dirty
             await self._set_healthy(server, False)
-            if self._router is not None:  # it waits paused: the router must not send it work meanwhile
+            if self._router is not None and not server.unrouted:  # it waits paused: no work from the router
                 await self._unregister(server.client.url)
         return failed
 
