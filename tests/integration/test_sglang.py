@@ -1,7 +1,8 @@
-"""`SGLangEngine` against stand-in SGLang servers (tests/sglang_standin.py: our native engine behind the HTTP API
-of SGLang 0.5.2x, written from the spec; no real SGLang runs here): generation, abort and resume, the weight
+"""`SGLangEngine` against stand-in SGLang servers (tests/sglang_standin.py: our native engine behind the HTTP
+behaviour read in SGLang 0.5.23's source; no real SGLang runs here): generation, abort and resume, the weight
 update sequence over disk / distributed (gloo) / tensor, a failed and a hung update, attach and detach through
-a stand-in router, a failing server taken out and brought back."""
+a stand-in router, a failing server taken out and brought back. Failures, recovery, weight groups, keys and
+attach checks: test_sglang_recovery.py."""
 
 from __future__ import annotations
 
@@ -42,9 +43,10 @@ def free_port() -> int:
 
 
 class Standin:
-    def __init__(self, *args: str) -> None:
-        self.port = free_port()
-        env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent.parent)}
+    def __init__(self, *args: str, health_timeout_s: float = 20.0, key: str = "") -> None:
+        self.port, self.key = free_port(), key
+        env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent.parent),
+               "SGLANG_HEALTH_CHECK_TIMEOUT": str(health_timeout_s)}  # fmt: skip  # read as SGLang reads it
         self.proc = subprocess.Popen([sys.executable, str(STANDIN), "--port", str(self.port), *args], env=env,
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
         assert self.proc.stdout is not None
@@ -57,7 +59,7 @@ class Standin:
         self.url = f"http://127.0.0.1:{self.port}"
 
     async def call(self, path: str, body: Any = None) -> Any:
-        client = SGLangClient(self.url)
+        client = SGLangClient(self.url, api_key=self.key)
         try:
             return await client.request("POST" if body is not None else "GET", path, body)
         finally:
@@ -103,7 +105,7 @@ async def native(dense_dir: Path) -> AsyncIterator[NativeEngine]:
 
 
 def config(*urls: str, **kw: Any) -> SGLangConfig:
-    return SGLangConfig(urls=urls, health_interval_s=0.2, update_timeout_s=30, **kw)
+    return SGLangConfig(**{"urls": urls, "health_interval_s": 0.2, "update_timeout_s": 30, **kw})
 
 
 def requests(n: int, params: SamplingParams = GREEDY) -> list[GenerationRequest]:
@@ -142,10 +144,10 @@ async def test_generation_carries_the_engine_tokens_logprobs_and_versions(server
 
 
 async def test_the_spec_schema_gate_refuses_unknown_sampling_keys_and_ours_pass_it(servers: list[Standin]) -> None:
-    with pytest.raises(SGLangError, match="unknown sampling_params key 'top_n'") as info:
+    with pytest.raises(SGLangError, match="unknown field `top_n`, expected one of") as info:
         await servers[0].call("/generate", {"input_ids": [1, 2], "sampling_params": {"top_n": 3}})
     assert info.value.status == 400
-    with pytest.raises(SGLangError, match="wrong type"):
+    with pytest.raises(SGLangError, match=r"invalid type: floating point `2.0`, expected i64"):
         await servers[0].call("/generate", {"input_ids": [1, 2], "sampling_params": {"max_new_tokens": 2.0}})
     engine = SGLangEngine(config(servers[0].url))
     await engine.start()
@@ -181,7 +183,7 @@ async def test_an_aborted_sample_comes_back_partial_and_resumes_to_its_budget(se
 
 
 async def test_moe_routing_is_decoded_to_the_native_engines_trace(moe_dir: Path) -> None:
-    server = Standin("--model", str(moe_dir))
+    server = Standin("--model", str(moe_dir), "--enable-return-routed-experts")
     native = NativeEngine(str(moe_dir), max_batch=8)
     layout = moe_layout(str(moe_dir))
     assert layout is not None and layout.moe_layers == (0, 1) and layout.top_k == 2
@@ -256,9 +258,9 @@ async def test_distributed_and_tensor_updates_reach_every_server(
             stats = await s.call("/standin/stats")
             assert stats["version"] == "3" and not stats["session"] and not stats["paused"]
             calls = [c for c in stats["calls"] if c.startswith("/update") or c.endswith("weight_update")]
-            assert calls[0] == "/begin_weight_update" and calls[-2:] == ["/update_weight_version",
-                                                                         "/end_weight_update"]  # fmt: skip
-            assert len(calls) > 4  # several buckets of at most 1 MiB
+            assert calls[0] == "/begin_weight_update" and calls[-2:] == ["/end_weight_update",
+                                                                         "/update_weight_version"]  # fmt: skip
+            assert len(calls) > 4 and len(stats["loaded"]) > 2  # several buckets of at most 16 KiB
         for _ in range(4):  # spread over both servers
             (got,) = await engine.generate(requests(1))
             assert got.response_ids.tolist() == want.response_ids.tolist()
@@ -268,19 +270,26 @@ async def test_distributed_and_tensor_updates_reach_every_server(
         torch.multiprocessing.set_sharing_strategy(strategy)  # type: ignore[no-untyped-call]
 
 
-async def test_a_failed_update_is_raised_and_the_server_is_left_paused(servers: list[Standin], dense_dir: Path,
-                                                                        tmp_path: Path) -> None:  # fmt: skip
+async def test_a_failed_disk_update_is_raised_and_the_rolled_back_server_comes_back(
+    servers: list[Standin], dense_dir: Path, tmp_path: Path
+) -> None:
     manifest = await publish(tmp_path, 1, perturbed(dense_dir, seed=3))
-    engine = SGLangEngine(config(servers[0].url))
+    engine = SGLangEngine(dataclasses.replace(config(servers[0].url), health_interval_s=60))
     await engine.start()
     try:
         await servers[0].call("/standin/faults", {"fail_next_update": True})
-        with pytest.raises(WeightUpdateError, match="injected failure"):
+        with pytest.raises(WeightUpdateError, match="Rolling back to original weights"):
             await engine.apply_manifest(manifest, _no_state)
         stats = await servers[0].call("/standin/stats")
-        assert stats["paused"] and stats["version"] == "default"  # never resumed on what it has
+        assert stats["paused"] and stats["version"] == "default"  # not resumed by the update that failed
         assert engine.weight_version == 0 and engine.servers == {servers[0].url: False}
         assert "/continue_generation" not in stats["calls"]
+        await engine.recover()  # what the health loop does every health_interval_s
+        assert engine.servers == {servers[0].url: True}
+        stats = await servers[0].call("/standin/stats")  # resumed (a paused server never passes the probe),
+        assert not stats["paused"] and stats["version"] == "default"  # SGLang rolled its disk load back
+        (result,) = await engine.generate(requests(1))
+        assert result.version_spans.tolist() == [[0, 0]]
     finally:
         await engine.close()
 

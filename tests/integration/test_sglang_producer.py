@@ -1,6 +1,7 @@
 """`miles-stream produce` with rollout.engine=sglang, against stand-in SGLang servers (tests/sglang_standin.py;
 not SGLang): the producer syncs the published version to its server from disk, publishes MoE groups with the
-servers' routing traces, and a second server attached with `miles-stream sglang --attach` is synced and used."""
+servers' routing traces, dead-letters a prompt the server refuses as longer than its context and goes on, and
+a second server attached with `miles-stream sglang --attach` is synced and used."""
 
 from __future__ import annotations
 
@@ -36,12 +37,16 @@ async def test_a_producer_drives_sglang_servers_and_attaches_one_on_demand(
     redis: aioredis.Redis, blocking: StreamClient, keys: Keys, bus_config: BusConfig, redis_url: str,
     moe_dir: Path, tmp_path: Path,
 ) -> None:  # fmt: skip
-    first, second = Standin("--model", str(moe_dir)), Standin("--model", str(moe_dir))
+    flags = ("--model", str(moe_dir), "--enable-return-routed-experts", "--context-length", "64")
+    first, second = Standin(*flags), Standin(*flags)
     producer = None
     try:
         publisher = WeightPublisher(redis, keys, FileTransport(tmp_path / "weights"))
         await publisher.publish(1, perturbed(moe_dir, seed=7))
-        await feed(redis, keys, bus_config, addition_jsonl(tmp_path / "p.jsonl", 6))
+        prompts = addition_jsonl(tmp_path / "p.jsonl", 6)
+        with prompts.open("a") as f:  # 122 tokens: SGLang answers 400, longer than the context (64)
+            f.write(json.dumps({"prompt": "12+" * 40 + "1=", "label": "0"}) + "\n")
+        await feed(redis, keys, bus_config, prompts)
         config = {"bus": {"namespace": keys.namespace, "block_ms": 50},
                   "rollout": {"model": str(moe_dir), "engine": "sglang", "producer_id": "p1",
                               "n_samples_per_prompt": 2, "sampling": {"max_new_tokens": 4},
@@ -58,6 +63,13 @@ async def test_a_producer_drives_sglang_servers_and_attaches_one_on_demand(
                 assert s.routing is not None and s.routing.shape[1:] == (2, 2)  # both MoE layers, top-2
                 assert s.version_spans.tolist() == [[0, 1]]  # synced from disk before the first prompt
         assert (await first.call("/standin/stats"))["version"] == "1"
+        for _ in range(100):  # the long prompt is set aside with the server's reason, not the producer's end
+            if await redis.xlen(keys.dead):
+                break
+            await asyncio.sleep(0.1)
+        ((_, dead),) = await redis.xrange(keys.dead)
+        assert dead[b"reason"].startswith(b"request: ") and b"than the model's context length" in dead[b"reason"]
+        assert producer.poll() is None
 
         attach = await asyncio.to_thread(  # no --producer: p1 is the only live sglang producer
             subprocess.run,

@@ -1,5 +1,6 @@
-"""The `/generate` payload and reply as the SGLang spec has them: ids and allowed sampling keys out; tokens,
-logprobs, finish reasons, version spans and the base64 routing trace (with its element count) in."""
+"""The `/generate` payload and reply as SGLang 0.5.23 has them: ids and allowed sampling keys out; tokens,
+logprobs, finish reasons, version spans and the base64 routing trace (with its element count) in; a TP rank's
+`update_weights_from_tensor` entry (allow-listed globals, the GPU by UUID); the /server_info checks."""
 
 from __future__ import annotations
 
@@ -15,7 +16,9 @@ from miles_stream.engines.sglang.payload import (
     ResponseError,
     generate_payload,
     parse_generate,
+    serialize_for_rank,
 )
+from miles_stream.engines.sglang.server_info import Unsuitable, check_server
 
 GREEDY = SamplingParams(temperature=0.0, top_k=0, max_new_tokens=4, stop_token_ids=(9,))
 REQUEST = GenerationRequest(request_id="grp", prompt_ids=[5, 6, 7], params=GREEDY)
@@ -92,3 +95,55 @@ def test_routing_keeps_the_moe_layers_and_checks_the_element_count() -> None:
                        layout=LAYOUT)  # fmt: skip
     with pytest.raises(ResponseError, match="not known to be MoE"):
         parse_generate(reply([1, 2], {"type": "length"}, routed_experts=trace(rows)), REQUEST, default_version=0)
+
+
+def test_a_tp_ranks_entry_is_a_pickle_sglangs_allow_list_admits() -> None:
+    """SGLang's SafeUnpickler admits only listed globals (utils/common.py:3144-3345); on CPU the entry names
+    torch's rebuild functions, each on that list, and comes back whole."""
+    import pickletools
+
+    import torch
+
+    strategy = torch.multiprocessing.get_sharing_strategy()  # type: ignore[no-untyped-call]
+    torch.multiprocessing.set_sharing_strategy("file_system")  # type: ignore[no-untyped-call]  # a file name
+    try:
+        entry = serialize_for_rank([("w", torch.arange(6.0).reshape(2, 3))])
+    finally:
+        torch.multiprocessing.set_sharing_strategy(strategy)  # type: ignore[no-untyped-call]
+    raw = base64.b64decode(entry)
+    strings = [arg for op, arg, _ in pickletools.genops(raw) if op.name.endswith("UNICODE")]
+    assert "torch.multiprocessing.reductions" in strings and "rebuild_tensor" in strings
+    allowed = {"rebuild_tensor", "rebuild_cuda_tensor", "rebuild_storage_filename", "rebuild_typed_storage"}
+    assert {s for s in strings if s.startswith("rebuild")} <= allowed
+
+
+def test_a_cuda_tensor_is_sent_with_its_gpus_uuid_not_an_ordinal(monkeypatch: pytest.MonkeyPatch) -> None:
+    """SGLang reads argument 6 of torch's CUDA rebuild as a UUID, or as its own ordinal when it is an int
+    (utils/patch_torch.py:80-99); we send the UUID, as its senders do (patch_torch.py:72-86)."""
+    from torch.multiprocessing import reductions
+
+    from miles_stream.engines.sglang import payload
+
+    class FakeCuda:
+        is_cuda = True
+
+    args = ("cls", (2,), (1,), 0, "storage", "dtype", 3, b"handle", 8, 0, False, b"ref", 0, b"event", True)
+    monkeypatch.setattr(reductions, "reduce_tensor", lambda t: (reductions.rebuild_cuda_tensor, args))
+    monkeypatch.setattr(payload, "gpu_uuid", lambda ordinal: f"GPU-uuid-of-{ordinal}")
+    rebuild, sent = payload._reduce_by_uuid(FakeCuda())  # type: ignore[arg-type]
+    assert rebuild is reductions.rebuild_cuda_tensor  # pickled by torch's name: on SGLang's allow-list
+    assert sent[6] == "GPU-uuid-of-3" and sent[:6] == args[:6] and sent[7:] == args[7:]
+
+
+def test_server_info_is_checked_for_what_the_run_needs() -> None:
+    ok = {"tp_size": 2, "dp_size": 1, "pp_size": 1, "enable_return_routed_experts": True}
+    check_server("u", ok, routing=True, weight_sync="distributed", tensor_ranks=1)
+    check_server("u", {**ok, "dp_size": 4, "pp_size": 2}, routing=False, weight_sync="disk", tensor_ranks=1)
+    for info, kw, match in (
+        ({**ok, "enable_return_routed_experts": False}, {"weight_sync": "disk"}, "--enable-return-routed-experts"),
+        ({**ok, "dp_size": 2}, {"weight_sync": "distributed"}, "dp_size 2, pp_size 1"),
+        ({**ok, "pp_size": 2}, {"weight_sync": "tensor"}, "dp_size 1, pp_size 2"),
+        (ok, {"weight_sync": "tensor"}, "tp_size 2"),
+    ):
+        with pytest.raises(Unsuitable, match=match):
+            check_server("u", info, routing=True, tensor_ranks=1, **kw)  # type: ignore[arg-type]

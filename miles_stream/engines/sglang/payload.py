@@ -1,11 +1,12 @@
 """What goes over the wire to SGLang's `/generate` and what comes back, as pure functions.
 
-The request carries token ids (never text) and only sampling keys SGLang accepts (0.5.2x answers 400 to an
-unknown one). The response's `meta_info.output_token_logprobs` items are [logprob, token id, text or null],
-one per output token including a final stop token; the tokens are taken from there, never re-tokenised.
+The request carries token ids (never text) and only sampling keys SGLang accepts (0.5.23 answers 400 to an
+unknown one: sglang/api/v1/api_types.py:177-178, srt/entrypoints/http_server.py:933-940). The response's
+`meta_info.output_token_logprobs` items are [logprob, token id, text or null], one per output token including
+a final stop token; the tokens are taken from there, never re-tokenised.
 `finish_reason.type` stop / length / abort maps to ours; an abort is a partial the producer can resume.
 Versions are strings on the wire ("default" before any update, our integers after); `weight_versions`
-(0.5.2x) gives spans over output tokens when a request outlived an update, else `weight_version` covers all.
+(0.5.23) gives spans over output tokens when a request outlived an update, else `weight_version` covers all.
 
 `routed_experts`: base64 of little-endian int32, C order, [prompt + completion - 1 - start, layers, top-k];
 every layer of the model is there (dense layers as zeros), so the MoE layers are picked out by index.
@@ -15,10 +16,14 @@ from __future__ import annotations
 
 import base64
 import binascii
+import io
 from dataclasses import dataclass
+from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
 import numpy as np
+import torch
+from torch.multiprocessing import reductions
 
 from miles_stream.engines.base import GenerationRequest, GenerationResult, merge_spans
 from miles_stream.errors import MilesStreamError
@@ -141,3 +146,34 @@ class MoeLayout:
     top_k: int
     num_experts: int
     moe_layers: tuple[int, ...]
+
+
+def serialize_for_rank(named: list[tuple[str, torch.Tensor]]) -> str:
+    """One TP rank's entry of `/update_weights_from_tensor`: the (name, tensor) list pickled with torch's
+    multiprocessing reducers (a CUDA tensor becomes an IPC handle, not data), base64 text for JSON.
+
+    SGLang's side (sglang/srt/managers/tp_worker.py:194-201) patches torch's CUDA rebuild and reads argument 6,
+    the device, as a GPU UUID, or as its own ordinal when it is an int (utils/patch_torch.py:80-99): a bare
+    ordinal from us would name whichever GPU has that number in the server's CUDA_VISIBLE_DEVICES. So the device
+    goes by UUID, as SGLang's own senders write it (patch_torch.py:72-86). The rebuild function keeps torch's
+    name, which the server's allow-list admits (utils/common.py:3329) and its patch resolves."""
+    buffer = io.BytesIO()
+    pickler = ForkingPickler(buffer)
+    pickler.dispatch_table[torch.Tensor] = _reduce_by_uuid
+    pickler.dispatch_table[torch.nn.Parameter] = _reduce_by_uuid
+    pickler.dump(named)
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+_DEVICE_ARG = 6  # reduce_tensor's argument for the device (torch/multiprocessing/reductions.py; patch_torch.py:64)
+
+
+def _reduce_by_uuid(tensor: torch.Tensor) -> tuple[Any, tuple[Any, ...]]:
+    rebuild, args = reductions.reduce_tensor(tensor)  # type: ignore[no-untyped-call]
+    if tensor.is_cuda:
+        args = (*args[:_DEVICE_ARG], gpu_uuid(int(args[_DEVICE_ARG])), *args[_DEVICE_ARG + 1 :])
+    return rebuild, args
+
+
+def gpu_uuid(ordinal: int) -> str:
+    return str(torch.cuda.get_device_properties(ordinal).uuid)

@@ -1,50 +1,49 @@
-"""Weight updates to SGLang servers: the sequence every server goes through, and the three ways bytes travel.
+"""Weight updates to SGLang servers: the sequence every server goes through (the ways bytes travel: pushes.py).
 
-    pause(mode) -> flush cache (retried while busy; not after in_place) -> begin_weight_update (0.5.2x; a 404
-    means an older server without the session) -> the buckets -> update_weight_version -> end_weight_update
-    -> continue_generation
+    pause(mode) -> flush cache (retried while busy; not after in_place) -> [begin_weight_update] -> the push
+    -> [end_weight_update -> update_weight_version] -> check /model_info -> continue_generation
 
-- `disk` (our `file` transport, a directory every server can read): `/update_weights_from_disk` with the
-  version's directory; it records the version itself. The file's sha256 is checked first (the manifest's).
-- `distributed` (separate GPUs): this process is rank 0 of a weight-update group, the servers' TP ranks
-  follow (`rank_offset` = 1 + the GPUs of the servers before); per bucket one `/update_weights_from_distributed`
-  call per server while the same tensors are broadcast from rank 0, one per name, in list order. Backend
-  `nccl` (CUDA tensors) in production; `gloo` works on CPU, which is how it is tested here.
-- `tensor` (colocated, CUDA IPC): `/update_weights_from_tensor` with, per TP rank, a pickled list of
-  (name, CUDA tensor) that carries IPC handles, not data; the tensors stay referenced until the server replied.
+What SGLang 0.5.23 does that shapes it (sglang/srt/...):
+- `update_weights_from_distributed` and `_from_tensor` refuse to run outside a session opened by
+  `/begin_weight_update` (managers/scheduler_components/weight_updater.py:192-197, 234-239), and a second
+  begin is refused while one is open (weight_updater.py:311-316): a push that fails after begin still ends the
+  session on every server it began on, and a begin refused as "already open" ends the stale one and begins
+  again.
+- A bucket call given `weight_version` records it as soon as that one call succeeds (weight_updater.py:224;
+  managers/tokenizer_control_mixin.py:529-531): a push failing at bucket 2 would leave `/model_info` reporting
+  the new version. So buckets carry no version; `/update_weight_version` sets it once the whole push and the
+  session's end have succeeded, and `/model_info` is read back before the server is resumed.
+- `/update_weights_from_disk` is one call that rolls back to the old weights when loading fails
+  (model_executor/model_runner_components/weight_updater.py:223-238) and records the version only on success
+  (scheduler weight_updater.py:152-153): it carries the version itself and needs no session.
 
-Each step has a timeout (a hung collective becomes an error). A server whose update failed part-way is left
-paused, never resumed on half-updated weights: `WeightUpdateError` names it and the engine stops using it
-until a later version syncs it whole.
+Each step has a timeout (a hung collective becomes an error). A server whose update failed is left paused,
+never resumed on half-updated weights: `WeightUpdateError` names it and whether the push had reached it
+(`dirty`: its weights may be half new, whatever version it reports); the engine re-syncs it before use.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
-import hashlib
-import io
 from collections.abc import Mapping, Sequence
-from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Literal, Protocol
 
 import structlog
 import torch
 
 from miles_stream.engines.sglang.client import NotSupported, SGLangClient, SGLangError
 from miles_stream.errors import MilesStreamError, WeightIntegrityError
-from miles_stream.weights.collective import broadcast_from_rank0, init_weight_group
-from miles_stream.weights.manifest import WeightManifest, buckets
+from miles_stream.weights.manifest import WeightManifest
 
 log = structlog.get_logger(__name__)
 PauseMode = Literal["abort", "retract", "in_place"]
 
 
 class WeightUpdateError(MilesStreamError):
-    def __init__(self, url: str, version: int, step: str, cause: BaseException) -> None:
+    def __init__(self, url: str, version: int, step: str, cause: BaseException, *, dirty: bool = False) -> None:
         super().__init__(f"{url}: weight update to version {version} failed at {step}: {cause}")
-        self.url, self.version, self.step = url, version, step
+        self.url, self.version, self.step, self.dirty = url, version, step, dirty
 
 
 class WeightPush(Protocol):
@@ -56,6 +55,9 @@ class WeightPush(Protocol):
                    state: Mapping[str, torch.Tensor] | None) -> None: ...  # fmt: skip
 
     def needs_state(self) -> bool: ...
+
+    async def release(self) -> None:
+        """Give up what the push holds on the servers (a weight-update group), before one leaves."""
 
 
 async def update_servers(
@@ -82,13 +84,19 @@ async def update_servers(
             ready.append(result)
     if not ready:
         return failed
+    cause: BaseException | None = None
     try:
         await asyncio.wait_for(push.push(ready, version, manifest, state), step_timeout_s)
     except TimeoutError:
         cause = TimeoutError(f"timed out after {step_timeout_s:g} s")
-        return failed + [WeightUpdateError(s.url, version, "push", cause) for s in ready]
     except (SGLangError, WeightIntegrityError, OSError, RuntimeError) as exc:
-        return failed + [WeightUpdateError(s.url, version, "push", exc) for s in ready]
+        cause = exc
+    if cause is not None:
+        if push.session:
+            await end_sessions(ready, step_timeout_s)
+        # a disk load that fails rolls back (model_runner_components/weight_updater.py:223-238); a session push
+        # loads each call's tensors as they come: what reached a server may be half a version
+        return failed + [WeightUpdateError(s.url, version, "push", cause, dirty=push.session) for s in ready]
     for outcome in await asyncio.gather(*(_finish(s, version, push, step_timeout_s) for s in ready),
                                         return_exceptions=True):  # fmt: skip
         if isinstance(outcome, WeightUpdateError):
@@ -96,6 +104,18 @@ async def update_servers(
         elif isinstance(outcome, BaseException):
             raise outcome
     return failed
+
+
+async def end_sessions(servers: Sequence[SGLangClient], timeout_s: float) -> None:
+    """End the weight-update session on each server, as far as it answers: SGLang refuses the next begin while
+    one is open (scheduler weight_updater.py:311-316). A server with none open answers 400: nothing to do."""
+    results = await asyncio.gather(*(s.call("/end_weight_update", {}, timeout_s=timeout_s) for s in servers),
+                                   return_exceptions=True)  # fmt: skip
+    for server, result in zip(servers, results, strict=True):
+        if isinstance(result, SGLangError) and "no weight-update session is open" not in str(result):
+            log.warning("sglang_end_session_failed", url=server.url, error=str(result))
+        elif isinstance(result, BaseException) and not isinstance(result, SGLangError):
+            raise result
 
 
 async def _prepare(
@@ -109,11 +129,22 @@ async def _prepare(
             await _flush(server, timeout_s)
         if push.session:
             step = "begin_weight_update"
-            with contextlib.suppress(NotSupported):  # an SGLang before the session (0.5.16) works without it
-                await server.call("/begin_weight_update", {}, timeout_s=timeout_s)
+            await _begin(server, timeout_s)
     except (SGLangError, TimeoutError) as exc:
         raise WeightUpdateError(server.url, version, step, exc) from exc
     return server
+
+
+async def _begin(server: SGLangClient, timeout_s: float) -> None:
+    try:
+        with contextlib.suppress(NotSupported):  # an SGLang before the session (0.5.16) works without it
+            await server.call("/begin_weight_update", {}, timeout_s=timeout_s)
+    except SGLangError as exc:
+        if exc.status != 400 or "already open" not in str(exc):
+            raise
+        log.warning("sglang_stale_session_ended", url=server.url)  # left open by an update that failed before
+        await server.call("/end_weight_update", {}, timeout_s=timeout_s)
+        await server.call("/begin_weight_update", {}, timeout_s=timeout_s)
 
 
 async def _flush(server: SGLangClient, timeout_s: float) -> None:
@@ -130,172 +161,19 @@ async def _flush(server: SGLangClient, timeout_s: float) -> None:
 
 
 async def _finish(server: SGLangClient, version: int, push: WeightPush, timeout_s: float) -> None:
-    step = "update_weight_version"
+    step = "end_weight_update"
     try:
         if push.session:
-            await server.call("/update_weight_version", {"new_version": str(version), "abort_all_requests": False},
-                              timeout_s=timeout_s)  # fmt: skip
-            step = "end_weight_update"
             with contextlib.suppress(NotSupported):
                 await server.call("/end_weight_update", {}, timeout_s=timeout_s)
+            step = "update_weight_version"  # only now: the whole push is in and finalised
+            await server.call("/update_weight_version", {"new_version": str(version), "abort_all_requests": False},
+                              timeout_s=timeout_s)  # fmt: skip
         step = "check weight_version"
         reported = (await server.model_info()).get("weight_version")
         if reported != str(version):
             raise SGLangError(server.url, f"reports weight_version {reported!r} after the update to {version}")
         step = "continue_generation"
         await server.resume()
-    except (SGLangError, TimeoutError) as exc:
-        raise WeightUpdateError(server.url, version, step, exc) from exc
-
-
-class DiskPush:
-    """`/update_weights_from_disk` with the file transport's version directory (shared by every server)."""
-
-    session = False
-
-    def __init__(self, *, verify: bool = True, timeout_s: float = 600.0) -> None:
-        self.verify, self.timeout_s = verify, timeout_s
-
-    def needs_state(self) -> bool:
-        return False
-
-    async def push(self, servers: Sequence[SGLangClient], version: int, manifest: WeightManifest,
-                   state: Mapping[str, torch.Tensor] | None) -> None:  # fmt: skip
-        if manifest.transport != "file":
-            raise WeightIntegrityError(f"version {version}: weight_sync=disk needs the file transport, "
-                                       f"not {manifest.transport!r}")  # fmt: skip
-        if self.verify:
-            await asyncio.to_thread(verify_file, manifest)
-        payload = {"model_path": manifest.location, "weight_version": str(version), "flush_cache": False,
-                   "abort_all_requests": False}  # fmt: skip
-        await asyncio.gather(*(s.call("/update_weights_from_disk", payload, timeout_s=self.timeout_s)
-                               for s in servers))  # fmt: skip
-
-
-def verify_file(manifest: WeightManifest) -> None:
-    """The version's safetensors file against the manifest's sha256, read in 16 MiB pieces."""
-    path = Path(manifest.location) / "model.safetensors"
-    digest = hashlib.sha256()
-    try:
-        with open(path, "rb") as f:
-            while piece := f.read(16 << 20):
-                digest.update(piece)
-    except OSError as exc:
-        raise WeightIntegrityError(f"version {manifest.version}: cannot read {path}: {exc}") from exc
-    if (manifest.chunks[0].sha256 if manifest.chunks else "") != digest.hexdigest():
-        raise WeightIntegrityError(f"version {manifest.version}: {path} does not match its manifest's sha256")
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-class DistributedPush:
-    """Rank 0 of a weight-update group with the servers' GPUs; one broadcast per tensor, in list order."""
-
-    session = True
-
-    def __init__(self, *, master_address: str, master_port: int, backend: str = "nccl", device: str = "cuda",
-                 group_name: str = "miles-weight-update", bucket_bytes: int = 512 << 20,
-                 timeout_s: float = 600.0) -> None:  # fmt: skip
-        self.master_address, self.master_port, self.backend = master_address, master_port, backend
-        self.device, self.group_name, self.bucket_bytes, self.timeout_s = device, group_name, bucket_bytes, timeout_s
-        self._group: Any = None
-        self._members: tuple[str, ...] = ()
-
-    def needs_state(self) -> bool:
-        return True
-
-    async def connect(self, servers: Sequence[SGLangClient]) -> None:
-        """(Re)create the group over `servers`: every server joins while this process does (a blocking
-        rendezvous on all sides); the world size is fixed, so a changed membership means a new group."""
-        if self._members == tuple(s.url for s in servers):
-            return
-        await self.close(servers=[])
-        tp = [int((await s.server_info()).get("tp_size", 1)) for s in servers]
-        world = 1 + sum(tp)
-        offsets = [1 + sum(tp[:i]) for i in range(len(servers))]
-        joins = [s.call("/init_weights_update_group", {"master_address": self.master_address,
-                                                        "master_port": self.master_port, "rank_offset": offset,
-                                                        "world_size": world, "group_name": self.group_name,
-                                                        "backend": self.backend}, timeout_s=self.timeout_s)
-                 for s, offset in zip(servers, offsets, strict=True)]  # fmt: skip
-        ours = asyncio.to_thread(init_weight_group, self.backend, self.master_address, self.master_port, world, 0,
-                                 self.group_name, self.timeout_s)  # fmt: skip
-        results = await asyncio.wait_for(asyncio.gather(ours, *joins), self.timeout_s)
-        self._group, self._members = results[0], tuple(s.url for s in servers)
-        log.info("weight_group_ready", world_size=world, servers=len(servers), backend=self.backend)
-
-    async def close(self, servers: Sequence[SGLangClient]) -> None:
-        if self._group is None:
-            return
-        for s in servers:
-            try:
-                await s.call("/destroy_weights_update_group", {"group_name": self.group_name}, timeout_s=30)
-            except SGLangError as exc:
-                log.warning("weight_group_destroy_failed", url=s.url, error=str(exc))
-        self._group, self._members = None, ()
-
-    async def push(self, servers: Sequence[SGLangClient], version: int, manifest: WeightManifest,
-                   state: Mapping[str, torch.Tensor] | None) -> None:  # fmt: skip
-        assert state is not None
-        try:
-            await self._push(servers, version, state)
-        except BaseException:  # a broken or timed-out collective: the group is not reused
-            self._group, self._members = None, ()
-            raise
-
-    async def _push(self, servers: Sequence[SGLangClient], version: int, state: Mapping[str, torch.Tensor]) -> None:
-        await self.connect(servers)
-        for bucket in buckets(state, self.bucket_bytes):
-            payload = {"names": [n for n, _ in bucket], "dtypes": [dtype_name(t.dtype) for _, t in bucket],
-                       "shapes": [list(t.shape) for _, t in bucket], "group_name": self.group_name,
-                       "flush_cache": False, "weight_version": str(version)}  # fmt: skip
-            calls = [s.call("/update_weights_from_distributed", payload, timeout_s=self.timeout_s) for s in servers]
-            send = asyncio.to_thread(self._broadcast, [t for _, t in bucket])
-            await asyncio.gather(send, *calls)
-
-    def _broadcast(self, tensors: list[torch.Tensor]) -> None:
-        for tensor in tensors:
-            broadcast_from_rank0(self._group, tensor.detach().to(self.device).contiguous())
-
-
-class TensorPush:
-    """Colocated servers: CUDA IPC handles of tensors this process holds on the servers' GPU (one entry per
-    TP rank, each read only by the rank on the same GPU: here one server per GPU, TP 1)."""
-
-    session = True
-
-    def __init__(self, *, device: str = "cuda", bucket_bytes: int = 512 << 20, timeout_s: float = 600.0) -> None:
-        self.device, self.bucket_bytes, self.timeout_s = device, bucket_bytes, timeout_s
-
-    def needs_state(self) -> bool:
-        return True
-
-    async def push(self, servers: Sequence[SGLangClient], version: int, manifest: WeightManifest,
-                   state: Mapping[str, torch.Tensor] | None) -> None:  # fmt: skip
-        assert state is not None
-        for s in servers:  # one serialized entry per TP rank, each on its own GPU: only TP 1 is built
-            if (tp := int((await s.server_info()).get("tp_size", 1))) != 1:
-                raise SGLangError(s.url, f"weight_sync=tensor is built for TP 1 servers; this one has tp_size {tp}")
-        for bucket in buckets(state, self.bucket_bytes):
-            held = [(name, t.detach().to(self.device).contiguous()) for name, t in bucket]
-            payload = {"serialized_named_tensors": [serialize_named_tensors(held)], "load_format": None,
-                       "flush_cache": False}  # fmt: skip
-            await asyncio.gather(*(s.call("/update_weights_from_tensor", payload, timeout_s=self.timeout_s)
-                                   for s in servers))  # fmt: skip
-            del held  # the servers have copied: the IPC handles may go
-            if torch.cuda.is_available():
-                torch.cuda.ipc_collect()  # type: ignore[no-untyped-call]
-
-
-def serialize_named_tensors(named: list[tuple[str, torch.Tensor]]) -> str:
-    """A list of (name, tensor) pickled with multiprocessing's reducers (a CUDA tensor becomes an IPC handle)
-    and base64-encoded: the form SGLang's `MultiprocessingSerializer.deserialize` reads."""
-    from multiprocessing.reduction import ForkingPickler
-
-    import torch.multiprocessing  # noqa: F401  # registers the tensor reducers
-
-    buffer = io.BytesIO()
-    ForkingPickler(buffer).dump(named)
-    return base64.b64encode(buffer.getvalue()).decode()
+    except (SGLangError, TimeoutError) as exc:  # the bytes are in: its weights are whole unless the end failed
+        raise WeightUpdateError(server.url, version, step, exc, dirty=step == "end_weight_update") from exc
