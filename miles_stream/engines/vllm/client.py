@@ -17,7 +17,7 @@ from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt,
 from miles_stream.errors import MilesStreamError
 
 # vLLM names an /inference/v1/generate request "generate-tokens-{our id}" inside the engine, and its abort
-# route takes that internal name (vllm/entrypoints/scale_out/token_in_token_out/serving.py:192-194).
+# route takes that internal name (vllm/entrypoints/scale_out/token_in_token_out/serving.py:194-196).
 REQUEST_PREFIX = "generate-tokens-"
 
 

@@ -7,10 +7,10 @@ resume. A request that lived through the update comes back with one version span
 - `disk` (our `file` transport, a directory every server reads): `/collective_rpc reload_weights` with
   `weights_path` = the version's directory; vLLM re-reads every `*.safetensors` there into the running model
   (vllm/model_executor/model_loader/reload/inplace.py:32-110). A weight the files do not name is only logged
-  by vLLM ("were not loaded", inplace.py:120-125) and keeps its old value, so the manifest must name every
+  by vLLM ("were not loaded", inplace.py:118-123) and keeps its old value, so the manifest must name every
   weight of the base checkpoint (`check_manifest`). Runs on CPU: tested here against a real server.
 - `nccl` (GPU servers): vLLM's weight-transfer engine (/init_weight_transfer_engine, /start_weight_update,
-  /update_weights, /finish_weight_update: vllm/entrypoints/rl/online/api_router.py:149-185), this process
+  /update_weights, /finish_weight_update: vllm/entrypoints/rl/online/api_router.py:159-211), this process
   rank 0 of the group through vLLM's own trainer-side `trainer_init` (vllm/distributed/weight_transfer/
   nccl_common.py:224), tensors broadcast one by one in the order announced (nccl_engine.py:384-391). Needs
   vllm and a GPU in the producer's environment; NOT run on our machines (no GPU here).
@@ -71,7 +71,7 @@ def checkpoint_names(model_dir: str) -> frozenset[str]:
 
 def check_manifest(manifest: WeightManifest, expected: frozenset[str]) -> None:
     """Every weight of the base checkpoint must be in the version: vLLM would keep the old value of one that
-    is missing, with only a log line (inplace.py:120-125)."""
+    is missing, with only a log line (inplace.py:118-123)."""
     missing = expected - {t.name for t in manifest.tensors}
     if missing:
         raise WeightIntegrityError(f"version {manifest.version} lacks {len(missing)} weights of the model, e.g. "
