@@ -9,11 +9,13 @@ from typing import Any
 
 import pytest
 
+from miles_stream.demo.task import VLLM_MODEL
 from miles_stream.engines.base import GenerationRequest, SamplingParams
 from miles_stream.engines.vllm.config import VLLMConfig
 from miles_stream.engines.vllm.payload import ResponseError, generate_payload, logprob_convention, parse_generate
-from miles_stream.engines.vllm.updates import check_manifest, refuse_unfaithful
+from miles_stream.engines.vllm.updates import check_manifest, checkpoint_names, refuse_unfaithful
 from miles_stream.errors import ConfigError, WeightIntegrityError
+from miles_stream.models import build_tiny_model
 from miles_stream.rollout.config import RolloutConfig
 from miles_stream.weights.manifest import TensorInfo, WeightManifest
 
@@ -107,3 +109,11 @@ def test_the_vllm_engine_needs_a_server_and_urls_must_be_http() -> None:
     with pytest.raises(ConfigError, match="http"):
         VLLMConfig(urls=("localhost:8000",))
     assert RolloutConfig(engine="vllm", vllm=VLLMConfig(urls=("http://h:1",))).vllm.urls == ("http://h:1",)
+
+
+def test_the_vllm_demo_model_has_its_own_head_and_heads_vllm_can_run_on_cpu(tmp_path: Path) -> None:
+    model_dir = build_tiny_model(tmp_path, VLLM_MODEL)
+    config = json.loads((model_dir / "config.json").read_text())
+    assert config["tie_word_embeddings"] is False and config["head_dim"] >= 32
+    assert "lm_head.weight" in checkpoint_names(str(model_dir))
+    refuse_unfaithful(str(model_dir))
