@@ -137,7 +137,7 @@ async def test_requests_living_through_an_update_are_rescored_under_the_new_weig
     results = await batch
     old_model, new_model = reference(vllm_server.model_dir, None), reference(vllm_server.model_dir, state)
     spanned = [r for r in results if len(r.version_spans) == 2]
-    assert spanned, [r.version_spans.tolist() for r in results]
+    assert spanned, [(r.finish_reason, len(r.response_ids), r.version_spans.tolist()) for r in results]
     for r in results:
         spans = r.version_spans.tolist()
         assert spans[0][1] in (0, 1) and (len(spans) == 1 or (spans[0] == [0, 0] and spans[1][1] == 1))

@@ -39,7 +39,10 @@ class VLLMClient:
     ) -> None:
         self.url = url.rstrip("/")
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
+        # vLLM's server closes a connection idle for VLLM_HTTP_TIMEOUT_KEEP_ALIVE (5 s, vllm/envs.py:111,
+        # launchers/api_server/entry.py:153); httpx's default expiry is also 5 s, so a request could go out on a
+        # connection the server was closing (ReadError). Ours expire first.
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=64, keepalive_expiry=2.0)
         self._http = httpx.AsyncClient(base_url=self.url, headers=headers, timeout=timeout_s, limits=limits,
                                        transport=transport)  # fmt: skip
         self.connect_retries = connect_retries

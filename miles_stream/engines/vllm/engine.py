@@ -11,8 +11,8 @@ tests (tests/integration/test_vllm_engine.py); the GPU transfer (updates.NcclPus
 
 A generate refused with 4xx is the request's fault (a prompt over the context, a token outside the vocabulary):
 `InvalidRequest`, which the producer dead-letters. A connection failure or 5xx takes the server out of rotation
-and the request is retried on another; a health loop brings it back once it answers and holds the current
-version (syncing it first).
+and the request is retried on another, or on the same once it is back: a health loop brings a server back once
+it answers and holds the current version (syncing it first).
 """
 
 from __future__ import annotations
@@ -219,7 +219,7 @@ class VLLMEngine:
     async def _generate_one(self, request: GenerationRequest) -> GenerationResult:
         rid = f"{request.request_id}/{next(self._ids)}"
         payload = generate_payload(request, rid)
-        attempts = max(1, len(self._servers))
+        attempts = len(self._servers) + 1  # a failed server is retried once it is back (the only one, too)
         for attempt in range(attempts):
             server = await self._pick()
             entry = (server, rid)
