@@ -12,6 +12,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -28,8 +29,9 @@ NO_INDEX = ("No matching distribution", "Could not find a version", "NewConnecti
 def ensure_venv() -> Path:
     """The venv's python, building the venv first if needed."""
     if not (VENV / MARKER).exists():
+        env = {"PYTHON": sys.executable, **os.environ}  # this interpreter (3.11+) unless PYTHON names another
         build = subprocess.run(["bash", str(ROOT / "ops" / "vllm_venv.sh"), str(VENV)], capture_output=True,
-                               text=True, timeout=1800)  # fmt: skip
+                               text=True, timeout=1800, env=env)  # fmt: skip
         if build.returncode != 0:
             out = build.stdout[-2000:] + build.stderr[-2000:]
             if any(s in out for s in NO_INDEX):
