@@ -72,17 +72,20 @@ def request(rid: str, n: int = 8, **params: object) -> GenerationRequest:
     return GenerationRequest(request_id=rid, prompt_ids=PROMPT, params=sampling)
 
 
-async def running(server: VLLMServer, timeout_s: float = 30.0) -> None:
-    """Until the server reports a request running (its /metrics gauge, vllm/v1/metrics/loggers.py:528)."""
-    deadline = asyncio.get_running_loop().time() + timeout_s
+async def generated(server: VLLMServer) -> float:
+    """Tokens the server has generated so far (its /metrics counter, vllm/v1/metrics/loggers.py:799)."""
     async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
-        while True:
-            text = (await client.get("/metrics")).text
-            if any(line.startswith("vllm:num_requests_running") and float(line.split()[-1]) >= 1
-                   for line in text.splitlines()):  # fmt: skip
-                return
-            assert asyncio.get_running_loop().time() < deadline, "no request started running"
-            await asyncio.sleep(0.02)
+        text = (await client.get("/metrics")).text
+    return sum(float(line.split()[-1]) for line in text.splitlines()
+               if line.startswith("vllm:generation_tokens_total"))  # fmt: skip
+
+
+async def running(server: VLLMServer, before: float, timeout_s: float = 30.0) -> None:
+    """Until the server has generated tokens since it had generated `before`."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while await generated(server) <= before:
+        assert asyncio.get_running_loop().time() < deadline, "no tokens generated"
+        await asyncio.sleep(0.02)
 
 
 def check_scores(result: GenerationResult, model_dir: Path, state: dict[str, torch.Tensor] | None) -> None:
@@ -137,8 +140,9 @@ async def test_requests_living_through_an_update_are_rescored_under_the_new_weig
         states[version] = perturbed(vllm_server.model_dir, seed=version)
         manifest = await publish(tmp_path, version, states[version])  # type: ignore[arg-type]
         # 48 long requests at once: a batch that takes seconds on CPU, so that the update lands inside them
+        before = await generated(vllm_server)
         batch = asyncio.create_task(engine.generate([request(f"r{i}", 240, ignore_eos=True) for i in range(48)]))
-        await running(vllm_server)
+        await running(vllm_server, before)
         await engine.apply_manifest(manifest, lambda m=manifest: FileTransport(tmp_path / "weights").read(m))
         results = await batch
         models = {v: reference(vllm_server.model_dir, states[v]) for v in (version - 1, version)}
@@ -156,8 +160,9 @@ async def test_requests_living_through_an_update_are_rescored_under_the_new_weig
 
 
 async def test_aborted_requests_return_the_tokens_they_have(engine: VLLMEngine, vllm_server: VLLMServer) -> None:
+    before = await generated(vllm_server)
     batch = asyncio.create_task(engine.generate([request(f"r{i}", 240, ignore_eos=True) for i in range(48)]))
-    await running(vllm_server)
+    await running(vllm_server, before)
     await engine.abort([f"r{i}" for i in range(48)])
     results = await asyncio.wait_for(batch, 60)
     aborted = [r for r in results if r.finish_reason == "abort"]
