@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
 from redis_tiers import TIERS, TierMismatch, TierMissing, check_tier, tier_binary
+from vllm_server import VLLMServer, ensure_venv
 
 from miles_stream.bus import BusConfig, Keys, RedisConfig, StreamClient, connect, open_stream_client
+from miles_stream.demo.task import VLLM_MODEL, write_task
 from miles_stream.redis_server import EmbeddedRedis, EmbeddedRedisConfig
 
 
@@ -85,3 +88,26 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "redis_tier" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.integration)
+
+
+@pytest.fixture(scope="session")
+def vllm_task(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """The demo's task with the model vLLM can serve (head_dim 32, its own output head): (model dir, prompts)."""
+    return write_task(tmp_path_factory.mktemp("vllm-task"), VLLM_MODEL)
+
+
+@pytest.fixture(scope="session")
+def vllm_session_server(vllm_task: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[VLLMServer]:
+    """One real vLLM server for the session (its start-up is most of the cost), on the demo task's model."""
+    server = VLLMServer(ensure_venv(), vllm_task[0], tmp_path_factory.mktemp("vllm-log") / "server.log")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def vllm_server(vllm_session_server: VLLMServer) -> VLLMServer:
+    """The session's vLLM server, reset to the model's own weights and version "default"."""
+    vllm_session_server.reset()
+    return vllm_session_server

@@ -9,6 +9,7 @@ one run of three (docs/benchmarks.md, "The demo learns"). `greedy_accuracy` scor
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -21,15 +22,18 @@ CHARSET = "0123456789+="
 MODEL = TinyModelConfig(
     kind="dense", charset=CHARSET, hidden_size=64, intermediate_size=128, num_layers=2, init_std=0.1, seed=0
 )
+# The same task's model as vLLM can serve it on CPU: its CPU attention needs head_dim >= 32 (MODEL's is 16),
+# and a reload from disk leaves a tied output head stale, so the head is a weight of its own (docs/vllm.md).
+VLLM_MODEL = dataclasses.replace(MODEL, num_heads=2, num_kv_heads=1, tie_embeddings=False)
 
 
 def rows() -> list[tuple[str, str]]:
     return [(f"{a}+{b}=", str((a + b) % 10)) for a in range(10) for b in range(10)]
 
 
-def write_task(work: Path) -> tuple[Path, Path]:
+def write_task(work: Path, model: TinyModelConfig = MODEL) -> tuple[Path, Path]:
     """Build the model and the dataset under `work`; returns (model dir, prompts JSONL)."""
-    model_dir = build_tiny_model(work / "model", MODEL)
+    model_dir = build_tiny_model(work / "model", model)
     prompts = work / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": p, "label": label}) + "\n" for p, label in rows()))
     return model_dir, prompts

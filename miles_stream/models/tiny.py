@@ -40,6 +40,7 @@ class TinyModelConfig:
     charset: str = DEFAULT_CHARSET
     init_std: float = 0.02
     seed: int = 0
+    tie_embeddings: bool = True  # False: an output head of its own (vLLM reloads a tied head wrongly: docs/vllm.md)
 
     def __post_init__(self) -> None:
         check(self.kind in ("dense", "moe"), "model.kind", "allowed: dense, moe")
@@ -82,7 +83,7 @@ def build_tiny_model(path: str | Path, config: TinyModelConfig | None = None) ->
         "num_key_value_heads": config.num_kv_heads,
         "head_dim": config.hidden_size // config.num_heads,
         "max_position_embeddings": config.max_position,
-        "tie_word_embeddings": True,
+        "tie_word_embeddings": config.tie_embeddings,
         "initializer_range": config.init_std,
         "pad_token_id": tokenizer.pad_token_id,
         "bos_token_id": tokenizer.bos_token_id,

@@ -10,13 +10,15 @@ from typing import Literal
 from miles_stream.config import check
 from miles_stream.engines.base import SamplingParams
 from miles_stream.engines.sglang.config import SGLangConfig
+from miles_stream.engines.vllm.config import VLLMConfig
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RolloutConfig:
     model: str = ""  # a local Hugging Face model directory (its tokenizer and config; the native engine's weights)
-    engine: Literal["native", "sglang"] = "native"  # sglang: the servers of rollout.sglang (sglang/engine.py)
+    engine: Literal["native", "sglang", "vllm"] = "native"  # sglang / vllm: the servers of rollout.sglang / .vllm
     sglang: SGLangConfig = field(default_factory=SGLangConfig)
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)  # engines/vllm/engine.py, docs/vllm.md
     device: str = "cpu"
     dtype: Literal["float32", "bfloat16"] = "float32"
     max_batch: int = 32
@@ -49,6 +51,7 @@ class RolloutConfig:
         check(self.over_sampling >= 1.0, "rollout.over_sampling", "must be >= 1 (1 = the staleness budget)")
         check(self.engine != "sglang" or bool(self.sglang.urls or self.sglang.router_url), "rollout.sglang.urls",
               "the sglang engine needs at least one server URL")  # fmt: skip
+        check(self.engine != "vllm" or bool(self.vllm.urls), "rollout.vllm.urls", "the vllm engine needs a server URL")
 
     def resolved_producer_id(self) -> str:
         return self.producer_id or f"{socket.gethostname()}-{os.getpid()}"

@@ -11,6 +11,8 @@ import torch
 from miles_stream.engines.base import RolloutEngine
 from miles_stream.engines.native.engine import NativeEngine
 from miles_stream.engines.sglang.engine import SGLangEngine, moe_layout
+from miles_stream.engines.vllm.engine import VLLMEngine
+from miles_stream.engines.vllm.updates import checkpoint_names, refuse_unfaithful
 from miles_stream.rollout.config import RolloutConfig
 from miles_stream.rollout.membership import follow_membership
 
@@ -34,7 +36,19 @@ async def _sglang(cfg: RolloutConfig, redis: Any, servers_key: str) -> Opened:
     return engine, follow
 
 
-ENGINES: dict[str, Callable[[RolloutConfig, Any, str], Awaitable[Opened]]] = {"native": _native, "sglang": _sglang}
+async def _vllm(cfg: RolloutConfig, redis: Any, servers_key: str) -> Opened:
+    """vLLM servers (refused for a model vLLM does not reload faithfully), and the task that follows
+    `servers_key` as for SGLang."""
+    refuse_unfaithful(cfg.model)
+    engine = VLLMEngine(cfg.vllm, sampling=cfg.sampling, weight_names=checkpoint_names(cfg.model))
+    await redis.sadd(servers_key, *cfg.vllm.urls)
+    await engine.start()
+    follow = asyncio.create_task(follow_membership(redis, servers_key, engine, cfg.vllm.health_interval_s))
+    return engine, follow
+
+
+ENGINES: dict[str, Callable[[RolloutConfig, Any, str], Awaitable[Opened]]] = {
+    "native": _native, "sglang": _sglang, "vllm": _vllm}  # fmt: skip
 
 
 async def open_engine(cfg: RolloutConfig, redis: Any, servers_key: str) -> Opened:
