@@ -247,8 +247,8 @@ class TrainerService:
                                  run_id=self.run_identity.id if self.run_identity else "",
                                  recent=tuple(recent))  # fmt: skip
             # every rank writes its part (a sharded backend's shards); rank 0 runs the commit protocol around it
-            path = await asyncio.to_thread(save_checkpoint_ranks, self.config.checkpoint_dir, state,
-                                           self.trainer.save, self.parallel, keep=self.config.keep_checkpoints)  # fmt: skip
+            path = await asyncio.to_thread(save_checkpoint_ranks, self.config.checkpoint_dir, state, self.trainer.save,
+                                           self.parallel, keep=self.config.keep_checkpoints)  # fmt: skip
             if self.parallel.is_main:
                 log.info("checkpoint_saved", path=str(path), step=state.step, version=state.version)
             self.parallel.barrier()

@@ -78,7 +78,9 @@ def state_bytes(trainer: Any) -> int:
 
 
 def optimizer_shards(trainer: Any) -> list[torch.Tensor]:
-    return [local(s[k]) for p in trainer.params for s in [trainer.optimizer.state[p]] for k in ("exp_avg", "exp_avg_sq")]
+    return [
+        local(s[k]) for p in trainer.params for s in [trainer.optimizer.state[p]] for k in ("exp_avg", "exp_avg_sq")
+    ]
 
 
 def _fsdp_worker(rank: int, world: int, port: int, model_dir: str, out: str) -> None:

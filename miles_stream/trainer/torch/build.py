@@ -12,8 +12,8 @@ from miles_stream.trainer.algo import Objective
 from miles_stream.trainer.algo_config import AlgoConfig
 from miles_stream.trainer.config import TrainerConfig
 from miles_stream.trainer.parallel import DataParallel
-from miles_stream.trainer.torch.critic import Critic, ValueModel
 from miles_stream.trainer.torch import fsdp
+from miles_stream.trainer.torch.critic import Critic, ValueModel
 from miles_stream.trainer.torch.hf import load_causal_lm
 from miles_stream.trainer.torch.layout import ModelLayout, Replicated
 from miles_stream.trainer.torch.policy import PolicyTrainer

@@ -31,7 +31,6 @@ from typing import Any
 
 import structlog
 import torch
-import torch.distributed.checkpoint as dcp
 from torch import Tensor, nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -39,6 +38,8 @@ from torch.distributed.checkpoint.state_dict import (
     get_state_dict,
     set_state_dict,
 )
+from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
+from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import (
     CPUOffloadPolicy,
@@ -111,11 +112,12 @@ class GatheredWeights(Mapping[str, Tensor]):
         self._dtype = dtype
 
     def __getitem__(self, name: str) -> Tensor:
-        tensor = self._state[name].detach()
+        tensor: Tensor = self._state[name].detach()
         if self._dtype is not None and tensor.is_floating_point():
             tensor = tensor.to(self._dtype)
         if isinstance(tensor, DTensor):
-            return tensor.full_tensor()
+            gathered: Tensor = tensor.full_tensor()
+            return gathered
         return tensor
 
     def __iter__(self) -> Iterator[str]:
@@ -156,7 +158,7 @@ class Fsdp:
     def save(self, directory: Path, model: nn.Module, optimizer: Any, scheduler: Any, critic: Any) -> None:
         _no_critic(critic)
         model_state, optim_state = get_state_dict(model, optimizer)
-        dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=directory / SHARDS)
+        dcp_save({"model": model_state, "optimizer": optim_state}, checkpoint_id=directory / SHARDS)
         if self.parallel.is_main:
             torch.save({"scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state()},
                        directory / SCHEDULE)  # fmt: skip
@@ -166,9 +168,8 @@ class Fsdp:
         if not (directory / SHARDS / ".metadata").is_file():
             raise ValueError(f"it holds no {SHARDS}/ (saved without trainer.fsdp, or by another layout)")
         model_state, optim_state = get_state_dict(model, optimizer)
-        state = {"model": model_state, "optimizer": optim_state}
-        dcp.load(state, checkpoint_id=directory / SHARDS)  # in place, into this rank's shards
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+        dcp_load({"model": model_state, "optimizer": optim_state}, checkpoint_id=directory / SHARDS)  # in place
+        set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state)
         saved = torch.load(directory / SCHEDULE, weights_only=True)
         scheduler.load_state_dict(saved["scheduler"])
         torch.set_rng_state(saved["torch_rng"])

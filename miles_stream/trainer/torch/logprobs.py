@@ -17,7 +17,6 @@ from torch import Tensor
 from miles_stream.kernels import token_logprobs
 from miles_stream.trainer.torch.inputs import MicroInputs
 
-
 # A model sharded by FSDP (trainer/torch/fsdp.py) carries this function as a registered forward method under
 # this name: the output layer's weight is read outside any module's forward below, so the sharded root must
 # gather its parameters (and hook their gradients) around the whole function, as it does around `forward`.

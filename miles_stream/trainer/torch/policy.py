@@ -35,8 +35,8 @@ from miles_stream.trainer.config import TrainerConfig
 from miles_stream.trainer.parallel import DataParallel
 from miles_stream.trainer.torch.critic import Critic
 from miles_stream.trainer.torch.hf import decoder_layers
-from miles_stream.trainer.torch.layout import ModelLayout, Replicated
 from miles_stream.trainer.torch.inputs import MicroInputs, micro_inputs, packed_inputs
+from miles_stream.trainer.torch.layout import ModelLayout, Replicated
 from miles_stream.trainer.torch.logprobs import response_logprobs
 from miles_stream.trainer.torch.optim import build_optimizer, build_scheduler
 from miles_stream.trainer.torch.routing_replay import RoutingReplay, replay_inputs
