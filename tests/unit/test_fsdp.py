@@ -18,6 +18,7 @@ import torch
 import torch.multiprocessing as mp
 from torch.distributed.tensor import DTensor
 
+from miles_stream.errors import ConfigError
 from miles_stream.models import TinyModelConfig, build_tiny_model
 from miles_stream.testing.synthetic import synthetic_group
 from miles_stream.trainer.algo_config import AlgoConfig
@@ -204,3 +205,17 @@ def test_each_fsdp_rank_holds_about_half_the_parameter_and_optimizer_bytes(
     for got in ranks:
         assert 0.45 < got["memory"] / whole < 0.55, (got["memory"], whole)
     assert sum(got["memory"] for got in ranks) >= whole  # nothing is left out (rows split unevenly are padded)
+
+
+def test_fsdp_settings_it_cannot_honour_are_refused_with_what_to_change(tmp_path: Path) -> None:
+    on = FsdpConfig(enabled=True)
+    with pytest.raises(ConfigError, match=r"trainer\.fsdp\.enabled: not tried with trainer.compile"):
+        TrainerConfig(fsdp=on, compile=True)
+    with pytest.raises(ConfigError, match=r"trainer\.fsdp\.cpu_offload: .* needs trainer.device cuda"):
+        TrainerConfig(fsdp=replace(on, cpu_offload=True))
+    with pytest.raises(ConfigError, match=r"trainer\.fsdp\.enabled: FSDP keeps float32"):
+        TrainerConfig(fsdp=on, dtype="bfloat16", main_params_dtype="bfloat16")
+    model_dir = build_tiny_model(tmp_path / "model", TinyModelConfig(kind="dense"))
+    with pytest.raises(ConfigError, match="does not shard PPO's critic"):
+        build_trainer(config(model_dir, fsdp=True), AlgoConfig(advantage_estimator="ppo"), temperature=1.0,
+                      parallel=DataParallel())  # fmt: skip

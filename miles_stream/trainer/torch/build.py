@@ -35,6 +35,9 @@ def build_trainer(cfg: TrainerConfig, algo: AlgoConfig, *, temperature: float, p
     """The policy with what `algo` asks for: a frozen reference (KL), a frozen teacher (OPD), a critic (PPO).
     `temperature`: what the trainer divides logits by (`RunConfig.trainer_temperature`); `objective`: the loss
     (default: `algo`'s policy objective; `train --sft` passes its NLL)."""
+    if cfg.fsdp.enabled and algo.advantage_estimator == "ppo":
+        raise ConfigError("trainer.fsdp does not shard PPO's critic yet: use algo.advantage_estimator grpo "
+                          "(or another critic-free one), or trainer.fsdp.enabled false")  # fmt: skip
     sharded = cfg.fsdp.enabled and parallel.world > 1
     # sharded: loaded into host memory, each layer moved to the device as fully_shard splits it (no rank holds
     # the whole model on its accelerator)
@@ -48,9 +51,6 @@ def build_trainer(cfg: TrainerConfig, algo: AlgoConfig, *, temperature: float, p
     critic = None
     layout: ModelLayout = Replicated(parallel)
     if sharded:
-        if algo.advantage_estimator == "ppo":
-            raise ConfigError("trainer.fsdp does not shard PPO's critic yet: use algo.advantage_estimator grpo "
-                              "(or another critic-free one), or trainer.fsdp.enabled false")  # fmt: skip
         fsdp.shard(model, cfg, parallel)
         layout = fsdp.Fsdp(parallel, cfg)
     elif cfg.fsdp.enabled:
