@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -303,11 +304,17 @@ async def test_weights_broadcast_over_a_gloo_group_equal_the_trained_model(
 
 
 def rank_groups(log: str) -> dict[int, list[str]]:
-    """step -> group ids over every rank (each rank logs its own share of a step)."""
+    """step -> group ids over every rank (each rank logs its own share of a step). The ranks write to one
+    stderr: a line may hold two events (one's newline written after the other's text), so events are decoded
+    where each starts, not line by line."""
     out: dict[int, list[str]] = {}
-    for line in log.splitlines():
-        if '"batch_groups"' in line:
-            event = json.loads(line)
+    decoder = json.JSONDecoder()
+    for start in (m.start() for m in re.finditer(r'\{"step": ', log)):
+        try:
+            event, _ = decoder.raw_decode(log, start)
+        except ValueError:  # another event's text cut into this one (a batch_groups lost so fails the caller)
+            continue
+        if event.get("event") == "batch_groups":
             out.setdefault(event["step"], []).extend(event["group_ids"])
     return out
 

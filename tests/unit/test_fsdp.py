@@ -171,12 +171,16 @@ def test_fsdp_mixed_precision_computes_in_bf16_over_float32_shards_as_autocast_d
         # casts the gathered parameters): equal to bf16 precision, not to float32's
         assert got["bf16"]["loss"] == pytest.approx(metrics["loss"], rel=2e-2, abs=1e-3)
         assert got["bf16"]["grad_norm"] == pytest.approx(metrics["grad_norm"], rel=2e-2)
+        # AdamW moves an element by up to lr (1e-3) either way: where bf16 noise flips a near-zero gradient's
+        # sign the two differ by up to 2 lr (seen: 13 of 3200 elements of a matrix past 1e-3, at most 2.1e-3;
+        # 3 of a 16-element norm weight), plus bf16 rounding of the published weight
+        past, elements = 0, 0
         for name, tensor in single.model.state_dict().items():
             assert got["bf16_weights"][name].dtype == torch.bfloat16  # gathered in bf16: half the bytes moved
-            # AdamW moves an element by up to lr (1e-3) either way: where bf16 noise flips a near-zero gradient's
-            # sign the two differ by up to 2 lr (seen: 13 of 3200 elements past 1e-3, at most 2.1e-3)
             diff = (got["bf16_weights"][name].float() - tensor).abs()
-            assert float(diff.max()) < 2.5e-3 and float((diff > 1e-3).float().mean()) < 0.01, name
+            assert float(diff.max()) < 2.5e-3 + 4e-3 * float(tensor.abs().max()), name
+            past, elements = past + int((diff > 1e-3).sum()), elements + diff.numel()
+        assert past / elements < 0.01, (past, elements)
 
 
 def test_a_checkpoint_of_two_fsdp_ranks_resumes_on_two_ranks_exactly(

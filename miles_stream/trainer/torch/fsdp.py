@@ -178,7 +178,9 @@ class Fsdp:
         """Gather the full state onto rank 0's CPU (the others get nothing) and save it there."""
         full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if self.parallel.is_main:
-            export_hf(model, source, dest, state_dict=full)
+            # a tied output layer is the embedding under a second name: saved once, as save_pretrained does
+            named = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}
+            export_hf(model, source, dest, state_dict={n: t for n, t in full.items() if n in named})
 
 
 def _no_critic(critic: Any) -> None:
