@@ -2,8 +2,9 @@
 
 A backend owns the model, its parallelism, its optimizer and its forward passes; it takes the shared, pure
 math (`algo.build_objective`, `algo.compute_advantages`) and applies it. The loops, the replay buffer, the
-checkpoint protocol and weight publication do not know which backend runs. The torch backend is `torch/`;
-a new one (FSDP2, Megatron-core) is one package beside it and one entry in `backends.py`.
+checkpoint protocol and weight publication do not know which backend runs. The torch backend is `torch/`
+(replicated, or sharded by FSDP2 with trainer.fsdp: torch/fsdp.py); a new one (Megatron-core) is one package
+beside it and one entry in `backends.py`.
 """
 
 from __future__ import annotations
@@ -28,11 +29,14 @@ class TrainerBackend(Protocol):
 
     def weights(self) -> tuple[Mapping[str, torch.Tensor], torch.dtype | None]:
         """The policy's full tensors under Hugging Face names, for publication to the engines, and the dtype
-        to publish floating tensors in (None: as they are)."""
+        to publish floating tensors in (None: as they are). Called on every rank; every rank reads every
+        tensor once, in the mapping's order (a sharded backend gathers each one as it is read: a collective);
+        the publishing rank keeps what it reads, the others drop it."""
         ...
 
     def save(self, directory: Path) -> None:
-        """Write the model, optimizer and schedule state into a checkpoint directory being built."""
+        """Write the model, optimizer and schedule state into a checkpoint directory being built. Called on
+        every rank with the same directory (rank 0's, checkpoint.save_checkpoint_ranks): each writes its part."""
         ...
 
     def load(self, directory: Path) -> None:
@@ -40,7 +44,8 @@ class TrainerBackend(Protocol):
         ...
 
     def export_hf(self, dest: Path) -> None:
-        """Save the policy as a Hugging Face checkpoint (config and tokenizer of trainer.model)."""
+        """Save the policy as a Hugging Face checkpoint (config and tokenizer of trainer.model). Called on
+        every rank; rank 0 writes."""
         ...
 
     @property

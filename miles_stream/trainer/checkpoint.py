@@ -9,6 +9,8 @@
 A checkpoint is written into `step-N.tmp-<pid>`, fsynced, renamed into place, and only then named in
 `latest` (itself replaced by rename): a crash at any point leaves the previous checkpoint whole. The backend
 writes and reads its own files through the `write` / `read` callables (`TrainerBackend.save` / `.load`).
+With several data-parallel ranks every rank writes its part (`save_checkpoint_ranks`: a sharded backend's
+shards, torch/fsdp.py) into rank 0's temporary directory, and rank 0 alone runs the protocol around it.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import numpy as np
 from miles_stream.bus import Claim
 from miles_stream.errors import CheckpointError, MilesStreamError
 from miles_stream.procs import pid_alive
+from miles_stream.trainer.parallel import DataParallel
 
 LATEST = "latest"
 
@@ -45,38 +48,103 @@ def save_checkpoint(root: str | Path, state: TrainerState, write: Callable[[Path
     into place. A failure (a full disk) removes the temporary directory and is a `CheckpointError` naming the
     directory; temporary directories left by a process that died while saving are removed by the next save."""
     root = Path(root)
-    name = f"step-{state.step:08d}"
-    tmp = root / f"{name}.tmp-{os.getpid()}"
+    try:
+        tmp = _begin(root, state)
+    except Exception as exc:
+        raise _failed(root, state, exc) from exc
+    try:
+        write(tmp)
+        return _finish(root, tmp, state, keep)
+    except Exception as exc:  # a full disk: OSError from torch.save and open, SafetensorError (an Exception,
+        # not an OSError, in safetensors 0.8) from save_model, RuntimeError from others
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise _failed(root, state, exc) from exc
+
+
+def save_checkpoint_ranks(
+    root: str | Path, state: TrainerState, write: Callable[[Path], None], parallel: DataParallel, *, keep: int = 2
+) -> Path:
+    """`save_checkpoint` with every data-parallel rank writing its part (a sharded backend's shards): called
+    on every rank. Rank 0 makes the temporary directory and, once every rank's `write` returned, finishes the
+    same protocol (metadata, fsync, rename, `latest`); a failure on any rank is a `CheckpointError` on all."""
+    if parallel.world == 1:
+        return save_checkpoint(root, state, write, keep=keep)
+    root = Path(root)
+    tmp, error = None, ""
+    if parallel.is_main:
+        try:
+            tmp = _begin(root, state)
+        except Exception as exc:
+            error = str(_failed(root, state, exc))
+    _agree(parallel, error)
+    tmp = Path(parallel.gather(str(tmp))[0])
+    try:
+        write(tmp)
+    except Exception as exc:
+        error = str(_failed(root, state, exc))
+    try:
+        _agree(parallel, error)
+        path, error = tmp, ""
+        if parallel.is_main:
+            try:
+                path = _finish(root, tmp, state, keep)
+            except Exception as exc:
+                error = str(_failed(root, state, exc))
+        _agree(parallel, error)
+    except CheckpointError:
+        if parallel.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return root / path.name
+
+
+def _agree(parallel: DataParallel, error: str) -> None:
+    """Raise on every rank the errors any rank met (a collective)."""
+    errors = [f"rank {rank}: {e}" for rank, e in enumerate(parallel.gather(error)) if e]
+    if errors:
+        raise CheckpointError("; ".join(errors))
+
+
+def _failed(root: Path, state: TrainerState, exc: BaseException) -> CheckpointError:
+    return CheckpointError(f"cannot save the checkpoint of step {state.step} in {root}: {exc}")
+
+
+def _begin(root: Path, state: TrainerState) -> Path:
+    """The empty temporary directory of `state`'s checkpoint, after removing those of dead processes."""
+    tmp = root / f"step-{state.step:08d}.tmp-{os.getpid()}"
     try:
         root.mkdir(parents=True, exist_ok=True)
         for stale in root.glob("*.tmp-*"):  # a save cut short by kill -9 or a crash (its process is gone)
             if not _alive(stale.name.rpartition(".tmp-")[2]):
                 shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir()
-        write(tmp)
-        (tmp / "rng.json").write_text(json.dumps(_rng_state()))
-        claims = [[c.entry_id, c.group_id] for c in state.claims]
-        (tmp / "trainer.json").write_text(
-            json.dumps(
-                {
-                    "step": state.step,
-                    "version": state.version,
-                    "claims": claims,
-                    "run_id": state.run_id,
-                    "recent": list(state.recent),
-                }
-            )
-        )
-        for f in tmp.iterdir():
-            _fsync(f)
-    except Exception as exc:  # a full disk: OSError from torch.save and open, SafetensorError (an Exception,
-        # not an OSError, in safetensors 0.8) from save_model, RuntimeError from others
+    except Exception:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointError(f"cannot save the checkpoint of step {state.step} in {root}: {exc}") from exc
-    final = root / name
+        raise
+    return tmp
+
+
+def _finish(root: Path, tmp: Path, state: TrainerState, keep: int) -> Path:
+    """Add the metadata to `tmp`, fsync it all, rename it into place and name it in `latest`."""
+    (tmp / "rng.json").write_text(json.dumps(_rng_state()))
+    claims = [[c.entry_id, c.group_id] for c in state.claims]
+    (tmp / "trainer.json").write_text(
+        json.dumps(
+            {
+                "step": state.step,
+                "version": state.version,
+                "claims": claims,
+                "run_id": state.run_id,
+                "recent": list(state.recent),
+            }
+        )
+    )
+    for f in sorted(tmp.rglob("*"), reverse=True):  # files (a sharded backend's in subdirectories), then dirs
+        _fsync(f)
+    final = root / tmp.name.rpartition(".tmp-")[0]
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
-    _write_atomic(root / LATEST, name)
+    _write_atomic(root / LATEST, final.name)
     _fsync(root)
     _prune(root, keep)
     return final

@@ -2,10 +2,26 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from miles_stream.config import check
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FsdpConfig:
+    """trainer.fsdp: shard the policy over the data-parallel ranks with PyTorch's FSDP2 (trainer/torch/fsdp.py)
+    instead of replicating it. Parameters, gradients and AdamW's state are split 1/N per rank; checkpoints go
+    through torch.distributed.checkpoint (one shard file per rank, resumable on the same world size)."""
+
+    enabled: bool = False
+    # bf16 compute (parameters gathered in bf16, gradients reduced in float32) over float32 sharded parameters,
+    # FSDP's MixedPrecisionPolicy; it stands in for trainer.dtype=bfloat16's autocast. "auto": when
+    # trainer.dtype is bfloat16; "off": compute in the parameters' dtype
+    mixed_precision: Literal["auto", "off"] = "auto"
+    cpu_offload: bool = False  # sharded parameters, gradients and optimizer state live in CPU memory
+    reshard_after_forward: bool = True  # free each layer's gathered parameters after its forward (ZeRO-3);
+    # False keeps them until the backward pass (ZeRO-2: less communication, more memory)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -62,6 +78,7 @@ class TrainerConfig:
     standby_s: float = 0.0  # wait this long for another trainer's lease to end (0: refuse to start at once)
     seed: int = 0
     torch_threads: int = 0  # intra-op threads; 0 = torch's default (all cores)
+    fsdp: FsdpConfig = field(default_factory=FsdpConfig)
 
     def __post_init__(self) -> None:
         check(self.torch_threads >= 0, "trainer.torch_threads", "must be >= 0 (0 = torch's default)")
@@ -91,6 +108,12 @@ class TrainerConfig:
         )
         check(self.main_params_dtype == "float32" or self.dtype == "bfloat16", "trainer.main_params_dtype",
               "bfloat16 main params need trainer.dtype bfloat16")  # fmt: skip
+        if self.fsdp.enabled:
+            check(self.main_params_dtype == "float32", "trainer.fsdp.enabled",
+                  "FSDP keeps float32 sharded parameters: leave trainer.main_params_dtype float32")  # fmt: skip
+            check(not self.compile, "trainer.fsdp.enabled", "not tried with trainer.compile: set compile false")
+            check(not self.fsdp.cpu_offload or self.device.startswith("cuda"), "trainer.fsdp.cpu_offload",
+                  "offloads a GPU's shards to the CPU: it needs trainer.device cuda")  # fmt: skip
 
     @property
     def params_dtype(self) -> str:

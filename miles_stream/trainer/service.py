@@ -7,8 +7,9 @@
          │
          ├─ every `publish_every` steps: version += 1, rank 0 hands the weights to the background publisher
          │  (weights/background.py: a device copy, then the next step starts while the version goes out)
-         ├─ every `checkpoint_every` steps, at the end and on SIGTERM: rank 0 saves a checkpoint that names
-         │  the groups trained since the last commit; then every rank commits (SADD done + XACK) its own
+         ├─ every `checkpoint_every` steps, at the end and on SIGTERM: a checkpoint that names the groups
+         │  trained since the last commit (rank 0 runs its protocol, every rank writes its part: a sharded
+         │  backend's shards); then every rank commits (SADD done + XACK) its own
          └─ without a checkpoint directory, groups are committed after every step
 
 One trainer (all its data-parallel ranks) writes to a namespace at a time: it holds the trainer lease
@@ -42,7 +43,7 @@ from miles_stream.bus.run import WHAT_TO_DO, RunIdentity
 from miles_stream.errors import DataLossError, LeaseLostError, RedisUnavailableError
 from miles_stream.trainer.backend import TrainerBackend
 from miles_stream.trainer.batch import collate
-from miles_stream.trainer.checkpoint import TrainerState, load_checkpoint, save_checkpoint
+from miles_stream.trainer.checkpoint import TrainerState, load_checkpoint, save_checkpoint_ranks
 from miles_stream.trainer.config import TrainerConfig
 from miles_stream.trainer.metrics import MetricsSink
 from miles_stream.weights.background import BackgroundPublisher
@@ -127,9 +128,10 @@ class TrainerService:
             await self._save()
         else:
             await self._save_and_commit()
-        if self.config.export_dir and self.parallel.is_main:
+        if self.config.export_dir:  # every rank: a sharded backend gathers; rank 0 writes
             await asyncio.to_thread(self.trainer.export_hf, Path(self.config.export_dir))
-            log.info("exported", path=self.config.export_dir)
+            if self.parallel.is_main:
+                log.info("exported", path=self.config.export_dir)
         self.parallel.barrier()  # no rank tears down the process group while another still uses it
         return self.progress
 
@@ -200,9 +202,12 @@ class TrainerService:
     def _offer(self, version: int) -> float:
         """A new version: snapshot it for the background publisher; returns the seconds that took."""
         self.progress.version = version
+        state, dtype = self.trainer.weights()  # every rank: reading a sharded backend's tensors gathers them
         if self.background is None:
+            for _ in state.values():  # the others' gathers need this rank's part; nothing is kept
+                pass
             return 0.0
-        return self.background.offer(version, *self.trainer.weights())
+        return self.background.offer(version, state, dtype)
 
     async def _next_version(self, after: int) -> int:
         """The next weight version: rank 0 draws it from Redis (under the lease, never reused), every rank
@@ -239,14 +244,15 @@ class TrainerService:
             recent = [
                 g for rank_recent in self.parallel.gather(self.buffer.consumer.recent_commits()) for g in rank_recent
             ]
+            if self.parallel.is_main and self.lease is not None:  # no checkpoint from a trainer that lost the lease
+                await self._check_lease()
+            state = TrainerState(step=self.progress.step, version=self.progress.version, claims=tuple(claims),
+                                 run_id=self.run_identity.id if self.run_identity else "",
+                                 recent=tuple(recent))  # fmt: skip
+            # every rank writes its part (a sharded backend's shards); rank 0 runs the commit protocol around it
+            path = await asyncio.to_thread(save_checkpoint_ranks, self.config.checkpoint_dir, state, self.trainer.save,
+                                           self.parallel, keep=self.config.keep_checkpoints)  # fmt: skip
             if self.parallel.is_main:
-                if self.lease is not None:  # no checkpoint from a trainer that lost the lease
-                    await self._check_lease()
-                state = TrainerState(step=self.progress.step, version=self.progress.version, claims=tuple(claims),
-                                     run_id=self.run_identity.id if self.run_identity else "",
-                                     recent=tuple(recent))  # fmt: skip
-                path = await asyncio.to_thread(save_checkpoint, self.config.checkpoint_dir, state, self.trainer.save,
-                                               keep=self.config.keep_checkpoints)  # fmt: skip
                 log.info("checkpoint_saved", path=str(path), step=state.step, version=state.version)
             self.parallel.barrier()
         return True

@@ -32,7 +32,7 @@ from miles_stream.trainer.algo_config import AlgoConfig
 from miles_stream.trainer.backend import TrainerBackend
 from miles_stream.trainer.backends import build_backend
 from miles_stream.trainer.batch import RolloutBatch, supervised
-from miles_stream.trainer.checkpoint import TrainerState, load_checkpoint, save_checkpoint
+from miles_stream.trainer.checkpoint import TrainerState, load_checkpoint, save_checkpoint_ranks
 from miles_stream.trainer.config import SftConfig, TrainerConfig
 from miles_stream.trainer.metrics import MetricsSink
 from miles_stream.trainer.parallel import DataParallel
@@ -134,7 +134,7 @@ def _train(sft: SftConfig, cfg: TrainerConfig, trainer: TrainerBackend, examples
                 _save(cfg, trainer, step, run_id)
     finally:
         metrics.close()
-    if step >= steps and cfg.export_dir and parallel.is_main:
+    if step >= steps and cfg.export_dir:  # every rank: a sharded backend gathers; rank 0 writes
         trainer.export_hf(Path(cfg.export_dir))
         log.info("model_exported", path=cfg.export_dir)
     log.info("sft_stopped", step=step, of=steps, interrupted=bool(stopping))
@@ -146,9 +146,9 @@ def _batch(examples: Examples, rows: list[int]) -> RolloutBatch:
 
 
 def _save(cfg: TrainerConfig, trainer: TrainerBackend, step: int, run_id: str) -> None:
+    state = TrainerState(step=step, version=0, claims=(), run_id=run_id)
+    path = save_checkpoint_ranks(cfg.checkpoint_dir, state, trainer.save, trainer.parallel, keep=cfg.keep_checkpoints)
     if trainer.parallel.is_main:
-        state = TrainerState(step=step, version=0, claims=(), run_id=run_id)
-        path = save_checkpoint(cfg.checkpoint_dir, state, trainer.save, keep=cfg.keep_checkpoints)
         log.info("checkpoint_saved", path=str(path), step=step)
     trainer.parallel.barrier()
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -39,6 +40,8 @@ from miles_stream.schema import TrajectoryGroup
 from miles_stream.testing.synthetic import synthetic_group
 
 CLI = [sys.executable, "-m", "miles_stream.cli"]
+TORCHRUN_2 = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+              "-m", "miles_stream.cli"]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -212,28 +215,37 @@ async def test_stale_groups_are_dropped_or_their_prompts_recycled(
 def test_two_data_parallel_trainers_share_the_stream_and_match_one(
     redis_url: str, model_dir: Path, tmp_path: Path
 ) -> None:
+    """Replicated (dp) and sharded (fsdp: trainer.fsdp, FSDP2) over two ranks against one rank: the same steps;
+    the sharded run's checkpoint is every rank's shards, its publication and export gather them."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "MILES_REDIS_URL": redis_url, "OMP_NUM_THREADS": "1"}
     runs = {}
-    for name, launcher in (
-        ("dp", [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                "-m", "miles_stream.cli"]),
-        ("single", CLI),
+    for name, launcher, extra in (
+        ("dp", TORCHRUN_2, []),
+        ("fsdp", TORCHRUN_2, ["trainer.fsdp.enabled=true"]),
+        ("single", CLI, []),
     ):  # fmt: skip
         ns = f"{name}{uuid.uuid4().hex[:8]}"
         asyncio.run(publish_groups(redis_url, ns, groups(0, 8)))
-        share = 2 if name == "dp" else 4  # each rank reads exactly its share, so a step's groups are the same
+        share = 4 if name == "single" else 2  # each rank reads exactly its share, so a step's groups are the same
         cmd = train_cmd(ns, model_dir, tmp_path / name, "trainer.max_steps=2", f"buffer.capacity={share}",
-                        f"buffer.read_count={share}")  # fmt: skip
+                        f"buffer.read_count={share}", *extra)  # fmt: skip
         run = subprocess.run([*launcher, *cmd[len(CLI) :]], env=env, capture_output=True, text=True, timeout=180)
         assert run.returncode == 0, run.stderr[-3000:]
         runs[name] = load_file(tmp_path / name / "export" / "model.safetensors")
         with sync_redis.Redis.from_url(redis_url) as client:
             consumers = {c["name"].decode(): c for c in client.xinfo_consumers(f"{ns}:trajectories", "trainer")}
             assert done_total(client, f"{ns}:done:trainer") == 8
-        if name == "dp":
+            announced = [int(f[b"version"]) for _, f in client.xrange(f"{ns}:weights")]
+        assert announced[-1] == 2
+        if name != "single":
             assert sorted(consumers) == ["trainer-0", "trainer-1"]
-    for key, value in runs["single"].items():
-        assert torch.allclose(runs["dp"][key], value, atol=1e-5), key  # the same steps, summed in another order
+    saved = tmp_path / "fsdp" / "ckpt" / "step-00000002"
+    assert (tmp_path / "fsdp" / "ckpt" / "latest").read_text() == saved.name
+    assert sorted(p.name for p in (saved / "shards").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    for name in ("dp", "fsdp"):
+        assert runs[name].keys() == runs["single"].keys()
+        for key, value in runs["single"].items():
+            assert torch.allclose(runs[name][key], value, atol=1e-5), (name, key)  # summed in another order
 
 
 async def test_weights_published_over_the_file_transport_load_and_equal_the_trained_model(
@@ -289,3 +301,69 @@ async def test_weights_broadcast_over_a_gloo_group_equal_the_trained_model(
     exported = load_file(tmp_path / "export" / "model.safetensors")
     for name, tensor in exported.items():
         assert loaded[name].equal(tensor), name
+
+
+def rank_groups(log: str) -> dict[int, list[str]]:
+    """step -> group ids over every rank (each rank logs its own share of a step). The ranks write to one
+    stderr: a line may hold two events (one's newline written after the other's text), so events are decoded
+    where each starts, not line by line."""
+    out: dict[int, list[str]] = {}
+    decoder = json.JSONDecoder()
+    for start in (m.start() for m in re.finditer(r'\{"step": ', log)):
+        try:
+            event, _ = decoder.raw_decode(log, start)
+        except ValueError:  # another event's text cut into this one (a batch_groups lost so fails the caller)
+            continue
+        if event.get("event") == "batch_groups":
+            out.setdefault(event["step"], []).extend(event["group_ids"])
+    return out
+
+
+def children(pid: int) -> list[int]:
+    """The processes `pid` started (torchrun's ranks run in sessions of their own: a group kill misses them)."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found += [int(c) for c in (task / "children").read_text().split()]
+    return found
+
+
+@pytest.mark.slow
+def test_fsdp_trainer_killed_between_step_and_ack_then_resumed_trains_each_group_once(
+    redis_url: str, model_dir: Path, tmp_path: Path
+) -> None:
+    """kill -9 of both FSDP ranks (and torchrun) after step 3, whose groups wait for the step-4 checkpoint;
+    --resume on two ranks loads the step-2 shards, commits what they name, trains step 3's groups again."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "MILES_REDIS_URL": redis_url, "OMP_NUM_THREADS": "1"}
+    ns, run_dir = f"kf{uuid.uuid4().hex[:8]}", tmp_path / "run"
+    run_dir.mkdir()
+    asyncio.run(publish_groups(redis_url, ns, groups(0, 12)))
+    fsdp = ["trainer.fsdp.enabled=true", "buffer.capacity=2", "buffer.read_count=2"]  # 4 groups a step, 2 a rank
+    first_log = run_dir / "first.log"
+    with first_log.open("w") as err:
+        proc = subprocess.Popen([*TORCHRUN_2, *train_cmd(ns, model_dir, run_dir, *fsdp)[len(CLI) :]], env=env,
+                                stdout=subprocess.DEVNULL, stderr=err, text=True)  # fmt: skip
+        deadline = time.monotonic() + 150
+        while len(metrics(run_dir)) < 3 and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        ranks = children(proc.pid)
+        for pid in [*ranks, proc.pid]:  # the ranks first: torchrun would otherwise stop them itself
+            os.kill(pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    assert len(metrics(run_dir)) == 3 and len(ranks) == 2, first_log.read_text()[-3000:]
+    with sync_redis.Redis.from_url(redis_url) as client:
+        assert client.xinfo_groups(f"{ns}:trajectories")[0]["pending"] == 4
+    assert (run_dir / "ckpt" / "latest").read_text() == "step-00000002"
+    asyncio.run(publish_groups(redis_url, ns, groups(12, 12)))
+    resumed = subprocess.run([*TORCHRUN_2, *train_cmd(ns, model_dir, run_dir, *fsdp, "trainer.max_steps=6")[len(CLI) :],
+                              "--resume"], env=env, capture_output=True, text=True, timeout=240)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    before, after = rank_groups(first_log.read_text()), rank_groups(resumed.stderr)
+    assert sorted(after) == [3, 4, 5, 6]
+    effective = [g for s in (1, 2) for g in before[s]] + [g for s in sorted(after) for g in after[s]]
+    assert sorted(effective) == sorted(f"g{i}" for i in range(24))  # each exactly once in the final weights
+    assert sorted(after[3]) == sorted(before[3])  # the killed step's groups came back first
+    with sync_redis.Redis.from_url(redis_url) as client:
+        assert client.xinfo_groups(f"{ns}:trajectories")[0]["pending"] == 0
+        assert done_total(client, f"{ns}:done:trainer") == 24
+        versions = [int(f[b"version"]) for _, f in client.xrange(f"{ns}:weights")]
+        assert versions == sorted(versions) and len(set(versions)) == len(versions)  # never backwards

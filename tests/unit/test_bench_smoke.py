@@ -30,6 +30,7 @@ SMOKE = [
                  id="demo_recipe"),
     pytest.param("bench_engine.py", ["--help"], id="engine-gpu-only"),
     pytest.param("bench_engine_cpu.py", ["--batch", "2", "--prompt-len", "4", "--new-tokens", "2"], id="engine_cpu"),
+    pytest.param("bench_fsdp_memory.py", ["--hidden", "64", "--layers", "1"], id="fsdp_memory"),
     pytest.param("bench_kernels.py", ["--help"], id="kernels-gpu-only"),
     pytest.param("bench_load.py", ["--producers", "2", "--rate", "2", "--seconds", "1", "--warmup", "1"],
                  marks=SERVER, id="load"),

@@ -17,6 +17,11 @@ from torch import Tensor
 from miles_stream.kernels import token_logprobs
 from miles_stream.trainer.torch.inputs import MicroInputs
 
+# A model sharded by FSDP (trainer/torch/fsdp.py) carries this function as a registered forward method under
+# this name: the output layer's weight is read outside any module's forward below, so the sharded root must
+# gather its parameters (and hook their gradients) around the whole function, as it does around `forward`.
+SHARDED_ENTRY = "sharded_response_logprobs"
+
 
 def response_logprobs(
     model: Any, x: MicroInputs, *, temperature: float, entropy_grad: bool = False, fused: bool = True
@@ -24,6 +29,17 @@ def response_logprobs(
     """(logp_bT, entropy_bT): log_softmax(logits / temperature) at each response token, and the entropy of
     that distribution (differentiable only with `entropy_grad`). Values past a response's end are garbage
     and must be masked by the caller."""
+    sharded = getattr(model, SHARDED_ENTRY, None)
+    if sharded is not None:
+        out: tuple[Tensor, Tensor] = sharded(x, temperature=temperature, entropy_grad=entropy_grad, fused=fused)
+        return out
+    return logprobs_of(model, x, temperature=temperature, entropy_grad=entropy_grad, fused=fused)
+
+
+def logprobs_of(
+    model: Any, x: MicroInputs, *, temperature: float, entropy_grad: bool = False, fused: bool = True
+) -> tuple[Tensor, Tensor]:
+    """`response_logprobs` itself (the model's parameters whole, or gathered around this call)."""
     h_bTH = response_hidden(model.base_model, x)
     head = model.get_output_embeddings()
     if fused and type(head) is torch.nn.Linear and getattr(head, "bias", None) is None:

@@ -34,12 +34,12 @@ from miles_stream.trainer.batch import RolloutBatch
 from miles_stream.trainer.config import TrainerConfig
 from miles_stream.trainer.parallel import DataParallel
 from miles_stream.trainer.torch.critic import Critic
-from miles_stream.trainer.torch.hf import export_hf
+from miles_stream.trainer.torch.hf import decoder_layers
 from miles_stream.trainer.torch.inputs import MicroInputs, micro_inputs, packed_inputs
+from miles_stream.trainer.torch.layout import ModelLayout, Replicated
 from miles_stream.trainer.torch.logprobs import response_logprobs
 from miles_stream.trainer.torch.optim import build_optimizer, build_scheduler
 from miles_stream.trainer.torch.routing_replay import RoutingReplay, replay_inputs
-from miles_stream.trainer.torch.state import read_state, write_state
 
 log = structlog.get_logger(__name__)
 SUMMED = frozenset({"loss", "pg_loss", "kl_loss", "entropy"})  # already divided by the global count
@@ -58,6 +58,7 @@ class PolicyTrainer:
         critic: Critic | None = None,
         parallel: DataParallel | None = None,
         objective: Objective | None = None,
+        layout: ModelLayout | None = None,
     ) -> None:
         if (algo.advantage_estimator == "ppo") != (critic is not None):
             raise ValueError("algo.advantage_estimator=ppo needs a critic (and only ppo has one)")
@@ -69,10 +70,13 @@ class PolicyTrainer:
         self.teacher_model, self.critic = teacher_model, critic
         self.temperature = temperature
         self.parallel = parallel or DataParallel()
+        self.layout: ModelLayout = layout or Replicated(self.parallel)  # replicated, or sharded by fsdp.py
         self.device = next(model.parameters()).device
         # bf16 compute over float32 main params (trainer.main_params_dtype): autocast around each forward
         compute = getattr(torch, config.dtype)
-        self.compute_dtype: torch.dtype | None = compute if next(model.parameters()).dtype != compute else None
+        self.publish_dtype: torch.dtype | None = compute if next(model.parameters()).dtype != compute else None
+        # (FSDP's mixed precision gathers parameters in bf16 itself: no autocast there)
+        self.compute_dtype = None if self.layout.casts_compute else self.publish_dtype
         self.objective = objective or build_objective(algo)  # SftObjective for `train --sft`
         if config.pack_sequences:
             for m in (model, ref_model, teacher_model, critic.model.decoder if critic else None):
@@ -100,16 +104,16 @@ class PolicyTrainer:
 
     def weights(self) -> tuple[Mapping[str, Tensor], torch.dtype | None]:
         """The policy's tensors (HF names) and, under mixed precision, the compute dtype to publish them in."""
-        return self.model.state_dict(), self.compute_dtype
+        return self.layout.weights(self.model), self.publish_dtype
 
     def save(self, directory: Path) -> None:
-        write_state(directory, self.model, self.optimizer, self.scheduler, self.critic)
+        self.layout.save(directory, self.model, self.optimizer, self.scheduler, self.critic)
 
     def load(self, directory: Path) -> None:
-        read_state(directory, self.model, self.optimizer, self.scheduler, self.critic)
+        self.layout.load(directory, self.model, self.optimizer, self.scheduler, self.critic)
 
     def export_hf(self, dest: Path) -> None:
-        export_hf(self.model, self.config.model, dest)
+        self.layout.export_hf(self.model, self.config.model, dest)
 
     def train(self, batch: RolloutBatch) -> dict[str, float]:
         """Train on `batch` (this rank's share); returns metrics averaged over its optimizer steps and ranks."""
@@ -158,11 +162,11 @@ class PolicyTrainer:
         local_tokens = 0.0
         every = batch.lengths  # a property that builds the list: once, not once a row
         lengths = [every[i] for i in part]
-        for plan in self._plan(lengths):
+        for plan, real in self.layout.align(self._plan(lengths)):
             rows = [part[i] for i in plan]
             mb = batch.rows(rows)
             t = mb.mask_BT.shape[1]
-            replay = self._begin_replay(self.model, mb)
+            replay = self._begin_replay(self.model, mb, count=real)
             with self._precision():
                 logp, entropy = response_logprobs(self.model, self._inputs(mb),
                                                   temperature=self.temperature, fused=self.config.fused_logprobs,
@@ -180,6 +184,11 @@ class PolicyTrainer:
                 mask_BT=mask, num_tokens=num_tokens, num_samples=num_samples,
                 logp_ref_BT=None if ref_BT is None else ref_BT[rows, :t], entropy_BT=entropy,
             ))  # fmt: skip
+            if not real:  # a repeat that keeps this rank in step with the others' collectives: adds nothing
+                (loss * 0.0).backward()  # type: ignore[no-untyped-call]
+                if replay is not None:
+                    replay.end()
+                continue
             loss.backward()  # type: ignore[no-untyped-call]
             if replay is not None:
                 replay.end()
@@ -188,9 +197,9 @@ class PolicyTrainer:
             for name, value in metrics.items():
                 target, scale = (summed, 1.0) if name in SUMMED else (weighted, mb_tokens)
                 target[name] = target.get(name, torch.zeros((), device=self.device)) + value.detach().float() * scale
-        self.parallel.sum_grads(self.params)
+        self.layout.reduce_grads(self.params)
         clip = self.config.grad_clip if self.config.grad_clip > 0 else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, clip))
+        grad_norm = self.layout.clip_grads(self.params, clip)
         lr = float(self.scheduler.get_last_lr()[0])
         if math.isfinite(grad_norm):
             self._watch_grad_norm(grad_norm)
@@ -264,7 +273,9 @@ class PolicyTrainer:
     def _logprobs(self, model: Any, batch: RolloutBatch) -> Tensor:
         """[B, T] logprobs of every response token under `model`, micro-batch by micro-batch."""
         out = torch.zeros_like(batch.logp_rollout_BT, device=self.device)
-        for rows in self._plan(batch.lengths):
+        plan = self._plan(batch.lengths)
+        # only the policy is sharded: a frozen reference or teacher stays whole on every rank
+        for rows, real in self.layout.align(plan) if model is self.model else [(r, True) for r in plan]:
             mb = batch.rows(rows)
             replay = self._begin_replay(model, mb, count=False)
             with self._precision():
@@ -272,7 +283,8 @@ class PolicyTrainer:
                                             fused=self.config.fused_logprobs)  # fmt: skip
             if replay is not None:
                 replay.end()
-            out[rows, : mb.mask_BT.shape[1]] = logp * mb.mask_BT.to(self.device)
+            if real:
+                out[rows, : mb.mask_BT.shape[1]] = logp * mb.mask_BT.to(self.device)
         return out
 
 
@@ -284,11 +296,6 @@ def set_activation_checkpointing(model: nn.Module, on: bool) -> None:
         getattr(model, f"{name}_checkpointing_enable")(**{f"{name}_checkpointing_kwargs": {"use_reentrant": False}})
     else:
         getattr(model, f"{name}_checkpointing_disable")()
-
-
-def decoder_layers(model: nn.Module) -> list[nn.Module]:
-    """The transformer blocks of a Hugging Face causal LM (modules whose class ends in "DecoderLayer")."""
-    return [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
 
 
 def _split(rows: Sequence[int], parts: int) -> list[list[int]]:
