@@ -84,10 +84,17 @@ async def blocking(redis_url: str) -> AsyncIterator[StreamClient]:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Every test that uses a Redis server is an integration test."""
+    """Every test that uses a Redis server is an integration test. A `process_tiers` test runs on the default
+    server (Valkey) in the default tier and on every server with -m slow: whole processes whose bus calls the
+    tiered bus tests already cover on each server, kept off the other servers to hold the README's test
+    command under 25 minutes."""
     for item in items:
         if "redis_tier" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.integration)
+            callspec = getattr(item, "callspec", None)
+            tier = callspec.params.get("redis_tier") if callspec is not None else None
+            if item.get_closest_marker("process_tiers") is not None and tier not in (None, next(iter(TIERS))):
+                item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")

@@ -70,6 +70,7 @@ def cut_connections(client: redis.Redis, until: Callable[[], bool], max_s: float
 
 
 @pytest.mark.parametrize("fault", ["out of memory", "connection cuts"])
+@pytest.mark.process_tiers
 def test_the_pipeline_rides_out_the_fault_and_trains_every_prompt_once(
     redis_url: str, tmp_path: Path, fault: str
 ) -> None:

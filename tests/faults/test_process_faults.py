@@ -101,6 +101,7 @@ def account(keys: list[str], client: redis.Redis, ns: str) -> None:
 
 
 @pytest.mark.parametrize("fault", ["kill -9", "hang"])
+@pytest.mark.process_tiers
 def test_a_producer_lost_mid_generation_leaves_its_prompts_to_another(
     redis_url: str, tmp_path: Path, fault: str
 ) -> None:

@@ -33,6 +33,7 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("dense"), TinyModelConfig())
 
 
+@pytest.mark.process_tiers
 def test_record_then_replay_then_train_on_the_recording_twice(redis_url: str, model_dir: Path, tmp_path: Path) -> None:
     env = {**os.environ, "MILES_REDIS_URL": redis_url, "HF_HUB_OFFLINE": "1"}
     ns, other = f"rec{uuid.uuid4().hex[:8]}", f"rep{uuid.uuid4().hex[:8]}"

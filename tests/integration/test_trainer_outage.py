@@ -43,6 +43,7 @@ def wait_for(predicate: object, timeout_s: float) -> None:
         time.sleep(0.05)
 
 
+@pytest.mark.process_tiers
 def test_the_trainer_waits_out_an_outage_and_trains_every_group_once(
     tmp_path: Path, redis_binary: str, model_dir: Path
 ) -> None:
@@ -83,6 +84,7 @@ def test_the_trainer_waits_out_an_outage_and_trains_every_group_once(
         server.stop()
 
 
+@pytest.mark.process_tiers
 def test_sigterm_during_an_outage_checkpoints_and_resume_commits(
     tmp_path: Path, redis_binary: str, model_dir: Path
 ) -> None:

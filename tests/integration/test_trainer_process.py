@@ -110,6 +110,7 @@ def test_trainer_trains_publishes_commits_and_exports(redis_url: str, model_dir:
     assert exported.config.vocab_size == AutoModelForCausalLM.from_pretrained(model_dir).config.vocab_size
 
 
+@pytest.mark.process_tiers
 def test_kill_between_step_and_ack_then_resume_trains_each_group_once(
     redis_url: str, model_dir: Path, tmp_path: Path
 ) -> None:
@@ -212,6 +213,7 @@ async def test_stale_groups_are_dropped_or_their_prompts_recycled(
         assert buffer.counters.recycled == 2 and requeued == ["prompt g2", "prompt g3"]
 
 
+@pytest.mark.process_tiers
 def test_two_data_parallel_trainers_share_the_stream_and_match_one(
     redis_url: str, model_dir: Path, tmp_path: Path
 ) -> None:

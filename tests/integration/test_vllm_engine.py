@@ -161,9 +161,14 @@ async def test_requests_living_through_an_update_are_rescored_under_the_new_weig
 
 async def test_aborted_requests_return_the_tokens_they_have(engine: VLLMEngine, vllm_server: VLLMServer) -> None:
     before = await generated(vllm_server)
-    batch = asyncio.create_task(engine.generate([request(f"r{i}", 240, ignore_eos=True) for i in range(48)]))
+    ids = [f"r{i}" for i in range(48)]
+    batch = asyncio.create_task(engine.generate([request(i, 240, ignore_eos=True) for i in ids]))
+    deadline = asyncio.get_running_loop().time() + 30
+    while not all(i in engine._rids for i in ids):  # every request sent (the counter alone can move with
+        assert asyncio.get_running_loop().time() < deadline, "requests not sent"  # an earlier test's requests)
+        await asyncio.sleep(0.01)
     await running(vllm_server, before)
-    await engine.abort([f"r{i}" for i in range(48)])
+    await engine.abort(ids)
     results = await asyncio.wait_for(batch, 60)
     aborted = [r for r in results if r.finish_reason == "abort"]
     model = reference(vllm_server.model_dir, None)
