@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench_soak import ByteTokenizer, InstantEngine, coin
+from bench_soak import ByteTokenizer, InstantEngine, coin, train
 
 from miles_stream.buffer.config import BufferConfig
 from miles_stream.buffer.replay import ReplayBuffer
@@ -74,16 +74,6 @@ async def redis_counts(redis: Any) -> tuple[dict[str, int], float]:
     return calls, float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"])
 
 
-async def trainer(buffer: ReplayBuffer, committed: list[int], stop: asyncio.Event) -> None:
-    await buffer.start()
-    while not stop.is_set():
-        batch = await buffer.next_batch(0, stop)
-        if batch is None:
-            return
-        await buffer.commit(batch.items)
-        committed[0] += len(batch.items)
-
-
 async def run(args: argparse.Namespace, url: str, work: Path) -> dict[str, Any]:
     keys = Keys(f"load{int(time.time())}")
     bus = BusConfig(namespace=keys.namespace)
@@ -128,21 +118,21 @@ async def run(args: argparse.Namespace, url: str, work: Path) -> dict[str, Any]:
                             dead_stream=keys.dead, config=bus)  # fmt: skip
     consumer = GroupConsumer(stream, keys, owns_prompts=True)
     buffer = ReplayBuffer(consumer, BufferConfig(rollout_batch_size=16, max_staleness=-1, filters=(), capacity=64))
-    committed = [0]
+    committed: list[str] = []
     beat = Heartbeat(redis, keys, role="trainer", member_id="t0", config=bus,
                      describe=lambda: {"max_staleness": -1, "rollout_batch_size": 16})  # fmt: skip
 
-    async def train() -> None:
+    async def run_trainer() -> None:
         async with beat:
-            await trainer(buffer, committed, stop)
+            await train(buffer, committed, stop)
 
-    tasks.append(asyncio.create_task(train()))
+    tasks.append(asyncio.create_task(run_trainer()))
     try:
         await asyncio.sleep(args.warmup)
-        calls0, cpu0, done0, t0 = *(await redis_counts(redis)), committed[0], time.monotonic()
+        calls0, cpu0, done0, t0 = *(await redis_counts(redis)), len(committed), time.monotonic()
         PUBLISH_S.clear()
         await asyncio.sleep(args.seconds)
-        calls1, cpu1, done1, t1 = *(await redis_counts(redis)), committed[0], time.monotonic()
+        calls1, cpu1, done1, t1 = *(await redis_counts(redis)), len(committed), time.monotonic()
         failed = [t for t in tasks if t.done() and not t.cancelled() and t.exception() is not None]
         if failed:
             raise failed[0].exception()  # type: ignore[misc]

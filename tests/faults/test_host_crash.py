@@ -88,6 +88,16 @@ async def test_an_entry_handed_back_after_it_was_marked_lost_is_ours_again(
     assert entry_id in a.in_hand and entry_id not in a.lost
 
 
+async def trainer_consumer(
+    redis: aioredis.Redis, blocking: StreamClient, keys: Keys, bus_config: BusConfig, name: str
+) -> GroupConsumer:
+    stream = StreamConsumer(redis, blocking, stream=keys.trajectories, group="trainer", consumer=name,
+                            dead_stream=keys.dead, config=bus_config)  # fmt: skip
+    consumer = GroupConsumer(stream, keys)
+    await consumer.start()
+    return consumer
+
+
 async def _held_then_copied(redis_url: str, consumer: GroupConsumer, keys: Keys) -> tuple[Received, str]:
     """g0 read and held (not committed), then a second copy of it published (a producer re-made it)."""
     group = synthetic_group(np.random.default_rng(0), group_id="g0", prompt_key="0")
@@ -107,10 +117,7 @@ async def _held_then_copied(redis_url: str, consumer: GroupConsumer, keys: Keys)
 async def test_a_held_group_whose_entry_redis_lost_is_trained_from_its_copy(
     redis: aioredis.Redis, blocking: StreamClient, keys: Keys, bus_config: BusConfig, redis_url: str
 ) -> None:
-    stream = StreamConsumer(redis, blocking, stream=keys.trajectories, group="trainer", consumer="t",
-                            dead_stream=keys.dead, config=bus_config)  # fmt: skip
-    consumer = GroupConsumer(stream, keys)
-    await consumer.start()
+    consumer = await trainer_consumer(redis, blocking, keys, bus_config, "t")
     held, copy = await _held_then_copied(redis_url, consumer, keys)
     # What a rolled-back Redis shows: the held entry was written after the last fsync, so it is gone, pending
     # to no one; the copy (the producer re-made the group from its rolled-back prompt) is all there is.
@@ -126,10 +133,7 @@ async def test_a_held_group_whose_entry_redis_lost_is_trained_from_its_copy(
 async def test_a_held_group_taken_over_leaves_its_copy_to_the_new_owner(
     redis: aioredis.Redis, blocking: StreamClient, keys: Keys, bus_config: BusConfig, redis_url: str
 ) -> None:
-    stream = StreamConsumer(redis, blocking, stream=keys.trajectories, group="trainer", consumer="a",
-                            dead_stream=keys.dead, config=bus_config)  # fmt: skip
-    consumer = GroupConsumer(stream, keys)
-    await consumer.start()
+    consumer = await trainer_consumer(redis, blocking, keys, bus_config, "a")
     held, _copy = await _held_then_copied(redis_url, consumer, keys)
     await redis.xclaim(keys.trajectories, "trainer", "b", 0, [held.entry_id], justid=True)  # b trains it
     assert await consumer.still_held([held]) == []

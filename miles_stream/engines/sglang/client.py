@@ -20,6 +20,7 @@ from typing import Any
 import httpx
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
 
+from miles_stream.engines.http import error_message, reply_body
 from miles_stream.errors import InvalidRequest, MilesStreamError
 
 
@@ -83,15 +84,17 @@ class SGLangClient:
             raise SGLangError(self.url, f"{method} {path} timed out ({type(exc).__name__})") from exc
         except httpx.HTTPError as exc:
             raise SGLangError(self.url, f"{method} {path} failed: {exc!r}") from exc
-        body = _body(reply)
+        body = reply_body(reply)
         if reply.status_code == 404:
             raise NotSupported(self.url, f"{method} {path}: not found (404)", 404)
         if reply.status_code in (401, 403):
             key = "rollout.sglang.admin_api_key (or api_key)" if admin else "rollout.sglang.api_key"
-            message = f"{method} {path}: HTTP {reply.status_code} {_message(body)}: check {key} against the server's"
+            message = (
+                f"{method} {path}: HTTP {reply.status_code} {error_message(body)}: check {key} against the server's"
+            )
             raise Unauthorized(self.url, f"{message} --api-key / --admin-api-key", reply.status_code)
         if reply.status_code >= 400:
-            raise SGLangError(self.url, f"{method} {path}: HTTP {reply.status_code}: {_message(body)}",
+            raise SGLangError(self.url, f"{method} {path}: HTTP {reply.status_code}: {error_message(body)}",
                               reply.status_code)  # fmt: skip
         return body
 
@@ -143,21 +146,3 @@ class SGLangClient:
 
 def _bearer(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"} if key else {}
-
-
-def _body(reply: httpx.Response) -> Any:
-    if not reply.content:
-        return None
-    try:
-        return reply.json()
-    except ValueError:
-        return reply.text
-
-
-def _message(body: Any) -> str:
-    if isinstance(body, dict):
-        error = body.get("error")
-        if isinstance(error, dict):
-            return str(error.get("message", error))
-        return str(error or body.get("message") or body)
-    return str(body)[:500]

@@ -30,9 +30,10 @@ import torch
 
 from miles_stream.aio import stop_task
 from miles_stream.engines.base import GenerationRequest, GenerationResult
+from miles_stream.engines.http import parse_version
 from miles_stream.engines.sglang.client import SGLangClient, SGLangError
 from miles_stream.engines.sglang.config import SGLangConfig
-from miles_stream.engines.sglang.payload import MoeLayout, generate_payload, parse_generate, parse_version
+from miles_stream.engines.sglang.payload import MoeLayout, generate_payload, parse_generate
 from miles_stream.engines.sglang.pushes import DiskPush, DistributedPush, TensorPush
 from miles_stream.engines.sglang.server_info import check_server
 from miles_stream.engines.sglang.updates import WeightPush, WeightUpdateError, end_sessions, update_servers

@@ -26,7 +26,7 @@ import torch
 from torch.multiprocessing import reductions
 
 from miles_stream.engines.base import GenerationRequest, GenerationResult, merge_spans
-from miles_stream.errors import MilesStreamError
+from miles_stream.engines.http import ResponseError, parse_version
 from miles_stream.schema import FinishReason, make_spans
 
 _FINISH: dict[str, FinishReason] = {"stop": "stop", "length": "length", "abort": "abort"}
@@ -35,10 +35,6 @@ SAMPLING_KEYS = frozenset({"max_new_tokens", "temperature", "top_p", "top_k", "m
                            "no_stop_trim", "n", "min_new_tokens", "frequency_penalty", "presence_penalty",
                            "repetition_penalty", "logit_bias", "sampling_seed", "custom_params", "json_schema",
                            "regex", "ebnf"})  # fmt: skip
-
-
-class ResponseError(MilesStreamError):
-    """A `/generate` reply that does not say what the spec says it does (a server bug or another version)."""
 
 
 def generate_payload(request: GenerationRequest, rid: str, *, routing: bool) -> dict[str, Any]:
@@ -99,16 +95,6 @@ def _finish_reason(raw: Any, rid: str) -> FinishReason:
     if kind not in _FINISH:
         raise ResponseError(f"{rid}: unknown finish_reason {raw!r}")
     return _FINISH[kind]
-
-
-def parse_version(raw: Any, default_version: int) -> int:
-    """A wire version: "default" (never updated) is the engine's starting version; others are ours."""
-    if raw in (None, "default"):
-        return default_version
-    try:
-        return int(raw)
-    except (TypeError, ValueError) as exc:
-        raise ResponseError(f"weight version {raw!r} is not one of ours (integers)") from exc
 
 
 def version_spans(meta: dict[str, Any], num_tokens: int, default_version: int) -> np.ndarray:

@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
 
+from miles_stream.engines.http import error_message, reply_body
 from miles_stream.errors import MilesStreamError
 
 # vLLM names an /inference/v1/generate request "generate-tokens-{our id}" inside the engine, and its abort
@@ -68,9 +69,9 @@ class VLLMClient:
             raise VLLMError(self.url, f"{method} {path} timed out ({type(exc).__name__})") from exc
         except httpx.HTTPError as exc:
             raise VLLMError(self.url, f"{method} {path} failed: {exc!r}") from exc
-        body = _body(reply)
+        body = reply_body(reply)
         if reply.status_code >= 400:
-            raise VLLMError(self.url, f"{method} {path}: HTTP {reply.status_code}: {_message(body)}",
+            raise VLLMError(self.url, f"{method} {path}: HTTP {reply.status_code}: {error_message(body)}",
                             reply.status_code)  # fmt: skip
         return body
 
@@ -133,21 +134,3 @@ class VLLMClient:
 
     async def set_weight_version(self, version: str) -> None:
         await self.request("POST", "/update_weight_version", {"new_version": version})
-
-
-def _body(reply: httpx.Response) -> Any:
-    if not reply.content:
-        return None
-    try:
-        return reply.json()
-    except ValueError:
-        return reply.text
-
-
-def _message(body: Any) -> str:
-    if isinstance(body, dict):
-        error = body.get("error")
-        if isinstance(error, dict):
-            return str(error.get("message", error))
-        return str(error or body.get("detail") or body.get("message") or body)
-    return str(body)[:500]

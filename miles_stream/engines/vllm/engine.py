@@ -28,9 +28,10 @@ import torch
 
 from miles_stream.aio import stop_task
 from miles_stream.engines.base import GenerationRequest, GenerationResult, SamplingParams
+from miles_stream.engines.http import parse_version
 from miles_stream.engines.vllm.client import VLLMClient, VLLMError
 from miles_stream.engines.vllm.config import VLLMConfig
-from miles_stream.engines.vllm.payload import generate_payload, logprob_convention, parse_generate, parse_version
+from miles_stream.engines.vllm.payload import generate_payload, logprob_convention, parse_generate
 from miles_stream.engines.vllm.updates import (
     DiskPush,
     IpcPush,

@@ -22,15 +22,12 @@ from typing import Any
 import numpy as np
 
 from miles_stream.engines.base import GenerationRequest, GenerationResult, SamplingParams, merge_spans
-from miles_stream.errors import ConfigError, MilesStreamError
+from miles_stream.engines.http import ResponseError, parse_version
+from miles_stream.errors import ConfigError
 from miles_stream.schema import FinishReason, make_spans
 
 _FINISH: dict[str, FinishReason] = {"stop": "stop", "length": "length", "abort": "abort"}
 MISSING_LOGPROB = -9999.0
-
-
-class ResponseError(MilesStreamError):
-    """A generate reply that does not say what vLLM's source says it does (a server bug or another version)."""
 
 
 def logprob_convention(mode: str, params: SamplingParams) -> None:
@@ -84,16 +81,6 @@ def parse_generate(body: Any, request: GenerationRequest, *, default_version: in
     spans = version_spans(choice.get("weight_versions"), len(tokens), default_version)
     return GenerationResult(request_id=request.request_id, response_ids=np.asarray(tokens, np.int32),
                             logprobs=logprobs, finish_reason=finish, version_spans=spans)  # fmt: skip
-
-
-def parse_version(raw: Any, default_version: int) -> int:
-    """A wire version: "default" (never set) is the engine's starting version; others are ours."""
-    if raw in (None, "default"):
-        return default_version
-    try:
-        return int(raw)
-    except (TypeError, ValueError) as exc:
-        raise ResponseError(f"weight version {raw!r} is not one of ours (integers)") from exc
 
 
 def version_spans(raw: Any, num_tokens: int, default_version: int) -> np.ndarray:
