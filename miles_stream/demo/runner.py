@@ -1,10 +1,10 @@
 """The demo: one embedded Redis, and an evaluator, a feeder, a rollout producer and a trainer as processes.
 
     run_demo ── EmbeddedRedis ── spawns ──► miles-stream eval     ({ns}:weights ─► eval.jsonl, {ns}:eval)
+       │                                    then, once the evaluator has scored the untrained weights (version 0):
+       │                                    miles-stream train    ({ns}:trajectories ─► {ns}:weights)
        │                                    miles-stream feed     (prompts.jsonl ─► {ns}:prompts)
        │                                    miles-stream produce  ({ns}:prompts ─► {ns}:trajectories)
-       │                                    miles-stream train    ({ns}:trajectories ─► {ns}:weights), once the
-       │                                        evaluator has scored the untrained weights (version 0)
        └── every 0.5 s: new lines of metrics.jsonl and eval.jsonl, producers alive (heartbeats). The accuracy
            shown is the evaluator's pass@1 (greedy) on the 100 prompts, of the newest version it scored. Ends when
            the trainer exits (max_steps), waits for the evaluator to score the last version, then stops the others
@@ -138,11 +138,11 @@ async def _supervise(run: Run, url: str, options: DemoOptions, console: Console)
     redis = connect(RedisConfig(url=url))
     keys = Keys(run.config.bus.namespace)
     evals = _EvalLog(run.work / "eval.jsonl", run.config.trainer.publish_every)
-    for name, command in (("evaluator", "eval"), ("feeder", "feed"), ("producer", "produce")):
-        run.children[name] = _spawn(run, name, command, url)
+    run.children["evaluator"] = _spawn(run, "evaluator", "eval", url)
     failed = await _first_eval(run, evals, state)  # version 0 is scored before any other exists
-    if failed is None:
-        run.children["trainer"] = _spawn(run, "trainer", "train", url)
+    if failed is None:  # the rest together: a producer started alone has no trainer's staleness budget to keep
+        for name, command in (("trainer", "train"), ("feeder", "feed"), ("producer", "produce")):
+            run.children[name] = _spawn(run, name, command, url)
     interrupt = asyncio.Event()  # Ctrl-C or SIGTERM: stop everything, summarise what there is
     stopping_since = 0.0  # when the trainer was told to stop
     for sig in (signal.SIGINT, signal.SIGTERM):
