@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -39,8 +40,13 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+HASH_TAG = re.compile(r"^\{[^\s{}:,\[\]]+\}$")
+
+
 def apply_overrides(data: Mapping[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
-    """Return a copy of `data` with each `dotted.key=value` override set; values are parsed as YAML."""
+    """Return a copy of `data` with each `dotted.key=value` override set; values are parsed as YAML, except a
+    hash tag `{word}` (YAML's one-key flow mapping), which stays the string it is meant as: `bus.namespace={run1}`
+    (the namespace of a run on a Redis Cluster, docs/redis.md)."""
     out = _deep_copy(data)
     for item in overrides:
         key, sep, raw = item.partition("=")
@@ -53,6 +59,9 @@ def apply_overrides(data: Mapping[str, Any], overrides: Sequence[str]) -> dict[s
             if not isinstance(child, dict):
                 raise ConfigError(f"override {item!r}: {part!r} is a value, not a section")
             node = child
+        if HASH_TAG.match(raw):
+            node[parts[-1]] = raw
+            continue
         try:
             node[parts[-1]] = yaml.safe_load(raw) if raw else ""
         except yaml.YAMLError as exc:

@@ -56,6 +56,7 @@ class EmbeddedRedisConfig:
     # memory stays with the server (RSS keeps its high-water mark). No effect on libc-malloc builds.
     allocator_conf: str = "dirty_decay_ms:-1,muzzy_decay_ms:-1,oversize_threshold:0"
     start_timeout_s: float = 15.0
+    extra_args: tuple[str, ...] = ()  # more server options, after the others: ("--cluster-enabled", "yes")
 
     def __post_init__(self) -> None:
         check(0 <= self.port < 65536, "redis_server.port", "must be 0 (any free port) or a port number")
@@ -205,6 +206,7 @@ class EmbeddedRedis:
             "--maxmemory",
             self.config.maxmemory,
             *_PERSISTENCE_ARGS[self.config.persistence],
+            *self.config.extra_args,
         ]
         env = dict(os.environ)
         if self.config.allocator_conf:  # unprefixed jemalloc reads MALLOC_CONF; Redis's bundled je_ one JE_...
@@ -224,6 +226,8 @@ class EmbeddedRedis:
             while time.monotonic() < deadline:
                 if self._proc.poll() is not None:
                     tail = _tail(log_path) or (self._proc.stderr.read().decode() if self._proc.stderr else "")
+                    if self._proc.stderr:
+                        self._proc.stderr.close()
                     self._proc = None
                     raise EmbeddedRedisError(f"redis-server exited at start on port {self.port}: {tail}")
                 with contextlib.suppress(redis.ConnectionError, redis.BusyLoadingError, redis.TimeoutError):

@@ -11,10 +11,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from miles_stream.buffer.config import BufferConfig
-from miles_stream.bus.connection import RedisConfig
+from miles_stream.bus.connection import RedisConfig, one_slot
 from miles_stream.bus.streams import BusConfig
 from miles_stream.codec import CodecConfig
-from miles_stream.config import apply_overrides, build, load_yaml
+from miles_stream.config import apply_overrides, build, check, load_yaml
 from miles_stream.evaluation.config import EvalConfig
 from miles_stream.feeder import FeederConfig
 from miles_stream.metrics_http import MetricsConfig
@@ -42,6 +42,12 @@ class RunConfig:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)  # this process's Prometheus endpoint
     eval: EvalConfig = field(default_factory=EvalConfig)  # `miles-stream eval` (docs/evaluation.md)
     wandb: WandbConfig = field(default_factory=WandbConfig)  # the trainer's optional W&B run
+
+    def __post_init__(self) -> None:
+        ns = self.bus.namespace
+        check(not self.redis.cluster or one_slot(ns), "bus.namespace",
+              f"on a Redis Cluster a run's keys must share one slot: write the namespace as a hash tag, "
+              f"{{{ns}}} (docs/redis.md, 'A Redis Cluster')")  # fmt: skip
 
     @property
     def trainer_temperature(self) -> float:

@@ -17,26 +17,52 @@ import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TypeVar
-from urllib.parse import urlsplit, urlunsplit
+from typing import TypeVar, cast
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
 import redis.exceptions as rexc
 import structlog
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from miles_stream.config import check
-from miles_stream.errors import DataLossError, RedisUnavailableError
+from miles_stream.errors import ConfigError, DataLossError, RedisUnavailableError
 
 T = TypeVar("T")
 log = structlog.get_logger(__name__)
 ENV_URL = "MILES_REDIS_URL"
+CLUSTER_PARAM = "cluster"  # redis://host:port/?cluster=true: the server is a node of a Redis Cluster
+_YES, _NO = ("true", "yes", "1"), ("false", "no", "0")
+
+
+def split_cluster(url: str) -> tuple[str, bool]:
+    """(the url without its `cluster` parameter, whether it names a Redis Cluster node). Raises ConfigError for
+    a `cluster` value other than true/false."""
+    parts = urlsplit(url)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    values = [v.lower() for k, v in query if k == CLUSTER_PARAM]
+    if not values:
+        return url, False
+    if values[-1] not in _YES + _NO:
+        raise ConfigError(f"redis.url: ?{CLUSTER_PARAM}={values[-1]} must be true or false")
+    rest = urlencode([(k, v) for k, v in query if k != CLUSTER_PARAM])
+    return urlunsplit(parts._replace(query=rest)), values[-1] in _YES
+
+
+def one_slot(namespace: str) -> bool:
+    """Whether every key `{namespace}:...` hashes to one cluster slot: the namespace is a hash tag, `{run1}`
+    or holds one, `a{run1}` (Redis hashes only what lies between a key's first `{` and the next `}`, when that is
+    not empty)."""
+    start = namespace.find("{")
+    return start >= 0 and namespace.find("}", start + 1) > start + 1
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RedisConfig:
-    """Where the Redis server is. An empty url means: $MILES_REDIS_URL, else an embedded server."""
+    """Where the Redis server is. An empty url means: $MILES_REDIS_URL, else an embedded server. A url ending in
+    `?cluster=true` names any node of a Redis Cluster (docs/redis.md, "A Redis Cluster")."""
 
     url: str = ""
     connect_timeout_s: float = 5.0
@@ -55,10 +81,17 @@ class RedisConfig:
         check(self.socket_timeout_s > 0, "redis.socket_timeout_s", "must be positive")
         check(self.startup_wait_s >= 0, "redis.startup_wait_s", "must be >= 0")
         check(self.max_connections >= 2, "redis.max_connections", "must be at least 2")
+        url, cluster = split_cluster(self.url)
+        check(not cluster or not url.startswith("unix://"), "redis.url", "a Redis Cluster is reached over TCP")
 
     def resolved_url(self) -> str:
         """The url to use: this config's, else $MILES_REDIS_URL, else ''."""
         return self.url or os.environ.get(ENV_URL, "")
+
+    @property
+    def cluster(self) -> bool:
+        """Whether the url (resolved) names a Redis Cluster node."""
+        return split_cluster(self.resolved_url())[1]
 
 
 def redact(url: str) -> str:
@@ -72,15 +105,19 @@ def redact(url: str) -> str:
 
 
 def connect(config: RedisConfig, url: str | None = None, *, block_ms: int | None = None) -> aioredis.Redis:
-    """A client with redis-py's retries off. With `block_ms`, a one-connection client for blocking reads."""
+    """A client with redis-py's retries off. With `block_ms`, a one-connection client for blocking reads. For a
+    `?cluster=true` url, redis-py's cluster client (`connect_cluster`)."""
     url = url or config.resolved_url()
     if not url:
         raise RedisUnavailableError(f"no Redis url: set redis.url, --redis-url or ${ENV_URL}")
+    url, cluster = split_cluster(url)
     socket_timeout = config.socket_timeout_s
     max_connections = config.max_connections
     if block_ms is not None:
         socket_timeout = block_ms / 1000 + config.socket_timeout_s
         max_connections = 2
+    if cluster:
+        return connect_cluster(config, url, socket_timeout_s=socket_timeout, max_connections=max_connections)
     pool = aioredis.BlockingConnectionPool.from_url(
         url,
         max_connections=max_connections,
@@ -94,6 +131,25 @@ def connect(config: RedisConfig, url: str | None = None, *, block_ms: int | None
     return aioredis.Redis.from_pool(pool)  # the client owns the pool: aclose() closes its connections
 
 
+def connect_cluster(config: RedisConfig, url: str, *, socket_timeout_s: float, max_connections: int) -> aioredis.Redis:
+    """redis-py's cluster client, its retries off as `connect`'s: it follows MOVED and ASK itself, and after a
+    connection error it reads the cluster's slots again before the next command (which our `RetryPolicy`
+    sends). Typed as the single-server client: the bus calls only what both have (commands on keys of one
+    slot, pipelines, WATCH/MULTI transactions within one slot)."""
+    cluster = RedisCluster.from_url(
+        url,
+        # per node; not a blocking pool: a command over the bound raises MaxConnectionsError (a ConnectionError,
+        # retried). Each coroutine holds a connection for one command, so twice the single-server bound is room.
+        max_connections=2 * max_connections,
+        socket_connect_timeout=config.connect_timeout_s,
+        socket_timeout=socket_timeout_s,
+        socket_keepalive=True,
+        health_check_interval=config.health_check_interval_s,
+        retry=Retry(NoBackoff(), 0),
+    )
+    return cast(aioredis.Redis, cluster)
+
+
 async def wait_until_reachable(redis: aioredis.Redis, config: RedisConfig, stop: asyncio.Event | None = None) -> None:
     """PING until the server answers, for at most `config.startup_wait_s`: a process started just before its
     Redis waits for it, and a wrong url, port or password fails here in one line naming the server, instead of
@@ -104,7 +160,10 @@ async def wait_until_reachable(redis: aioredis.Redis, config: RedisConfig, stop:
     while True:
         try:
             await redis.ping()
+            await _check_cluster_mode(redis, config, where)
             return
+        except RedisUnavailableError:
+            raise
         except Exception as exc:
             if not is_transient(exc):  # a wrong password or a refused command: waiting will not help
                 raise RedisUnavailableError(f"Redis at {where} refused this process: {exc}") from exc
@@ -121,12 +180,30 @@ async def wait_until_reachable(redis: aioredis.Redis, config: RedisConfig, stop:
             await asyncio.sleep(min(0.25, max(deadline - time.monotonic(), 0.0)))
 
 
+async def _check_cluster_mode(redis: aioredis.Redis, config: RedisConfig, where: str) -> None:
+    """A url without `?cluster=true` that names a cluster node would work until the first key of another node's
+    slot, or the first failover: refuse it at start. (The other way round, redis-py's cluster client refuses a
+    server without cluster mode itself.) Skipped where an ACL user may not run INFO."""
+    if config.cluster:
+        return
+    try:
+        info = await redis.info("cluster")
+    except rexc.NoPermissionError:
+        return
+    if int(info.get("cluster_enabled", 0)):
+        raise RedisUnavailableError(f"Redis at {where} is a node of a Redis Cluster: add ?{CLUSTER_PARAM}=true to "
+                                    f"the url (docs/redis.md, 'A Redis Cluster')")  # fmt: skip
+
+
 TRANSIENT: tuple[type[BaseException], ...] = (
     rexc.ConnectionError,
     rexc.TimeoutError,
     rexc.BusyLoadingError,
     rexc.OutOfMemoryError,  # redis-py 8 strips the "OOM" prefix from the message: matched by type, not text
     rexc.TryAgainError,
+    rexc.ClusterDownError,  # CLUSTERDOWN: a cluster during a failover
+    rexc.ClusterError,  # redis-py's cluster client gave up following redirections (a resharding, a failover)
+    rexc.SlotNotCoveredError,  # its slot map has no node for the slot yet
     ConnectionError,
     asyncio.TimeoutError,
 )

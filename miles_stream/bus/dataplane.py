@@ -9,7 +9,8 @@ thread per connection: a command goes out in one `sendmsg` (no copy of the paylo
 received straight into its final buffer. Replies mirror redis-py's shapes, and failures raise redis-py's
 exception types, so callers and `is_transient` treat both clients alike.
 
-`rediss://` (TLS) uses redis-py instead; see `open_stream_client`.
+`rediss://` (TLS) uses redis-py instead; see `open_stream_client`. On a Redis Cluster (`?cluster=true`) a
+`slots.SlotRouter` sends each command to its slot's primary over one such connection per node.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import redis.exceptions as rexc
 
-from miles_stream.bus.connection import RedisConfig, connect
+from miles_stream.bus.connection import RedisConfig, connect, split_cluster
+from miles_stream.bus.slots import Node, SlotRouter
 from miles_stream.codec import Frame
 
 _CHUNK = 1 << 16
@@ -52,12 +54,18 @@ class StreamClient(Protocol):
 
 
 def open_stream_client(config: RedisConfig, url: str | None = None, *, block_ms: int | None = None) -> StreamClient:
-    """The fast client for redis:// and unix:// urls; redis-py's async client for rediss:// (TLS)."""
+    """The fast client for redis:// and unix:// urls (routed by slot on a cluster); redis-py's async client for
+    rediss:// (TLS)."""
     url = url or config.resolved_url()
     if url.startswith("rediss://"):
         return cast(StreamClient, connect(config, url, block_ms=block_ms))  # redis-py's typing is looser
     timeout = config.socket_timeout_s + (block_ms or 0) / 1000
-    return ThreadedStreamClient(RespConnection(url, connect_timeout_s=config.connect_timeout_s, timeout_s=timeout))
+    url, cluster = split_cluster(url)
+
+    def open_node(node_url: str) -> RespConnection:
+        return RespConnection(node_url, connect_timeout_s=config.connect_timeout_s, timeout_s=timeout)
+
+    return ThreadedStreamClient(SlotRouter(url, open_node) if cluster else open_node(url))
 
 
 class RespConnection:
@@ -187,7 +195,7 @@ class ThreadedStreamClient:
     """Async facade over a `RespConnection`: each command runs on the connection's own worker thread.
     Field values may be `codec.Frame`s, sent without joining them first."""
 
-    def __init__(self, conn: RespConnection) -> None:
+    def __init__(self, conn: Node) -> None:
         self.conn = conn
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="miles-dataplane")
 

@@ -11,14 +11,11 @@ from pathlib import Path
 
 import pytest
 import redis
+from redis_acl import ACL_RULES
 
 from miles_stream.demo.task import write_task
 
 CLI = [sys.executable, "-m", "miles_stream.cli"]
-# What docs/redis.md gives operators: the namespace's keys only, every data-type and stream command, no
-# administrative or dangerous ones (FLUSHALL, CONFIG, KEYS, DEBUG, SHUTDOWN, CLIENT KILL, ...).
-ACL_RULES = ["on", "resetkeys", "~{ns}:*", "resetchannels", "-@all", "+@read", "+@write", "+@stream", "+@hash",
-             "+@set", "+@sortedset", "+@string", "+@list", "+@transaction", "+@connection", "-@dangerous"]  # fmt: skip
 
 
 @pytest.mark.integration
