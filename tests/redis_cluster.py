@@ -73,10 +73,10 @@ class LocalCluster:
     def client(self, i: int) -> redis.Redis:
         return redis.Redis(host="127.0.0.1", port=self.nodes[i].port, socket_timeout=5)
 
-    def primary_of(self, key: str) -> int:
-        """Index in `nodes` of the node that serves `key`'s slot now."""
-        slot = self._slot(key)
-        for first, last, primary, *_ in self.client(0).execute_command("CLUSTER", "SLOTS"):
+    def primary_of(self, key: str, via: int = 0) -> int:
+        """Index in `nodes` of the node that serves `key`'s slot now, as node `via` sees it."""
+        slot = self._slot(key, via)
+        for first, last, primary, *_ in self.client(via).execute_command("CLUSTER", "SLOTS"):
             if first <= slot <= last:
                 return next(i for i, n in enumerate(self.nodes) if n.port == int(primary[1]))
         raise AssertionError(f"no node serves slot {slot}")
@@ -98,8 +98,8 @@ class LocalCluster:
         for i in [target, source, *(i for i in range(self.primaries) if i not in (source, target))]:
             self.client(i).execute_command("CLUSTER", "SETSLOT", slot, "NODE", dst_id)
 
-    def _slot(self, key: str) -> int:
-        return int(self.client(0).execute_command("CLUSTER", "KEYSLOT", key))
+    def _slot(self, key: str, via: int = 0) -> int:
+        return int(self.client(via).execute_command("CLUSTER", "KEYSLOT", key))
 
     @staticmethod
     def _linked(client: redis.Redis) -> bool:

@@ -23,7 +23,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import redis.asyncio as aioredis
 import redis.exceptions as rexc
 import structlog
-from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
@@ -34,21 +34,35 @@ T = TypeVar("T")
 log = structlog.get_logger(__name__)
 ENV_URL = "MILES_REDIS_URL"
 CLUSTER_PARAM = "cluster"  # redis://host:port/?cluster=true: the server is a node of a Redis Cluster
+NODE_PARAM = "node"  # ...&node=host2:port&node=host3:port: more nodes to start from, if the first is down
 _YES, _NO = ("true", "yes", "1"), ("false", "no", "0")
 
 
-def split_cluster(url: str) -> tuple[str, bool]:
-    """(the url without its `cluster` parameter, whether it names a Redis Cluster node). Raises ConfigError for
-    a `cluster` value other than true/false."""
+@dataclass(frozen=True, slots=True)
+class ClusterUrl:
+    url: str  # without the two parameters above
+    cluster: bool
+    seeds: tuple[str, ...] = ()  # "host:port" of the other nodes named with `node=`
+
+
+def parse_cluster_url(url: str) -> ClusterUrl:
+    """Whether `url` names a Redis Cluster node, and which other nodes it names. Raises ConfigError for a
+    `cluster` value other than true/false, or a `node` that is not host:port."""
     parts = urlsplit(url)
     query = parse_qsl(parts.query, keep_blank_values=True)
     values = [v.lower() for k, v in query if k == CLUSTER_PARAM]
-    if not values:
-        return url, False
-    if values[-1] not in _YES + _NO:
+    seeds = tuple(v for k, v in query if k == NODE_PARAM)
+    if not values and not seeds:
+        return ClusterUrl(url, False)
+    if values and values[-1] not in _YES + _NO:
         raise ConfigError(f"redis.url: ?{CLUSTER_PARAM}={values[-1]} must be true or false")
-    rest = urlencode([(k, v) for k, v in query if k != CLUSTER_PARAM])
-    return urlunsplit(parts._replace(query=rest)), values[-1] in _YES
+    cluster = bool(values) and values[-1] in _YES
+    for seed in seeds:
+        host, _, port = seed.rpartition(":")
+        if not cluster or not host or not port.isdigit():
+            raise ConfigError(f"redis.url: {NODE_PARAM}={seed} must be host:port, beside ?{CLUSTER_PARAM}=true")
+    rest = urlencode([(k, v) for k, v in query if k not in (CLUSTER_PARAM, NODE_PARAM)])
+    return ClusterUrl(urlunsplit(parts._replace(query=rest)), cluster, seeds)
 
 
 def one_slot(namespace: str) -> bool:
@@ -62,7 +76,8 @@ def one_slot(namespace: str) -> bool:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RedisConfig:
     """Where the Redis server is. An empty url means: $MILES_REDIS_URL, else an embedded server. A url ending in
-    `?cluster=true` names any node of a Redis Cluster (docs/redis.md, "A Redis Cluster")."""
+    `?cluster=true` names any node of a Redis Cluster, and `&node=host:port` (repeated) other nodes to start from
+    (docs/redis.md, "A Redis Cluster")."""
 
     url: str = ""
     connect_timeout_s: float = 5.0
@@ -81,8 +96,9 @@ class RedisConfig:
         check(self.socket_timeout_s > 0, "redis.socket_timeout_s", "must be positive")
         check(self.startup_wait_s >= 0, "redis.startup_wait_s", "must be >= 0")
         check(self.max_connections >= 2, "redis.max_connections", "must be at least 2")
-        url, cluster = split_cluster(self.url)
-        check(not cluster or not url.startswith("unix://"), "redis.url", "a Redis Cluster is reached over TCP")
+        parsed = parse_cluster_url(self.url)
+        check(not parsed.cluster or not parsed.url.startswith("unix://"), "redis.url",
+              "a Redis Cluster is reached over TCP")  # fmt: skip
 
     def resolved_url(self) -> str:
         """The url to use: this config's, else $MILES_REDIS_URL, else ''."""
@@ -91,7 +107,7 @@ class RedisConfig:
     @property
     def cluster(self) -> bool:
         """Whether the url (resolved) names a Redis Cluster node."""
-        return split_cluster(self.resolved_url())[1]
+        return parse_cluster_url(self.resolved_url()).cluster
 
 
 def redact(url: str) -> str:
@@ -110,14 +126,15 @@ def connect(config: RedisConfig, url: str | None = None, *, block_ms: int | None
     url = url or config.resolved_url()
     if not url:
         raise RedisUnavailableError(f"no Redis url: set redis.url, --redis-url or ${ENV_URL}")
-    url, cluster = split_cluster(url)
+    parsed = parse_cluster_url(url)
     socket_timeout = config.socket_timeout_s
     max_connections = config.max_connections
     if block_ms is not None:
         socket_timeout = block_ms / 1000 + config.socket_timeout_s
         max_connections = 2
-    if cluster:
-        return connect_cluster(config, url, socket_timeout_s=socket_timeout, max_connections=max_connections)
+    if parsed.cluster:
+        return connect_cluster(config, parsed, socket_timeout_s=socket_timeout, max_connections=max_connections)
+    url = parsed.url
     pool = aioredis.BlockingConnectionPool.from_url(
         url,
         max_connections=max_connections,
@@ -131,13 +148,16 @@ def connect(config: RedisConfig, url: str | None = None, *, block_ms: int | None
     return aioredis.Redis.from_pool(pool)  # the client owns the pool: aclose() closes its connections
 
 
-def connect_cluster(config: RedisConfig, url: str, *, socket_timeout_s: float, max_connections: int) -> aioredis.Redis:
+def connect_cluster(
+    config: RedisConfig, url: ClusterUrl, *, socket_timeout_s: float, max_connections: int
+) -> aioredis.Redis:
     """redis-py's cluster client, its retries off as `connect`'s: it follows MOVED and ASK itself, and after a
     connection error it reads the cluster's slots again before the next command (which our `RetryPolicy`
     sends). Typed as the single-server client: the bus calls only what both have (commands on keys of one
     slot, pipelines, WATCH/MULTI transactions within one slot)."""
     cluster = RedisCluster.from_url(
-        url,
+        url.url,
+        startup_nodes=[ClusterNode(*seed.rsplit(":", 1)) for seed in url.seeds],
         # per node; not a blocking pool: a command over the bound raises MaxConnectionsError (a ConnectionError,
         # retried). Each coroutine holds a connection for one command, so twice the single-server bound is room.
         max_connections=2 * max_connections,

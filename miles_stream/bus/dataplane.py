@@ -23,7 +23,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import redis.exceptions as rexc
 
-from miles_stream.bus.connection import RedisConfig, connect, split_cluster
+from miles_stream.bus.connection import RedisConfig, connect, parse_cluster_url
 from miles_stream.bus.slots import Node, SlotRouter
 from miles_stream.codec import Frame
 
@@ -60,12 +60,14 @@ def open_stream_client(config: RedisConfig, url: str | None = None, *, block_ms:
     if url.startswith("rediss://"):
         return cast(StreamClient, connect(config, url, block_ms=block_ms))  # redis-py's typing is looser
     timeout = config.socket_timeout_s + (block_ms or 0) / 1000
-    url, cluster = split_cluster(url)
+    parsed = parse_cluster_url(url)
 
     def open_node(node_url: str) -> RespConnection:
         return RespConnection(node_url, connect_timeout_s=config.connect_timeout_s, timeout_s=timeout)
 
-    return ThreadedStreamClient(SlotRouter(url, open_node) if cluster else open_node(url))
+    if parsed.cluster:
+        return ThreadedStreamClient(SlotRouter(parsed.url, open_node, seeds=parsed.seeds))
+    return ThreadedStreamClient(open_node(parsed.url))
 
 
 class RespConnection:

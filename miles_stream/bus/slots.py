@@ -10,7 +10,7 @@ Redis Cluster spec: https://redis.io/docs/latest/operate/oss_and_stack/reference
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
@@ -50,14 +50,15 @@ class SlotRouter:
     """Sends each command to its slot's primary. Not thread-safe: it lives on the data-plane client's one worker
     thread, as a `RespConnection` does."""
 
-    def __init__(self, seed_url: str, open_node: Callable[[str], Node]) -> None:
+    def __init__(self, seed_url: str, open_node: Callable[[str], Node], *, seeds: Sequence[str] = ()) -> None:
         self.seed_url = seed_url
         self._open = open_node
         self._nodes: dict[str, Node] = {}  # "host:port" -> its connection
         self._slots: list[tuple[int, int, str]] = []  # (first, last, primary "host:port"), from CLUSTER SLOTS
         self._moved: dict[int, str] = {}  # slot -> the primary a MOVED named, until the map is read again
+        self._known: list[str] = []  # every node of the last map, replicas too: asked for the next map
         seed = urlsplit(seed_url)
-        self._seed_address = f"{seed.hostname or '127.0.0.1'}:{seed.port or 6379}"
+        self._seeds = [f"{seed.hostname or '127.0.0.1'}:{seed.port or 6379}", *seeds]
 
     def command(self, *args: Any) -> Any:
         slot = key_slot(key_of(args))
@@ -114,7 +115,8 @@ class SlotRouter:
 
     def _read_map(self) -> None:
         errors = []
-        for address in [*self._nodes, self._seed_address]:
+        # the seed and the primaries may be the nodes that died (a failover): the replicas named last time answer
+        for address in dict.fromkeys([*self._nodes, *self._known, *self._seeds]):
             try:
                 reply = self._node(address).command("CLUSTER", "SLOTS")
             except (rexc.ConnectionError, rexc.TimeoutError) as exc:
@@ -123,6 +125,7 @@ class SlotRouter:
                 continue
             host = address.rsplit(":", 1)[0]
             self._slots = [(int(r[0]), int(r[1]), _address(r[2], host)) for r in reply]
+            self._known = list(dict.fromkeys(_address(n, host) for r in reply for n in r[2:]))
             self._moved = {}
             return
         raise rexc.ConnectionError(f"no cluster node answered CLUSTER SLOTS ({'; '.join(errors)})")

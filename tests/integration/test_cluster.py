@@ -20,7 +20,7 @@ from redis_groups import done_total, publish_groups
 from redis_tiers import TierMissing, tier_binary
 
 from miles_stream.bus import BusConfig, GroupConsumer, Keys, RedisConfig, StreamConsumer, connect, open_stream_client
-from miles_stream.bus.connection import wait_until_reachable
+from miles_stream.bus.connection import ClusterUrl, parse_cluster_url, wait_until_reachable
 from miles_stream.bus.lease import Lease
 from miles_stream.errors import ConfigError, RedisUnavailableError
 from miles_stream.redis_server import EmbeddedRedis, EmbeddedRedisConfig
@@ -47,7 +47,7 @@ def tagged() -> str:
     return "{c" + uuid.uuid4().hex[:8] + "}"
 
 
-def test_a_namespace_that_is_not_a_hash_tag_is_refused_on_a_cluster() -> None:
+def test_the_url_and_namespace_a_cluster_needs_are_checked_in_one_line() -> None:
     url = "redis://127.0.0.1:7000/?cluster=true"
     with pytest.raises(ConfigError, match=r"bus.namespace: .*share one slot.*\{run1\}"):
         load_run_config(None, [f"redis.url={url}", "bus.namespace=run1"])
@@ -55,6 +55,12 @@ def test_a_namespace_that_is_not_a_hash_tag_is_refused_on_a_cluster() -> None:
     assert config.bus.namespace == "{run1}" and config.redis.cluster
     with pytest.raises(ConfigError, match=r"redis.url: \?cluster=maybe must be true or false"):
         RedisConfig(url="redis://127.0.0.1:7000/?cluster=maybe")
+    seeds = parse_cluster_url("redis://u:p@a:7000/0?cluster=true&node=b:7001&node=c:7002&ssl_cert_reqs=none")
+    assert seeds == ClusterUrl("redis://u:p@a:7000/0?ssl_cert_reqs=none", True, ("b:7001", "c:7002"))
+    assert parse_cluster_url("redis://a:7000/0") == ClusterUrl("redis://a:7000/0", False)
+    for bad in ("redis://a:7000/?node=b:7001", "redis://a:7000/?cluster=true&node=b"):
+        with pytest.raises(ConfigError, match=r"node=.* must be host:port, beside \?cluster=true"):
+            RedisConfig(url=bad)
 
 
 async def test_a_url_must_say_whether_it_names_a_cluster(cluster: LocalCluster) -> None:

@@ -4,17 +4,21 @@ staleness stays within its bound; nothing is left pending. Then the demo command
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import redis as sync_redis
+from redis_cluster import LocalCluster
 from redis_groups import done_total
+from redis_tiers import tier_binary
 from transformers import AutoModelForCausalLM
 
 from miles_stream.demo.task import write_task
@@ -29,15 +33,28 @@ def metrics(path: Path) -> list[dict[str, object]]:
     return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
 
 
+@contextlib.contextmanager
+def bus_server(where: str) -> Iterator[tuple[str, str, type[sync_redis.Redis] | type[sync_redis.RedisCluster]]]:
+    """(url, namespace, client class): one embedded server, or a 3-primary Valkey cluster (its namespace a hash
+    tag, so the run's keys share one slot)."""
+    if where == "cluster":
+        with LocalCluster(tier_binary("valkey")) as cluster:
+            yield cluster.url, "{demo}", sync_redis.RedisCluster
+    else:
+        with EmbeddedRedis(EmbeddedRedisConfig(persistence="none")) as server:
+            yield server.url, "demo", sync_redis.Redis
+
+
 @pytest.mark.timeout(400)
-def test_feeder_producers_and_trainer_learn_with_nothing_lost(tmp_path: Path) -> None:
+@pytest.mark.parametrize("where", ["server", pytest.param("cluster", marks=pytest.mark.slow)])
+def test_feeder_producers_and_trainer_learn_with_nothing_lost(tmp_path: Path, where: str) -> None:
     model_dir, prompts = write_task(tmp_path)
     steps, max_staleness = 60, 2  # the demo recipe reaches ~0.9 in 60-100 steps; then most groups are filtered
-    overrides = [f"rollout.model={model_dir}", f"trainer.model={model_dir}", f"feeder.path={prompts}",
-                 f"trainer.metrics_path={tmp_path / 'metrics.jsonl'}", f"trainer.max_steps={steps}",
-                 f"buffer.max_staleness={max_staleness}"]  # fmt: skip
-    with EmbeddedRedis(EmbeddedRedisConfig(persistence="none")) as server:
-        env = {**os.environ, "MILES_REDIS_URL": server.url, "HF_HUB_OFFLINE": "1"}
+    with bus_server(where) as (url, ns, client_class):
+        overrides = [f"rollout.model={model_dir}", f"trainer.model={model_dir}", f"feeder.path={prompts}",
+                     f"trainer.metrics_path={tmp_path / 'metrics.jsonl'}", f"trainer.max_steps={steps}",
+                     f"buffer.max_staleness={max_staleness}", f"bus.namespace={ns}"]  # fmt: skip
+        env = {**os.environ, "MILES_REDIS_URL": url, "HF_HUB_OFFLINE": "1"}
 
         def start(command: str, name: str, *extra: str) -> subprocess.Popen[bytes]:
             args = ["--config", str(CONFIG), "--log-json", "--log-level", "debug", *overrides, *extra]
@@ -59,12 +76,12 @@ def test_feeder_producers_and_trainer_learn_with_nothing_lost(tmp_path: Path) ->
         for proc in (late, first, feeder):
             assert proc.wait(timeout=60) == 0
 
-        with sync_redis.Redis.from_url(server.url) as client:
-            trajectories = client.xinfo_groups("demo:trajectories")
-            prompts_pending = client.xinfo_groups("demo:prompts")[0]["pending"]
-            partials = client.xinfo_groups("demo:partials") if client.exists("demo:partials") else []
-            done = {x.decode() for x in client.zrange("demo:done:trainer", 0, -1)}  # those not yet forgotten
-            done_count = done_total(client, "demo:done:trainer")
+        with client_class.from_url(url.split("?")[0]) as client:
+            trajectories = client.xinfo_groups(f"{ns}:trajectories")
+            prompts_pending = client.xinfo_groups(f"{ns}:prompts")[0]["pending"]
+            partials = client.xinfo_groups(f"{ns}:partials") if client.exists(f"{ns}:partials") else []
+            done = {x.decode() for x in client.zrange(f"{ns}:done:trainer", 0, -1)}  # those not yet forgotten
+            done_count = done_total(client, f"{ns}:done:trainer")
     assert prompts_pending == 0  # both producers handed back what they had in flight
     assert all(g["pending"] == 0 for g in partials)  # and every partial claimed was finished or handed back
 

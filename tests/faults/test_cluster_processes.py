@@ -1,0 +1,141 @@
+"""Whole processes on a Redis Cluster (tests/redis_cluster.py, Valkey 8 on loopback):
+
+    a primary fails over     the node serving the run's slot is killed (-9) while a producer publishes; its
+                             replica takes the slot over; the producer and a committing consumer find it (the url
+                             names the dead node first) and every prompt is committed exactly once: what the
+                             replica had not received (replication is asynchronous) is a prompt still pending,
+                             generated again, or a second copy, dropped by group id, as after a host crash
+    a producer's kill -9     its prompts move to another producer (slow tier: the same test as on one server)
+    an ACL user              a namespace-limited user runs feed, produce, train, status (slow tier)
+
+The pipeline test itself runs on a cluster with -m slow (tests/integration/test_pipeline.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+import redis
+from redis_acl import ACL_RULES, CLUSTER_ACL_RULES
+from redis_cluster import LocalCluster
+from redis_groups import done_total
+from redis_tiers import tier_binary
+from test_process_faults import PROMPTS, commit_all, feed, pending, producer, wait_for
+from test_redis_faults import consume
+
+from miles_stream.demo.task import write_task
+
+CLI = [sys.executable, "-m", "miles_stream.cli"]
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(400)]
+
+
+def namespace_on(cluster: LocalCluster, node: int) -> str:
+    """A hash-tag namespace whose slot `node` serves."""
+    while True:
+        ns = "{c" + uuid.uuid4().hex[:8] + "}"
+        if cluster.primary_of(f"{ns}:prompts") == node:
+            return ns
+
+
+def account(client: redis.RedisCluster, ns: str, keys: list[str]) -> None:
+    assert sorted(keys, key=int) == [str(i) for i in range(PROMPTS)]  # each prompt committed exactly once
+    assert done_total(client, f"{ns}:done:trainer") == PROMPTS
+    assert pending(client, f"{ns}:prompts", "producers") == 0  # type: ignore[arg-type]
+    assert not client.exists(f"{ns}:dead")
+
+
+def test_the_pipeline_rides_out_a_primary_failover(tmp_path: Path) -> None:
+    with LocalCluster(tier_binary("valkey"), replicas=1) as cluster:
+        ns = namespace_on(cluster, 0)  # the node the url names first: the worst case
+        others = "&".join(f"node=127.0.0.1:{n.port}" for n in cluster.nodes[1:])
+        url = f"{cluster.url}&{others}"  # a process started after the failover still finds the cluster
+        model_dir, prompts = write_task(tmp_path)
+        env = {**os.environ, "MILES_REDIS_URL": url, "HF_HUB_OFFLINE": "1"}
+        feed(ns, prompts, env)
+        with cluster.client(0) as primary:
+            assert primary.execute_command("WAIT", 1, 5000) == 1  # the prompts reached the replica
+        client = redis.RedisCluster.from_url(cluster.url.split("?")[0])
+        first = producer(ns, "p", model_dir, env, tmp_path / "producer.log")
+        try:
+            wait_for(lambda: client.xlen(f"{ns}:trajectories") >= 20, 120, "20 groups published")
+            cluster.nodes[0].kill()  # mid-run: the producer is generating and publishing
+            client.close()
+            keys, _ = asyncio.run(consume(url, ns, stop_after=3.0))
+        finally:
+            first.send_signal(signal.SIGTERM)
+            code = first.wait(timeout=60)
+        log = (tmp_path / "producer.log").read_text()
+        assert code == 0, log[-3000:]
+        new_primary = cluster.primary_of(f"{ns}:prompts", via=1)
+        assert new_primary >= cluster.primaries  # a replica took the slot over
+        with redis.RedisCluster(host="127.0.0.1", port=cluster.nodes[1].port) as client:
+            account(client, ns, keys)
+
+
+@pytest.mark.slow
+def test_a_producer_killed_on_a_cluster_leaves_its_prompts_to_another(tmp_path: Path) -> None:
+    with LocalCluster(tier_binary("valkey")) as cluster:
+        ns = namespace_on(cluster, 1)
+        model_dir, prompts = write_task(tmp_path)
+        env = {**os.environ, "MILES_REDIS_URL": cluster.url, "HF_HUB_OFFLINE": "1"}
+        feed(ns, prompts, env)
+        with redis.RedisCluster.from_url(cluster.url.split("?")[0]) as client:
+            first = producer(ns, "first", model_dir, env, tmp_path / "first.log")
+            wait_for(lambda: pending(client, f"{ns}:prompts", "producers") >= 2, 120, "the first producer's claims")  # type: ignore[arg-type]
+            first.send_signal(signal.SIGKILL)
+            second = producer(ns, "second", model_dir, env, tmp_path / "second.log")
+            try:
+                keys, _ = asyncio.run(commit_all(cluster.url, ns, PROMPTS))
+            finally:
+                second.send_signal(signal.SIGTERM)
+                assert second.wait(timeout=60) == 0, (tmp_path / "second.log").read_text()[-3000:]
+                first.wait()
+            account(client, ns, keys)
+            assert pending(client, f"{ns}:trajectories", "trainer") == 0  # type: ignore[arg-type]
+        assert "entries_reclaimed" in (tmp_path / "second.log").read_text()
+
+
+@pytest.mark.slow
+def test_a_namespace_limited_acl_user_runs_the_pipeline_on_a_cluster(tmp_path: Path) -> None:
+    with LocalCluster(tier_binary("valkey")) as cluster:
+        ns = namespace_on(cluster, 2)
+        password = uuid.uuid4().hex
+        for i in range(len(cluster.nodes)):  # ACLs are per node
+            with cluster.client(i) as node:
+                node.execute_command("ACL", "SETUSER", "miles", f">{password}",
+                                     *(r.format(ns=ns) for r in ACL_RULES + CLUSTER_ACL_RULES))  # fmt: skip
+        url = cluster.url.replace("redis://", f"redis://miles:{password}@")
+        model_dir, prompts = write_task(tmp_path)
+        env = {**os.environ, "MILES_REDIS_URL": url, "HF_HUB_OFFLINE": "1"}
+        common = [f"bus.namespace={ns}", "--log-json"]
+
+        def run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+            return subprocess.run([*CLI, *args, *common], capture_output=True, text=True, timeout=timeout, env=env)
+
+        fed = run("feed", f"feeder.path={prompts}", "feeder.num_epochs=1")
+        assert fed.returncode == 0, fed.stderr[-2000:]
+        rollout = [f"rollout.model={model_dir}", "rollout.n_samples_per_prompt=4", "rollout.reward=exact_match",
+                   "rollout.sampling.max_new_tokens=1", "rollout.torch_threads=1"]  # fmt: skip
+        proc = subprocess.Popen([*CLI, "produce", *common, *rollout], env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True)  # fmt: skip
+        try:
+            trained = run("train", f"trainer.model={model_dir}", "trainer.max_steps=3", "buffer.rollout_batch_size=4",
+                          "buffer.filters=[]", "trainer.torch_threads=1", timeout=240)  # fmt: skip
+            assert trained.returncode == 0, trained.stderr[-3000:]
+            status = run("status", "--json")
+            assert status.returncode == 0, status.stderr[-2000:]
+        finally:
+            proc.terminate()
+            _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err[-3000:]
+        with redis.RedisCluster.from_url(url.split("?")[0]) as user:
+            announced = [int(f[b"version"]) for _, f in user.xrange(f"{ns}:weights")]
+            assert announced[-1] == 3 and announced == sorted(set(announced))
+            with pytest.raises(redis.exceptions.NoPermissionError):
+                user.set("{other}:x", 1)
