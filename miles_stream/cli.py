@@ -72,6 +72,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, help="port (default: a free one); same as redis_server.port=N")
     p.add_argument("--data-dir", help="data directory (default: a temporary one, removed on exit)")
     p.add_argument("--persistence", choices=["aof", "rdb", "none"], help="default: redis_server.persistence (aof)")
+    p.add_argument("--cluster", type=int, metavar="N", help="run a Redis Cluster of N primaries on loopback instead, "
+                   "for trying cluster mode (no persistence; docs/redis.md)")  # fmt: skip
+    p.add_argument("--replicas", type=int, default=0, help="with --cluster: replicas of each primary")
     p.set_defaults(run=_cmd_redis)
 
     p = command("feed", "Publish a prompt dataset (JSONL or Parquet) to {ns}:prompts; resumes where it stopped.")
@@ -166,6 +169,8 @@ def _cmd_redis(args: argparse.Namespace, config: RunConfig) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    if args.cluster:
+        return _run_cluster(args, server_config.binary, stop)
     with EmbeddedRedis(server_config) as server:
         mode = server_config.persistence
         where = f"persistence: {mode}, data: {server.data_dir}"
@@ -173,6 +178,19 @@ def _cmd_redis(args: argparse.Namespace, config: RunConfig) -> int:
         print(f"export MILES_REDIS_URL={server.url}", flush=True)
         stop.wait()
     print("Redis stopped.")
+    return 0
+
+
+def _run_cluster(args: argparse.Namespace, binary: str, stop: threading.Event) -> int:
+    from miles_stream.redis_cluster import LocalCluster
+
+    with LocalCluster(binary, primaries=args.cluster, replicas=args.replicas) as cluster:
+        replicas = len(cluster.nodes) - args.cluster
+        print(f"Cluster of {args.cluster} primaries and {replicas} replicas ({cluster.version}) on loopback")
+        print(f"export MILES_REDIS_URL='{cluster.url_with_every_node}'")
+        print("and a hash-tag namespace, e.g. bus.namespace={run1}", flush=True)
+        stop.wait()
+    print("Redis cluster stopped.")
     return 0
 
 

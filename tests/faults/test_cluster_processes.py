@@ -23,13 +23,13 @@ from pathlib import Path
 import pytest
 import redis
 from redis_acl import ACL_RULES, CLUSTER_ACL_RULES
-from redis_cluster import LocalCluster
 from redis_groups import done_total
 from redis_tiers import tier_binary
 from test_process_faults import PROMPTS, commit_all, feed, pending, producer, wait_for
 from test_redis_faults import consume
 
 from miles_stream.demo.task import write_task
+from miles_stream.redis_cluster import LocalCluster
 
 CLI = [sys.executable, "-m", "miles_stream.cli"]
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(400)]
@@ -53,8 +53,7 @@ def account(client: redis.RedisCluster, ns: str, keys: list[str]) -> None:
 def test_the_pipeline_rides_out_a_primary_failover(tmp_path: Path) -> None:
     with LocalCluster(tier_binary("valkey"), replicas=1) as cluster:
         ns = namespace_on(cluster, 0)  # the node the url names first: the worst case
-        others = "&".join(f"node=127.0.0.1:{n.port}" for n in cluster.nodes[1:])
-        url = f"{cluster.url}&{others}"  # a process started after the failover still finds the cluster
+        url = cluster.url_with_every_node  # a process started after the failover still finds the cluster
         model_dir, prompts = write_task(tmp_path)
         env = {**os.environ, "MILES_REDIS_URL": url, "HF_HUB_OFFLINE": "1"}
         feed(ns, prompts, env)

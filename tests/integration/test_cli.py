@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import queue
+import re
 import signal
 import subprocess
 import sys
@@ -19,8 +20,9 @@ import pytest
 import redis
 import torch
 
-from miles_stream.bus import Keys, RedisConfig, connect
+from miles_stream.bus import Keys, RedisConfig, connect, wait_until_reachable
 from miles_stream.redis_server import EmbeddedRedis, EmbeddedRedisConfig
+from miles_stream.run_config import load_run_config
 from miles_stream.weights.transports import FileTransport
 from miles_stream.weights.versions import WeightPublisher
 
@@ -84,6 +86,40 @@ def test_cli_redis_prints_url_and_ctrl_c_leaves_no_process(tmp_path: Path) -> No
     assert proc.returncode == 0
     assert "Redis stopped." in out
     assert wait_dead(server_pid), "redis-server outlived Ctrl-C"
+
+
+@pytest.mark.integration
+def test_cli_redis_cluster_prints_a_url_every_process_can_use_and_stops_on_sigterm(tmp_path: Path) -> None:
+    proc = subprocess.Popen([*CLI, "redis", "--cluster", "3"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)  # fmt: skip
+    assert proc.stdout is not None
+    line, deadline = "", time.monotonic() + 60
+    while not line.startswith("export") and time.monotonic() < deadline and proc.poll() is None:
+        line = proc.stdout.readline()
+    url = line.strip().split("=", 1)[1].strip("'")
+    assert "?cluster=true&node=" in url, line
+    config = load_run_config(None, [f"redis.url={url}", "bus.namespace={run1}"])  # the url and namespace it says
+
+    async def round_trip() -> bool:
+        client = connect(config.redis)
+        try:
+            await wait_until_reachable(client, config.redis)
+            await client.set("{run1}:x", 1)
+            return bool(await client.get("{run1}:x") == b"1")
+        finally:
+            await client.aclose()
+
+    assert asyncio.run(round_trip())
+    pids = []
+    for port in re.findall(r"127\.0\.0\.1:(\d+)", url):  # every node
+        with redis.Redis(port=int(port)) as client:
+            pids.append(int(client.info("server")["process_id"]))
+    assert len(pids) == 3
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err[-2000:]
+    assert "Redis cluster stopped." in out
+    assert all(wait_dead(pid) for pid in pids), "a cluster node outlived SIGTERM"
 
 
 @pytest.mark.integration

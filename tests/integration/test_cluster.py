@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 import redis
 from redis_acl import ACL_RULES, CLUSTER_ACL_RULES
-from redis_cluster import LocalCluster
 from redis_groups import done_total, publish_groups
 from redis_tiers import TierMissing, tier_binary
 
@@ -23,6 +22,7 @@ from miles_stream.bus import BusConfig, GroupConsumer, Keys, RedisConfig, Stream
 from miles_stream.bus.connection import ClusterUrl, parse_cluster_url, wait_until_reachable
 from miles_stream.bus.lease import Lease
 from miles_stream.errors import ConfigError, RedisUnavailableError
+from miles_stream.redis_cluster import LocalCluster
 from miles_stream.redis_server import EmbeddedRedis, EmbeddedRedisConfig
 from miles_stream.run_config import load_run_config
 from miles_stream.testing.synthetic import synthetic_group

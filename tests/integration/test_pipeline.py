@@ -16,12 +16,12 @@ from pathlib import Path
 
 import pytest
 import redis as sync_redis
-from redis_cluster import LocalCluster
 from redis_groups import done_total
 from redis_tiers import tier_binary
 from transformers import AutoModelForCausalLM
 
 from miles_stream.demo.task import write_task
+from miles_stream.redis_cluster import LocalCluster
 from miles_stream.redis_server import EmbeddedRedis, EmbeddedRedisConfig
 
 CLI = [sys.executable, "-m", "miles_stream.cli"]
