@@ -1,8 +1,11 @@
 """Load: many producers against one trainer. What does each producer cost Redis? (issue 25, item 4)
 
     python bench/bench_load.py --producers 100 --rate 0.5 --seconds 60 --json-out bench/results/load_100.json
+    python bench/bench_load.py --producers 100 --rate 0.5 --seconds 60 --cluster 3 (on a 3-primary local cluster)
 
-One process, one embedded Redis: the feeder, --producers `RolloutProducer`s each with its own connections,
+One process, one embedded Redis (or, with --cluster N, a Redis Cluster of N primaries on loopback: the run's
+keys in one slot, so its primary carries the run and the rest is the cluster clients' own cost): the feeder,
+--producers `RolloutProducer`s each with its own connections,
 heartbeat, admission and backpressure (as `miles-stream produce` builds them), an engine that takes 1/--rate
 seconds a group and answers random tokens, and a trainer loop (`ReplayBuffer` over the "trainer"
 `GroupConsumer`, with a heartbeat, no model) committing every batch. Simulation is fine: the bus is measured.
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import functools
 import json
 import platform
@@ -35,6 +39,7 @@ from miles_stream.bus.connection import RedisConfig
 from miles_stream.bus.dataplane import open_stream_client
 from miles_stream.bus.keys import PRODUCER_GROUP, TRAINER_GROUP
 from miles_stream.feeder import Feeder, FeederConfig, load_rows
+from miles_stream.redis_cluster import LocalCluster
 from miles_stream.redis_server import EmbeddedRedis, EmbeddedRedisConfig
 from miles_stream.rollout.admission import Admission
 from miles_stream.rollout.config import RolloutConfig
@@ -67,15 +72,25 @@ def in_flight(producer: RolloutProducer) -> dict[str, Any]:
     return {"in_flight": producer.in_flight}
 
 
-async def redis_counts(redis: Any) -> tuple[dict[str, int], float]:
-    stats = await redis.info("commandstats")
-    cpu = await redis.info("cpu")
-    calls = {k.removeprefix("cmdstat_"): int(v["calls"]) for k, v in stats.items()}
-    return calls, float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"])
+async def redis_counts(nodes: list[str]) -> tuple[dict[str, int], float]:
+    """Commands by name and CPU seconds, summed over `nodes` (one server, or every node of a cluster)."""
+    calls: dict[str, int] = {}
+    cpu_s = 0.0
+    for url in nodes:
+        client = connect(RedisConfig(url=url))
+        try:
+            stats = await client.info("commandstats")
+            cpu = await client.info("cpu")
+        finally:
+            await client.aclose()
+        for k, v in stats.items():
+            calls[k.removeprefix("cmdstat_")] = calls.get(k.removeprefix("cmdstat_"), 0) + int(v["calls"])
+        cpu_s += float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"])
+    return calls, cpu_s
 
 
-async def run(args: argparse.Namespace, url: str, work: Path) -> dict[str, Any]:
-    keys = Keys(f"load{int(time.time())}")
+async def run(args: argparse.Namespace, url: str, nodes: list[str], work: Path) -> dict[str, Any]:
+    keys = Keys(f"{{load{int(time.time())}}}" if args.cluster else f"load{int(time.time())}")
     bus = BusConfig(namespace=keys.namespace)
     data = work / "prompts.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"{i}+{i}=", "label": str(2 * i)}) + "\n" for i in range(1000)))
@@ -129,10 +144,10 @@ async def run(args: argparse.Namespace, url: str, work: Path) -> dict[str, Any]:
     tasks.append(asyncio.create_task(run_trainer()))
     try:
         await asyncio.sleep(args.warmup)
-        calls0, cpu0, done0, t0 = *(await redis_counts(redis)), len(committed), time.monotonic()
+        calls0, cpu0, done0, t0 = *(await redis_counts(nodes)), len(committed), time.monotonic()
         PUBLISH_S.clear()
         await asyncio.sleep(args.seconds)
-        calls1, cpu1, done1, t1 = *(await redis_counts(redis)), len(committed), time.monotonic()
+        calls1, cpu1, done1, t1 = *(await redis_counts(nodes)), len(committed), time.monotonic()
         failed = [t for t in tasks if t.done() and not t.cancelled() and t.exception() is not None]
         if failed:
             raise failed[0].exception()  # type: ignore[misc]
@@ -149,6 +164,7 @@ async def run(args: argparse.Namespace, url: str, work: Path) -> dict[str, Any]:
     latencies = sorted(PUBLISH_S)
     return {
         "producers": args.producers, "rate_per_producer": args.rate, "window_s": round(wall, 1),
+        "server": f"cluster of {args.cluster} primaries" if args.cluster else "one server",
         "groups_per_s": round((done1 - done0) / wall, 1),
         "redis_commands_per_s": round(total, 1), "per_producer_commands_per_s": round(total / args.producers, 2),
         "redis_cpu_share": round((cpu1 - cpu0) / wall, 3),
@@ -164,10 +180,18 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=0.5, help="groups/s each producer makes")
     parser.add_argument("--seconds", type=float, default=60.0)
     parser.add_argument("--warmup", type=float, default=10.0)
+    parser.add_argument("--cluster", type=int, default=0, metavar="N", help="a local cluster of N primaries")
     parser.add_argument("--json-out", type=Path)
     args = parser.parse_args()
-    with EmbeddedRedis(EmbeddedRedisConfig(persistence="none")) as server, tempfile.TemporaryDirectory() as work:
-        result = asyncio.run(run(args, server.url, Path(work)))
+    with contextlib.ExitStack() as stack:
+        work = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        if args.cluster:
+            cluster = stack.enter_context(LocalCluster(primaries=args.cluster))
+            url, nodes = cluster.url, [n.url for n in cluster.nodes]
+        else:
+            server = stack.enter_context(EmbeddedRedis(EmbeddedRedisConfig(persistence="none")))
+            url, nodes = server.url, [server.url]
+        result = asyncio.run(run(args, url, nodes, work))
     result["machine"] = platform.processor() or platform.machine()
     print(json.dumps(result, indent=1))
     if args.json_out:

@@ -34,6 +34,8 @@ SMOKE = [
     pytest.param("bench_kernels.py", ["--help"], id="kernels-gpu-only"),
     pytest.param("bench_load.py", ["--producers", "2", "--rate", "2", "--seconds", "1", "--warmup", "1"],
                  marks=SERVER, id="load"),
+    pytest.param("bench_load.py", ["--producers", "2", "--rate", "2", "--seconds", "1", "--warmup", "1",
+                                    "--cluster", "3"], marks=SERVER, id="load-cluster"),
     pytest.param("bench_pipeline.py", ["--case", "cpu", "--steps", "2", "--warmup", "0", "--modes", "async"],
                  marks=SERVER, id="pipeline-cpu"),
     pytest.param("bench_producers.py", ["--help"], id="producers-minutes"),
