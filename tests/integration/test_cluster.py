@@ -18,6 +18,7 @@ from redis_acl import ACL_RULES, CLUSTER_ACL_RULES
 from redis_groups import done_total, publish_groups
 from redis_tiers import TierMissing, tier_binary
 
+from miles_stream import admin
 from miles_stream.bus import BusConfig, GroupConsumer, Keys, RedisConfig, StreamConsumer, connect, open_stream_client
 from miles_stream.bus.connection import ClusterUrl, parse_cluster_url, wait_until_reachable
 from miles_stream.bus.lease import Lease
@@ -25,6 +26,7 @@ from miles_stream.errors import ConfigError, RedisUnavailableError
 from miles_stream.redis_cluster import LocalCluster
 from miles_stream.redis_server import EmbeddedRedis, EmbeddedRedisConfig
 from miles_stream.run_config import load_run_config
+from miles_stream.status.snapshot import namespace_status
 from miles_stream.testing.synthetic import synthetic_group
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
@@ -170,3 +172,20 @@ async def test_an_acl_user_needs_the_cluster_commands_the_docs_name(cluster: Loc
     finally:
         await data.aclose()
         await control.aclose()
+
+
+async def test_status_and_reset_run_work_on_a_cluster(cluster: LocalCluster) -> None:
+    """`status` reads the namespace's streams and the server's version; `reset-run` finds the namespace's keys on
+    every primary (SCAN) and deletes them."""
+    ns = tagged()
+    config = load_run_config(None, [f"redis.url={cluster.url}", f"bus.namespace={ns}"])
+    client = connect(config.redis)
+    try:
+        await client.xadd(f"{ns}:prompts", {b"d": b"x"})
+        await client.hset(f"{ns}:feeder", mapping={"epoch": 0, "position": 1})
+        status = await namespace_status(client, Keys(ns), 10.0)
+        assert status.namespace == ns and status.server_version.startswith(("valkey", "redis"))
+        assert (await admin.reset_namespace(config, yes=True))[1].startswith(f"namespace '{ns}': 2 keys deleted")
+        assert not await client.exists(f"{ns}:prompts", f"{ns}:feeder")
+    finally:
+        await client.aclose()
