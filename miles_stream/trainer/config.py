@@ -65,6 +65,11 @@ class TrainerConfig:
     # broadcast: weights_group (weights/broadcast.py); cuda_ipc: producers on this GPU's host (weights/cuda_ipc.py)
     transport: Literal["redis", "file", "broadcast", "cuda_ipc"] = "redis"
     weights_dir: str = ""  # the file transport's shared directory
+    # where rank 0 keeps the snapshot it publishes from (weights/background.py: up to two, one in flight and one
+    # waiting): "device" (a device copy: fastest, but the whole model once or twice more on its GPU) or "host"
+    # (pinned host memory: what a sharded model too large to hold twice needs; redis and file transports only,
+    # which read through host memory anyway)
+    publish_snapshot: Literal["device", "host"] = "device"
     checkpoint_dir: str = ""  # empty: no checkpoints (groups are committed after every step)
     checkpoint_every: int = 10  # rollout batches between checkpoints; groups are committed at each one
     keep_checkpoints: int = 2
@@ -95,6 +100,8 @@ class TrainerConfig:
         check(self.temperature >= 0, "trainer.temperature", "must be >= 0")
         check(self.max_steps >= 0, "trainer.max_steps", "must be >= 0")
         check(self.publish_every >= 1, "trainer.publish_every", "must be >= 1")
+        check(self.publish_snapshot == "device" or self.transport in ("redis", "file"), "trainer.publish_snapshot",
+              f"host needs the redis or file transport ({self.transport} sends from GPU memory)")  # fmt: skip
         check(self.checkpoint_every >= 1, "trainer.checkpoint_every", "must be >= 1")
         check(self.standby_s >= 0, "trainer.standby_s", "must be >= 0 (0 = refuse when another trainer runs)")
         check(self.keep_checkpoints >= 1, "trainer.keep_checkpoints", "must be >= 1")

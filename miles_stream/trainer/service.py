@@ -79,7 +79,9 @@ class TrainerService:
                 MetricsSink(config.metrics_path, config.tensorboard_dir) if trainer.parallel.is_main else MetricsSink()
             )
         self.metrics = metrics
-        self.background = BackgroundPublisher(publisher) if publisher is not None else None
+        self.background = (
+            BackgroundPublisher(publisher, on_host=config.publish_snapshot == "host") if publisher is not None else None
+        )
         # Say the version or held count changed, and return once others can read it (Heartbeat.beat_now):
         # producers' admission reads them, and a new version must be visible before the commit that follows it
         self.on_change: Callable[[], Awaitable[None]] = _nothing

@@ -1,6 +1,6 @@
 """Weight publication off the training loop: the trainer hands a version over and goes on with its next step.
 
-    trainer step ──offer(v, state)──► copy into a free snapshot (on the model's device: a device copy)
+    trainer step ──offer(v, state)──► copy into a free snapshot (on the model's device, or in pinned host memory)
                                         │  none in flight: start publishing it
                                         │  one in flight: it waits as `pending`; a newer offer replaces it
                                         ▼
@@ -12,6 +12,12 @@ producers follow the newest version anyway, and versions only ever increase. The
 checksums are the transport's, unchanged: a snapshot is never written to while it is published. The time the
 trainer spends in `offer` (the copy) is what publication blocks it; `flush` waits until the newest version
 offered is announced (before the trainer exits, and where a caller needs it out).
+
+`on_host` (`trainer.publish_snapshot: host`) keeps the snapshots in pinned host memory instead of on the GPU:
+the copy is queued device-to-host behind the step and the publication waits for it (a CUDA event), so the
+trainer blocks no longer than for a device copy, and its GPU never holds the model a second time. The price is
+host memory (2 B a parameter per snapshot in bf16) and PCIe bandwidth, which the redis and file transports
+spend anyway: they read the snapshot through host memory.
 """
 
 from __future__ import annotations
@@ -41,9 +47,11 @@ class PublishStats:
 @dataclass(slots=True)
 class BackgroundPublisher:
     publisher: WeightPublisher
+    on_host: bool = False  # snapshots in (pinned) host memory rather than on the model's device
     stats: PublishStats = field(default_factory=PublishStats)
     _free: list[Snapshot] = field(default_factory=list)
     _pending: tuple[int, Snapshot] | None = None
+    _copied: torch.cuda.Event | None = None  # with on_host on CUDA: when the pending snapshot's copies are done
     _task: asyncio.Task[None] | None = None
     _failure: BaseException | None = None
 
@@ -60,7 +68,8 @@ class BackgroundPublisher:
             snapshot = self._pending[1]
         else:
             snapshot = self._free.pop() if self._free else {}
-        _copy_into(snapshot, state, dtype)
+        _copy_into(snapshot, state, dtype, torch.device("cpu") if self.on_host else None)
+        self._copied = _event_after_copies(snapshot) if self.on_host else None
         self._pending = (version, snapshot)
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._run(), name="weights-publisher")
@@ -83,7 +92,9 @@ class BackgroundPublisher:
         try:
             while self._pending is not None:
                 version, snapshot = self._pending
-                self._pending = None
+                copied, self._pending, self._copied = self._copied, None, None
+                if copied is not None:  # device-to-host copies still queued behind the step: wait off the loop
+                    await asyncio.to_thread(copied.synchronize)
                 started = time.perf_counter()
                 await self.publisher.publish(version, snapshot)
                 self.stats.last_publish_s = time.perf_counter() - started
@@ -94,15 +105,29 @@ class BackgroundPublisher:
             log.error("weights_publish_failed", error=repr(exc))
 
 
-def _copy_into(snapshot: Snapshot, state: Mapping[str, torch.Tensor], dtype: torch.dtype | None) -> None:
-    """Copy every tensor of `state` into `snapshot`, allocating on first use. On CUDA the copies are queued
-    on the current stream, behind the optimizer step that produced them; the transports' reads follow on it."""
+def _copy_into(
+    snapshot: Snapshot, state: Mapping[str, torch.Tensor], dtype: torch.dtype | None, device: torch.device | None
+) -> None:
+    """Copy every tensor of `state` into `snapshot` (on `device`, else each tensor's own), allocating on first
+    use: host tensors pinned when the source is on CUDA. On CUDA the copies are queued on the current stream,
+    behind the optimizer step that produced them; the transports' reads follow on it (a device snapshot) or wait
+    for `_event_after_copies` (a host one)."""
     with torch.no_grad():
         for name, tensor in state.items():
             t = tensor.detach()
             want = dtype if dtype is not None and t.is_floating_point() else t.dtype
+            where = device or t.device
             held = snapshot.get(name)
-            if held is None or held.shape != t.shape or held.dtype != want or held.device != t.device:
-                snapshot[name] = t.to(dtype=want, copy=True)
-            else:
-                held.copy_(t)
+            if held is None or held.shape != t.shape or held.dtype != want or held.device != where:
+                pin = where.type == "cpu" and t.is_cuda
+                held = snapshot[name] = torch.empty(t.shape, dtype=want, device=where, pin_memory=pin)
+            held.copy_(t, non_blocking=held.is_pinned())
+
+
+def _event_after_copies(snapshot: Snapshot) -> torch.cuda.Event | None:
+    """A CUDA event recorded behind the copies just queued, where any went device-to-host; None on CPU."""
+    if not torch.cuda.is_available() or not any(t.is_pinned() for t in snapshot.values()):
+        return None
+    event = torch.cuda.Event()  # type: ignore[no-untyped-call]
+    event.record()
+    return event

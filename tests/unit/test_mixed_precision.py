@@ -74,7 +74,7 @@ def test_mixed_precision_computes_in_bf16_and_publishes_bf16(model_dir: Path) ->
     metrics = trainer.train(batch)
     assert np.isfinite(metrics["loss"]) and all(p.dtype == torch.float32 for p in model.parameters())
     snapshot: dict[str, torch.Tensor] = {}
-    _copy_into(snapshot, model.state_dict(), trainer.compute_dtype)
+    _copy_into(snapshot, model.state_dict(), trainer.compute_dtype, None)
     assert {t.dtype for t in snapshot.values()} == {torch.bfloat16}
     assert all(torch.equal(snapshot[n], t.to(torch.bfloat16)) for n, t in model.state_dict().items())
 

@@ -9,7 +9,9 @@ from typing import Any
 import pytest
 import torch
 
+from miles_stream.errors import ConfigError
 from miles_stream.rollout.admission import Budget
+from miles_stream.trainer.config import TrainerConfig
 from miles_stream.weights.background import BackgroundPublisher
 from miles_stream.weights.cuda_ipc import _layout, _views, word_sum
 
@@ -70,6 +72,25 @@ async def test_snapshots_are_reused_not_reallocated() -> None:
         await background.flush()
     assert len(background._free) == 1  # one snapshot, used three times
     assert [float(s["w"][0]) for _, s in fake.started] == [1.0, 2.0, 3.0]
+
+
+async def test_a_host_snapshot_is_published_and_reused() -> None:
+    """`trainer.publish_snapshot: host`: the snapshots live in host memory (pinned where the model is on CUDA:
+    not run here, this machine has no GPU), the values are the ones offered, and the snapshot is reused."""
+    fake = GatedPublisher()
+    background = BackgroundPublisher(fake, on_host=True)  # type: ignore[arg-type]
+    for v in range(1, 3):
+        background.offer(v, {"w": torch.full((3,), float(v)), "n": torch.tensor([v])}, dtype=torch.bfloat16)
+        await until(lambda v=v: len(fake.started) == v)
+        fake.gates[-1].set()
+        await background.flush()
+    assert [float(s["w"][0]) for _, s in fake.started] == [1.0, 2.0]
+    snapshot = fake.started[-1][1]
+    assert snapshot["w"].device.type == "cpu" and snapshot["w"].dtype == torch.bfloat16
+    assert snapshot["n"].dtype == torch.int64  # only floating tensors are cast
+    assert len(background._free) == 1
+    with pytest.raises(ConfigError, match=r"trainer\.publish_snapshot: host needs the redis or file transport"):
+        TrainerConfig(publish_snapshot="host", transport="cuda_ipc")
 
 
 async def test_a_failed_publication_is_raised_to_the_trainer() -> None:
