@@ -72,6 +72,7 @@ def announced(client: redis.Redis, ns: str) -> list[int]:
     return [int(f[b"version"]) for _, f in client.xrange(f"{ns}:weights")]
 
 
+@pytest.mark.process_tiers
 def test_the_same_trainer_started_twice_is_refused_and_the_first_is_untouched(
     redis_url: str, model_dir: Path, tmp_path: Path
 ) -> None:
@@ -104,6 +105,7 @@ def test_the_same_trainer_started_twice_is_refused_and_the_first_is_untouched(
         assert not client.exists(f"{ns}:lease:trainer")  # given up at the end
 
 
+@pytest.mark.process_tiers
 def test_a_frozen_trainer_wakes_after_a_standby_took_over_and_writes_nothing(
     redis_url: str, model_dir: Path, tmp_path: Path
 ) -> None:

@@ -125,6 +125,7 @@ def running_pipeline(server: EmbeddedRedis, tmp_path: Path) -> tuple[dict[str, s
     return procs, ns
 
 
+@pytest.mark.process_tiers
 def test_every_process_stops_on_sigterm_after_redis_is_gone(own_server: EmbeddedRedisConfig, tmp_path: Path) -> None:
     server = EmbeddedRedis(own_server).start()
     procs: dict[str, subprocess.Popen[bytes]] = {}

@@ -52,6 +52,7 @@ def scrape_until(port: int, ok: Callable[[Samples], bool], what: str, procs: dic
         time.sleep(0.2)
 
 
+@pytest.mark.process_tiers
 def test_feeder_producer_and_trainer_serve_metrics_that_move(redis_url: str, tmp_path: Path) -> None:
     model_dir, prompts = write_task(tmp_path)
     ns = f"m{uuid.uuid4().hex[:8]}"

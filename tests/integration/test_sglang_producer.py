@@ -33,6 +33,7 @@ def moe_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("moe"), TinyModelConfig(kind="moe", max_position=1024))
 
 
+@pytest.mark.process_tiers
 async def test_a_producer_drives_sglang_servers_and_attaches_one_on_demand(
     redis: aioredis.Redis, blocking: StreamClient, keys: Keys, bus_config: BusConfig, redis_url: str,
     moe_dir: Path, tmp_path: Path,

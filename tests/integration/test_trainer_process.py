@@ -84,6 +84,7 @@ def metrics(run_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
 
 
+@pytest.mark.process_tiers
 def test_trainer_trains_publishes_commits_and_exports(redis_url: str, model_dir: Path, tmp_path: Path) -> None:
     ns = f"tr{uuid.uuid4().hex[:8]}"
     items = groups(0, 8)
@@ -155,6 +156,7 @@ def test_kill_between_step_and_ack_then_resume_trains_each_group_once(
         assert versions == sorted(versions) and len(set(versions)) == len(versions)  # never backwards
 
 
+@pytest.mark.process_tiers
 def test_kill_in_the_middle_of_a_step_then_resume_commits_each_group_once(
     redis_url: str, model_dir: Path, tmp_path: Path
 ) -> None:
@@ -250,6 +252,7 @@ def test_two_data_parallel_trainers_share_the_stream_and_match_one(
             assert torch.allclose(runs[name][key], value, atol=1e-5), (name, key)  # summed in another order
 
 
+@pytest.mark.process_tiers
 async def test_weights_published_over_the_file_transport_load_and_equal_the_trained_model(
     redis: aioredis.Redis, redis_url: str, keys: Keys, model_dir: Path, tmp_path: Path
 ) -> None:
@@ -272,6 +275,7 @@ async def test_weights_published_over_the_file_transport_load_and_equal_the_trai
         assert loaded[name].equal(tensor), name  # what producers load is what the trainer ended with
 
 
+@pytest.mark.process_tiers
 async def test_weights_broadcast_over_a_gloo_group_equal_the_trained_model(
     redis: aioredis.Redis, redis_url: str, keys: Keys, model_dir: Path, tmp_path: Path
 ) -> None:
