@@ -294,4 +294,8 @@ def _error(message: str) -> rexc.RedisError:
         return rexc.AuthenticationError(message)
     if code == "NOPERM":
         return rexc.NoPermissionError(message)
+    if code == "CLUSTERDOWN":  # a cluster mid-failover: transient, as in redis-py
+        return rexc.ClusterDownError(message)
+    if code == "TRYAGAIN":  # a multi-key command on a slot being migrated
+        return rexc.TryAgainError(message)
     return rexc.ResponseError(message)

@@ -4,6 +4,8 @@ import pytest
 import redis.exceptions as rexc
 
 from miles_stream.bus import RetryPolicy
+from miles_stream.bus.connection import is_transient
+from miles_stream.bus.dataplane import _error as dataplane_error
 from miles_stream.errors import ConfigError, DataLossError, RedisUnavailableError
 
 
@@ -78,3 +80,12 @@ async def test_a_vanished_stream_or_group_is_data_loss_not_retried(reply: str) -
     with pytest.raises(DataLossError, match="reset-run"):
         await RetryPolicy(base_delay_s=0.001).run(gone)
     assert calls == [1]
+
+
+def test_the_data_planes_cluster_errors_are_transient_and_its_redirects_are_not() -> None:
+    """CLUSTERDOWN (a failover) and TRYAGAIN (a migration) are retried; MOVED and ASK are the router's to follow,
+    never the retry's (bus/slots.py)."""
+    assert is_transient(dataplane_error("CLUSTERDOWN The cluster is down"))
+    assert is_transient(dataplane_error("TRYAGAIN Multiple keys request during rehashing of slot"))
+    assert not is_transient(dataplane_error("MOVED 3999 127.0.0.1:7001"))
+    assert not is_transient(dataplane_error("ASK 3999 127.0.0.1:7001"))
