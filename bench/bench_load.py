@@ -94,7 +94,10 @@ async def run(args: argparse.Namespace, url: str, nodes: list[str], work: Path) 
     bus = BusConfig(namespace=keys.namespace)
     data = work / "prompts.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"{i}+{i}=", "label": str(2 * i)}) + "\n" for i in range(1000)))
-    redis = connect(RedisConfig(url=url))
+    # as RunConfig does for a process: on a cluster, the control client pinned to the run's slot, unless the
+    # bench is told to use redis-py's cluster client
+    config = RedisConfig(url=url, slot_of=keys.namespace if args.cluster and args.cluster_client == "pinned" else "")
+    redis = connect(config)
     stop = asyncio.Event()
     feeder_config = FeederConfig(path=str(data), num_epochs=0, max_queued=4 * args.producers)
     tasks: list[asyncio.Task[Any]] = [
@@ -103,8 +106,8 @@ async def run(args: argparse.Namespace, url: str, nodes: list[str], work: Path) 
     closers: list[Any] = []
     for p in range(args.producers):
         name = f"p{p}"
-        own, blocking = connect(RedisConfig(url=url)), open_stream_client(RedisConfig(url=url))
-        plane = open_stream_client(RedisConfig(url=url))
+        own, blocking = connect(config), open_stream_client(config)
+        plane = open_stream_client(config)
         closers += [own, blocking, plane]
         prompts, partials = (
             StreamConsumer(own, blocking, stream=s, group=PRODUCER_GROUP, consumer=name, dead_stream=keys.dead,
@@ -127,7 +130,7 @@ async def run(args: argparse.Namespace, url: str, nodes: list[str], work: Path) 
                 await producer.run(stop)
 
         tasks.append(asyncio.create_task(produce()))
-    blocking = open_stream_client(RedisConfig(url=url))
+    blocking = open_stream_client(config)
     closers.append(blocking)
     stream = StreamConsumer(redis, blocking, stream=keys.trajectories, group=TRAINER_GROUP, consumer="t0",
                             dead_stream=keys.dead, config=bus)  # fmt: skip
@@ -164,7 +167,7 @@ async def run(args: argparse.Namespace, url: str, nodes: list[str], work: Path) 
     latencies = sorted(PUBLISH_S)
     return {
         "producers": args.producers, "rate_per_producer": args.rate, "window_s": round(wall, 1),
-        "server": f"cluster of {args.cluster} primaries" if args.cluster else "one server",
+        "server": f"{args.cluster} primaries, {args.cluster_client} client" if args.cluster else "one server",
         "groups_per_s": round((done1 - done0) / wall, 1),
         "redis_commands_per_s": round(total, 1), "per_producer_commands_per_s": round(total / args.producers, 2),
         "redis_cpu_share": round((cpu1 - cpu0) / wall, 3),
@@ -181,6 +184,9 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=60.0)
     parser.add_argument("--warmup", type=float, default=10.0)
     parser.add_argument("--cluster", type=int, default=0, metavar="N", help="a local cluster of N primaries")
+    parser.add_argument("--cluster-client", choices=["pinned", "redis-py"], default="pinned",
+                        help="the control client on the cluster: pinned to the run's slot (what processes use), or "
+                        "redis-py's RedisCluster")  # fmt: skip
     parser.add_argument("--json-out", type=Path)
     args = parser.parse_args()
     with contextlib.ExitStack() as stack:

@@ -7,7 +7,7 @@ on the command line. An unknown key or a bad value is a `ConfigError` naming it.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from miles_stream.buffer.config import BufferConfig
@@ -48,6 +48,8 @@ class RunConfig:
         check(not self.redis.cluster or one_slot(ns), "bus.namespace",
               f"on a Redis Cluster a run's keys must share one slot: write the namespace as a hash tag, "
               f"{{{ns}}} (docs/redis.md, 'A Redis Cluster')")  # fmt: skip
+        if self.redis.cluster and not self.redis.slot_of:  # the control client goes to the run's slot
+            object.__setattr__(self, "redis", replace(self.redis, slot_of=ns))
 
     @property
     def trainer_temperature(self) -> float:

@@ -17,7 +17,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TypeVar, cast
+from typing import Any, TypeVar, cast
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
@@ -27,6 +27,7 @@ from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
+from miles_stream.bus.pinned import pinned_pool
 from miles_stream.config import check
 from miles_stream.errors import ConfigError, DataLossError, RedisUnavailableError
 
@@ -85,6 +86,10 @@ class RedisConfig:
     startup_wait_s: float = 15.0  # a process waits this long for its Redis to answer at start, then says so
     max_connections: int = 16
     health_check_interval_s: float = 15.0
+    # On a Redis Cluster: the key (the run's namespace) whose slot every command goes to, so the control client
+    # is pinned to the node serving it (bus/pinned.py). RunConfig sets it from bus.namespace; empty: redis-py's
+    # cluster client.
+    slot_of: str = ""
 
     def __post_init__(self) -> None:
         check(
@@ -122,7 +127,8 @@ def redact(url: str) -> str:
 
 def connect(config: RedisConfig, url: str | None = None, *, block_ms: int | None = None) -> aioredis.Redis:
     """A client with redis-py's retries off. With `block_ms`, a one-connection client for blocking reads. For a
-    `?cluster=true` url, redis-py's cluster client (`connect_cluster`)."""
+    `?cluster=true` url, a client pinned to the node that serves `config.slot_of` (bus/pinned.py), else (no slot
+    given, or TLS) redis-py's cluster client (`connect_cluster`)."""
     url = url or config.resolved_url()
     if not url:
         raise RedisUnavailableError(f"no Redis url: set redis.url, --redis-url or ${ENV_URL}")
@@ -132,11 +138,10 @@ def connect(config: RedisConfig, url: str | None = None, *, block_ms: int | None
     if block_ms is not None:
         socket_timeout = block_ms / 1000 + config.socket_timeout_s
         max_connections = 2
-    if parsed.cluster:
+    pinned = parsed.cluster and bool(config.slot_of) and parsed.url.startswith("redis://")
+    if parsed.cluster and not pinned:
         return connect_cluster(config, parsed, socket_timeout_s=socket_timeout, max_connections=max_connections)
-    url = parsed.url
-    pool = aioredis.BlockingConnectionPool.from_url(
-        url,
+    options: dict[str, Any] = dict(
         max_connections=max_connections,
         timeout=config.connect_timeout_s + socket_timeout,
         socket_connect_timeout=config.connect_timeout_s,
@@ -145,6 +150,10 @@ def connect(config: RedisConfig, url: str | None = None, *, block_ms: int | None
         health_check_interval=config.health_check_interval_s,
         retry=Retry(NoBackoff(), 0),
     )
+    if pinned:  # the node serving the run's slot, found again after a failover
+        pool = pinned_pool(parsed.url, parsed.seeds, config.slot_of, **options)
+    else:
+        pool = aioredis.BlockingConnectionPool.from_url(parsed.url, **options)
     return aioredis.Redis.from_pool(pool)  # the client owns the pool: aclose() closes its connections
 
 

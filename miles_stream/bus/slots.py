@@ -124,8 +124,8 @@ class SlotRouter:
                 errors.append(f"{address}: {exc}")
                 continue
             host = address.rsplit(":", 1)[0]
-            self._slots = [(int(r[0]), int(r[1]), _address(r[2], host)) for r in reply]
-            self._known = list(dict.fromkeys(_address(n, host) for r in reply for n in r[2:]))
+            self._slots = [(int(r[0]), int(r[1]), node_address(r[2], host)) for r in reply]
+            self._known = list(dict.fromkeys(node_address(n, host) for r in reply for n in r[2:]))
             self._moved = {}
             return
         raise rexc.ConnectionError(f"no cluster node answered CLUSTER SLOTS ({'; '.join(errors)})")
@@ -139,7 +139,7 @@ def _redirect(message: str) -> tuple[str, str, str]:
     return "", "", ""
 
 
-def _address(entry: list[Any], default_host: str) -> str:
+def node_address(entry: list[Any], default_host: str) -> str:
     """ "host:port" of a CLUSTER SLOTS node entry [ip, port, id, ...]; an empty ip means the node we asked."""
     ip = entry[0].decode() if isinstance(entry[0], bytes | bytearray) else str(entry[0])
     return f"{ip or default_host}:{int(entry[1])}"

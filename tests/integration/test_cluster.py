@@ -14,12 +14,22 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 import redis
+import redis.asyncio
 from redis_acl import ACL_RULES, CLUSTER_ACL_RULES
 from redis_groups import done_total, publish_groups
 from redis_tiers import TierMissing, tier_binary
 
 from miles_stream import admin
-from miles_stream.bus import BusConfig, GroupConsumer, Keys, RedisConfig, StreamConsumer, connect, open_stream_client
+from miles_stream.bus import (
+    BusConfig,
+    GroupConsumer,
+    Keys,
+    RedisConfig,
+    RetryPolicy,
+    StreamConsumer,
+    connect,
+    open_stream_client,
+)
 from miles_stream.bus.connection import ClusterUrl, parse_cluster_url, wait_until_reachable
 from miles_stream.bus.lease import Lease
 from miles_stream.errors import ConfigError, RedisUnavailableError
@@ -43,6 +53,17 @@ def _binary(tier: str) -> str:
 def cluster(request: pytest.FixtureRequest) -> Iterator[LocalCluster]:
     with LocalCluster(_binary(str(request.param))) as c:
         yield c
+
+
+@pytest.fixture(params=["pinned", "redis-py"])
+def client_kind(request: pytest.FixtureRequest) -> str:
+    """The control client: pinned to the run's slot (what every process uses: RunConfig names the slot), or
+    redis-py's cluster client (a RedisConfig built without a namespace)."""
+    return str(request.param)
+
+
+def cluster_config(url: str, ns: str, kind: str) -> RedisConfig:
+    return RedisConfig(url=url, slot_of=ns if kind == "pinned" else "")
 
 
 def tagged() -> str:
@@ -79,17 +100,20 @@ async def test_a_url_must_say_whether_it_names_a_cluster(cluster: LocalCluster) 
         await client.aclose()
 
 
-async def test_groups_are_committed_once_under_the_fence_and_swept_on_a_cluster(cluster: LocalCluster) -> None:
+async def test_groups_are_committed_once_under_the_fence_and_swept_on_a_cluster(
+    cluster: LocalCluster, client_kind: str
+) -> None:
     """Publish through the data plane, read and commit as the trainer does (fenced by its lease: WATCH/MULTI on
     the namespace's slot), read duplicates again and drop them, sweep the done set: all on the cluster."""
     ns = tagged()
-    keys, config = Keys(ns), RedisConfig(url=cluster.url)
+    keys, config = Keys(ns), cluster_config(cluster.url, ns, client_kind)
     bus = BusConfig(namespace=ns, block_ms=100, claim_idle_ms=300, claim_interval_s=0.0)
     rng = np.random.default_rng(0)
     made = [synthetic_group(rng, n_samples=2, prompt_len=4, response_len=4, vocab=50, group_id=f"g{i}",
                             prompt_key=str(i)) for i in range(30)]  # fmt: skip
     await publish_groups(cluster.url, ns, made + made[:5])  # five published twice, as a retried XADD would
     admin, blocking = connect(config), open_stream_client(config, block_ms=100)
+    assert isinstance(admin, redis.asyncio.Redis) == (client_kind == "pinned")  # not redis-py's RedisCluster
     try:
         await wait_until_reachable(admin, config)
         lease = Lease(admin, keys, "trainer", "t0", ttl_s=30)
@@ -118,12 +142,16 @@ async def test_groups_are_committed_once_under_the_fence_and_swept_on_a_cluster(
         assert cluster.primary_of(keys.trajectories) == cluster.primary_of(keys.done("trainer"))
 
 
-async def test_the_data_plane_follows_its_slot_when_it_moves(cluster: LocalCluster) -> None:
+async def test_the_data_plane_and_the_control_client_follow_the_slot_when_it_moves(
+    cluster: LocalCluster, client_kind: str
+) -> None:
     """The slot of a namespace migrates to another primary while a client holds the old map: a key not yet moved
     is answered by the old node, a new key by the importing node (ASK), and after the move every command
-    follows MOVED — for the data plane's own client and for redis-py's."""
+    follows MOVED: the data plane itself, the control client through the retry policy every bus call has (the
+    pinned client drops its connection and reconnects to the slot's new node)."""
     ns = tagged()
-    keys, config = Keys(ns), RedisConfig(url=cluster.url)
+    keys, config = Keys(ns), cluster_config(cluster.url, ns, client_kind)
+    retry = RetryPolicy()
     data, control = open_stream_client(config), connect(config)
     big = b"x" * (1 << 20)  # a large value: received into its own buffer by the data plane
     try:
@@ -137,16 +165,16 @@ async def test_the_data_plane_follows_its_slot_when_it_moves(cluster: LocalClust
         assert cluster.primary_of(keys.trajectories) == target
         assert await data.get(f"{ns}:weights:v1:0") == big  # MOVED: the map is read again
         await data.xadd(keys.trajectories, {b"f": b"after"})
-        await control.xgroup_create(keys.trajectories, "trainer", id="0")
+        await retry.run(lambda: control.xgroup_create(keys.trajectories, "trainer", id="0"))
         read = await data.xreadgroup("trainer", "t", {keys.trajectories: ">"}, count=10)
         assert [f[b"f"] for _, f in read[0][1]] == [b"during", b"after"]
-        assert await control.get(f"{ns}:weights:v1:0") == big
+        assert await retry.run(lambda: control.get(f"{ns}:weights:v1:0")) == big
     finally:
         await data.aclose()
         await control.aclose()
 
 
-async def test_an_acl_user_needs_the_cluster_commands_the_docs_name(cluster: LocalCluster) -> None:
+async def test_an_acl_user_needs_the_cluster_commands_the_docs_name(cluster: LocalCluster, client_kind: str) -> None:
     """docs/redis.md's rules for a namespace-limited user, plus CLUSTER SLOTS (both clients read the slot map)
     and ASKING: set on every node (ACLs are per node); a data-plane round trip and a transaction work."""
     ns = tagged()
@@ -157,7 +185,7 @@ async def test_an_acl_user_needs_the_cluster_commands_the_docs_name(cluster: Loc
             node.execute_command("ACL", "SETUSER", f"u{ns[2:-1]}", "reset", f">{password}",
                                  *(r.format(ns=ns) for r in rules))  # fmt: skip
     url = cluster.url.replace("redis://", f"redis://u{ns[2:-1]}:{password}@")
-    config = RedisConfig(url=url)
+    config = cluster_config(url, ns, client_kind)
     data, control = open_stream_client(config), connect(config)
     try:
         await wait_until_reachable(control, config)
