@@ -96,8 +96,8 @@ async def run(args: argparse.Namespace, url: str, nodes: list[str], work: Path) 
     data.write_text("".join(json.dumps({"prompt": f"{i}+{i}=", "label": str(2 * i)}) + "\n" for i in range(1000)))
     # as RunConfig does for a process: on a cluster, the control client pinned to the run's slot, unless the
     # bench is told to use redis-py's cluster client
-    config = RedisConfig(url=url, slot_of=keys.namespace if args.cluster and args.cluster_client == "pinned" else "")
-    redis = connect(config)
+    rc = RedisConfig(url=url, slot_of=keys.namespace if args.cluster and args.cluster_client == "pinned" else "")
+    redis = connect(rc)
     stop = asyncio.Event()
     feeder_config = FeederConfig(path=str(data), num_epochs=0, max_queued=4 * args.producers)
     tasks: list[asyncio.Task[Any]] = [
@@ -106,8 +106,8 @@ async def run(args: argparse.Namespace, url: str, nodes: list[str], work: Path) 
     closers: list[Any] = []
     for p in range(args.producers):
         name = f"p{p}"
-        own, blocking = connect(config), open_stream_client(config)
-        plane = open_stream_client(config)
+        own, blocking = connect(rc), open_stream_client(rc)
+        plane = open_stream_client(rc)
         closers += [own, blocking, plane]
         prompts, partials = (
             StreamConsumer(own, blocking, stream=s, group=PRODUCER_GROUP, consumer=name, dead_stream=keys.dead,
@@ -130,7 +130,7 @@ async def run(args: argparse.Namespace, url: str, nodes: list[str], work: Path) 
                 await producer.run(stop)
 
         tasks.append(asyncio.create_task(produce()))
-    blocking = open_stream_client(config)
+    blocking = open_stream_client(rc)
     closers.append(blocking)
     stream = StreamConsumer(redis, blocking, stream=keys.trajectories, group=TRAINER_GROUP, consumer="t0",
                             dead_stream=keys.dead, config=bus)  # fmt: skip
