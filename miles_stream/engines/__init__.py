@@ -1,6 +1,8 @@
 """Rollout engines: each samples responses for the producer and takes new weights (`base.RolloutEngine`).
 
     base.py     the protocol, its request / result types (ids in; ids, logprobs, version spans, routing out)
+    http.py     what the engines over HTTP servers read alike (replies, versions, errors)
+    pool.py     what they do alike with their servers: rotation, attach / detach, health loop, re-sync
     native/     the embedded PyTorch engine (continuous batching; static KV cache, CUDA graphs on a GPU)
     sglang/     SGLang servers over HTTP (its quirks, each citing SGLang's source, stay in that package)
     vllm/       vLLM servers over HTTP (scale-out + dev routes; quirks cite vLLM 0.32's source; docs/vllm.md)

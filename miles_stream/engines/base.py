@@ -93,8 +93,8 @@ class RolloutEngine(Protocol):
 
 
 class ServerPool(Protocol):
-    """An engine over HTTP servers that can join and leave while it runs (SGLang): `rollout/membership.py`
-    keeps `servers` equal to the set a producer is told to drive."""
+    """An engine over HTTP servers that can join and leave while it runs (SGLang, vLLM: `pool.PooledEngine`):
+    `rollout/membership.py` keeps `servers` equal to the set a producer is told to drive."""
 
     @property
     def servers(self) -> Mapping[str, object]: ...

@@ -1,5 +1,6 @@
 """What the engines over HTTP servers (sglang/, vllm/) read the same way: a reply's body, its error message,
-and the weight version a server reports. Each engine's own quirks stay in its package."""
+the weight version a server reports, and their errors (a call that failed; a weight update that failed on one
+server). Each engine's own quirks stay in its package; what they do alike with their servers is in pool.py."""
 
 from __future__ import annotations
 
@@ -12,6 +13,23 @@ from miles_stream.errors import MilesStreamError
 
 class ResponseError(MilesStreamError):
     """A reply that does not say what the server's source says it does (a server bug or another version)."""
+
+
+class ServerError(MilesStreamError):
+    """A call to one server failed: `status` is the HTTP status of an error reply, None if none came."""
+
+    def __init__(self, url: str, message: str, status: int | None = None) -> None:
+        super().__init__(f"{url}: {message}")
+        self.url, self.status = url, status
+
+
+class WeightUpdateError(MilesStreamError):
+    """A weight update failed on one server at `step`; `dirty`: the push had reached it, so its weights may be
+    half new whatever version it reports."""
+
+    def __init__(self, url: str, version: int, step: str, cause: BaseException, *, dirty: bool = False) -> None:
+        super().__init__(f"{url}: weight update to version {version} failed at {step}: {cause}")
+        self.url, self.version, self.step, self.dirty = url, version, step, dirty
 
 
 def reply_body(reply: httpx.Response) -> Any:

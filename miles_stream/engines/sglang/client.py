@@ -20,14 +20,12 @@ from typing import Any
 import httpx
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
 
-from miles_stream.engines.http import error_message, reply_body
-from miles_stream.errors import InvalidRequest, MilesStreamError
+from miles_stream.engines.http import ServerError, error_message, reply_body
+from miles_stream.errors import InvalidRequest
 
 
-class SGLangError(MilesStreamError):
-    def __init__(self, url: str, message: str, status: int | None = None) -> None:
-        super().__init__(f"{url}: {message}")
-        self.url, self.status = url, status
+class SGLangError(ServerError):
+    pass
 
 
 class NotSupported(SGLangError):

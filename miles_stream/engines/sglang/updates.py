@@ -32,18 +32,13 @@ from typing import Literal, Protocol
 import structlog
 import torch
 
+from miles_stream.engines.http import WeightUpdateError
 from miles_stream.engines.sglang.client import NotSupported, SGLangClient, SGLangError
-from miles_stream.errors import MilesStreamError, WeightIntegrityError
+from miles_stream.errors import WeightIntegrityError
 from miles_stream.weights.manifest import WeightManifest
 
 log = structlog.get_logger(__name__)
 PauseMode = Literal["abort", "retract", "in_place"]
-
-
-class WeightUpdateError(MilesStreamError):
-    def __init__(self, url: str, version: int, step: str, cause: BaseException, *, dirty: bool = False) -> None:
-        super().__init__(f"{url}: weight update to version {version} failed at {step}: {cause}")
-        self.url, self.version, self.step, self.dirty = url, version, step, dirty
 
 
 class WeightPush(Protocol):

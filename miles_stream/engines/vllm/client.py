@@ -14,18 +14,15 @@ from typing import Any
 import httpx
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
 
-from miles_stream.engines.http import error_message, reply_body
-from miles_stream.errors import MilesStreamError
+from miles_stream.engines.http import ServerError, error_message, reply_body
 
 # vLLM names an /inference/v1/generate request "generate-tokens-{our id}" inside the engine, and its abort
 # route takes that internal name (vllm/entrypoints/scale_out/token_in_token_out/serving.py:194-196).
 REQUEST_PREFIX = "generate-tokens-"
 
 
-class VLLMError(MilesStreamError):
-    def __init__(self, url: str, message: str, status: int | None = None) -> None:
-        super().__init__(f"{url}: {message}")
-        self.url, self.status = url, status
+class VLLMError(ServerError):
+    pass
 
 
 class VLLMClient:

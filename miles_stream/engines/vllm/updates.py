@@ -40,17 +40,12 @@ from typing import Any, Protocol
 import structlog
 import torch
 
+from miles_stream.engines.http import WeightUpdateError
 from miles_stream.engines.vllm.client import VLLMClient, VLLMError
-from miles_stream.errors import ConfigError, MilesStreamError, WeightIntegrityError
+from miles_stream.errors import ConfigError, WeightIntegrityError
 from miles_stream.weights.manifest import WeightManifest
 
 log = structlog.get_logger(__name__)
-
-
-class WeightUpdateError(MilesStreamError):
-    def __init__(self, url: str, version: int, step: str, cause: BaseException) -> None:
-        super().__init__(f"{url}: weight update to version {version} failed at {step}: {cause}")
-        self.url, self.version, self.step = url, version, step
 
 
 def refuse_unfaithful(model_dir: str) -> None:
