@@ -115,7 +115,7 @@ def build_megatron_trainer(cfg: TrainerConfig, algo: AlgoConfig, *, temperature:
         frozen["teacher_model"] = load_policy(cfg.teacher_model, groups, device=cfg.device, dtype=cfg.dtype)
     for m in frozen.values():
         m.requires_grad_(False).train(False)
-    layout = MegatronLayout(groups, parallel)
+    layout = MegatronLayout(groups, parallel, model)
     policy = PolicyTrainer(model, cfg, algo, temperature=temperature, parallel=groups.dp, objective=objective,
                            layout=layout, **frozen)  # fmt: skip
     return MegatronTrainer(policy, groups, parallel)

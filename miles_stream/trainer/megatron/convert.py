@@ -146,7 +146,7 @@ def iter_hf(shards_of: Callable[[str], Sequence[Tensor]], shape: Qwen3Shape) -> 
     for i in range(shape.num_layers):
         h, m = _layer(i)
         qkv = full(m + "self_attention.linear_qkv.weight", 0).view(shape.num_groups, (r + 2) * d, -1)
-        q, k, v = qkv.split([r * d, d, d], dim=1)
+        q, k, v = torch.split(qkv, [r * d, d, d], dim=1)
         yield h + "self_attn.q_proj.weight", q.reshape(-1, shape.hidden).contiguous()
         yield h + "self_attn.k_proj.weight", k.reshape(-1, shape.hidden).contiguous()
         yield h + "self_attn.v_proj.weight", v.reshape(-1, shape.hidden).contiguous()

@@ -2,9 +2,11 @@
 tensor-parallel group and replicated over a data-parallel one.
 
     reduce_grads   sum over the DP group (one flat all-reduce; the TP ranks of a group saw the same batch, and
-                   Megatron's layers already all-reduce what a TP split needs inside their backward)
+                   Megatron's layers already all-reduce what a TP split needs inside their backward); the q/k
+                   norms' gradients summed over the TP group first: each rank normalises only its own heads
+                   with the shared [d] weight (Megatron does the same in finalize_model_grads.py:353-356)
     clip_grads     global 2-norm: squares of TP-split parameters summed over the TP group, replicated ones
-                   (norms) counted once; then torch's clip rule (max_norm / (norm + 1e-6), at most 1)
+                   (the norms) counted once (on TP rank 0); then torch's clip rule (max_norm / (norm + 1e-6), at most 1)
     weights        each parameter's TP shards gathered in turn and converted to HF names (convert.iter_hf); every
                    rank holds the whole model while the mapping is built (not yet read tensor by tensor)
     save / load    DP rank 0 of each TP rank writes megatron-tp{k}.safetensors (its shards, Megatron names) and
@@ -34,12 +36,19 @@ from miles_stream.trainer.torch.hf import export_hf
 class MegatronLayout:
     casts_compute = False
 
-    def __init__(self, groups: Groups, world: DataParallel) -> None:
+    def __init__(self, groups: Groups, world: DataParallel, model: MegatronPolicy) -> None:
         self.groups = groups
-        self.parallel = groups.dp
+        self.parallel: DataParallel = groups.dp
         self.world = world
+        named = list(model.gpt.named_parameters())
+        self.tp_partial = [p for n, p in named if "q_layernorm" in n or "k_layernorm" in n]
+        # whole on every TP rank: the norms. By name: Megatron marks split parameters (`tensor_model_parallel`)
+        # only when it initialises them (tensor_parallel/layers.py:244-266, :855-886), which the backend skips
+        self.replicated = {id(p) for n, p in named if n.endswith("layernorm.weight")}
 
     def reduce_grads(self, params: Sequence[nn.Parameter]) -> None:
+        if self.groups.tp > 1:
+            self.groups.tp_parallel.sum_grads([p for p in self.tp_partial if p.requires_grad])
         self.groups.dp.sum_grads(params)
 
     def clip_grads(self, params: Sequence[nn.Parameter], max_norm: float) -> float:
@@ -48,7 +57,7 @@ class MegatronLayout:
             return 0.0
         first = self.groups.tp_rank == 0
         squares = [p.grad.float().pow(2).sum() for p in params
-                   if p.grad is not None and (first or getattr(p, "tensor_model_parallel", False))]  # fmt: skip
+                   if p.grad is not None and (first or id(p) not in self.replicated)]  # fmt: skip
         total = torch.stack(squares).sum() if squares else torch.zeros((), device=grads[0].device)
         if self.groups.tp > 1:
             dist.all_reduce(total, group=self.groups.tp_group)
@@ -115,5 +124,5 @@ class MegatronLayout:
         state = dict(self.weights(model))  # every rank: the gathers are collective
         if self.world.is_main:
             with torch.device("meta"):
-                skeleton = AutoModelForCausalLM.from_config(model.config)
+                skeleton = AutoModelForCausalLM.from_config(model.config)  # type: ignore[no-untyped-call]
             export_hf(skeleton, source, dest, state_dict=state)

@@ -78,6 +78,11 @@ class Groups:
     tp_group: Any
     dp: GroupParallel  # this rank's data-parallel group
 
+    @property
+    def tp_parallel(self) -> GroupParallel:
+        """Sums over this rank's tensor-parallel group."""
+        return GroupParallel(rank=self.tp_rank, world=self.tp, group=self.tp_group)
+
 
 def init_groups(world: DataParallel, tensor_parallel: int) -> Groups:
     """Megatron's groups over the trainer's ranks (made once a process; a second call with the same size reuses
@@ -87,7 +92,7 @@ def init_groups(world: DataParallel, tensor_parallel: int) -> Groups:
     if not dist.is_initialized():
         if world.world > 1:
             raise RuntimeError("the megatron backend over several ranks needs torch.distributed up (torchrun)")
-        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)  # type: ignore[attr-defined]
     made = parallel_state.model_parallel_is_initialized()
     if made and parallel_state.get_tensor_model_parallel_world_size() != tensor_parallel:
         parallel_state.destroy_model_parallel()
