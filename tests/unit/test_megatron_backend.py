@@ -182,6 +182,9 @@ def test_megatron_config_refuses_what_is_not_built_with_what_to_change(models: d
     with pytest.raises(ConfigError, match="has no critic yet"):
         build_backend(config(models["tied"]), AlgoConfig(advantage_estimator="ppo"), temperature=1.0,
                       parallel=DataParallel())  # fmt: skip
+    with pytest.raises(ConfigError, match="bf16 over float32 main params only on CUDA"):
+        build_backend(replace(config(models["tied"]), dtype="bfloat16"), AlgoConfig(), temperature=1.0,
+                      parallel=DataParallel())  # fmt: skip
     with pytest.raises(ConfigError, match=r"tensor_parallel=3 must divide the model's num_key_value_heads \(2\)"):
         Qwen3Shape.of(load_causal_lm(str(models["tied"]), dtype="float32", device="cpu").config).check_split(3)
 

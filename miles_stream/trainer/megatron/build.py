@@ -103,6 +103,12 @@ def build_megatron_trainer(cfg: TrainerConfig, algo: AlgoConfig, *, temperature:
     if algo.advantage_estimator == "ppo":
         raise ConfigError("the megatron backend has no critic yet: use algo.advantage_estimator grpo "
                           "(or another critic-free one), or trainer.backend torch")  # fmt: skip
+    if cfg.dtype != cfg.params_dtype and not cfg.device.startswith("cuda"):
+        # Megatron's linear layers keep autocast's state for their backward on CUDA only (custom_fwd/custom_bwd
+        # with device_type="cuda", megatron/core/tensor_parallel/layers.py:68-69, :447, :494): on a CPU the
+        # backward multiplies a bf16 gradient by a float32 weight and fails
+        raise ConfigError("the megatron backend computes bf16 over float32 main params only on CUDA: on a CPU use "
+                          "trainer.dtype float32, or trainer.main_params_dtype bfloat16")  # fmt: skip
     groups = init_groups(parallel, cfg.megatron.tensor_parallel)
     torch.manual_seed(cfg.seed)
     if cfg.torch_threads:
