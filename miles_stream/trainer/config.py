@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from miles_stream.config import check
+from miles_stream.trainer.megatron.config import MegatronConfig
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -26,7 +27,9 @@ class FsdpConfig:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class TrainerConfig:
-    backend: Literal["torch"] = "torch"  # what trains the model (trainer/backends.py); torch: HF model, PyTorch DP
+    # what trains the model (trainer/backends.py): torch (the HF model, PyTorch DP or FSDP2); megatron
+    # (Megatron-core's GPTModel built from the HF checkpoint, tensor parallel: trainer/megatron/, trainer.megatron)
+    backend: Literal["torch", "megatron"] = "torch"
     model: str = ""  # a local Hugging Face model directory (the policy's starting point)
     ref_model: str = ""  # a frozen reference for the KL loss; empty: `model` when algo.kl_loss_coef > 0
     critic_model: str = ""  # PPO's value model starts from this LM's decoder; empty: `model`
@@ -84,6 +87,7 @@ class TrainerConfig:
     seed: int = 0
     torch_threads: int = 0  # intra-op threads; 0 = torch's default (all cores)
     fsdp: FsdpConfig = field(default_factory=FsdpConfig)
+    megatron: MegatronConfig = field(default_factory=MegatronConfig)
 
     def __post_init__(self) -> None:
         check(self.torch_threads >= 0, "trainer.torch_threads", "must be >= 0 (0 = torch's default)")
@@ -121,6 +125,15 @@ class TrainerConfig:
             check(not self.compile, "trainer.fsdp.enabled", "not tried with trainer.compile: set compile false")
             check(not self.fsdp.cpu_offload or self.device.startswith("cuda"), "trainer.fsdp.cpu_offload",
                   "offloads a GPU's shards to the CPU: it needs trainer.device cuda")  # fmt: skip
+
+        if self.backend == "megatron":
+            for on, key in (
+                (self.fsdp.enabled, "fsdp.enabled"),
+                (self.pack_sequences, "pack_sequences"),
+                (self.activation_checkpointing, "activation_checkpointing"),
+                (self.compile, "compile"),
+            ):
+                check(not on, f"trainer.{key}", "not built in the megatron backend yet: set it false")  # fmt: skip
 
     @property
     def params_dtype(self) -> str:

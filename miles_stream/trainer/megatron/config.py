@@ -1,0 +1,28 @@
+"""trainer.megatron: the Megatron-core backend's parallel sizes (no torch or Megatron here: the run config loads
+without them). Read only when trainer.backend is megatron."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from miles_stream.config import check
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MegatronConfig:
+    """Tensor parallel is built; pipeline, expert and context parallel are named here so that a config asking
+    for them fails at load with what to change, not deep inside Megatron."""
+
+    tensor_parallel: int = 1  # ranks one model's layers are split over (heads, MLP columns, vocabulary)
+    pipeline_parallel: int = 1  # not built yet: must be 1
+    expert_parallel: int = 1  # not built yet (dense models only): must be 1
+    context_parallel: int = 1  # not built yet: must be 1
+
+    def __post_init__(self) -> None:
+        check(self.tensor_parallel >= 1, "trainer.megatron.tensor_parallel", "must be >= 1")
+        check(self.pipeline_parallel == 1, "trainer.megatron.pipeline_parallel",
+              "pipeline parallelism is not built yet in the megatron backend: set 1")  # fmt: skip
+        check(self.expert_parallel == 1, "trainer.megatron.expert_parallel",
+              "expert parallelism is not built yet (the megatron backend trains dense Qwen3 only): set 1")  # fmt: skip
+        check(self.context_parallel == 1, "trainer.megatron.context_parallel",
+              "context parallelism is not built yet in the megatron backend: set 1")  # fmt: skip

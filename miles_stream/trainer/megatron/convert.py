@@ -1,0 +1,164 @@
+"""Qwen3 (dense) weights between Hugging Face names and Megatron-core's GPTModel, split over tensor-parallel ranks.
+
+Pure functions of tensors: no process group, no Megatron import. Legend: H hidden, nh query heads, ng key/value
+groups (r = nh / ng heads a group), d head dim, F MLP width, V vocabulary, tp tensor-parallel ranks.
+
+    HF (Qwen3ForCausalLM)                              Megatron (GPTModel, local spec), on TP rank k of tp
+    model.embed_tokens.weight        [V, H]            embedding.word_embeddings.weight     [V/tp, H] rows k
+    model.layers.i.input_layernorm   [H]               decoder.layers.i.input_layernorm     [H] (every rank)
+    self_attn.q_proj [nh*d, H] k_proj, v_proj [ng*d, H] self_attention.linear_qkv  [(nh+2ng)*d/tp, H]: per
+                                                        group g: its r query heads, its key, its value (q k v
+                                                        interleaved by group); rank k holds groups k*ng/tp..
+    self_attn.o_proj                 [H, nh*d]         self_attention.linear_proj           [H, nh*d/tp] cols k
+    self_attn.q_norm / k_norm        [d]               self_attention.q_layernorm / k_layernorm  [d]
+    post_attention_layernorm         [H]               pre_mlp_layernorm                    [H]
+    mlp.gate_proj, mlp.up_proj       [F, H] each       mlp.linear_fc1  [2F/tp, H]: rank k's gate rows, then its
+                                                        up rows (each rank fuses its own shards)
+    mlp.down_proj                    [H, F]            mlp.linear_fc2                       [H, F/tp] cols k
+    model.norm.weight                [H]               decoder.final_layernorm.weight       [H]
+    lm_head.weight                   [V, H]            output_layer.weight [V/tp, H]; tied: the embedding's
+
+A tied checkpoint's HF state dict names `lm_head.weight` too (the same tensor): it is published under both names,
+as the torch backend publishes `model.state_dict()`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from miles_stream.errors import ConfigError
+
+
+@dataclass(frozen=True, slots=True)
+class Qwen3Shape:
+    num_layers: int
+    hidden: int
+    num_heads: int
+    num_groups: int
+    head_dim: int
+    ffn: int
+    vocab: int
+    tied: bool
+
+    @classmethod
+    def of(cls, hf_config: Any) -> Qwen3Shape:
+        """The shape of a Hugging Face Qwen3 config; a config this conversion does not cover is a ConfigError."""
+        kind = getattr(hf_config, "model_type", "")
+        if kind != "qwen3":
+            raise ConfigError(f"the megatron backend converts Qwen3 dense checkpoints; this one is {kind!r}")
+        if getattr(hf_config, "attention_bias", False):
+            raise ConfigError("the megatron backend's Qwen3 conversion has no attention biases (attention_bias)")
+        if getattr(hf_config, "use_sliding_window", False):
+            raise ConfigError("the megatron backend does not build sliding-window attention (use_sliding_window)")
+        heads = int(hf_config.num_attention_heads)
+        return cls(num_layers=int(hf_config.num_hidden_layers), hidden=int(hf_config.hidden_size), num_heads=heads,
+                   num_groups=int(hf_config.num_key_value_heads),
+                   head_dim=int(getattr(hf_config, "head_dim", None) or hf_config.hidden_size // heads),
+                   ffn=int(hf_config.intermediate_size), vocab=int(hf_config.vocab_size),
+                   tied=bool(hf_config.tie_word_embeddings))  # fmt: skip
+
+    def check_split(self, tp: int) -> None:
+        """Refuse a tensor-parallel size that does not divide what it splits (Megatron asserts it deep inside)."""
+        for what, n in (("num_key_value_heads", self.num_groups), ("num_attention_heads", self.num_heads),
+                        ("intermediate_size", self.ffn), ("vocab_size", self.vocab)):  # fmt: skip
+            if n % tp:
+                raise ConfigError(f"trainer.megatron.tensor_parallel={tp} must divide the model's {what} ({n})")
+
+
+def _layer(i: int) -> tuple[str, str]:
+    return f"model.layers.{i}.", f"decoder.layers.{i}."
+
+
+# 1:1 tensors: (HF suffix, Megatron suffix, the dim tensor parallel splits or None for replicated)
+_PLAIN = (
+    ("input_layernorm.weight", "input_layernorm.weight", None),
+    ("self_attn.o_proj.weight", "self_attention.linear_proj.weight", 1),
+    ("self_attn.q_norm.weight", "self_attention.q_layernorm.weight", None),
+    ("self_attn.k_norm.weight", "self_attention.k_layernorm.weight", None),
+    ("post_attention_layernorm.weight", "pre_mlp_layernorm.weight", None),
+    ("mlp.down_proj.weight", "mlp.linear_fc2.weight", 1),
+)
+
+
+def to_megatron(hf: Mapping[str, Tensor], shape: Qwen3Shape, tp: int = 1) -> list[dict[str, Tensor]]:
+    """One Megatron state dict (parameters only) per tensor-parallel rank, from a Hugging Face state dict."""
+    shape.check_split(tp)
+    out: list[dict[str, Tensor]] = [{} for _ in range(tp)]
+
+    def put(name: str, tensor: Tensor, dim: int | None) -> None:
+        parts = [tensor] * tp if dim is None else list(tensor.chunk(tp, dim=dim))
+        for rank, part in enumerate(parts):
+            out[rank][name] = part.contiguous().clone()
+
+    put("embedding.word_embeddings.weight", hf["model.embed_tokens.weight"], 0)
+    r, d = shape.num_heads // shape.num_groups, shape.head_dim
+    for i in range(shape.num_layers):
+        h, m = _layer(i)
+        q = hf[h + "self_attn.q_proj.weight"].view(shape.num_groups, r * d, -1)
+        k = hf[h + "self_attn.k_proj.weight"].view(shape.num_groups, d, -1)
+        v = hf[h + "self_attn.v_proj.weight"].view(shape.num_groups, d, -1)
+        put(m + "self_attention.linear_qkv.weight", torch.cat([q, k, v], dim=1).reshape(-1, shape.hidden), 0)
+        gates = hf[h + "mlp.gate_proj.weight"].chunk(tp, dim=0)
+        ups = hf[h + "mlp.up_proj.weight"].chunk(tp, dim=0)
+        for rank in range(tp):
+            out[rank][m + "mlp.linear_fc1.weight"] = torch.cat([gates[rank], ups[rank]], dim=0).contiguous()
+        for hf_name, mg_name, dim in _PLAIN:
+            put(m + mg_name, hf[h + hf_name], dim)
+    put("decoder.final_layernorm.weight", hf["model.norm.weight"], None)
+    if not shape.tied:
+        put("output_layer.weight", hf["lm_head.weight"], 0)
+    return out
+
+
+def to_hf(shards: Sequence[Mapping[str, Tensor]], shape: Qwen3Shape) -> dict[str, Tensor]:
+    """The Hugging Face state dict (in the order transformers lists it) from every tensor-parallel rank's
+    Megatron parameters (rank order)."""
+    return dict(iter_hf(lambda name: [s[name] for s in shards], shape))
+
+
+def megatron_names(shape: Qwen3Shape) -> list[str]:
+    """The Megatron parameter names a Qwen3 GPTModel of `shape` holds, in `to_hf`'s reading order."""
+    names = ["embedding.word_embeddings.weight"]
+    for i in range(shape.num_layers):
+        m = _layer(i)[1]
+        names += [m + "self_attention.linear_qkv.weight", *(m + mg for _, mg, _ in _PLAIN), m + "mlp.linear_fc1.weight"]
+    names.append("decoder.final_layernorm.weight")
+    return names if shape.tied else [*names, "output_layer.weight"]
+
+
+def iter_hf(shards_of: Callable[[str], Sequence[Tensor]], shape: Qwen3Shape) -> Iterator[tuple[str, Tensor]]:
+    """(HF name, full tensor) pairs, reading each Megatron parameter's rank shards through `shards_of(name)`
+    once, in `megatron_names` order (a sharded reader gathers there: every rank reads alike), in transformers'
+    order."""
+
+    def full(name: str, dim: int | None) -> Tensor:
+        parts = shards_of(name)
+        return parts[0] if dim is None else torch.cat(list(parts), dim=dim)
+
+    embed = full("embedding.word_embeddings.weight", 0)
+    yield "model.embed_tokens.weight", embed
+    r, d = shape.num_heads // shape.num_groups, shape.head_dim
+    for i in range(shape.num_layers):
+        h, m = _layer(i)
+        qkv = full(m + "self_attention.linear_qkv.weight", 0).view(shape.num_groups, (r + 2) * d, -1)
+        q, k, v = torch.split(qkv, [r * d, d, d], dim=1)
+        yield h + "self_attn.q_proj.weight", q.reshape(-1, shape.hidden).contiguous()
+        yield h + "self_attn.k_proj.weight", k.reshape(-1, shape.hidden).contiguous()
+        yield h + "self_attn.v_proj.weight", v.reshape(-1, shape.hidden).contiguous()
+        plain = {mg: full(m + mg, dim) for _, mg, dim in _PLAIN}
+        yield h + "self_attn.o_proj.weight", plain["self_attention.linear_proj.weight"]
+        yield h + "self_attn.q_norm.weight", plain["self_attention.q_layernorm.weight"]
+        yield h + "self_attn.k_norm.weight", plain["self_attention.k_layernorm.weight"]
+        fc1 = [part.chunk(2, dim=0) for part in shards_of(m + "mlp.linear_fc1.weight")]
+        yield h + "mlp.gate_proj.weight", torch.cat([g for g, _ in fc1], dim=0)
+        yield h + "mlp.up_proj.weight", torch.cat([u for _, u in fc1], dim=0)
+        yield h + "mlp.down_proj.weight", plain["mlp.linear_fc2.weight"]
+        yield h + "input_layernorm.weight", plain["input_layernorm.weight"]
+        yield h + "post_attention_layernorm.weight", plain["pre_mlp_layernorm.weight"]
+    yield "model.norm.weight", full("decoder.final_layernorm.weight", None)
+    yield "lm_head.weight", embed if shape.tied else full("output_layer.weight", 0)

@@ -1,0 +1,146 @@
+"""Megatron-core's GPTModel for a Hugging Face Qwen3 checkpoint, and `MegatronPolicy`, the module the torch
+train step drives (trainer/torch/policy.py reads a model through `response_logprobs`, which calls a model's
+`logprobs.SHARDED_ENTRY` method when it has one).
+
+    build_gpt(hf_config, tp)   TransformerConfig from the HF config (RMSNorm, SwiGLU, q/k norms, GQA, RoPE,
+                               no biases, tied embeddings), the local layer spec (no Transformer Engine) with
+                               its core attention swapped for PyTorch SDPA (attention.py); float32
+                               parameters initialised on the CPU, then overwritten by the converted checkpoint
+    a forward:                 embedding -> rotary table -> decoder (final norm included) -> the hidden states
+                               that predict each response token -> output layer logprobs (logprobs.py)
+
+What assumes CUDA in Megatron-core 0.16.1 and how the backend goes around it on a CPU (on CUDA the real path
+runs): `RotaryEmbedding.get_emb` moves its table to `torch.cuda.current_device()` on first use
+(models/common/embeddings/rotary_pos_embedding.py:160-162), so on a CPU the table is built here from
+`get_freqs_non_repeated` exactly as get_emb builds it (:164-174); `DotProductAttention` allocates its scores on
+CUDA (see attention.py: replaced by SDPA everywhere); the RNG tracker around attention dropout reads the CUDA
+RNG (tensor_parallel/random.py:243-255): dropout is 0 for Qwen3, and on a CPU the inference tracker (whose fork
+is a no-op, random.py:320-336) is installed instead.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from miles_stream.errors import ConfigError
+from miles_stream.trainer.megatron.attention import SdpaAttention
+from miles_stream.trainer.megatron.convert import Qwen3Shape
+from miles_stream.trainer.megatron.logprobs import output_logprobs
+from miles_stream.trainer.megatron.parallel import Groups
+from miles_stream.trainer.torch.inputs import MicroInputs
+from miles_stream.trainer.torch.logprobs import SHARDED_ENTRY
+
+with warnings.catch_warnings():  # Megatron warns at import that Apex and Transformer Engine are absent
+    warnings.simplefilter("ignore")
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.models.gpt.gpt_model import GPTModel
+    from megatron.core.tensor_parallel import random as megatron_random
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+
+def rope_theta(hf_config: Any) -> float:
+    """RoPE's base (transformers 5 keeps it in `rope_parameters`; older configs as `rope_theta`)."""
+    params = getattr(hf_config, "rope_parameters", None) or {}
+    if params.get("rope_type", "default") != "default":
+        raise ConfigError(f"the megatron backend builds plain RoPE; this model scales it ({params['rope_type']})")
+    return float(params.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0)))
+
+
+def transformer_config(hf_config: Any, shape: Qwen3Shape, *, tp: int, device: str, dtype: torch.dtype) -> Any:
+    cpu = not device.startswith("cuda")
+    return TransformerConfig(
+        num_layers=shape.num_layers, hidden_size=shape.hidden, num_attention_heads=shape.num_heads,
+        num_query_groups=shape.num_groups, kv_channels=shape.head_dim, ffn_hidden_size=shape.ffn,
+        gated_linear_unit=True, activation_func=F.silu, normalization="RMSNorm",
+        layernorm_epsilon=float(hf_config.rms_norm_eps), add_bias_linear=False, add_qkv_bias=False,
+        qk_layernorm=True, hidden_dropout=0.0, attention_dropout=float(getattr(hf_config, "attention_dropout", 0.0)),
+        tensor_model_parallel_size=tp, params_dtype=dtype, pipeline_dtype=dtype, bf16=dtype == torch.bfloat16,
+        use_cpu_initialization=cpu, perform_initialization=False,  # the checkpoint's weights overwrite them
+        # the fused paths below are CUDA kernels (or Apex / TE): off on a CPU, Megatron's defaults on CUDA
+        masked_softmax_fusion=not cpu, bias_activation_fusion=False, bias_dropout_fusion=not cpu,
+        persist_layer_norm=False, gradient_accumulation_fusion=False, apply_rope_fusion=False,
+    )  # fmt: skip
+
+
+def build_gpt(hf_config: Any, *, tp: int, device: str, dtype: torch.dtype) -> Any:
+    """An uninitialised GPTModel of the checkpoint's shape on `device` (this rank's TP shards)."""
+    shape = Qwen3Shape.of(hf_config)
+    shape.check_split(tp)
+    if not device.startswith("cuda"):
+        megatron_random.initialize_rng_tracker(inference_rng_tracker=True)  # see the module's docstring
+    spec = get_gpt_layer_local_spec(qk_layernorm=True, normalization="RMSNorm")
+    spec.submodules.self_attention.submodules.core_attention = SdpaAttention
+    with warnings.catch_warnings():  # its deprecation notices (an MLP's ffn_hidden_size default, ...)
+        warnings.simplefilter("ignore")
+        gpt = GPTModel(transformer_config(hf_config, shape, tp=tp, device=device, dtype=dtype), spec,
+                       vocab_size=shape.vocab, max_sequence_length=int(hf_config.max_position_embeddings),
+                       position_embedding_type="rope", rotary_base=int(rope_theta(hf_config)),
+                       share_embeddings_and_output_weights=shape.tied, parallel_output=True)  # fmt: skip
+    return gpt.to(device)
+
+
+class MegatronPolicy(nn.Module):
+    """A GPTModel as the torch train step sees a policy: `config` (the HF config: `vocab_size`), parameters,
+    and the logprob entry `response_logprobs` calls (`SHARDED_ENTRY`)."""
+
+    def __init__(self, gpt: Any, hf_config: Any, groups: Groups) -> None:
+        super().__init__()
+        self.gpt = gpt
+        self.config = hf_config
+        self.groups = groups
+        self.shape = Qwen3Shape.of(hf_config)
+        pad = getattr(hf_config, "pad_token_id", None)
+        self.pad_id: int | None = None if pad is None else int(pad)
+        setattr(self, SHARDED_ENTRY, self.response_logprobs)  # what trainer/torch/logprobs.py calls
+
+    def hidden(self, input_ids: Tensor) -> Tensor:
+        """[b, L, H] the decoder's output (after the final norm) for right-padded rows (causal attention:
+        padding after a sequence changes nothing before it)."""
+        b, length = input_ids.shape
+        positions = torch.arange(length, device=input_ids.device)[None].expand(b, length)
+        x = self.gpt.embedding(input_ids=input_ids, position_ids=positions)  # [L, b, H]
+        if self.pad_id is not None:  # HF's embedding has padding_idx=pad_token_id (transformers
+            # models/qwen3/modeling_qwen3.py:342-345): the pad row gets no gradient from the input side
+            pad = (input_ids == self.pad_id).transpose(0, 1)[..., None]
+            x = torch.where(pad, x.detach(), x)
+        rotary = self.gpt.rotary_pos_emb
+        if input_ids.is_cuda:
+            table = rotary(length)
+        else:  # get_emb's own lines (rotary_pos_embedding.py:164-174), without its move to CUDA
+            freqs = rotary.get_freqs_non_repeated(length)
+            table = torch.cat((freqs, freqs), dim=-1)[:, None, None, :]
+        out: Tensor = self.gpt.decoder(hidden_states=x, attention_mask=None, rotary_pos_emb=table)
+        return out.transpose(0, 1)
+
+    def output_weight(self) -> Tensor:
+        weight: Tensor = (
+            self.gpt.shared_embedding_or_output_weight() if self.shape.tied else self.gpt.output_layer.weight
+        )
+        return weight
+
+    def response_logprobs(
+        self, x: MicroInputs, *, temperature: float, entropy_grad: bool = False, fused: bool = True
+    ) -> tuple[Tensor, Tensor]:
+        """(logp_bT, entropy_bT), as trainer/torch/logprobs.py's `response_logprobs` returns them."""
+        if x.cu_seqlens is not None:
+            raise ValueError("the megatron backend does not pack sequences yet (trainer.pack_sequences false)")
+        h_bLH = self.hidden(x.input_ids)
+        rows = torch.arange(h_bLH.shape[0], device=h_bLH.device)[:, None]
+        h_bTH = h_bLH[rows, x.positions_bT]
+        weight = self.output_weight()
+        if torch.is_autocast_enabled(h_bTH.device.type):  # the kernel is not autocast's: cast as it would
+            dtype = torch.get_autocast_dtype(h_bTH.device.type)
+            h_bTH, weight = h_bTH.to(dtype), weight.to(dtype)
+        b, t, width = h_bTH.shape
+        g = self.groups
+        logp, entropy = output_logprobs(
+            h_bTH.reshape(b * t, width), weight, x.targets_bT.reshape(b * t), temperature=temperature,
+            vocab_start=g.tp_rank * weight.shape[0], tp_group=g.tp_group, tp=g.tp, entropy_grad=entropy_grad,
+            fused=fused,
+        )  # fmt: skip
+        return logp.view(b, t), entropy.view(b, t)

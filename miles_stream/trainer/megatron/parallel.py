@@ -1,0 +1,143 @@
+"""Megatron's process groups for the trainer's ranks, and what the backend does with them.
+
+    world (torchrun's ranks, the trainer loop's `DataParallel`: leases, commits, publication on rank 0)
+      = DP x TP, ranks ordered TP fastest (Megatron's "tp-cp-ep-dp-pp"): TP group k = ranks k*tp .. k*tp+tp-1
+    a TP group trains one model split over its ranks; every rank of it must run the same micro-batches.
+      The loop gives each rank its own share of the stream's groups (consumers/trainer.py), so the backend
+      trains the union of its TP group's shares (`tp_union`): every group read is trained once, by its TP group.
+    a DP group (same TP rank in every TP group) sums gradients (`GroupParallel`, the torch step's reductions).
+
+Without torchrun (one process) Megatron still needs a process group: a one-rank gloo group over an in-process
+store is made here.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from miles_stream.trainer.batch import RolloutBatch
+from miles_stream.trainer.parallel import DataParallel
+
+with warnings.catch_warnings():  # Megatron warns at import that Apex and Transformer Engine are absent
+    warnings.simplefilter("ignore")
+    from megatron.core import parallel_state
+
+
+@dataclass(frozen=True, slots=True)
+class GroupParallel(DataParallel):
+    """`DataParallel` over one process group (a DP group of Megatron's): the torch train step's sums of
+    counts, metrics and gradients go over it."""
+
+    group: Any = None
+
+    def sum(self, values: Tensor) -> Tensor:
+        out = values.detach().clone()
+        if self.world > 1:
+            dist.all_reduce(out, group=self.group)
+        return out
+
+    def sum_grads(self, params: Any) -> None:
+        if self.world == 1:
+            return
+        grads = []
+        for p in params:
+            if p.requires_grad:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                grads.append(p.grad)
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat, group=self.group)
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+    def gather(self, obj: Any) -> list[Any]:
+        if self.world == 1:
+            return [obj]
+        out: list[Any] = [None] * self.world
+        dist.all_gather_object(out, obj, group=self.group)
+        return out
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier(group=self.group)
+
+
+@dataclass(frozen=True, slots=True)
+class Groups:
+    tp: int
+    tp_rank: int
+    tp_group: Any
+    dp: GroupParallel  # this rank's data-parallel group
+
+    @property
+    def tp_parallel(self) -> GroupParallel:
+        """Sums over this rank's tensor-parallel group."""
+        return GroupParallel(rank=self.tp_rank, world=self.tp, group=self.tp_group)
+
+
+def init_groups(world: DataParallel, tensor_parallel: int) -> Groups:
+    """Megatron's groups over the trainer's ranks (made once a process; a second call with the same size reuses
+    them, with another size remakes them)."""
+    if world.world % tensor_parallel:
+        raise ValueError(f"trainer.megatron.tensor_parallel={tensor_parallel} must divide the {world.world} ranks")
+    if not dist.is_initialized():
+        if world.world > 1:
+            raise RuntimeError("the megatron backend over several ranks needs torch.distributed up (torchrun)")
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)  # type: ignore[attr-defined]
+    made = parallel_state.model_parallel_is_initialized()
+    if made and parallel_state.get_tensor_model_parallel_world_size() != tensor_parallel:
+        parallel_state.destroy_model_parallel()
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tensor_parallel)
+    dp = GroupParallel(rank=parallel_state.get_data_parallel_rank(),
+                       world=parallel_state.get_data_parallel_world_size(),
+                       group=parallel_state.get_data_parallel_group())  # fmt: skip
+    return Groups(tp=tensor_parallel, tp_rank=parallel_state.get_tensor_model_parallel_rank(),
+                  tp_group=parallel_state.get_tensor_model_parallel_group(), dp=dp)  # fmt: skip
+
+
+def release_groups() -> None:
+    """Undo `init_groups` (tests: one process builds several backends); the default group too if it is the
+    one-rank group made here."""
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized() and dist.get_world_size() == 1:
+        dist.destroy_process_group()
+
+
+def tp_union(batch: RolloutBatch, groups: Groups) -> RolloutBatch:
+    """Every rank of this TP group's batch, one after the other (rank order): what the TP group trains."""
+    if groups.tp == 1:
+        return batch
+    parts: list[Any] = [None] * groups.tp
+    dist.all_gather_object(parts, batch, group=groups.tp_group)
+    return concat(parts)
+
+
+def concat(parts: list[RolloutBatch]) -> RolloutBatch:
+    """Batches one after the other; group indices stay distinct (each part's shifted past the previous)."""
+    t = max(p.mask_BT.shape[1] for p in parts)
+
+    def pad(x: Tensor) -> Tensor:
+        return torch.nn.functional.pad(x, (0, t - x.shape[1]))
+
+    offsets = np.cumsum([0] + [int(p.group_B.max()) + 1 if p.size else 0 for p in parts[:-1]])
+    routed = any(p.routing for p in parts)
+    return RolloutBatch(
+        prompts=[x for p in parts for x in p.prompts],
+        responses=[x for p in parts for x in p.responses],
+        logp_rollout_BT=torch.cat([pad(p.logp_rollout_BT) for p in parts]),
+        mask_BT=torch.cat([pad(p.mask_BT) for p in parts]),
+        rewards_B=torch.cat([p.rewards_B for p in parts]),
+        group_B=torch.cat([p.group_B + int(o) for p, o in zip(parts, offsets, strict=True)]),
+        routing=[r for p in parts for r in (p.routing or [None] * p.size)] if routed else [],
+    )

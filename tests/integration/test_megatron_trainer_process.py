@@ -1,0 +1,55 @@
+"""The trainer process with trainer.backend=megatron and a real Redis: one rank, and tensor parallel over two
+torchrun ranks, read the same stream as the torch backend, train each group once, publish, checkpoint and export
+the model the torch backend exports. Slow (three trainer processes, one of them two ranks): opt-in."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import uuid
+from pathlib import Path
+
+import pytest
+import redis as sync_redis
+import torch
+from redis_groups import done_total, publish_groups
+from safetensors.torch import load_file
+from test_trainer_process import CLI, TORCHRUN_2, groups, train_cmd
+
+from miles_stream.models import TinyModelConfig, build_tiny_model
+
+pytest.importorskip("megatron.core", reason="megatron-core is the optional [megatron] extra")
+
+
+@pytest.mark.slow
+def test_megatron_trainer_processes_one_rank_and_tp2_export_the_torch_backends_model(
+    redis_url: str, tmp_path: Path
+) -> None:
+    model_dir = build_tiny_model(tmp_path / "model", TinyModelConfig())
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "MILES_REDIS_URL": redis_url, "OMP_NUM_THREADS": "1"}
+    runs = {}
+    for name, launcher, share, extra in (
+        ("torch", CLI, 4, []),
+        ("megatron", CLI, 4, ["trainer.backend=megatron"]),
+        # each rank reads 2 groups; the TP group trains both ranks' 4, as one rank trains its 4
+        ("tp2", TORCHRUN_2, 2, ["trainer.backend=megatron", "trainer.megatron.tensor_parallel=2"]),
+    ):  # fmt: skip
+        ns = f"{name}{uuid.uuid4().hex[:8]}"
+        asyncio.run(publish_groups(redis_url, ns, groups(0, 8)))
+        cmd = train_cmd(ns, model_dir, tmp_path / name, "trainer.max_steps=2", f"buffer.capacity={share}",
+                        f"buffer.read_count={share}", *extra)  # fmt: skip
+        run = subprocess.run([*launcher, *cmd[len(CLI) :]], env=env, capture_output=True, text=True, timeout=240)
+        assert run.returncode == 0, run.stderr[-3000:]
+        runs[name] = load_file(tmp_path / name / "export" / "model.safetensors")
+        with sync_redis.Redis.from_url(redis_url) as client:
+            assert done_total(client, f"{ns}:done:trainer") == 8
+            assert client.xinfo_groups(f"{ns}:trajectories")[0]["pending"] == 0
+            assert [int(f[b"version"]) for _, f in client.xrange(f"{ns}:weights")][-1] == 2
+    saved = tmp_path / "tp2" / "ckpt" / "step-00000002"
+    assert sorted(p.name for p in saved.glob("megatron-tp*")) == [
+        "megatron-tp00.pt", "megatron-tp00.safetensors", "megatron-tp01.pt", "megatron-tp01.safetensors"]  # fmt: skip
+    for name in ("megatron", "tp2"):
+        assert runs[name].keys() == runs["torch"].keys()
+        for key, value in runs["torch"].items():
+            assert torch.allclose(runs[name][key], value, atol=1e-5), (name, key)
