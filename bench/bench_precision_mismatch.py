@@ -57,7 +57,7 @@ async def rollout(model_dir: str, precision: str, dtype: str, prompts: list[list
 
 def score(model_dir: str, trainer: str, dtype: str, prompts: list[list[int]], responses: list[Any]) -> Any:
     """The trainer's (logp [B, T], argmax [B, T]) of the responses, through its logprob path."""
-    precision, qat = ("fp8", "none") if trainer == "fp8" else ("dtype", "int4") if trainer == "int4" else ("dtype", "none")
+    precision, qat = {"fp8": ("fp8", "none"), "int4": ("dtype", "int4")}.get(trainer, ("dtype", "none"))
     config = TrainerConfig(model=model_dir, dtype=dtype, precision=precision, qat=qat)  # type: ignore[arg-type]
     model = load_policy(config).eval()
     n, t = len(responses), len(responses[0])
@@ -106,8 +106,9 @@ def main() -> None:
                 row |= measure(model_dir, r, t, args.dtype, prompts, args.new_tokens)
                 row["seconds"] = round(time.perf_counter() - started, 2)
                 rows.append(row)
-                print(f"{kind:5} rollout {r:5} trainer {t:5} | mean|dlogp| {row['mean_abs_dlogp']:.2e} "
-                      f"k3 {row['k3_kl']:.2e} argmax differs {row['argmax_differs']:.4f} ({row['seconds']} s)")  # fmt: skip
+                dlogp, k3, differs = row["mean_abs_dlogp"], row["k3_kl"], row["argmax_differs"]
+                print(f"{kind:5} rollout {r:5} trainer {t:5} | mean|dlogp| {dlogp:.2e} k3 {k3:.2e} "
+                      f"argmax differs {differs:.4f} ({row['seconds']} s)")  # fmt: skip
     if args.json_out:
         with open(args.json_out, "w") as f:
             json.dump({"args": vars(args), "rows": rows}, f, indent=2)
