@@ -2,7 +2,7 @@
 
     python bench/bench_precision_mismatch.py [--kinds dense moe] [--prompts 16] [--new-tokens 32]
                                              [--dtype float32|bfloat16] [--main-params-dtype float32|bfloat16]
-                                             [--init-std 0.1] [--json-out FILE]
+                                             [--init-std 0.1] [--pairs fp8:fp8 ...] [--json-out FILE]
 
 For each tiny model (models/tiny.py, random weights at --init-std) and each (rollout.precision,
 trainer precision) pair: the engine samples --new-tokens tokens (temperature 1, EOS ignored) for the same
@@ -96,6 +96,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--main-params-dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--init-std", type=float, default=0.1)
+    parser.add_argument("--pairs", nargs="+", default=[f"{r}:{t}" for r, t in PAIRS], help="rollout:trainer")
     parser.add_argument("--json-out", default="")
     args = parser.parse_args()
     rng = np.random.default_rng(0)
@@ -104,7 +105,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for kind in args.kinds:
             model_dir = str(build_tiny_model(f"{tmp}/{kind}", TinyModelConfig(kind=kind, init_std=args.init_std)))
-            for r, t in PAIRS:
+            for r, t in (pair.split(":") for pair in args.pairs):
                 started = time.perf_counter()
                 row = {"model": kind, "rollout": r, "trainer": t, "dtype": args.dtype, "main": args.main_params_dtype}
                 row |= measure(model_dir, r, t, args.dtype, args.main_params_dtype, prompts, args.new_tokens)
