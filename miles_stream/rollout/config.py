@@ -21,6 +21,10 @@ class RolloutConfig:
     vllm: VLLMConfig = field(default_factory=VLLMConfig)  # engines/vllm/engine.py, docs/vllm.md
     device: str = "cpu"
     dtype: Literal["float32", "bfloat16"] = "float32"
+    # the native engine's linear layers and MoE experts: "dtype" unquantized in `dtype`; "fp8" blockwise e4m3
+    # weights and activations; "int4" packed INT4 weights (W4A16). Same quantizer as trainer.precision /
+    # trainer.qat (models/quantized.py, docs/precision.md)
+    precision: Literal["dtype", "fp8", "int4"] = "dtype"
     max_batch: int = 32
     kv_cache: Literal["auto", "static", "dynamic"] = "auto"  # auto: static + CUDA graphs on CUDA for dense models
     max_seq_len: int = 2048  # static cache: prompt + response positions per row (memory: rows x this)
@@ -51,6 +55,9 @@ class RolloutConfig:
         check(self.over_sampling >= 1.0, "rollout.over_sampling", "must be >= 1 (1 = the staleness budget)")
         check(self.engine != "sglang" or bool(self.sglang.urls or self.sglang.router_url), "rollout.sglang.urls",
               "the sglang engine needs at least one server URL")  # fmt: skip
+        check(self.precision == "dtype" or self.engine == "native", "rollout.precision",
+              f"{self.precision} is built for the native engine only (SGLang's and vLLM's own FP8 are not wired "
+              "here): use rollout.engine native or rollout.precision dtype")  # fmt: skip
         check(self.engine != "vllm" or bool(self.vllm.urls), "rollout.vllm.urls", "the vllm engine needs a server URL")
 
     def resolved_producer_id(self) -> str:

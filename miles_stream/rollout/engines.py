@@ -22,7 +22,8 @@ Opened = tuple[RolloutEngine, "asyncio.Task[None] | None"]
 async def _native(cfg: RolloutConfig, redis: Any, servers_key: str) -> Opened:
     engine = NativeEngine(cfg.model, device=cfg.device, dtype=getattr(torch, cfg.dtype), max_batch=cfg.max_batch,
                           seed=cfg.seed, kv_cache=cfg.kv_cache, max_seq_len=cfg.max_seq_len,
-                          cuda_graphs=cfg.cuda_graphs, compile_decode=cfg.compile_decode)  # fmt: skip
+                          cuda_graphs=cfg.cuda_graphs, compile_decode=cfg.compile_decode,
+                          precision=cfg.precision)  # fmt: skip
     return engine, None
 
 

@@ -42,6 +42,11 @@ class TrainerConfig:
     # half a weight's bf16 spacing is lost: near 0.03 that spacing is 1.2e-4, so RL learning rates (1e-6 to
     # 1e-5, Adam's step is at most lr) leave most weights unchanged. Megatron calls these the main params.
     main_params_dtype: Literal["float32", "bfloat16"] = "float32"
+    # the forward's linear layers and MoE experts quantized as the engine's are (models/quantized.py), over the
+    # master weights, straight-through gradients: "fp8" (rollout.precision fp8's quantizer), and qat "int4"
+    # (rollout.precision int4's: weight-only fake quantization). docs/precision.md
+    precision: Literal["dtype", "fp8"] = "dtype"
+    qat: Literal["none", "int4"] = "none"
     lr: float = 1e-6
     weight_decay: float = 0.0
     adam_betas: tuple[float, float] = (0.9, 0.98)
@@ -119,6 +124,11 @@ class TrainerConfig:
         )
         check(self.main_params_dtype == "float32" or self.dtype == "bfloat16", "trainer.main_params_dtype",
               "bfloat16 main params need trainer.dtype bfloat16")  # fmt: skip
+        check(self.precision == "dtype" or self.qat == "none", "trainer.qat",
+              "int4 QAT and trainer.precision fp8 are two quantizations: choose one")  # fmt: skip
+        if self.precision != "dtype" or self.qat != "none":
+            check(not self.fsdp.enabled and not self.compile, "trainer.precision",
+                  "fp8 / int4 QAT are not tried with trainer.fsdp or trainer.compile: turn those off")  # fmt: skip
         if self.fsdp.enabled:
             check(self.main_params_dtype == "float32", "trainer.fsdp.enabled",
                   "FSDP keeps float32 sharded parameters: leave trainer.main_params_dtype float32")  # fmt: skip

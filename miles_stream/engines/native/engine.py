@@ -41,6 +41,7 @@ from miles_stream.engines.native.sampling import sample_tokens
 from miles_stream.engines.native.static_cache import StaticDecoder, supports
 from miles_stream.errors import InvalidRequest, MilesStreamError
 from miles_stream.models.moe import moe_routers
+from miles_stream.models.quantized import QuantizedWeights, Scheme, for_inference
 from miles_stream.schema import make_spans
 
 
@@ -71,11 +72,17 @@ class NativeEngine:
         max_seq_len: int = 2048,
         cuda_graphs: bool = True,
         compile_decode: bool = True,
+        precision: Literal["dtype"] | Scheme = "dtype",
     ) -> None:
         self.device = torch.device(device)
         model: Any = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
         self.model: Any = model.to(self.device).eval()
         self.model.requires_grad_(False)
+        # fp8 / int4: the linear layers and MoE experts hold quantized weights (models/quantized.py); published
+        # tensors for them are quantized as they are staged
+        self._quantized: QuantizedWeights | None = None
+        if precision != "dtype":
+            self._quantized = for_inference(self.model, precision)
         config = self.model.config
         if kv_cache == "static" and not supports(self.model):
             raise ValueError(
@@ -177,8 +184,11 @@ class NativeEngine:
         params = self.model.state_dict(keep_vars=True)
         stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None  # type: ignore[no-untyped-call]
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-            staged = {}
+            staged: dict[str, torch.Tensor] = {}
             for name, tensor in state.items():
+                if self._quantized is not None and name in self._quantized:
+                    staged |= self._quantized.encode(name, tensor.to(self.device, non_blocking=tensor.is_pinned()))
+                    continue
                 target = params.get(name)
                 if target is None or (tensor.device == target.device and tensor.dtype == target.dtype):
                     staged[name] = tensor  # unknown names are refused by the engine thread, untouched

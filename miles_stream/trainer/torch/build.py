@@ -8,6 +8,7 @@ import structlog
 import torch
 
 from miles_stream.errors import ConfigError
+from miles_stream.models.quantized import Scheme, for_training
 from miles_stream.trainer.algo import Objective
 from miles_stream.trainer.algo_config import AlgoConfig
 from miles_stream.trainer.config import TrainerConfig
@@ -23,11 +24,15 @@ log = structlog.get_logger(__name__)
 
 def load_policy(cfg: TrainerConfig, device: str = "") -> Any:
     """trainer.model, loaded after the trainer's seed and thread count are set (RL and SFT alike), on `device`
-    (default trainer.device)."""
+    (default trainer.device); its linear layers quantized in the forward as trainer.precision / trainer.qat say."""
     torch.manual_seed(cfg.seed)
     if cfg.torch_threads:
         torch.set_num_threads(cfg.torch_threads)
-    return load_causal_lm(cfg.model, dtype=cfg.params_dtype, device=device or cfg.device)
+    model = load_causal_lm(cfg.model, dtype=cfg.params_dtype, device=device or cfg.device)
+    scheme: Scheme | None = "fp8" if cfg.precision == "fp8" else "int4" if cfg.qat == "int4" else None
+    if scheme is not None:
+        log.info("trainer_quantized", scheme=scheme, layers=for_training(model, scheme))
+    return model
 
 
 def build_trainer(cfg: TrainerConfig, algo: AlgoConfig, *, temperature: float, parallel: DataParallel,
