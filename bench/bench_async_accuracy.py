@@ -119,6 +119,7 @@ def record(
     last = metrics[-1]
     run_s = last["time"] - t0
     stalled = "no step for" in extra.get("stop", "")  # nothing left to learn from: its weights are final
+    started, ended = extra.pop("started"), extra.pop("ended")
     return {
         "mode": mode,
         "index": index,
@@ -127,8 +128,8 @@ def record(
         "stalled": stalled,
         # how long the run was up: to its last step (time limit: stopped within a step of it), or, stalled, to
         # the demo's end (its last weights stand: no group had anything to learn from)
-        "end_s": extra.pop("ended") - t0 if stalled else run_s,
-        "started_before_t0_s": t0 - extra.pop("started"),  # the demo's start-up: server, evaluator, processes
+        "end_s": ended - t0 if stalled else run_s,
+        "started_before_t0_s": t0 - started,  # the demo's start-up: server, evaluator, processes
         "steps": last["step"],
         "steps_per_s": last["step"] / run_s,
         "trainer_wait_share": sum(m["wait_s"] for m in metrics) / run_s,
