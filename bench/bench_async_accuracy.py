@@ -191,6 +191,7 @@ def summarise(runs: list[dict[str, Any]], target: float, at: Sequence[float]) ->
             **{f"accuracy_at_{t:g}s": [a for r in mine if (a := accuracy_at(r, t)) is not None] for t in at},
             "stale_share": [r["stale_dropped"] / max(r["groups_read"], 1) for r in mine],
             "stale_dropped": [r["stale_dropped"] for r in mine],
+            "steps_per_s_to_target": [h[1] / h[0] for h in hits if h is not None and h[0] > 0],
             "steps_per_s": [r["steps_per_s"] for r in mine],
             "trainer_wait_share": [r["trainer_wait_share"] for r in mine],
         }
@@ -207,7 +208,8 @@ def table(summary: dict[str, dict[str, Any]], target: float, at: Sequence[float]
         f"steps to {target:g}",
         *(f"accuracy at {t:g} s" for t in at),
         "stale drops (share of groups read)",
-        "steps/s",
+        f"steps/s to {target:g}",
+        "steps/s, whole run",
         "trainer waiting",
     ]
     lines = ["| mode | runs | reached | " + " | ".join(cols) + " |", "|" + " --- |" * (len(cols) + 3)]
@@ -217,6 +219,7 @@ def table(summary: dict[str, dict[str, Any]], target: float, at: Sequence[float]
             _spread(s["steps"], ".0f"),
             *(_spread(s[f"accuracy_at_{t:g}s"], ".2f") + _of(s[f"accuracy_at_{t:g}s"], s["runs"]) for t in at),
             f"{_spread(s['stale_dropped'], '.0f')}; {_spread([100 * x for x in s['stale_share']], '.1f')}%",
+            _spread(s["steps_per_s_to_target"], ".2f"),
             _spread(s["steps_per_s"], ".2f"),
             _spread([100 * x for x in s["trainer_wait_share"]], ".0f") + "%",
         ]
