@@ -9,6 +9,7 @@ imports it. Those that start an embedded Redis are marked integration.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -22,6 +23,7 @@ BENCH = ROOT / "bench"
 SERVER = pytest.mark.integration  # the script starts an embedded Redis of its own
 
 SMOKE = [
+    pytest.param("bench_async_accuracy.py", ["--help"], id="async_accuracy-minutes"),
     pytest.param("bench_bus.py", ["--seconds", "0.5", "--samples", "2", "--response-len", "64", "--layers", "0"],
                  marks=SERVER, id="bus"),
     pytest.param("bench_clients.py", ["--mb", "0.1", "--reps", "1"], marks=SERVER, id="clients"),
@@ -82,3 +84,33 @@ def test_bench_script_runs_as_documented(script: str, args: list[str]) -> None:
     tail = (done.stdout + done.stderr)[-3000:]
     assert done.returncode == 0, f"python bench/{script} {' '.join(args)} exited {done.returncode}:\n{tail}"
     assert time.monotonic() - started < 60, f"{script}'s smoke case took over a minute: make it smaller"
+
+
+def _run(mode: str, index: int, points: list[tuple[int, float, float]], end_s: float, stalled: bool = False) -> dict:
+    curve = [{"version": step, "step": step, "t_s": t, "pass_at_1": acc, "skipped": 0} for step, t, acc in points]
+    return {"mode": mode, "index": index, "rc": 0, "curve": curve, "end_s": end_s, "stalled": stalled,
+            "steps": points[-1][0], "steps_per_s": 1.0, "trainer_wait_share": 0.5, "groups_read": 100,
+            "filtered": 10, "stale_dropped": 4}  # fmt: skip
+
+
+def test_async_accuracy_tables_runs_it_is_given(tmp_path: Path) -> None:
+    """--replot: the table and the plot from runs.json alone; seconds and steps to the target are those of the
+    first scored version at or above it, accuracy at t is the newest version published by t while the run was
+    up, and a stalled run's last score stands after it ended."""
+    runs = [
+        _run("async", 1, [(0, 0.0, 0.1), (10, 5.0, 0.5), (20, 12.0, 0.92), (30, 40.0, 0.95)], end_s=41.0),
+        _run("sync", 1, [(0, 0.0, 0.1), (25, 30.0, 0.9)], end_s=70.0),
+        _run("async", 2, [(0, 0.0, 0.1), (30, 20.0, 0.91), (40, 31.0, 0.8)], end_s=65.0),
+        _run("sync", 2, [(0, 0.0, 0.1), (12, 10.0, 0.6)], end_s=25.0, stalled=True),
+    ]
+    (tmp_path / "runs.json").write_text(json.dumps({"target": 0.9, "at": [30.0, 60.0], "runs": runs}))
+    done = run_script("bench_async_accuracy.py", ["--replot", str(tmp_path)])
+    assert done.returncode == 0, done.stdout + done.stderr
+    table = (tmp_path / "table.md").read_text()
+    rows = {line.split(" | ")[0]: line.split(" | ")[1:8] for line in table.splitlines() if line.startswith("| a")}
+    rows |= {line.split(" | ")[0]: line.split(" | ")[1:8] for line in table.splitlines() if line.startswith("| s")}
+    assert rows["| async"] == ["2", "2 / 2", "16 (12-20)", "25 (20-30)", "0.92 (0.91-0.92)",
+                               "0.80 (0.80-0.80) (1 of 2 runs still up)", "4 (4-4); 4.0 (4.0-4.0)%"]  # fmt: skip
+    assert rows["| sync"] == ["2", "1 / 2", "not reached (30-not reached)", "not reached (25-not reached)",
+                              "0.75 (0.60-0.90)", "0.75 (0.60-0.90)", "4 (4-4); 4.0 (4.0-4.0)%"]  # fmt: skip
+    assert (tmp_path / "accuracy.png").stat().st_size > 10_000
