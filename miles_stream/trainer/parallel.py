@@ -43,24 +43,9 @@ class DataParallel:
         return out
 
     def sum_grads(self, params: Iterable[torch.nn.Parameter]) -> None:
-        """Sum every parameter's gradient over ranks, in one flat buffer per dtype. A parameter with no
-        gradient on this rank (an MoE expert no token chose) gets zeros, so every rank sends the same layout."""
-        if self.world == 1:
-            return
-        by_dtype: dict[torch.dtype, list[Tensor]] = {}
-        for p in params:
-            if not p.requires_grad:
-                continue
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
-        for grads in by_dtype.values():
-            flat = torch.cat([g.reshape(-1) for g in grads])
-            dist.all_reduce(flat)
-            offset = 0
-            for g in grads:
-                g.copy_(flat[offset : offset + g.numel()].view_as(g))
-                offset += g.numel()
+        """Sum every parameter's gradient over ranks (`sum_grads_over`)."""
+        if self.world > 1:
+            sum_grads_over(params)
 
     def gather(self, obj: Any) -> list[Any]:
         """`obj` from every rank, in rank order."""
@@ -77,3 +62,23 @@ class DataParallel:
     def close(self) -> None:
         if self.world > 1 and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def sum_grads_over(params: Iterable[torch.nn.Parameter], group: Any = None) -> None:
+    """Sum every parameter's gradient over the ranks of `group` (all, if None), in one flat buffer per dtype. A
+    parameter with no gradient on this rank (an MoE expert no token chose) gets zeros, so every rank sends the
+    same layout."""
+    by_dtype: dict[torch.dtype, list[Tensor]] = {}
+    for p in params:
+        if not p.requires_grad:
+            continue
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
+    for grads in by_dtype.values():
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat, group=group)
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()

@@ -23,7 +23,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from miles_stream.trainer.batch import RolloutBatch
-from miles_stream.trainer.parallel import DataParallel
+from miles_stream.trainer.parallel import DataParallel, sum_grads_over
 
 with warnings.catch_warnings():  # Megatron warns at import that Apex and Transformer Engine are absent
     warnings.simplefilter("ignore")
@@ -44,20 +44,8 @@ class GroupParallel(DataParallel):
         return out
 
     def sum_grads(self, params: Any) -> None:
-        if self.world == 1:
-            return
-        grads = []
-        for p in params:
-            if p.requires_grad:
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-                grads.append(p.grad)
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat, group=self.group)
-        offset = 0
-        for g in grads:
-            g.copy_(flat[offset : offset + g.numel()].view_as(g))
-            offset += g.numel()
+        if self.world > 1:
+            sum_grads_over(params, self.group)
 
     def gather(self, obj: Any) -> list[Any]:
         if self.world == 1:
