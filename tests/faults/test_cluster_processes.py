@@ -15,14 +15,13 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import subprocess
 import sys
 import uuid
 from pathlib import Path
 
 import pytest
 import redis
-from redis_acl import ACL_RULES, CLUSTER_ACL_RULES
+from redis_acl import ACL_RULES, CLUSTER_ACL_RULES, feed_produce_train_status
 from redis_groups import done_total
 from redis_tiers import tier_binary
 from test_process_faults import PROMPTS, commit_all, feed, pending, producer, wait_for
@@ -110,29 +109,7 @@ def test_a_namespace_limited_acl_user_runs_the_pipeline_on_a_cluster(tmp_path: P
                 node.execute_command("ACL", "SETUSER", "miles", f">{password}",
                                      *(r.format(ns=ns) for r in ACL_RULES + CLUSTER_ACL_RULES))  # fmt: skip
         url = cluster.url.replace("redis://", f"redis://miles:{password}@")
-        model_dir, prompts = write_task(tmp_path)
-        env = {**os.environ, "MILES_REDIS_URL": url, "HF_HUB_OFFLINE": "1"}
-        common = [f"bus.namespace={ns}", "--log-json"]
-
-        def run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-            return subprocess.run([*CLI, *args, *common], capture_output=True, text=True, timeout=timeout, env=env)
-
-        fed = run("feed", f"feeder.path={prompts}", "feeder.num_epochs=1")
-        assert fed.returncode == 0, fed.stderr[-2000:]
-        rollout = [f"rollout.model={model_dir}", "rollout.n_samples_per_prompt=4", "rollout.reward=exact_match",
-                   "rollout.sampling.max_new_tokens=1", "rollout.torch_threads=1"]  # fmt: skip
-        proc = subprocess.Popen([*CLI, "produce", *common, *rollout], env=env, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE, text=True)  # fmt: skip
-        try:
-            trained = run("train", f"trainer.model={model_dir}", "trainer.max_steps=3", "buffer.rollout_batch_size=4",
-                          "buffer.filters=[]", "trainer.torch_threads=1", timeout=240)  # fmt: skip
-            assert trained.returncode == 0, trained.stderr[-3000:]
-            status = run("status", "--json")
-            assert status.returncode == 0, status.stderr[-2000:]
-        finally:
-            proc.terminate()
-            _, err = proc.communicate(timeout=60)
-        assert proc.returncode == 0, err[-3000:]
+        feed_produce_train_status(url, ns, tmp_path)
         with redis.RedisCluster.from_url(url.split("?")[0]) as user:
             announced = [int(f[b"version"]) for _, f in user.xrange(f"{ns}:weights")]
             assert announced[-1] == 3 and announced == sorted(set(announced))

@@ -3,17 +3,13 @@ trainer and status work through it as separate processes; administrative command
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 import uuid
 from pathlib import Path
 
 import pytest
 import redis
-from redis_acl import ACL_RULES
-
-from miles_stream.demo.task import write_task
+from redis_acl import ACL_RULES, feed_produce_train_status
 
 CLI = [sys.executable, "-m", "miles_stream.cli"]
 
@@ -28,29 +24,7 @@ def test_a_namespace_limited_acl_user_runs_the_pipeline(redis_url: str, tmp_path
         admin.execute_command("ACL", "SETUSER", "miles", f">{password}", *(r.format(ns=ns) for r in ACL_RULES))
     host_port = redis_url.split("://", 1)[1]
     url = f"redis://miles:{password}@{host_port}"
-    model_dir, prompts = write_task(tmp_path)
-    env = {**os.environ, "MILES_REDIS_URL": url, "HF_HUB_OFFLINE": "1"}
-    common = [f"bus.namespace={ns}", "--log-json"]
-
-    def run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([*CLI, *args, *common], capture_output=True, text=True, timeout=timeout, env=env)
-
-    fed = run("feed", f"feeder.path={prompts}", "feeder.num_epochs=1")
-    assert fed.returncode == 0, fed.stderr[-2000:]
-    rollout = [f"rollout.model={model_dir}", "rollout.n_samples_per_prompt=4", "rollout.reward=exact_match",
-               "rollout.sampling.max_new_tokens=1", "rollout.torch_threads=1"]  # fmt: skip
-    producer = subprocess.Popen([*CLI, "produce", *common, *rollout], env=env, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE, text=True)  # fmt: skip
-    try:
-        trained = run("train", f"trainer.model={model_dir}", "trainer.max_steps=3", "buffer.rollout_batch_size=4",
-                      "buffer.filters=[]", "trainer.torch_threads=1", timeout=240)  # fmt: skip
-        assert trained.returncode == 0, trained.stderr[-3000:]
-        status = run("status", "--json")
-        assert status.returncode == 0, status.stderr[-2000:]
-    finally:
-        producer.terminate()
-        _, err = producer.communicate(timeout=60)
-    assert producer.returncode == 0, err[-3000:]
+    trained, err = feed_produce_train_status(url, ns, tmp_path)
     assert "password" not in trained.stderr and password not in trained.stderr + err  # never logged
     with redis.Redis.from_url(url) as user:
         announced = [int(f[b"version"]) for _, f in user.xrange(f"{ns}:weights")]
