@@ -1,9 +1,11 @@
 """Async against sync to the same accuracy, on the long-answer scratchpad task (miles_stream/tasks/scratchpad.py).
 
     python bench/bench_scratchpad.py --size 0.1b --sft-steps 700 --minutes 2 --out DIR     # one GPU
-    python bench/bench_scratchpad.py --cpu --size small --sft-steps 20 --minutes 0.5 --out DIR   # the plumbing, on CPU
+    python bench/bench_scratchpad.py --cpu --size cpu --digits 1-12 --sft-steps 1500 --probe-every 100 \
+        --probe-from 300 --minutes 2 --runs 3 --modes async,sync,recycle,oversample --out DIR   # two CPU cores
 
-1. the task: model, worked answers, 50,000 fresh prompts;
+1. the task: model, worked answers, 50,000 fresh prompts (`--digits LO-HI`: operands of LO to HI digits,
+   long-tailed towards HI);
 2. SFT warm start through the CLI (`miles-stream train --sft`, configs/scratchpad-sft.yaml), a checkpoint
    every `--probe-every` steps; RL needs a middling model (a group with some answers right and some wrong), so
    the checkpoints are probed in order (sampled accuracy on held-out problems, the native engine at T=1) up to
@@ -11,17 +13,21 @@
 3. for each mode (MODES: async is max staleness 2, sync 0; recycle and oversample are async with
    `rollout.on_update=recycle` or `rollout.over_sampling=1.5`), the real processes through the CLI (embedded
    server, feeder, producer, trainer; configs/scratchpad-grpo.yaml plus `--set` overrides) from that model,
-   the same seed, for the same wall time; then SIGTERM.
+   the same seed, for the same wall time; then SIGTERM. `--runs N` repeats the modes N times, alternating
+   (async, sync, ..., async, sync, ...), each run under `--lock` (flock) for its own duration only.
 Accuracy is each step's rollout accuracy (share of its groups' samples with reward 1: sampled at temperature 1
 on prompts never seen before), against the wall time since the trainer's first step. Time to target: the
 first time the mean over 5 steps reaches `--target` (default: the midpoint between the first 5 steps' mean and
-the best 5-step mean of either mode). Writes DIR/result.json and DIR/accuracy.png.
+the best 5-step mean, medians over the runs). Wasted tokens: response tokens of the groups read that were
+dropped (or re-queued) as stale, over all response tokens read (the trainer's counters). Writes DIR/result.json
+and DIR/accuracy.png; `--replot` only summarises the runs already in DIR.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import itertools
 import json
 import os
@@ -35,6 +41,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from bench_async_accuracy import cpu_lock  # bench/bench_async_accuracy.py, beside this script
 from safetensors.torch import load_model
 from transformers import AutoTokenizer
 
@@ -44,7 +51,7 @@ from miles_stream.rewards.base import RewardInput
 from miles_stream.rewards.builtin import scratchpad_addition
 from miles_stream.rollout import GenerationRequest, SamplingParams
 from miles_stream.run_config import load_run_config
-from miles_stream.tasks.scratchpad import write_task
+from miles_stream.tasks.scratchpad import MAX_DIGITS, MIN_DIGITS, digit_range, write_task
 from miles_stream.trainer.torch.hf import export_hf, load_causal_lm
 
 ROOT = Path(__file__).parents[1]
@@ -56,15 +63,18 @@ MODES = {
     "oversample": ["buffer.max_staleness=2", "rollout.over_sampling=1.5"],
 }
 CPU = ["trainer.device=cpu", "trainer.dtype=float32", "trainer.compile=false", "trainer.torch_threads=1"]
-CPU_ROLLOUT = [
-    "rollout.device=cpu",
-    "rollout.dtype=float32",
-    "rollout.torch_threads=1",
-    "rollout.max_inflight_prompts=8",
-    "rollout.sampling.max_new_tokens=64",
-    "buffer.rollout_batch_size=4",
-    "buffer.filters=[]",  # a tiny model after a few SFT steps gets every answer wrong: no group has signal
-]
+CPU_ROLLOUT = ["rollout.device=cpu", "rollout.dtype=float32", "rollout.torch_threads=1",
+               "rollout.max_inflight_prompts=32", "buffer.rollout_batch_size=16", "trainer.lr=1e-4"]  # fmt: skip
+
+
+def cpu_overrides(args: argparse.Namespace) -> list[str]:
+    """Everything on CPU, one core each, the answer budget sized to --digits: an answer is 10n + 2 characters
+    and the end of sequence, a prompt 2n + 2 characters and the start."""
+    if not args.cpu:
+        return []
+    hi = args.digits[1]
+    return [*CPU, *CPU_ROLLOUT, f"rollout.sampling.max_new_tokens={10 * hi + 3}",
+            f"rollout.max_seq_len={12 * hi + 8}"]  # fmt: skip
 
 
 def sft(work: Path, paths: dict[str, Path], args: argparse.Namespace) -> Path:
@@ -74,7 +84,7 @@ def sft(work: Path, paths: dict[str, Path], args: argparse.Namespace) -> Path:
            f"trainer.model={paths['model']}", f"trainer.max_steps={args.sft_steps}",
            f"trainer.checkpoint_dir={checkpoints}", f"trainer.checkpoint_every={args.probe_every}",
            "trainer.keep_checkpoints=1000", f"trainer.metrics_path={work / 'sft-metrics.jsonl'}",
-           *(CPU if args.cpu else [])]  # fmt: skip
+           *(CPU if args.cpu else []), *args.sft_set]  # fmt: skip
     started = time.perf_counter()
     with (work / "sft.log").open("w") as log:
         done = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, timeout=args.sft_steps * 2 + 600)
@@ -131,8 +141,8 @@ def export_checkpoint(step_dir: Path, base: Path, dest: Path, dtype: str) -> Pat
 async def sampled_accuracy(model: Path, rows: list[dict[str, str]], args: argparse.Namespace) -> float:
     """The share of right answers on held-out problems, 8 samples each at temperature 1: what the RL run's
     first steps will see."""
-    cfg = load_run_config(ROOT / "configs" / "scratchpad-grpo.yaml", [f"rollout.model={model}",
-                          *((CPU + CPU_ROLLOUT) if args.cpu else [])]).rollout  # fmt: skip
+    cfg = load_run_config(ROOT / "configs" / "scratchpad-grpo.yaml",
+                          [f"rollout.model={model}", *cpu_overrides(args)]).rollout  # fmt: skip
     tokenizer: Any = AutoTokenizer.from_pretrained(str(model))
     params = SamplingParams(temperature=1.0, max_new_tokens=cfg.sampling.max_new_tokens)
     requests = [GenerationRequest(request_id=f"{i}-{k}", prompt_ids=tokenizer(r["prompt"])["input_ids"], params=params)
@@ -153,9 +163,8 @@ async def sampled_accuracy(model: Path, rows: list[dict[str, str]], args: argpar
 
 def run_mode(work: Path, model: Path, prompts: Path, mode: str, args: argparse.Namespace) -> list[dict[str, Any]]:
     work.mkdir(parents=True, exist_ok=True)
-    extra = [f"rollout.model={model}", f"trainer.model={model}", f"feeder.path={prompts}",
-             *MODES[mode], *args.set, f"trainer.metrics_path={work / 'metrics.jsonl'}",
-             *((CPU + CPU_ROLLOUT) if args.cpu else [])]  # fmt: skip
+    extra = [f"rollout.model={model}", f"trainer.model={model}", f"feeder.path={prompts}", *cpu_overrides(args),
+             *MODES[mode], *args.set, f"trainer.metrics_path={work / 'metrics.jsonl'}"]  # fmt: skip
     config = str(ROOT / "configs" / "scratchpad-grpo.yaml")
     with EmbeddedRedis(EmbeddedRedisConfig(persistence="none", maxmemory="8gb")) as server:
         env = {**os.environ, "MILES_REDIS_URL": server.url, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
@@ -201,20 +210,42 @@ def curve(steps: list[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray]:
 
 def summary(steps: list[dict[str, Any]], target: float) -> dict[str, Any]:
     t, acc = curve(steps)
-    hit = next((float(t[i]) for i in range(4, len(t)) if acc[i] >= target), None)  # a full 5-step window
+    hit = next((i for i in range(4, len(t)) if acc[i] >= target), None)  # a full 5-step window
+    last = steps[-1]
+    read = max(last.get("rollout_tokens", 0), 1)
     return {
         "steps": len(steps),
         "wall_s": float(t[-1]),
         "step_s": float(t[-1] / len(steps)),
         "accuracy_first5": float(acc[min(4, len(acc) - 1)]),
         "accuracy_best5": float(acc.max()),
-        "time_to_target_s": hit,
+        "time_to_target_s": None if hit is None else float(t[hit]),
+        "steps_to_target": None if hit is None else hit + 1,
         "trainer_wait_share": sum(s["wait_s"] for s in steps) / float(t[-1]),
-        "stale_dropped": steps[-1]["stale_dropped"],
+        "stale_dropped": last["stale_dropped"],
+        "recycled": last.get("recycled", 0),
+        "wasted_token_share": last.get("stale_tokens", 0) / read,  # generated, read, never trained: stale
+        "filtered_token_share": last.get("filtered_tokens", 0) / read,
+        "staleness_mean": float(np.mean([s["staleness_mean"] for s in steps])),
         "response_len_mean": float(np.mean([s["response_len_mean"] for s in steps])),  # of the samples trained
         "response_len_p90_mean": float(np.mean([s.get("response_len_p90", 0) for s in steps])),
         "tokens_per_s": sum(s["tokens"] for s in steps) / float(t[-1]),
     }
+
+
+def aggregate(per_run: list[dict[str, Any]]) -> dict[str, Any]:
+    """Median and range over a mode's runs of each figure; a run that never reached the target counts as the
+    slowest in the median of time and steps to it."""
+    out: dict[str, Any] = {"runs": len(per_run), "reached": sum(r["time_to_target_s"] is not None for r in per_run)}
+    for key in per_run[0]:
+        values = [r[key] for r in per_run]
+        known = [float(v) for v in values if v is not None]
+        if not known:
+            out[key] = None
+            continue
+        ranked = sorted(known) + [float("inf")] * (len(values) - len(known))
+        out[key] = {"median": float(np.median(ranked)), "min": min(known), "max": max(known)}
+    return out
 
 
 def answer_lengths(out: Path) -> dict[str, Any]:
@@ -228,7 +259,7 @@ def answer_lengths(out: Path) -> dict[str, Any]:
     return {"task_answer_len": {"mean": float(np.mean(lengths)), "p90": float(np.percentile(lengths, 90))}}
 
 
-def plot(runs: dict[str, list[dict[str, Any]]], target: float, path: Path) -> None:
+def plot(runs: dict[str, list[list[dict[str, Any]]]], target: float, path: Path, title: str) -> None:
     try:
         import matplotlib
     except ImportError:  # a bare GPU image: plot later with --replot DIR where matplotlib is installed
@@ -239,56 +270,84 @@ def plot(runs: dict[str, list[dict[str, Any]]], target: float, path: Path) -> No
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    for mode, steps in runs.items():
-        t, acc = curve(steps)
-        ax.plot(t, acc, label=f"{mode} ({', '.join(MODES[mode])})")
+    colors = itertools.cycle(["tab:blue", "tab:orange", "tab:green", "tab:red"])
+    for (mode, mode_runs), color in zip(runs.items(), colors, strict=False):
+        curves = [curve(steps) for steps in mode_runs]
+        for t, acc in curves:
+            ax.plot(t, acc, color=color, alpha=0.25 if len(curves) > 1 else 1.0, linewidth=1)
+        grid = np.linspace(0, min(t[-1] for t, _ in curves), 200)
+        median = np.median([np.interp(grid, t, acc) for t, acc in curves], axis=0)
+        ax.plot(grid, median, color=color, linewidth=2.5, label=f"{mode} ({', '.join(MODES[mode])})")
     ax.axhline(target, color="grey", linestyle=":", label=f"target {target:.2f}")
-    ax.set(xlabel="wall time since the first step (s)", ylabel="rollout accuracy (5-step mean)",
-           title="scratchpad addition: GRPO from the SFT model, one GPU")  # fmt: skip
-    ax.legend()
+    ax.set(xlabel="wall time since the first step (s)", ylabel="rollout accuracy (5-step mean)", title=title)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+def run_dir(out: Path, mode: str, index: int) -> Path:
+    return out / mode / f"run-{index:02d}"
+
+
+def read_runs(out: Path, modes: list[str]) -> dict[str, list[list[dict[str, Any]]]]:
+    """Every run's metrics under out/MODE/run-NN (and out/MODE itself, where an older single run wrote them)."""
+    runs: dict[str, list[list[dict[str, Any]]]] = {}
+    for mode in modes:
+        files = sorted((out / mode).glob("run-*/metrics.jsonl")) or [out / mode / "metrics.jsonl"]
+        found = [[json.loads(line) for line in f.read_text().splitlines()] for f in files if f.is_file()]
+        runs[mode] = [steps for steps in found if steps]
+    return runs
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", default="0.1b")
+    parser.add_argument("--digits", type=digit_range, default=(MIN_DIGITS, MAX_DIGITS), help="LO-HI: operand digits")
     parser.add_argument("--sft-steps", type=int, default=700)
     parser.add_argument("--probe-every", type=int, default=25, help="SFT steps between checkpoints")
     parser.add_argument("--probe-from", type=int, default=300, help="the first SFT checkpoint probed")
     parser.add_argument("--probe-prompts", type=int, default=64)
     parser.add_argument("--start-accuracy", type=float, default=0.4, help="RL from the checkpoint nearest this")
     parser.add_argument("--sft-model", type=Path, help="keep the picked SFT model here; reuse it if it is there")
+    parser.add_argument("--sft-set", action="append", default=[], help="a config override for the SFT run")
     parser.add_argument("--set", action="append", default=[], help="a config override for every RL run")
     parser.add_argument("--minutes", type=float, default=3.0, help="wall time of each mode's RL run")
     parser.add_argument("--modes", default="async,sync")
+    parser.add_argument("--runs", type=int, default=1, help="runs of each mode, alternating the modes")
+    parser.add_argument("--first-run", type=int, default=0, help="the index of the first run (to add runs)")
+    parser.add_argument("--lock", default="", help="flock this file for each run's duration (shared machines)")
+    parser.add_argument("--lock-wait-s", type=float, default=3600.0)
     parser.add_argument("--target", type=float, default=0.0)
-    parser.add_argument("--cpu", action="store_true", help="everything on CPU (to check the plumbing)")
+    parser.add_argument("--cpu", action="store_true", help="everything on CPU")
     parser.add_argument("--first-step-s", type=float, default=240.0, help="give up on a mode without a step by then")
     parser.add_argument("--replot", action="store_true", help="only summarise and plot the runs already in --out")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     modes = args.modes.split(",")
-    if args.replot:
-        runs = {m: [json.loads(line) for line in (args.out / m / "metrics.jsonl").read_text().splitlines()]
-                for m in modes}  # fmt: skip
-    else:
-        paths = write_task(args.out / "task", size=args.size)
+    if not args.replot:
+        paths = write_task(args.out / "task", size=args.size, digits=args.digits)
         model = reuse_or_sft(args.out, paths, args)
-        runs = {mode: run_mode(args.out / mode, model, paths["prompts"], mode, args) for mode in modes}
-    runs = {mode: steps for mode, steps in runs.items() if steps}
+        for index in range(args.first_run, args.first_run + args.runs):
+            for mode in modes:
+                with cpu_lock(args.lock, args.lock_wait_s) if args.lock else contextlib.nullcontext(0.0):
+                    steps = run_mode(run_dir(args.out, mode, index), model, paths["prompts"], mode, args)
+                print(f"{mode} run {index}: {len(steps)} steps", flush=True)
+    runs = {mode: mode_runs for mode, mode_runs in read_runs(args.out, modes).items() if mode_runs}
     if not runs:
         raise SystemExit("no mode trained a step")
-    curves = [curve(s)[1] for s in runs.values()]
-    target = args.target or float((np.mean([c[min(4, len(c) - 1)] for c in curves]) + max(c.max() for c in curves)) / 2)
+    curves = [curve(steps)[1] for mode_runs in runs.values() for steps in mode_runs]
+    first5 = float(np.median([c[min(4, len(c) - 1)] for c in curves]))
+    target = args.target or (first5 + float(np.median([c.max() for c in curves]))) / 2
     ran = {k: str(v) for k, v in vars(args).items()}
     if args.replot and (args.out / "result.json").is_file():  # the arguments of the run, not of the replot
         ran = json.loads((args.out / "result.json").read_text()).get("args", ran)
+    per_run = {mode: [summary(steps, target) for steps in mode_runs] for mode, mode_runs in runs.items()}
     result = {"target": target, "args": ran, **answer_lengths(args.out),
-              **{mode: summary(steps, target) for mode, steps in runs.items()}}  # fmt: skip
+              "modes": {mode: aggregate(rows) for mode, rows in per_run.items()}, "per_run": per_run}  # fmt: skip
     (args.out / "result.json").write_text(json.dumps(result, indent=2))
-    plot(runs, target, args.out / "accuracy.png")
-    print(json.dumps(result, indent=2))
+    where = "two CPU cores" if args.cpu or ran.get("cpu") == "True" else "one GPU"
+    plot(runs, target, args.out / "accuracy.png", f"scratchpad addition: GRPO from the SFT model, {where}")
+    print(json.dumps(result["modes"], indent=2))
 
 
 if __name__ == "__main__":

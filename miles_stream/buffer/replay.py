@@ -75,6 +75,9 @@ class BufferCounters:
     samples: int = 0  # their samples, and of those:
     reward_sum: float = 0.0
     correct: int = 0  # samples with reward >= 1 (exactly right, for the built-in rewards)
+    response_tokens: int = 0  # their samples' response tokens
+    stale_tokens: int = 0  # response tokens of the groups set aside as stale (generated, never trained)
+    filtered_tokens: int = 0  # response tokens of the groups a filter dropped
     read_per_batch: float = 0.0  # groups a batch used up (trained or filtered; not stale), recent average
     staleness: dict[int, int] = field(default_factory=dict)  # versions behind -> groups handed out that stale
 
@@ -163,6 +166,7 @@ class ReplayBuffer:
             rewards = r.group.rewards
             c.received += 1
             c.samples += len(rewards)
+            c.response_tokens += sum(s.num_tokens for s in r.group.samples)
             c.reward_sum += sum(rewards)
             c.correct += sum(x >= 1.0 for x in rewards)
             reason = next(((name, why) for name, f in self.filters.items() if (why := f(r.group))), None)
@@ -174,6 +178,7 @@ class ReplayBuffer:
             log.debug("group_filtered", group_id=r.group_id, filter=name, reason=why)
         for name, items in dropped.items():
             self.counters.filtered[name] = self.counters.filtered.get(name, 0) + len(items)
+            self.counters.filtered_tokens += sum(s.num_tokens for r in items for s in r.group.samples)
             await self.consumer.release(items, reason=f"filter {name}")
 
     async def _set_aside_stale(self, version: int) -> None:
@@ -183,6 +188,7 @@ class ReplayBuffer:
         ids = {r.entry_id for r in stale}
         self._ready = deque(r for r in self._ready if r.entry_id not in ids)
         lags = [version - r.group.oldest_version for r in stale]
+        self.counters.stale_tokens += sum(s.num_tokens for r in stale for s in r.group.samples)
         log.info("stale_groups", count=len(stale), max_lag=max(lags), bound=self.config.max_staleness,
                  action=self.config.stale)  # fmt: skip
         if self.config.stale == "recycle":

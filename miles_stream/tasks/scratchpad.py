@@ -7,11 +7,12 @@
 
 An answer is 10n + 2 characters of a character vocabulary: 62 tokens at n = 6, 502 at n = 50, plus the end
 of sequence. n is drawn as 6 + floor(45 u^2) (u uniform), so a batch is mostly short with a long tail: the
-median answer is 172 tokens, the top decile 413 and more. The reward (`scratchpad_addition`,
-rewards/builtin.py) is 1 when the digits after the last '#' are the sum, else 0; the worked answers
-(`sft.jsonl`) are the warm start.
+median answer is 172 tokens, the top decile 413 and more. `--digits LO-HI` draws n as LO + floor((HI-LO+1) u^2)
+instead: `--digits 1-12 --size cpu` is the CPU-sized task (answers of 13 to 123 tokens, median 33, top decile
+103). The reward (`scratchpad_addition`, rewards/builtin.py) is 1 when the digits after the last '#' are the
+sum, else 0; the worked answers (`sft.jsonl`) are the warm start.
 
-    python -m miles_stream.tasks.scratchpad WORK [--size small|0.1b] [--train N] [--sft N]
+    python -m miles_stream.tasks.scratchpad WORK [--size small|cpu|0.1b] [--digits LO-HI] [--train N] [--sft N]
 
 writes WORK/model (a random-initialised Qwen3 of that size, this task's vocabulary), WORK/sft.jsonl
 (prompt, response), WORK/prompts.jsonl (prompt, label) and WORK/eval.jsonl (held out, seeded apart).
@@ -33,15 +34,18 @@ MIN_DIGITS, MAX_DIGITS = 6, 50
 SIZES = {
     "small": TinyModelConfig(kind="dense", charset=CHARSET, hidden_size=64, num_layers=2, intermediate_size=128,
                              max_position=1024, init_std=0.1),
+    # about 0.4M parameters: learns the 1-12 digit task on two CPU cores in minutes (docs/benchmarks.md)
+    "cpu": TinyModelConfig(kind="dense", charset=CHARSET, hidden_size=128, num_layers=3, num_heads=4,
+                           num_kv_heads=2, intermediate_size=384, max_position=256, init_std=0.05),
     # about 0.1B parameters: Qwen3-shaped, 12 layers, hidden 768, 12 query / 4 key-value heads
     "0.1b": TinyModelConfig(kind="dense", charset=CHARSET, hidden_size=768, num_layers=12, num_heads=12,
                             num_kv_heads=4, intermediate_size=2048, max_position=1024),
 }  # fmt: skip
 
 
-def problem(rng: np.random.Generator) -> tuple[str, str, str]:
-    """(prompt, worked answer, label) of one random problem."""
-    n = MIN_DIGITS + int((MAX_DIGITS - MIN_DIGITS + 1) * rng.random() ** 2)
+def problem(rng: np.random.Generator, digits: tuple[int, int] = (MIN_DIGITS, MAX_DIGITS)) -> tuple[str, str, str]:
+    """(prompt, worked answer, label) of one random problem with digits[0] to digits[1] digits an operand."""
+    n = digits[0] + int((digits[1] - digits[0] + 1) * rng.random() ** 2)
     a, b = (rng.integers(0, 10, n) for _ in range(2))
     a[0], b[0] = rng.integers(1, 10), rng.integers(1, 10)
     prompt = "".join(map(str, a)) + "+" + "".join(map(str, b)) + "="
@@ -61,7 +65,7 @@ def worked(a: list[int], b: list[int]) -> tuple[str, str]:
 
 
 def write_task(work: Path, *, size: str = "small", train: int = 50_000, sft: int = 200_000, held_out: int = 512,
-               seed: int = 0) -> dict[str, Path]:  # fmt: skip
+               seed: int = 0, digits: tuple[int, int] = (MIN_DIGITS, MAX_DIGITS)) -> dict[str, Path]:  # fmt: skip
     """The model and the three datasets under `work` (see the module docstring); returns their paths."""
     work.mkdir(parents=True, exist_ok=True)
     paths = {"model": build_tiny_model(work / "model", SIZES[size])}
@@ -69,11 +73,19 @@ def write_task(work: Path, *, size: str = "small", train: int = 50_000, sft: int
         rng = np.random.default_rng([seed, stream])
         with (work / f"{name}.jsonl").open("w") as f:
             for _ in range(count):
-                prompt, answer, label = problem(rng)
+                prompt, answer, label = problem(rng, digits)
                 row = {"prompt": prompt, "response": answer} if name == "sft" else {"prompt": prompt, "label": label}
                 f.write(json.dumps(row) + "\n")
         paths[name] = work / f"{name}.jsonl"
     return paths
+
+
+def digit_range(text: str) -> tuple[int, int]:
+    """'LO-HI' as (LO, HI): the operands' digit counts, 1 <= LO <= HI."""
+    lo, _, hi = text.partition("-")
+    if not (lo.isdigit() and hi.isdigit() and 1 <= int(lo) <= int(hi)):
+        raise argparse.ArgumentTypeError(f"--digits {text!r}: expected LO-HI with 1 <= LO <= HI, e.g. 1-12")
+    return int(lo), int(hi)
 
 
 def main() -> None:
@@ -83,8 +95,9 @@ def main() -> None:
     parser.add_argument("--train", type=int, default=50_000)
     parser.add_argument("--sft", type=int, default=200_000)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--digits", type=digit_range, default=(MIN_DIGITS, MAX_DIGITS), help="LO-HI")
     args = parser.parse_args()
-    paths = write_task(args.work, size=args.size, train=args.train, sft=args.sft, seed=args.seed)
+    paths = write_task(args.work, size=args.size, train=args.train, sft=args.sft, seed=args.seed, digits=args.digits)
     print(json.dumps({k: str(v) for k, v in paths.items()}))
 
 

@@ -195,6 +195,9 @@ class TrainerService:
             **self._publish_metrics(),
             "tokens_per_s": metrics["tokens"] / max(metrics["train_s"], 1e-9),
             "stale_dropped": self.buffer.counters.stale_dropped,
+            "rollout_tokens": c.response_tokens,  # response tokens of every group read so far
+            "stale_tokens": c.stale_tokens,  # of those, in groups dropped or recycled as stale
+            "filtered_tokens": c.filtered_tokens,  # and in groups a filter dropped
             "recycled": self.buffer.counters.recycled,
             "filtered": sum(self.buffer.counters.filtered.values()),
         }

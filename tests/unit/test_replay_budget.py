@@ -56,3 +56,6 @@ async def test_a_batch_costs_its_filtered_groups_and_not_its_stale_ones() -> Non
     assert batch is not None and [r.group_id for r in batch.items] == ["g1", "g4"]
     assert buffer.counters.stale_dropped == 2 and buffer.counters.received == 5
     assert buffer.counters.read_per_batch == 3.0  # two trained and one filtered
+    # the tokens each fate cost: 5 groups of 2 samples of 2 response tokens
+    c = buffer.counters
+    assert (c.response_tokens, c.stale_tokens, c.filtered_tokens) == (20, 8, 4)
