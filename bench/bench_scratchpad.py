@@ -1,8 +1,8 @@
 """Async against sync to the same accuracy, on the long-answer scratchpad task (miles_stream/tasks/scratchpad.py).
 
     python bench/bench_scratchpad.py --size 0.1b --sft-steps 700 --minutes 2 --out DIR     # one GPU
-    python bench/bench_scratchpad.py --cpu --size cpu --digits 1-12 --sft-steps 1500 --probe-every 100 \
-        --probe-from 300 --minutes 2 --runs 3 --modes async,sync,recycle,oversample --out DIR   # two CPU cores
+    python bench/bench_scratchpad.py --cpu --size cpu --digits 1-12 --carry-noise 0.5 ... --out DIR   # 2 CPU cores
+                                                            (docs/benchmarks.md has the command that ran)
 
 1. the task: model, worked answers, 50,000 fresh prompts (`--digits LO-HI`: operands of LO to HI digits,
    long-tailed towards HI);
@@ -303,6 +303,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", default="0.1b")
     parser.add_argument("--digits", type=digit_range, default=(MIN_DIGITS, MAX_DIGITS), help="LO-HI: operand digits")
+    parser.add_argument("--carry-noise", type=float, default=0.0, help="worked answers forget a carry this often")
     parser.add_argument("--sft-steps", type=int, default=700)
     parser.add_argument("--probe-every", type=int, default=25, help="SFT steps between checkpoints")
     parser.add_argument("--probe-from", type=int, default=300, help="the first SFT checkpoint probed")
@@ -325,7 +326,7 @@ def main() -> None:
     args = parser.parse_args()
     modes = args.modes.split(",")
     if not args.replot:
-        paths = write_task(args.out / "task", size=args.size, digits=args.digits)
+        paths = write_task(args.out / "task", size=args.size, digits=args.digits, carry_noise=args.carry_noise)
         model = reuse_or_sft(args.out, paths, args)
         for index in range(args.first_run, args.first_run + args.runs):
             for mode in modes:

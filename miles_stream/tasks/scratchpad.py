@@ -8,11 +8,15 @@
 An answer is 10n + 2 characters of a character vocabulary: 62 tokens at n = 6, 502 at n = 50, plus the end
 of sequence. n is drawn as 6 + floor(45 u^2) (u uniform), so a batch is mostly short with a long tail: the
 median answer is 172 tokens, the top decile 413 and more. `--digits LO-HI` draws n as LO + floor((HI-LO+1) u^2)
-instead: `--digits 1-12 --size cpu` is the CPU-sized task (answers of 13 to 123 tokens, median 33, top decile
-103). The reward (`scratchpad_addition`, rewards/builtin.py) is 1 when the digits after the last '#' are the
-sum, else 0; the worked answers (`sft.jsonl`) are the warm start.
+instead: `--digits 1-12 --size cpu --carry-noise 0.5` is the CPU-sized task (answers of 13 to 123 tokens,
+median 33, top decile 103). The reward (`scratchpad_addition`, rewards/builtin.py) is 1 when the digits after
+the last '#' are the sum, else 0; the worked answers (`sft.jsonl`) are the warm start. `--carry-noise q`
+makes that warm start flawed in one learnable way: each carry in of a worked answer is forgotten with
+probability q (written and added as 0), so the SFT model drops carries about that often, an answer with k
+carries is right about (1 - q)^k of the time, and RL has one decision to sharpen that matters more the longer
+the answer (the CPU variant of issue 37: from an exact warm start the tiny model learned nothing in minutes).
 
-    python -m miles_stream.tasks.scratchpad WORK [--size small|cpu|0.1b] [--digits LO-HI] [--train N] [--sft N]
+    python -m miles_stream.tasks.scratchpad WORK [--size small|cpu|0.1b] [--digits LO-HI] [--carry-noise Q]
 
 writes WORK/model (a random-initialised Qwen3 of that size, this task's vocabulary), WORK/sft.jsonl
 (prompt, response), WORK/prompts.jsonl (prompt, label) and WORK/eval.jsonl (held out, seeded apart).
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -43,19 +48,25 @@ SIZES = {
 }  # fmt: skip
 
 
-def problem(rng: np.random.Generator, digits: tuple[int, int] = (MIN_DIGITS, MAX_DIGITS)) -> tuple[str, str, str]:
-    """(prompt, worked answer, label) of one random problem with digits[0] to digits[1] digits an operand."""
+def problem(
+    rng: np.random.Generator, digits: tuple[int, int] = (MIN_DIGITS, MAX_DIGITS), forget: Sequence[bool] = ()
+) -> tuple[str, str, str]:
+    """(prompt, worked answer, label) of one random problem with digits[0] to digits[1] digits an operand;
+    `forget` as for `worked` (it does not change which problem is drawn)."""
     n = digits[0] + int((digits[1] - digits[0] + 1) * rng.random() ** 2)
     a, b = (rng.integers(0, 10, n) for _ in range(2))
     a[0], b[0] = rng.integers(1, 10), rng.integers(1, 10)
     prompt = "".join(map(str, a)) + "+" + "".join(map(str, b)) + "="
-    return prompt, *worked(a.tolist(), b.tolist())
+    return prompt, *worked(a.tolist(), b.tolist(), forget)
 
 
-def worked(a: list[int], b: list[int]) -> tuple[str, str]:
-    """The written-out column addition of digit lists `a` and `b` (most significant first), and the sum."""
+def worked(a: list[int], b: list[int], forget: Sequence[bool] = ()) -> tuple[str, str]:
+    """The written-out column addition of digit lists `a` and `b` (most significant first), and the sum.
+    Column i (from the right) with `forget[i]` true drops its carry in: written and added as 0, so the
+    answer is consistent with itself and wrong (a flawed warm start for RL to fix)."""
     steps, digits, carry = [], [], 0
-    for x, y in zip(reversed(a), reversed(b), strict=True):
+    for i, (x, y) in enumerate(zip(reversed(a), reversed(b), strict=True)):
+        carry = 0 if i < len(forget) and forget[i] else carry
         total = x + y + carry
         steps.append(f"{x}+{y}+{carry}={total:02d}")
         digits.append(total % 10)
@@ -65,15 +76,19 @@ def worked(a: list[int], b: list[int]) -> tuple[str, str]:
 
 
 def write_task(work: Path, *, size: str = "small", train: int = 50_000, sft: int = 200_000, held_out: int = 512,
-               seed: int = 0, digits: tuple[int, int] = (MIN_DIGITS, MAX_DIGITS)) -> dict[str, Path]:  # fmt: skip
-    """The model and the three datasets under `work` (see the module docstring); returns their paths."""
+               seed: int = 0, digits: tuple[int, int] = (MIN_DIGITS, MAX_DIGITS),
+               carry_noise: float = 0.0) -> dict[str, Path]:  # fmt: skip
+    """The model and the three datasets under `work` (see the module docstring); returns their paths.
+    `carry_noise` q: each carry in of a worked answer in sft.jsonl is forgotten with probability q."""
     work.mkdir(parents=True, exist_ok=True)
     paths = {"model": build_tiny_model(work / "model", SIZES[size])}
+    noise = np.random.default_rng([seed, 4])  # apart from the problems' streams: the same problems at any q
     for name, count, stream in (("sft", sft, 1), ("prompts", train, 2), ("eval", held_out, 3)):
         rng = np.random.default_rng([seed, stream])
         with (work / f"{name}.jsonl").open("w") as f:
             for _ in range(count):
-                prompt, answer, label = problem(rng, digits)
+                forget = (noise.random(digits[1]) < carry_noise).tolist() if name == "sft" and carry_noise else []
+                prompt, answer, label = problem(rng, digits, forget)
                 row = {"prompt": prompt, "response": answer} if name == "sft" else {"prompt": prompt, "label": label}
                 f.write(json.dumps(row) + "\n")
         paths[name] = work / f"{name}.jsonl"
@@ -96,8 +111,10 @@ def main() -> None:
     parser.add_argument("--sft", type=int, default=200_000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--digits", type=digit_range, default=(MIN_DIGITS, MAX_DIGITS), help="LO-HI")
+    parser.add_argument("--carry-noise", type=float, default=0.0, help="worked answers forget a carry this often")
     args = parser.parse_args()
-    paths = write_task(args.work, size=args.size, train=args.train, sft=args.sft, seed=args.seed, digits=args.digits)
+    paths = write_task(args.work, size=args.size, train=args.train, sft=args.sft, seed=args.seed, digits=args.digits,
+                       carry_noise=args.carry_noise)  # fmt: skip
     print(json.dumps({k: str(v) for k, v in paths.items()}))
 
 

@@ -62,3 +62,21 @@ def test_the_files_it_writes_fit_the_recipes(tmp_path: Path) -> None:
     assert sft_config.sft.batch_size == 64 and grpo.rollout.reward == "scratchpad_addition"
     longest = max(len(p["prompt"]) for p in prompts) + grpo.rollout.sampling.max_new_tokens
     assert longest <= grpo.rollout.max_seq_len <= 1024  # the model's max_position
+
+
+def test_the_cpu_variant_draws_its_digit_range_and_forgets_carries_only_in_the_warm_start(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    sizes = [len(problem(rng, (1, 12))[0].split("+")[0]) for _ in range(3000)]
+    assert min(sizes) == 1 and max(sizes) == 12 and np.median(sizes) <= 4  # long-tailed towards 12
+    # a forgotten carry is written and added as 0: the answer agrees with itself and misses the sum
+    assert worked([9, 9], [0, 1], [False, True]) == ("9+1+0=10;9+0+0=09;#090", "090")
+    clean = write_task(tmp_path / "clean", size="small", train=5, sft=400, held_out=5, digits=(1, 12))
+    noisy = write_task(tmp_path / "noisy", size="small", train=5, sft=400, held_out=5, digits=(1, 12),
+                       carry_noise=0.5)  # fmt: skip
+    rows = [[json.loads(line) for line in p["sft"].read_text().splitlines()] for p in (clean, noisy)]
+    assert [r["prompt"] for r in rows[0]] == [r["prompt"] for r in rows[1]]  # the same problems
+    carries = [s for r in rows[0] for s in r["response"].split(";")[:-1] if s[4] == "1"]
+    dropped = sum(a != b for a, b in zip(rows[0], rows[1], strict=True))
+    assert carries and 0.3 < dropped / len(rows[0]) < 0.9  # about half the answers with a carry are now wrong
+    for p in ("prompts", "eval"):  # the RL prompts and labels are the true sums, whatever the noise
+        assert clean[p].read_text() == noisy[p].read_text()
