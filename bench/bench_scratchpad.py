@@ -86,11 +86,14 @@ def sft(work: Path, paths: dict[str, Path], args: argparse.Namespace) -> Path:
            "trainer.keep_checkpoints=1000", f"trainer.metrics_path={work / 'sft-metrics.jsonl'}",
            *(CPU if args.cpu else []), *args.sft_set]  # fmt: skip
     started = time.perf_counter()
-    with (work / "sft.log").open("w") as log:
-        done = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, timeout=args.sft_steps * 2 + 600)
-    if done.returncode != 0:
-        raise RuntimeError(f"SFT exited {done.returncode}: see {work / 'sft.log'}")
-    print(f"sft: {args.sft_steps} steps in {time.perf_counter() - started:.0f} s", flush=True)
+    if (checkpoints / f"step-{args.sft_steps:08d}").is_dir():  # an earlier call's SFT ran to the end: probe it again
+        print(f"sft: the {args.sft_steps} steps' checkpoints are in {checkpoints} already", flush=True)
+    else:
+        with (work / "sft.log").open("w") as log:
+            done = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, timeout=args.sft_steps * 2 + 600)
+        if done.returncode != 0:
+            raise RuntimeError(f"SFT exited {done.returncode}: see {work / 'sft.log'}")
+        print(f"sft: {args.sft_steps} steps in {time.perf_counter() - started:.0f} s", flush=True)
     saved = sorted(checkpoints.glob("step-*"))
     held_out = [json.loads(line) for line in paths["eval"].read_text().splitlines()][: args.probe_prompts]
     dtype = "float32" if args.cpu else "bfloat16"
@@ -327,7 +330,8 @@ def main() -> None:
     modes = args.modes.split(",")
     if not args.replot:
         paths = write_task(args.out / "task", size=args.size, digits=args.digits, carry_noise=args.carry_noise)
-        model = reuse_or_sft(args.out, paths, args)
+        with cpu_lock(args.lock, args.lock_wait_s) if args.lock else contextlib.nullcontext(0.0):
+            model = reuse_or_sft(args.out, paths, args)
         for index in range(args.first_run, args.first_run + args.runs):
             for mode in modes:
                 with cpu_lock(args.lock, args.lock_wait_s) if args.lock else contextlib.nullcontext(0.0):
