@@ -74,15 +74,17 @@ class Qwen3Shape:
                    num_groups=int(hf_config.num_key_value_heads),
                    head_dim=int(getattr(hf_config, "head_dim", None) or hf_config.hidden_size // heads),
                    ffn=int(hf_config.intermediate_size), vocab=int(hf_config.vocab_size),
-                   tied=bool(hf_config.tie_word_embeddings), **(_moe_shape(hf_config) if kind == "qwen3_moe" else {}))  # fmt: skip
+                   tied=bool(hf_config.tie_word_embeddings),
+                   **(_moe_shape(hf_config) if kind == "qwen3_moe" else {}))  # fmt: skip
 
     def check_split(self, tp: int) -> None:
         """Refuse a tensor-parallel size that does not divide what it splits (Megatron asserts it deep inside)."""
         if self.experts and tp > 1:
             # MoELayer refuses to train with tensor parallel unless sequence parallel is on
             # (megatron/core/transformer/moe/moe_layer.py:383-387); neither is built for MoE here
-            raise ConfigError(f"trainer.megatron.tensor_parallel={tp}: the megatron backend trains Qwen3-MoE on one "
-                              "tensor-parallel rank only (MoE with TP needs sequence parallelism, not built): set 1")  # fmt: skip
+            raise ConfigError(f"trainer.megatron.tensor_parallel={tp}: the megatron backend trains Qwen3-MoE on "
+                              "one tensor-parallel rank only (MoE with TP needs sequence parallelism, not built): "
+                              "set 1")  # fmt: skip
         for what, n in (("num_key_value_heads", self.num_groups), ("num_attention_heads", self.num_heads),
                         ("intermediate_size", self.ffn), ("vocab_size", self.vocab)):  # fmt: skip
             if n % tp:
@@ -95,7 +97,8 @@ def _moe_shape(hf_config: Any) -> dict[str, Any]:
         raise ConfigError("the megatron backend builds Qwen3-MoE with every layer sparse "
                           "(decoder_sparse_step 1, mlp_only_layers [])")  # fmt: skip
     return {"experts": int(hf_config.num_experts), "topk": int(hf_config.num_experts_per_tok),
-            "expert_ffn": int(hf_config.moe_intermediate_size), "norm_topk": bool(hf_config.norm_topk_prob)}  # fmt: skip
+            "expert_ffn": int(hf_config.moe_intermediate_size),
+            "norm_topk": bool(hf_config.norm_topk_prob)}  # fmt: skip
 
 
 def _layer(i: int) -> tuple[str, str]:
@@ -122,9 +125,9 @@ def _hf_experts(hf: Mapping[str, Tensor], h: str, shape: Qwen3Shape) -> tuple[li
     in-memory form or the per-expert on-disk form."""
     if h + "mlp.experts.gate_up_proj" in hf:
         return list(hf[h + "mlp.experts.gate_up_proj"].unbind(0)), list(hf[h + "mlp.experts.down_proj"].unbind(0))
-    x = h + "mlp.experts."
-    fc1 = [torch.cat([hf[f"{x}{e}.gate_proj.weight"], hf[f"{x}{e}.up_proj.weight"]], dim=0) for e in range(shape.experts)]
-    return fc1, [hf[f"{x}{e}.down_proj.weight"] for e in range(shape.experts)]
+    x, experts = h + "mlp.experts.", range(shape.experts)
+    fc1 = [torch.cat([hf[f"{x}{e}.gate_proj.weight"], hf[f"{x}{e}.up_proj.weight"]], dim=0) for e in experts]
+    return fc1, [hf[f"{x}{e}.down_proj.weight"] for e in experts]
 
 
 def to_megatron(hf: Mapping[str, Tensor], shape: Qwen3Shape, tp: int = 1) -> list[dict[str, Tensor]]:

@@ -58,7 +58,8 @@ class LayerReplay(RouterReplay):  # type: ignore[misc]
         self.seq_batch: tuple[int, int] | None = None  # (s, b) of the router's current logits
 
     def get_replay_topk(self, scores: Tensor, topk: int, num_groups: int | None = None,
-                        group_topk: int | None = None, default_compute_topk: Any = None) -> tuple[Tensor, Tensor]:  # fmt: skip
+                        group_topk: int | None = None,
+                        default_compute_topk: Any = None) -> tuple[Tensor, Tensor]:  # fmt: skip
         values, own = default_compute_topk(scores, topk, num_groups=num_groups, group_topk=group_topk)
         recording = self.owner.layer_inputs(self.layer, self.seq_batch)
         if recording is None:

@@ -26,7 +26,6 @@ from torch import Tensor, nn
 
 from miles_stream.models.moe import moe_routers
 
-
 REPLAY_ENTRY = "miles_routing_replay"  # a model's own R3 (a method `(*, replace) -> Replay | None`): the Megatron
 # backend's GPTModel wrapper, whose routers are not HF `...mlp.gate` modules
 
