@@ -3,10 +3,14 @@ built from the tiny Qwen3-MoE checkpoint against the Hugging Face model and the 
 and batch. Conversion both ways is exact (either HF expert layout in, transformers' in-memory layout out); with
 Rollout Routing Replay (R3) the forward routes recorded tokens as recorded and its logprobs are the HF model's
 under the torch backend's replay; a GRPO step with replay gives the torch backend's loss, gradient norm,
-routing_mismatch and updated weights (routers included)."""
+routing_mismatch and updated weights (routers included), on one rank and over two data-parallel gloo ranks.
+Tensor parallel with MoE is refused (see convert.py `check_split`)."""
 
 from __future__ import annotations
 
+import os
+import socket
+import sys
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -15,6 +19,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+import torch.multiprocessing as mp
 
 pytest.importorskip("megatron.core", reason="megatron-core is the optional [megatron] extra")
 
@@ -208,3 +213,40 @@ def test_megatron_moe_refuses_what_is_not_built(moe_dir: Path, tmp_path: Path) -
     (mixed / "config.json").write_text(text)
     with pytest.raises(ConfigError, match="every layer sparse"):
         build_backend(config(mixed), AlgoConfig(), temperature=1.0, parallel=DataParallel())
+
+
+def _dp_worker(rank: int, world: int, port: int, model_dir: str, out: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    parallel = DataParallel.from_env("cpu")
+    backend: Any = build_backend(config(Path(model_dir), routing_replay=True), AlgoConfig(entropy_coef=0.01),
+                                 temperature=1.0, parallel=parallel)  # fmt: skip
+    batch = traced_batch(Path(model_dir), seed=0)
+    half = batch.size // world  # each data-parallel rank trains its own share
+    metrics = backend.train(batch.rows(list(range(rank * half, (rank + 1) * half))))
+    published, _ = backend.weights()
+    torch.save({"metrics": metrics, "weights": {n: t.clone() for n, t in published.items()}}, f"{out}.{rank}")
+    parallel.barrier()
+    sys.stdout.flush()
+    os._exit(0)  # gloo's teardown sometimes aborts (tests/unit/test_trainer.py says when)
+
+
+@pytest.mark.slow  # ~20 s: two spawned processes each import Megatron and build the model
+def test_two_data_parallel_gloo_ranks_with_replay_take_the_step_one_rank_takes(moe_dir: Path, tmp_path: Path) -> None:
+    """Each rank replays its own share's traces; the loss, gradient norm and routing_mismatch are summed over the
+    ranks, and both end with one rank's weights after the whole batch."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "rank"
+    mp.start_processes(_dp_worker, args=(2, port, str(moe_dir), str(out)), nprocs=2, start_method="spawn")
+    ranks = [torch.load(f"{out}.{r}", weights_only=True) for r in range(2)]
+    single: Any = build_backend(config(moe_dir, routing_replay=True), AlgoConfig(entropy_coef=0.01),
+                                temperature=1.0, parallel=DataParallel())  # fmt: skip
+    metrics = single.train(traced_batch(moe_dir, seed=0))
+    published, _ = single.weights()
+    for got in ranks:
+        for name in ("loss", "pg_loss", "entropy", "grad_norm", "tokens", "routing_mismatch"):
+            assert got["metrics"][name] == pytest.approx(metrics[name], rel=1e-5, abs=1e-7), name
+        for name, tensor in published.items():
+            torch.testing.assert_close(got["weights"][name], tensor, atol=1e-5, rtol=1e-5)

@@ -80,8 +80,10 @@ class Qwen3Shape:
     def check_split(self, tp: int) -> None:
         """Refuse a tensor-parallel size that does not divide what it splits (Megatron asserts it deep inside)."""
         if self.experts and tp > 1:
-            # MoELayer refuses to train with tensor parallel unless sequence parallel is on
-            # (megatron/core/transformer/moe/moe_layer.py:383-387); neither is built for MoE here
+            # megatron-core 0.16.1: MoELayer refuses to train with TP unless sequence parallelism is on
+            # (transformer/moe/moe_layer.py:379-383), and the local spec's RMSNorm is always WrappedTorchNorm
+            # (models/backends.py:104-111), which asserts sequence parallelism off (transformer/torch_norm.py:32):
+            # MoE with TP needs TE's (or a home-made) norm under sequence parallelism, not built here
             raise ConfigError(f"trainer.megatron.tensor_parallel={tp}: the megatron backend trains Qwen3-MoE on "
                               "one tensor-parallel rank only (MoE with TP needs sequence parallelism, not built): "
                               "set 1")  # fmt: skip
