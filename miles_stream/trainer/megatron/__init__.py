@@ -1,10 +1,11 @@
 """The Megatron-core trainer backend (`trainer.backend: megatron`): Megatron's GPTModel built from a Hugging Face
-Qwen3 checkpoint, split over tensor-parallel ranks, trained by the torch backend's step (same objective,
+Qwen3 or Qwen3-MoE checkpoint, split over tensor-parallel ranks, trained by the torch backend's step (same objective,
 corrections and optimizer), published under Hugging Face names. Nothing is imported here: the run config reads
 `config.py` without torch or Megatron.
 
 config.py      trainer.megatron: parallel sizes (TP built; PP, EP, CP refused)
-convert.py     Qwen3 tensors HF <-> Megatron, split over TP ranks (pure)
+convert.py     Qwen3 / Qwen3-MoE tensors HF <-> Megatron, split over TP ranks (pure)
+moe.py         MoE routers that run without TE and on a CPU; R3 through Megatron's RouterReplay hook
 model.py       GPTModel from the HF config; `MegatronPolicy`, what the train step drives
 attention.py   PyTorch SDPA as the layer spec's core attention;  logprobs.py  vocab-parallel logprobs
 parallel.py    Megatron's process groups; the TP group's union of batches

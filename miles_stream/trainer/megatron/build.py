@@ -8,8 +8,9 @@
             schedule as the torch backend, with its sums over the DP group only
     train:  the union of the TP group's shares (parallel.tp_union) -> PolicyTrainer.train
 
-Not built yet (each refused with what to change): PPO's critic, pipeline / expert / context parallelism,
-packed sequences, activation checkpointing, torch.compile, MoE models.
+Qwen3-MoE: experts and routers converted too (convert.py), R3 in the routers (moe.py), on one TP rank.
+Not built yet (each refused with what to change): PPO's critic, pipeline / expert / context parallelism, MoE
+with tensor parallel, packed sequences, activation checkpointing, torch.compile.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ class MegatronConfig:
 
     tensor_parallel: int = 1  # ranks one model's layers are split over (heads, MLP columns, vocabulary)
     pipeline_parallel: int = 1  # not built yet: must be 1
-    expert_parallel: int = 1  # not built yet (dense models only): must be 1
+    expert_parallel: int = 1  # not built yet (an MoE layer's experts are whole on every rank): must be 1
     context_parallel: int = 1  # not built yet: must be 1
 
     def __post_init__(self) -> None:
@@ -23,6 +23,6 @@ class MegatronConfig:
         check(self.pipeline_parallel == 1, "trainer.megatron.pipeline_parallel",
               "pipeline parallelism is not built yet in the megatron backend: set 1")  # fmt: skip
         check(self.expert_parallel == 1, "trainer.megatron.expert_parallel",
-              "expert parallelism is not built yet (the megatron backend trains dense Qwen3 only): set 1")  # fmt: skip
+              "expert parallelism is not built yet (every rank holds all experts): set 1")  # fmt: skip
         check(self.context_parallel == 1, "trainer.megatron.context_parallel",
               "context parallelism is not built yet in the megatron backend: set 1")  # fmt: skip

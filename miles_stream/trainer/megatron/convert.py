@@ -1,4 +1,5 @@
-"""Qwen3 (dense) weights between Hugging Face names and Megatron-core's GPTModel, split over tensor-parallel ranks.
+"""Qwen3 (dense) and Qwen3-MoE weights between Hugging Face names and Megatron-core's GPTModel, split over
+tensor-parallel ranks (MoE: one rank; see `Qwen3Shape.check_split`).
 
 Pure functions of tensors: no process group, no Megatron import. Legend: H hidden, nh query heads, ng key/value
 groups (r = nh / ng heads a group), d head dim, F MLP width, V vocabulary, tp tensor-parallel ranks.
@@ -17,6 +18,15 @@ groups (r = nh / ng heads a group), d head dim, F MLP width, V vocabulary, tp te
     mlp.down_proj                    [H, F]            mlp.linear_fc2                       [H, F/tp] cols k
     model.norm.weight                [H]               decoder.final_layernorm.weight       [H]
     lm_head.weight                   [V, H]            output_layer.weight [V/tp, H]; tied: the embedding's
+
+Qwen3-MoE (every layer sparse; E experts, each of width Fe; Megatron's SequentialMLP, expert parallel 1):
+    model.layers.i.mlp.gate.weight   [E, H]            decoder.layers.i.mlp.router.weight   [E, H]
+    mlp.experts.gate_up_proj [E, 2Fe, H] (in memory;   mlp.experts.local_experts.e.linear_fc1.weight [2Fe, H]:
+      on disk mlp.experts.e.gate_proj / up_proj)         expert e's gate rows, then its up rows
+    mlp.experts.down_proj    [E, H, Fe] (on disk       mlp.experts.local_experts.e.linear_fc2.weight [H, Fe]
+      mlp.experts.e.down_proj)
+Either HF form is read; the in-memory (fused) form is what `to_hf` gives, as the torch backend's
+`model.state_dict()` names it.
 
 A tied checkpoint's HF state dict names `lm_head.weight` too (the same tensor): it is published under both names,
 as the torch backend publishes `model.state_dict()`.
@@ -44,13 +54,17 @@ class Qwen3Shape:
     ffn: int
     vocab: int
     tied: bool
+    experts: int = 0  # Qwen3-MoE: experts a layer (0: dense)
+    topk: int = 0  # experts a token
+    expert_ffn: int = 0  # each expert's MLP width
+    norm_topk: bool = True  # gate weights renormalised over the chosen experts (norm_topk_prob)
 
     @classmethod
     def of(cls, hf_config: Any) -> Qwen3Shape:
         """The shape of a Hugging Face Qwen3 config; a config this conversion does not cover is a ConfigError."""
         kind = getattr(hf_config, "model_type", "")
-        if kind != "qwen3":
-            raise ConfigError(f"the megatron backend converts Qwen3 dense checkpoints; this one is {kind!r}")
+        if kind not in ("qwen3", "qwen3_moe"):
+            raise ConfigError(f"the megatron backend converts Qwen3 and Qwen3-MoE checkpoints; this one is {kind!r}")
         if getattr(hf_config, "attention_bias", False):
             raise ConfigError("the megatron backend's Qwen3 conversion has no attention biases (attention_bias)")
         if getattr(hf_config, "use_sliding_window", False):
@@ -60,14 +74,33 @@ class Qwen3Shape:
                    num_groups=int(hf_config.num_key_value_heads),
                    head_dim=int(getattr(hf_config, "head_dim", None) or hf_config.hidden_size // heads),
                    ffn=int(hf_config.intermediate_size), vocab=int(hf_config.vocab_size),
-                   tied=bool(hf_config.tie_word_embeddings))  # fmt: skip
+                   tied=bool(hf_config.tie_word_embeddings),
+                   **(_moe_shape(hf_config) if kind == "qwen3_moe" else {}))  # fmt: skip
 
     def check_split(self, tp: int) -> None:
         """Refuse a tensor-parallel size that does not divide what it splits (Megatron asserts it deep inside)."""
+        if self.experts and tp > 1:
+            # megatron-core 0.16.1: MoELayer refuses to train with TP unless sequence parallelism is on
+            # (transformer/moe/moe_layer.py:379-383), and the local spec's RMSNorm is always WrappedTorchNorm
+            # (models/backends.py:104-111), which asserts sequence parallelism off (transformer/torch_norm.py:32):
+            # MoE with TP needs TE's (or a home-made) norm under sequence parallelism, not built here
+            raise ConfigError(f"trainer.megatron.tensor_parallel={tp}: the megatron backend trains Qwen3-MoE on "
+                              "one tensor-parallel rank only (MoE with TP needs sequence parallelism, not built): "
+                              "set 1")  # fmt: skip
         for what, n in (("num_key_value_heads", self.num_groups), ("num_attention_heads", self.num_heads),
                         ("intermediate_size", self.ffn), ("vocab_size", self.vocab)):  # fmt: skip
             if n % tp:
                 raise ConfigError(f"trainer.megatron.tensor_parallel={tp} must divide the model's {what} ({n})")
+
+
+def _moe_shape(hf_config: Any) -> dict[str, Any]:
+    """Qwen3-MoE's expert fields; a layout the backend does not build (dense layers among sparse) is refused."""
+    if int(getattr(hf_config, "decoder_sparse_step", 1)) != 1 or list(getattr(hf_config, "mlp_only_layers", []) or []):
+        raise ConfigError("the megatron backend builds Qwen3-MoE with every layer sparse "
+                          "(decoder_sparse_step 1, mlp_only_layers [])")  # fmt: skip
+    return {"experts": int(hf_config.num_experts), "topk": int(hf_config.num_experts_per_tok),
+            "expert_ffn": int(hf_config.moe_intermediate_size),
+            "norm_topk": bool(hf_config.norm_topk_prob)}  # fmt: skip
 
 
 def _layer(i: int) -> tuple[str, str]:
@@ -81,8 +114,22 @@ _PLAIN = (
     ("self_attn.q_norm.weight", "self_attention.q_layernorm.weight", None),
     ("self_attn.k_norm.weight", "self_attention.k_layernorm.weight", None),
     ("post_attention_layernorm.weight", "pre_mlp_layernorm.weight", None),
-    ("mlp.down_proj.weight", "mlp.linear_fc2.weight", 1),
+    ("mlp.down_proj.weight", "mlp.linear_fc2.weight", 1),  # dense only
 )
+
+
+def _plain(shape: Qwen3Shape) -> tuple[tuple[str, str, int | None], ...]:
+    return _PLAIN[:-1] if shape.experts else _PLAIN
+
+
+def _hf_experts(hf: Mapping[str, Tensor], h: str, shape: Qwen3Shape) -> tuple[list[Tensor], list[Tensor]]:
+    """Layer `h`'s experts as (fc1 [2Fe, H] each: gate rows then up rows, fc2 [H, Fe] each), from the fused
+    in-memory form or the per-expert on-disk form."""
+    if h + "mlp.experts.gate_up_proj" in hf:
+        return list(hf[h + "mlp.experts.gate_up_proj"].unbind(0)), list(hf[h + "mlp.experts.down_proj"].unbind(0))
+    x, experts = h + "mlp.experts.", range(shape.experts)
+    fc1 = [torch.cat([hf[f"{x}{e}.gate_proj.weight"], hf[f"{x}{e}.up_proj.weight"]], dim=0) for e in experts]
+    return fc1, [hf[f"{x}{e}.down_proj.weight"] for e in experts]
 
 
 def to_megatron(hf: Mapping[str, Tensor], shape: Qwen3Shape, tp: int = 1) -> list[dict[str, Tensor]]:
@@ -103,11 +150,17 @@ def to_megatron(hf: Mapping[str, Tensor], shape: Qwen3Shape, tp: int = 1) -> lis
         k = hf[h + "self_attn.k_proj.weight"].view(shape.num_groups, d, -1)
         v = hf[h + "self_attn.v_proj.weight"].view(shape.num_groups, d, -1)
         put(m + "self_attention.linear_qkv.weight", torch.cat([q, k, v], dim=1).reshape(-1, shape.hidden), 0)
-        gates = hf[h + "mlp.gate_proj.weight"].chunk(tp, dim=0)
-        ups = hf[h + "mlp.up_proj.weight"].chunk(tp, dim=0)
-        for rank in range(tp):
-            out[rank][m + "mlp.linear_fc1.weight"] = torch.cat([gates[rank], ups[rank]], dim=0).contiguous()
-        for hf_name, mg_name, dim in _PLAIN:
+        if shape.experts:
+            put(m + "mlp.router.weight", hf[h + "mlp.gate.weight"], None)
+            for e, (fc1, fc2) in enumerate(zip(*_hf_experts(hf, h, shape), strict=True)):
+                put(m + f"mlp.experts.local_experts.{e}.linear_fc1.weight", fc1, None)
+                put(m + f"mlp.experts.local_experts.{e}.linear_fc2.weight", fc2, None)
+        else:
+            gates = hf[h + "mlp.gate_proj.weight"].chunk(tp, dim=0)
+            ups = hf[h + "mlp.up_proj.weight"].chunk(tp, dim=0)
+            for rank in range(tp):
+                out[rank][m + "mlp.linear_fc1.weight"] = torch.cat([gates[rank], ups[rank]], dim=0).contiguous()
+        for hf_name, mg_name, dim in _plain(shape):
             put(m + mg_name, hf[h + hf_name], dim)
     put("decoder.final_layernorm.weight", hf["model.norm.weight"], None)
     if not shape.tied:
@@ -126,7 +179,14 @@ def megatron_names(shape: Qwen3Shape) -> list[str]:
     names = ["embedding.word_embeddings.weight"]
     for i in range(shape.num_layers):
         m = _layer(i)[1]
-        names += [m + "self_attention.linear_qkv.weight", *(m + mg for _, mg, _ in _PLAIN), m + "mlp.linear_fc1.weight"]
+        names += [m + "self_attention.linear_qkv.weight", *(m + mg for _, mg, _ in _plain(shape))]
+        if shape.experts:
+            names.append(m + "mlp.router.weight")
+            for e in range(shape.experts):
+                names += [m + f"mlp.experts.local_experts.{e}.linear_fc1.weight",
+                          m + f"mlp.experts.local_experts.{e}.linear_fc2.weight"]  # fmt: skip
+        else:
+            names.append(m + "mlp.linear_fc1.weight")
     names.append("decoder.final_layernorm.weight")
     return names if shape.tied else [*names, "output_layer.weight"]
 
@@ -150,15 +210,32 @@ def iter_hf(shards_of: Callable[[str], Sequence[Tensor]], shape: Qwen3Shape) -> 
         yield h + "self_attn.q_proj.weight", q.reshape(-1, shape.hidden).contiguous()
         yield h + "self_attn.k_proj.weight", k.reshape(-1, shape.hidden).contiguous()
         yield h + "self_attn.v_proj.weight", v.reshape(-1, shape.hidden).contiguous()
-        plain = {mg: full(m + mg, dim) for _, mg, dim in _PLAIN}
+        plain = {mg: full(m + mg, dim) for _, mg, dim in _plain(shape)}
         yield h + "self_attn.o_proj.weight", plain["self_attention.linear_proj.weight"]
         yield h + "self_attn.q_norm.weight", plain["self_attention.q_layernorm.weight"]
         yield h + "self_attn.k_norm.weight", plain["self_attention.k_layernorm.weight"]
-        fc1 = [part.chunk(2, dim=0) for part in shards_of(m + "mlp.linear_fc1.weight")]
-        yield h + "mlp.gate_proj.weight", torch.cat([g for g, _ in fc1], dim=0)
-        yield h + "mlp.up_proj.weight", torch.cat([u for _, u in fc1], dim=0)
-        yield h + "mlp.down_proj.weight", plain["mlp.linear_fc2.weight"]
+        if shape.experts:
+            yield from _iter_hf_experts(full, h, m, shape)
+        else:
+            fc1 = [part.chunk(2, dim=0) for part in shards_of(m + "mlp.linear_fc1.weight")]
+            yield h + "mlp.gate_proj.weight", torch.cat([g for g, _ in fc1], dim=0)
+            yield h + "mlp.up_proj.weight", torch.cat([u for _, u in fc1], dim=0)
+            yield h + "mlp.down_proj.weight", plain["mlp.linear_fc2.weight"]
         yield h + "input_layernorm.weight", plain["input_layernorm.weight"]
         yield h + "post_attention_layernorm.weight", plain["pre_mlp_layernorm.weight"]
     yield "model.norm.weight", full("decoder.final_layernorm.weight", None)
     yield "lm_head.weight", embed if shape.tied else full("output_layer.weight", 0)
+
+
+def _iter_hf_experts(full: Callable[[str, int | None], Tensor], h: str, m: str,
+                     shape: Qwen3Shape) -> Iterator[tuple[str, Tensor]]:  # fmt: skip
+    """One MoE layer's HF tensors (transformers' in-memory names and order) from its Megatron experts and router;
+    each Megatron parameter read once, in `megatron_names` order."""
+    router = full(m + "mlp.router.weight", None)
+    fc1, fc2 = [], []
+    for e in range(shape.experts):
+        fc1.append(full(m + f"mlp.experts.local_experts.{e}.linear_fc1.weight", None))
+        fc2.append(full(m + f"mlp.experts.local_experts.{e}.linear_fc2.weight", None))
+    yield h + "mlp.experts.gate_up_proj", torch.stack(fc1)
+    yield h + "mlp.experts.down_proj", torch.stack(fc2)
+    yield h + "mlp.gate.weight", router

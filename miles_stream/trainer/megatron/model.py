@@ -3,8 +3,10 @@ train step drives (trainer/torch/policy.py reads a model through `response_logpr
 `logprobs.SHARDED_ENTRY` method when it has one).
 
     build_gpt(hf_config, tp)   TransformerConfig from the HF config (RMSNorm, SwiGLU, q/k norms, GQA, RoPE,
-                               no biases, tied embeddings), the local layer spec (no Transformer Engine) with
-                               its core attention swapped for PyTorch SDPA (attention.py); float32
+                               no biases, tied embeddings; Qwen3-MoE: top-k softmax routers, SequentialMLP
+                               experts, the all-gather dispatcher, no auxiliary loss), the local layer spec (no
+                               Transformer Engine) with its core attention swapped for PyTorch SDPA
+                               (attention.py) and, for MoE, its router for `moe.LocalTopKRouter`; float32
                                parameters initialised on the CPU, then overwritten by the converted checkpoint
     a forward:                 embedding -> rotary table -> decoder (final norm included) -> the hidden states
                                that predict each response token -> output layer logprobs (logprobs.py)
@@ -31,9 +33,11 @@ from miles_stream.errors import ConfigError
 from miles_stream.trainer.megatron.attention import SdpaAttention
 from miles_stream.trainer.megatron.convert import Qwen3Shape
 from miles_stream.trainer.megatron.logprobs import output_logprobs
+from miles_stream.trainer.megatron.moe import LocalTopKRouter, MegatronRoutingReplay
 from miles_stream.trainer.megatron.parallel import Groups
 from miles_stream.trainer.torch.inputs import MicroInputs
 from miles_stream.trainer.torch.logprobs import SHARDED_ENTRY
+from miles_stream.trainer.torch.routing_replay import REPLAY_ENTRY
 
 with warnings.catch_warnings():  # Megatron warns at import that Apex and Transformer Engine are absent
     warnings.simplefilter("ignore")
@@ -51,6 +55,20 @@ def rope_theta(hf_config: Any) -> float:
     return float(params.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0)))
 
 
+def moe_config(shape: Qwen3Shape) -> dict[str, Any]:
+    """Qwen3-MoE's routing as Megatron's TransformerConfig spells it (empty for a dense model)."""
+    if not shape.experts:
+        return {}
+    return dict(
+        num_moe_experts=shape.experts, moe_router_topk=shape.topk, moe_ffn_hidden_size=shape.expert_ffn,
+        moe_router_score_function="softmax", moe_router_pre_softmax=not shape.norm_topk,  # see moe.py
+        moe_router_load_balancing_type="none", moe_aux_loss_coeff=0.0,  # the torch backend adds no aux loss
+        moe_router_dtype="fp32",  # logits and gate weights in float32 (HF: logits in the input dtype, softmax fp32)
+        moe_token_dispatcher_type="allgather",  # alltoall makes a CUDA stream at build (token_dispatcher.py:444-445)
+        moe_grouped_gemm=False, moe_permute_fusion=False, moe_router_fusion=False,  # grouped_gemm / TE kernels
+    )  # fmt: skip
+
+
 def transformer_config(hf_config: Any, shape: Qwen3Shape, *, tp: int, device: str, dtype: torch.dtype) -> Any:
     cpu = not device.startswith("cuda")
     return TransformerConfig(
@@ -64,6 +82,7 @@ def transformer_config(hf_config: Any, shape: Qwen3Shape, *, tp: int, device: st
         # the fused paths below are CUDA kernels (or Apex / TE): off on a CPU, Megatron's defaults on CUDA
         masked_softmax_fusion=not cpu, bias_activation_fusion=False, bias_dropout_fusion=not cpu,
         persist_layer_norm=False, gradient_accumulation_fusion=False, apply_rope_fusion=False,
+        **moe_config(shape),
     )  # fmt: skip
 
 
@@ -73,8 +92,11 @@ def build_gpt(hf_config: Any, *, tp: int, device: str, dtype: torch.dtype) -> An
     shape.check_split(tp)
     if not device.startswith("cuda"):
         megatron_random.initialize_rng_tracker(inference_rng_tracker=True)  # see the module's docstring
-    spec = get_gpt_layer_local_spec(qk_layernorm=True, normalization="RMSNorm")
+    spec = get_gpt_layer_local_spec(num_experts=shape.experts or None, moe_grouped_gemm=False, qk_layernorm=True,
+                                    normalization="RMSNorm")  # fmt: skip
     spec.submodules.self_attention.submodules.core_attention = SdpaAttention
+    if shape.experts:  # experts: SequentialMLP (grouped GEMM needs the grouped_gemm package or TE)
+        spec.submodules.mlp.submodules.router = LocalTopKRouter
     with warnings.catch_warnings():  # its deprecation notices (an MLP's ffn_hidden_size default, ...)
         warnings.simplefilter("ignore")
         gpt = GPTModel(transformer_config(hf_config, shape, tp=tp, device=device, dtype=dtype), spec,
@@ -97,6 +119,16 @@ class MegatronPolicy(nn.Module):
         pad = getattr(hf_config, "pad_token_id", None)
         self.pad_id: int | None = None if pad is None else int(pad)
         setattr(self, SHARDED_ENTRY, self.response_logprobs)  # what trainer/torch/logprobs.py calls
+        setattr(self, REPLAY_ENTRY, self.routing_replay)  # what trainer/torch/policy.py asks for R3
+
+    def routers(self) -> list[Any]:
+        """The MoE routers in layer order (empty for a dense model)."""
+        return [layer.mlp.router for layer in self.gpt.decoder.layers if hasattr(layer.mlp, "router")]
+
+    def routing_replay(self, *, replace: bool) -> MegatronRoutingReplay | None:
+        """R3 over this model's routers (None: a dense model); see moe.py."""
+        routers = self.routers()
+        return MegatronRoutingReplay(routers, replace=replace) if routers else None
 
     def hidden(self, input_ids: Tensor) -> Tensor:
         """[b, L, H] the decoder's output (after the final norm) for right-padded rows (causal attention:

@@ -27,7 +27,6 @@ from torch import Tensor, nn
 
 from miles_stream.buffer.micro import plan_micro_batches
 from miles_stream.kernels.packed_attention import use_packed_attention
-from miles_stream.models.moe import moe_routers
 from miles_stream.trainer.algo import AdvantageInputs, LossInputs, Objective, build_objective, compute_advantages
 from miles_stream.trainer.algo_config import AlgoConfig
 from miles_stream.trainer.batch import RolloutBatch
@@ -39,7 +38,7 @@ from miles_stream.trainer.torch.inputs import MicroInputs, micro_inputs, packed_
 from miles_stream.trainer.torch.layout import ModelLayout, Replicated
 from miles_stream.trainer.torch.logprobs import response_logprobs
 from miles_stream.trainer.torch.optim import build_optimizer, build_scheduler
-from miles_stream.trainer.torch.routing_replay import RoutingReplay, replay_inputs
+from miles_stream.trainer.torch.routing_replay import Replay, replay_inputs, routing_replay_of
 
 log = structlog.get_logger(__name__)
 SUMMED = frozenset({"loss", "pg_loss", "kl_loss", "entropy"})  # already divided by the global count
@@ -82,8 +81,9 @@ class PolicyTrainer:
             for m in (model, ref_model, teacher_model, critic.model.decoder if critic else None):
                 if m is not None:
                     use_packed_attention(m)
-        self.replays = {id(m): RoutingReplay(m, replace=config.routing_replay)
-                        for m in (model, ref_model, teacher_model) if m is not None and moe_routers(m)}  # fmt: skip
+        made = {id(m): routing_replay_of(m, replace=config.routing_replay)
+                for m in (model, ref_model, teacher_model) if m is not None}  # fmt: skip
+        self.replays = {key: r for key, r in made.items() if r is not None}
         if config.activation_checkpointing:
             set_activation_checkpointing(model, True)
         if config.compile:
@@ -239,7 +239,7 @@ class PolicyTrainer:
             out[name] = float(total[i]) if name in summed else float(total[i]) / max(num_tokens, 1.0)
         return out
 
-    def _begin_replay(self, model: Any, mb: RolloutBatch, *, count: bool = True) -> RoutingReplay | None:
+    def _begin_replay(self, model: Any, mb: RolloutBatch, *, count: bool = True) -> Replay | None:
         """Hand `model`'s routing replay the micro-batch's recorded experts (None: a dense model)."""
         replay = self.replays.get(id(model))
         if replay is None:

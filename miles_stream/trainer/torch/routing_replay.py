@@ -18,13 +18,34 @@ the forward's tokens: padded rows [b x width] (row-major) or packed [sum of leng
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from miles_stream.models.moe import moe_routers
+
+REPLAY_ENTRY = "miles_routing_replay"  # a model's own R3 (a method `(*, replace) -> Replay | None`): the Megatron
+# backend's GPTModel wrapper, whose routers are not HF `...mlp.gate` modules
+
+
+class Replay(Protocol):
+    """What the train step drives: `RoutingReplay` here, `MegatronRoutingReplay` in trainer/megatron/moe.py."""
+
+    def begin(self, inputs: tuple[Tensor, Tensor] | None, *, count: bool = True) -> None: ...
+    def end_forward(self) -> None: ...
+    def end(self) -> None: ...
+    def take_counts(self) -> tuple[int, int]: ...
+
+
+def routing_replay_of(model: nn.Module, *, replace: bool) -> Replay | None:
+    """R3 for `model`: its own (`REPLAY_ENTRY`) when it has one, else hooks on its HF routers; None when dense."""
+    own = getattr(model, REPLAY_ENTRY, None)
+    if own is not None:
+        replay: Replay | None = own(replace=replace)
+        return replay
+    return RoutingReplay(model, replace=replace) if moe_routers(model) else None
 
 
 def replay_inputs(

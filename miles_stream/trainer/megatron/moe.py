@@ -1,0 +1,148 @@
+"""Qwen3-MoE routing in the Megatron backend, and Rollout Routing Replay (R3) through Megatron's own hook.
+
+Megatron's `TopKRouter` computes logits [N, E] (`gating`), then `topk_routing_with_score_function`
+(megatron/core/transformer/moe/moe_utils.py:608-748) picks each token's K experts through
+`compute_topk`, which hands the choice to the router's `router_replay` when it has one
+(moe_utils.py:699-707: `router_replay.get_replay_topk(scores, topk, num_groups, group_topk, _compute_topk)`).
+For Qwen3-MoE (softmax scores, `norm_topk_prob`): the top-k is taken over the logits and the gate weights are the
+softmax over the K chosen logits (moe_utils.py:714-715), which is the HF router's softmax over all experts
+renormalised over the chosen K; without `norm_topk_prob`, the softmax over all experts is taken first and
+gathered (moe_utils.py:710-712, `moe_router_pre_softmax`).
+
+R3 plugs in at that hook. Megatron's `RouterReplay` (router_replay.py) replays *every* token's indices from a
+list it is given and keeps its instances in a class-level list (`global_router_replay_instances`), one process
+-wide set of layers. The backend needs two things it does not do, so `LayerReplay` subclasses it and overrides
+`get_replay_topk` (the method the hook calls):
+- tokens without a record (a sequence's last token never ran forward at rollout; padding) keep the router's own
+  choice, and the router's own top-k is compared with the recording on every forward (the `routing_mismatch`
+  metric), as the torch backend's `RoutingReplay` (trainer/torch/routing_replay.py) does;
+- one replay per model (the policy, a frozen reference): instances are not put in the global list.
+With replay on, the K recorded experts' scores are gathered (as `REPLAY_FORWARD` does, router_replay.py:145-150),
+so the gate weights come from the current router and gradients reach it through them.
+
+Token order: Megatron flattens the router's logits [s, b, E] to [s*b, E] (router.py:540-541), sequence-major;
+the recordings (`replay_inputs`) are row-major [b*s]: `LayerReplay` reorders them with the (s, b) the router saw.
+
+`LocalTopKRouter`: Megatron's `TopKRouter` with its own `gating` where Megatron's cannot run: on a CPU, `gating`
+moves the weight to `torch.cuda.current_device()` on every forward (router.py:89-92); and without Transformer
+Engine, `router_gating_linear`'s autograd function reads `te_general_gemm` (moe_utils.py:1192, :1225), a name
+moe_utils.py binds only when TE imports (:22-39), so it fails with a NameError on any device. There the logits
+are its non-TE branch's product (moe_utils.py:1195-1196, `inp.to(router_dtype) @ weight.to(router_dtype).t()`)
+with plain autograd (same gradients; Megatron's function only saves memory). With TE on CUDA: Megatron's own.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+from torch import Tensor
+
+with warnings.catch_warnings():  # Megatron warns at import that Apex and Transformer Engine are absent
+    warnings.simplefilter("ignore")
+    from megatron.core.transformer.moe.moe_utils import HAVE_TE
+    from megatron.core.transformer.moe.router import TopKRouter
+    from megatron.core.transformer.moe.router_replay import RouterReplay
+
+
+class LayerReplay(RouterReplay):  # type: ignore[misc]
+    """One MoE layer's replay, fed by its model's `MegatronRoutingReplay`."""
+
+    def __init__(self, owner: MegatronRoutingReplay, layer: int) -> None:
+        # not RouterReplay.__init__: it registers the instance in the process-wide list (router_replay.py:85)
+        self.target_topk_idx = self.recorded_topk_idx = None
+        self.router_replay_action = None
+        self.replay_backward_list: list[Tensor] = []
+        self.owner, self.layer = owner, layer
+        self.seq_batch: tuple[int, int] | None = None  # (s, b) of the router's current logits
+
+    def get_replay_topk(self, scores: Tensor, topk: int, num_groups: int | None = None,
+                        group_topk: int | None = None,
+                        default_compute_topk: Any = None) -> tuple[Tensor, Tensor]:  # fmt: skip
+        values, own = default_compute_topk(scores, topk, num_groups=num_groups, group_topk=group_topk)
+        recording = self.owner.layer_inputs(self.layer, self.seq_batch)
+        if recording is None:
+            return values, own
+        recorded_ids, recorded = recording
+        if recorded_ids.shape != own.shape:
+            raise RuntimeError(f"router {self.layer} saw {tuple(own.shape)} tokens x top-k, the replay has "
+                               f"{tuple(recorded_ids.shape)}")  # fmt: skip
+        self.owner.count(own, recorded_ids, recorded)
+        if not self.owner.replace:
+            return values, own
+        chosen = torch.where(recorded[:, None], recorded_ids, own)
+        return scores.gather(1, chosen), chosen
+
+
+class LocalTopKRouter(TopKRouter):  # type: ignore[misc]
+    """Megatron's `TopKRouter` that runs without TE and on a CPU (see the module's docstring), and tells its
+    replay the (s, b) layout of each forward."""
+
+    def gating(self, input: Tensor) -> Tensor:
+        if HAVE_TE and self.weight.device.type != "cpu":
+            out: Tensor = super().gating(input)
+            return out
+        router_dtype = {"fp32": torch.float32, "fp64": torch.float64}.get(self.config.moe_router_dtype, input.dtype)
+        bias = None if self.bias is None else self.bias.to(router_dtype)
+        return torch.nn.functional.linear(input.to(router_dtype), self.weight.to(router_dtype), bias)
+
+    def routing(self, logits: Tensor, padding_mask: Tensor | None = None) -> Any:
+        if isinstance(self.router_replay, LayerReplay):
+            self.router_replay.seq_batch = (int(logits.shape[0]), int(logits.shape[1]))
+        return super().routing(logits, padding_mask=padding_mask)
+
+
+class MegatronRoutingReplay:
+    """R3 over a GPTModel's MoE routers, with the torch backend's `RoutingReplay` interface (begin, end_forward,
+    end, take_counts): `begin` gets `replay_inputs` (ids [b*s, layers, K], recorded [b*s], row-major)."""
+
+    def __init__(self, routers: list[Any], *, replace: bool) -> None:
+        self.routers, self.replace = routers, replace
+        self._ids: Tensor | None = None
+        self._recorded: Tensor | None = None
+        self._differs: Tensor | None = None  # [s*b] in Megatron's token order
+        self._counting = False
+        self.differing_tokens = 0
+        self.recorded_tokens = 0
+        for layer, router in enumerate(routers):
+            router.router_replay = LayerReplay(self, layer)
+
+    def begin(self, inputs: tuple[Tensor, Tensor] | None, *, count: bool = True) -> None:
+        if inputs is not None and inputs[0].shape[1] != len(self.routers):
+            if self.replace:
+                raise ValueError(f"the routing trace has {inputs[0].shape[1]} layers, the model {len(self.routers)} "
+                                 "routers: recorded with another model?")  # fmt: skip
+            inputs = None
+        self._ids, self._recorded = inputs if inputs is not None else (None, None)
+        self._differs = None if self._recorded is None else torch.zeros_like(self._recorded)
+        self._counting = inputs is not None and count
+
+    def layer_inputs(self, layer: int, seq_batch: tuple[int, int] | None) -> tuple[Tensor, Tensor] | None:
+        """(ids [s*b, K], recorded [s*b]) of `layer` in Megatron's sequence-major token order, or None."""
+        if self._ids is None or self._recorded is None:
+            return None
+        if seq_batch is None or seq_batch[0] * seq_batch[1] != self._ids.shape[0]:
+            raise RuntimeError(f"the router saw (s, b) = {seq_batch}, the replay has {self._ids.shape[0]} tokens")
+        s, b = seq_batch
+        ids = self._ids[:, layer].view(b, s, -1).transpose(0, 1).reshape(s * b, -1)
+        return ids, self._recorded.view(b, s).transpose(0, 1).reshape(s * b)
+
+    def count(self, own: Tensor, recorded_ids: Tensor, recorded: Tensor) -> None:
+        if self._counting and self._differs is not None:
+            self._differs |= (own.sort(-1).values != recorded_ids.sort(-1).values).any(-1) & recorded
+
+    def end_forward(self) -> None:
+        if self._counting and self._differs is not None and self._recorded is not None:
+            self.differing_tokens += int(self._differs.sum())
+            self.recorded_tokens += int(self._recorded.sum())
+        self._counting = False
+
+    def end(self) -> None:
+        self._ids = self._recorded = self._differs = None
+        self._counting = False
+
+    def take_counts(self) -> tuple[int, int]:
+        counts = self.differing_tokens, self.recorded_tokens
+        self.differing_tokens = self.recorded_tokens = 0
+        return counts
