@@ -159,6 +159,8 @@ async def test_requests_living_through_an_update_are_rescored_under_the_new_weig
     assert spanned, "no request lived through any of 3 updates"
 
 
+@pytest.mark.slow  # a race on this tiny model: 5 of 5 runs in file order passed, but a try caught a request
+# mid-way only 5 times in 12 (another design, 4 in 12, failed 1 run in 5): docs/vllm.md, Tests
 async def test_aborted_requests_return_the_tokens_they_have(engine: VLLMEngine, vllm_server: VLLMServer) -> None:
     """Aborted while running, each comes back with finish reason abort and the tokens it had, scored by the model.
     On this tiny model a 240-token request lives about a second once scheduled, less than a busy 2-core server
