@@ -159,32 +159,41 @@ async def test_requests_living_through_an_update_are_rescored_under_the_new_weig
     assert spanned, "no request lived through any of 3 updates"
 
 
-@pytest.mark.slow  # flaky after this file's earlier tests: every request ran to its length, none aborted, in
-# 3 of the last 5 runs in file order, even with the abort repeated (passes alone); kept opt-in until understood
+@pytest.mark.slow  # a race on this tiny model: 5 of 5 runs in file order passed, but a try caught a request
+# mid-way only 5 times in 12 (another design, 4 in 12, failed 1 run in 5): docs/vllm.md, Tests
 async def test_aborted_requests_return_the_tokens_they_have(engine: VLLMEngine, vllm_server: VLLMServer) -> None:
-    before = await generated(vllm_server)
-    ids = [f"r{i}" for i in range(48)]
-    batch = asyncio.create_task(engine.generate([request(i, 240, ignore_eos=True) for i in ids]))
-    deadline = asyncio.get_running_loop().time() + 30
-    while not all(i in engine._rids for i in ids):  # every request sent (the counter alone can move with
-        assert asyncio.get_running_loop().time() < deadline, "requests not sent"  # an earlier test's requests)
-        await asyncio.sleep(0.01)
-    await running(vllm_server, before)
-    # Abort until the batch returns: an abort that reaches the server before a request does is a no-op there
-    # (its HTTP request may still be on its way), so one abort could miss every one of them.
-    deadline = asyncio.get_running_loop().time() + 60
-    while not batch.done():
-        assert asyncio.get_running_loop().time() < deadline, "the aborted batch did not return"
-        await engine.abort(ids)
-        await asyncio.wait([batch], timeout=0.2)
-    results = batch.result()
-    aborted = [r for r in results if r.finish_reason == "abort"]
+    """Aborted while running, each comes back with finish reason abort and the tokens it had, scored by the model.
+    On this tiny model a 240-token request lives about a second once scheduled, less than a busy 2-core server
+    can take to answer /metrics and then the abort (48 requests at once: 1.9 s for one /metrics; most requests
+    had finished before the abort landed, and in some runs all had). So once tokens are being generated the
+    server is paused (`keep`: what runs freezes in vLLM's scheduler, vllm/v1/engine/core.py:2094-2095,
+    v1/core/sched/scheduler.py:615-617) and the abort meets the requests unfinished: the API server answers it
+    from what it holds, paused or not (v1/engine/output_processor.py:580-605). Requests done before the pause
+    come back with length; requests not yet scheduled come back aborted with no tokens. A batch is tried again
+    (at most 5) until an aborted request had tokens: each try is checked in full."""
     model = reference(vllm_server.model_dir, None)
-    assert aborted and all(r.finish_reason == "length" for r in results if r.finish_reason != "abort")
-    for r in aborted:
-        assert len(r.response_ids) < 240 and len(r.logprobs) == len(r.response_ids)
-        want = reference_logprobs(model, PROMPT, r.response_ids.tolist())
-        np.testing.assert_allclose(r.logprobs, want, atol=2e-4)
+    caught = False
+    for attempt in range(5):
+        ids = [f"a{attempt}-{i}" for i in range(16)]
+        before = await generated(vllm_server)
+        batch = asyncio.create_task(engine.generate([request(i, 240, ignore_eos=True) for i in ids]))
+        await running(vllm_server, before)
+        await engine.pause()
+        try:
+            await engine.abort(ids)
+        finally:
+            await engine.resume()  # a request the abort missed (not yet at the server) runs to its length
+        results = await asyncio.wait_for(batch, 60)
+        aborted = [r for r in results if r.finish_reason == "abort"]
+        assert all(r.finish_reason in ("abort", "length") for r in results), [r.finish_reason for r in results]
+        for r in aborted:
+            assert len(r.response_ids) < 240 and len(r.logprobs) == len(r.response_ids)
+            want = reference_logprobs(model, PROMPT, r.response_ids.tolist())
+            np.testing.assert_allclose(r.logprobs, want, atol=2e-4)
+        print(f"abort try {attempt}: tokens of the aborted {sorted(len(r.response_ids) for r in aborted)}")
+        if caught := any(len(r.response_ids) for r in aborted):
+            break
+    assert caught, "in 5 batches no request was aborted after it had made tokens"
 
 
 async def test_a_request_vllm_refuses_is_a_bad_request_not_a_dead_server(engine: VLLMEngine) -> None:

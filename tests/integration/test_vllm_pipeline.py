@@ -19,6 +19,7 @@ import yaml
 from test_producer import collect, feed
 from test_vllm_engine import perturbed
 from vllm_server import VLLMServer
+from waiting import wait_for
 
 from miles_stream.bus import BusConfig, Keys, RedisConfig, connect, open_stream_client
 from miles_stream.redis_server import EmbeddedRedis, EmbeddedRedisConfig
@@ -89,19 +90,34 @@ def metrics(path: Path) -> list[dict[str, object]]:
     return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
 
 
-STEPS = 40
+MAX_STEPS = 60  # the most the trainer may take; the test stops it as soon as the reward has risen
+GROUPS = 8  # groups of 32 samples a step, the demo's 16 halved: a step costs its HTTP requests (docs/vllm.md)
+RISE = 0.15  # the last 5 steps' mean rollout reward over the first 5's: ~10x the noise of a 5-step mean here
 
 
-@pytest.mark.slow  # about STEPS x 6 s on 2 cores: generation is HTTP-bound (docs/vllm.md, measured)
-@pytest.mark.timeout(900)
+def rewards(rows: list[dict[str, object]]) -> list[float]:
+    return [float(r["rollout_reward"]) for r in rows]  # type: ignore[arg-type]
+
+
+def risen(rows: list[dict[str, object]]) -> bool:
+    r = rewards(rows)
+    return len(r) >= 10 and sum(r[-5:]) / 5 >= sum(r[:5]) / 5 + RISE
+
+
+@pytest.mark.slow  # about 2 min when it learns, but it did in 2 of 3 runs (docs/vllm.md, Tests)
+@pytest.mark.timeout(600)
 def test_the_demo_task_is_learned_with_a_vllm_producer(
     vllm_server: VLLMServer, vllm_task: tuple[Path, Path], tmp_path: Path
 ) -> None:
+    """Feeder, a vLLM producer and a trainer publishing every step through the file transport, until the
+    rollout reward has risen by RISE (at most MAX_STEPS steps): the task is being learned, on vLLM's samples."""
     model_dir, prompts = vllm_task
+    metrics_path = tmp_path / "metrics.jsonl"
     overrides = [f"rollout.model={model_dir}", f"trainer.model={model_dir}", f"feeder.path={prompts}",
                  "rollout.engine=vllm", f'rollout.vllm.urls=["{vllm_server.url}"]', "rollout.vllm.health_interval_s=1",
-                 "trainer.transport=file", f"trainer.weights_dir={tmp_path / 'weights'}",
-                 f"trainer.metrics_path={tmp_path / 'metrics.jsonl'}", f"trainer.max_steps={STEPS}"]  # fmt: skip
+                 f"buffer.rollout_batch_size={GROUPS}", "trainer.transport=file",
+                 f"trainer.weights_dir={tmp_path / 'weights'}", f"trainer.metrics_path={metrics_path}",
+                 f"trainer.max_steps={MAX_STEPS}"]  # fmt: skip
     with EmbeddedRedis(EmbeddedRedisConfig(persistence="none")) as server:
         env = {**os.environ, "MILES_REDIS_URL": server.url, "HF_HUB_OFFLINE": "1"}
 
@@ -112,10 +128,11 @@ def test_the_demo_task_is_learned_with_a_vllm_producer(
 
         procs = [start("feed", "feeder"), start("produce", "producer"), start("train", "trainer")]
         try:
-            assert procs[2].wait(timeout=840) == 0, (tmp_path / "trainer.log").read_text()[-3000:]
-            for proc in procs[:2]:
+            wait_for(lambda: risen(metrics(metrics_path)) or procs[2].poll() is not None, 540,
+                     "the reward to rise or the trainer to finish")  # fmt: skip
+            for proc in procs:
                 proc.send_signal(signal.SIGTERM)
-            for proc, name in zip(procs[:2], ("feeder", "producer"), strict=True):
+            for proc, name in zip(procs, ("feeder", "producer", "trainer"), strict=True):
                 assert proc.wait(timeout=60) == 0, (tmp_path / f"{name}.log").read_text()[-3000:]
         finally:
             for proc in procs:
@@ -123,12 +140,10 @@ def test_the_demo_task_is_learned_with_a_vllm_producer(
                     proc.kill()
         with sync_redis.Redis.from_url(server.url) as client:
             dead = client.xlen("demo:dead") if client.exists("demo:dead") else 0
-    rows = metrics(tmp_path / "metrics.jsonl")
-    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
-    early = sum(float(r["rollout_reward"]) for r in rows[:10]) / 10  # type: ignore[arg-type]
-    late = sum(float(r["rollout_reward"]) for r in rows[-10:]) / 10  # type: ignore[arg-type]
-    assert late > early + 0.1, (early, late)
+    rows = metrics(metrics_path)
+    assert [r["step"] for r in rows] == list(range(1, len(rows) + 1))
+    assert risen(rows), f"no rise of {RISE} in {len(rows)} steps: {[round(r, 2) for r in rewards(rows)]}"
     assert dead == 0
     versions = [json.loads(x) for x in (tmp_path / "producer.log").read_text().splitlines() if x.startswith("{")]
     updated = [e["version"] for e in versions if e.get("event") == "weights_updated"]
-    assert len(updated) >= STEPS // 2  # the server took the trainer's versions as they came
+    assert len(updated) >= len(rows) // 2  # the server took the trainer's versions as they came

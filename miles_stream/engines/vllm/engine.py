@@ -79,7 +79,11 @@ class VLLMEngine(PooledEngine[VLLMServer, VLLMConfig]):
             for server, rid in self._rids.get(request_id, ()):
                 if server is not None:
                     by_server.setdefault(server, []).append(rid)
-        await asyncio.gather(*(s.client.abort(rids) for s, rids in by_server.items()), return_exceptions=True)
+        servers = list(by_server)
+        results = await asyncio.gather(*(s.client.abort(by_server[s]) for s in servers), return_exceptions=True)
+        for server, result in zip(servers, results, strict=True):
+            if isinstance(result, Exception):  # not fatal: its requests end on their own, with their length
+                log.warning("vllm_abort_failed", url=server.client.url, error=str(result))
 
     # ---- what the pool asks of a vLLM server ------------------------------------------------------------
     def _new_server(self, url: str) -> VLLMServer:
