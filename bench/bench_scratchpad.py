@@ -216,6 +216,7 @@ def summary(steps: list[dict[str, Any]], target: float) -> dict[str, Any]:
     hit = next((i for i in range(4, len(t)) if acc[i] >= target), None)  # a full 5-step window
     last = steps[-1]
     read = max(last.get("rollout_tokens", 0), 1)
+    made = last.get("producer", {})
     return {
         "steps": len(steps),
         "wall_s": float(t[-1]),
@@ -233,6 +234,11 @@ def summary(steps: list[dict[str, Any]], target: float) -> dict[str, Any]:
         "response_len_mean": float(np.mean([s["response_len_mean"] for s in steps])),  # of the samples trained
         "response_len_p90_mean": float(np.mean([s.get("response_len_p90", 0) for s in steps])),
         "tokens_per_s": sum(s["tokens"] for s in steps) / float(t[-1]),
+        # the producer's side: tokens generated, and partial groups recycled at weight updates and resumed
+        "generated_tokens": made.get("tokens"),
+        "trained_token_share": sum(s["tokens"] for s in steps) / made["tokens"] if made.get("tokens") else None,
+        "partials_recycled": made.get("recycled"),
+        "partials_resumed": made.get("resumed"),
     }
 
 
@@ -246,9 +252,48 @@ def aggregate(per_run: list[dict[str, Any]]) -> dict[str, Any]:
         if not known:
             out[key] = None
             continue
-        ranked = sorted(known) + [float("inf")] * (len(values) - len(known))
+        unreached = len(values) - len(known) if key in ("time_to_target_s", "steps_to_target") else 0
+        ranked = sorted(known) + [float("inf")] * unreached
         out[key] = {"median": float(np.median(ranked)), "min": min(known), "max": max(known)}
     return out
+
+
+TABLE = [  # column, key, format
+    ("reached target", "reached", ""),
+    ("seconds to target", "time_to_target_s", ".0f"),
+    ("steps to target", "steps_to_target", ".0f"),
+    ("seconds a step", "step_s", ".2f"),
+    ("best 5-step accuracy", "accuracy_best5", ".2f"),
+    ("trainer waiting", "trainer_wait_share", ".0%"),
+    ("staleness (versions)", "staleness_mean", ".2f"),
+    ("tokens read, dropped stale", "wasted_token_share", ".1%"),
+    ("tokens read, filtered", "filtered_token_share", ".0%"),
+    ("tokens generated, trained", "trained_token_share", ".0%"),
+    ("partials recycled / resumed", "partials_recycled", ".0f"),
+]
+
+
+def table(modes: dict[str, dict[str, Any]], per_run: dict[str, list[dict[str, Any]]]) -> str:
+    """The modes side by side, median (range) over runs, as markdown."""
+
+    def cell(mode: str, key: str, fmt: str) -> str:
+        v = modes[mode][key]
+        if key == "reached":
+            return f"{v} / {modes[mode]['runs']}"
+        if v is None:
+            return "-"
+        text = (
+            f"{v['median']:{fmt}} ({v['min']:{fmt}}-{v['max']:{fmt}})" if v["min"] != v["max"] else f"{v['min']:{fmt}}"
+        )
+        if key == "partials_recycled":
+            resumed = [r["partials_resumed"] for r in per_run[mode] if r["partials_resumed"] is not None]
+            text += f" / {np.median(resumed):.0f}" if resumed else ""
+        return text.replace("inf", "not reached")
+
+    head = "| mode | " + " | ".join(name for name, _, _ in TABLE) + " |"
+    rule = "| --- " * (len(TABLE) + 1) + "|"
+    rows = [f"| {mode} | " + " | ".join(cell(mode, k, f) for _, k, f in TABLE) + " |" for mode in modes]
+    return "\n".join([head, rule, *rows]) + "\n"
 
 
 def answer_lengths(out: Path) -> dict[str, Any]:
@@ -293,13 +338,26 @@ def run_dir(out: Path, mode: str, index: int) -> Path:
 
 
 def read_runs(out: Path, modes: list[str]) -> dict[str, list[list[dict[str, Any]]]]:
-    """Every run's metrics under out/MODE/run-NN (and out/MODE itself, where an older single run wrote them)."""
+    """Every run's metrics under out/MODE/run-NN (and out/MODE itself, where an older single run wrote them);
+    each run's last step carries its producer's totals under "producer" (`producer_totals`)."""
     runs: dict[str, list[list[dict[str, Any]]]] = {}
     for mode in modes:
         files = sorted((out / mode).glob("run-*/metrics.jsonl")) or [out / mode / "metrics.jsonl"]
-        found = [[json.loads(line) for line in f.read_text().splitlines()] for f in files if f.is_file()]
-        runs[mode] = [steps for steps in found if steps]
+        runs[mode] = []
+        for f in files:
+            steps = [json.loads(line) for line in f.read_text().splitlines()] if f.is_file() else []
+            if steps:
+                steps[-1]["producer"] = producer_totals(f.parent / "produce.log")
+                runs[mode].append(steps)
     return runs
+
+
+def producer_totals(log: Path) -> dict[str, int]:
+    """The counters the producer logs as it stops (`producer_stopped`: groups, tokens generated, groups
+    recycled as partials and resumed, ...); {} if it did not log them."""
+    lines = [line for line in log.read_text().splitlines() if "producer_stopped" in line] if log.is_file() else []
+    pairs = (word.split("=", 1) for word in (lines[-1].split() if lines else []) if "=" in word)
+    return {key: int(value) for key, value in pairs if value.isdigit()}
 
 
 def main() -> None:
@@ -350,6 +408,9 @@ def main() -> None:
     result = {"target": target, "args": ran, **answer_lengths(args.out),
               "modes": {mode: aggregate(rows) for mode, rows in per_run.items()}, "per_run": per_run}  # fmt: skip
     (args.out / "result.json").write_text(json.dumps(result, indent=2))
+    (args.out / "table.md").write_text(
+        f"Target {target:.3f}; median (range) over runs.\n\n" + table(result["modes"], per_run)
+    )
     where = "two CPU cores" if args.cpu or ran.get("cpu") == "True" else "one GPU"
     plot(runs, target, args.out / "accuracy.png", f"scratchpad addition: GRPO from the SFT model, {where}")
     print(json.dumps(result["modes"], indent=2))
