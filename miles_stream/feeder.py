@@ -237,8 +237,7 @@ class Feeder:
             if not open_lanes:
                 break
             lane = min(open_lanes, key=lambda q: at[q])  # the earliest position next: the dataset's order
-            pressure = self.pressure[lane]
-            await retry.run(lambda: pressure.wait_for_room(stop=stop))  # rides out a blip too
+            await retry.run(functools.partial(self.pressure[lane].wait_for_room, stop=stop))  # rides out a blip too
             if stop.is_set():  # the stream stayed full (nobody reads it) until we were told to stop
                 break
             now = await retry.run(functools.partial(self._publish, lane, *at[lane]))
@@ -267,7 +266,8 @@ class Feeder:
             row = self.rows[index]
             record = PromptRecord(key=str(index), text=row.text, label=row.label, epoch=epoch, index=index)
             nxt = self._after(lane, epoch, position)
-            mapping = {"epoch": nxt[0], "position": nxt[1], "rows": len(self.rows), "seed": self.config.seed}
+            mapping: dict[Any, Any] = {"epoch": nxt[0], "position": nxt[1], "rows": len(self.rows),
+                                       "seed": self.config.seed}  # fmt: skip
             if len(self.lanes) > 1:
                 mapping["stride"] = len(self.lanes)
             pipe.multi()  # type: ignore[no-untyped-call]
