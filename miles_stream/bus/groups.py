@@ -185,6 +185,9 @@ class GroupConsumer:
                             margin_ms=stream.config.claim_idle_ms)  # fmt: skip
         self._next_sweep = time.monotonic() + stream.config.done_sweep_s
         self.blobs = blobs_for(stream.config)
+        # the other partitions' (client, trajectory stream): their entries name blobs in the same store, so a
+        # blob sweep goes by the oldest entry of them all (bus/partitioned.py sets them)
+        self.blob_peers: list[tuple[aioredis.Redis, str]] = []
 
     @property
     def done_key(self) -> str:
@@ -394,7 +397,7 @@ class GroupConsumer:
         try:
             await self.done.sweep()
             if self.blobs is not None:
-                await self.blobs.maybe_sweep(self.redis, self.stream.stream)
+                await self.blobs.maybe_sweep(self.redis, self.stream.stream, *self.blob_peers)
         except Exception as exc:
             if not is_transient(exc):
                 raise

@@ -54,6 +54,8 @@ class PartitionedConsumer:
         if not reading or any(not 0 <= p < len(parts) for p in reading):
             raise ValueError(f"partitions to read {list(reading)} must be among the {len(parts)} partitions")
         self.parts, self.reading = list(parts), list(reading)
+        for part in self.parts:  # one blob store for every partition: each sweep looks at them all
+            part.blob_peers = [(other.redis, other.stream.stream) for other in self.parts if other is not part]
         self.exhausted = False
         self._next = 0  # index into `reading` of the partition to read first
 

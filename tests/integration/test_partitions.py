@@ -19,7 +19,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ from instant_engine import ByteTokenizer, HangingEngine, InstantEngine, constant
 
 from miles_stream.bus import GroupConsumer, GroupPublisher, Keys, StreamConsumer, connect, open_stream_client
 from miles_stream.bus.backpressure import Backpressure
+from miles_stream.bus.blobs import blobs_for, first_entry_ms, put_ms
 from miles_stream.bus.done import done_count
 from miles_stream.bus.keys import partition_keys
 from miles_stream.bus.lease import Lease, PartitionFence
@@ -314,3 +315,35 @@ async def test_a_stale_trainer_commits_nothing_in_any_partition(run: Run) -> Non
     assert not await c0.exists(f"{k0.namespace}:x")
     assert await PartitionFence(new, c1, k1.namespace).fenced(lambda pipe: pipe.set(f"{k1.namespace}:x", 1)) == [True]
     assert int(await c1.get(f"{k1.namespace}:lease:trainer:fence")) == new.token
+
+
+async def test_a_blob_sweep_keeps_the_blobs_any_partition_still_names(run: Run, tmp_path: Path) -> None:
+    """The partitions share one blob store: a trainer's sweep deletes only blobs older than the oldest entry of
+    every partition's trajectory stream, not of the one it just committed in."""
+    bus = replace(run.config.bus, blob_store=f"file://{tmp_path}", blob_threshold_bytes=1, blob_grace_s=0.2)
+    rng = np.random.default_rng(0)
+    (_, k0), (c1, k1) = run.lanes[0], run.lanes[1]
+    store = blobs_for(bus)
+    assert store is not None
+
+    def group(name: str) -> Any:
+        return synthetic_group(rng, n_samples=2, prompt_len=4, response_len=4, vocab=50, group_id=name, prompt_key="0")
+
+    await GroupPublisher(run.data, k0.trajectories, bus).publish(group("a"))  # partition 0: not trained yet
+    (blob_a,) = [put_ms(n) or 0 for n in await store.store.names()]
+    deadline = time.monotonic() + DEADLINE_S
+    while int((await c1.time())[0] * 1000 + (await c1.time())[1] / 1000) < blob_a + 300:  # past its grace
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.02)
+    await GroupPublisher(run.data, k1.trajectories, bus).publish(group("b"))
+    groups = [GroupConsumer(StreamConsumer(c, run.blocking, stream=k.trajectories, group="trainer", consumer="t",
+                                           dead_stream=k.dead, config=bus), k, partition=p)
+              for p, (c, k) in enumerate(run.lanes)]  # fmt: skip
+    PartitionedConsumer(groups, range(len(groups)))
+    await groups[1].start()
+    await groups[1].commit(await groups[1].read(8))  # partition 1 trained b and trimmed it: it is empty
+    assert await c1.xlen(k1.trajectories) == 0
+    assert await first_entry_ms(c1, k1.trajectories) - 200 > blob_a  # by partition 1 alone, a's blob is garbage
+    assert groups[1].blobs is not None
+    assert await groups[1].blobs.sweep(c1, k1.trajectories, *groups[1].blob_peers) == 0
+    assert len(await store.store.names()) == 2  # a's blob kept: partition 0 still names it
