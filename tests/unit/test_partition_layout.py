@@ -55,7 +55,7 @@ def test_trainer_ranks_read_their_share_of_the_partitions() -> None:
 
 
 def test_bad_partition_counts_are_refused_in_one_line() -> None:
-    with pytest.raises(ConfigError, match="bus.partitions: must be between 1 and 1024"):
+    with pytest.raises(ConfigError, match=r"bus\.partitions: must be between 1 and 1024"):
         load_run_config(None, ["bus.partitions=0"])
     config = load_run_config(None, ["bus.namespace={r}", "bus.partitions=3"])
     assert config.bus.partitions == 3
