@@ -24,6 +24,11 @@ partials stream, prompts with none back to the prompt stream, so nothing is lost
 Admission (`admission.py`): a new prompt is claimed only while in_flight + queued fits the trainers'
 staleness budget; partials are resumed regardless (they were admitted already). How a sample is rolled out
 is a `RolloutFn` (`turns.py`): single-turn by default, or turns of model and tool output (the calculator).
+
+Partitions (`bus.partitions` N > 1): the streams above exist once per partition, and the producer holds a `Lane`
+for each. It reads every lane's partials, then every lane's prompts (without waiting, starting from the next lane
+in turn; then a wait of `block_ms / N` on one), and a group stays in the lane its entry came from: published to
+that lane's trajectory stream, recycled to its partials, handed back to its prompts, its prompt record kept there.
 """
 
 from __future__ import annotations
