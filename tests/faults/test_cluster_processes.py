@@ -134,8 +134,8 @@ def test_a_partitioned_run_as_processes_on_a_cluster_as_a_namespace_limited_user
         partition_rule = "~" + partition_namespace(ns, 0).replace(".p0", ".p*") + ":*"  # ~{cXXXX.p*}:*
         for i in range(len(cluster.nodes)):
             with cluster.client(i) as node:
-                node.execute_command("ACL", "SETUSER", "miles", f">{password}", partition_rule,
-                                     *(r.format(ns=ns) for r in ACL_RULES + CLUSTER_ACL_RULES))  # fmt: skip
+                rules = [*(r.format(ns=ns) for r in ACL_RULES + CLUSTER_ACL_RULES), partition_rule]  # after resetkeys
+                node.execute_command("ACL", "SETUSER", "miles", f">{password}", *rules)
         url = cluster.url.replace("redis://", f"redis://miles:{password}@")
         feed_produce_train_status(url, ns, tmp_path, ["bus.partitions=3"])
         with redis.RedisCluster.from_url(cluster.url.split("?")[0]) as client:
