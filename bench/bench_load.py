@@ -2,9 +2,11 @@
 
     python bench/bench_load.py --producers 100 --rate 0.5 --seconds 60 --json-out bench/results/load_100.json
     python bench/bench_load.py --producers 100 --rate 0.5 --seconds 60 --cluster 3 (on a 3-primary local cluster)
+    python bench/bench_load.py --producers 100 --rate 0.5 --seconds 60 --cluster 3 --partitions 3 (bus.partitions)
 
 One process, one embedded Redis (or, with --cluster N, a Redis Cluster of N primaries on loopback: the run's
-keys in one slot, so its primary carries the run and the rest is the cluster clients' own cost): the feeder,
+keys in one slot, so its primary carries the run and the rest is the cluster clients' own cost; with --partitions N
+the streams split N ways, each partition in a slot of its own, as `bus.partitions` does): the feeder,
 --producers `RolloutProducer`s each with its own connections,
 heartbeat, admission and backpressure (as `miles-stream produce` builds them), an engine that takes 1/--rate
 seconds a group and answers random tokens, and a trainer loop (`ReplayBuffer` over the "trainer"
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import json
 import platform
@@ -37,13 +40,14 @@ from miles_stream.bus import BusConfig, GroupConsumer, GroupPublisher, Heartbeat
 from miles_stream.bus.backpressure import Backpressure
 from miles_stream.bus.connection import RedisConfig
 from miles_stream.bus.dataplane import open_stream_client
-from miles_stream.bus.keys import PRODUCER_GROUP, TRAINER_GROUP
+from miles_stream.bus.keys import PRODUCER_GROUP, TRAINER_GROUP, partition_keys
+from miles_stream.bus.partitioned import PartitionedConsumer, partition_clients
 from miles_stream.feeder import Feeder, FeederConfig, load_rows
 from miles_stream.redis_cluster import LocalCluster
 from miles_stream.redis_server import EmbeddedRedis, EmbeddedRedisConfig
 from miles_stream.rollout.admission import Admission
 from miles_stream.rollout.config import RolloutConfig
-from miles_stream.rollout.producer import RolloutProducer
+from miles_stream.rollout.producer import Lane, RolloutProducer
 from miles_stream.schema import TrajectoryGroup
 
 PUBLISH_S: list[float] = []
@@ -72,10 +76,10 @@ def in_flight(producer: RolloutProducer) -> dict[str, Any]:
     return {"in_flight": producer.in_flight}
 
 
-async def redis_counts(nodes: list[str]) -> tuple[dict[str, int], float]:
-    """Commands by name and CPU seconds, summed over `nodes` (one server, or every node of a cluster)."""
+async def redis_counts(nodes: list[str]) -> tuple[dict[str, int], list[float]]:
+    """Commands by name, summed over `nodes` (one server, or every node of a cluster), and each node's CPU seconds."""
     calls: dict[str, int] = {}
-    cpu_s = 0.0
+    cpu_s: list[float] = []
     for url in nodes:
         client = connect(RedisConfig(url=url))
         try:
@@ -85,13 +89,15 @@ async def redis_counts(nodes: list[str]) -> tuple[dict[str, int], float]:
             await client.aclose()
         for k, v in stats.items():
             calls[k.removeprefix("cmdstat_")] = calls.get(k.removeprefix("cmdstat_"), 0) + int(v["calls"])
-        cpu_s += float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"])
+        cpu_s.append(float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"]))
     return calls, cpu_s
 
 
 async def run(args: argparse.Namespace, url: str, nodes: list[str], work: Path) -> dict[str, Any]:
     keys = Keys(f"{{load{int(time.time())}}}" if args.cluster else f"load{int(time.time())}")
-    bus = BusConfig(namespace=keys.namespace)
+    bus = BusConfig(namespace=keys.namespace, partitions=args.partitions)
+    parts = partition_keys(keys.namespace, args.partitions)
+    bounds = dataclasses.replace(bus, max_backlog_entries=-(-bus.max_backlog_entries // args.partitions))
     data = work / "prompts.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"{i}+{i}=", "label": str(2 * i)}) + "\n" for i in range(1000)))
     # as RunConfig does for a process: on a cluster, the control client pinned to the run's slot, unless the
@@ -100,28 +106,34 @@ async def run(args: argparse.Namespace, url: str, nodes: list[str], work: Path) 
     redis = connect(rc)
     stop = asyncio.Event()
     feeder_config = FeederConfig(path=str(data), num_epochs=0, max_queued=4 * args.producers)
-    tasks: list[asyncio.Task[Any]] = [
-        asyncio.create_task(Feeder(redis, keys, bus, feeder_config, load_rows(feeder_config)).run(stop))
-    ]
     closers: list[Any] = []
+    clients = partition_clients(rc, parts, redis)
+    closers += [c for c in set(clients) if c is not redis]
+    tasks: list[asyncio.Task[Any]] = [
+        asyncio.create_task(Feeder(redis, keys, bus, feeder_config, load_rows(feeder_config),
+                                   list(zip(clients, parts, strict=True))).run(stop))
+    ]  # fmt: skip
     for p in range(args.producers):
         name = f"p{p}"
         own, blocking = connect(rc), open_stream_client(rc)
         plane = open_stream_client(rc)
-        closers += [own, blocking, plane]
-        prompts, partials = (
-            StreamConsumer(own, blocking, stream=s, group=PRODUCER_GROUP, consumer=name, dead_stream=keys.dead,
-                           config=bus)
-            for s in (keys.prompts, keys.partials)
-        )  # fmt: skip
+        owns = partition_clients(rc, parts, own)  # as producers/rollout.py: a control client per partition's slot
+        closers += [own, blocking, plane, *(c for c in set(owns) if c is not own)]
+        lanes = [
+            Lane(k, StreamConsumer(c, blocking, stream=k.prompts, group=PRODUCER_GROUP, consumer=name,
+                                   dead_stream=k.dead, config=bus),
+                 TimedPublisher(plane, k.trajectories, bus, backpressure=Backpressure(c, k.trajectories, bounds)),
+                 StreamConsumer(c, blocking, stream=k.partials, group=PRODUCER_GROUP, consumer=name,
+                                dead_stream=k.dead, config=bus))
+            for c, k in zip(owns, parts, strict=True)
+        ]  # fmt: skip
         config = RolloutConfig(model="load", producer_id=name, n_samples_per_prompt=4, max_inflight_prompts=1)
         engine = PacedEngine(16, p, 1 / args.rate)
-        publisher = TimedPublisher(
-            plane, keys.trajectories, bus, backpressure=Backpressure(own, keys.trajectories, bus)
-        )
-        admission = Admission(own, keys, bus, producer_id=name, own_version=lambda: 0)
-        producer = RolloutProducer(config, engine=engine, tokenizer=ByteTokenizer(), reward_fn=coin, prompts=prompts,
-                                   partials=partials, publisher=publisher, admission=admission)  # fmt: skip
+        admission = Admission(own, keys, bus, producer_id=name, own_version=lambda: 0,
+                              partitions=list(zip(owns, parts, strict=True)))  # fmt: skip
+        producer = RolloutProducer(config, engine=engine, tokenizer=ByteTokenizer(), reward_fn=coin,
+                                   prompts=lanes[0].prompts, partials=lanes[0].partials,
+                                   publisher=lanes[0].publisher, admission=admission, lanes=lanes)  # fmt: skip
         beat = Heartbeat(own, keys, role="producer", member_id=name, config=bus,
                          describe=functools.partial(in_flight, producer))  # fmt: skip
 
@@ -132,9 +144,10 @@ async def run(args: argparse.Namespace, url: str, nodes: list[str], work: Path) 
         tasks.append(asyncio.create_task(produce()))
     blocking = open_stream_client(rc)
     closers.append(blocking)
-    stream = StreamConsumer(redis, blocking, stream=keys.trajectories, group=TRAINER_GROUP, consumer="t0",
-                            dead_stream=keys.dead, config=bus)  # fmt: skip
-    consumer = GroupConsumer(stream, keys, owns_prompts=True)
+    groups = [GroupConsumer(StreamConsumer(c, blocking, stream=k.trajectories, group=TRAINER_GROUP, consumer="t0",
+                                           dead_stream=k.dead, config=bus), k, owns_prompts=True, partition=i)
+              for i, (c, k) in enumerate(zip(clients, parts, strict=True))]  # fmt: skip
+    consumer: Any = groups[0] if len(groups) == 1 else PartitionedConsumer(groups, range(len(groups)))
     buffer = ReplayBuffer(consumer, BufferConfig(rollout_batch_size=16, max_staleness=-1, filters=(), capacity=64))
     committed: list[str] = []
     beat = Heartbeat(redis, keys, role="trainer", member_id="t0", config=bus,
@@ -168,9 +181,11 @@ async def run(args: argparse.Namespace, url: str, nodes: list[str], work: Path) 
     return {
         "producers": args.producers, "rate_per_producer": args.rate, "window_s": round(wall, 1),
         "server": f"{args.cluster} primaries, {args.cluster_client} client" if args.cluster else "one server",
+        "partitions": args.partitions,
         "groups_per_s": round((done1 - done0) / wall, 1),
         "redis_commands_per_s": round(total, 1), "per_producer_commands_per_s": round(total / args.producers, 2),
-        "redis_cpu_share": round((cpu1 - cpu0) / wall, 3),
+        "redis_cpu_share": round((sum(cpu1) - sum(cpu0)) / wall, 3),
+        "redis_cpu_share_by_node": [round((b - a) / wall, 3) for a, b in zip(cpu0, cpu1, strict=True)],
         "publish_p50_ms": round(1000 * statistics.median(latencies), 2) if latencies else None,
         "publish_p99_ms": round(1000 * latencies[int(0.99 * (len(latencies) - 1))], 2) if latencies else None,
         "commands_per_s": per_s,
@@ -187,6 +202,7 @@ def main() -> None:
     parser.add_argument("--cluster-client", choices=["pinned", "redis-py"], default="pinned",
                         help="the control client on the cluster: pinned to the run's slot (what processes use), or "
                         "redis-py's RedisCluster")  # fmt: skip
+    parser.add_argument("--partitions", type=int, default=1, metavar="N", help="bus.partitions: N-way streams")
     parser.add_argument("--json-out", type=Path)
     args = parser.parse_args()
     with contextlib.ExitStack() as stack:

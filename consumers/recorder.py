@@ -10,6 +10,7 @@ import structlog
 from miles_stream import aio
 from miles_stream.bus import Heartbeat, Keys, StreamConsumer, connect, open_stream_client, wait_until_reachable
 from miles_stream.bus.blobs import blobs_for
+from miles_stream.errors import ConfigError
 from miles_stream.metrics_http import MetricsServer
 from miles_stream.record import RecordingWriter
 from miles_stream.record.recorder import record
@@ -20,6 +21,9 @@ log = structlog.get_logger("consumers.recorder")
 
 
 def main(config: RunConfig, *, out: str, max_file_mb: int, name: str = "") -> int:
+    if config.bus.partitions > 1:
+        raise ConfigError(f"the recorder reads one trajectory stream: not built for bus.partitions="
+                          f"{config.bus.partitions}")  # fmt: skip
     name = name or f"recorder-{socket.gethostname()}"
     return aio.run_process(lambda stop: _run(config, out, max_file_mb, name, stop), what="the recorder")
 

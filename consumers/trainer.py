@@ -26,7 +26,9 @@ from miles_stream.bus import (
     open_stream_client,
     wait_until_reachable,
 )
-from miles_stream.bus.lease import Lease
+from miles_stream.bus.keys import partition_keys, partitions_share
+from miles_stream.bus.lease import Lease, PartitionFence
+from miles_stream.bus.partitioned import PartitionedConsumer, close_partition_clients, partition_clients
 from miles_stream.bus.run import join_run, verify_run
 from miles_stream.codec import GroupCodec
 from miles_stream.config import check_model_dir, to_dict
@@ -98,10 +100,16 @@ async def _run(config: RunConfig, parallel: DataParallel, resume: bool, stop: as
         await blocking.aclose()
         await redis.aclose()
         raise
-    stream = StreamConsumer(redis, blocking, stream=keys.trajectories, group="trainer", consumer=name,
-                            dead_stream=keys.dead, config=config.bus)  # fmt: skip
     retry = RetryPolicy(attempts=0, max_delay_s=2.0, stop=stop)  # ride out a Redis restart, unless told to stop
-    consumer = GroupConsumer(stream, keys, _codec(config, trainer), owns_prompts=True, retry=retry)
+    parts = partition_keys(keys.namespace, config.bus.partitions)
+    clients = partition_clients(config.redis, parts, redis)
+    groups = [GroupConsumer(StreamConsumer(client, blocking, stream=k.trajectories, group="trainer", consumer=name,
+                                           dead_stream=k.dead, config=config.bus),
+                            k, _codec(config, trainer), owns_prompts=True, retry=retry, partition=p)
+              for p, (client, k) in enumerate(zip(clients, parts, strict=True))]  # fmt: skip
+    consumer: GroupConsumer | PartitionedConsumer = groups[0]
+    if len(groups) > 1:  # this rank reads its share of the partitions, commits into any
+        consumer = PartitionedConsumer(groups, partitions_share(len(groups), parallel.rank, parallel.world))
     buffer = ReplayBuffer(consumer, config.buffer, share=config.buffer.rollout_batch_size // parallel.world)
     chunks = open_stream_client(config.redis)  # the redis transport's weight chunks, off the event loop
     transport = _transport(config, redis, keys, chunks)
@@ -111,7 +119,9 @@ async def _run(config: RunConfig, parallel: DataParallel, resume: bool, stop: as
     progress = service.progress
     follower: asyncio.Task[None] | None = None
     try:
-        service.lease = consumer.fence = await _take_lease(config, parallel, redis, keys, name, stop, retry)
+        service.lease = await _take_lease(config, parallel, redis, keys, name, stop, retry, clients, parts)
+        for group, client, k in zip(groups, clients, parts, strict=True):
+            group.fence = service.lease if len(groups) == 1 else PartitionFence(service.lease, client, k.namespace)
         if publisher is not None:
             publisher.fence = service.lease
         service.run_identity, service.namespace = (run := await join_run(redis, keys)), keys.namespace
@@ -129,7 +139,7 @@ async def _run(config: RunConfig, parallel: DataParallel, resume: bool, stop: as
             stop.set()
 
         async with (
-            MetricsServer(config.metrics, _exported(service, consumer, redis, keys, parallel)),
+            MetricsServer(config.metrics, _exported(service, consumer, groups, redis, keys, parallel)),
             Heartbeat(redis, keys, role="trainer", member_id=name, config=config.bus, run=run,
                       on_data_loss=on_data_loss,
                       describe=lambda: {"step": progress.step, "version": progress.version,
@@ -158,6 +168,7 @@ async def _run(config: RunConfig, parallel: DataParallel, resume: bool, stop: as
         if service.lease is not None and parallel.is_main:
             await service.lease.release()  # a standby need not wait out the ttl
         service.metrics.close()
+        await close_partition_clients(clients, redis)
         await blocking.aclose()
         await chunks.aclose()
         await redis.aclose()
@@ -166,15 +177,20 @@ async def _run(config: RunConfig, parallel: DataParallel, resume: bool, stop: as
 
 
 async def _take_lease(config: RunConfig, parallel: DataParallel, redis: Any, keys: Keys, name: str,
-                      stop: asyncio.Event, retry: RetryPolicy) -> Lease:  # fmt: skip
-    """Rank 0 takes the trainer lease (waiting trainer.standby_s for another's to end) and keeps renewing it;
-    the other ranks write under the same token."""
+                      stop: asyncio.Event, retry: RetryPolicy, clients: Sequence[Any],
+                      parts: Sequence[Keys]) -> Lease:  # fmt: skip
+    """Rank 0 takes the trainer lease (waiting trainer.standby_s for another's to end) and keeps renewing it,
+    and with partitions installs its token in every partition's fence before any rank reads; the other ranks
+    write under the same token."""
     lease = Lease(redis, keys, "trainer", name, ttl_s=config.bus.lease_ttl_s, retry=retry)
     taken: tuple[int, bytes] | str | None = None
     if parallel.is_main:
         try:
             await lease.acquire(config.trainer.standby_s, stop)
             await lease.start_renewing()
+            if len(parts) > 1:
+                for client, k in zip(clients, parts, strict=True):
+                    await retry.run(PartitionFence(lease, client, k.namespace).install)
             taken = (lease.token, lease.value)
         except LeaseHeldError as exc:
             taken = str(exc)
@@ -185,20 +201,24 @@ async def _take_lease(config: RunConfig, parallel: DataParallel, redis: Any, key
     return lease
 
 
-def _exported(service: TrainerService, consumer: GroupConsumer, redis: Any, keys: Keys,
-              parallel: DataParallel) -> Collect:  # fmt: skip
+def _exported(service: TrainerService, consumer: GroupConsumer | PartitionedConsumer, groups: Sequence[GroupConsumer],
+              redis: Any, keys: Keys, parallel: DataParallel) -> Collect:  # fmt: skip
     """What this rank's /metrics serves; rank 0 alone also reads the streams' lag and pending from Redis."""
     parts = [exporter.trainer_metrics(service, service.buffer.counters, consumer.counters),
-             exporter.consumer_metrics("trainer", [consumer.stream]),
+             exporter.consumer_metrics("trainer", [g.stream for g in groups]),
              exporter.weight_version_metric("trainer", lambda: service.progress.version)]  # fmt: skip
     if parallel.is_main:
         loop = asyncio.get_running_loop()
-        parts.append(exporter.stream_metrics(lambda: _streams(redis, keys), loop))
+        streams = [(redis, key) for key in keys.streams]
+        if len(groups) > 1:  # the run's own streams from its slot, each partition's from its own
+            streams = [(redis, key) for key in keys.streams if key not in keys.partition_streams]
+            streams += [(g.redis, key) for g in groups for key in g.keys.partition_streams]
+        parts.append(exporter.stream_metrics(lambda: _streams(streams), loop))
     return exporter.combine(*parts)
 
 
-async def _streams(redis: Any, keys: Keys) -> list[StreamStatus]:
-    return [await stream_status(redis, key) for key in keys.streams]
+async def _streams(streams: Sequence[tuple[Any, str]]) -> list[StreamStatus]:
+    return [await stream_status(client, key) for client, key in streams]
 
 
 def _loggable(config: RunConfig) -> dict[str, Any]:

@@ -8,6 +8,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from miles_stream.bus import Backpressure, Keys, alive_members, connect, open_stream_client, redact
+from miles_stream.bus.keys import partition_keys
+from miles_stream.bus.partitioned import close_partition_clients, partition_clients
 from miles_stream.bus.run import reset_run
 from miles_stream.errors import ConfigError, MilesStreamError
 from miles_stream.record.recorder import replay
@@ -26,6 +28,9 @@ async def ping(config: RunConfig, url: str) -> None:
 
 
 async def replay_files(config: RunConfig, files: Sequence[str], rate: float) -> str:
+    if config.bus.partitions > 1:
+        raise ConfigError(f"replay publishes to one trajectory stream: not built for bus.partitions="
+                          f"{config.bus.partitions} (replay into a namespace with one partition)")  # fmt: skip
     keys = Keys(config.bus.namespace)
     redis, data = connect(config.redis), open_stream_client(config.redis)
     try:
@@ -43,16 +48,20 @@ async def replay_files(config: RunConfig, files: Sequence[str], rate: float) -> 
 async def show_status(config: RunConfig, namespace: str, *, as_json: bool, follow: bool, interval_s: float) -> None:
     keys = Keys(namespace or config.bus.namespace)
     client = connect(config.redis)
+    parts = partition_keys(keys.namespace, config.bus.partitions)
+    clients = partition_clients(config.redis, parts, client)
+    partitions = list(zip(clients, parts, strict=True)) if len(parts) > 1 else []
     try:
         if follow:
-            await watch(client, keys, config.bus.heartbeat_ttl_s, interval_s, as_json=as_json)
+            await watch(client, keys, config.bus.heartbeat_ttl_s, interval_s, as_json=as_json, partitions=partitions)
             return
-        status = await namespace_status(client, keys, config.bus.heartbeat_ttl_s)
+        status = await namespace_status(client, keys, config.bus.heartbeat_ttl_s, partitions)
     except MilesStreamError:
         raise
     except Exception as exc:
         raise MilesStreamError(f"cannot read Redis at {redact(config.redis.resolved_url())}: {exc}") from exc
     finally:
+        await close_partition_clients(clients, client)
         await client.aclose()
     if as_json:
         print(render_json(status), end="")
@@ -64,17 +73,23 @@ async def reset_namespace(config: RunConfig, *, yes: bool) -> tuple[int, str]:
     """Delete what is left of the namespace's keys and start a new run: (exit code, what to print)."""
     keys = Keys(config.bus.namespace)
     client = connect(config.redis)
+    parts = partition_keys(keys.namespace, config.bus.partitions)
+    clients = partition_clients(config.redis, parts, client)
+    spaces = [(client, keys), *((c, k) for c, k in zip(clients, parts, strict=True) if k != keys)]
     try:
-        found = [k async for k in client.scan_iter(match=f"{keys.namespace}:*", count=1000)]
+        found = [(c, [key async for key in c.scan_iter(match=f"{k.namespace}:*", count=1000)]) for c, k in spaces]
+        total = sum(len(keys_found) for _, keys_found in found)
         if not yes:
-            return 2, (f"would delete {len(found)} keys of namespace {keys.namespace!r} and start a new run; "
+            return 2, (f"would delete {total} keys of namespace {keys.namespace!r} and start a new run; "
                        "run again with --yes")  # fmt: skip
-        if found:
-            await client.delete(*found)
+        for c, keys_found in found:
+            if keys_found:
+                await c.delete(*keys_found)
         new = await reset_run(client, keys)
     finally:
+        await close_partition_clients(clients, client)
         await client.aclose()
-    return 0, f"namespace {keys.namespace!r}: {len(found)} keys deleted, run {new.id} started after a data loss"
+    return 0, f"namespace {keys.namespace!r}: {total} keys deleted, run {new.id} started after a data loss"
 
 
 async def sglang_servers(config: RunConfig, *, attach: str, detach: str, producer: str) -> list[str]:

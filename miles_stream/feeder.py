@@ -1,4 +1,5 @@
-"""The prompt feeder: a dataset, shuffled per epoch, published to `{ns}:prompts` under backpressure.
+"""The prompt feeder: a dataset, shuffled per epoch, published to `{ns}:prompts` under backpressure (with
+`bus.partitions` N > 1: position i of an epoch's order to partition i mod N, each with its own position).
 
     dataset (JSONL | Parquet) ──rows──► Feeder.run ──XADD + position, one MULTI──► {ns}:prompts
                                             ▲ waits while the "producers" group has max_queued unacknowledged
@@ -128,98 +129,156 @@ def with_chat_template(rows: list[Row], tokenizer_dir: str) -> list[Row]:
 
 
 class Feeder:
-    def __init__(self, redis: aioredis.Redis, keys: Keys, bus: BusConfig, config: FeederConfig, rows: Sequence[Row]):
+    """Publishes the dataset to the prompt stream, or over `lanes` (one (client, Keys) per partition,
+    `bus/partitioned.py`): the prompt at position i of an epoch's order goes to partition i mod N, each partition
+    keeping its own position (the next position of its share) in its own slot, moved with each XADD there."""
+
+    def __init__(self, redis: aioredis.Redis, keys: Keys, bus: BusConfig, config: FeederConfig, rows: Sequence[Row],
+                 lanes: Sequence[tuple[aioredis.Redis, Keys]] = ()):  # fmt: skip
         self.redis, self.keys, self.config, self.rows = redis, keys, config, rows
-        self.backpressure = Backpressure(redis, keys.prompts, replace(bus, max_backlog_entries=config.max_queued))
+        self.lanes = list(lanes) or [(redis, keys)]
+        share = -(-config.max_queued // len(self.lanes))  # each partition's part of max_queued, rounded up
+        self.pressure = [Backpressure(client, k.prompts, replace(bus, max_backlog_entries=share))
+                         for client, k in self.lanes]  # fmt: skip
         self.retry = RetryPolicy(attempts=0)
         self.maxlen = bus.maxlen_cap
-        self.published = 0  # read back from Redis, so a publication whose reply was lost still counts
+        self.counts = [0] * len(self.lanes)  # read back from Redis, so a publication whose reply was lost counts
         self.id = uuid.uuid4().hex  # this feeder's field in the `{ns}:feeder:published` hash
         self.run_identity: RunIdentity | None = None  # with one, every position read checks the run is intact
         self._kept_order: tuple[int, np.ndarray] = (-1, np.empty(0, dtype=np.int64))
 
     @property
+    def published(self) -> int:
+        return sum(self.counts)
+
+    @property
+    def backpressure(self) -> Backpressure:
+        return self.pressure[0]
+
+    def state_key_of(self, lane: int) -> str:
+        return f"{self.lanes[lane][1].namespace}:feeder"
+
+    def counts_key_of(self, lane: int) -> str:
+        return f"{self.lanes[lane][1].namespace}:feeder:published"
+
+    @property
     def state_key(self) -> str:
-        return f"{self.keys.namespace}:feeder"
+        return self.state_key_of(0)
 
     @property
     def counts_key(self) -> str:
-        return f"{self.keys.namespace}:feeder:published"
+        return self.counts_key_of(0)
+
+    def _run_key(self, lane: int) -> str:
+        """The run identity the lane's transaction checks: the run's own key, or with partitions its copy in the
+        partition's slot (`_copy_run`): a partition whose node lost its data has lost the copy too."""
+        return run_key(self.lanes[lane][1])
 
     def order(self, epoch: int) -> np.ndarray:
         """The row order of `epoch`: a permutation fixed by (seed, epoch)."""
         return np.random.default_rng([self.config.seed, epoch]).permutation(len(self.rows))
 
     async def position(self) -> tuple[int, int]:
-        """(epoch, index into its order) of the next prompt. Raises DataLossError where Redis lost the run
-        (the position would read as the start: the whole dataset fed again without a word)."""
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hgetall(self.state_key)
-            pipe.get(run_key(self.keys))
-            state, run_now = await pipe.execute()
-        return self._parse(state, run_now)
+        """(epoch, index into its order) of the next prompt (with partitions, the earliest among them). Raises
+        DataLossError where Redis lost the run (the position would read as the start: the whole dataset fed
+        again without a word)."""
+        return min([await self.position_of(lane) for lane in range(len(self.lanes))])
 
-    def _parse(self, state: dict[Any, Any], run_now: Any) -> tuple[int, int]:
+    async def position_of(self, lane: int) -> tuple[int, int]:
+        client = self.lanes[lane][0]
+        async with client.pipeline(transaction=True) as pipe:
+            pipe.hgetall(self.state_key_of(lane))
+            pipe.get(self._run_key(lane))
+            state, run_now = await pipe.execute()
+        return self._parse(lane, state, run_now)
+
+    def _parse(self, lane: int, state: dict[Any, Any], run_now: Any) -> tuple[int, int]:
         if self.run_identity is not None:
-            check_run(self.keys, self.run_identity, run_now)
+            check_run(self.lanes[lane][1], self.run_identity, run_now)
         if not state:
-            return 0, 0
-        size = int(state[b"rows"])
-        if size != len(self.rows) or int(state[b"seed"]) != self.config.seed:
+            return 0, lane
+        size, stride = int(state[b"rows"]), int(state.get(b"stride", 1))
+        if size != len(self.rows) or int(state[b"seed"]) != self.config.seed or stride != len(self.lanes):
             raise MilesStreamError(
-                f"{self.state_key} was written for {size} rows and seed {int(state[b'seed'])}, this dataset has "
-                f"{len(self.rows)} rows and seed {self.config.seed}: use another namespace, or delete the key"
+                f"{self.state_key_of(lane)} was written for {size} rows, seed {int(state[b'seed'])} and {stride} "
+                f"partition(s); this feeder has {len(self.rows)} rows, seed {self.config.seed} and "
+                f"{len(self.lanes)}: use another namespace, or delete the key"
             )
         return int(state[b"epoch"]), int(state[b"position"])
 
-    def _finished(self, epoch: int) -> bool:
-        return self.config.num_epochs != 0 and epoch >= self.config.num_epochs
+    def _finished(self, lane: int, epoch: int) -> bool:
+        """Whether the lane has nothing more to publish: its epochs are done, or it has no rows (more
+        partitions than rows)."""
+        return (self.config.num_epochs != 0 and epoch >= self.config.num_epochs) or lane >= len(self.rows)
+
+    def _after(self, lane: int, epoch: int, position: int) -> tuple[int, int]:
+        stride = len(self.lanes)
+        return (epoch, position + stride) if position + stride < len(self.rows) else (epoch + 1, lane)
+
+    async def _copy_run(self) -> None:
+        """With partitions, the run identity each partition's transactions check, copied into its slot once."""
+        if self.run_identity is None or len(self.lanes) == 1:
+            return
+        for client, k in self.lanes:
+            await client.set(run_key(k), self.run_identity.encode(), nx=True)
 
     async def run(self, stop: asyncio.Event | None = None) -> int:
         """Publish until the epochs are done or `stop` is set; returns how many prompts this call published."""
         stop = stop or asyncio.Event()
         retry = replace(self.retry, stop=stop)  # told to stop in an outage: give up after its grace
-        await retry.run(lambda: ensure_group(self.redis, self.keys.prompts, self.config.group))
-        at = await retry.run(self.position)
-        log.info("feeder_resumed" if at != (0, 0) else "feeder_started", epoch=at[0], position=at[1])
-        while not stop.is_set() and not self._finished(at[0]):
-            await retry.run(lambda: self.backpressure.wait_for_room(stop=stop))  # rides out a blip too
+        for client, k in self.lanes:
+            await retry.run(functools.partial(ensure_group, client, k.prompts, self.config.group))
+        await retry.run(self._copy_run)
+        at = [await retry.run(functools.partial(self.position_of, lane)) for lane in range(len(self.lanes))]
+        log.info("feeder_resumed" if any(a != (0, lane) for lane, a in enumerate(at)) else "feeder_started",
+                 epoch=min(at)[0], position=min(at)[1], partitions=len(self.lanes))  # fmt: skip
+        while not stop.is_set():
+            open_lanes = [lane for lane in range(len(self.lanes)) if not self._finished(lane, at[lane][0])]
+            if not open_lanes:
+                break
+            lane = min(open_lanes, key=lambda q: at[q])  # the earliest position next: the dataset's order
+            await retry.run(functools.partial(self.pressure[lane].wait_for_room, stop=stop))  # rides out a blip too
             if stop.is_set():  # the stream stayed full (nobody reads it) until we were told to stop
                 break
-            now = await retry.run(functools.partial(self._publish, *at))
-            if now[0] > at[0]:
-                log.info("feeder_epoch_done", epoch=now[0] - 1)
-            at = now
+            now = await retry.run(functools.partial(self._publish, lane, *at[lane]))
+            if now[0] > at[lane][0]:
+                log.info("feeder_epoch_done", epoch=now[0] - 1, partition=lane)
+            at[lane] = now
         return self.published
 
-    async def _publish(self, epoch: int, position: int) -> tuple[int, int]:
-        """XADD the prompt at (epoch, position) and move the position past it, in one transaction that applies
-        only while the position is still there (WATCH). Returns the position after. Where the position has
-        moved (another feeder published it, or this call's own earlier try went through and its reply was
+    async def _publish(self, lane: int, epoch: int, position: int) -> tuple[int, int]:
+        """XADD the prompt at (epoch, position) and move the lane's position past it, in one transaction that
+        applies only while the position is still there (WATCH). Returns the position after. Where the position
+        has moved (another feeder published it, or this call's own earlier try went through and its reply was
         lost) nothing is written: each position is published exactly once, by whichever feeder gets there
         first. The same transaction counts the publication under this feeder's id, and every call reads that
         count back, so `published` is exact even where a reply was lost."""
-        async with self.redis.pipeline(transaction=True) as pipe:
-            await read_watched(pipe.watch(self.state_key, run_key(self.keys)))
-            state = await read_watched(pipe.hgetall(self.state_key))
-            found = self._parse(state, await read_watched(pipe.get(run_key(self.keys))))
-            self.published = int(await read_watched(pipe.hget(self.counts_key, self.id)) or 0)
-            if found != (epoch, position) or self._finished(epoch):
+        client, keys = self.lanes[lane]
+        state_key, counts_key = self.state_key_of(lane), self.counts_key_of(lane)
+        async with client.pipeline(transaction=True) as pipe:
+            await read_watched(pipe.watch(state_key, self._run_key(lane)))
+            state = await read_watched(pipe.hgetall(state_key))
+            found = self._parse(lane, state, await read_watched(pipe.get(self._run_key(lane))))
+            self.counts[lane] = int(await read_watched(pipe.hget(counts_key, self.id)) or 0)
+            if found != (epoch, position) or self._finished(lane, epoch):
                 return found
             index = int(self._order(epoch)[position])
             row = self.rows[index]
             record = PromptRecord(key=str(index), text=row.text, label=row.label, epoch=epoch, index=index)
-            nxt = (epoch, position + 1) if position + 1 < len(self.rows) else (epoch + 1, 0)
+            nxt = self._after(lane, epoch, position)
+            mapping: dict[Any, Any] = {"epoch": nxt[0], "position": nxt[1], "rows": len(self.rows),
+                                       "seed": self.config.seed}  # fmt: skip
+            if len(self.lanes) > 1:
+                mapping["stride"] = len(self.lanes)
             pipe.multi()  # type: ignore[no-untyped-call]
-            pipe.xadd(self.keys.prompts, {DATA: encode_prompt(record)}, maxlen=self.maxlen, approximate=True)
-            pipe.hset(self.state_key, mapping={"epoch": nxt[0], "position": nxt[1], "rows": len(self.rows),
-                                               "seed": self.config.seed})  # fmt: skip
-            pipe.hincrby(self.counts_key, self.id, 1)
+            pipe.xadd(keys.prompts, {DATA: encode_prompt(record)}, maxlen=self.maxlen, approximate=True)
+            pipe.hset(state_key, mapping=mapping)
+            pipe.hincrby(counts_key, self.id, 1)
             try:
-                self.published = int((await pipe.execute())[-1])
+                self.counts[lane] = int((await pipe.execute())[-1])
             except rexc.WatchError:  # moved meanwhile (or the EXEC's reply was lost): read it again
                 return epoch, position
-        self.backpressure.record_sent(1)
+        self.pressure[lane].record_sent(1)
         return nxt
 
     def _order(self, epoch: int) -> np.ndarray:

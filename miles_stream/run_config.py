@@ -11,7 +11,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from miles_stream.buffer.config import BufferConfig
-from miles_stream.bus.connection import RedisConfig, one_slot
+from miles_stream.bus.connection import RedisConfig
+from miles_stream.bus.keys import one_slot
 from miles_stream.bus.streams import BusConfig
 from miles_stream.codec import CodecConfig
 from miles_stream.config import apply_overrides, build, check, load_yaml

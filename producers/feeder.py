@@ -1,4 +1,5 @@
-"""`miles-stream feed`: publish a prompt dataset to {ns}:prompts, resuming where the last run stopped."""
+"""`miles-stream feed`: publish a prompt dataset to {ns}:prompts (or its partitions), resuming where the last run
+stopped."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import structlog
 from miles_stream import aio
 from miles_stream.bus import Heartbeat, Keys, connect, wait_until_reachable
 from miles_stream.bus.connection import is_transient
+from miles_stream.bus.keys import partition_keys
+from miles_stream.bus.partitioned import close_partition_clients, partition_clients
 from miles_stream.bus.run import join_run
 from miles_stream.feeder import Feeder, Row, load_rows
 from miles_stream.metrics_http import MetricsServer
@@ -29,7 +32,9 @@ def main(config: RunConfig) -> int:
 async def _run(config: RunConfig, rows: list[Row], stop: asyncio.Event) -> int:
     keys = Keys(config.bus.namespace)
     redis = connect(config.redis)
-    feeder = Feeder(redis, keys, config.bus, config.feeder, rows)
+    parts = partition_keys(keys.namespace, config.bus.partitions)
+    clients = partition_clients(config.redis, parts, redis)  # each partition's prompts, in its own slot
+    feeder = Feeder(redis, keys, config.bus, config.feeder, rows, lanes=list(zip(clients, parts, strict=True)))
     member = f"{socket.gethostname()}-{os.getpid()}"
     try:
         await wait_until_reachable(redis, config.redis, stop)
@@ -51,5 +56,6 @@ async def _run(config: RunConfig, rows: list[Row], stop: asyncio.Event) -> int:
             epoch, position = -1, -1
         log.info("feeder_stopped", published=published, epoch=epoch, position=position)
     finally:
+        await close_partition_clients(clients, redis)
         await redis.aclose()
     return 0

@@ -17,11 +17,14 @@ from miles_stream.bus import (
     Heartbeat,
     Keys,
     RetryPolicy,
+    StreamClient,
     StreamConsumer,
     connect,
     open_stream_client,
     wait_until_reachable,
 )
+from miles_stream.bus.keys import partition_keys
+from miles_stream.bus.partitioned import close_partition_clients, partition_clients
 from miles_stream.bus.run import join_run
 from miles_stream.codec import GroupCodec
 from miles_stream.config import check_model_dir
@@ -33,7 +36,7 @@ from miles_stream.rewards import RewardRegistry
 from miles_stream.rollout.admission import Admission
 from miles_stream.rollout.config import RolloutConfig
 from miles_stream.rollout.engines import open_engine
-from miles_stream.rollout.producer import RolloutProducer
+from miles_stream.rollout.producer import Lane, RolloutProducer
 from miles_stream.rollout.turns import Calculator, RolloutFn, ToolLoop, single_turn
 from miles_stream.run_config import RunConfig
 from miles_stream.status.exporter import combine, consumer_metrics, producer_metrics, weight_version_metric
@@ -67,14 +70,13 @@ async def _run(config: RunConfig, stop: asyncio.Event) -> int:
     engine, membership = await open_engine(cfg, redis, keys.sglang_servers(name))
     blocking = open_stream_client(config.redis, block_ms=config.bus.block_ms)
     codec = GroupCodec(config.codec)
-    prompts, partials = (StreamConsumer(redis, blocking, stream=stream, group="producers", consumer=name,
-                                        dead_stream=keys.dead, config=config.bus)
-                         for stream in (keys.prompts, keys.partials))  # fmt: skip
-    publisher = GroupPublisher(data, keys.trajectories, config.bus, codec=codec,
-                               backpressure=Backpressure(redis, keys.trajectories, config.bus),
-                               retry=RetryPolicy(attempts=0, max_delay_s=2.0, stop=stop))  # fmt: skip
+    parts = partition_keys(keys.namespace, config.bus.partitions)
+    clients = partition_clients(config.redis, parts, redis)
+    partitions = list(zip(clients, parts, strict=True))
+    lanes = [_lane(config, client, blocking, data, k, name, codec, stop) for client, k in partitions]
+    prompts, partials, publisher = lanes[0].prompts, lanes[0].partials, lanes[0].publisher
     admission = Admission(redis, keys, config.bus, producer_id=name, own_version=lambda: engine.weight_version,
-                          over_sampling=cfg.over_sampling)  # fmt: skip
+                          over_sampling=cfg.over_sampling, partitions=partitions)  # fmt: skip
     rollout_fn, sampling = _turns(cfg, tokenizer)
     chunks = open_stream_client(config.redis)  # weight chunks on a connection of their own, off the event loop
     transports: dict[str, WeightTransport] = {"redis": RedisTransport(redis, keys, data=chunks),
@@ -92,10 +94,10 @@ async def _run(config: RunConfig, stop: asyncio.Event) -> int:
     weights = WeightSubscriber(redis, keys, transports)
     producer = RolloutProducer(cfg, engine=engine, tokenizer=tokenizer, reward_fn=reward_fn, prompts=prompts,
                                publisher=publisher, partials=partials, admission=admission, rollout_fn=rollout_fn,
-                               sampling=sampling, weights=weights, codec=codec)  # fmt: skip
+                               sampling=sampling, weights=weights, codec=codec, lanes=lanes)  # fmt: skip
     try:
         run = await join_run(redis, keys)
-        exported = combine(producer_metrics(producer, admission), consumer_metrics("producer", [prompts, partials]),
+        exported = combine(producer_metrics(producer, admission), consumer_metrics("producer", producer.sources),
                            weight_version_metric("producer", lambda: engine.weight_version))  # fmt: skip
         async with (
             MetricsServer(config.metrics, exported),
@@ -104,7 +106,7 @@ async def _run(config: RunConfig, stop: asyncio.Event) -> int:
                       describe=lambda: {"groups": producer.counters.groups, "in_flight": producer.in_flight,
                                         "tokens": producer.counters.tokens, "weight_version": engine.weight_version,
                                         "engine": cfg.engine,
-                                        "waiting": _waiting(producer, admission, publisher)}) as beat,
+                                        "waiting": _waiting(producer, admission)}) as beat,
         ):  # fmt: skip
             await producer.run(stop)
         if beat.data_lost is not None:
@@ -113,18 +115,34 @@ async def _run(config: RunConfig, stop: asyncio.Event) -> int:
         if membership is not None:
             await stop_task(membership)
         await engine.close()
+        await close_partition_clients(clients, redis)
         for client in (blocking, data, chunks, redis):
             await client.aclose()
     log.info("producer_stopped", **dataclasses.asdict(producer.counters))
     return 0
 
 
-def _waiting(producer: RolloutProducer, admission: Admission, publisher: GroupPublisher) -> str:
+def _lane(config: RunConfig, redis: Any, blocking: StreamClient, data: StreamClient, keys: Keys, name: str,
+          codec: GroupCodec, stop: asyncio.Event) -> Lane:  # fmt: skip
+    """One partition's prompt and partial consumers and trajectory publisher (each partition's backlog bounded by
+    its share of bus.max_backlog_entries)."""
+    prompts, partials = (StreamConsumer(redis, blocking, stream=stream, group="producers", consumer=name,
+                                        dead_stream=keys.dead, config=config.bus)
+                         for stream in (keys.prompts, keys.partials))  # fmt: skip
+    share = -(-config.bus.max_backlog_entries // config.bus.partitions)
+    bounds = dataclasses.replace(config.bus, max_backlog_entries=share)
+    publisher = GroupPublisher(data, keys.trajectories, config.bus, codec=codec,
+                               backpressure=Backpressure(redis, keys.trajectories, bounds),
+                               retry=RetryPolicy(attempts=0, max_delay_s=2.0, stop=stop))  # fmt: skip
+    return Lane(keys, prompts, publisher, partials)
+
+
+def _waiting(producer: RolloutProducer, admission: Admission) -> str:
     """What the producer waits on now, for `status --watch`: room in the staleness budget, the trainer to read
     (backpressure), or prompts (nothing in flight and not held back)."""
     if admission.waiting:
         return "admission"
-    if publisher.backpressure is not None and publisher.backpressure.waiting:
+    if any(lane.publisher.backpressure is not None and lane.publisher.backpressure.waiting for lane in producer.lanes):
         return "backpressure"
     return "data" if producer.in_flight == 0 else ""
 

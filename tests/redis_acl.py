@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 from miles_stream.demo.task import write_task
@@ -18,12 +19,15 @@ CLUSTER_ACL_RULES = ["+cluster|slots", "+asking"]  # the slot map (CLUSTER SLOTS
 CLI = [sys.executable, "-m", "miles_stream.cli"]
 
 
-def feed_produce_train_status(url: str, ns: str, tmp_path: Path) -> tuple[subprocess.CompletedProcess[str], str]:
+def feed_produce_train_status(
+    url: str, ns: str, tmp_path: Path, extra: Sequence[str] = ()
+) -> tuple[subprocess.CompletedProcess[str], str]:
     """feed, produce, train 3 steps and status as separate processes on `url` (a namespace-limited user's), each
-    asserted to succeed: (the trainer's result, the producer's stderr). Shared with the cluster's ACL test."""
+    asserted to succeed: (the trainer's result, the producer's stderr). Shared with the cluster's ACL tests;
+    `extra`: overrides every process gets (`bus.partitions=3`)."""
     model_dir, prompts = write_task(tmp_path)
     env = {**os.environ, "MILES_REDIS_URL": url, "HF_HUB_OFFLINE": "1"}
-    common = [f"bus.namespace={ns}", "--log-json"]
+    common = [f"bus.namespace={ns}", *extra, "--log-json"]
 
     def run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         return subprocess.run([*CLI, *args, *common], capture_output=True, text=True, timeout=timeout, env=env)

@@ -201,16 +201,17 @@ class Blobs:
             raise SchemaError(f"blob {name} does not match its checksum")
         return data
 
-    async def maybe_sweep(self, redis: aioredis.Redis, stream: str) -> int:
+    async def maybe_sweep(self, redis: aioredis.Redis, stream: str, *more: tuple[aioredis.Redis, str]) -> int:
         if time.monotonic() < self._next_sweep:
             return 0
         self._next_sweep = time.monotonic() + self.grace_ms / 4000
-        return await self.sweep(redis, stream)
+        return await self.sweep(redis, stream, *more)
 
-    async def sweep(self, redis: aioredis.Redis, stream: str) -> int:
+    async def sweep(self, redis: aioredis.Redis, stream: str, *more: tuple[aioredis.Redis, str]) -> int:
         """Delete the blobs put more than the margin before the stream's oldest entry: acked by every group
-        and trimmed, or never referenced (their publisher died before its XADD)."""
-        first = await first_entry_ms(redis, stream)
+        and trimmed, or never referenced (their publisher died before its XADD). With `more` (the other
+        partitions' trajectory streams, which share the store) the oldest entry of them all."""
+        first = min([await first_entry_ms(c, s) for c, s in ((redis, stream), *more)])
         old = [n for n in await self.store.names() if (ms := put_ms(n)) is not None and ms < first - self.grace_ms]
         if old:
             await self.store.delete(old)

@@ -66,14 +66,6 @@ def parse_cluster_url(url: str) -> ClusterUrl:
     return ClusterUrl(urlunsplit(parts._replace(query=rest)), cluster, seeds)
 
 
-def one_slot(namespace: str) -> bool:
-    """Whether every key `{namespace}:...` hashes to one cluster slot: the namespace is a hash tag, `{run1}`
-    or holds one, `a{run1}` (Redis hashes only what lies between a key's first `{` and the next `}`, when that is
-    not empty)."""
-    start = namespace.find("{")
-    return start >= 0 and namespace.find("}", start + 1) > start + 1
-
-
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RedisConfig:
     """Where the Redis server is. An empty url means: $MILES_REDIS_URL, else an embedded server. A url ending in

@@ -24,7 +24,6 @@ from miles_stream.bus.connection import RetryPolicy, is_transient
 from miles_stream.bus.dataplane import StreamClient
 from miles_stream.bus.done import DoneSet
 from miles_stream.bus.keys import PRODUCER_GROUP, Keys
-from miles_stream.bus.lease import Lease
 from miles_stream.bus.streams import DATA, BusConfig, Entry, StreamConsumer, publish
 from miles_stream.codec import Frame, GroupCodec
 from miles_stream.errors import SchemaError
@@ -42,6 +41,9 @@ class Ticket(Protocol):
     @property
     def group_id(self) -> str: ...
 
+    @property
+    def partition(self) -> int: ...
+
 
 @dataclass(frozen=True, slots=True)
 class Claim:
@@ -49,6 +51,7 @@ class Claim:
 
     entry_id: str
     group_id: str
+    partition: int = 0  # which partition's trajectory stream the entry is on (bus.partitions)
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +62,7 @@ class Received:
     group: TrajectoryGroup
     nbytes: int
     deliveries: int = 1
+    partition: int = 0
 
     @property
     def group_id(self) -> str:
@@ -66,7 +70,7 @@ class Received:
 
     @property
     def claim(self) -> Claim:
-        return Claim(self.entry_id, self.group.group_id)
+        return Claim(self.entry_id, self.group.group_id, self.partition)
 
 
 @dataclass(slots=True)
@@ -77,6 +81,13 @@ class ConsumeCounters:
     committed: int = 0
     bytes: int = 0
     commits_lost: int = 0  # groups committed here, lost by Redis (a host crash), dropped again when they came back
+
+
+class Fence(Protocol):
+    """What fences a commit: the trainer's lease (`lease.Lease`) or its copy in a partition's slot
+    (`lease.PartitionFence`). Runs `queue`'s commands in one MULTI/EXEC only while the lease is held."""
+
+    async def fenced(self, queue: Callable[[Any], object]) -> list[Any]: ...
 
 
 @dataclass(slots=True)
@@ -155,13 +166,15 @@ class GroupConsumer:
         retry: RetryPolicy | None = None,
         *,
         owns_prompts: bool = False,
+        partition: int = 0,
     ) -> None:
         self.stream = stream
+        self.partition = partition  # which partition `keys` are (bus.partitions): carried by the groups read
         self.keys = keys
         self.codec = codec or GroupCodec()
         self.retry = retry or RetryPolicy()
         self.owns_prompts = owns_prompts
-        self.fence: Lease | None = None  # with a lease, every commit applies only while it is held
+        self.fence: Fence | None = None  # with a lease, every commit applies only while it is held
         self.exhausted = False  # a stream never runs out (see RecordingSource)
         self.counters = ConsumeCounters()
         self._held: dict[str, str] = {}  # group id -> entry id, for groups handed out and not committed
@@ -172,6 +185,9 @@ class GroupConsumer:
                             margin_ms=stream.config.claim_idle_ms)  # fmt: skip
         self._next_sweep = time.monotonic() + stream.config.done_sweep_s
         self.blobs = blobs_for(stream.config)
+        # the other partitions' (client, trajectory stream): their entries name blobs in the same store, so a
+        # blob sweep goes by the oldest entry of them all (bus/partitioned.py sets them)
+        self.blob_peers: list[tuple[aioredis.Redis, str]] = []
 
     @property
     def done_key(self) -> str:
@@ -211,7 +227,7 @@ class GroupConsumer:
         out, duplicate_ids, done_ids, lost = [], [], [], []
         for (entry, group), already_done in zip(decoded, done, strict=True):
             if not already_done and group.group_id in self._recent:  # committed here, the commit lost by Redis
-                lost.append(Claim(entry.id, group.group_id))
+                lost.append(Claim(entry.id, group.group_id, self.partition))
                 continue
             if self._held.get(group.group_id) == entry.id:  # ours, held, handed out again: not a duplicate
                 continue
@@ -224,7 +240,7 @@ class GroupConsumer:
                 done_ids.append(group.group_id)
                 continue
             self._held[group.group_id] = entry.id
-            out.append(Received(entry.id, group, sizes[entry.id], entry.deliveries))
+            out.append(Received(entry.id, group, sizes[entry.id], entry.deliveries, self.partition))
         if duplicate_ids:
             self.counters.duplicates += len(duplicate_ids)
             await self.retry.run(lambda: self._drop_duplicates(duplicate_ids, done_ids), on_retry=_log_retry)
@@ -381,7 +397,7 @@ class GroupConsumer:
         try:
             await self.done.sweep()
             if self.blobs is not None:
-                await self.blobs.maybe_sweep(self.redis, self.stream.stream)
+                await self.blobs.maybe_sweep(self.redis, self.stream.stream, *self.blob_peers)
         except Exception as exc:
             if not is_transient(exc):
                 raise

@@ -1,4 +1,14 @@
-"""Redis key names of one namespace. Every key of a run starts with `{ns}:` so runs can share a server."""
+"""Redis key names of one namespace. Every key of a run starts with `{ns}:` so runs can share a server.
+
+Partitions (`bus.partitions: N`, N > 1): the prompt, partial and trajectory streams and the bookkeeping that a
+commit or a hand-back touches with them (done set, prompt records, dead letters, the feeder's position) are
+split N ways, partition p under a namespace of its own, `partition_namespace(ns, p)`: for a hash-tag namespace
+`{run1}` that is `{run1.p0}`, `{run1.p1}`... (the tag extended, so each partition hashes to a slot of its own;
+Redis hashes only what lies between a key's first `{` and the next `}`, so `{run1}:p0:...` could not leave the
+run's slot); for an untagged namespace (one server) `run1.p0`. What stays in the namespace itself: the weights,
+the lease, heartbeats, the run identity, evaluations. With N = 1 there is one partition, the namespace itself:
+no key name changes.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +20,38 @@ def observers_of(stream: str) -> str:
     A group listed here observes the run (the recorder): it never holds producers back (`backpressure.py`)
     and, once dead, not the stream either (`streams.trim_acknowledged`)."""
     return f"{stream}:observers"
+
+
+def one_slot(namespace: str) -> bool:
+    """Whether every key `{namespace}:...` hashes to one cluster slot: the namespace is a hash tag, `{run1}`
+    or holds one, `a{run1}` (Redis hashes only what lies between a key's first `{` and the next `}`, when that is
+    not empty)."""
+    start = namespace.find("{")
+    return start >= 0 and namespace.find("}", start + 1) > start + 1
+
+
+def partition_namespace(namespace: str, p: int) -> str:
+    """Partition p's namespace (module docstring): the hash tag extended by `.p{p}`, or `.p{p}` appended."""
+    if not one_slot(namespace):
+        return f"{namespace}.p{p}"
+    close = namespace.find("}", namespace.find("{") + 1)
+    return f"{namespace[:close]}.p{p}{namespace[close:]}"
+
+
+def partition_keys(namespace: str, partitions: int) -> tuple[Keys, ...]:
+    """The keys of each partition of the namespace's streams: the namespace itself when there is one."""
+    if partitions < 1:
+        raise ValueError(f"partitions must be >= 1, not {partitions}")
+    if partitions == 1:
+        return (Keys(namespace),)
+    return tuple(Keys(partition_namespace(namespace, p)) for p in range(partitions))
+
+
+def partitions_share(partitions: int, rank: int, world: int) -> tuple[int, ...]:
+    """The partitions data-parallel rank `rank` of `world` reads: every world-th from its rank; where there are
+    fewer partitions than ranks, ranks share one (its consumer group splits the entries among them)."""
+    mine = tuple(range(rank, partitions, world))
+    return mine or (rank % partitions,)
 
 
 PRODUCER_GROUP = "producers"  # the consumer group of producers on {ns}:prompts and {ns}:partials
@@ -81,3 +123,8 @@ class Keys:
     @property
     def streams(self) -> tuple[str, ...]:
         return (self.prompts, self.trajectories, self.partials, self.weights, self.eval, self.dead)
+
+    @property
+    def partition_streams(self) -> tuple[str, ...]:
+        """The streams that each partition has of its own (`partition_keys`)."""
+        return (self.prompts, self.trajectories, self.partials, self.dead)

@@ -13,6 +13,20 @@ new holder takes them over. Expiry is judged by the Redis server's clock, never 
 A lease that expired while nobody else took it (Redis was away longer than the ttl) is taken again with
 the same token: no other writer can have acted in between, since any other would have drawn a new token.
 A lease whose holder ran on this host and is no longer alive (kill -9, then a restart) is ended at once.
+
+Partitions (`bus.partitions` > 1): a commit touches one partition's keys, in that partition's slot, where the
+lease key is not (MULTI stays within one slot). Each partition keeps a copy of the token, the fence:
+
+    {ns.p}:lease:{role}:fence  the highest token installed in partition p (no expiry)
+
+A commit in partition p WATCHes the fence and applies only while it equals our token (`PartitionFence`). A new
+holder installs its token in every partition's fence right after taking the lease, before it reads anything:
+from then on an old holder's commit fails there, exactly as it would against the lease key. Before the install
+the old holder may still commit in p; the new holder has read nothing yet, so it sees that commit (done set,
+acks) as it would one made before it took the lease. A fence found below our token (absent: a failover lost it)
+is raised to it only while the run's token counter still names our token (nobody has drawn a newer one), in
+the same MULTI as the commit. A fence above it means a newer holder: the lease is lost. The fence needs no
+renewal: expiry is the lease's business (who may take over), fencing the tokens' (whose writes apply).
 """
 
 from __future__ import annotations
@@ -180,6 +194,13 @@ class Lease:
             # the key was touched before the EXEC (our own renewal, or a new holder): look again
         raise LeaseLostError(f"the {self.role} lease key kept changing under {_FENCE_ATTEMPTS} transactions")
 
+    async def verify_last_token(self) -> None:
+        """Raise `LeaseLostError` unless our token is still the last one drawn: nobody has taken the lease since."""
+        last = await self.redis.get(self.tokens_key)
+        if int(last or 0) != self.token:
+            self.lost = f"the {self.role} lease (token {self.token}) was taken since: the last token is {last!r}"
+            raise LeaseLostError(self.lost)
+
     async def start_renewing(self) -> None:
         if self._task is None:
             self._task = asyncio.create_task(self._renew_loop(), name=f"lease-{self.role}")
@@ -238,3 +259,42 @@ async def _watch_and_get(pipe: Pipeline, *keys: str) -> list[Any]:
     """WATCH `keys` and read them (a connection lost meanwhile is a ConnectionError, for the retry)."""
     await read_watched(pipe.watch(*keys))
     return [await read_watched(pipe.get(key)) for key in keys]
+
+
+class PartitionFence:
+    """`lease`'s fence in one partition's slot (module docstring): commits in that partition run through
+    `fenced`, as the lease's own do in the namespace's slot. `redis` reaches the partition's slot."""
+
+    def __init__(self, lease: Lease, redis: aioredis.Redis, namespace: str) -> None:
+        self.lease, self.redis = lease, redis
+        self.key = f"{namespace}:lease:{lease.role}:fence"
+
+    async def install(self) -> None:
+        """Put the lease's token in this partition's fence (the new holder, before it reads anything)."""
+        await self.fenced(lambda pipe: None)
+
+    async def fenced(self, queue: Callable[[Pipeline], object]) -> list[Any]:
+        """Run `queue`'s commands in one MULTI/EXEC in this partition's slot that applies only while its fence
+        holds our token (raising it there first where it is lower); `LeaseLostError` otherwise."""
+        lease = self.lease
+        for _ in range(_FENCE_ATTEMPTS):
+            lease.check()
+            async with self.redis.pipeline(transaction=True) as pipe:
+                (found,) = await _watch_and_get(pipe, self.key)
+                installed = int(found or 0)
+                if installed > lease.token:
+                    lease.lost = f"the {lease.role} lease (token {lease.token}) is fenced off: token {installed} " \
+                                 f"was installed in {self.key}"  # fmt: skip
+                    raise LeaseLostError(lease.lost)
+                if installed < lease.token:
+                    await lease.verify_last_token()
+                pipe.multi()  # type: ignore[no-untyped-call]
+                if installed < lease.token:
+                    pipe.set(self.key, lease.token)
+                queue(pipe)
+                try:
+                    result: list[Any] = await pipe.execute()
+                except rexc.WatchError:
+                    continue  # another holder installed its token meanwhile: look again
+            return result[1:] if installed < lease.token else result
+        raise LeaseLostError(f"the {lease.role} fence {self.key} kept changing under {_FENCE_ATTEMPTS} transactions")

@@ -1,6 +1,6 @@
 """The data plane on a Redis Cluster: each command goes to the primary that serves its key's slot.
 
-A run's keys share one slot (its namespace is a hash tag, `{run1}`: `connection.one_slot`), so in practice every
+A run's keys share one slot (its namespace is a hash tag, `{run1}`: `keys.one_slot`), so in practice every
 command goes to one node; the routing matters when that node fails over or the slot moves. The router reads the
 slot map with CLUSTER SLOTS from any node it knows, follows MOVED (the slot has a new primary: read the map
 again) and ASK (the slot is being migrated: ASKING, then the command, once, on that node's connection), and

@@ -36,6 +36,9 @@ class BusConfig:
     """Stream behaviour shared by every process of a run."""
 
     namespace: str = "miles"
+    # The prompt, partial and trajectory streams (and what a commit touches with them) split this many ways,
+    # each partition under a hash tag of its own: on a Redis Cluster, over as many slots (keys.py; docs/scale.md)
+    partitions: int = 1
     maxlen_cap: int = 100_000  # memory safety cap on XADD (MAXLEN ~); trimming normally follows acks
     block_ms: int = 1000
     claim_idle_ms: int = 60_000  # also: an observer group (recorder) silent this long is dead, trimmed past
@@ -63,6 +66,7 @@ class BusConfig:
 
     def __post_init__(self) -> None:
         check(bool(self.namespace) and ":" not in self.namespace, "bus.namespace", "must be non-empty, no ':'")
+        check(1 <= self.partitions <= 1024, "bus.partitions", "must be between 1 and 1024 (1: one stream each)")
         check(self.maxlen_cap >= 1000, "bus.maxlen_cap", "must be >= 1000: it is a safety cap, not a trimmer")
         check(self.block_ms >= 1, "bus.block_ms", "must be >= 1")
         check(self.claim_idle_ms >= 1, "bus.claim_idle_ms", "must be >= 1")

@@ -37,7 +37,7 @@ import asyncio
 import contextlib
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
@@ -86,8 +86,10 @@ class Admission:
         producer_id: str,
         own_version: Callable[[], int],
         over_sampling: float = 1.0,
+        partitions: Sequence[tuple[aioredis.Redis, Keys]] = (),
     ) -> None:
         self.redis, self.keys, self.config = redis, keys, config
+        self.partitions = list(partitions) or [(redis, keys)]  # whose streams' backlogs are summed (bus.partitions)
         self.producer_id, self.own_version, self.over_sampling = producer_id, own_version, over_sampling
         self._budget = Budget(None, 0.0, 0, 0, 0)
         self._read_at = -math.inf
@@ -150,8 +152,10 @@ class Admission:
         per_version = every * max(batch, sum(float(m.info.get("read_per_batch", 0.0)) for m in members
                                              if m.role == "trainer"))  # fmt: skip
         cap = math.floor((staleness + 1) * per_version * self.over_sampling) + 1  # all the count can matter to
-        trajectories = await group_backlog(self.redis, self.keys.trajectories, "trainer", cap)
-        partials = await group_backlog(self.redis, self.keys.partials, "producers", cap)
+        unacked = undelivered = 0
+        for client, k in self.partitions:
+            unacked += (await group_backlog(client, k.trajectories, "trainer", cap)).unacked
+            undelivered += (await group_backlog(client, k.partials, "producers", cap)).undelivered
         after = await alive_members(self.redis, self.keys, self.config.heartbeat_ttl_s)
         trainers = [m.info for m in after if m.role == "trainer"]
         announced: list[tuple[bytes, float]] = await self.redis.zrevrange(  # type: ignore[assignment]
@@ -159,7 +163,7 @@ class Admission:
         )
         version = max([int(t.get("version", 0)) for t in trainers] + [int(score) for _, score in announced])
         held = sum(int(t.get("held", 0)) for t in trainers)
-        queued = max(trajectories.unacked - held, 0) + partials.undelivered
+        queued = max(unacked - held, 0) + undelivered
         return Budget(staleness, per_version, version, queued, self._others_in_flight(after), self.over_sampling)
 
     def _others_in_flight(self, members: list[Member]) -> int:

@@ -24,6 +24,11 @@ partials stream, prompts with none back to the prompt stream, so nothing is lost
 Admission (`admission.py`): a new prompt is claimed only while in_flight + queued fits the trainers'
 staleness budget; partials are resumed regardless (they were admitted already). How a sample is rolled out
 is a `RolloutFn` (`turns.py`): single-turn by default, or turns of model and tool output (the calculator).
+
+Partitions (`bus.partitions` N > 1): the streams above exist once per partition, and the producer holds a `Lane`
+for each. It reads every lane's partials, then every lane's prompts (without waiting, starting from the next lane
+in turn; then a wait of `block_ms / N` on one), and a group stays in the lane its entry came from: published to
+that lane's trajectory stream, recycled to its partials, handed back to its prompts, its prompt record kept there.
 """
 
 from __future__ import annotations
@@ -78,9 +83,25 @@ class ProducerCounters:
 
 
 @dataclass(frozen=True, slots=True, eq=False)
+class Lane:
+    """One partition of the run's streams as a producer sees it (`bus.partitions`; one lane, the namespace's own
+    streams, by default): a group made from its prompt is published, recycled and handed back within it."""
+
+    keys: Keys
+    prompts: StreamConsumer
+    publisher: GroupPublisher
+    partials: StreamConsumer | None = None
+
+    @property
+    def sources(self) -> tuple[StreamConsumer, ...]:
+        return (self.prompts,) if self.partials is None else (self.partials, self.prompts)
+
+
+@dataclass(frozen=True, slots=True, eq=False)
 class _Work:
     """One group to make: from a prompt entry (every sample fresh) or a partial entry (some started)."""
 
+    lane: Lane
     source: StreamConsumer
     entry: Entry
     partial: Partial
@@ -106,11 +127,16 @@ class RolloutProducer:
         sampling: SamplingParams | None = None,
         weights: WeightSubscriber | None = None,
         codec: GroupCodec | None = None,
+        lanes: Sequence[Lane] = (),
     ) -> None:
+        """`prompts`, `partials` and `publisher` are the one partition's; with `lanes` (`bus.partitions` > 1)
+        those are the first lane's, and the producer reads every lane round-robin."""
         self.weights, self.admission = weights, admission
         self.config, self.engine, self.tokenizer, self.reward_fn = config, engine, tokenizer, reward_fn
         self.rollout_fn, self.sampling = rollout_fn, sampling or config.sampling
-        self.prompts, self.partials, self.publisher = prompts, partials, publisher
+        self.lanes = tuple(lanes) or (Lane(Keys(prompts.config.namespace), prompts, publisher, partials),)
+        self.prompts, self.partials, self.publisher = self.lanes[0].prompts, self.lanes[0].partials, publisher
+        self._next_lane = 0  # the lane whose prompts are read first next time
         self.codec = codec or GroupCodec()
         self.producer_id = config.resolved_producer_id()
         self.counters = ProducerCounters()
@@ -126,7 +152,7 @@ class RolloutProducer:
 
     @property
     def sources(self) -> tuple[StreamConsumer, ...]:
-        return (self.prompts,) if self.partials is None else (self.partials, self.prompts)
+        return tuple(s for lane in self.lanes for s in lane.sources)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Claim and process prompts and partials until `stop` is set, then hand back or recycle what is in
@@ -163,13 +189,13 @@ class RolloutProducer:
                     acquire.cancel()
                     break
                 claimed = await self._claim(stop, stop_wait)
-                if claimed is None or not claimed[1]:
+                if claimed is None or not claimed[2]:
                     slots.release()
                     if claimed is None:
                         break
                     continue
-                source, (entry,) = claimed
-                task = asyncio.create_task(self._process(source, entry))
+                lane, source, (entry,) = claimed
+                task = asyncio.create_task(self._process(lane, source, entry))
                 self._tasks.add(task)
                 task.add_done_callback(done)
         finally:
@@ -187,19 +213,31 @@ class RolloutProducer:
 
     async def _claim(
         self, stop: asyncio.Event, stop_wait: asyncio.Task[Any]
-    ) -> tuple[StreamConsumer, list[Entry]] | None:
-        """Up to one entry: a partial if one waits, else a prompt once admission allows. None: stopped."""
-        if self.partials is not None:
-            entries = await self._read(self.partials, stop_wait, block_ms=0)
-            if entries is None or entries:
-                return None if entries is None else (self.partials, entries)
+    ) -> tuple[Lane, StreamConsumer, list[Entry]] | None:
+        """Up to one entry: a partial if one waits (in any lane), else a prompt once admission allows: every
+        lane's prompts without waiting, starting from the next lane in turn, then a wait on one of them
+        (`block_ms` shared among the lanes). None: stopped."""
+        for lane in self.lanes:
+            if lane.partials is not None:
+                entries = await self._read(lane, lane.partials, stop_wait, block_ms=0)
+                if entries is None or entries:
+                    return None if entries is None else (lane, lane.partials, entries)
         if self.admission is not None and not await self.admission.wait_for_room(lambda: self.in_flight, stop):
             return None
-        entries = await self._read(self.prompts, stop_wait)
-        return None if entries is None else (self.prompts, entries)
+        n = len(self.lanes)
+        first, self._next_lane = self._next_lane, (self._next_lane + 1) % n
+        order = [self.lanes[(first + i) % n] for i in range(n)]
+        if n > 1:
+            for lane in order:
+                entries = await self._read(lane, lane.prompts, stop_wait, block_ms=0)
+                if entries is None or entries:
+                    return None if entries is None else (lane, lane.prompts, entries)
+        wait_ms = self.prompts.config.block_ms if n == 1 else max(self.prompts.config.block_ms // n, 1)
+        entries = await self._read(order[0], order[0].prompts, stop_wait, block_ms=wait_ms)
+        return None if entries is None else (order[0], order[0].prompts, entries)
 
     async def _read(
-        self, source: StreamConsumer, stop_wait: asyncio.Task[Any], block_ms: int | None = None
+        self, lane: Lane, source: StreamConsumer, stop_wait: asyncio.Task[Any], block_ms: int | None = None
     ) -> list[Entry] | None:
         """One read that a stop cuts short. None: stopped (entries read just then are handed back)."""
         reading = asyncio.create_task(self.retry.run(lambda: source.read(1, block_ms)))
@@ -212,7 +250,7 @@ class RolloutProducer:
         entries = reading.result()
         if stop_wait.done():
             for entry in entries:  # claimed just as we stopped: hand it straight back
-                await self._hand_back(source, entry, dict(entry.fields))
+                await self._hand_back(lane, source, entry, dict(entry.fields))
             return None
         return entries
 
@@ -235,17 +273,17 @@ class RolloutProducer:
                 if source.lost:
                     await self.engine.abort(sorted(f"{source.stream}#{i}" for i in source.lost))
 
-    def _work(self, source: StreamConsumer, entry: Entry) -> _Work:
+    def _work(self, lane: Lane, source: StreamConsumer, entry: Entry) -> _Work:
         """Raises `SchemaError` for an entry that does not decode."""
-        if source is self.partials:
+        if source is lane.partials:
             self.counters.resumed += 1
-            return _Work(source, entry, decode_partial(self.codec, entry.fields))
+            return _Work(lane, source, entry, decode_partial(self.codec, entry.fields))
         prompt = decode_prompt(entry.data)
-        return _Work(source, entry, Partial(bytes(entry.data), prompt, (), self.config.n_samples_per_prompt))
+        return _Work(lane, source, entry, Partial(bytes(entry.data), prompt, (), self.config.n_samples_per_prompt))
 
-    async def _process(self, source: StreamConsumer, entry: Entry) -> None:
+    async def _process(self, lane: Lane, source: StreamConsumer, entry: Entry) -> None:
         try:
-            work = self._work(source, entry)
+            work = self._work(lane, source, entry)
         except SchemaError as exc:
             self.counters.dead_lettered += 1
             await source.dead_letter(entry, f"schema: {exc}")
@@ -287,7 +325,7 @@ class RolloutProducer:
         await self._keep_prompt(work, group.group_id)  # left if dropped below: its new owner writes the same
         # Ownership is checked again at the XADD: a stall during scoring or the wait for room may outlast the
         # claim, and the check above (after generation) came before it.
-        if await self.publisher.publish(group, still_owned=lambda: source.confirm_owned(entry.id)) is None:
+        if await lane.publisher.publish(group, still_owned=lambda: source.confirm_owned(entry.id)) is None:
             self.counters.taken_over += 1
             log.warning("group_dropped_taken_over", stream=source.stream, id=entry.id, group=group.group_id)
             return
@@ -324,7 +362,7 @@ class RolloutProducer:
         done with the group (or with a duplicate of it), or re-queues it if the group arrives too stale to train
         on. Written after the publication, a trainer that committed the group first left it behind for good."""
         source = work.source
-        prompt_of = Keys(source.config.namespace).prompt_of
+        prompt_of = work.lane.keys.prompt_of
         await self.retry.run(lambda: source.redis.hset(prompt_of, group_id, work.partial.prompt_data))
 
     async def _ack_published(self, work: _Work) -> None:
@@ -336,17 +374,18 @@ class RolloutProducer:
         """An interrupted group: what it has goes to the partials stream (the prompt back to the prompt
         stream if no sample has a token yet, or where there is no partials stream)."""
         fields = None
-        if self.partials is not None:
+        lane = work.lane
+        if lane.partials is not None:
             try:
                 fields = encode_partial(self.codec, work.partial.prompt_data, work.partial.prompt, prompt_ids,
                                         results, self.producer_id)  # fmt: skip
             except SchemaError as exc:  # should not happen; the prompt is kept all the same
                 log.error("partial_not_encodable", group=group_id(work.partial.prompt), error=str(exc))
         if fields is None:
-            await self._hand_back(work.source, work.entry, {DATA: work.partial.prompt_data}, to=self.prompts)
+            await self._hand_back(lane, work.source, work.entry, {DATA: work.partial.prompt_data}, to=lane.prompts)
             return
-        assert self.partials is not None
-        if not await self._hand_back(work.source, work.entry, fields, to=self.partials, count=False):
+        assert lane.partials is not None
+        if not await self._hand_back(lane, work.source, work.entry, fields, to=lane.partials, count=False):
             return
         self.counters.recycled += 1
         if self.admission is not None:
@@ -354,6 +393,7 @@ class RolloutProducer:
 
     async def _hand_back(
         self,
+        lane: Lane,
         source: StreamConsumer,
         entry: Entry,
         fields: dict[Any, Any],
@@ -365,7 +405,7 @@ class RolloutProducer:
         new entry for a done group would outlive the done set's record of it (`bus/done.py`)."""
         target = to or source
         group = _group_of(fields)
-        done_key = Keys(source.config.namespace).done(TRAINER_GROUP)
+        done_key = lane.keys.done(TRAINER_GROUP)  # the lane's: in its slot, with both streams
 
         async def hand_back() -> bool:  # retried through an outage; a retry after an applied EXEC re-publishes,
             while True:  # and the copy's group id is dropped

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,6 +17,8 @@ from miles_stream.bus.streams import as_str
 from miles_stream.evaluation.follow import parse_results
 from miles_stream.evaluation.record import EvalResult
 from miles_stream.weights.versions import WeightSubscriber
+
+Partitions = Sequence[tuple[aioredis.Redis, Keys]]  # each partition's control client and keys (bus/partitioned.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,23 +71,33 @@ class NamespaceStatus:
         return self.latest_weight_version - min(in_use)
 
 
-async def namespace_status(redis: aioredis.Redis, keys: Keys, heartbeat_ttl_s: float) -> NamespaceStatus:
+async def namespace_status(
+    redis: aioredis.Redis, keys: Keys, heartbeat_ttl_s: float, partitions: Partitions = ()
+) -> NamespaceStatus:
+    """The namespace's status. With `partitions` (bus.partitions > 1: each partition's control client and keys)
+    each partition's streams are listed on their own (`{ns.p0}:prompts`, ...), and the done groups and dead
+    letters are summed over the partitions."""
     try:
         info = await redis.info("server")
     except rexc.NoPermissionError:  # an ACL user limited to data commands (docs/redis.md): no server version
         info = {}
-    streams = tuple([await stream_status(redis, key) for key in keys.streams])
+    parts = list(partitions) or [(redis, keys)]
+    own = [k for k in keys.streams if len(parts) == 1 or k not in keys.partition_streams]
+    streams = tuple([await stream_status(redis, key) for key in own]
+                    + [await stream_status(c, key) for c, k in parts[1 if len(parts) == 1 else 0 :]
+                       for key in k.partition_streams])  # fmt: skip
     latest = await WeightSubscriber(redis, keys, {}).latest()  # a malformed announcement is not the latest
     version = latest[1].version if latest is not None else None
     group_names = {g.name for s in streams for g in s.groups}
-    done = {name: await done_count(redis, keys.done(name)) for name in sorted(group_names)}
+    done = {name: sum([await done_count(c, k.done(name)) for c, k in parts]) for name in sorted(group_names)}
+    dead = {k.dead for _, k in parts}
     return NamespaceStatus(
         namespace=keys.namespace,
         server_version=describe_server(info),
         streams=streams,
         members=tuple(await alive_members(redis, keys, heartbeat_ttl_s)),
         latest_weight_version=version,
-        dead_letters=next(s.length for s in streams if s.key == keys.dead),
+        dead_letters=sum(s.length for s in streams if s.key in dead),
         done_groups={k: v for k, v in done.items() if v},
         evals=await latest_evals(redis, keys),
         taken_at=time.time(),

@@ -22,7 +22,7 @@ from rich.text import Text
 from miles_stream.aio import stop_task
 from miles_stream.bus import Keys
 from miles_stream.status.operator import operator_lines
-from miles_stream.status.snapshot import NamespaceStatus, namespace_status
+from miles_stream.status.snapshot import NamespaceStatus, Partitions, namespace_status
 
 
 def render_json(status: NamespaceStatus, *, indent: int | None = 2) -> str:
@@ -97,7 +97,13 @@ def render_tables(status: NamespaceStatus, console: Console | None = None) -> No
 
 
 async def watch(
-    redis: aioredis.Redis, keys: Keys, heartbeat_ttl_s: float, interval_s: float, *, as_json: bool = False
+    redis: aioredis.Redis,
+    keys: Keys,
+    heartbeat_ttl_s: float,
+    interval_s: float,
+    *,
+    as_json: bool = False,
+    partitions: Partitions = (),
 ) -> None:
     """Show the status every `interval_s` until SIGINT (Ctrl-C: raises KeyboardInterrupt, so the command exits
     130) or SIGTERM (returns: exit 0). On a terminal, without `as_json`, one live table redrawn in place;
@@ -117,9 +123,10 @@ async def watch(
         loop.add_signal_handler(sig, on_signal, sig)
     try:
         if as_json or not sys.stdout.isatty():
-            await _print_snapshots(redis, keys, heartbeat_ttl_s, interval_s, stopped, as_json=as_json)
+            await _print_snapshots(redis, keys, heartbeat_ttl_s, interval_s, stopped, as_json=as_json,
+                                   partitions=partitions)  # fmt: skip
         else:
-            await _live(redis, keys, heartbeat_ttl_s, interval_s, stopped)
+            await _live(redis, keys, heartbeat_ttl_s, interval_s, stopped, partitions)
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
@@ -127,13 +134,14 @@ async def watch(
         raise KeyboardInterrupt
 
 
-async def _live(redis: aioredis.Redis, keys: Keys, ttl_s: float, interval_s: float, stopped: asyncio.Event) -> None:
-    status = await _snapshot(redis, keys, ttl_s, stopped)
+async def _live(redis: aioredis.Redis, keys: Keys, ttl_s: float, interval_s: float, stopped: asyncio.Event,
+                partitions: Partitions) -> None:  # fmt: skip
+    status = await _snapshot(redis, keys, ttl_s, stopped, partitions)
     if status is None:
         return
     with Live(_operator(status, None), refresh_per_second=4, screen=False) as live:
         while not await _wait(stopped, interval_s):
-            previous, status = status, await _snapshot(redis, keys, ttl_s, stopped)
+            previous, status = status, await _snapshot(redis, keys, ttl_s, stopped, partitions)
             if status is None:
                 return
             live.update(_operator(status, previous))
@@ -144,9 +152,16 @@ def _operator(status: NamespaceStatus, previous: NamespaceStatus | None) -> Text
 
 
 async def _print_snapshots(
-    redis: aioredis.Redis, keys: Keys, ttl_s: float, interval_s: float, stopped: asyncio.Event, *, as_json: bool
+    redis: aioredis.Redis,
+    keys: Keys,
+    ttl_s: float,
+    interval_s: float,
+    stopped: asyncio.Event,
+    *,
+    as_json: bool,
+    partitions: Partitions,
 ) -> None:
-    status = await _snapshot(redis, keys, ttl_s, stopped)
+    status = await _snapshot(redis, keys, ttl_s, stopped, partitions)
     previous: NamespaceStatus | None = None
     while status is not None:
         try:
@@ -160,7 +175,7 @@ async def _print_snapshots(
             return
         if await _wait(stopped, interval_s):
             return
-        previous, status = status, await _snapshot(redis, keys, ttl_s, stopped)
+        previous, status = status, await _snapshot(redis, keys, ttl_s, stopped, partitions)
 
 
 async def _wait(stopped: asyncio.Event, timeout_s: float) -> bool:
@@ -170,10 +185,11 @@ async def _wait(stopped: asyncio.Event, timeout_s: float) -> bool:
     return stopped.is_set()
 
 
-async def _snapshot(redis: aioredis.Redis, keys: Keys, ttl_s: float, stopped: asyncio.Event) -> NamespaceStatus | None:
+async def _snapshot(redis: aioredis.Redis, keys: Keys, ttl_s: float, stopped: asyncio.Event,
+                    partitions: Partitions = ()) -> NamespaceStatus | None:  # fmt: skip
     """The namespace's status, or None if `stopped` is set first (the read is then abandoned: a slow or hung
     server does not hold up the exit)."""
-    read = asyncio.ensure_future(namespace_status(redis, keys, ttl_s))
+    read = asyncio.ensure_future(namespace_status(redis, keys, ttl_s, partitions))
     stop = asyncio.ensure_future(stopped.wait())
     await asyncio.wait({read, stop}, return_when=asyncio.FIRST_COMPLETED)
     stop.cancel()

@@ -127,7 +127,7 @@ def _begin(root: Path, state: TrainerState) -> Path:
 def _finish(root: Path, tmp: Path, state: TrainerState, keep: int) -> Path:
     """Add the metadata to `tmp`, fsync it all, rename it into place and name it in `latest`."""
     (tmp / "rng.json").write_text(json.dumps(_rng_state()))
-    claims = [[c.entry_id, c.group_id] for c in state.claims]
+    claims = [[c.entry_id, c.group_id, *([c.partition] if c.partition else [])] for c in state.claims]
     (tmp / "trainer.json").write_text(
         json.dumps(
             {
@@ -164,7 +164,8 @@ def load_checkpoint(root: str | Path, read: Callable[[Path], None]) -> TrainerSt
     except (OSError, ValueError, RuntimeError, KeyError) as exc:
         raise MilesStreamError(f"checkpoint {path} cannot be loaded: {exc}") from exc
     _set_rng_state(rng)
-    claims = tuple(Claim(entry_id, group_id) for entry_id, group_id in meta["claims"])
+    # each claim: [entry id, group id] and, on a partitioned run (bus.partitions), the partition
+    claims = tuple(Claim(c[0], c[1], int(c[2]) if len(c) > 2 else 0) for c in meta["claims"])
     return TrainerState(step=int(meta["step"]), version=int(meta["version"]), claims=claims,
                         run_id=str(meta.get("run_id", "")), recent=tuple(meta.get("recent", ())))  # fmt: skip
 

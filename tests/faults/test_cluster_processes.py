@@ -7,6 +7,8 @@
                              generated again, or a second copy, dropped by group id, as after a host crash
     a producer's kill -9     its prompts move to another producer (slow tier: the same test as on one server)
     an ACL user              a namespace-limited user runs feed, produce, train, status (slow tier)
+    partitions               the same with bus.partitions=3, each partition on a primary of its own, the user
+                             limited to the run's and its partitions' keys (slow tier)
 
 The pipeline test itself runs on a cluster with -m slow (tests/integration/test_pipeline.py)."""
 
@@ -27,6 +29,7 @@ from redis_tiers import tier_binary
 from test_process_faults import PROMPTS, commit_all, feed, pending, producer, wait_for
 from test_redis_faults import consume
 
+from miles_stream.bus.keys import partition_keys, partition_namespace
 from miles_stream.demo.task import write_task
 from miles_stream.redis_cluster import LocalCluster
 
@@ -115,3 +118,30 @@ def test_a_namespace_limited_acl_user_runs_the_pipeline_on_a_cluster(tmp_path: P
             assert announced[-1] == 3 and announced == sorted(set(announced))
             with pytest.raises(redis.exceptions.NoPermissionError):
                 user.set("{other}:x", 1)
+
+
+@pytest.mark.slow
+def test_a_partitioned_run_as_processes_on_a_cluster_as_a_namespace_limited_user(tmp_path: Path) -> None:
+    """feed, produce, train and status with bus.partitions=3 (each partition's primary its own), run by a user
+    allowed only the run's keys and its partitions' (docs/redis.md): every group trained once, in its partition."""
+    with LocalCluster(tier_binary("valkey")) as cluster:
+        while True:
+            ns = namespace_on(cluster, 0)
+            parts = partition_keys(ns, 3)
+            if sorted(cluster.primary_of(k.trajectories) for k in parts) == [0, 1, 2]:
+                break
+        password = uuid.uuid4().hex
+        partition_rule = "~" + partition_namespace(ns, 0).replace(".p0", ".p*") + ":*"  # ~{cXXXX.p*}:*
+        for i in range(len(cluster.nodes)):
+            with cluster.client(i) as node:
+                rules = [*(r.format(ns=ns) for r in ACL_RULES + CLUSTER_ACL_RULES), partition_rule]  # after resetkeys
+                node.execute_command("ACL", "SETUSER", "miles", f">{password}", *rules)
+        url = cluster.url.replace("redis://", f"redis://miles:{password}@")
+        feed_produce_train_status(url, ns, tmp_path, ["bus.partitions=3"])
+        with redis.RedisCluster.from_url(cluster.url.split("?")[0]) as client:
+            done = [done_total(client, k.done("trainer")) for k in parts]
+            assert sum(done) >= 12 and all(done), done  # 3 steps of 4 groups at least, read from every partition
+            fed = [sum(int(v) for v in client.hvals(f"{k.namespace}:feeder:published")) for k in parts]
+            assert fed == [34, 33, 33]  # the demo task's 100 prompts, position i to partition i mod 3
+            assert not client.exists(f"{ns}:prompts", f"{ns}:trajectories", f"{ns}:done:trainer")
+            assert client.exists(f"{ns}:weights")  # the run's own keys stay in its slot

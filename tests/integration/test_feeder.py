@@ -85,9 +85,9 @@ async def test_a_retried_publish_after_it_went_through_does_nothing(
 ) -> None:
     config = FeederConfig(path=str(write_jsonl(tmp_path / "d.jsonl", 3)))
     feeder = Feeder(redis, keys, bus_config, config, load_rows(config))
-    assert await feeder._publish(0, 0) == (0, 1)
-    feeder.published = 0  # as if the reply had been lost: the retry finds the position moved
-    assert await feeder._publish(0, 0) == (0, 1)
+    assert await feeder._publish(0, 0, 0) == (0, 1)  # lane (partition) 0, epoch 0, position 0
+    feeder.counts[0] = 0  # as if the reply had been lost: the retry finds the position moved
+    assert await feeder._publish(0, 0, 0) == (0, 1)
     assert await redis.xlen(keys.prompts) == 1
     assert await feeder.position() == (0, 1)
     assert feeder.published == 1  # read back from Redis: the publication whose reply was lost counts
@@ -113,7 +113,7 @@ async def test_resuming_with_another_dataset_is_refused(
 ) -> None:
     config = FeederConfig(path=str(write_jsonl(tmp_path / "d.jsonl", 3)))
     feeder = Feeder(redis, keys, bus_config, config, load_rows(config))
-    await feeder._publish(0, 0)
+    await feeder._publish(0, 0, 0)
     other = FeederConfig(path=str(write_jsonl(tmp_path / "e.jsonl", 4)))
     with pytest.raises(MilesStreamError, match="written for 3 rows"):
         await Feeder(redis, keys, bus_config, other, load_rows(other)).run()

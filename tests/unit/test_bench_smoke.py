@@ -38,7 +38,7 @@ SMOKE = [
     pytest.param("bench_load.py", ["--producers", "2", "--rate", "2", "--seconds", "1", "--warmup", "1"],
                  marks=SERVER, id="load"),
     pytest.param("bench_load.py", ["--producers", "2", "--rate", "2", "--seconds", "1", "--warmup", "1",
-                                    "--cluster", "3"], marks=SERVER, id="load-cluster"),
+                                    "--cluster", "3", "--partitions", "3"], marks=SERVER, id="load-cluster-partitions"),
     pytest.param("bench_pipeline.py", ["--case", "cpu", "--steps", "2", "--warmup", "0", "--modes", "async"],
                  marks=SERVER, id="pipeline-cpu"),
     pytest.param("bench_precision_mismatch.py", ["--kinds", "dense", "--prompts", "2", "--new-tokens", "4", "--pairs",
