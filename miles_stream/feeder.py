@@ -171,7 +171,7 @@ class Feeder:
 
     def _run_key(self, lane: int) -> str:
         """The run identity the lane's transaction checks: the run's own key, or with partitions its copy in the
-        partition's slot (`_copy_run`): a partition whose node lost its data has lost the copy too."""
+        partition's slot (`_pin_partitions`): a partition whose node lost its data has lost the copy too."""
         return run_key(self.lanes[lane][1])
 
     def order(self, epoch: int) -> np.ndarray:
@@ -215,12 +215,27 @@ class Feeder:
         stride = len(self.lanes)
         return (epoch, position + stride) if position + stride < len(self.rows) else (epoch + 1, lane)
 
-    async def _copy_run(self) -> None:
-        """With partitions, the run identity each partition's transactions check, copied into its slot once."""
-        if self.run_identity is None or len(self.lanes) == 1:
-            return
-        for client, k in self.lanes:
-            await client.set(run_key(k), self.run_identity.encode(), nx=True)
+    async def _pin_partitions(self) -> None:
+        """The run's partition count, kept in the run's own slot (`{ns}:partitions`) from its first feeder on.
+        A feeder with another count is refused: its positions would be read from keys never written, and the
+        whole dataset fed again. On the first start (no count yet) each partition gets its copy of the run
+        identity, and only then the count; once the count is there a missing copy is a partition that lost its
+        data (`position_of` raises), not one to create again, which would feed that partition's share twice."""
+        key, n = f"{self.keys.namespace}:partitions", len(self.lanes)
+        stored = await self.redis.get(key)
+        if stored is None:
+            if n > 1 and await self.redis.exists(f"{self.keys.namespace}:feeder"):
+                stored = b"1"  # fed before the count was kept, and without partitions
+            else:
+                if self.run_identity is not None and n > 1:
+                    for client, k in self.lanes:
+                        await client.set(run_key(k), self.run_identity.encode(), nx=True)
+                await self.redis.set(key, n, nx=True)
+                stored = await self.redis.get(key)
+        fed = int(stored or n)  # (gone again at once only with the run itself: position_of says so)
+        if fed != n:
+            raise MilesStreamError(f"{key}: this run was fed with bus.partitions={fed}; this feeder has {n} "
+                                   f"(use the run's count, or another namespace)")  # fmt: skip
 
     async def run(self, stop: asyncio.Event | None = None) -> int:
         """Publish until the epochs are done or `stop` is set; returns how many prompts this call published."""
@@ -228,7 +243,7 @@ class Feeder:
         retry = replace(self.retry, stop=stop)  # told to stop in an outage: give up after its grace
         for client, k in self.lanes:
             await retry.run(functools.partial(ensure_group, client, k.prompts, self.config.group))
-        await retry.run(self._copy_run)
+        await retry.run(self._pin_partitions)
         at = [await retry.run(functools.partial(self.position_of, lane)) for lane in range(len(self.lanes))]
         log.info("feeder_resumed" if any(a != (0, lane) for lane, a in enumerate(at)) else "feeder_started",
                  epoch=min(at)[0], position=min(at)[1], partitions=len(self.lanes))  # fmt: skip

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from miles_stream.errors import ConfigError
+
 
 def observers_of(stream: str) -> str:
     """Hash on `stream`'s key: observer group -> entries trimmed before that group read them, not yet reported.
@@ -49,7 +51,12 @@ def partition_keys(namespace: str, partitions: int) -> tuple[Keys, ...]:
 
 def partitions_share(partitions: int, rank: int, world: int) -> tuple[int, ...]:
     """The partitions data-parallel rank `rank` of `world` reads: every world-th from its rank; where there are
-    fewer partitions than ranks, ranks share one (its consumer group splits the entries among them)."""
+    fewer partitions than ranks, ranks share one (its consumer group splits the entries among them). Unequal
+    shares are refused: a rank with more partitions reads more groups than its batch share while the others
+    wait for theirs, and the surplus holds admission's budget (a stall, or a third of generation dropped stale)."""
+    if partitions % world and world % partitions:
+        raise ConfigError(f"bus.partitions={partitions} over {world} trainer ranks: one must divide the other, "
+                          f"so that every rank reads an equal share")  # fmt: skip
     mine = tuple(range(rank, partitions, world))
     return mine or (rank % partitions,)
 

@@ -14,7 +14,9 @@ import pytest
 import redis.asyncio as aioredis
 
 from miles_stream.bus import BusConfig, Keys, StreamClient, StreamConsumer
-from miles_stream.errors import ConfigError, MilesStreamError, SchemaError
+from miles_stream.bus.keys import partition_keys
+from miles_stream.bus.run import join_run
+from miles_stream.errors import ConfigError, DataLossError, MilesStreamError, SchemaError
 from miles_stream.feeder import Feeder, FeederConfig, load_rows
 from miles_stream.models import build_tiny_model
 from miles_stream.prompts import PromptRecord, decode_prompt, encode_prompt
@@ -117,6 +119,44 @@ async def test_resuming_with_another_dataset_is_refused(
     other = FeederConfig(path=str(write_jsonl(tmp_path / "e.jsonl", 4)))
     with pytest.raises(MilesStreamError, match="written for 3 rows"):
         await Feeder(redis, keys, bus_config, other, load_rows(other)).run()
+
+
+async def test_a_run_keeps_its_partition_count_and_a_partition_that_lost_its_data_is_not_fed_again(
+    redis: aioredis.Redis, keys: Keys, bus_config: BusConfig, tmp_path: Path
+) -> None:
+    # a run fed without partitions is refused to a feeder with 3 (it would read positions never written and
+    # feed the whole dataset again), and the reverse; found by review, reproduced before the fix
+    config = FeederConfig(path=str(write_jsonl(tmp_path / "d.jsonl", 6)), max_queued=100)
+    rows = load_rows(config)
+    run = await join_run(redis, keys)
+
+    def feeder(ns: str, n: int) -> Feeder:
+        lanes = [(redis, k) for k in partition_keys(ns, n)] if n > 1 else []
+        f = Feeder(redis, Keys(ns), replace(bus_config, namespace=ns, partitions=n), config, rows, lanes)
+        f.run_identity = run if ns == keys.namespace else None
+        return f
+
+    one = feeder(keys.namespace, 1)
+    assert await one.run() == 6
+    with pytest.raises(MilesStreamError, match=r"fed with bus\.partitions=1; this feeder has 3"):
+        await feeder(keys.namespace, 3).run()
+    three = f"{keys.namespace}.three"
+    assert await feeder(three, 3).run() == 6
+    with pytest.raises(MilesStreamError, match=r"fed with bus\.partitions=3; this feeder has 1"):
+        await feeder(three, 1).run()
+    # partition 1 loses its data (its node's keys), the run's own slot keeps the run: a feeder started again
+    # stops with the data loss instead of feeding that partition's share a second time
+    lost = partition_keys(keys.namespace + ".lost", 3)
+    run = await join_run(redis, Keys(keys.namespace + ".lost"))
+    first = feeder(keys.namespace + ".lost", 3)
+    first.run_identity = run
+    assert await first.run() == 6
+    await redis.delete(*[key async for key in redis.scan_iter(match=f"{lost[1].namespace}:*")])
+    again = feeder(keys.namespace + ".lost", 3)
+    again.run_identity = run
+    with pytest.raises(DataLossError, match=r"lost this run's data"):
+        await again.run()
+    assert await redis.xlen(lost[1].prompts) == 0  # nothing fed again
 
 
 def test_parquet_and_chat_template(tmp_path: Path) -> None:
