@@ -82,17 +82,23 @@ def traced_batch(model_dir: Path, seed: int) -> RolloutBatch:
     return replace(batch, logp_rollout_BT=logp * batch.mask_BT)
 
 
+def replayed(replay: Any, model: Any, batch: RolloutBatch) -> tuple[torch.Tensor, int, int]:
+    """(logprobs [B, T], differing tokens, recorded tokens) of one forward of `model` with the batch's traces
+    given to `replay` (either backend's), as the train step drives it."""
+    replay.begin(replay_inputs(batch.routing, batch.lengths, packed=False, device="cpu"))
+    with torch.no_grad():
+        logp, _ = response_logprobs(model, micro_inputs(batch, "cpu"), temperature=0.7)
+    replay.end_forward()
+    replay.end()
+    differing, recorded = replay.take_counts()
+    return logp, differing, recorded
+
+
 def hf_logprobs(model_dir: Path, batch: RolloutBatch, *, replay: bool) -> tuple[torch.Tensor, float]:
     """(logprobs [B, T], fraction of recorded tokens whose own routing differs) of the HF model, replayed through
     the torch backend's RoutingReplay (or only counted)."""
     hf = load_causal_lm(str(model_dir), dtype="float32", device="cpu")
-    hook = RoutingReplay(hf, replace=replay)
-    hook.begin(replay_inputs(batch.routing, batch.lengths, packed=False, device="cpu"))
-    with torch.no_grad():
-        logp, _ = response_logprobs(hf, micro_inputs(batch, "cpu"), temperature=0.7)
-    hook.end_forward()
-    hook.end()
-    differing, recorded = hook.take_counts()
+    logp, differing, recorded = replayed(RoutingReplay(hf, replace=replay), hf, batch)
     return logp, differing / recorded
 
 
@@ -123,18 +129,13 @@ def test_megatron_moe_logprobs_with_and_without_replay_are_the_hf_models(moe_dir
     backend: Any = build_backend(config(moe_dir, routing_replay=True), AlgoConfig(), temperature=0.7,
                                  parallel=DataParallel())  # fmt: skip
     batch = traced_batch(moe_dir, seed=1)
-    x, mask = micro_inputs(batch, "cpu"), batch.mask_BT.bool()
+    mask = batch.mask_BT.bool()
     replay = backend.policy.replays[id(backend.model)]
     results = {}
     for replace_ in (False, True):
         want, want_differs = hf_logprobs(moe_dir, batch, replay=replace_)
         replay.replace = replace_
-        replay.begin(replay_inputs(batch.routing, batch.lengths, packed=False, device="cpu"))
-        with torch.no_grad():
-            got, _ = response_logprobs(backend.model, x, temperature=0.7)
-        replay.end_forward()
-        replay.end()
-        differing, recorded = replay.take_counts()
+        got, differing, recorded = replayed(replay, backend.model, batch)
         torch.testing.assert_close(got[mask], want[mask], atol=1e-5, rtol=1e-5)
         assert differing / recorded == want_differs > 0.5  # random traces: most tokens' own top-k differs
         results[replace_] = got
@@ -157,13 +158,7 @@ def test_replaying_the_models_own_routing_has_no_mismatch_and_changes_nothing(mo
     batch = replace(batch, routing=[own[i, : n - 1] for i, n in enumerate(batch.lengths)])
     backend: Any = build_backend(config(moe_dir, routing_replay=True), AlgoConfig(), temperature=0.7,
                                  parallel=DataParallel())  # fmt: skip
-    replay = backend.policy.replays[id(backend.model)]
-    replay.begin(replay_inputs(batch.routing, batch.lengths, packed=False, device="cpu"))
-    with torch.no_grad():
-        got, _ = response_logprobs(backend.model, x, temperature=0.7)
-    replay.end_forward()
-    replay.end()
-    differing, recorded = replay.take_counts()
+    got, differing, recorded = replayed(backend.policy.replays[id(backend.model)], backend.model, batch)
     assert (differing, recorded) == (0, sum(n - 1 for n in batch.lengths))
     with torch.no_grad():
         want, _ = response_logprobs(hf, x, temperature=0.7)

@@ -39,6 +39,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from miles_stream.trainer.torch.routing_replay import ReplayState
+
 with warnings.catch_warnings():  # Megatron warns at import that Apex and Transformer Engine are absent
     warnings.simplefilter("ignore")
     from megatron.core.transformer.moe.moe_utils import HAVE_TE
@@ -93,30 +95,15 @@ class LocalTopKRouter(TopKRouter):  # type: ignore[misc]
         return super().routing(logits, padding_mask=padding_mask)
 
 
-class MegatronRoutingReplay:
+class MegatronRoutingReplay(ReplayState):
     """R3 over a GPTModel's MoE routers, with the torch backend's `RoutingReplay` interface (begin, end_forward,
-    end, take_counts): `begin` gets `replay_inputs` (ids [b*s, layers, K], recorded [b*s], row-major)."""
+    end, take_counts: the shared `ReplayState`): `begin` gets `replay_inputs` (ids [b*s, layers, K], recorded
+    [b*s], row-major); the differing tokens are kept [s*b], in Megatron's token order."""
 
     def __init__(self, routers: list[Any], *, replace: bool) -> None:
-        self.routers, self.replace = routers, replace
-        self._ids: Tensor | None = None
-        self._recorded: Tensor | None = None
-        self._differs: Tensor | None = None  # [s*b] in Megatron's token order
-        self._counting = False
-        self.differing_tokens = 0
-        self.recorded_tokens = 0
+        super().__init__(routers, replace=replace)
         for layer, router in enumerate(routers):
             router.router_replay = LayerReplay(self, layer)
-
-    def begin(self, inputs: tuple[Tensor, Tensor] | None, *, count: bool = True) -> None:
-        if inputs is not None and inputs[0].shape[1] != len(self.routers):
-            if self.replace:
-                raise ValueError(f"the routing trace has {inputs[0].shape[1]} layers, the model {len(self.routers)} "
-                                 "routers: recorded with another model?")  # fmt: skip
-            inputs = None
-        self._ids, self._recorded = inputs if inputs is not None else (None, None)
-        self._differs = None if self._recorded is None else torch.zeros_like(self._recorded)
-        self._counting = inputs is not None and count
 
     def layer_inputs(self, layer: int, seq_batch: tuple[int, int] | None) -> tuple[Tensor, Tensor] | None:
         """(ids [s*b, K], recorded [s*b]) of `layer` in Megatron's sequence-major token order, or None."""
@@ -127,22 +114,3 @@ class MegatronRoutingReplay:
         s, b = seq_batch
         ids = self._ids[:, layer].view(b, s, -1).transpose(0, 1).reshape(s * b, -1)
         return ids, self._recorded.view(b, s).transpose(0, 1).reshape(s * b)
-
-    def count(self, own: Tensor, recorded_ids: Tensor, recorded: Tensor) -> None:
-        if self._counting and self._differs is not None:
-            self._differs |= (own.sort(-1).values != recorded_ids.sort(-1).values).any(-1) & recorded
-
-    def end_forward(self) -> None:
-        if self._counting and self._differs is not None and self._recorded is not None:
-            self.differing_tokens += int(self._differs.sum())
-            self.recorded_tokens += int(self._recorded.sum())
-        self._counting = False
-
-    def end(self) -> None:
-        self._ids = self._recorded = self._differs = None
-        self._counting = False
-
-    def take_counts(self) -> tuple[int, int]:
-        counts = self.differing_tokens, self.recorded_tokens
-        self.differing_tokens = self.recorded_tokens = 0
-        return counts

@@ -72,17 +72,19 @@ def replay_inputs(
     return ids.to(device), recorded.to(device)
 
 
-class RoutingReplay:
-    def __init__(self, model: nn.Module, *, replace: bool) -> None:
-        self.routers = moe_routers(model)
-        self.replace = replace
+class ReplayState:
+    """The state one R3 implementation keeps between `begin` and `end`, and its mismatch counts: this module's
+    `RoutingReplay` (forward hooks on HF routers) and the Megatron backend's `MegatronRoutingReplay` (a hook
+    inside Megatron's routers) differ only in how they reach a router."""
+
+    def __init__(self, routers: Sequence[Any], *, replace: bool) -> None:
+        self.routers, self.replace = list(routers), replace
         self._ids: Tensor | None = None
         self._recorded: Tensor | None = None
         self._differs: Tensor | None = None
         self._counting = False
         self.differing_tokens = 0  # totals over `count`ed forward passes
         self.recorded_tokens = 0
-        self._hooks = [r.register_forward_hook(self._hook(i)) for i, r in enumerate(self.routers)]
 
     def begin(self, inputs: tuple[Tensor, Tensor] | None, *, count: bool = True) -> None:
         """The next forward pass's recording (None: route freely); `count`: add its differing tokens up."""
@@ -94,6 +96,11 @@ class RoutingReplay:
         self._ids, self._recorded = inputs if inputs is not None else (None, None)
         self._differs = None if self._recorded is None else torch.zeros_like(self._recorded)
         self._counting = inputs is not None and count
+
+    def count(self, own: Tensor, recorded_ids: Tensor, recorded: Tensor) -> None:
+        """Mark the recorded tokens whose router's own top-k (`own`) is not the recording, in this layer."""
+        if self._counting and self._differs is not None:
+            self._differs |= (own.sort(-1).values != recorded_ids.sort(-1).values).any(-1) & recorded
 
     def end_forward(self) -> None:
         """Count this forward's differing tokens; the recording stays for the backward pass."""
@@ -111,6 +118,12 @@ class RoutingReplay:
         self.differing_tokens = self.recorded_tokens = 0
         return counts
 
+
+class RoutingReplay(ReplayState):
+    def __init__(self, model: nn.Module, *, replace: bool) -> None:
+        super().__init__(moe_routers(model), replace=replace)
+        self._hooks = [r.register_forward_hook(self._hook(i)) for i, r in enumerate(self.routers)]
+
     def remove(self) -> None:
         for hook in self._hooks:
             hook.remove()
@@ -124,9 +137,7 @@ class RoutingReplay:
             if own.shape != recorded_ids.shape:
                 raise RuntimeError(f"router {layer} saw {tuple(own.shape)} tokens x top-k, the replay has "
                                    f"{tuple(recorded_ids.shape)}")  # fmt: skip
-            if self._counting and self._differs is not None:
-                differs = (own.sort(-1).values != recorded_ids.sort(-1).values).any(-1) & self._recorded
-                self._differs |= differs
+            self.count(own, recorded_ids, self._recorded)
             if not self.replace:
                 return None
             chosen = torch.where(self._recorded[:, None], recorded_ids, own)
