@@ -7,6 +7,7 @@ rank reads `buffer.rollout_batch_size / world` groups per step as consumer `trai
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
@@ -29,10 +30,10 @@ from miles_stream.bus import (
 from miles_stream.bus.keys import partition_keys, partitions_share
 from miles_stream.bus.lease import Lease, PartitionFence
 from miles_stream.bus.partitioned import PartitionedConsumer, close_partition_clients, partition_clients
-from miles_stream.bus.run import join_run, verify_run
+from miles_stream.bus.run import check_partitions, join_run, verify_run
 from miles_stream.codec import GroupCodec
 from miles_stream.config import check_model_dir, to_dict
-from miles_stream.errors import ConfigError, LeaseHeldError, LeaseLostError
+from miles_stream.errors import ConfigError, LeaseHeldError, LeaseLostError, MilesStreamError
 from miles_stream.evaluation.follow import RunFollower
 from miles_stream.metrics_http import Collect, MetricsServer
 from miles_stream.record import RecordingSource
@@ -96,6 +97,7 @@ async def _run(config: RunConfig, parallel: DataParallel, resume: bool, stop: as
     redis, blocking = connect(config.redis), open_stream_client(config.redis, block_ms=config.bus.block_ms)
     try:
         await wait_until_reachable(redis, config.redis, stop)
+        await check_partitions(redis, keys, config.bus.partitions)
     except BaseException:
         await blocking.aclose()
         await redis.aclose()
@@ -125,6 +127,7 @@ async def _run(config: RunConfig, parallel: DataParallel, resume: bool, stop: as
         if publisher is not None:
             publisher.fence = service.lease
         service.run_identity, service.namespace = (run := await join_run(redis, keys)), keys.namespace
+        service.partitions = config.bus.partitions
         if parallel.is_main:  # rank 0 logs the run: W&B (optional), and eval results and producers next to steps
             service.metrics.wandb = WandbRun(config.wandb, run_id=f"{keys.namespace}-{run.id}", name=keys.namespace,
                                              settings=_loggable(config))  # fmt: skip
@@ -181,9 +184,11 @@ async def _take_lease(config: RunConfig, parallel: DataParallel, redis: Any, key
                       parts: Sequence[Keys]) -> Lease:  # fmt: skip
     """Rank 0 takes the trainer lease (waiting trainer.standby_s for another's to end) and keeps renewing it,
     and with partitions installs its token in every partition's fence before any rank reads; the other ranks
-    write under the same token."""
+    write under the same token. Whatever rank 0 meets is told to the other ranks, which wait for it in a
+    collective: they raise it too, rather than wait there until the launcher ends them."""
     lease = Lease(redis, keys, "trainer", name, ttl_s=config.bus.lease_ttl_s, retry=retry)
-    taken: tuple[int, bytes] | str | None = None
+    taken: tuple[str, Any] = ("", None)
+    failure: Exception | None = None
     if parallel.is_main:
         try:
             await lease.acquire(config.trainer.standby_s, stop)
@@ -191,13 +196,21 @@ async def _take_lease(config: RunConfig, parallel: DataParallel, redis: Any, key
             if len(parts) > 1:
                 for client, k in zip(clients, parts, strict=True):
                     await retry.run(PartitionFence(lease, client, k.namespace).install)
-            taken = (lease.token, lease.value)
+            taken = ("taken", (lease.token, lease.value))
         except LeaseHeldError as exc:
-            taken = str(exc)
-    shared = parallel.gather(taken)[0]
-    if isinstance(shared, str):
-        raise LeaseHeldError(shared)
-    lease.token, lease.value = shared
+            taken = ("held", str(exc))
+        except Exception as exc:  # e.g. fenced off at the install, or Redis away when told to stop
+            failure, taken = exc, ("failed", f"rank 0 could not take the trainer lease: {exc}")
+            with contextlib.suppress(Exception):  # a lease taken before the failure: let a standby have it now
+                await lease.release()
+    kind, what = parallel.gather(taken)[0]
+    if failure is not None:
+        raise failure
+    if kind == "held":
+        raise LeaseHeldError(what)
+    if kind == "failed":
+        raise MilesStreamError(what)
+    lease.token, lease.value = what
     return lease
 
 

@@ -10,7 +10,7 @@ from typing import Any
 from miles_stream.bus import Backpressure, Keys, alive_members, connect, open_stream_client, redact
 from miles_stream.bus.keys import partition_keys
 from miles_stream.bus.partitioned import close_partition_clients, partition_clients
-from miles_stream.bus.run import reset_run
+from miles_stream.bus.run import reset_run, run_partitions
 from miles_stream.errors import ConfigError, MilesStreamError
 from miles_stream.record.recorder import replay
 from miles_stream.run_config import RunConfig
@@ -48,10 +48,12 @@ async def replay_files(config: RunConfig, files: Sequence[str], rate: float) -> 
 async def show_status(config: RunConfig, namespace: str, *, as_json: bool, follow: bool, interval_s: float) -> None:
     keys = Keys(namespace or config.bus.namespace)
     client = connect(config.redis)
-    parts = partition_keys(keys.namespace, config.bus.partitions)
-    clients = partition_clients(config.redis, parts, client)
-    partitions = list(zip(clients, parts, strict=True)) if len(parts) > 1 else []
+    clients: list[Any] = []
     try:
+        fed = await run_partitions(client, keys)  # the run's own count, where it was fed, whatever the config says
+        parts = partition_keys(keys.namespace, fed or config.bus.partitions)
+        clients = partition_clients(config.redis, parts, client)
+        partitions = list(zip(clients, parts, strict=True)) if len(parts) > 1 else []
         if follow:
             await watch(client, keys, config.bus.heartbeat_ttl_s, interval_s, as_json=as_json, partitions=partitions)
             return
@@ -70,13 +72,17 @@ async def show_status(config: RunConfig, namespace: str, *, as_json: bool, follo
 
 
 async def reset_namespace(config: RunConfig, *, yes: bool) -> tuple[int, str]:
-    """Delete what is left of the namespace's keys and start a new run: (exit code, what to print)."""
+    """Delete what is left of the namespace's keys, every partition's too (those of the count the run was fed with
+    and of the configured one), and start a new run: (exit code, what to print)."""
     keys = Keys(config.bus.namespace)
     client = connect(config.redis)
-    parts = partition_keys(keys.namespace, config.bus.partitions)
-    clients = partition_clients(config.redis, parts, client)
-    spaces = [(client, keys), *((c, k) for c, k in zip(clients, parts, strict=True) if k != keys)]
+    clients: list[Any] = []
     try:
+        counts = {config.bus.partitions, await run_partitions(client, keys) or 1}
+        parts = list({k.namespace: k for n in sorted(counts) for k in partition_keys(keys.namespace, n) if k != keys}
+                     .values())  # fmt: skip
+        clients = partition_clients(config.redis, parts, client) if parts else []
+        spaces = [(client, keys), *zip(clients, parts, strict=True)]
         found = [(c, [key async for key in c.scan_iter(match=f"{k.namespace}:*", count=1000)]) for c, k in spaces]
         total = sum(len(keys_found) for _, keys_found in found)
         if not yes:

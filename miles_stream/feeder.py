@@ -28,7 +28,7 @@ import structlog
 
 from miles_stream.bus import Backpressure, BusConfig, Keys, RetryPolicy, ensure_group
 from miles_stream.bus.connection import read_watched
-from miles_stream.bus.run import RunIdentity, check_run, run_key
+from miles_stream.bus.run import RunIdentity, check_run, partitions_key, run_key
 from miles_stream.bus.streams import DATA
 from miles_stream.config import check
 from miles_stream.errors import ConfigError, MilesStreamError
@@ -221,7 +221,7 @@ class Feeder:
         whole dataset fed again. On the first start (no count yet) each partition gets its copy of the run
         identity, and only then the count; once the count is there a missing copy is a partition that lost its
         data (`position_of` raises), not one to create again, which would feed that partition's share twice."""
-        key, n = f"{self.keys.namespace}:partitions", len(self.lanes)
+        key, n = partitions_key(self.keys), len(self.lanes)
         stored = await self.redis.get(key)
         if stored is None:
             if n > 1 and await self.redis.exists(f"{self.keys.namespace}:feeder"):

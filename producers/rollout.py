@@ -25,7 +25,7 @@ from miles_stream.bus import (
 )
 from miles_stream.bus.keys import partition_keys
 from miles_stream.bus.partitioned import close_partition_clients, partition_clients
-from miles_stream.bus.run import join_run
+from miles_stream.bus.run import check_partitions, join_run
 from miles_stream.codec import GroupCodec
 from miles_stream.config import check_model_dir
 from miles_stream.engines.base import SamplingParams
@@ -62,6 +62,7 @@ async def _run(config: RunConfig, stop: asyncio.Event) -> int:
     redis, data = connect(config.redis), open_stream_client(config.redis)
     try:
         await wait_until_reachable(redis, config.redis, stop)
+        await check_partitions(redis, keys, config.bus.partitions)
     except BaseException:
         await redis.aclose()
         await data.aclose()
@@ -125,12 +126,13 @@ async def _run(config: RunConfig, stop: asyncio.Event) -> int:
 def _lane(config: RunConfig, redis: Any, blocking: StreamClient, data: StreamClient, keys: Keys, name: str,
           codec: GroupCodec, stop: asyncio.Event) -> Lane:  # fmt: skip
     """One partition's prompt and partial consumers and trajectory publisher (each partition's backlog bounded by
-    its share of bus.max_backlog_entries)."""
+    its share of bus.max_backlog_entries and bus.max_backlog_bytes, so the run's bounds are those of one stream)."""
     prompts, partials = (StreamConsumer(redis, blocking, stream=stream, group="producers", consumer=name,
                                         dead_stream=keys.dead, config=config.bus)
                          for stream in (keys.prompts, keys.partials))  # fmt: skip
-    share = -(-config.bus.max_backlog_entries // config.bus.partitions)
-    bounds = dataclasses.replace(config.bus, max_backlog_entries=share)
+    n = config.bus.partitions
+    bounds = dataclasses.replace(config.bus, max_backlog_entries=-(-config.bus.max_backlog_entries // n),
+                                 max_backlog_bytes=-(-config.bus.max_backlog_bytes // n))  # fmt: skip
     publisher = GroupPublisher(data, keys.trajectories, config.bus, codec=codec,
                                backpressure=Backpressure(redis, keys.trajectories, bounds),
                                retry=RetryPolicy(attempts=0, max_delay_s=2.0, stop=stop))  # fmt: skip

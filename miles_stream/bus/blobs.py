@@ -210,8 +210,12 @@ class Blobs:
     async def sweep(self, redis: aioredis.Redis, stream: str, *more: tuple[aioredis.Redis, str]) -> int:
         """Delete the blobs put more than the margin before the stream's oldest entry: acked by every group
         and trimmed, or never referenced (their publisher died before its XADD). With `more` (the other
-        partitions' trajectory streams, which share the store) the oldest entry of them all."""
-        first = min([await first_entry_ms(c, s) for c, s in ((redis, stream), *more)])
+        partitions' trajectory streams, which share the store) the oldest entry of them all; a peer with no entry
+        (none yet, or all trimmed) counts as Redis's clock now, or one idle partition would stop every sweep. A
+        blob put for it before its XADD is kept by the margin, as one put for a stream with entries is."""
+        first = min(
+            [await first_entry_ms(redis, stream), *[await first_entry_ms(c, s, now_if_empty=True) for c, s in more]]
+        )
         old = [n for n in await self.store.names() if (ms := put_ms(n)) is not None and ms < first - self.grace_ms]
         if old:
             await self.store.delete(old)
@@ -219,12 +223,16 @@ class Blobs:
         return len(old)
 
 
-async def first_entry_ms(redis: aioredis.Redis, stream: str) -> int:
-    """The ms of the stream's oldest entry; of its next one when it is empty; 0 if it does not exist."""
+async def first_entry_ms(redis: aioredis.Redis, stream: str, *, now_if_empty: bool = False) -> int:
+    """The ms of the stream's oldest entry; of its next one when it is empty; 0 if it does not exist. With
+    `now_if_empty`, Redis's clock now when it has no entry (or does not exist)."""
     try:
         first: Any = await redis.xrange(stream, count=1)
         if first:
             return parse_id(first[0][0])[0]
+        if now_if_empty:
+            seconds, micros = await redis.time()
+            return int(seconds) * 1000 + int(micros) // 1000
         info: Any = await redis.xinfo_stream(stream)
         return parse_id(info["last-generated-id"])[0] + 1
     except rexc.ResponseError as exc:

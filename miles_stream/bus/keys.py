@@ -12,6 +12,7 @@ no key name changes.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from miles_stream.errors import ConfigError
@@ -38,6 +39,21 @@ def partition_namespace(namespace: str, p: int) -> str:
         return f"{namespace}.p{p}"
     close = namespace.find("}", namespace.find("{") + 1)
     return f"{namespace[:close]}.p{p}{namespace[close:]}"
+
+
+def names_a_partition(namespace: str) -> bool:
+    """Whether `namespace` reads as a partition of another run's (`{run1.p0}`, `run1.p0`): its keys would be that
+    partition's, and a key rule for one would grant the other."""
+    tag = namespace[namespace.find("{") + 1 : namespace.find("}", namespace.find("{") + 1)] if one_slot(namespace) \
+        else namespace  # fmt: skip
+    return re.search(r"\.p\d+$", tag) is not None
+
+
+def key_patterns(namespace: str, partitions: int) -> list[str]:
+    """The ACL key rules (`~pattern`) that give a user a run's keys and only those: the namespace's and each
+    partition's by name (a wildcard such as `{run1.p*}` would also match another run's `{run1.prod}`)."""
+    spaces = [namespace, *(k.namespace for k in partition_keys(namespace, partitions) if k.namespace != namespace)]
+    return [f"~{space}:*" for space in spaces]
 
 
 def partition_keys(namespace: str, partitions: int) -> tuple[Keys, ...]:

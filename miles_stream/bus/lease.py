@@ -15,18 +15,22 @@ the same token: no other writer can have acted in between, since any other would
 A lease whose holder ran on this host and is no longer alive (kill -9, then a restart) is ended at once.
 
 Partitions (`bus.partitions` > 1): a commit touches one partition's keys, in that partition's slot, where the
-lease key is not (MULTI stays within one slot). Each partition keeps a copy of the token, the fence:
+lease key is not (MULTI stays within one slot). Each partition keeps a copy of the lease's value, the fence:
 
-    {ns.p}:lease:{role}:fence  the highest token installed in partition p (no expiry)
+    {ns.p}:lease:{role}:fence  "<token> <holder json>" of the last holder that committed in partition p (no expiry)
 
-A commit in partition p WATCHes the fence and applies only while it equals our token (`PartitionFence`). A new
-holder installs its token in every partition's fence right after taking the lease, before it reads anything:
-from then on an old holder's commit fails there, exactly as it would against the lease key. Before the install
-the old holder may still commit in p; the new holder has read nothing yet, so it sees that commit (done set,
-acks) as it would one made before it took the lease. A fence found below our token (absent: a failover lost it)
-is raised to it only while the run's token counter still names our token (nobody has drawn a newer one), in
-the same MULTI as the commit. A fence above it means a newer holder: the lease is lost. The fence needs no
-renewal: expiry is the lease's business (who may take over), fencing the tokens' (whose writes apply).
+A commit in partition p first reads the lease key (it must still hold our value), then WATCHes the fence and
+applies only while the fence holds our value too (`PartitionFence`). A new holder installs its value in every
+partition's fence right after taking the lease, before it reads anything: from then on an old holder's commit
+fails there (the WATCH breaks, or the fence names another holder). A fence with a lower token, none (a failover
+lost it), or our token with another holder (the run's slot failed over and lost a draw, so a token was drawn
+twice) is set to our value, in the same MULTI as the commit, only after the lease key was read as ours. A fence
+with a higher token means a newer holder: the lease is lost. Reading the lease key at each commit (one GET a
+partition a commit) covers a fence rolled back by a failover to an older holder's value: that holder finds the
+lease key naming another. What is left is a window of one round trip between that read and the EXEC, in which
+a new holder would have to take the lease, install its fence in p and lose that install to a failover of p.
+Every value carries a random id (`holder json`'s "id"), so two takes never share a value. The fence needs no
+renewal: expiry is the lease's business (who may take over), fencing the values' (whose writes apply).
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ import asyncio
 import contextlib
 import json
 import os
+import secrets
 import socket
 import time
 from collections.abc import Callable
@@ -74,7 +79,9 @@ class Lease:
         """Take the lease, waiting up to `wait_s` for the holder's to end; returns the fencing token.
         Raises `LeaseHeldError` naming the holder when it is not free in time."""
         deadline = time.monotonic() + wait_s
-        describe = json.dumps({"holder": self.holder, "host": socket.gethostname(), "pid": os.getpid()})
+        describe = json.dumps(
+            {"holder": self.holder, "host": socket.gethostname(), "pid": os.getpid(), "id": secrets.token_hex(4)}
+        )  # one value per take (PartitionFence)
         waiting_logged = False
         while True:
             token, value, _ = await self.retry.run(lambda: self._take(describe, again=0))
@@ -194,13 +201,6 @@ class Lease:
             # the key was touched before the EXEC (our own renewal, or a new holder): look again
         raise LeaseLostError(f"the {self.role} lease key kept changing under {_FENCE_ATTEMPTS} transactions")
 
-    async def verify_last_token(self) -> None:
-        """Raise `LeaseLostError` unless our token is still the last one drawn: nobody has taken the lease since."""
-        last = await self.redis.get(self.tokens_key)
-        if int(last or 0) != self.token:
-            self.lost = f"the {self.role} lease (token {self.token}) was taken since: the last token is {last!r}"
-            raise LeaseLostError(self.lost)
-
     async def start_renewing(self) -> None:
         if self._task is None:
             self._task = asyncio.create_task(self._renew_loop(), name=f"lease-{self.role}")
@@ -270,31 +270,36 @@ class PartitionFence:
         self.key = f"{namespace}:lease:{lease.role}:fence"
 
     async def install(self) -> None:
-        """Put the lease's token in this partition's fence (the new holder, before it reads anything)."""
+        """Put the lease's value in this partition's fence (the new holder, before it reads anything)."""
         await self.fenced(lambda pipe: None)
 
     async def fenced(self, queue: Callable[[Pipeline], object]) -> list[Any]:
-        """Run `queue`'s commands in one MULTI/EXEC in this partition's slot that applies only while its fence
-        holds our token (raising it there first where it is lower); `LeaseLostError` otherwise."""
+        """Run `queue`'s commands in one MULTI/EXEC in this partition's slot that applies only while the lease key
+        and this partition's fence hold our value (setting the fence first where it is older); `LeaseLostError`
+        otherwise. The lease key is read before the WATCH: on one server both use one connection pool, and a read
+        inside the WATCH would hold two of its connections at once."""
         lease = self.lease
         for _ in range(_FENCE_ATTEMPTS):
             lease.check()
+            held = await lease.redis.get(lease.key)
+            if held != lease.value:
+                lease.lost = f"the {lease.role} lease (token {lease.token}) is now {_describe(held)}"
+                raise LeaseLostError(lease.lost)
             async with self.redis.pipeline(transaction=True) as pipe:
                 (found,) = await _watch_and_get(pipe, self.key)
-                installed = int(found or 0)
+                installed = int(found.split()[0]) if found else 0
                 if installed > lease.token:
                     lease.lost = f"the {lease.role} lease (token {lease.token}) is fenced off: token {installed} " \
                                  f"was installed in {self.key}"  # fmt: skip
                     raise LeaseLostError(lease.lost)
-                if installed < lease.token:
-                    await lease.verify_last_token()
+                install = found != lease.value
                 pipe.multi()  # type: ignore[no-untyped-call]
-                if installed < lease.token:
-                    pipe.set(self.key, lease.token)
+                if install:
+                    pipe.set(self.key, lease.value)
                 queue(pipe)
                 try:
                     result: list[Any] = await pipe.execute()
                 except rexc.WatchError:
-                    continue  # another holder installed its token meanwhile: look again
-            return result[1:] if installed < lease.token else result
+                    continue  # another holder installed its value meanwhile: look again
+            return result[1:] if install else result
         raise LeaseLostError(f"the {lease.role} fence {self.key} kept changing under {_FENCE_ATTEMPTS} transactions")

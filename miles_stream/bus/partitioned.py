@@ -28,6 +28,9 @@ from miles_stream.bus.groups import ConsumeCounters, GroupConsumer, Received, Ti
 from miles_stream.bus.keys import Keys
 
 T = TypeVar("T", bound=Ticket)
+# A trainer waits `block_ms / N` on one partition after reading each without waiting, so a group in another is
+# read soon; but at least this long, so an idle trainer rank sends at most N + 1 reads every 0.1 s.
+_MIN_WAIT_MS = 100
 
 
 def partition_clients(config: RedisConfig, keys: Sequence[Keys], main: aioredis.Redis) -> list[aioredis.Redis]:
@@ -46,9 +49,9 @@ async def close_partition_clients(clients: Sequence[aioredis.Redis], main: aiore
 
 class PartitionedConsumer:
     """The trainer's `GroupSource` over partitions: reads those in `reading` round-robin (first without
-    waiting, then a blocking read on one, `block_ms / len(reading)`), commits, releases and re-queues each
-    group in its own partition (`Ticket.partition`), any of `parts` (a resumed rank 0 commits every rank's
-    checkpointed claims)."""
+    waiting, then a blocking read on one, `block_ms / len(reading)` but at least 0.1 s), commits, releases and
+    re-queues each group in its own partition (`Ticket.partition`), any of `parts` (a resumed rank 0 commits every
+    rank's checkpointed claims)."""
 
     def __init__(self, parts: Sequence[GroupConsumer], reading: Sequence[int]) -> None:
         if not reading or any(not 0 <= p < len(parts) for p in reading):
@@ -87,7 +90,7 @@ class PartitionedConsumer:
         at, self._next = self._next, (self._next + 1) % n
         part = self.parts[self.reading[at]]
         block = part.stream.config.block_ms if block_ms is None else block_ms
-        return await part.read(count, block_ms=max(block // n, 1) if block else 0)
+        return await part.read(count, block_ms=max(block // n, min(block, _MIN_WAIT_MS)) if block else 0)
 
     async def still_held(self, items: Sequence[Received]) -> list[Received]:
         kept: list[Received] = []

@@ -23,7 +23,7 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from miles_stream.bus.keys import Keys
-from miles_stream.errors import DataLossError
+from miles_stream.errors import ConfigError, DataLossError
 
 WHAT_TO_DO = ("Stop every process of the run. To go on, decide it: `miles-stream reset-run bus.namespace={ns}` "
               "starts the run's bookkeeping again (the feeder from its first prompt; a trainer's --resume "
@@ -42,6 +42,27 @@ class RunIdentity:
 
 def run_key(keys: Keys) -> str:
     return f"{keys.namespace}:run"
+
+
+def partitions_key(keys: Keys) -> str:
+    """The run's partition count (`bus.partitions`), in the run's own slot: written by its first feeder."""
+    return f"{keys.namespace}:partitions"
+
+
+async def run_partitions(redis: aioredis.Redis, keys: Keys) -> int | None:
+    """The partition count the run was fed with; None before its first feeder."""
+    stored = await redis.get(partitions_key(keys))
+    return None if stored is None else int(stored)
+
+
+async def check_partitions(redis: aioredis.Redis, keys: Keys, partitions: int) -> None:
+    """Raise `ConfigError` unless this process's `bus.partitions` is the run's: with another count it would read
+    and commit in keys the run never wrote (and a trainer's --resume commit its claims into the wrong ones)."""
+    fed = await run_partitions(redis, keys)
+    if fed is not None and fed != partitions:
+        raise ConfigError(f"bus.partitions: run {keys.namespace!r} was fed with {fed} partition(s) "
+                          f"({partitions_key(keys)}); this process has {partitions}: give every process of the "
+                          f"run its count, or use another namespace")  # fmt: skip
 
 
 def decode_run(raw: Any) -> RunIdentity | None:

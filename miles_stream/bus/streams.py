@@ -22,13 +22,16 @@ import structlog
 
 from miles_stream.bus.connection import data_loss_error, is_transient, lost_data, read_watched
 from miles_stream.bus.dataplane import StreamClient, ThreadedStreamClient
-from miles_stream.bus.keys import observers_of
+from miles_stream.bus.keys import names_a_partition, observers_of
 from miles_stream.codec import Frame
 from miles_stream.config import check
 
 log = structlog.get_logger(__name__)
 DATA = b"d"
 VERSION = b"version"  # field of a weight announcement on {ns}:weights
+# More partitions than a cluster has primaries gain nothing, and each costs every process reads (2N + 1 an idle
+# producer's `block_ms`): 64 is past any cluster this bus needs (docs/scale.md)
+MAX_PARTITIONS = 64
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -66,7 +69,11 @@ class BusConfig:
 
     def __post_init__(self) -> None:
         check(bool(self.namespace) and ":" not in self.namespace, "bus.namespace", "must be non-empty, no ':'")
-        check(1 <= self.partitions <= 1024, "bus.partitions", "must be between 1 and 1024 (1: one stream each)")
+        check(not names_a_partition(self.namespace), "bus.namespace",
+              f"{self.namespace!r} ends like another run's partition ('.p' and a number): rename it")  # fmt: skip
+        check(1 <= self.partitions <= MAX_PARTITIONS, "bus.partitions",
+              f"must be between 1 and {MAX_PARTITIONS} (1: one stream each; each process reads every partition "
+              "it serves in turn, so an idle one polls 2N + 1 times a block_ms)")  # fmt: skip
         check(self.maxlen_cap >= 1000, "bus.maxlen_cap", "must be >= 1000: it is a safety cap, not a trimmer")
         check(self.block_ms >= 1, "bus.block_ms", "must be >= 1")
         check(self.claim_idle_ms >= 1, "bus.claim_idle_ms", "must be >= 1")

@@ -215,8 +215,9 @@ class RolloutProducer:
         self, stop: asyncio.Event, stop_wait: asyncio.Task[Any]
     ) -> tuple[Lane, StreamConsumer, list[Entry]] | None:
         """Up to one entry: a partial if one waits (in any lane), else a prompt once admission allows: every
-        lane's prompts without waiting, starting from the next lane in turn, then a wait on one of them
-        (`block_ms` shared among the lanes). None: stopped."""
+        lane's prompts without waiting, starting from the next lane in turn, then a wait of `block_ms` on one of
+        them (the first of that turn). The wait is not divided among the lanes: an idle producer sends 2N + 1 reads
+        a `block_ms` with N partitions, not N times that. None: stopped."""
         for lane in self.lanes:
             if lane.partials is not None:
                 entries = await self._read(lane, lane.partials, stop_wait, block_ms=0)
@@ -232,8 +233,7 @@ class RolloutProducer:
                 entries = await self._read(lane, lane.prompts, stop_wait, block_ms=0)
                 if entries is None or entries:
                     return None if entries is None else (lane, lane.prompts, entries)
-        wait_ms = self.prompts.config.block_ms if n == 1 else max(self.prompts.config.block_ms // n, 1)
-        entries = await self._read(order[0], order[0].prompts, stop_wait, block_ms=wait_ms)
+        entries = await self._read(order[0], order[0].prompts, stop_wait, block_ms=self.prompts.config.block_ms)
         return None if entries is None else (order[0], order[0].prompts, entries)
 
     async def _read(

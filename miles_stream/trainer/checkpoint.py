@@ -3,7 +3,8 @@
     {checkpoint_dir}/step-00000010/   (the backend's files: torch/state.py writes model.safetensors,
                                        critic.safetensors, state.pt)
                                       rng.json            numpy and python RNG states
-                                      trainer.json        step, weight version, claims (groups trained, not yet acked)
+                                      trainer.json        step, weight version, claims (groups trained, not yet acked),
+                                                          run id, bus.partitions
     {checkpoint_dir}/latest           the name of the newest complete checkpoint
 
 A checkpoint is written into `step-N.tmp-<pid>`, fsynced, renamed into place, and only then named in
@@ -41,6 +42,7 @@ class TrainerState:
     claims: tuple[Claim, ...]  # groups trained into this state whose entries may not be acked yet
     run_id: str = ""  # the run (bus/run.py) whose streams these claims name
     recent: tuple[str, ...] = ()  # groups committed just before (a host crash may take those commits back)
+    partitions: int = 0  # bus.partitions the claims were read from (0: not recorded, a checkpoint before it was)
 
 
 def save_checkpoint(root: str | Path, state: TrainerState, write: Callable[[Path], None], *, keep: int = 2) -> Path:
@@ -136,6 +138,7 @@ def _finish(root: Path, tmp: Path, state: TrainerState, keep: int) -> Path:
                 "claims": claims,
                 "run_id": state.run_id,
                 "recent": list(state.recent),
+                "partitions": state.partitions,
             }
         )
     )
@@ -167,7 +170,8 @@ def load_checkpoint(root: str | Path, read: Callable[[Path], None]) -> TrainerSt
     # each claim: [entry id, group id] and, on a partitioned run (bus.partitions), the partition
     claims = tuple(Claim(c[0], c[1], int(c[2]) if len(c) > 2 else 0) for c in meta["claims"])
     return TrainerState(step=int(meta["step"]), version=int(meta["version"]), claims=claims,
-                        run_id=str(meta.get("run_id", "")), recent=tuple(meta.get("recent", ())))  # fmt: skip
+                        run_id=str(meta.get("run_id", "")), recent=tuple(meta.get("recent", ())),
+                        partitions=int(meta.get("partitions", 0)))  # fmt: skip
 
 
 def _rng_state() -> dict[str, Any]:

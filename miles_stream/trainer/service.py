@@ -40,7 +40,7 @@ from miles_stream.bus import Claim
 from miles_stream.bus.connection import data_loss_error, is_transient, lost_data
 from miles_stream.bus.lease import Lease
 from miles_stream.bus.run import WHAT_TO_DO, RunIdentity
-from miles_stream.errors import DataLossError, LeaseLostError, RedisUnavailableError
+from miles_stream.errors import ConfigError, DataLossError, LeaseLostError, RedisUnavailableError
 from miles_stream.trainer.backend import TrainerBackend
 from miles_stream.trainer.batch import collate
 from miles_stream.trainer.checkpoint import TrainerState, load_checkpoint, save_checkpoint_ranks
@@ -88,6 +88,7 @@ class TrainerService:
         self.lease: Lease | None = None  # the trainer lease (consumers/trainer.py takes it before reading)
         self.run_identity: RunIdentity | None = None  # the run joined (bus/run.py); checkpoints record it
         self.namespace = ""
+        self.partitions = 1  # bus.partitions: a checkpoint's claims name partitions of this count
         self.parallel = trainer.parallel
         self.progress = TrainProgress()
         self.waiting = ""  # "data" while waiting for a batch (heartbeats carry it to `status --watch`)
@@ -253,7 +254,7 @@ class TrainerService:
                 await self._check_lease()
             state = TrainerState(step=self.progress.step, version=self.progress.version, claims=tuple(claims),
                                  run_id=self.run_identity.id if self.run_identity else "",
-                                 recent=tuple(recent))  # fmt: skip
+                                 recent=tuple(recent), partitions=self.partitions)  # fmt: skip
             # every rank writes its part (a sharded backend's shards); rank 0 runs the commit protocol around it
             path = await asyncio.to_thread(save_checkpoint_ranks, self.config.checkpoint_dir, state, self.trainer.save,
                                            self.parallel, keep=self.config.keep_checkpoints)  # fmt: skip
@@ -310,7 +311,12 @@ class TrainerService:
         self.parallel.barrier()
 
     def _check_same_run(self, state: TrainerState) -> None:
-        """A checkpoint continues only the run it was taken in, or one reset on purpose after a loss."""
+        """A checkpoint continues only the run it was taken in, or one reset on purpose after a loss, and only with
+        the partition count its claims were read with (with another they would be committed in the wrong keys)."""
+        if state.partitions and state.partitions != self.partitions:
+            raise ConfigError(f"bus.partitions: the checkpoint of step {state.step} in {self.config.checkpoint_dir} "
+                              f"was taken with {state.partitions} partition(s); this trainer has {self.partitions}: "
+                              f"resume with the run's count")  # fmt: skip
         run = self.run_identity
         if run is None or not state.run_id or state.run_id == run.id:
             return

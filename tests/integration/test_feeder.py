@@ -13,13 +13,15 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 
+from miles_stream import admin
 from miles_stream.bus import BusConfig, Keys, StreamClient, StreamConsumer
 from miles_stream.bus.keys import partition_keys
-from miles_stream.bus.run import join_run
+from miles_stream.bus.run import check_partitions, join_run
 from miles_stream.errors import ConfigError, DataLossError, MilesStreamError, SchemaError
 from miles_stream.feeder import Feeder, FeederConfig, load_rows
 from miles_stream.models import build_tiny_model
 from miles_stream.prompts import PromptRecord, decode_prompt, encode_prompt
+from miles_stream.run_config import load_run_config
 
 
 def write_jsonl(path: Path, n: int) -> Path:
@@ -157,6 +159,31 @@ async def test_a_run_keeps_its_partition_count_and_a_partition_that_lost_its_dat
     with pytest.raises(DataLossError, match=r"lost this run's data"):
         await again.run()
     assert await redis.xlen(lost[1].prompts) == 0  # nothing fed again
+
+
+async def test_every_process_and_tool_follows_the_partition_count_the_run_was_fed_with(
+    redis: aioredis.Redis, redis_url: str, keys: Keys, bus_config: BusConfig, tmp_path: Path
+) -> None:
+    """A trainer or producer given another bus.partitions than the run's is refused at start (it would read and
+    commit keys the run never wrote); reset-run given the wrong count still deletes every partition's keys."""
+    config = FeederConfig(path=str(write_jsonl(tmp_path / "d.jsonl", 6)), max_queued=100)
+    ns = keys.namespace
+    await check_partitions(redis, keys, 1)  # nothing fed yet: any count
+    lanes = [(redis, k) for k in partition_keys(ns, 3)]
+    assert await Feeder(redis, keys, replace(bus_config, partitions=3), config, load_rows(config), lanes).run() == 6
+    await check_partitions(redis, keys, 3)
+    for wrong in (1, 2):
+        with pytest.raises(
+            ConfigError, match=rf"bus\.partitions: run '{ns}' was fed with 3 partition\(s\) .* has {wrong}"
+        ):
+            await check_partitions(redis, keys, wrong)
+    assert [await redis.xlen(k.prompts) for k in partition_keys(ns, 3)] == [2, 2, 2]
+    run = load_run_config(None, [f"redis.url={redis_url}", f"bus.namespace={ns}"])  # partitions: 1
+    code, said = await admin.reset_namespace(run, yes=True)
+    assert code == 0 and said.startswith(f"namespace '{ns}': ")
+    assert [key async for key in redis.scan_iter(match=f"{ns}.p*")] == []  # every partition's keys went too
+    assert await redis.get(f"{ns}:partitions") is None  # the new run takes whatever count it is fed with
+    await check_partitions(redis, keys, 1)
 
 
 def test_parquet_and_chat_template(tmp_path: Path) -> None:

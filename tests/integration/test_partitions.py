@@ -28,14 +28,16 @@ import pytest
 import redis.asyncio as aioredis
 from instant_engine import ByteTokenizer, HangingEngine, InstantEngine, constant_reward
 
+from consumers.trainer import _take_lease
 from miles_stream.bus import GroupConsumer, GroupPublisher, Keys, StreamConsumer, connect, open_stream_client
 from miles_stream.bus.backpressure import Backpressure
 from miles_stream.bus.blobs import blobs_for, first_entry_ms, put_ms
+from miles_stream.bus.connection import RetryPolicy
 from miles_stream.bus.done import done_count
 from miles_stream.bus.keys import partition_keys
 from miles_stream.bus.lease import Lease, PartitionFence
 from miles_stream.bus.partitioned import PartitionedConsumer, close_partition_clients, partition_clients
-from miles_stream.errors import LeaseLostError
+from miles_stream.errors import LeaseLostError, MilesStreamError
 from miles_stream.feeder import Feeder, FeederConfig, load_rows
 from miles_stream.prompts import decode_prompt
 from miles_stream.redis_cluster import LocalCluster
@@ -295,7 +297,7 @@ async def test_a_stale_trainer_commits_nothing_in_any_partition(run: Run) -> Non
     new = await run.take_lease("new", ttl_s=2.0, wait_s=10.0)  # waits out the old lease (polls every ttl/4),
     # then installs its token in every partition
     assert new.token == old.token + 1
-    with pytest.raises(LeaseLostError, match="fenced off"):
+    with pytest.raises(LeaseLostError, match="is now new"):
         await stale.commit(held)
     assert await run.done() == [0] * len(run.parts)  # nothing applied in any partition
     assert [await run.pending(k.trajectories, "trainer", c) for c, k in run.lanes] == [per] * len(run.parts)
@@ -305,16 +307,75 @@ async def test_a_stale_trainer_commits_nothing_in_any_partition(run: Run) -> Non
     assert sorted(r.group_id for r in got) == sorted(f"g{p}-{i}" for p in range(len(run.parts)) for i in range(per))
     assert await run.done() == [per] * len(run.parts)
     # A fence lost from a partition (a failover to a replica that had not received it) is put back by the holder
-    # of the last token drawn, in its next commit there; never by an older holder.
+    # of the lease, in its next commit there; never by an older holder.
     (c0, k0), (c1, k1) = run.lanes[0], run.lanes[1]
-    for c, k in ((c0, k0), (c1, k1)):
-        await c.delete(f"{k.namespace}:lease:trainer:fence")
-    old.lost = None  # as if its process had not noticed: the refusal below is Redis's word, not this flag's
-    with pytest.raises(LeaseLostError, match="was taken since"):
+    fence0, fence1 = (f"{k.namespace}:lease:trainer:fence" for k in (k0, k1))
+    for c, fence in ((c0, fence0), (c1, fence1)):
+        await c.delete(fence)
+    old.lost = None  # as if its process had not noticed: the refusals below are Redis's word, not this flag's
+    with pytest.raises(LeaseLostError, match="is now new"):
         await PartitionFence(old, c0, k0.namespace).fenced(lambda pipe: pipe.set(f"{k0.namespace}:x", 1))
     assert not await c0.exists(f"{k0.namespace}:x")
     assert await PartitionFence(new, c1, k1.namespace).fenced(lambda pipe: pipe.set(f"{k1.namespace}:x", 1)) == [True]
-    assert int(await c1.get(f"{k1.namespace}:lease:trainer:fence")) == new.token
+    assert await c1.get(fence1) == new.value
+    # A fence rolled back to the old holder's value (p0's failover lost the new holder's install): the old holder
+    # still finds the lease key naming another, and applies nothing.
+    await c0.set(fence0, old.value)
+    old.lost = None
+    with pytest.raises(LeaseLostError, match="is now new"):
+        await PartitionFence(old, c0, k0.namespace).fenced(lambda pipe: pipe.set(f"{k0.namespace}:x", 1))
+    assert not await c0.exists(f"{k0.namespace}:x")
+    # A token drawn twice (the run's slot failed over and lost the draw of `new`'s token, then `twin` drew it):
+    # the fences hold `new`'s value with the token `twin` holds; `twin` installs its own, `new` is refused.
+    twin = Lease(run.main, run.keys, "trainer", "twin", ttl_s=30.0)
+    twin.token, twin.value = new.token, f'{new.token} {{"holder": "twin"}}'.encode()
+    await run.main.set(new.key, twin.value)
+    with pytest.raises(LeaseLostError, match="is now"):
+        await PartitionFence(new, c1, k1.namespace).fenced(lambda pipe: pipe.set(f"{k1.namespace}:y", 1))
+    assert not await c1.exists(f"{k1.namespace}:y")
+    assert await PartitionFence(twin, c1, k1.namespace).fenced(lambda pipe: pipe.set(f"{k1.namespace}:y", 1)) == [True]
+    assert await c1.get(fence1) == twin.value
+    # The run's slot rolled back to the old holder's lease while a partition kept a newer token: refused there.
+    await run.main.set(old.key, old.value)
+    old.lost = None
+    with pytest.raises(LeaseLostError, match="fenced off"):
+        await PartitionFence(old, c1, k1.namespace).fenced(lambda pipe: pipe.set(f"{k1.namespace}:z", 1))
+    assert not await c1.exists(f"{k1.namespace}:z")
+
+
+@dataclass
+class TwoRanks:
+    """A DataParallel of two ranks seen from one (`gather` answers for the other as `other` says)."""
+
+    rank: int
+    other: Any = None
+    gathered: list[Any] = field(default_factory=list)
+    world: int = 2
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def gather(self, obj: Any) -> list[Any]:
+        self.gathered.append(obj)
+        return [obj, self.other] if self.rank == 0 else [self.other, obj]
+
+
+async def test_a_lease_rank_0_cannot_fence_in_is_given_up_and_every_rank_is_told(run: Run) -> None:
+    """Rank 0 fenced off at the install (a partition holds a newer token) stops renewing and raises, and the rank
+    waiting for its word in the collective raises too, instead of waiting there for the launcher."""
+    c1, k1 = run.lanes[1]
+    await c1.set(f"{k1.namespace}:lease:trainer:fence", "99 {}")
+    config = replace(run.config, trainer=replace(run.config.trainer, standby_s=0.0))
+    retry = RetryPolicy(attempts=0, max_delay_s=0.5)
+    rank0 = TwoRanks(0)
+    with pytest.raises(LeaseLostError, match="fenced off"):
+        await _take_lease(config, rank0, run.main, run.keys, "t0", asyncio.Event(), retry, run.clients, run.parts)
+    (kind, said) = rank0.gathered[0]
+    assert kind == "failed" and "fenced off" in said
+    rank1 = TwoRanks(1, other=rank0.gathered[0])
+    with pytest.raises(MilesStreamError, match=r"rank 0 could not take the trainer lease: .*fenced off"):
+        await _take_lease(config, rank1, run.main, run.keys, "t1", asyncio.Event(), retry, run.clients, run.parts)
 
 
 async def test_a_blob_sweep_keeps_the_blobs_any_partition_still_names(run: Run, tmp_path: Path) -> None:
@@ -347,3 +408,36 @@ async def test_a_blob_sweep_keeps_the_blobs_any_partition_still_names(run: Run, 
     assert groups[1].blobs is not None
     assert await groups[1].blobs.sweep(c1, k1.trajectories, *groups[1].blob_peers) == 0
     assert len(await store.store.names()) == 2  # a's blob kept: partition 0 still names it
+
+
+async def test_a_partition_without_entries_does_not_stop_the_blob_sweep(run: Run, tmp_path: Path) -> None:
+    """The other partitions never had an entry (fewer groups than partitions so far): the sweep still deletes a
+    blob whose entry every group acked once a newer entry follows it, rather than waiting on the idle ones."""
+    bus = replace(run.config.bus, blob_store=f"file://{tmp_path}", blob_threshold_bytes=1, blob_grace_s=1.0)
+    rng = np.random.default_rng(0)
+    c0, k0 = run.lanes[0]
+    store = blobs_for(bus)
+    assert store is not None
+    publisher = GroupPublisher(run.data, k0.trajectories, bus)
+    await publisher.publish(synthetic_group(rng, n_samples=2, prompt_len=4, response_len=4, vocab=50, group_id="a",
+                                            prompt_key="0"))  # fmt: skip
+    (blob_a,) = [put_ms(n) or 0 for n in await store.store.names()]
+    deadline = time.monotonic() + DEADLINE_S
+    while int((await c0.time())[0] * 1000 + (await c0.time())[1] / 1000) < blob_a + 1100:  # past its grace
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.02)
+    await publisher.publish(synthetic_group(rng, n_samples=2, prompt_len=4, response_len=4, vocab=50, group_id="c",
+                                            prompt_key="1"))  # fmt: skip
+    groups = [GroupConsumer(StreamConsumer(c, run.blocking, stream=k.trajectories, group="trainer", consumer="t",
+                                           dead_stream=k.dead, config=bus), k, partition=p)
+              for p, (c, k) in enumerate(run.lanes)]  # fmt: skip
+    PartitionedConsumer(groups, range(len(groups)))
+    await groups[0].start()
+    first = await groups[0].read(1)
+    assert [r.group_id for r in first] == ["a"]
+    await groups[0].commit(first)  # a trained, acked and trimmed; c is the oldest entry of partition 0
+    assert [await c.exists(k.trajectories) for c, k in run.lanes[1:]] == [0] * (len(run.lanes) - 1)
+    assert groups[0].blobs is not None
+    assert await groups[0].blobs.sweep(c0, k0.trajectories, *groups[0].blob_peers) == 1
+    assert [put_ms(n) for n in await store.store.names()] != [blob_a]  # c's blob is the one left
+    assert len(await store.store.names()) == 1

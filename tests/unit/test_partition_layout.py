@@ -9,7 +9,7 @@ import pytest
 from redis.crc import key_slot
 
 from miles_stream.bus import BusConfig, Keys
-from miles_stream.bus.keys import partition_keys, partition_namespace, partitions_share
+from miles_stream.bus.keys import key_patterns, partition_keys, partition_namespace, partitions_share
 from miles_stream.bus.lease import Lease, PartitionFence
 from miles_stream.bus.run import run_key
 from miles_stream.errors import ConfigError
@@ -55,9 +55,21 @@ def test_trainer_ranks_read_their_share_of_the_partitions() -> None:
     assert every == list(range(6))
 
 
+def test_a_users_key_rules_name_each_partition_and_no_namespace_reads_as_a_partition() -> None:
+    assert key_patterns("{run1}", 1) == ["~{run1}:*"]
+    assert key_patterns("{run1}", 3) == ["~{run1}:*", "~{run1.p0}:*", "~{run1.p1}:*", "~{run1.p2}:*"]
+    assert key_patterns("run1", 2) == ["~run1:*", "~run1.p0:*", "~run1.p1:*"]
+    for taken in ("{run1.p0}", "run1.p12", "a{run1.p3}b"):
+        with pytest.raises(ConfigError, match=r"bus\.namespace: .* ends like another run's partition"):
+            load_run_config(None, [f"bus.namespace={taken}"])
+    for fine in ("{run1.prod}", "{run1.p}", "run1.p0x", "a{run1}b"):
+        assert load_run_config(None, [f"bus.namespace={fine}"]).bus.namespace == fine
+
+
 def test_bad_partition_counts_are_refused_in_one_line() -> None:
-    with pytest.raises(ConfigError, match=r"bus\.partitions: must be between 1 and 1024"):
-        load_run_config(None, ["bus.partitions=0"])
+    for bad in (0, 65):
+        with pytest.raises(ConfigError, match=r"bus\.partitions: must be between 1 and 64"):
+            load_run_config(None, [f"bus.partitions={bad}"])
     config = load_run_config(None, ["bus.namespace={r}", "bus.partitions=3"])
     assert config.bus.partitions == 3
 
