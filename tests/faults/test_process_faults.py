@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -41,8 +42,10 @@ def bus_args(ns: str) -> list[str]:
     return [f"bus.namespace={ns}", "bus.claim_idle_ms=1500", "bus.claim_interval_s=0.5", "--log-json"]
 
 
-def producer(ns: str, name: str, model_dir: Path, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    args = [f"rollout.model={model_dir}", f"rollout.producer_id={name}", "rollout.n_samples_per_prompt=4",
+def producer(
+    ns: str, name: str, model_dir: Path, env: dict[str, str], log: Path, extra: Sequence[str] = ()
+) -> subprocess.Popen[bytes]:
+    args = [*extra, f"rollout.model={model_dir}", f"rollout.producer_id={name}", "rollout.n_samples_per_prompt=4",
             "rollout.reward=exact_match", "rollout.sampling.max_new_tokens=40", "rollout.sampling.ignore_eos=true",
             "rollout.max_inflight_prompts=4", "rollout.torch_threads=1"]  # fmt: skip
     with open(log, "wb") as out:
@@ -85,9 +88,9 @@ async def commit_all(url: str, ns: str, want: int, within_s: float = 180) -> tup
     return got, consumer.counters.duplicates
 
 
-def feed(ns: str, prompts: Path, env: dict[str, str]) -> None:
-    fed = subprocess.run([*CLI, "feed", *bus_args(ns), f"feeder.path={prompts}", "feeder.num_epochs=1"], env=env,
-                         capture_output=True, text=True, timeout=120)  # fmt: skip
+def feed(ns: str, prompts: Path, env: dict[str, str], extra: Sequence[str] = ()) -> None:
+    fed = subprocess.run([*CLI, "feed", *bus_args(ns), *extra, f"feeder.path={prompts}", "feeder.num_epochs=1"],
+                         env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
     assert fed.returncode == 0, fed.stderr[-2000:]
 
 
