@@ -3,14 +3,16 @@
     python bench/bench_load.py --producers 100 --rate 0.5 --seconds 60 --json-out bench/results/load_100.json
     python bench/bench_load.py --producers 100 --rate 0.5 --seconds 60 --cluster 3 (on a 3-primary local cluster)
     python bench/bench_load.py --producers 100 --rate 0.5 --seconds 60 --cluster 3 --partitions 3 (bus.partitions)
+    python bench/bench_load.py --producers 100 --processes 100 ... (each producer a process of its own)
 
-One process, one embedded Redis (or, with --cluster N, a Redis Cluster of N primaries on loopback: the run's
-keys in one slot, so its primary carries the run and the rest is the cluster clients' own cost; with --partitions N
-the streams split N ways, each partition in a slot of its own, as `bus.partitions` does): the feeder,
---producers `RolloutProducer`s each with its own connections,
-heartbeat, admission and backpressure (as `miles-stream produce` builds them), an engine that takes 1/--rate
-seconds a group and answers random tokens, and a trainer loop (`ReplayBuffer` over the "trainer"
-`GroupConsumer`, with a heartbeat, no model) committing every batch. Simulation is fine: the bus is measured.
+One embedded Redis (or, with --cluster N, a Redis Cluster of N primaries on loopback: the run's keys in one slot,
+so its primary carries the run and the rest is the cluster clients' own cost; with --partitions N the streams
+split N ways, each partition in a slot of its own, as `bus.partitions` does). In this process: the feeder and a
+trainer loop (`ReplayBuffer` over the "trainer" `GroupConsumer`, with a heartbeat, no model) committing every
+batch; and --producers `RolloutProducer`s, each with its own connections, heartbeat, admission and backpressure
+(as `miles-stream produce` builds them), here too, or with --processes P spread over P forked processes (each its
+own event loop and connections, as P `miles-stream produce` processes would be). Each producer's engine takes
+1/--rate seconds a group and answers random tokens. Simulation is fine: the bus is measured.
 
 After --warmup seconds it reads Redis's INFO (commandstats, cpu) at the start and the end of the window:
 commands/s by command and per producer, Redis CPU (user + sys seconds per second), groups/s committed, and the
@@ -25,6 +27,7 @@ import contextlib
 import dataclasses
 import functools
 import json
+import multiprocessing
 import platform
 import statistics
 import tempfile
@@ -50,7 +53,7 @@ from miles_stream.rollout.config import RolloutConfig
 from miles_stream.rollout.producer import Lane, RolloutProducer
 from miles_stream.schema import TrajectoryGroup
 
-PUBLISH_S: list[float] = []
+PUBLISH_S: list[tuple[float, float]] = []  # (wall clock at the end, seconds) of each publish
 
 
 class TimedPublisher(GroupPublisher):
@@ -59,7 +62,7 @@ class TimedPublisher(GroupPublisher):
         try:
             return await super().publish(group, **kwargs)
         finally:
-            PUBLISH_S.append(time.perf_counter() - started)
+            PUBLISH_S.append((time.time(), time.perf_counter() - started))
 
 
 class PacedEngine(InstantEngine):
@@ -93,27 +96,22 @@ async def redis_counts(nodes: list[str]) -> tuple[dict[str, int], list[float]]:
     return calls, cpu_s
 
 
-async def run(args: argparse.Namespace, url: str, nodes: list[str], work: Path) -> dict[str, Any]:
-    keys = Keys(f"{{load{int(time.time())}}}" if args.cluster else f"load{int(time.time())}")
+def redis_config(args: argparse.Namespace, url: str, keys: Keys) -> RedisConfig:
+    """As RunConfig does for a process: on a cluster, the control client pinned to the run's slot, unless the
+    bench is told to use redis-py's cluster client."""
+    return RedisConfig(url=url, slot_of=keys.namespace if args.cluster and args.cluster_client == "pinned" else "")
+
+
+def start_producers(args: argparse.Namespace, rc: RedisConfig, keys: Keys, numbers: range, stop: asyncio.Event,
+                    closers: list[Any]) -> list[asyncio.Task[Any]]:  # fmt: skip
+    """Producers `numbers` as `miles-stream produce` builds one (producers/rollout.py), each with its own
+    connections, heartbeat, admission and backpressure (each partition's bounds its share of the run's)."""
     bus = BusConfig(namespace=keys.namespace, partitions=args.partitions)
     parts = partition_keys(keys.namespace, args.partitions)
-    bounds = dataclasses.replace(bus, max_backlog_entries=-(-bus.max_backlog_entries // args.partitions))
-    data = work / "prompts.jsonl"
-    data.write_text("".join(json.dumps({"prompt": f"{i}+{i}=", "label": str(2 * i)}) + "\n" for i in range(1000)))
-    # as RunConfig does for a process: on a cluster, the control client pinned to the run's slot, unless the
-    # bench is told to use redis-py's cluster client
-    rc = RedisConfig(url=url, slot_of=keys.namespace if args.cluster and args.cluster_client == "pinned" else "")
-    redis = connect(rc)
-    stop = asyncio.Event()
-    feeder_config = FeederConfig(path=str(data), num_epochs=0, max_queued=4 * args.producers)
-    closers: list[Any] = []
-    clients = partition_clients(rc, parts, redis)
-    closers += [c for c in set(clients) if c is not redis]
-    tasks: list[asyncio.Task[Any]] = [
-        asyncio.create_task(Feeder(redis, keys, bus, feeder_config, load_rows(feeder_config),
-                                   list(zip(clients, parts, strict=True))).run(stop))
-    ]  # fmt: skip
-    for p in range(args.producers):
+    bounds = dataclasses.replace(bus, max_backlog_entries=-(-bus.max_backlog_entries // args.partitions),
+                                 max_backlog_bytes=-(-bus.max_backlog_bytes // args.partitions))  # fmt: skip
+    tasks = []
+    for p in numbers:
         name = f"p{p}"
         own, blocking = connect(rc), open_stream_client(rc)
         plane = open_stream_client(rc)
@@ -142,6 +140,46 @@ async def run(args: argparse.Namespace, url: str, nodes: list[str], work: Path) 
                 await producer.run(stop)
 
         tasks.append(asyncio.create_task(produce()))
+    return tasks
+
+
+def producer_process(args: argparse.Namespace, url: str, keys: Keys, numbers: range, done: Any, out: Path) -> None:
+    """A forked process running producers `numbers` until `done` is set; writes its publish times to `out`."""
+
+    async def main() -> None:
+        stop, closers = asyncio.Event(), []
+        tasks = start_producers(args, redis_config(args, url, keys), keys, numbers, stop, closers)
+        while not done.is_set() and not any(t.done() for t in tasks):  # noqa: ASYNC110 (a process's Event)
+            await asyncio.sleep(0.2)
+        stop.set()
+        await asyncio.wait(tasks, timeout=60)
+        for c in closers:
+            await c.aclose()
+        failed = [t for t in tasks if t.done() and not t.cancelled() and t.exception() is not None]
+        if failed:
+            raise failed[0].exception()  # type: ignore[misc]
+
+    PUBLISH_S.clear()
+    asyncio.run(main())
+    out.write_text(json.dumps(PUBLISH_S))
+
+
+async def run(args: argparse.Namespace, url: str, nodes: list[str], keys: Keys, data: Path) -> dict[str, Any]:
+    bus = BusConfig(namespace=keys.namespace, partitions=args.partitions)
+    parts = partition_keys(keys.namespace, args.partitions)
+    rc = redis_config(args, url, keys)
+    redis = connect(rc)
+    stop = asyncio.Event()
+    feeder_config = FeederConfig(path=str(data), num_epochs=0, max_queued=4 * args.producers)
+    closers: list[Any] = []
+    clients = partition_clients(rc, parts, redis)
+    closers += [c for c in set(clients) if c is not redis]
+    tasks: list[asyncio.Task[Any]] = [
+        asyncio.create_task(Feeder(redis, keys, bus, feeder_config, load_rows(feeder_config),
+                                   list(zip(clients, parts, strict=True))).run(stop))
+    ]  # fmt: skip
+    if not args.processes:  # else the forked processes run them
+        tasks += start_producers(args, rc, keys, range(args.producers), stop, closers)
     blocking = open_stream_client(rc)
     closers.append(blocking)
     groups = [GroupConsumer(StreamConsumer(c, blocking, stream=k.trajectories, group=TRAINER_GROUP, consumer="t0",
@@ -160,10 +198,9 @@ async def run(args: argparse.Namespace, url: str, nodes: list[str], work: Path) 
     tasks.append(asyncio.create_task(run_trainer()))
     try:
         await asyncio.sleep(args.warmup)
-        calls0, cpu0, done0, t0 = *(await redis_counts(nodes)), len(committed), time.monotonic()
-        PUBLISH_S.clear()
+        calls0, cpu0, done0, t0, w0 = *(await redis_counts(nodes)), len(committed), time.monotonic(), time.time()
         await asyncio.sleep(args.seconds)
-        calls1, cpu1, done1, t1 = *(await redis_counts(nodes)), len(committed), time.monotonic()
+        calls1, cpu1, done1, t1, w1 = *(await redis_counts(nodes)), len(committed), time.monotonic(), time.time()
         failed = [t for t in tasks if t.done() and not t.cancelled() and t.exception() is not None]
         if failed:
             raise failed[0].exception()  # type: ignore[misc]
@@ -177,19 +214,27 @@ async def run(args: argparse.Namespace, url: str, nodes: list[str], work: Path) 
     per_s = {k: round((calls1.get(k, 0) - calls0.get(k, 0)) / wall, 1) for k in calls1}
     per_s = dict(sorted(((k, v) for k, v in per_s.items() if v > 0), key=lambda kv: -kv[1]))
     total = sum(per_s.values())
-    latencies = sorted(PUBLISH_S)
     return {
-        "producers": args.producers, "rate_per_producer": args.rate, "window_s": round(wall, 1),
+        "window": [w0, w1],
+        "producers": args.producers, "processes": args.processes or 1, "rate_per_producer": args.rate,
+        "window_s": round(wall, 1),
         "server": f"{args.cluster} primaries, {args.cluster_client} client" if args.cluster else "one server",
         "partitions": args.partitions,
         "groups_per_s": round((done1 - done0) / wall, 1),
         "redis_commands_per_s": round(total, 1), "per_producer_commands_per_s": round(total / args.producers, 2),
         "redis_cpu_share": round((sum(cpu1) - sum(cpu0)) / wall, 3),
         "redis_cpu_share_by_node": [round((b - a) / wall, 3) for a, b in zip(cpu0, cpu1, strict=True)],
-        "publish_p50_ms": round(1000 * statistics.median(latencies), 2) if latencies else None,
-        "publish_p99_ms": round(1000 * latencies[int(0.99 * (len(latencies) - 1))], 2) if latencies else None,
         "commands_per_s": per_s,
     }  # fmt: skip
+
+
+def latency(result: dict[str, Any], publishes: list[tuple[float, float]]) -> None:
+    """Publish p50/p99 over the publishes that ended in the measured window."""
+    w0, w1 = result.pop("window")
+    latencies = sorted(s for at, s in publishes if w0 <= at <= w1)
+    result["publishes"] = len(latencies)
+    result["publish_p50_ms"] = round(1000 * statistics.median(latencies), 2) if latencies else None
+    result["publish_p99_ms"] = round(1000 * latencies[int(0.99 * (len(latencies) - 1))], 2) if latencies else None
 
 
 def main() -> None:
@@ -203,8 +248,17 @@ def main() -> None:
                         help="the control client on the cluster: pinned to the run's slot (what processes use), or "
                         "redis-py's RedisCluster")  # fmt: skip
     parser.add_argument("--partitions", type=int, default=1, metavar="N", help="bus.partitions: N-way streams")
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=0,
+        metavar="P",
+        help="run the producers in P forked processes (P divides --producers); 0: in this one",
+    )
     parser.add_argument("--json-out", type=Path)
     args = parser.parse_args()
+    if args.processes and args.producers % args.processes:
+        parser.error("--processes must divide --producers")
     with contextlib.ExitStack() as stack:
         work = Path(stack.enter_context(tempfile.TemporaryDirectory()))
         if args.cluster:
@@ -213,7 +267,29 @@ def main() -> None:
         else:
             server = stack.enter_context(EmbeddedRedis(EmbeddedRedisConfig(persistence="none")))
             url, nodes = server.url, [server.url]
-        result = asyncio.run(run(args, url, nodes, work))
+        keys = Keys(f"{{load{int(time.time())}}}" if args.cluster else f"load{int(time.time())}")
+        data = work / "prompts.jsonl"
+        data.write_text("".join(json.dumps({"prompt": f"{i}+{i}=", "label": str(2 * i)}) + "\n" for i in range(1000)))
+        fork = multiprocessing.get_context("fork")  # before any event loop: the children share this one's imports
+        done, procs = fork.Event(), []
+        each = args.producers // args.processes if args.processes else 0
+        for i in range(args.processes):
+            numbers = range(i * each, (i + 1) * each)
+            procs.append(fork.Process(target=producer_process, args=(args, url, keys, numbers, done,
+                                                                     work / f"publish-{i}.json")))  # fmt: skip
+            procs[-1].start()
+        try:
+            result = asyncio.run(run(args, url, nodes, keys, data))
+        finally:
+            done.set()
+            for proc in procs:
+                proc.join(timeout=90)
+        publishes = list(PUBLISH_S)
+        for i, proc in enumerate(procs):
+            if proc.exitcode != 0:
+                raise SystemExit(f"producer process {i} exited with {proc.exitcode}")
+            publishes += [tuple(x) for x in json.loads((work / f"publish-{i}.json").read_text())]
+        latency(result, publishes)
     result["machine"] = platform.processor() or platform.machine()
     print(json.dumps(result, indent=1))
     if args.json_out:
