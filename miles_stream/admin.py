@@ -5,12 +5,13 @@ config and returns what the command prints; the CLI only parses and dispatches."
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 from miles_stream.bus import Backpressure, Keys, alive_members, connect, open_stream_client, redact
 from miles_stream.bus.keys import partition_keys
 from miles_stream.bus.partitioned import close_partition_clients, partition_clients
-from miles_stream.bus.run import reset_run, run_partitions
+from miles_stream.bus.run import check_partitions, reset_run, run_partitions
 from miles_stream.errors import ConfigError, MilesStreamError
 from miles_stream.record.recorder import replay
 from miles_stream.run_config import RunConfig
@@ -28,21 +29,26 @@ async def ping(config: RunConfig, url: str) -> None:
 
 
 async def replay_files(config: RunConfig, files: Sequence[str], rate: float) -> str:
-    if config.bus.partitions > 1:
-        raise ConfigError(f"replay publishes to one trajectory stream: not built for bus.partitions="
-                          f"{config.bus.partitions} (replay into a namespace with one partition)")  # fmt: skip
-    keys = Keys(config.bus.namespace)
+    """Publish a recording into the namespace's trajectory stream, or with partitions into each group's (its
+    group id's hash), each partition's backlog bounded by its share as a producer's is."""
+    keys, n = Keys(config.bus.namespace), config.bus.partitions
     redis, data = connect(config.redis), open_stream_client(config.redis)
+    parts = partition_keys(keys.namespace, n)
+    clients = partition_clients(config.redis, parts, redis)
+    bounds = replace(config.bus, max_backlog_entries=-(-config.bus.max_backlog_entries // n),
+                     max_backlog_bytes=-(-config.bus.max_backlog_bytes // n))  # fmt: skip
+    lanes = [(k.trajectories, Backpressure(c, k.trajectories, bounds)) for c, k in zip(clients, parts, strict=True)]
     try:
-        pressure = Backpressure(redis, keys.trajectories, config.bus)
-        published, skipped = await replay(files, data, keys.trajectories, maxlen=config.bus.maxlen_cap, rate=rate,
-                                          backpressure=pressure)  # fmt: skip
+        await check_partitions(redis, keys, n)
+        published, skipped = await replay(files, data, lanes, maxlen=config.bus.maxlen_cap, rate=rate)
     except FileNotFoundError as exc:
         raise MilesStreamError(str(exc)) from exc
     finally:
+        await close_partition_clients(clients, redis)
         await data.aclose()
         await redis.aclose()
-    return f"replayed {published} groups into {keys.trajectories} ({skipped} invalid records skipped)"
+    into = keys.trajectories if n == 1 else f"the {n} partitions' trajectory streams"
+    return f"replayed {published} groups into {into} ({skipped} invalid records skipped)"
 
 
 async def show_status(config: RunConfig, namespace: str, *, as_json: bool, follow: bool, interval_s: float) -> None:

@@ -13,6 +13,11 @@ lost to the recording; restarted, it logs `entries_trimmed_unread` with how many
 A live recorder that lags keeps its entries up to the XADD cap, `bus.maxlen_cap` entries behind the newest
 (beyond that the oldest go, uncounted). A recorder that stops for good can have its group deleted (XGROUP
 DESTROY); left behind, it costs nothing but a line in `status`.
+
+Partitions (`bus.partitions` > 1): one recorder process records every partition's trajectory stream, each into
+files of its own (`{run1.p0}-000000.msrec.zst`, ...) beside the others (`record_partitions`). A replay routes
+each group to a partition by a hash of its group id, so a group recorded twice lands twice in one partition and
+its second copy is dropped there, as in one stream.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -73,30 +79,61 @@ async def record(
     return writer.records
 
 
+async def record_partitions(
+    streams: Sequence[StreamConsumer], writers: Sequence[RecordingWriter], stop: asyncio.Event, *,
+    blobs: Blobs | None = None,
+) -> int:  # fmt: skip
+    """`record` each partition's stream into its writer, side by side, until `stop` is set or one of them fails
+    (then the others finish their batch and close their files, and its error is raised). Returns the records."""
+    halt = asyncio.Event()
+
+    async def one(stream: StreamConsumer, writer: RecordingWriter) -> int:
+        try:
+            return await record(stream, writer, halt, blobs=blobs)
+        finally:
+            halt.set()
+
+    async def relay() -> None:
+        await stop.wait()
+        halt.set()
+
+    relaying = asyncio.create_task(relay())
+    try:
+        done = await asyncio.gather(*(one(s, w) for s, w in zip(streams, writers, strict=True)),
+                                    return_exceptions=True)  # fmt: skip
+    finally:
+        relaying.cancel()
+    for result in done:
+        if isinstance(result, BaseException):
+            raise result
+    return sum(int(r) for r in done if not isinstance(r, BaseException))
+
+
 async def replay(
     paths: Sequence[str | Path],
     client: StreamClient,
-    stream: str,
+    lanes: Sequence[tuple[str, Backpressure | None]],
     *,
     maxlen: int,
     rate: float = 0.0,
-    backpressure: Backpressure | None = None,
 ) -> tuple[int, int]:
-    """Publish every valid record of `paths` to `stream`, byte for byte, at most `rate` per second (0 = no
-    limit), waiting for room when `backpressure` is given. Returns (published, skipped as invalid)."""
+    """Publish every valid record of `paths`, byte for byte, at most `rate` per second (0 = no limit), to the
+    stream of one of `lanes` (a stream and its backpressure, whose room is waited for: one lane, or each
+    partition's; a group goes to the lane its group id hashes to). Returns (published, skipped as invalid)."""
     codec = GroupCodec()
     published = skipped = 0
     started = time.monotonic()
     for path in recording_files(paths):
         for data in read_recording(path):
             try:
-                codec.decode(data)
+                group = codec.decode(data)
             except SchemaError as exc:
                 skipped += 1
                 log.warning("record_skipped", file=str(path), reason=str(exc))
                 continue
             if rate > 0:
                 await asyncio.sleep(max(0.0, started + published / rate - time.monotonic()))
+            stream, backpressure = lanes[zlib.crc32(group.group_id.encode()) % len(lanes)]
             if backpressure is not None:
                 await backpressure.wait_for_room(None)
             await publish(client, stream, data, maxlen=maxlen)

@@ -29,6 +29,7 @@ import redis.asyncio as aioredis
 from instant_engine import ByteTokenizer, HangingEngine, InstantEngine, constant_reward
 
 from consumers.trainer import _take_lease
+from miles_stream import admin
 from miles_stream.bus import GroupConsumer, GroupPublisher, Keys, StreamConsumer, connect, open_stream_client
 from miles_stream.bus.backpressure import Backpressure
 from miles_stream.bus.blobs import blobs_for, first_entry_ms, put_ms
@@ -37,9 +38,12 @@ from miles_stream.bus.done import done_count
 from miles_stream.bus.keys import partition_keys
 from miles_stream.bus.lease import Lease, PartitionFence
 from miles_stream.bus.partitioned import PartitionedConsumer, close_partition_clients, partition_clients
+from miles_stream.codec import GroupCodec
 from miles_stream.errors import LeaseLostError, MilesStreamError
 from miles_stream.feeder import Feeder, FeederConfig, load_rows
 from miles_stream.prompts import decode_prompt
+from miles_stream.record import RecordingWriter, read_recording, recording_files
+from miles_stream.record.recorder import record_partitions
 from miles_stream.redis_cluster import LocalCluster
 from miles_stream.redis_server import EmbeddedRedis, EmbeddedRedisConfig
 from miles_stream.rollout.config import RolloutConfig
@@ -441,3 +445,57 @@ async def test_a_partition_without_entries_does_not_stop_the_blob_sweep(run: Run
     assert await groups[0].blobs.sweep(c0, k0.trajectories, *groups[0].blob_peers) == 1
     assert [put_ms(n) for n in await store.store.names()] != [blob_a]  # c's blob is the one left
     assert len(await store.store.names()) == 1
+
+
+async def test_a_partitioned_run_is_recorded_per_partition_and_replayed_by_group_id(run: Run, tmp_path: Path) -> None:
+    """The recorder records every partition's stream into files of its own, byte for byte; a replay into a
+    partitioned namespace puts each group in the partition its group id hashes to, so a group recorded twice
+    lands twice in one partition (where its second copy is dropped, as in one stream)."""
+    rng = np.random.default_rng(0)
+    sent: list[list[bytes]] = []
+    for p, (c, k) in enumerate(run.lanes):
+        publisher = GroupPublisher(run.data, k.trajectories, run.config.bus)
+        for i in range(3):
+            await publisher.publish(synthetic_group(rng, n_samples=2, prompt_len=4, response_len=4, vocab=50,
+                                                    group_id=f"g{p}-{i}", prompt_key=str(i)))  # fmt: skip
+        sent.append([fields[b"d"] for _, fields in await c.xrange(k.trajectories)])
+    again = GroupPublisher(run.data, run.parts[0].trajectories, run.config.bus)  # a second copy of g0-0
+    await again.publish(synthetic_group(np.random.default_rng(0), n_samples=2, prompt_len=4, response_len=4,
+                                        vocab=50, group_id="g0-0", prompt_key="0"))  # fmt: skip
+    sent[0].append((await run.lanes[0][0].xrange(run.parts[0].trajectories))[-1][1][b"d"])
+    out = tmp_path / "rec"
+    streams = [StreamConsumer(c, open_stream_client(run.config.redis, block_ms=50), stream=k.trajectories,
+                              group="recorder", consumer="r", dead_stream=k.dead, config=run.config.bus, observer=True)
+               for c, k in run.lanes]  # fmt: skip
+    writers = [RecordingWriter(out, namespace=k.namespace, stream=k.trajectories) for k in run.parts]
+    stop = asyncio.Event()
+    recording = asyncio.create_task(record_partitions(streams, writers, stop))
+    deadline = time.monotonic() + DEADLINE_S
+    while sum(w.records for w in writers) < sum(len(s) for s in sent):
+        assert time.monotonic() < deadline and not recording.done()
+        await asyncio.sleep(0.05)
+    stop.set()
+    assert await recording == sum(len(s) for s in sent)
+    for s in streams:
+        await s.blocking.aclose()
+    for k, want in zip(run.parts, sent, strict=True):  # each partition's entries in its own files, in order
+        files = recording_files([out])
+        mine = [f for f in files if f.name.startswith(f"{k.namespace}-")]
+        assert mine and [r for f in mine for r in read_recording(f)] == want
+    other = spread_namespace(Server(run.config.redis.url, len(run.parts)))  # another run, as many partitions
+    target = load_run_config(None, [f"redis.url={run.config.redis.url}", f"bus.namespace={other}",
+                                    f"bus.partitions={len(run.parts)}"])  # fmt: skip
+    said = await admin.replay_files(target, [str(out)], 0.0)
+    assert said.startswith(f"replayed {sum(len(s) for s in sent)} groups")
+    codec = GroupCodec()
+    where: dict[str, list[int]] = {}
+    reader, theirs = connect(target.redis), partition_keys(other, len(run.parts))
+    readers = partition_clients(target.redis, theirs, reader)  # each pinned to its partition's slot
+    for p, (c, k) in enumerate(zip(readers, theirs, strict=True)):
+        for _, fields in await c.xrange(k.trajectories):
+            where.setdefault(codec.decode(fields[b"d"]).group_id, []).append(p)
+    await close_partition_clients(readers, reader)
+    await reader.aclose()
+    assert sorted(where) == sorted(f"g{p}-{i}" for p in range(len(run.parts)) for i in range(3))
+    assert len(where["g0-0"]) == 2 and len(set(where["g0-0"])) == 1  # both copies in one partition
+    assert len({p for ps in where.values() for p in ps}) > 1  # spread over the partitions
