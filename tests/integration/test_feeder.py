@@ -162,7 +162,12 @@ async def test_a_run_keeps_its_partition_count_and_a_partition_that_lost_its_dat
 
 
 async def test_every_process_and_tool_follows_the_partition_count_the_run_was_fed_with(
-    redis: aioredis.Redis, redis_url: str, keys: Keys, bus_config: BusConfig, tmp_path: Path
+    redis: aioredis.Redis,
+    redis_url: str,
+    keys: Keys,
+    bus_config: BusConfig,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     """A trainer or producer given another bus.partitions than the run's is refused at start (it would read and
     commit keys the run never wrote); reset-run given the wrong count still deletes every partition's keys."""
@@ -179,6 +184,10 @@ async def test_every_process_and_tool_follows_the_partition_count_the_run_was_fe
             await check_partitions(redis, keys, wrong)
     assert [await redis.xlen(k.prompts) for k in partition_keys(ns, 3)] == [2, 2, 2]
     run = load_run_config(None, [f"redis.url={redis_url}", f"bus.namespace={ns}"])  # partitions: 1
+    await admin.show_status(run, "", as_json=True, follow=False, interval_s=1.0)  # the run's count, not the config's
+    out = capsys.readouterr().out
+    shown = json.loads(out[out.index("\n{") + 1 :] if not out.startswith("{") else out)  # after any log lines
+    assert {f"{k.namespace}:prompts" for k in partition_keys(ns, 3)} <= {s["key"] for s in shown["streams"]}
     code, said = await admin.reset_namespace(run, yes=True)
     assert code == 0 and said.startswith(f"namespace '{ns}': ")
     assert [key async for key in redis.scan_iter(match=f"{ns}.p*")] == []  # every partition's keys went too
