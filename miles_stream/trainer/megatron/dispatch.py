@@ -14,7 +14,7 @@ Megatron's):
   are cut off again after the combine);
 - its gather and reduce-scatter allocate their outputs on `torch.cuda.current_device()` (mappings.py:141, :181;
   the global buffer, utils.py:631), so on a CPU the same two collectives run here through torch.distributed
-  (gloo provides all_gather_into_tensor and reduce_scatter_tensor in torch 2.13) with the same autograd
+  (gloo provides all_gather_single and reduce_scatter_single in torch 2.13) with the same autograd
   transposes as Megatron's `_GatherFromSequenceParallelRegion` / `_ReduceScatterToSequenceParallelRegion`.
 On CUDA the padded tensors go through Megatron's own functions (super()).
 
@@ -49,7 +49,7 @@ class _Gather(torch.autograd.Function):
     def forward(ctx: Any, x: Tensor, group: Any) -> Tensor:
         ctx.group = group
         out = x.new_empty((x.shape[0] * dist.get_world_size(group), *x.shape[1:]))
-        dist.all_gather_into_tensor(out, x.contiguous(), group=group)
+        dist.all_gather_single(out, x.contiguous(), group=group)
         return out
 
     @staticmethod
@@ -68,7 +68,7 @@ class _ReduceScatter(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
         out = grad.new_empty((grad.shape[0] * dist.get_world_size(ctx.group), *grad.shape[1:]))
-        dist.all_gather_into_tensor(out, grad.contiguous(), group=ctx.group)
+        dist.all_gather_single(out, grad.contiguous(), group=ctx.group)
         return out, None
 
 
@@ -104,13 +104,13 @@ class EpDispatcher(MoEAllGatherTokenDispatcher):  # type: ignore[misc]
         dist.all_reduce(most, op=dist.ReduceOp.MAX, group=group)
         rows = int(most)
         hidden_states, probs = _pad_rows(hidden_states, rows), _pad_rows(probs, rows)
-        routing_map: Tensor = self.routing_map
+        routing_map: Tensor = self.routing_map  # type: ignore[has-type]
         self.routing_map = _pad_rows(routing_map, rows)  # False: a padding row goes to no expert
         if hidden_states.is_cuda:
             out: tuple[Tensor, Tensor] = super().token_dispatch(hidden_states, probs)
             return out
         with torch.no_grad():  # gloo gathers no bool tensors
-            self.routing_map = gather(self.routing_map.to(torch.uint8), group).bool()  # type: ignore[has-type]
+            self.routing_map = gather(self.routing_map.to(torch.uint8), group).bool()
         return gather(hidden_states, group), gather(probs, group)
 
     def token_combine(self, hidden_states: Tensor) -> Tensor:
