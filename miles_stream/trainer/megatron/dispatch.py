@@ -19,10 +19,9 @@ Megatron's):
 On CUDA the padded tensors go through Megatron's own functions (super()).
 
 The all-to-all dispatcher (which sends each token only where its experts are) is not used: it makes a CUDA
-stream at build (token_dispatcher.py:444-445) and syncs on it (:869-880), and its `_AllToAll` allocates on CUDA
-(mappings.py:442); gloo does provide all_to_all_single (uneven splits too), so on a CPU it would take the class
-attribute `cuda_dtoh_stream` set beforehand, `_maybe_update_cuda_sync_point` overridden and its all-to-all
-replaced, as here.
+stream at build (token_dispatcher.py:444-445) and syncs on it (:862-915), its `_AllToAll` allocates on CUDA
+(mappings.py:442), and its `preprocess` gathers token counts through the CUDA-allocating gather (:539); gloo
+does provide all_to_all_single (uneven splits too). docs/parallelism.md says what running it on a CPU takes.
 """
 
 from __future__ import annotations
