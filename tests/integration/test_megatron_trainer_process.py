@@ -1,7 +1,8 @@
 """The trainer process with trainer.backend=megatron and a real Redis: one rank, and tensor parallel over two
 torchrun ranks, read the same stream as the torch backend, train each group once, publish, checkpoint and export
 the model the torch backend exports; and Qwen3-MoE with routing traces on the stream, replayed (R3), as the torch
-backend trains it. Slow (several trainer processes, one of them two ranks): opt-in."""
+backend trains it, on one rank and with its experts split over two torchrun ranks (expert parallel). Slow (several
+trainer processes, some of them two ranks): opt-in."""
 
 from __future__ import annotations
 
@@ -78,12 +79,17 @@ def test_megatron_trainer_process_trains_qwen3_moe_with_replay_as_the_torch_back
     model_dir = build_tiny_model(tmp_path / "model", TinyModelConfig(kind="moe"))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "MILES_REDIS_URL": redis_url, "OMP_NUM_THREADS": "1"}
     runs, mismatch = {}, {}
-    for name, extra in (("torch", []), ("megatron", ["trainer.backend=megatron"])):
+    for name, launcher, share, extra in (
+        ("torch", CLI, 4, []),
+        ("megatron", CLI, 4, ["trainer.backend=megatron"]),
+        # each rank reads and trains 2 groups (its own share), holding 4 of each layer's 8 experts
+        ("ep2", TORCHRUN_2, 2, ["trainer.backend=megatron", "trainer.megatron.expert_parallel=2"]),
+    ):  # fmt: skip
         ns = f"{name}{uuid.uuid4().hex[:8]}"
         asyncio.run(publish_groups(redis_url, ns, traced_groups(8)))
-        cmd = train_cmd(ns, model_dir, tmp_path / name, "trainer.max_steps=2", "buffer.capacity=4",
-                        "buffer.read_count=4", "trainer.routing_replay=true", *extra)  # fmt: skip
-        run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+        cmd = train_cmd(ns, model_dir, tmp_path / name, "trainer.max_steps=2", f"buffer.capacity={share}",
+                        f"buffer.read_count={share}", "trainer.routing_replay=true", *extra)  # fmt: skip
+        run = subprocess.run([*launcher, *cmd[len(CLI) :]], env=env, capture_output=True, text=True, timeout=240)
         assert run.returncode == 0, run.stderr[-3000:]
         runs[name] = load_file(tmp_path / name / "export" / "model.safetensors")
         mismatch[name] = [m["routing_mismatch"] for m in metrics(tmp_path / name)]
@@ -91,12 +97,18 @@ def test_megatron_trainer_process_trains_qwen3_moe_with_replay_as_the_torch_back
             assert done_total(client, f"{ns}:done:trainer") == 8
             assert client.xinfo_groups(f"{ns}:trajectories")[0]["pending"] == 0
     assert len(mismatch["torch"]) == 2 and min(mismatch["torch"]) > 0.5  # random traces: replay changed routing
-    assert mismatch["megatron"] == pytest.approx(mismatch["torch"], rel=1e-6)
-    assert runs["megatron"].keys() == runs["torch"].keys()
-    # two AdamW steps (lr 1e-3) divide by each element's own gradient scale: where an expert saw few tokens, float
-    # noise between the two forwards moves a rare element by more than 1e-5 (seen: 2 of 422k, 1.1e-5 and 2.5e-5)
-    far = 0
-    for key, value in runs["torch"].items():
-        assert torch.allclose(runs["megatron"][key], value, atol=5e-5), key  # 5% of one step's size
-        far += int(((runs["megatron"][key] - value).abs() > 1e-5).sum())
-    assert far <= 10
+    saved = tmp_path / "ep2" / "ckpt" / "step-00000002"
+    assert sorted(p.name for p in saved.glob("megatron-tp*")) == [
+        "megatron-tp00-ep00.pt", "megatron-tp00-ep00.safetensors", "megatron-tp00-ep01.pt",
+        "megatron-tp00-ep01.safetensors"]  # fmt: skip
+    for name in ("megatron", "ep2"):
+        assert mismatch[name] == pytest.approx(mismatch["torch"], rel=1e-6), name
+        assert runs[name].keys() == runs["torch"].keys()
+        # two AdamW steps (lr 1e-3) divide by each element's own gradient scale: where an expert saw few tokens,
+        # float noise between the two forwards moves a rare element by more than 1e-5 (seen: 2 of 422k, 1.1e-5
+        # and 2.5e-5)
+        far = 0
+        for key, value in runs["torch"].items():
+            assert torch.allclose(runs[name][key], value, atol=5e-5), (name, key)  # 5% of one step's size
+            far += int(((runs[name][key] - value).abs() > 1e-5).sum())
+        assert far <= 10, name

@@ -8,9 +8,10 @@
             schedule as the torch backend, with its sums over the DP group only
     train:  the union of the TP group's shares (parallel.tp_union) -> PolicyTrainer.train
 
-Qwen3-MoE: experts and routers converted too (convert.py), R3 in the routers (moe.py), on one TP rank.
-Not built yet (each refused with what to change): PPO's critic, pipeline / expert / context parallelism, MoE
-with tensor parallel, packed sequences, activation checkpointing, torch.compile.
+Qwen3-MoE: experts and routers converted too (convert.py), R3 in the routers (moe.py), on one TP rank; experts
+split over expert-parallel ranks (trainer.megatron.expert_parallel; parallel.py, dispatch.py, layout.py).
+Not built yet (each refused with what to change): PPO's critic, pipeline / context parallelism, MoE with tensor
+parallel, packed sequences, activation checkpointing, torch.compile.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from miles_stream.trainer.algo import Objective
 from miles_stream.trainer.algo_config import AlgoConfig
 from miles_stream.trainer.batch import RolloutBatch
 from miles_stream.trainer.config import TrainerConfig
-from miles_stream.trainer.megatron.convert import Qwen3Shape, to_megatron
+from miles_stream.trainer.megatron.convert import Qwen3Shape, by_expert, to_megatron
 from miles_stream.trainer.megatron.layout import MegatronLayout
 from miles_stream.trainer.megatron.model import MegatronPolicy, build_gpt
 from miles_stream.trainer.megatron.parallel import Groups, init_groups, tp_union
@@ -48,15 +49,18 @@ def hf_tensors(path: str) -> dict[str, Tensor]:
 
 
 def load_policy(path: str, groups: Groups, *, device: str, dtype: str) -> MegatronPolicy:
-    """The checkpoint at `path` as this rank's GPTModel (its TP shards), in `dtype` on `device`."""
+    """The checkpoint at `path` as this rank's GPTModel (its TP shards, its EP rank's experts), in `dtype` on
+    `device`."""
     from transformers import AutoConfig
 
     if not Path(path, "config.json").is_file():
         raise ConfigError(f"model directory {path!r} holds no config.json (a local Hugging Face checkpoint)")
     hf_config = AutoConfig.from_pretrained(path)
     shape = Qwen3Shape.of(hf_config)
-    gpt = build_gpt(hf_config, tp=groups.tp, device=device, dtype=getattr(torch, dtype))
+    gpt = build_gpt(hf_config, tp=groups.tp, ep=groups.ep.world, device=device, dtype=getattr(torch, dtype))
     shard = to_megatron(hf_tensors(path), shape, groups.tp)[groups.tp_rank]
+    if groups.ep.world > 1:
+        shard = by_expert(shard, shape, groups.ep.world)[groups.ep.rank]
     params = dict(gpt.named_parameters())
     if set(shard) != set(params):
         raise RuntimeError(f"conversion and GPTModel disagree on names: {sorted(set(shard) ^ set(params))[:4]}")
@@ -110,7 +114,7 @@ def build_megatron_trainer(cfg: TrainerConfig, algo: AlgoConfig, *, temperature:
         # backward multiplies a bf16 gradient by a float32 weight and fails
         raise ConfigError("the megatron backend computes bf16 over float32 main params only on CUDA: on a CPU use "
                           "trainer.dtype float32, or trainer.main_params_dtype bfloat16")  # fmt: skip
-    groups = init_groups(parallel, cfg.megatron.tensor_parallel)
+    groups = init_groups(parallel, cfg.megatron.tensor_parallel, cfg.megatron.expert_parallel)
     torch.manual_seed(cfg.seed)
     if cfg.torch_threads:
         torch.set_num_threads(cfg.torch_threads)

@@ -1,5 +1,6 @@
 """Qwen3 (dense) and Qwen3-MoE weights between Hugging Face names and Megatron-core's GPTModel, split over
-tensor-parallel ranks (MoE: one rank; see `Qwen3Shape.check_split`).
+tensor-parallel ranks (MoE: one rank; see `Qwen3Shape.check_split`) and, for MoE, by expert over expert-parallel
+ranks (`by_expert`, `expert_home`).
 
 Pure functions of tensors: no process group, no Megatron import. Legend: H hidden, nh query heads, ng key/value
 groups (r = nh / ng heads a group), d head dim, F MLP width, V vocabulary, tp tensor-parallel ranks.
@@ -19,7 +20,9 @@ groups (r = nh / ng heads a group), d head dim, F MLP width, V vocabulary, tp te
     model.norm.weight                [H]               decoder.final_layernorm.weight       [H]
     lm_head.weight                   [V, H]            output_layer.weight [V/tp, H]; tied: the embedding's
 
-Qwen3-MoE (every layer sparse; E experts, each of width Fe; Megatron's SequentialMLP, expert parallel 1):
+Qwen3-MoE (every layer sparse; E experts, each of width Fe; Megatron's SequentialMLP; names below for expert
+parallel 1: with ep ranks, rank j holds experts j*E/ep .. (j+1)*E/ep-1 as local_experts.0 .. E/ep-1, as Megatron's
+SequentialMLP numbers them, experts.py:294-299):
     model.layers.i.mlp.gate.weight   [E, H]            decoder.layers.i.mlp.router.weight   [E, H]
     mlp.experts.gate_up_proj [E, 2Fe, H] (in memory;   mlp.experts.local_experts.e.linear_fc1.weight [2Fe, H]:
       on disk mlp.experts.e.gate_proj / up_proj)         expert e's gate rows, then its up rows
@@ -34,6 +37,7 @@ as the torch backend publishes `model.state_dict()`.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -77,8 +81,15 @@ class Qwen3Shape:
                    tied=bool(hf_config.tie_word_embeddings),
                    **(_moe_shape(hf_config) if kind == "qwen3_moe" else {}))  # fmt: skip
 
-    def check_split(self, tp: int) -> None:
-        """Refuse a tensor-parallel size that does not divide what it splits (Megatron asserts it deep inside)."""
+    def check_split(self, tp: int, ep: int = 1) -> None:
+        """Refuse a tensor- or expert-parallel size that does not divide what it splits (Megatron asserts it deep
+        inside)."""
+        if ep > 1 and not self.experts:
+            raise ConfigError(f"trainer.megatron.expert_parallel={ep}: this model is dense (no experts to split): "
+                              "set 1")  # fmt: skip
+        if ep > 1 and self.experts % ep:
+            raise ConfigError(f"trainer.megatron.expert_parallel={ep} must divide the model's num_experts "
+                              f"({self.experts})")  # fmt: skip
         if self.experts and tp > 1:
             # megatron-core 0.16.1: MoELayer refuses to train with TP unless sequence parallelism is on
             # (transformer/moe/moe_layer.py:379-383), and the local spec's RMSNorm is always WrappedTorchNorm
@@ -165,6 +176,34 @@ def to_megatron(hf: Mapping[str, Tensor], shape: Qwen3Shape, tp: int = 1) -> lis
     put("decoder.final_layernorm.weight", hf["model.norm.weight"], None)
     if not shape.tied:
         put("output_layer.weight", hf["lm_head.weight"], 0)
+    return out
+
+
+_EXPERT = re.compile(r"^(decoder\.layers\.\d+\.mlp\.experts\.local_experts\.)(\d+)(\..+)$")
+
+
+def expert_home(name: str, shape: Qwen3Shape, ep: int) -> tuple[int, str] | None:
+    """(the expert-parallel rank that holds it, its name there) of a Megatron expert parameter named by its
+    global expert index; None for every other parameter (whole on every expert-parallel rank)."""
+    match = _EXPERT.match(name)
+    if match is None:
+        return None
+    rank, local = divmod(int(match[2]), shape.experts // ep)
+    return rank, f"{match[1]}{local}{match[3]}"
+
+
+def by_expert(shard: Mapping[str, Tensor], shape: Qwen3Shape, ep: int) -> list[dict[str, Tensor]]:
+    """One TP rank's state dict (global expert names) as each expert-parallel rank's: the other parameters on
+    every rank, each expert on its rank only, under its local index."""
+    shape.check_split(1, ep)
+    out: list[dict[str, Tensor]] = [{} for _ in range(ep)]
+    for name, tensor in shard.items():
+        home = expert_home(name, shape, ep)
+        if home is None:
+            for part in out:
+                part[name] = tensor
+        else:
+            out[home[0]][home[1]] = tensor
     return out
 
 

@@ -1,16 +1,24 @@
 """`MegatronLayout`: the torch train step's `ModelLayout` (trainer/torch/layout.py) for a GPTModel split over a
-tensor-parallel group and replicated over a data-parallel one.
+tensor-parallel group, its MoE experts split over an expert-parallel (EP) group, replicated over the rest.
 
-    reduce_grads   sum over the DP group (one flat all-reduce; the TP ranks of a group saw the same batch, and
-                   Megatron's layers already all-reduce what a TP split needs inside their backward); the q/k
-                   norms' gradients summed over the TP group first: each rank normalises only its own heads
-                   with the shared [d] weight (Megatron does the same in finalize_model_grads.py:353-356)
+    reduce_grads   experts (the parameters Megatron marks `allreduce=False` under EP, tensor_parallel/layers.py:886,
+                   experts.py:203-204; its DDP sorts them by that mark, distributed_data_parallel.py:122): summed
+                   over the expert-data-parallel group; the rest over the DP group (one flat all-reduce each; the
+                   TP ranks of a group saw the same batch, and Megatron's layers already all-reduce what a TP split
+                   needs inside their backward); the q/k norms' gradients summed over the TP group first: each rank
+                   normalises only its own heads with the shared [d] weight (Megatron does the same in
+                   finalize_model_grads.py:353-356)
     clip_grads     global 2-norm: squares of TP-split parameters summed over the TP group, replicated ones
-                   (the norms) counted once (on TP rank 0); then torch's clip rule (max_norm / (norm + 1e-6), at most 1)
-    weights        each parameter's TP shards gathered in turn and converted to HF names (convert.iter_hf); every
-                   rank holds the whole model while the mapping is built (not yet read tensor by tensor)
-    save / load    DP rank 0 of each TP rank writes megatron-tp{k}.safetensors (its shards, Megatron names) and
-                   megatron-tp{k}.pt (AdamW, schedule, torch RNG); every rank reads its TP rank's pair
+                   (the norms) counted once (on TP rank 0), experts' squares summed over the EP group (each rank
+                   holds other experts); then torch's clip rule (max_norm / (norm + 1e-6), at most 1)
+    align          with EP every forward is a collective of the EP group (dispatch.py): every DP rank runs as
+                   many micro-batches, the short ones padded with repeats that add nothing (as FSDP's, fsdp.py)
+    weights        each parameter's TP shards gathered in turn, each expert broadcast from the EP rank that holds
+                   it, and converted to HF names (convert.iter_hf); every rank holds the whole model while the
+                   mapping is built (not yet read tensor by tensor)
+    save / load    rank 0 of each (TP, EP) rank's replicas writes megatron-tp{k}[-ep{j}].safetensors (its shards
+                   and experts, Megatron names) and megatron-tp{k}[-ep{j}].pt (AdamW, schedule, torch RNG); every
+                   rank reads its (TP, EP) rank's pair (-ep{j} only with EP > 1: the files of EP 1 are unchanged)
     export_hf      the gathered HF tensors, saved by rank 0 under the source checkpoint's config and tokenizer
 """
 
@@ -26,7 +34,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from miles_stream.trainer.megatron.convert import iter_hf
+from miles_stream.trainer.megatron.convert import expert_home, iter_hf
 from miles_stream.trainer.megatron.model import MegatronPolicy
 from miles_stream.trainer.megatron.parallel import Groups
 from miles_stream.trainer.parallel import DataParallel
@@ -45,20 +53,36 @@ class MegatronLayout:
         # whole on every TP rank: the norms. By name: Megatron marks split parameters (`tensor_model_parallel`)
         # only when it initialises them (tensor_parallel/layers.py:244-266, :855-886), which the backend skips
         self.replicated = {id(p) for n, p in named if n.endswith("layernorm.weight")}
+        self.experts = {id(p) for _, p in named if not getattr(p, "allreduce", True)}  # split over EP (see above)
+        self.aligns_frozen = groups.ep.world > 1  # a frozen reference's experts are split too
+
+    def _split(self, params: Sequence[nn.Parameter]) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+        """(the replicated parameters, the experts split over the EP group)"""
+        return [p for p in params if id(p) not in self.experts], [p for p in params if id(p) in self.experts]
 
     def reduce_grads(self, params: Sequence[nn.Parameter]) -> None:
         if self.groups.tp > 1:
             self.groups.tp_parallel.sum_grads([p for p in self.tp_partial if p.requires_grad])
-        self.groups.dp.sum_grads(params)
+        dense, experts = self._split(params)
+        self.groups.dp.sum_grads(dense)
+        self.groups.expert_dp.sum_grads(experts)
 
     def clip_grads(self, params: Sequence[nn.Parameter], max_norm: float) -> float:
         grads = [p.grad for p in params if p.grad is not None]
         if not grads:
             return 0.0
         first = self.groups.tp_rank == 0
-        squares = [p.grad.float().pow(2).sum() for p in params
-                   if p.grad is not None and (first or id(p) not in self.replicated)]  # fmt: skip
-        total = torch.stack(squares).sum() if squares else torch.zeros((), device=grads[0].device)
+        dense, experts = self._split(params)
+
+        def squares(of: Sequence[nn.Parameter]) -> Tensor:
+            parts = [p.grad.float().pow(2).sum() for p in of
+                     if p.grad is not None and (first or id(p) not in self.replicated)]  # fmt: skip
+            return torch.stack(parts).sum() if parts else torch.zeros((), device=grads[0].device)
+
+        total, expert_total = squares(dense), squares(experts)
+        if self.groups.ep.world > 1:
+            dist.all_reduce(expert_total, group=self.groups.ep.group)
+        total = total + expert_total
         if self.groups.tp > 1:
             dist.all_reduce(total, group=self.groups.tp_group)
         norm = float(total.sqrt())
@@ -68,12 +92,28 @@ class MegatronLayout:
         return norm
 
     def align(self, plan: list[list[int]]) -> list[tuple[list[int], bool]]:
-        return [(rows, True) for rows in plan]  # a TP group's ranks train the same rows (parallel.tp_union)
+        # a TP group's ranks train the same rows (parallel.tp_union); an EP group's ranks their own
+        if self.groups.ep.world == 1:
+            return [(rows, True) for rows in plan]
+        most = max(self.parallel.gather(len(plan)))
+        if not plan and most:
+            raise RuntimeError("this rank has no rows while another has some: expert-parallel ranks need a share "
+                               "each")  # fmt: skip
+        return [(rows, True) for rows in plan] + [(plan[0], False)] * (most - len(plan))
 
     def shards(self, model: MegatronPolicy) -> Any:
         params = dict(model.gpt.named_parameters())
 
+        ep = self.groups.ep
+
         def shards_of(name: str) -> list[Tensor]:
+            home = expert_home(name, model.shape, ep.world) if ep.world > 1 else None
+            if home is not None:  # an expert: whole on one EP rank, under its local index there
+                owner, local_name = home
+                expert = params[local_name].detach().contiguous()  # the same shape on every EP rank
+                expert = expert if ep.rank == owner else torch.empty_like(expert)
+                dist.broadcast(expert, src=dist.get_global_rank(ep.group, owner), group=ep.group)
+                return [expert]
             local = params[name].detach().contiguous()
             if self.groups.tp == 1:
                 return [local]
@@ -89,11 +129,14 @@ class MegatronLayout:
 
     def _files(self, directory: Path) -> tuple[Path, Path]:
         stem = f"megatron-tp{self.groups.tp_rank:02d}"
+        if self.groups.ep.world > 1:
+            stem += f"-ep{self.groups.ep.rank:02d}"
         return directory / f"{stem}.safetensors", directory / f"{stem}.pt"
 
     def save(self, directory: Path, model: nn.Module, optimizer: Any, scheduler: Any, critic: Any) -> None:
         assert isinstance(model, MegatronPolicy)
-        if self.groups.dp.rank != 0:  # the DP replicas hold the same shards
+        replicas = self.groups.dp if self.groups.ep.world == 1 else self.groups.expert_dp
+        if replicas.rank != 0:  # they hold the same shards and experts
             return
         tensors, state = self._files(directory)
         save_file({n: p.detach().contiguous() for n, p in model.gpt.named_parameters()}, str(tensors))
@@ -104,7 +147,8 @@ class MegatronLayout:
         assert isinstance(model, MegatronPolicy)
         tensors, state = self._files(directory)
         if not tensors.is_file():
-            raise ValueError(f"it holds no {tensors.name} (not saved by the megatron backend at this TP size)")
+            raise ValueError(f"it holds no {tensors.name} (not saved by the megatron backend at these TP and EP "
+                             "sizes)")  # fmt: skip
         saved = load_file(str(tensors))
         params = dict(model.gpt.named_parameters())
         if set(saved) != set(params):

@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from miles_stream.errors import ConfigError
 from miles_stream.trainer.megatron.attention import SdpaAttention
 from miles_stream.trainer.megatron.convert import Qwen3Shape
+from miles_stream.trainer.megatron.dispatch import use_ep_dispatcher
 from miles_stream.trainer.megatron.logprobs import output_logprobs
 from miles_stream.trainer.megatron.moe import LocalTopKRouter, MegatronRoutingReplay
 from miles_stream.trainer.megatron.parallel import Groups
@@ -69,7 +70,8 @@ def moe_config(shape: Qwen3Shape) -> dict[str, Any]:
     )  # fmt: skip
 
 
-def transformer_config(hf_config: Any, shape: Qwen3Shape, *, tp: int, device: str, dtype: torch.dtype) -> Any:
+def transformer_config(hf_config: Any, shape: Qwen3Shape, *, tp: int, device: str, dtype: torch.dtype,
+                       ep: int = 1) -> Any:  # fmt: skip
     cpu = not device.startswith("cuda")
     return TransformerConfig(
         num_layers=shape.num_layers, hidden_size=shape.hidden, num_attention_heads=shape.num_heads,
@@ -77,7 +79,8 @@ def transformer_config(hf_config: Any, shape: Qwen3Shape, *, tp: int, device: st
         gated_linear_unit=True, activation_func=F.silu, normalization="RMSNorm",
         layernorm_epsilon=float(hf_config.rms_norm_eps), add_bias_linear=False, add_qkv_bias=False,
         qk_layernorm=True, hidden_dropout=0.0, attention_dropout=float(getattr(hf_config, "attention_dropout", 0.0)),
-        tensor_model_parallel_size=tp, params_dtype=dtype, pipeline_dtype=dtype, bf16=dtype == torch.bfloat16,
+        tensor_model_parallel_size=tp, expert_model_parallel_size=ep, params_dtype=dtype, pipeline_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
         use_cpu_initialization=cpu, perform_initialization=False,  # the checkpoint's weights overwrite them
         # the fused paths below are CUDA kernels (or Apex / TE): off on a CPU, Megatron's defaults on CUDA
         masked_softmax_fusion=not cpu, bias_activation_fusion=False, bias_dropout_fusion=not cpu,
@@ -86,10 +89,11 @@ def transformer_config(hf_config: Any, shape: Qwen3Shape, *, tp: int, device: st
     )  # fmt: skip
 
 
-def build_gpt(hf_config: Any, *, tp: int, device: str, dtype: torch.dtype) -> Any:
-    """An uninitialised GPTModel of the checkpoint's shape on `device` (this rank's TP shards)."""
+def build_gpt(hf_config: Any, *, tp: int, device: str, dtype: torch.dtype, ep: int = 1) -> Any:
+    """An uninitialised GPTModel of the checkpoint's shape on `device` (this rank's TP shards; with expert
+    parallel, its num_experts/ep experts of every layer, dispatched by dispatch.py's `EpDispatcher`)."""
     shape = Qwen3Shape.of(hf_config)
-    shape.check_split(tp)
+    shape.check_split(tp, ep)
     if not device.startswith("cuda"):
         megatron_random.initialize_rng_tracker(inference_rng_tracker=True)  # see the module's docstring
     spec = get_gpt_layer_local_spec(num_experts=shape.experts or None, moe_grouped_gemm=False, qk_layernorm=True,
@@ -99,10 +103,12 @@ def build_gpt(hf_config: Any, *, tp: int, device: str, dtype: torch.dtype) -> An
         spec.submodules.mlp.submodules.router = LocalTopKRouter
     with warnings.catch_warnings():  # its deprecation notices (an MLP's ffn_hidden_size default, ...)
         warnings.simplefilter("ignore")
-        gpt = GPTModel(transformer_config(hf_config, shape, tp=tp, device=device, dtype=dtype), spec,
+        gpt = GPTModel(transformer_config(hf_config, shape, tp=tp, ep=ep, device=device, dtype=dtype), spec,
                        vocab_size=shape.vocab, max_sequence_length=int(hf_config.max_position_embeddings),
                        position_embedding_type="rope", rotary_base=int(rope_theta(hf_config)),
                        share_embeddings_and_output_weights=shape.tied, parallel_output=True)  # fmt: skip
+    if ep > 1:
+        use_ep_dispatcher(gpt)
     return gpt.to(device)
 
 

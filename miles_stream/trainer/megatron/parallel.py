@@ -6,6 +6,11 @@
       The loop gives each rank its own share of the stream's groups (consumers/trainer.py), so the backend
       trains the union of its TP group's shares (`tp_union`): every group read is trained once, by its TP group.
     a DP group (same TP rank in every TP group) sums gradients (`GroupParallel`, the torch step's reductions).
+    expert parallel (EP, MoE only, TP 1): the DP ranks are cut again for the experts (Megatron's expert rank
+      order "tp-ep-dp-pp" over the same ranks, parallel_state.py:796-806): EP group j = ranks j*ep .. j*ep+ep-1,
+      each holding num_experts/ep of every layer's experts; the expert-data-parallel group (same EP rank in every
+      EP group, dp/ep ranks) sums the experts' gradients, the DP group the rest. Each rank still trains its own
+      share: an MoE layer gathers its EP group's tokens and hands back their expert outputs (dispatch.py).
 
 Without torchrun (one process) Megatron still needs a process group: a one-rank gloo group over an in-process
 store is made here.
@@ -65,6 +70,8 @@ class Groups:
     tp_rank: int
     tp_group: Any
     dp: GroupParallel  # this rank's data-parallel group
+    ep: GroupParallel = GroupParallel()  # this rank's expert-parallel group (its ranks hold different experts)
+    expert_dp: GroupParallel = GroupParallel()  # ranks holding the same experts: their gradients are summed
 
     @property
     def tp_parallel(self) -> GroupParallel:
@@ -72,25 +79,37 @@ class Groups:
         return GroupParallel(rank=self.tp_rank, world=self.tp, group=self.tp_group)
 
 
-def init_groups(world: DataParallel, tensor_parallel: int) -> Groups:
-    """Megatron's groups over the trainer's ranks (made once a process; a second call with the same size reuses
-    them, with another size remakes them)."""
+def init_groups(world: DataParallel, tensor_parallel: int, expert_parallel: int = 1) -> Groups:
+    """Megatron's groups over the trainer's ranks (made once a process; a second call with the same sizes reuses
+    them, with other sizes remakes them)."""
     if world.world % tensor_parallel:
         raise ValueError(f"trainer.megatron.tensor_parallel={tensor_parallel} must divide the {world.world} ranks")
+    if (world.world // tensor_parallel) % expert_parallel:
+        raise ValueError(f"trainer.megatron.expert_parallel={expert_parallel} must divide the "
+                         f"{world.world // tensor_parallel} data-parallel ranks")  # fmt: skip
     if not dist.is_initialized():
         if world.world > 1:
             raise RuntimeError("the megatron backend over several ranks needs torch.distributed up (torchrun)")
         dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)  # type: ignore[attr-defined]
-    made = parallel_state.model_parallel_is_initialized()
-    if made and parallel_state.get_tensor_model_parallel_world_size() != tensor_parallel:
-        parallel_state.destroy_model_parallel()
+    if parallel_state.model_parallel_is_initialized():
+        sizes = (parallel_state.get_tensor_model_parallel_world_size(),
+                 parallel_state.get_expert_model_parallel_world_size())  # fmt: skip
+        if sizes != (tensor_parallel, expert_parallel):
+            parallel_state.destroy_model_parallel()
     if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tensor_parallel)
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tensor_parallel,
+                                                 expert_model_parallel_size=expert_parallel)  # fmt: skip
     dp = GroupParallel(rank=parallel_state.get_data_parallel_rank(),
                        world=parallel_state.get_data_parallel_world_size(),
                        group=parallel_state.get_data_parallel_group())  # fmt: skip
+    ep = GroupParallel(rank=parallel_state.get_expert_model_parallel_rank(), world=expert_parallel,
+                       group=parallel_state.get_expert_model_parallel_group())  # fmt: skip
+    expert_dp = GroupParallel(rank=parallel_state.get_expert_data_parallel_rank(),
+                              world=parallel_state.get_expert_data_parallel_world_size(),
+                              group=parallel_state.get_expert_data_parallel_group())  # fmt: skip
     return Groups(tp=tensor_parallel, tp_rank=parallel_state.get_tensor_model_parallel_rank(),
-                  tp_group=parallel_state.get_tensor_model_parallel_group(), dp=dp)  # fmt: skip
+                  tp_group=parallel_state.get_tensor_model_parallel_group(), dp=dp, ep=ep,
+                  expert_dp=expert_dp)  # fmt: skip
 
 
 def release_groups() -> None:

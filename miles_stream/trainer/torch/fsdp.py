@@ -130,6 +130,8 @@ class GatheredWeights(Mapping[str, Tensor]):
 class Fsdp:
     """The `ModelLayout` of a model that `shard` has sharded."""
 
+    aligns_frozen = False  # only the policy is sharded
+
     def __init__(self, parallel: DataParallel, config: TrainerConfig) -> None:
         self.parallel = parallel
         self.casts_compute = mixed_precision(config)

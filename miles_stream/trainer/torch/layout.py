@@ -23,6 +23,7 @@ from miles_stream.trainer.torch.state import read_state, write_state
 class ModelLayout(Protocol):
     parallel: DataParallel
     casts_compute: bool  # the layout computes in the compute dtype itself (FSDP's mixed precision): no autocast
+    aligns_frozen: bool  # a frozen model's forward is a collective too (expert parallel): `align` its micro-batches
 
     def reduce_grads(self, params: Sequence[nn.Parameter]) -> None:
         """After the last backward pass of a step: make every rank's gradients the sum over ranks."""
@@ -50,6 +51,7 @@ class ModelLayout(Protocol):
 
 class Replicated:
     casts_compute = False
+    aligns_frozen = False
 
     def __init__(self, parallel: DataParallel) -> None:
         self.parallel = parallel

@@ -274,8 +274,10 @@ class PolicyTrainer:
         """[B, T] logprobs of every response token under `model`, micro-batch by micro-batch."""
         out = torch.zeros_like(batch.logp_rollout_BT, device=self.device)
         plan = self._plan(batch.lengths)
-        # only the policy is sharded: a frozen reference or teacher stays whole on every rank
-        for rows, real in self.layout.align(plan) if model is self.model else [(r, True) for r in plan]:
+        # FSDP shards only the policy (a frozen reference or teacher stays whole on every rank); expert parallel
+        # splits every model's experts
+        aligned = model is self.model or self.layout.aligns_frozen
+        for rows, real in self.layout.align(plan) if aligned else [(r, True) for r in plan]:
             mb = batch.rows(rows)
             replay = self._begin_replay(model, mb, count=False)
             with self._precision():
