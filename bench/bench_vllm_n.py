@@ -19,12 +19,12 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
-from vllm_server import VLLMServer, ensure_venv  # noqa: E402
+from vllm_server import VLLMServer, ensure_venv
 
-from miles_stream.demo.task import VLLM_MODEL, write_task  # noqa: E402
-from miles_stream.engines.base import GenerationRequest, SamplingParams  # noqa: E402
-from miles_stream.engines.vllm.config import VLLMConfig  # noqa: E402
-from miles_stream.engines.vllm.engine import VLLMEngine  # noqa: E402
+from miles_stream.demo.task import VLLM_MODEL, write_task
+from miles_stream.engines.base import GenerationRequest, SamplingParams
+from miles_stream.engines.vllm.config import VLLMConfig
+from miles_stream.engines.vllm.engine import VLLMEngine
 
 
 async def measure(url: str, args: argparse.Namespace) -> dict[str, list[float]]:

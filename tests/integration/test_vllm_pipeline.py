@@ -90,7 +90,8 @@ def metrics(path: Path) -> list[dict[str, object]]:
     return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
 
 
-MAX_STEPS = 40  # the most the trainer may take; the test stops it as soon as the reward has risen
+MAX_STEPS = 60  # the most the trainer may take; the test stops it as soon as the reward has risen (at steps
+# 25-35 in 5 runs of 5: later than synchronous GRPO's 10-13, the samples being up to 2 versions old)
 GROUPS = 32  # groups of 32 samples a step, twice the demo's 16: synchronous GRPO on this model rose by RISE
 # within steps 10-13 in 10 seeds of 10 at 32 groups, within 13-52 at 16 and in 7 of 10 by step 60 at 8
 # (docs/vllm.md, Tests); each group is one request for n = 32 samples
@@ -106,7 +107,7 @@ def risen(rows: list[dict[str, object]]) -> bool:
     return len(r) >= 10 and sum(r[-5:]) / 5 >= sum(r[:5]) / 5 + RISE
 
 
-@pytest.mark.timeout(300)  # in the default tier: about 55 s once the session's server is up (docs/vllm.md, Tests)
+@pytest.mark.timeout(420)  # default tier: 36-89 s once the session's server is up, in 5 runs (docs/vllm.md, Tests)
 def test_the_demo_task_is_learned_with_a_vllm_producer(
     vllm_server: VLLMServer, vllm_task: tuple[Path, Path], tmp_path: Path
 ) -> None:
@@ -130,7 +131,7 @@ def test_the_demo_task_is_learned_with_a_vllm_producer(
 
         procs = [start("feed", "feeder"), start("produce", "producer"), start("train", "trainer")]
         try:
-            wait_for(lambda: risen(metrics(metrics_path)) or procs[2].poll() is not None, 240,
+            wait_for(lambda: risen(metrics(metrics_path)) or procs[2].poll() is not None, 360,
                      "the reward to rise or the trainer to finish")  # fmt: skip
             for proc in procs:
                 proc.send_signal(signal.SIGTERM)
