@@ -185,8 +185,8 @@ class PooledEngine(ABC, Generic[S, C]):
         out: list[GenerationResult | None] = [None] * len(requests)
         for batch, got in zip(batches, results, strict=True):
             assert isinstance(got, list) and len(got) == len(batch)
-            for i, result in zip(batch, got, strict=True):
-                out[i] = result
+            for i, sample in zip(batch, got, strict=True):
+                out[i] = sample
         return [r for r in out if r is not None]
 
     async def update_weights(self, version: int, state: Mapping[str, torch.Tensor]) -> None:
