@@ -237,3 +237,25 @@ async def test_a_groups_samples_go_as_one_request_for_n_and_come_back_each_score
     for r in results:
         assert len(r.response_ids) == 6 and r.version_spans.tolist() == [[0, 0]]
         np.testing.assert_allclose(r.logprobs, reference_logprobs(model, PROMPT, r.response_ids.tolist()), atol=2e-4)
+
+
+async def test_an_abort_of_a_groups_id_aborts_every_sample_of_its_one_request(engine: VLLMEngine) -> None:
+    """The server is paused first (keep: nothing is scheduled, v1/core/sched/scheduler.py:615-617), so the group's
+    16 samples (one request, n = 16) wait unfinished until aborted; an abort that reaches the API server before the
+    request does is a no-op there (v1/engine/output_processor.py:580), so it is sent again until the request is
+    answered, which only an abort can do while the server is paused. Every sample must come back aborted."""
+    await engine.pause()
+    try:
+        batch = asyncio.create_task(engine.generate([request("grp", 200, ignore_eos=True)] * 16))
+        deadline = asyncio.get_running_loop().time() + 30
+        while not batch.done():
+            assert asyncio.get_running_loop().time() < deadline, "the group was not answered in 30 s of aborts"
+            await engine.abort(["grp"])
+            await asyncio.wait([batch], timeout=0.5)
+        results = batch.result()
+    finally:
+        await engine.resume()
+    assert len(results) == 16 and {r.finish_reason for r in results} == {"abort"}
+    assert all(len(r.response_ids) == 0 for r in results)  # paused before any was scheduled
+    [r] = await engine.generate([request("after", 4, ignore_eos=True)])  # the server goes on
+    assert r.finish_reason == "length"
