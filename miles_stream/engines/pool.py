@@ -8,8 +8,9 @@ its weight version, what it must be to join, and what its weight push holds.
                        come back as partials) ─ _left ─ forgotten
     recover()      ──► each server out of rotation (not joining or leaving) that probes healthy is made current
                        and put back: the health loop does this every health_interval_s
-    generate(...)  ──► one request per sample on the server in rotation with the fewest in flight, at most
-                       max_inflight_per_server each (through a router, if the engine has one: it chooses)
+    generate(...)  ──► one request per sample (or per batch of identical samples, where the engine batches) on
+                       the server in rotation with the fewest samples in flight, at most max_inflight_per_server
+                       each (through a router, if the engine has one: it chooses)
     apply_manifest ──► every server not joining or leaving to the version; raised only if every one failed
 
 A server that fails a request (a connection that cannot be made, a 5xx) or an update leaves the rotation, and
@@ -146,6 +147,16 @@ class PooledEngine(ABC, Generic[S, C]):
     async def _send(self, server: S, request: GenerationRequest, rid: str) -> GenerationResult:
         """Generate `request` under the id `rid` on `server` (or the router)."""
 
+    def _batches(self, requests: Sequence[GenerationRequest]) -> list[list[int]]:
+        """Which requests go to a server as one (indices into `requests`, each exactly once): each alone here;
+        an engine whose server samples n at once groups identical ones and overrides `_send_batch`."""
+        return [[i] for i in range(len(requests))]
+
+    async def _send_batch(self, server: S, batch: list[GenerationRequest], rid: str) -> list[GenerationResult]:
+        """Generate `batch` (one of `_batches`) under the id `rid`: one result per request, in order."""
+        assert len(batch) == 1, "an engine that batches requests overrides _send_batch"
+        return [await self._send(server, batch[0], rid)]
+
     # ---- RolloutEngine ----------------------------------------------------------------------------------
     @property
     def weight_version(self) -> int:
@@ -162,12 +173,21 @@ class PooledEngine(ABC, Generic[S, C]):
         self._health = asyncio.create_task(self._health_loop(), name=f"{self.name}-health")
 
     async def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
-        """Every sample ends (none is left running unawaited) before the first failure, if any, is raised."""
-        results = await asyncio.gather(*(self._generate_one(r) for r in requests), return_exceptions=True)
+        """Every sample ends (none is left running unawaited) before the first failure, if any, is raised.
+        The engine may send several samples as one server request (`_batches`); the results come back one per
+        request, in order."""
+        batches = self._batches(requests)
+        results = await asyncio.gather(*(self._generate_batch([requests[i] for i in b]) for b in batches),
+                                       return_exceptions=True)  # fmt: skip
         for result in results:
             if isinstance(result, BaseException):
                 raise result
-        return [r for r in results if isinstance(r, GenerationResult)]
+        out: list[GenerationResult | None] = [None] * len(requests)
+        for batch, got in zip(batches, results, strict=True):
+            assert isinstance(got, list) and len(got) == len(batch)
+            for i, sample in zip(batch, got, strict=True):
+                out[i] = sample
+        return [r for r in out if r is not None]
 
     async def update_weights(self, version: int, state: Mapping[str, torch.Tensor]) -> None:
         raise MilesStreamError(f"the {self.label} engine updates from a published manifest (apply_manifest)")
@@ -278,18 +298,19 @@ class PooledEngine(ABC, Generic[S, C]):
         async with self._changed:
             await self._changed.wait_for(lambda: server.in_flight == 0)
 
-    async def _pick(self) -> S:
-        """The server in rotation with the fewest requests in flight and room for one more, counted as taken
-        (through a router, the router chooses: this only bounds the total), waiting while every one is busy;
-        `NoServer` when none has been in rotation for health_timeout_s."""
-        limit = self.config.max_inflight_per_server
+    async def _pick(self, samples: int = 1) -> S:
+        """The server in rotation with the fewest samples in flight and room for `samples` more (at most
+        max_inflight_per_server: `_batches` keeps a batch within it), counted as taken (through a router, the
+        router chooses: this only bounds the total), waiting while every one is busy; `NoServer` when none has
+        been in rotation for health_timeout_s."""
+        limit = self.config.max_inflight_per_server - samples + 1
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.config.health_timeout_s
         async with self._changed:
             while True:
                 ready = self._in_rotation()
                 if ready and (best := min(ready, key=lambda s: s.in_flight)).in_flight < limit:
-                    best.in_flight += 1
+                    best.in_flight += samples
                     return best
                 if ready:
                     deadline = loop.time() + self.config.health_timeout_s
@@ -299,16 +320,19 @@ class PooledEngine(ABC, Generic[S, C]):
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._changed.wait(), 1.0)
 
-    async def _generate_one(self, request: GenerationRequest) -> GenerationResult:
-        rid = f"{request.request_id}/{next(self._ids)}"
+    async def _generate_batch(self, batch: list[GenerationRequest]) -> list[GenerationResult]:
+        """`batch` as one server request (one id for all: an abort of any of their request ids ends it)."""
+        rid = f"{batch[0].request_id}/{next(self._ids)}"
+        request_ids = {r.request_id for r in batch}
         attempts = max(1, len(self._servers) + self.extra_attempts)
         for attempt in range(attempts):
-            server = await self._pick()
+            server = await self._pick(len(batch))
             entry = (None if self._router is not None else server, rid)
-            self._rids.setdefault(request.request_id, set()).add(entry)
+            for request_id in request_ids:
+                self._rids.setdefault(request_id, set()).add(entry)
             server.rids.add(rid)
             try:
-                return await self._send(server, request, rid)
+                return await self._send_batch(server, batch, rid)
             except ServerError as exc:
                 if (exc.status is not None and exc.status < 500) or attempt == attempts - 1:
                     raise  # refused: another server would refuse it too
@@ -317,13 +341,14 @@ class PooledEngine(ABC, Generic[S, C]):
                     await self._set_healthy(server, False)
             finally:
                 server.rids.discard(rid)
-                in_flight = self._rids.get(request.request_id)
-                if in_flight is not None:
-                    in_flight.discard(entry)
-                    if not in_flight:
-                        del self._rids[request.request_id]
+                for request_id in request_ids:
+                    in_flight = self._rids.get(request_id)
+                    if in_flight is not None:
+                        in_flight.discard(entry)
+                        if not in_flight:
+                            del self._rids[request_id]
                 async with self._changed:
-                    server.in_flight -= 1
+                    server.in_flight -= len(batch)
                     self._changed.notify_all()
         raise AssertionError("unreachable")
 

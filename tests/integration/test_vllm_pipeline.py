@@ -90,8 +90,11 @@ def metrics(path: Path) -> list[dict[str, object]]:
     return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
 
 
-MAX_STEPS = 60  # the most the trainer may take; the test stops it as soon as the reward has risen
-GROUPS = 8  # groups of 32 samples a step, the demo's 16 halved: a step costs its HTTP requests (docs/vllm.md)
+MAX_STEPS = 60  # the most the trainer may take; the test stops it as soon as the reward has risen (at steps
+# 25-35 in 5 runs of 5: later than synchronous GRPO's 10-13, the samples being up to 2 versions old)
+GROUPS = 32  # groups of 32 samples a step, twice the demo's 16: synchronous GRPO on this model rose by RISE
+# within steps 10-13 in 10 seeds of 10 at 32 groups, within 13-52 at 16 and in 7 of 10 by step 60 at 8
+# (docs/vllm.md, Tests); each group is one request for n = 32 samples
 RISE = 0.15  # the last 5 steps' mean rollout reward over the first 5's: ~10x the noise of a 5-step mean here
 
 
@@ -104,8 +107,7 @@ def risen(rows: list[dict[str, object]]) -> bool:
     return len(r) >= 10 and sum(r[-5:]) / 5 >= sum(r[:5]) / 5 + RISE
 
 
-@pytest.mark.slow  # about 2 min when it learns, but it did in 2 of 3 runs (docs/vllm.md, Tests)
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(420)  # default tier: 36-89 s once the session's server is up, in 5 runs (docs/vllm.md, Tests)
 def test_the_demo_task_is_learned_with_a_vllm_producer(
     vllm_server: VLLMServer, vllm_task: tuple[Path, Path], tmp_path: Path
 ) -> None:
@@ -115,7 +117,8 @@ def test_the_demo_task_is_learned_with_a_vllm_producer(
     metrics_path = tmp_path / "metrics.jsonl"
     overrides = [f"rollout.model={model_dir}", f"trainer.model={model_dir}", f"feeder.path={prompts}",
                  "rollout.engine=vllm", f'rollout.vllm.urls=["{vllm_server.url}"]', "rollout.vllm.health_interval_s=1",
-                 f"buffer.rollout_batch_size={GROUPS}", "trainer.transport=file",
+                 "rollout.vllm.max_inflight_per_server=512", f"buffer.rollout_batch_size={GROUPS}",
+                 "trainer.transport=file",
                  f"trainer.weights_dir={tmp_path / 'weights'}", f"trainer.metrics_path={metrics_path}",
                  f"trainer.max_steps={MAX_STEPS}"]  # fmt: skip
     with EmbeddedRedis(EmbeddedRedisConfig(persistence="none")) as server:
@@ -128,7 +131,7 @@ def test_the_demo_task_is_learned_with_a_vllm_producer(
 
         procs = [start("feed", "feeder"), start("produce", "producer"), start("train", "trainer")]
         try:
-            wait_for(lambda: risen(metrics(metrics_path)) or procs[2].poll() is not None, 540,
+            wait_for(lambda: risen(metrics(metrics_path)) or procs[2].poll() is not None, 360,
                      "the reward to rise or the trainer to finish")  # fmt: skip
             for proc in procs:
                 proc.send_signal(signal.SIGTERM)

@@ -197,3 +197,37 @@ async def test_a_detached_server_is_drained_before_it_is_forgotten() -> None:
     await leaving
     assert len(await running) == 1 and engine.servers == {"b": True} and fakes["a"].closed
     await engine.close()
+
+
+class BatchingEngine(FakeEngine):
+    """Sends the requests of one id together (as the vLLM engine sends a group's samples with n), 3 at most."""
+
+    def _batches(self, requests: Any) -> list[list[int]]:
+        by_id: dict[str, list[int]] = {}
+        for i, r in enumerate(requests):
+            by_id.setdefault(r.request_id, []).append(i)
+        return [b[k : k + 3] for b in by_id.values() for k in range(0, len(b), 3)]
+
+    async def _send_batch(
+        self, server: Server[FakeClient], batch: list[GenerationRequest], rid: str
+    ) -> list[GenerationResult]:
+        return [await self._send(server, r, f"{rid}:{len(batch)}") for r in batch]
+
+
+@pytest.mark.timeout(10)
+async def test_a_batch_is_one_request_counted_as_its_samples_and_results_keep_the_callers_order() -> None:
+    fakes = clients("a")
+    hold = asyncio.Event()
+    fakes["a"].hold = hold
+    engine = BatchingEngine(fakes)
+    await engine.start()
+    mixed = [GenerationRequest(request_id=i, prompt_ids=[1]) for i in "xyxxyx"]
+    batch = asyncio.create_task(engine.generate(mixed))  # x: 3 + 1, y: 2; at most 4 samples in flight
+    await until(lambda: engine._servers["a"].in_flight >= 3, "a first batch in flight")
+    assert engine._servers["a"].in_flight <= 4 and set(engine._rids) <= {"x", "y"}
+    hold.set()
+    results = await batch
+    assert [r.request_id for r in results] == list("xyxxyx")
+    assert sorted(s.split("@")[0].split(":")[1] for s in fakes["a"].served) == ["1", "2", "2", "3", "3", "3"]
+    assert engine._servers["a"].in_flight == 0 and not engine._rids
+    await engine.close()

@@ -12,7 +12,13 @@ import pytest
 from miles_stream.demo.task import VLLM_MODEL
 from miles_stream.engines.base import GenerationRequest, SamplingParams
 from miles_stream.engines.vllm.config import VLLMConfig
-from miles_stream.engines.vllm.payload import ResponseError, generate_payload, logprob_convention, parse_generate
+from miles_stream.engines.vllm.payload import (
+    ResponseError,
+    generate_payload,
+    logprob_convention,
+    parse_generate,
+    parse_samples,
+)
 from miles_stream.engines.vllm.updates import check_manifest, checkpoint_names, refuse_unfaithful
 from miles_stream.errors import ConfigError, WeightIntegrityError
 from miles_stream.models import build_tiny_model
@@ -35,7 +41,7 @@ def reply(tokens: list[int], logprobs: list[float], finish: str = "length", vers
 def test_the_payload_asks_for_the_sampled_tokens_logprob_with_our_sampling() -> None:
     payload = generate_payload(REQUEST, "g/0")
     assert payload["request_id"] == "g/0" and payload["token_ids"] == [5, 6]
-    assert payload["sampling_params"] == {"max_tokens": 3, "temperature": 1.0, "top_p": 1.0, "top_k": 4,
+    assert payload["sampling_params"] == {"n": 1, "max_tokens": 3, "temperature": 1.0, "top_p": 1.0, "top_k": 4,
                                           "stop_token_ids": [], "ignore_eos": False, "logprobs": 0,
                                           "skip_special_tokens": False}  # fmt: skip
 
@@ -50,12 +56,43 @@ def test_a_reply_becomes_tokens_logprobs_and_version_spans() -> None:
                           default_version=0).version_spans.tolist() == [[0, 3], [1, 4]]  # fmt: skip
 
 
+def n_reply(*choices: dict[str, Any]) -> dict[str, Any]:
+    """A reply to a request with n = len(choices): each choice as in `reply`, with its index."""
+    return {"request_id": "generate-tokens-g/0", "output_mode": "tokens", "choices": list(choices)}
+
+
+def choice(index: int, tokens: list[int], finish: str = "length") -> dict[str, Any]:
+    return {**reply(tokens, [-1.0] * len(tokens), finish)["choices"][0], "index": index}
+
+
+def test_n_samples_go_as_one_payload_and_each_choice_is_the_sample_of_its_index() -> None:
+    assert generate_payload(REQUEST, "g/0", n=3)["sampling_params"]["n"] == 3
+    body = n_reply(choice(2, [7]), choice(0, [9, 2]), choice(1, [4], "stop"))  # as gathered, not in order
+    results = parse_samples(body, [REQUEST] * 3, default_version=0)
+    assert [r.response_ids.tolist() for r in results] == [[9, 2], [4], [7]]
+    assert [r.finish_reason for r in results] == ["length", "stop", "length"]
+    assert all(r.request_id == "g" for r in results)
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (n_reply(choice(0, [9]), choice(1, [9])), "exactly 3 choice"),
+        (n_reply(choice(0, [9]), choice(1, [9]), choice(1, [9])), "indices"),
+        (n_reply(choice(0, [9]), choice(1, [9]), choice(3, [9])), "indices"),
+    ],
+)
+def test_a_reply_without_one_choice_per_sample_is_refused(body: Any, message: str) -> None:
+    with pytest.raises(ResponseError, match=message):
+        parse_samples(body, [REQUEST] * 3, default_version=0)
+
+
 @pytest.mark.parametrize(
     ("body", "message"),
     [
         (reply([9, 2], [-0.9, -9999.0]), "no logprob"),  # vLLM's sentinel for a logprob it did not have
         (reply([9, 2], [-0.9, -1.0], finish="error"), "finish_reason"),
-        ({"choices": []}, "exactly one choice"),
+        ({"choices": []}, "exactly 1 choice"),
         ({**reply([9], [-1.0]), "choices": [{**reply([9], [-1.0])["choices"][0], "token_ids": [9, 3]}]}, "logprobs"),
         (reply([9], [-1.0], versions=[{"version": "v-a", "start": 0, "end": 1}]), "not one of ours"),
     ],

@@ -2,8 +2,9 @@
 and dev mode; see client.py for how a server must be started). Run against real vLLM servers on CPU in the
 tests (tests/integration/test_vllm_engine.py); the GPU transfer (updates.NcclPush) is not run here.
 
-    generate(requests) ──► one /inference/v1/generate per sample (unique id), on the server with the fewest in
-                           flight, at most max_inflight_per_server each ──► payload.parse_generate
+    generate(requests) ──► one /inference/v1/generate per batch of identical samples (vLLM's n; a unique id),
+                           on the server with the fewest samples in flight, at most max_inflight_per_server
+                           each ──► payload.parse_samples
     apply_manifest(v)  ──► updates.update_servers: pause(keep) ─ reload / transfer ─ reset prefix cache
                            (running requests re-prefill) ─ version ─ resume
     attach(url)        ──► wait /health ─ check its logprobs mode ─ sync to the current version ─ in rotation
@@ -28,7 +29,7 @@ from miles_stream.engines.http import WeightUpdateError
 from miles_stream.engines.pool import PooledEngine, Server, StateLoader
 from miles_stream.engines.vllm.client import VLLMClient, VLLMError
 from miles_stream.engines.vllm.config import VLLMConfig
-from miles_stream.engines.vllm.payload import generate_payload, logprob_convention, parse_generate
+from miles_stream.engines.vllm.payload import generate_payload, logprob_convention, parse_samples
 from miles_stream.engines.vllm.updates import (
     DiskPush,
     IpcPush,
@@ -118,15 +119,28 @@ class VLLMEngine(PooledEngine[VLLMServer, VLLMConfig]):
         if isinstance(self._push, NcclPush):
             await self._push.close([s.client for s in self._servers.values()])
 
-    async def _send(self, server: VLLMServer, request: GenerationRequest, rid: str) -> GenerationResult:
+    def _batches(self, requests: Sequence[GenerationRequest]) -> list[list[int]]:
+        """Identical requests (a group's samples: same id, prompt and sampling) go as one request for n samples,
+        at most max_inflight_per_server each: a step's HTTP calls were its cost, one per sample."""
+        same: dict[tuple[str, tuple[int, ...], SamplingParams], list[int]] = {}
+        for i, r in enumerate(requests):
+            same.setdefault((r.request_id, tuple(int(t) for t in r.prompt_ids), r.params), []).append(i)
+        size = self.config.max_inflight_per_server
+        return [b[k : k + size] for b in same.values() for k in range(0, len(b), size)]
+
+    async def _send_batch(self, server: VLLMServer, batch: list[GenerationRequest], rid: str) -> list[GenerationResult]:
+        request = batch[0]
         try:
-            body = await server.client.generate(generate_payload(request, rid),
+            body = await server.client.generate(generate_payload(request, rid, n=len(batch)),
                                                 timeout_s=self.config.request_timeout_s)  # fmt: skip
         except VLLMError as exc:
             if exc.status is not None and 400 <= exc.status < 500:  # another server would refuse it too
                 raise InvalidRequest(f"vLLM refused {request.request_id}: {exc}") from exc
             raise
-        return parse_generate(body, request, default_version=self._initial)
+        return parse_samples(body, batch, default_version=self._initial)
+
+    async def _send(self, server: VLLMServer, request: GenerationRequest, rid: str) -> GenerationResult:
+        return (await self._send_batch(server, [request], rid))[0]
 
 
 def make_push(config: VLLMConfig) -> WeightPush:

@@ -1,7 +1,12 @@
 """What goes over the wire to vLLM's `/inference/v1/generate` and what comes back, as pure functions.
 
 The request carries token ids and vLLM's `SamplingParams` fields (vllm/sampling_params.py:268-375);
-`logprobs: 0` asks for the sampled token's logprob only. The reply's `choices[0]` has `token_ids`,
+`logprobs: 0` asks for the sampled token's logprob only; `n` samples of the same prompt go as one request
+(vLLM's parallel sampling: n child requests, copies of ours with its external id, v1/engine/async_llm.py:
+533-547, whose outputs are gathered by their index, parallel_sampling.py:124, into one reply with a choice
+each, scale_out/token_in_token_out/serving.py:410-464; every child is filed under the external id,
+output_processor.py:645, so an abort of our id aborts them all, :580-582; n may not exceed the server's
+max_num_seqs, serving.py:203-208). Each choice has `index`, `token_ids`,
 `logprobs.content[i].logprob` per token, `finish_reason` (stop / length / abort) and `weight_versions`, spans
 `{version, start, end}` over output tokens (vllm/outputs.py:42-47; "default" before any version is set).
 A logprob vLLM did not have comes as the sentinel -9999.0 (scale_out/token_in_token_out/serving.py:789-794):
@@ -17,6 +22,7 @@ raw where temperature is 1 (or 0: greedy is scored at temperature 1), processed 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -47,9 +53,11 @@ def logprob_convention(mode: str, params: SamplingParams) -> None:
                           "--logprobs-mode raw_logprobs or processed_logprobs")  # fmt: skip
 
 
-def generate_payload(request: GenerationRequest, rid: str) -> dict[str, Any]:
+def generate_payload(request: GenerationRequest, rid: str, *, n: int = 1) -> dict[str, Any]:
+    """`n` samples of `request` under the id `rid`."""
     p = request.params
     sampling: dict[str, Any] = {
+        "n": n,
         "max_tokens": p.max_new_tokens,
         "temperature": float(p.temperature),  # 0: greedy, as ours
         "top_p": float(p.top_p),
@@ -63,11 +71,23 @@ def generate_payload(request: GenerationRequest, rid: str) -> dict[str, Any]:
 
 
 def parse_generate(body: Any, request: GenerationRequest, *, default_version: int) -> GenerationResult:
-    """One non-streamed generate reply (one choice) as a `GenerationResult`."""
+    """One non-streamed generate reply of one sample as a `GenerationResult`."""
+    return parse_samples(body, [request], default_version=default_version)[0]
+
+
+def parse_samples(body: Any, requests: Sequence[GenerationRequest], *, default_version: int) -> list[GenerationResult]:
+    """A reply to a request for len(`requests`) samples (n): one result per choice, choice i for requests[i]."""
+    first = requests[0].request_id
     choices = body.get("choices") if isinstance(body, dict) else None
-    if not isinstance(choices, list) or len(choices) != 1 or not isinstance(choices[0], dict):
-        raise ResponseError(f"{request.request_id}: reply has not exactly one choice: {str(body)[:200]}")
-    choice = choices[0]
+    if not isinstance(choices, list) or len(choices) != len(requests) or not all(isinstance(c, dict) for c in choices):
+        raise ResponseError(f"{first}: reply has not exactly {len(requests)} choice(s): {str(body)[:200]}")
+    by_index = {c.get("index", 0): c for c in choices}
+    if sorted(by_index) != list(range(len(requests))):
+        raise ResponseError(f"{first}: choice indices {sorted(by_index)} are not 0..{len(requests) - 1}")
+    return [_sample(by_index[i], r, default_version) for i, r in enumerate(requests)]
+
+
+def _sample(choice: dict[str, Any], request: GenerationRequest, default_version: int) -> GenerationResult:
     finish = _FINISH.get(str(choice.get("finish_reason")))
     if finish is None:
         raise ResponseError(f"{request.request_id}: unknown finish_reason {choice.get('finish_reason')!r}")
