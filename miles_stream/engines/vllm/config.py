@@ -12,7 +12,10 @@ from miles_stream.config import check
 class VLLMConfig:
     urls: tuple[str, ...] = ()  # servers to start with; more can be attached while running (`miles-stream sglang`)
     api_key: str = ""  # sent as a bearer token (servers started with --api-key)
-    max_inflight_per_server: int = 64  # requests outstanding per server
+    # samples outstanding per server (a group goes as one request with n = its samples): at most the server's
+    # max_num_seqs, whose API-server default is 128 on a CPU, 256 on most GPUs, 1,024 on H100/H200
+    # (vllm/engine/arg_utils.py:2929-2983; a larger n is refused). Raise it with the server's
+    max_inflight_per_server: int = 128
     request_timeout_s: float = 3600.0  # one /inference/v1/generate
     control_timeout_s: float = 60.0  # pause, resume, version and the other control calls
     update_timeout_s: float = 600.0  # each step of a weight update (a hung reload or collective becomes an error)
