@@ -82,6 +82,7 @@ async def _run_replay(config: RunConfig, files: Sequence[str], resume: bool, sto
         raise ConfigError(f"--replay: {exc}") from exc
     buffer = ReplayBuffer(source, config.buffer)
     service = TrainerService(config.trainer, trainer=trainer, buffer=buffer, publisher=None, subscriber=None)
+    service.partitions = 0  # no streams: a checkpoint of any partition count resumes (its claims go nowhere)
     try:
         await service.run(stop, resume=resume)
     finally:

@@ -19,16 +19,19 @@ lease key is not (MULTI stays within one slot). Each partition keeps a copy of t
 
     {ns.p}:lease:{role}:fence  "<token> <holder json>" of the last holder that committed in partition p (no expiry)
 
-A commit in partition p first reads the lease key (it must still hold our value), then WATCHes the fence and
-applies only while the fence holds our value too (`PartitionFence`). A new holder installs its value in every
-partition's fence right after taking the lease, before it reads anything: from then on an old holder's commit
-fails there (the WATCH breaks, or the fence names another holder). A fence with a lower token, none (a failover
-lost it), or our token with another holder (the run's slot failed over and lost a draw, so a token was drawn
-twice) is set to our value, in the same MULTI as the commit, only after the lease key was read as ours. A fence
-with a higher token means a newer holder: the lease is lost. Reading the lease key at each commit (one GET a
-partition a commit) covers a fence rolled back by a failover to an older holder's value: that holder finds the
-lease key naming another. What is left is a window of one round trip between that read and the EXEC, in which
-a new holder would have to take the lease, install its fence in p and lose that install to a failover of p.
+A commit in partition p WATCHes the fence, reads it and the lease key (both must hold our value), and applies in
+one MULTI (`PartitionFence`). A new holder installs its value in every partition's fence right after taking the
+lease, before it reads anything: from then on an old holder's commit fails there (the WATCH breaks, or the fence
+or the lease key names another holder). A fence with a lower token, none (a failover lost it), or our token
+with another holder (the run's slot failed over and lost a draw, so a token was drawn twice) is set to our value,
+in the same MULTI as the commit, only after the lease key was read as ours. A fence with a higher token means a
+newer holder: the lease is lost. Reading the lease key at each commit (one GET a partition a commit) covers a
+fence rolled back by a failover to an older holder's value: that holder finds the lease key naming another. A
+holder that takes the lease after that read installs its fence after our WATCH, which breaks our EXEC; on one
+server the lease key is WATCHed too. What is left, on a cluster: a new holder's install in p landing after our
+WATCH and lost to a failover of p before our EXEC (the failover drops our connection, and the transaction with
+it, unless the cut comes after the EXEC was sent). A lease key that expired while nobody took it is taken again
+with the same token (`Lease.renew`), then the commit is tried again.
 Every value carries a random id (`holder json`'s "id"), so two takes never share a value. The fence needs no
 renewal: expiry is the lease's business (who may take over), fencing the values' (whose writes apply).
 """
@@ -124,7 +127,7 @@ class Lease:
             return True
         # expired: ours again only if no token was drawn since ours
         _, value, again = await self.retry.run(lambda: self._take(self._holder_json(), again=self.token))
-        if again:
+        if again or (value and bytes(value) == self.value):  # (or a commit of ours took it again just before)
             self.value = bytes(value)
             log.warning("lease_taken_again", role=self.role, token=self.token)
             return True
@@ -193,6 +196,8 @@ class Lease:
         for _ in range(_FENCE_ATTEMPTS):
             self.check()
             current, result = await self._if_value(self.value, queue)
+            if current is None and await self.renew():
+                continue  # it expired while nobody took it (Redis away past the ttl): ours again, same token
             if current != self.value:
                 self.lost = f"the {self.role} lease (token {self.token}) is now {_describe(current)}"
                 raise LeaseLostError(self.lost)
@@ -276,30 +281,39 @@ class PartitionFence:
     async def fenced(self, queue: Callable[[Pipeline], object]) -> list[Any]:
         """Run `queue`'s commands in one MULTI/EXEC in this partition's slot that applies only while the lease key
         and this partition's fence hold our value (setting the fence first where it is older); `LeaseLostError`
-        otherwise. The lease key is read before the WATCH: on one server both use one connection pool, and a read
-        inside the WATCH would hold two of its connections at once."""
+        otherwise. The fence is WATCHed before the lease key is read: a holder that takes the lease after that
+        read installs its fence after the WATCH, which breaks our EXEC. On one server the lease key is WATCHed in
+        the same transaction too (one connection, nothing between the read and the EXEC)."""
         lease = self.lease
+        one_server = self.redis is lease.redis
         for _ in range(_FENCE_ATTEMPTS):
             lease.check()
-            held = await lease.redis.get(lease.key)
-            if held != lease.value:
-                lease.lost = f"the {lease.role} lease (token {lease.token}) is now {_describe(held)}"
-                raise LeaseLostError(lease.lost)
+            expired = False
             async with self.redis.pipeline(transaction=True) as pipe:
-                (found,) = await _watch_and_get(pipe, self.key)
+                found, *also = await _watch_and_get(pipe, self.key, *([lease.key] if one_server else []))
+                held = also[0] if one_server else await lease.redis.get(lease.key)
                 installed = int(found.split()[0]) if found else 0
-                if installed > lease.token:
-                    lease.lost = f"the {lease.role} lease (token {lease.token}) is fenced off: token {installed} " \
-                                 f"was installed in {self.key}"  # fmt: skip
+                if held is None:
+                    expired = True  # nobody took it since it expired: take it again below, then look again
+                elif held != lease.value:
+                    lease.lost = f"the {lease.role} lease (token {lease.token}) is now {_describe(held)}"
                     raise LeaseLostError(lease.lost)
-                install = found != lease.value
-                pipe.multi()  # type: ignore[no-untyped-call]
-                if install:
-                    pipe.set(self.key, lease.value)
-                queue(pipe)
-                try:
-                    result: list[Any] = await pipe.execute()
-                except rexc.WatchError:
-                    continue  # another holder installed its value meanwhile: look again
-            return result[1:] if install else result
+                elif installed > lease.token:
+                    lease.lost = f"the {lease.role} lease (token {lease.token}) is fenced off: token {installed} " \
+                                 f"was installed in {self.key} (a newer holder's; after a failover that rolled " \
+                                 f"the run's slot back, `miles-stream reset-run` clears it)"  # fmt: skip
+                    raise LeaseLostError(lease.lost)
+                else:
+                    install = found != lease.value
+                    pipe.multi()  # type: ignore[no-untyped-call]
+                    if install:
+                        pipe.set(self.key, lease.value)
+                    queue(pipe)
+                    try:
+                        result: list[Any] = await pipe.execute()
+                    except rexc.WatchError:
+                        continue  # another holder installed its value meanwhile (or our renewal): look again
+                    return result[1:] if install else result
+            if expired and not await lease.renew():
+                raise LeaseLostError(lease.lost or f"the {lease.role} lease (token {lease.token}) expired")
         raise LeaseLostError(f"the {lease.role} fence {self.key} kept changing under {_FENCE_ATTEMPTS} transactions")

@@ -88,7 +88,7 @@ class TrainerService:
         self.lease: Lease | None = None  # the trainer lease (consumers/trainer.py takes it before reading)
         self.run_identity: RunIdentity | None = None  # the run joined (bus/run.py); checkpoints record it
         self.namespace = ""
-        self.partitions = 1  # bus.partitions: a checkpoint's claims name partitions of this count
+        self.partitions = 1  # bus.partitions: a checkpoint's claims name partitions of this count (0: no streams)
         self.parallel = trainer.parallel
         self.progress = TrainProgress()
         self.waiting = ""  # "data" while waiting for a batch (heartbeats carry it to `status --watch`)
@@ -313,7 +313,7 @@ class TrainerService:
     def _check_same_run(self, state: TrainerState) -> None:
         """A checkpoint continues only the run it was taken in, or one reset on purpose after a loss, and only with
         the partition count its claims were read with (with another they would be committed in the wrong keys)."""
-        if state.partitions and state.partitions != self.partitions:
+        if state.partitions and self.partitions and state.partitions != self.partitions:
             raise ConfigError(f"bus.partitions: the checkpoint of step {state.step} in {self.config.checkpoint_dir} "
                               f"was taken with {state.partitions} partition(s); this trainer has {self.partitions}: "
                               f"resume with the run's count")  # fmt: skip

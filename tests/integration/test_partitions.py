@@ -499,3 +499,22 @@ async def test_a_partitioned_run_is_recorded_per_partition_and_replayed_by_group
     assert sorted(where) == sorted(f"g{p}-{i}" for p in range(len(run.parts)) for i in range(3))
     assert len(where["g0-0"]) == 2 and len(set(where["g0-0"])) == 1  # both copies in one partition
     assert len({p for ps in where.values() for p in ps}) > 1  # spread over the partitions
+
+
+async def test_a_commit_after_the_lease_expired_unclaimed_takes_it_again_with_its_token(run: Run) -> None:
+    """Redis away past the ttl, nobody else took the lease: a commit that comes before the renewal takes it again
+    (the same token and value, so every partition's fence still matches), as the renewal would; the lease is not
+    lost. Once another holder drew a token, the same commit is refused."""
+    lease = await run.take_lease("t0")
+    (c0, k0), (c1, k1) = run.lanes[0], run.lanes[1]
+    before = lease.value
+    await run.main.delete(lease.key)  # expired, nobody took it
+    assert await PartitionFence(lease, c0, k0.namespace).fenced(lambda pipe: pipe.set(f"{k0.namespace}:x", 1)) == [True]
+    assert lease.lost is None and lease.value == before and await run.main.get(lease.key) == before
+    await run.main.delete(lease.key)
+    assert await lease.fenced(lambda pipe: pipe.set(f"{run.keys.namespace}:x", 1)) == [True]  # the one-slot fence too
+    await run.main.delete(lease.key)
+    other = await run.take_lease("t1")  # expired, and another drew a newer token and took it
+    with pytest.raises(LeaseLostError, match="is now t1"):
+        await PartitionFence(lease, c1, k1.namespace).fenced(lambda pipe: pipe.set(f"{k1.namespace}:y", 1))
+    assert not await c1.exists(f"{k1.namespace}:y") and other.token == lease.token + 1

@@ -38,3 +38,5 @@ def test_a_checkpoint_resumes_only_with_the_partition_count_it_was_taken_with(tm
     service.partitions = 3
     service._check_same_run(state)
     service._check_same_run(TrainerState(step=1, version=1, claims=()))  # a checkpoint from before the count: as is
+    service.partitions = 0  # `train --replay`: no streams, its claims go nowhere
+    service._check_same_run(state)

@@ -18,6 +18,7 @@ from miles_stream.engines.vllm.payload import (
     logprob_convention,
     parse_generate,
     parse_samples,
+    sample_batches,
 )
 from miles_stream.engines.vllm.updates import check_manifest, checkpoint_names, refuse_unfaithful
 from miles_stream.errors import ConfigError, WeightIntegrityError
@@ -85,6 +86,25 @@ def test_n_samples_go_as_one_payload_and_each_choice_is_the_sample_of_its_index(
 def test_a_reply_without_one_choice_per_sample_is_refused(body: Any, message: str) -> None:
     with pytest.raises(ResponseError, match=message):
         parse_samples(body, [REQUEST] * 3, default_version=0)
+
+
+def test_a_groups_samples_go_together_within_the_limit_and_greedy_ones_alone() -> None:
+    hot, greedy = SamplingParams(temperature=1.0), SamplingParams(temperature=0.0)
+    reqs = [GenerationRequest(request_id=rid, prompt_ids=prompt, params=params)
+            for rid, prompt, params in [("a", [1, 2], hot)] * 5 + [("b", [1, 2], hot)] * 2 + [("c", [3], greedy)] * 3
+            + [("a", [1, 2], SamplingParams(temperature=0.5))]]  # fmt: skip
+    batches = sample_batches(reqs, 3)
+    assert sorted(i for b in batches for i in b) == list(range(len(reqs)))  # every request once
+    assert [[reqs[i].request_id for i in b] for b in batches] == [
+        ["a"] * 3,
+        ["a"] * 2,
+        ["b"] * 2,
+        ["a"],
+        ["c"],
+        ["c"],
+        ["c"],
+    ]
+    assert all(len(b) == 1 for b in batches if reqs[b[0]].params.temperature == 0)  # vLLM refuses n > 1 greedy
 
 
 @pytest.mark.parametrize(

@@ -29,7 +29,7 @@ from miles_stream.engines.http import WeightUpdateError
 from miles_stream.engines.pool import PooledEngine, Server, StateLoader
 from miles_stream.engines.vllm.client import VLLMClient, VLLMError
 from miles_stream.engines.vllm.config import VLLMConfig
-from miles_stream.engines.vllm.payload import generate_payload, logprob_convention, parse_samples
+from miles_stream.engines.vllm.payload import generate_payload, logprob_convention, parse_samples, sample_batches
 from miles_stream.engines.vllm.updates import (
     DiskPush,
     IpcPush,
@@ -120,13 +120,7 @@ class VLLMEngine(PooledEngine[VLLMServer, VLLMConfig]):
             await self._push.close([s.client for s in self._servers.values()])
 
     def _batches(self, requests: Sequence[GenerationRequest]) -> list[list[int]]:
-        """Identical requests (a group's samples: same id, prompt and sampling) go as one request for n samples,
-        at most max_inflight_per_server each: a step's HTTP calls were its cost, one per sample."""
-        same: dict[tuple[str, tuple[int, ...], SamplingParams], list[int]] = {}
-        for i, r in enumerate(requests):
-            same.setdefault((r.request_id, tuple(int(t) for t in r.prompt_ids), r.params), []).append(i)
-        size = self.config.max_inflight_per_server
-        return [b[k : k + size] for b in same.values() for k in range(0, len(b), size)]
+        return sample_batches(requests, self.config.max_inflight_per_server)
 
     async def _send_batch(self, server: VLLMServer, batch: list[GenerationRequest], rid: str) -> list[GenerationResult]:
         request = batch[0]

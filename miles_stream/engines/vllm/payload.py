@@ -53,6 +53,21 @@ def logprob_convention(mode: str, params: SamplingParams) -> None:
                           "--logprobs-mode raw_logprobs or processed_logprobs")  # fmt: skip
 
 
+def sample_batches(requests: Sequence[GenerationRequest], size: int) -> list[list[int]]:
+    """Indices of `requests` to send together: identical ones (a group's samples: same id, prompt and sampling)
+    as one request for n samples, at most `size` each (a step's HTTP calls were its cost, one per sample). Greedy
+    ones go one by one: vLLM refuses n > 1 at temperature 0 (sampling_params.py:766-769, `_verify_greedy_sampling`),
+    and its n greedy samples would be one sample anyway."""
+    same: dict[tuple[str, tuple[int, ...], SamplingParams], list[int]] = {}
+    alone: list[list[int]] = []
+    for i, r in enumerate(requests):
+        if r.params.temperature == 0:
+            alone.append([i])
+        else:
+            same.setdefault((r.request_id, tuple(int(t) for t in r.prompt_ids), r.params), []).append(i)
+    return [b[k : k + size] for b in same.values() for k in range(0, len(b), size)] + alone
+
+
 def generate_payload(request: GenerationRequest, rid: str, *, n: int = 1) -> dict[str, Any]:
     """`n` samples of `request` under the id `rid`."""
     p = request.params
