@@ -98,7 +98,9 @@ def check_scores(result: GenerationResult, model_dir: Path, state: dict[str, tor
 async def test_samples_carry_the_models_own_logprobs_and_the_starting_version(
     engine: VLLMEngine, vllm_server: VLLMServer
 ) -> None:
-    results = await engine.generate([request("a", ignore_eos=True), request("b", 8, temperature=0.0)])
+    greedy = [request("b", 8, temperature=0.0)] * 2  # a greedy group: one request each (vLLM refuses n > 1 greedy)
+    results = await engine.generate([request("a", ignore_eos=True), *greedy])
+    assert results[1].response_ids.tolist() == results[2].response_ids.tolist()
     for r in results:
         assert len(r.response_ids) == 8 and r.finish_reason == "length"
         assert r.version_spans.tolist() == [[0, 0]]  # "default" on the wire: the engine's starting version
