@@ -190,8 +190,14 @@ def test_pipeline_parallel_over_gloo_ranks_takes_the_step_one_rank_takes(
         for name in ("loss", "pg_loss", "kl_loss", "entropy", "grad_norm", "tokens"):
             assert got["metrics"][name] == pytest.approx(metrics[name], rel=1e-5, abs=1e-7), name
         assert list(got["weights"]) == list(published)
+        # AdamW's first step moves an element by lr x g / (|g| + eps): where g is near 0, float noise between two
+        # sums of the same gradient moves it by more than 1e-5 (seen with TP 2 x PP 2: 1 of 8192, 1.4e-5, 1.4% of
+        # the step); every element within 5% of one step, all but a few within 1e-5
+        far = 0
         for name, tensor in published.items():
-            torch.testing.assert_close(got["weights"][name], tensor, atol=1e-5, rtol=1e-5, msg=name)
+            torch.testing.assert_close(got["weights"][name], tensor, atol=5e-5, rtol=0, msg=name)
+            far += int(((got["weights"][name] - tensor).abs() > 1e-5).sum())
+        assert far <= 4, far
         assert got["again"]["loss"] == got["after"]["loss"] and got["again"]["grad_norm"] == got["after"]["grad_norm"]
         assert got["resumed_equal"], r
     # the step moved the weights (a test that compared untouched weights could not fail)

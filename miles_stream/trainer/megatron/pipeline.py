@@ -13,9 +13,11 @@ One micro-batch through P stages (every stage of the PP group runs the same micr
 The schedule is the simplest correct one: each micro-batch's forward and backward run through all stages before
 the next starts (no two stages work at once: a pipeline bubble of (P-1)/P). Megatron's 1F1B schedule
 (`forward_backward_pipelining_without_interleaving`, pipeline_parallel/schedules.py:1972) does not run on a CPU
-in megatron-core 0.16.1: it counts tokens in a tensor on "cuda" (schedules.py:983) and its p2p hand-off sends
-shapes in tensors on `torch.cuda.current_device()` (p2p_communication.py:190-202); it also owns the micro-batch
-loop and the loss (a forward_step_func and a loss_func), which would be a second train loop here.
+in megatron-core 0.16.1: it counts tokens in a tensor on "cuda" (schedules.py:2138), its p2p hand-off makes
+every receive buffer on `torch.cuda.current_device()` (p2p_communication.py:309-323) and, for micro-batches of
+varying length (variable_seq_lengths), exchanges shapes in CUDA tensors and calls torch.cuda.synchronize
+(:188-242); it also owns the micro-batch loop and the loss (a forward_step_func and a loss_func), which would be a
+second train loop here.
 
 Tensors go as the residual stream's dtype (the parameters' dtype, Megatron's `pipeline_dtype`); their shape is
 known to every stage from the micro-batch (the same input ids on every stage): [L, b, H].
