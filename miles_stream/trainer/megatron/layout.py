@@ -4,7 +4,7 @@ tensor-parallel group, its MoE experts split over an expert-parallel (EP) group,
     pipeline       (PP > 1) each stage holds its own layers (Megatron's pre_process / post_process stages): a
                    tied model's last stage holds a copy of the embedding as its output layer, whose gradient is
                    summed with the embedding's over the embedding group (first and last stage), as Megatron's
-                   finalize_model_grads does (_allreduce_word_embedding_grads), so the two copies stay equal
+                   finalize_model_grads does (distributed/finalize_model_grads.py:164), so the two copies stay equal
     reduce_grads   experts (the parameters Megatron marks `allreduce=False` under EP, tensor_parallel/layers.py:886,
                    experts.py:203-204; its DDP sorts them by that mark, distributed_data_parallel.py:122): summed
                    over the expert-data-parallel group; the rest over the DP group (one flat all-reduce each; the
@@ -15,7 +15,7 @@ tensor-parallel group, its MoE experts split over an expert-parallel (EP) group,
     clip_grads     global 2-norm: squares of TP-split parameters summed over the TP group, replicated ones
                    (the norms) counted once (on TP rank 0), experts' squares summed over the EP group (each rank
                    holds other experts), every stage's summed over the PP group (a tied model's copy of the
-                   embedding counted once, on the first stage, as Megatron skips `shared` parameters); then
+                   embedding counted once, on the first stage, as Megatron skips `shared` ones, clip_grads.py:221); then
                    torch's clip rule (max_norm / (norm + 1e-6), at most 1)
     align          with EP every forward is a collective of the EP group (dispatch.py): every DP rank runs as
                    many micro-batches, the short ones padded with repeats that add nothing (as FSDP's, fsdp.py)
