@@ -138,7 +138,9 @@ def _pp_worker(rank: int, world: int, port: int, model_dir: str, out: str, tp: i
     rows = share(rank, world)
     metrics = backend.train(batch.rows(rows))
     published = {n: t.clone() for n, t in backend.weights()[0].items()}
-    local = sorted(n for n, _ in backend.model.gpt.named_parameters())
+    params = dict(backend.model.gpt.named_parameters())
+    local = sorted(params)
+    copy = params["output_layer.weight"].detach().clone() if "output_layer.weight" in params else None
     ckpt = Path(out).parent / "ckpt"
     ckpt.mkdir(exist_ok=True)
     backend.save(ckpt)
@@ -151,7 +153,7 @@ def _pp_worker(rank: int, world: int, port: int, model_dir: str, out: str, tp: i
     again = resumed.train(second)
     again_weights = dict(resumed.weights()[0])
     torch.save({"logp": logp, "entropy": entropy, "metrics": metrics, "weights": published, "local": local,
-                "after": after, "again": again,
+                "copy": copy, "after": after, "again": again,
                 "resumed_equal": all(torch.equal(after_weights[n], again_weights[n]) for n in after_weights),
                 "files": sorted(p.name for p in ckpt.iterdir())}, f"{out}.{rank}")  # fmt: skip
     parallel.barrier()
@@ -185,6 +187,9 @@ def test_pipeline_parallel_over_gloo_ranks_takes_the_step_one_rank_takes(
         assert layers == {str(i) for i in range(4 // pp)}  # each stage holds its share of the 4 layers
         assert ("embedding.word_embeddings.weight" in got["local"]) == (stage == 0)
         assert ("output_layer.weight" in got["local"]) == (stage == pp - 1)  # the tied embedding's copy
+        if stage == pp - 1:  # after the step, still equal to the (published) embedding: its TP rank's rows
+            rows = got["weights"]["model.embed_tokens.weight"].chunk(tp)[r % tp]
+            assert torch.equal(got["copy"], rows)
         torch.testing.assert_close(got["logp"][mask], logp[mask], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(got["entropy"][mask], entropy[mask], atol=1e-5, rtol=1e-5)
         for name in ("loss", "pg_loss", "kl_loss", "entropy", "grad_norm", "tokens"):
