@@ -1,8 +1,8 @@
-"""The trainer process with trainer.backend=megatron and a real Redis: one rank, and tensor parallel over two
-torchrun ranks, read the same stream as the torch backend, train each group once, publish, checkpoint and export
-the model the torch backend exports; and Qwen3-MoE with routing traces on the stream, replayed (R3), as the torch
-backend trains it, on one rank and with its experts split over two torchrun ranks (expert parallel). Slow (several
-trainer processes, some of them two ranks): opt-in."""
+"""The trainer process with trainer.backend=megatron and a real Redis: one rank, tensor parallel and pipeline
+parallel over two torchrun ranks, read the same stream as the torch backend, train each group once, publish,
+checkpoint and export the model the torch backend exports; and Qwen3-MoE with routing traces on the stream,
+replayed (R3), as the torch backend trains it, on one rank and with its experts split over two torchrun ranks
+(expert parallel). Slow (several trainer processes, some of them two ranks): opt-in."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ pytest.importorskip("megatron.core", reason="megatron-core is the optional [mega
 
 
 @pytest.mark.slow
-def test_megatron_trainer_processes_one_rank_and_tp2_export_the_torch_backends_model(
+def test_megatron_trainer_processes_one_rank_tp2_and_pp2_export_the_torch_backends_model(
     redis_url: str, tmp_path: Path
 ) -> None:
     model_dir = build_tiny_model(tmp_path / "model", TinyModelConfig())
@@ -39,6 +39,8 @@ def test_megatron_trainer_processes_one_rank_and_tp2_export_the_torch_backends_m
         ("megatron", CLI, 4, ["trainer.backend=megatron"]),
         # each rank reads 2 groups; the TP group trains both ranks' 4, as one rank trains its 4
         ("tp2", TORCHRUN_2, 2, ["trainer.backend=megatron", "trainer.megatron.tensor_parallel=2"]),
+        # the same with two pipeline stages (one layer each, the tied embedding's copy on the last)
+        ("pp2", TORCHRUN_2, 2, ["trainer.backend=megatron", "trainer.megatron.pipeline_parallel=2"]),
     ):  # fmt: skip
         ns = f"{name}{uuid.uuid4().hex[:8]}"
         asyncio.run(publish_groups(redis_url, ns, groups(0, 8)))
@@ -54,7 +56,11 @@ def test_megatron_trainer_processes_one_rank_and_tp2_export_the_torch_backends_m
     saved = tmp_path / "tp2" / "ckpt" / "step-00000002"
     assert sorted(p.name for p in saved.glob("megatron-tp*")) == [
         "megatron-tp00.pt", "megatron-tp00.safetensors", "megatron-tp01.pt", "megatron-tp01.safetensors"]  # fmt: skip
-    for name in ("megatron", "tp2"):
+    saved = tmp_path / "pp2" / "ckpt" / "step-00000002"
+    assert sorted(p.name for p in saved.glob("megatron-tp*")) == [
+        "megatron-tp00-pp00.pt", "megatron-tp00-pp00.safetensors", "megatron-tp00-pp01.pt",
+        "megatron-tp00-pp01.safetensors"]  # fmt: skip
+    for name in ("megatron", "tp2", "pp2"):
         assert runs[name].keys() == runs["torch"].keys()
         for key, value in runs["torch"].items():
             assert torch.allclose(runs[name][key], value, atol=1e-5), (name, key)

@@ -6,11 +6,13 @@
             into a GPTModel (model.py) -> the torch train step (`PolicyTrainer`, trainer/torch/policy.py) over
             it with `MegatronLayout`: the same objective, corrections, advantages, micro-batching, AdamW and
             schedule as the torch backend, with its sums over the DP group only
-    train:  the union of the TP group's shares (parallel.tp_union) -> PolicyTrainer.train
+    train:  the union of the model-parallel (TP x PP) group's shares (parallel.mp_union) -> PolicyTrainer.train;
+            with PP each micro-batch's forward and backward pass through the stages (pipeline.py)
 
 Qwen3-MoE: experts and routers converted too (convert.py), R3 in the routers (moe.py), on one TP rank; experts
 split over expert-parallel ranks (trainer.megatron.expert_parallel; parallel.py, dispatch.py, layout.py).
-Not built yet (each refused with what to change): PPO's critic, pipeline / context parallelism, MoE with tensor
+Dense Qwen3: layers cut into pipeline stages (trainer.megatron.pipeline_parallel; convert.by_stage, pipeline.py).
+Not built yet (each refused with what to change): PPO's critic, context parallelism, MoE with tensor or pipeline
 parallel, packed sequences, activation checkpointing, torch.compile.
 """
 
@@ -29,10 +31,10 @@ from miles_stream.trainer.algo import Objective
 from miles_stream.trainer.algo_config import AlgoConfig
 from miles_stream.trainer.batch import RolloutBatch
 from miles_stream.trainer.config import TrainerConfig
-from miles_stream.trainer.megatron.convert import Qwen3Shape, by_expert, to_megatron
+from miles_stream.trainer.megatron.convert import Qwen3Shape, by_expert, by_stage, to_megatron
 from miles_stream.trainer.megatron.layout import MegatronLayout
 from miles_stream.trainer.megatron.model import MegatronPolicy, build_gpt
-from miles_stream.trainer.megatron.parallel import Groups, init_groups, tp_union
+from miles_stream.trainer.megatron.parallel import Groups, init_groups, mp_union
 from miles_stream.trainer.parallel import DataParallel
 from miles_stream.trainer.torch.policy import PolicyTrainer
 
@@ -49,16 +51,19 @@ def hf_tensors(path: str) -> dict[str, Tensor]:
 
 
 def load_policy(path: str, groups: Groups, *, device: str, dtype: str) -> MegatronPolicy:
-    """The checkpoint at `path` as this rank's GPTModel (its TP shards, its EP rank's experts), in `dtype` on
-    `device`."""
+    """The checkpoint at `path` as this rank's GPTModel (its TP shards, its EP rank's experts, its pipeline
+    stage's layers), in `dtype` on `device`."""
     from transformers import AutoConfig
 
     if not Path(path, "config.json").is_file():
         raise ConfigError(f"model directory {path!r} holds no config.json (a local Hugging Face checkpoint)")
     hf_config = AutoConfig.from_pretrained(path)
     shape = Qwen3Shape.of(hf_config)
-    gpt = build_gpt(hf_config, tp=groups.tp, ep=groups.ep.world, device=device, dtype=getattr(torch, dtype))
+    gpt = build_gpt(hf_config, tp=groups.tp, ep=groups.ep.world, pp=groups.pp.world, stage=groups.pp.rank,
+                    device=device, dtype=getattr(torch, dtype))  # fmt: skip
     shard = to_megatron(hf_tensors(path), shape, groups.tp)[groups.tp_rank]
+    if groups.pp.world > 1:
+        shard = by_stage(shard, shape, groups.pp.world)[groups.pp.rank]
     if groups.ep.world > 1:
         shard = by_expert(shard, shape, groups.ep.world)[groups.ep.rank]
     params = dict(gpt.named_parameters())
@@ -73,7 +78,7 @@ def load_policy(path: str, groups: Groups, *, device: str, dtype: str) -> Megatr
 
 
 class MegatronTrainer:
-    """`TrainerBackend` over a GPTModel: the torch train step on the TP group's union of batches."""
+    """`TrainerBackend` over a GPTModel: the torch train step on the model-parallel group's union of batches."""
 
     def __init__(self, policy: PolicyTrainer, groups: Groups, world: DataParallel) -> None:
         self.policy, self.groups, self.parallel = policy, groups, world
@@ -84,7 +89,7 @@ class MegatronTrainer:
         return model
 
     def train(self, batch: RolloutBatch) -> dict[str, float]:
-        return self.policy.train(tp_union(batch, self.groups))
+        return self.policy.train(mp_union(batch, self.groups))
 
     def weights(self) -> tuple[Mapping[str, Tensor], torch.dtype | None]:
         return self.policy.weights()
@@ -114,7 +119,8 @@ def build_megatron_trainer(cfg: TrainerConfig, algo: AlgoConfig, *, temperature:
         # backward multiplies a bf16 gradient by a float32 weight and fails
         raise ConfigError("the megatron backend computes bf16 over float32 main params only on CUDA: on a CPU use "
                           "trainer.dtype float32, or trainer.main_params_dtype bfloat16")  # fmt: skip
-    groups = init_groups(parallel, cfg.megatron.tensor_parallel, cfg.megatron.expert_parallel)
+    mcfg = cfg.megatron
+    groups = init_groups(parallel, mcfg.tensor_parallel, mcfg.expert_parallel, mcfg.pipeline_parallel)
     torch.manual_seed(cfg.seed)
     if cfg.torch_threads:
         torch.set_num_threads(cfg.torch_threads)

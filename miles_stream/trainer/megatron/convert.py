@@ -81,9 +81,17 @@ class Qwen3Shape:
                    tied=bool(hf_config.tie_word_embeddings),
                    **(_moe_shape(hf_config) if kind == "qwen3_moe" else {}))  # fmt: skip
 
-    def check_split(self, tp: int, ep: int = 1) -> None:
-        """Refuse a tensor- or expert-parallel size that does not divide what it splits (Megatron asserts it deep
-        inside)."""
+    def check_split(self, tp: int, ep: int = 1, pp: int = 1) -> None:
+        """Refuse a tensor-, expert- or pipeline-parallel size that does not divide what it splits (Megatron
+        asserts it deep inside)."""
+        if pp > 1 and self.experts:
+            # R3 replays a trace of every layer through the routers of one model (moe.py); a stage holds some
+            # layers only, and expert parallel's all-gather dispatcher would run inside a stage: neither is built
+            raise ConfigError(f"trainer.megatron.pipeline_parallel={pp}: the megatron backend pipelines dense Qwen3 "
+                              "only (not Qwen3-MoE): set 1")  # fmt: skip
+        if self.num_layers % pp:
+            raise ConfigError(f"trainer.megatron.pipeline_parallel={pp} must divide the model's num_hidden_layers "
+                              f"({self.num_layers})")  # fmt: skip
         if ep > 1 and not self.experts:
             raise ConfigError(f"trainer.megatron.expert_parallel={ep}: this model is dense (no experts to split): "
                               "set 1")  # fmt: skip
@@ -204,6 +212,36 @@ def by_expert(shard: Mapping[str, Tensor], shape: Qwen3Shape, ep: int) -> list[d
                 part[name] = tensor
         else:
             out[home[0]][home[1]] = tensor
+    return out
+
+
+_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+
+
+def stage_home(name: str, shape: Qwen3Shape, pp: int) -> tuple[int, str]:
+    """(the pipeline stage that holds it, its name there) of a Megatron parameter named as in a one-stage model:
+    the embedding on the first stage, layer i on stage i // (L/pp) as its layer i % (L/pp) (a stage's ModuleList
+    counts from 0; only layer_number is global, transformer_layer.py:39), the final norm and output layer on the
+    last."""
+    per = shape.num_layers // pp
+    match = _LAYER.match(name)
+    if match is not None:
+        stage, local = divmod(int(match[1]), per)
+        return stage, f"decoder.layers.{local}.{match[2]}"
+    return (0 if name.startswith("embedding.") else pp - 1), name
+
+
+def by_stage(shard: Mapping[str, Tensor], shape: Qwen3Shape, pp: int) -> list[dict[str, Tensor]]:
+    """One TP rank's state dict (one-stage names) as each pipeline stage's. A tied model's last stage (pp > 1)
+    holds a copy of the embedding as its `output_layer.weight`, as Megatron keeps one (language_module.py:187-
+    237): the two copies' gradients are summed so they stay equal (layout.py)."""
+    shape.check_split(1, 1, pp)
+    out: list[dict[str, Tensor]] = [{} for _ in range(pp)]
+    for name, tensor in shard.items():
+        stage, local = stage_home(name, shape, pp)
+        out[stage][local] = tensor
+    if shape.tied and pp > 1:
+        out[-1]["output_layer.weight"] = shard["embedding.word_embeddings.weight"].clone()
     return out
 
 

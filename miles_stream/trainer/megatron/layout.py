@@ -1,6 +1,10 @@
 """`MegatronLayout`: the torch train step's `ModelLayout` (trainer/torch/layout.py) for a GPTModel split over a
 tensor-parallel group, its MoE experts split over an expert-parallel (EP) group, replicated over the rest.
 
+    pipeline       (PP > 1) each stage holds its own layers (Megatron's pre_process / post_process stages): a
+                   tied model's last stage holds a copy of the embedding as its output layer, whose gradient is
+                   summed with the embedding's over the embedding group (first and last stage), as Megatron's
+                   finalize_model_grads does (distributed/finalize_model_grads.py:164), so the two copies stay equal
     reduce_grads   experts (the parameters Megatron marks `allreduce=False` under EP, tensor_parallel/layers.py:886,
                    experts.py:203-204; its DDP sorts them by that mark, distributed_data_parallel.py:122): summed
                    over the expert-data-parallel group; the rest over the DP group (one flat all-reduce each; the
@@ -10,15 +14,19 @@ tensor-parallel group, its MoE experts split over an expert-parallel (EP) group,
                    finalize_model_grads.py:353-356)
     clip_grads     global 2-norm: squares of TP-split parameters summed over the TP group, replicated ones
                    (the norms) counted once (on TP rank 0), experts' squares summed over the EP group (each rank
-                   holds other experts); then torch's clip rule (max_norm / (norm + 1e-6), at most 1)
+                   holds other experts), every stage's summed over the PP group (a tied model's copy of the
+                   embedding counted once, on the first stage, as Megatron skips `shared` ones, clip_grads.py:221); then
+                   torch's clip rule (max_norm / (norm + 1e-6), at most 1)
     align          with EP every forward is a collective of the EP group (dispatch.py): every DP rank runs as
                    many micro-batches, the short ones padded with repeats that add nothing (as FSDP's, fsdp.py)
     weights        each parameter's TP shards gathered in turn, each expert broadcast from the EP rank that holds
-                   it, and converted to HF names (convert.iter_hf); every rank holds the whole model while the
-                   mapping is built (not yet read tensor by tensor)
-    save / load    rank 0 of each (TP, EP) rank's replicas writes megatron-tp{k}[-ep{j}].safetensors (its shards
-                   and experts, Megatron names) and megatron-tp{k}[-ep{j}].pt (AdamW, schedule, torch RNG); every
-                   rank reads its (TP, EP) rank's pair (-ep{j} only with EP > 1: the files of EP 1 are unchanged)
+                   it, each layer's shards broadcast over the PP group from the stage that holds it, and converted
+                   to HF names (convert.iter_hf); every rank holds the whole model while the mapping is built (not
+                   yet read tensor by tensor)
+    save / load    rank 0 of each (TP, PP, EP) rank's replicas writes megatron-tp{k}[-pp{s}][-ep{j}].safetensors (its
+                   shards and experts, its stage's Megatron names) and megatron-tp{k}[-pp{s}][-ep{j}].pt (AdamW,
+                   schedule, torch RNG); every rank reads its (TP, PP, EP) rank's pair (-pp{s} only with PP > 1,
+                   -ep{j} only with EP > 1: the files of PP 1 and EP 1 are unchanged)
     export_hf      the gathered HF tensors, saved by rank 0 under the source checkpoint's config and tokenizer
 """
 
@@ -34,7 +42,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from miles_stream.trainer.megatron.convert import expert_home, iter_hf
+from miles_stream.trainer.megatron.convert import expert_home, iter_hf, stage_home
 from miles_stream.trainer.megatron.model import MegatronPolicy
 from miles_stream.trainer.megatron.parallel import Groups
 from miles_stream.trainer.parallel import DataParallel
@@ -55,6 +63,17 @@ class MegatronLayout:
         self.replicated = {id(p) for n, p in named if n.endswith("layernorm.weight")}
         self.experts = {id(p) for _, p in named if not getattr(p, "allreduce", True)}  # split over EP (see above)
         self.aligns_frozen = groups.ep.world > 1  # a frozen reference's experts are split too
+        pp = groups.pp
+        self.tied_copy: nn.Parameter | None = None  # this stage's copy of a tied embedding (PP > 1)
+        if pp.world > 1 and model.shape.tied and (groups.first_stage or groups.last_stage):
+            gpt = model.gpt
+            self.tied_copy = gpt.embedding.word_embeddings.weight if groups.first_stage else gpt.output_layer.weight
+        # counted in the gradient norm on the first stage only
+        self.uncounted = {id(self.tied_copy)} if self.tied_copy is not None and not groups.first_stage else set()
+        # what every stage holds ({local name: (shape, dtype)}, stage order): a publication's receive buffers
+        self.stage_meta: list[dict[str, tuple[tuple[int, ...], torch.dtype]]] = (
+            pp.gather({n: (tuple(p.shape), p.dtype) for n, p in named}) if pp.world > 1 else []
+        )
 
     def _split(self, params: Sequence[nn.Parameter]) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
         """(the replicated parameters, the experts split over the EP group)"""
@@ -66,6 +85,11 @@ class MegatronLayout:
         dense, experts = self._split(params)
         self.groups.dp.sum_grads(dense)
         self.groups.expert_dp.sum_grads(experts)
+        copy = self.tied_copy
+        if copy is not None and copy.requires_grad:
+            if copy.grad is None:
+                copy.grad = torch.zeros_like(copy)
+            dist.all_reduce(copy.grad, group=self.groups.embedding_group)
 
     def clip_grads(self, params: Sequence[nn.Parameter], max_norm: float) -> float:
         grads = [p.grad for p in params if p.grad is not None]
@@ -75,8 +99,8 @@ class MegatronLayout:
         dense, experts = self._split(params)
 
         def squares(of: Sequence[nn.Parameter]) -> Tensor:
-            parts = [p.grad.float().pow(2).sum() for p in of
-                     if p.grad is not None and (first or id(p) not in self.replicated)]  # fmt: skip
+            parts = [p.grad.float().pow(2).sum() for p in of if p.grad is not None and id(p) not in self.uncounted
+                     and (first or id(p) not in self.replicated)]  # fmt: skip
             return torch.stack(parts).sum() if parts else torch.zeros((), device=grads[0].device)
 
         total, expert_total = squares(dense), squares(experts)
@@ -85,6 +109,8 @@ class MegatronLayout:
         total = total + expert_total
         if self.groups.tp > 1:
             dist.all_reduce(total, group=self.groups.tp_group)
+        if self.groups.pp.world > 1:
+            dist.all_reduce(total, group=self.groups.pp.group)
         norm = float(total.sqrt())
         if math.isfinite(norm):
             coef = min(1.0, max_norm / (norm + 1e-6))
@@ -92,7 +118,7 @@ class MegatronLayout:
         return norm
 
     def align(self, plan: list[list[int]]) -> list[tuple[list[int], bool]]:
-        # a TP group's ranks train the same rows (parallel.tp_union); an EP group's ranks their own
+        # a TP x PP group's ranks train the same rows (parallel.mp_union); an EP group's ranks their own
         if self.groups.ep.world == 1:
             return [(rows, True) for rows in plan]
         most = max(self.parallel.gather(len(plan)))
@@ -104,9 +130,28 @@ class MegatronLayout:
     def shards(self, model: MegatronPolicy) -> Any:
         params = dict(model.gpt.named_parameters())
 
-        ep = self.groups.ep
+        ep, pp = self.groups.ep, self.groups.pp
+        device = next(model.gpt.parameters()).device
+
+        def tp_parts(name: str) -> list[Tensor]:
+            local = params[name].detach().contiguous()
+            if self.groups.tp == 1:
+                return [local]
+            parts = [torch.empty_like(local) for _ in range(self.groups.tp)]
+            dist.all_gather(parts, local, group=self.groups.tp_group)
+            return parts
 
         def shards_of(name: str) -> list[Tensor]:
+            if pp.world > 1:  # every TP rank of the owning stage gathers, then sends to its PP group
+                owner, local_name = stage_home(name, model.shape, pp.world)
+                if pp.rank == owner:
+                    parts = tp_parts(local_name)
+                else:
+                    shape, dtype = self.stage_meta[owner][local_name]
+                    parts = [torch.empty(shape, dtype=dtype, device=device) for _ in range(self.groups.tp)]
+                for part in parts:
+                    dist.broadcast(part, src=dist.get_global_rank(pp.group, owner), group=pp.group)
+                return parts
             home = expert_home(name, model.shape, ep.world) if ep.world > 1 else None
             if home is not None:  # an expert: whole on one EP rank, under its local index there
                 owner, local_name = home
@@ -114,12 +159,7 @@ class MegatronLayout:
                 expert = expert if ep.rank == owner else torch.empty_like(expert)
                 dist.broadcast(expert, src=dist.get_global_rank(ep.group, owner), group=ep.group)
                 return [expert]
-            local = params[name].detach().contiguous()
-            if self.groups.tp == 1:
-                return [local]
-            parts = [torch.empty_like(local) for _ in range(self.groups.tp)]
-            dist.all_gather(parts, local, group=self.groups.tp_group)
-            return parts
+            return tp_parts(name)
 
         return shards_of
 
@@ -129,6 +169,8 @@ class MegatronLayout:
 
     def _files(self, directory: Path) -> tuple[Path, Path]:
         stem = f"megatron-tp{self.groups.tp_rank:02d}"
+        if self.groups.pp.world > 1:
+            stem += f"-pp{self.groups.pp.rank:02d}"
         if self.groups.ep.world > 1:
             stem += f"-ep{self.groups.ep.rank:02d}"
         return directory / f"{stem}.safetensors", directory / f"{stem}.pt"
@@ -147,7 +189,7 @@ class MegatronLayout:
         assert isinstance(model, MegatronPolicy)
         tensors, state = self._files(directory)
         if not tensors.is_file():
-            raise ValueError(f"it holds no {tensors.name} (not saved by the megatron backend at these TP and EP "
+            raise ValueError(f"it holds no {tensors.name} (not saved by the megatron backend at these TP, PP and EP "
                              "sizes)")  # fmt: skip
         saved = load_file(str(tensors))
         params = dict(model.gpt.named_parameters())

@@ -9,7 +9,8 @@ train step drives (trainer/torch/policy.py reads a model through `response_logpr
                                (attention.py) and, for MoE, its router for `moe.LocalTopKRouter`; float32
                                parameters initialised on the CPU, then overwritten by the converted checkpoint
     a forward:                 embedding -> rotary table -> decoder (final norm included) -> the hidden states
-                               that predict each response token -> output layer logprobs (logprobs.py)
+                               that predict each response token -> output layer logprobs (logprobs.py); with
+                               pipeline parallel each stage runs its part and hands over (pipeline.py)
 
 What assumes CUDA in Megatron-core 0.16.1 and how the backend goes around it on a CPU (on CUDA the real path
 runs): `RotaryEmbedding.get_emb` moves its table to `torch.cuda.current_device()` on first use
@@ -26,6 +27,7 @@ import warnings
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -36,6 +38,7 @@ from miles_stream.trainer.megatron.dispatch import use_ep_dispatcher
 from miles_stream.trainer.megatron.logprobs import output_logprobs
 from miles_stream.trainer.megatron.moe import LocalTopKRouter, MegatronRoutingReplay
 from miles_stream.trainer.megatron.parallel import Groups
+from miles_stream.trainer.megatron.pipeline import from_previous, share_last, to_next
 from miles_stream.trainer.torch.inputs import MicroInputs
 from miles_stream.trainer.torch.logprobs import SHARDED_ENTRY
 from miles_stream.trainer.torch.routing_replay import REPLAY_ENTRY
@@ -71,7 +74,7 @@ def moe_config(shape: Qwen3Shape) -> dict[str, Any]:
 
 
 def transformer_config(hf_config: Any, shape: Qwen3Shape, *, tp: int, device: str, dtype: torch.dtype,
-                       ep: int = 1) -> Any:  # fmt: skip
+                       ep: int = 1, pp: int = 1) -> Any:  # fmt: skip
     cpu = not device.startswith("cuda")
     return TransformerConfig(
         num_layers=shape.num_layers, hidden_size=shape.hidden, num_attention_heads=shape.num_heads,
@@ -79,7 +82,8 @@ def transformer_config(hf_config: Any, shape: Qwen3Shape, *, tp: int, device: st
         gated_linear_unit=True, activation_func=F.silu, normalization="RMSNorm",
         layernorm_epsilon=float(hf_config.rms_norm_eps), add_bias_linear=False, add_qkv_bias=False,
         qk_layernorm=True, hidden_dropout=0.0, attention_dropout=float(getattr(hf_config, "attention_dropout", 0.0)),
-        tensor_model_parallel_size=tp, expert_model_parallel_size=ep, params_dtype=dtype, pipeline_dtype=dtype,
+        tensor_model_parallel_size=tp, expert_model_parallel_size=ep, pipeline_model_parallel_size=pp,
+        params_dtype=dtype, pipeline_dtype=dtype,
         bf16=dtype == torch.bfloat16,
         use_cpu_initialization=cpu, perform_initialization=False,  # the checkpoint's weights overwrite them
         # the fused paths below are CUDA kernels (or Apex / TE): off on a CPU, Megatron's defaults on CUDA
@@ -89,11 +93,18 @@ def transformer_config(hf_config: Any, shape: Qwen3Shape, *, tp: int, device: st
     )  # fmt: skip
 
 
-def build_gpt(hf_config: Any, *, tp: int, device: str, dtype: torch.dtype, ep: int = 1) -> Any:
+def build_gpt(hf_config: Any, *, tp: int, device: str, dtype: torch.dtype, ep: int = 1, pp: int = 1,
+              stage: int = 0) -> Any:  # fmt: skip
     """An uninitialised GPTModel of the checkpoint's shape on `device` (this rank's TP shards; with expert
-    parallel, its num_experts/ep experts of every layer, dispatched by dispatch.py's `EpDispatcher`)."""
+    parallel, its num_experts/ep experts of every layer, dispatched by dispatch.py's `EpDispatcher`; with
+    pipeline parallel, pipeline stage `stage`'s layers, the embedding on the first, the output layer on the last).
+
+    A tied model cut into stages is built untied: Megatron's own path for it moves the last stage's copy of the
+    embedding to CUDA (`weight.data.cuda()`, language_module.py:244) and all-reduces it from the first stage at
+    build; here the conversion gives the last stage its copy (convert.by_stage) and the layout sums the two
+    copies' gradients over the embedding group (layout.py), which is what Megatron does after that."""
     shape = Qwen3Shape.of(hf_config)
-    shape.check_split(tp, ep)
+    shape.check_split(tp, ep, pp)
     if not device.startswith("cuda"):
         megatron_random.initialize_rng_tracker(inference_rng_tracker=True)  # see the module's docstring
     spec = get_gpt_layer_local_spec(num_experts=shape.experts or None, moe_grouped_gemm=False, qk_layernorm=True,
@@ -103,10 +114,11 @@ def build_gpt(hf_config: Any, *, tp: int, device: str, dtype: torch.dtype, ep: i
         spec.submodules.mlp.submodules.router = LocalTopKRouter
     with warnings.catch_warnings():  # its deprecation notices (an MLP's ffn_hidden_size default, ...)
         warnings.simplefilter("ignore")
-        gpt = GPTModel(transformer_config(hf_config, shape, tp=tp, ep=ep, device=device, dtype=dtype), spec,
+        gpt = GPTModel(transformer_config(hf_config, shape, tp=tp, ep=ep, pp=pp, device=device, dtype=dtype), spec,
                        vocab_size=shape.vocab, max_sequence_length=int(hf_config.max_position_embeddings),
                        position_embedding_type="rope", rotary_base=int(rope_theta(hf_config)),
-                       share_embeddings_and_output_weights=shape.tied, parallel_output=True)  # fmt: skip
+                       share_embeddings_and_output_weights=shape.tied and pp == 1, parallel_output=True,
+                       pre_process=stage == 0, post_process=stage == pp - 1)  # fmt: skip
     if ep > 1:
         use_ep_dispatcher(gpt)
     return gpt.to(device)
@@ -124,6 +136,11 @@ class MegatronPolicy(nn.Module):
         self.shape = Qwen3Shape.of(hf_config)
         pad = getattr(hf_config, "pad_token_id", None)
         self.pad_id: int | None = None if pad is None else int(pad)
+        self.residual_dtype = next(gpt.parameters()).dtype  # what passes between stages (Megatron's pipeline_dtype)
+        pp = groups.pp
+        # global ranks of the stage before, the stage after and the last stage in this rank's PP group
+        stages = (max(pp.rank - 1, 0), min(pp.rank + 1, pp.world - 1), pp.world - 1)
+        self.peers = tuple(dist.get_global_rank(pp.group, s) for s in stages) if pp.world > 1 else (0, 0, 0)
         setattr(self, SHARDED_ENTRY, self.response_logprobs)  # what trainer/torch/logprobs.py calls
         setattr(self, REPLAY_ENTRY, self.routing_replay)  # what trainer/torch/policy.py asks for R3
 
@@ -137,15 +154,22 @@ class MegatronPolicy(nn.Module):
         return MegatronRoutingReplay(routers, replace=replace) if routers else None
 
     def hidden(self, input_ids: Tensor) -> Tensor:
-        """[b, L, H] the decoder's output (after the final norm) for right-padded rows (causal attention:
-        padding after a sequence changes nothing before it)."""
+        """[L, b, H] this stage's output for right-padded rows (causal attention: padding after a sequence changes
+        nothing before it): the decoder's after the final norm on the last stage."""
         b, length = input_ids.shape
-        positions = torch.arange(length, device=input_ids.device)[None].expand(b, length)
-        x = self.gpt.embedding(input_ids=input_ids, position_ids=positions)  # [L, b, H]
-        if self.pad_id is not None:  # HF's embedding has padding_idx=pad_token_id (transformers
-            # models/qwen3/modeling_qwen3.py:342-345): the pad row gets no gradient from the input side
-            pad = (input_ids == self.pad_id).transpose(0, 1)[..., None]
-            x = torch.where(pad, x.detach(), x)
+        g = self.groups
+        if g.first_stage:
+            positions = torch.arange(length, device=input_ids.device)[None].expand(b, length)
+            x = self.gpt.embedding(input_ids=input_ids, position_ids=positions)  # [L, b, H]
+            if self.pad_id is not None:  # HF's embedding has padding_idx=pad_token_id (transformers
+                # models/qwen3/modeling_qwen3.py:342-345): the pad row gets no gradient from the input side
+                pad = (input_ids == self.pad_id).transpose(0, 1)[..., None]
+                x = torch.where(pad, x.detach(), x)
+        else:  # the decoder of a stage without the embedding reads its input from set_input_tensor
+            # (transformer_block.py:685-687)
+            x = from_previous((length, b, self.shape.hidden), self.residual_dtype, device=input_ids.device,
+                              peer=self.peers[0], group=g.pp.group)  # fmt: skip
+            self.gpt.decoder.set_input_tensor(x)
         rotary = self.gpt.rotary_pos_emb
         if input_ids.is_cuda:
             table = rotary(length)
@@ -153,12 +177,13 @@ class MegatronPolicy(nn.Module):
             freqs = rotary.get_freqs_non_repeated(length)
             table = torch.cat((freqs, freqs), dim=-1)[:, None, None, :]
         out: Tensor = self.gpt.decoder(hidden_states=x, attention_mask=None, rotary_pos_emb=table)
-        return out.transpose(0, 1)
+        return out
 
     def output_weight(self) -> Tensor:
-        weight: Tensor = (
-            self.gpt.shared_embedding_or_output_weight() if self.shape.tied else self.gpt.output_layer.weight
-        )
+        if self.shape.tied and self.groups.pp.world == 1:
+            shared: Tensor = self.gpt.shared_embedding_or_output_weight()
+            return shared
+        weight: Tensor = self.gpt.output_layer.weight  # a tied model's last stage: its copy of the embedding
         return weight
 
     def response_logprobs(
@@ -167,7 +192,12 @@ class MegatronPolicy(nn.Module):
         """(logp_bT, entropy_bT), as trainer/torch/logprobs.py's `response_logprobs` returns them."""
         if x.cu_seqlens is not None:
             raise ValueError("the megatron backend does not pack sequences yet (trainer.pack_sequences false)")
-        h_bLH = self.hidden(x.input_ids)
+        h_LbH = self.hidden(x.input_ids)
+        g = self.groups
+        if not g.last_stage:  # the last stage's logprobs come back through the hand-off (pipeline.py)
+            return to_next(h_LbH, tuple(x.targets_bT.shape), peer=self.peers[1], last=self.peers[2],
+                           group=g.pp.group)  # fmt: skip
+        h_bLH = h_LbH.transpose(0, 1)
         rows = torch.arange(h_bLH.shape[0], device=h_bLH.device)[:, None]
         h_bTH = h_bLH[rows, x.positions_bT]
         weight = self.output_weight()
@@ -175,10 +205,12 @@ class MegatronPolicy(nn.Module):
             dtype = torch.get_autocast_dtype(h_bTH.device.type)
             h_bTH, weight = h_bTH.to(dtype), weight.to(dtype)
         b, t, width = h_bTH.shape
-        g = self.groups
         logp, entropy = output_logprobs(
             h_bTH.reshape(b * t, width), weight, x.targets_bT.reshape(b * t), temperature=temperature,
             vocab_start=g.tp_rank * weight.shape[0], tp_group=g.tp_group, tp=g.tp, entropy_grad=entropy_grad,
             fused=fused,
         )  # fmt: skip
-        return logp.view(b, t), entropy.view(b, t)
+        logp, entropy = logp.view(b, t), entropy.view(b, t)
+        if g.pp.world > 1:
+            share_last(logp, entropy, last=self.peers[2], group=g.pp.group)
+        return logp, entropy

@@ -1,11 +1,20 @@
 """Megatron's process groups for the trainer's ranks, and what the backend does with them.
 
     world (torchrun's ranks, the trainer loop's `DataParallel`: leases, commits, publication on rank 0)
-      = DP x TP, ranks ordered TP fastest (Megatron's "tp-cp-ep-dp-pp"): TP group k = ranks k*tp .. k*tp+tp-1
-    a TP group trains one model split over its ranks; every rank of it must run the same micro-batches.
-      The loop gives each rank its own share of the stream's groups (consumers/trainer.py), so the backend
-      trains the union of its TP group's shares (`tp_union`): every group read is trained once, by its TP group.
-    a DP group (same TP rank in every TP group) sums gradients (`GroupParallel`, the torch step's reductions).
+      = PP x DP x TP, ranks ordered TP fastest, PP slowest (Megatron's "tp-cp-ep-dp-pp"): TP group k = ranks
+      k*tp .. k*tp+tp-1; pipeline stage s = ranks s*dp*tp .. (s+1)*dp*tp-1; a PP group = one rank of each stage
+      (same TP and DP rank)
+    a model-parallel group (TP x PP: the ranks that together hold one whole model) trains one model split over
+      its ranks; every rank of it must run the same micro-batches. The loop gives each rank its own share of the
+      stream's groups (consumers/trainer.py), so the backend trains the union of its model-parallel group's
+      shares (`mp_union`): every group read is trained once, by its model-parallel group, and each rank's
+      leases, acknowledgements and commits stay its own (no rank reads for another). With PP, a stage other
+      than the first needs only the batch's shape and the last stage its rewards and masks, but gathering the
+      rows is what TP already does, costs a few kB, and keeps the loop unchanged.
+    a DP group (same TP and PP rank in every model-parallel group) sums gradients (`GroupParallel`, the torch
+      step's reductions); a PP group passes activations forward and their gradients back (pipeline.py).
+    tied embeddings with PP: the first stage's embedding and the last stage's copy of it (the output layer)
+      form Megatron's embedding group, whose gradients are summed (layout.py)
     expert parallel (EP, MoE only, TP 1): the DP ranks are cut again for the experts (Megatron's expert rank
       order "tp-ep-dp-pp" over the same ranks, parallel_state.py:796-806): EP group j = ranks j*ep .. j*ep+ep-1,
       each holding num_experts/ep of every layer's experts; the expert-data-parallel group (same EP rank in every
@@ -72,6 +81,17 @@ class Groups:
     dp: GroupParallel  # this rank's data-parallel group
     ep: GroupParallel = GroupParallel()  # this rank's expert-parallel group (its ranks hold different experts)
     expert_dp: GroupParallel = GroupParallel()  # ranks holding the same experts: their gradients are summed
+    pp: GroupParallel = GroupParallel()  # this rank's pipeline group: rank = stage, one rank of every stage
+    embedding_group: Any = None  # first and last stage of the PP group (tied embeddings with PP > 1)
+    mp_group: Any = None  # TP x PP: the ranks that train one model together
+
+    @property
+    def first_stage(self) -> bool:
+        return self.pp.rank == 0
+
+    @property
+    def last_stage(self) -> bool:
+        return self.pp.rank == self.pp.world - 1
 
     @property
     def tp_parallel(self) -> GroupParallel:
@@ -79,25 +99,30 @@ class Groups:
         return GroupParallel(rank=self.tp_rank, world=self.tp, group=self.tp_group)
 
 
-def init_groups(world: DataParallel, tensor_parallel: int, expert_parallel: int = 1) -> Groups:
+def init_groups(world: DataParallel, tensor_parallel: int, expert_parallel: int = 1,
+                pipeline_parallel: int = 1) -> Groups:  # fmt: skip
     """Megatron's groups over the trainer's ranks (made once a process; a second call with the same sizes reuses
     them, with other sizes remakes them)."""
-    if world.world % tensor_parallel:
-        raise ValueError(f"trainer.megatron.tensor_parallel={tensor_parallel} must divide the {world.world} ranks")
-    if (world.world // tensor_parallel) % expert_parallel:
+    if world.world % (tensor_parallel * pipeline_parallel):
+        raise ValueError(f"trainer.megatron.tensor_parallel={tensor_parallel} x pipeline_parallel="
+                         f"{pipeline_parallel} must divide the {world.world} ranks")  # fmt: skip
+    dp_size = world.world // (tensor_parallel * pipeline_parallel)
+    if dp_size % expert_parallel:
         raise ValueError(f"trainer.megatron.expert_parallel={expert_parallel} must divide the "
-                         f"{world.world // tensor_parallel} data-parallel ranks")  # fmt: skip
+                         f"{dp_size} data-parallel ranks")  # fmt: skip
     if not dist.is_initialized():
         if world.world > 1:
             raise RuntimeError("the megatron backend over several ranks needs torch.distributed up (torchrun)")
         dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)  # type: ignore[attr-defined]
     if parallel_state.model_parallel_is_initialized():
         sizes = (parallel_state.get_tensor_model_parallel_world_size(),
-                 parallel_state.get_expert_model_parallel_world_size())  # fmt: skip
-        if sizes != (tensor_parallel, expert_parallel):
+                 parallel_state.get_expert_model_parallel_world_size(),
+                 parallel_state.get_pipeline_model_parallel_world_size())  # fmt: skip
+        if sizes != (tensor_parallel, expert_parallel, pipeline_parallel):
             parallel_state.destroy_model_parallel()
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(tensor_model_parallel_size=tensor_parallel,
+                                                 pipeline_model_parallel_size=pipeline_parallel,
                                                  expert_model_parallel_size=expert_parallel)  # fmt: skip
     dp = GroupParallel(rank=parallel_state.get_data_parallel_rank(),
                        world=parallel_state.get_data_parallel_world_size(),
@@ -107,9 +132,14 @@ def init_groups(world: DataParallel, tensor_parallel: int, expert_parallel: int 
     expert_dp = GroupParallel(rank=parallel_state.get_expert_data_parallel_rank(),
                               world=parallel_state.get_expert_data_parallel_world_size(),
                               group=parallel_state.get_expert_data_parallel_group())  # fmt: skip
+    pp = GroupParallel(rank=parallel_state.get_pipeline_model_parallel_rank(), world=pipeline_parallel,
+                       group=parallel_state.get_pipeline_model_parallel_group())  # fmt: skip
+    # a middle stage is in no embedding group (Megatron's getter asserts there)
+    embedding = parallel_state.get_embedding_group() if parallel_state.is_rank_in_embedding_group() else None
     return Groups(tp=tensor_parallel, tp_rank=parallel_state.get_tensor_model_parallel_rank(),
                   tp_group=parallel_state.get_tensor_model_parallel_group(), dp=dp, ep=ep,
-                  expert_dp=expert_dp)  # fmt: skip
+                  expert_dp=expert_dp, pp=pp, embedding_group=embedding,
+                  mp_group=parallel_state.get_model_parallel_group())  # fmt: skip
 
 
 def release_groups() -> None:
@@ -121,12 +151,14 @@ def release_groups() -> None:
         dist.destroy_process_group()
 
 
-def tp_union(batch: RolloutBatch, groups: Groups) -> RolloutBatch:
-    """Every rank of this TP group's batch, one after the other (rank order): what the TP group trains."""
-    if groups.tp == 1:
+def mp_union(batch: RolloutBatch, groups: Groups) -> RolloutBatch:
+    """Every rank of this model-parallel group's batch (TP x PP ranks), one after the other (rank order): what
+    the group trains."""
+    size = groups.tp * groups.pp.world
+    if size == 1:
         return batch
-    parts: list[Any] = [None] * groups.tp
-    dist.all_gather_object(parts, batch, group=groups.tp_group)
+    parts: list[Any] = [None] * size
+    dist.all_gather_object(parts, batch, group=groups.mp_group)
     return concat(parts)
 
 
