@@ -28,7 +28,7 @@ import structlog
 
 from miles_stream.bus import Backpressure, BusConfig, Keys, RetryPolicy, ensure_group
 from miles_stream.bus.connection import read_watched
-from miles_stream.bus.run import RunIdentity, check_run, partitions_key, run_key
+from miles_stream.bus.run import RunIdentity, check_partitions, check_run, partitions_key, run_key
 from miles_stream.bus.streams import DATA
 from miles_stream.config import check
 from miles_stream.errors import ConfigError, MilesStreamError
@@ -226,7 +226,8 @@ class Feeder:
         if stored is None:
             if n > 1 and await self.redis.exists(f"{self.keys.namespace}:feeder"):
                 stored = b"1"  # fed before the count was kept, and without partitions
-            else:
+            else:  # the first feed: with the count the run's first process came with (a trainer may be waiting)
+                await check_partitions(self.redis, self.keys, n)
                 if self.run_identity is not None and n > 1:
                     for client, k in self.lanes:
                         await client.set(run_key(k), self.run_identity.encode(), nx=True)

@@ -57,12 +57,23 @@ async def run_partitions(redis: aioredis.Redis, keys: Keys) -> int | None:
 
 async def check_partitions(redis: aioredis.Redis, keys: Keys, partitions: int) -> None:
     """Raise `ConfigError` unless this process's `bus.partitions` is the run's: with another count it would read
-    and commit in keys the run never wrote (and a trainer's --resume commit its claims into the wrong ones)."""
+    and commit in keys the run never wrote (and a trainer's --resume commit its claims into the wrong ones). The
+    run's count is the one it was fed with, and before its first feed the count of the first process that came
+    (`{ns}:partitions:first`, written if absent: a trainer started before the feeder with the default 1 would
+    otherwise wait on a stream nobody writes)."""
+    first_key = f"{partitions_key(keys)}:first"
+    await redis.set(first_key, partitions, nx=True)
+    first = await redis.get(first_key)
     fed = await run_partitions(redis, keys)
     if fed is not None and fed != partitions:
         raise ConfigError(f"bus.partitions: run {keys.namespace!r} was fed with {fed} partition(s) "
                           f"({partitions_key(keys)}); this process has {partitions}: give every process of the "
                           f"run its count, or use another namespace")  # fmt: skip
+    if fed is None and first is not None and int(first) != partitions:
+        raise ConfigError(f"bus.partitions: the first process of run {keys.namespace!r} came with {int(first)} "
+                          f"partition(s) ({first_key}); this one has {partitions}: give every process the run's "
+                          f"count (if that first one was the mistake and nothing was fed yet, stop it and run "
+                          f"`miles-stream reset-run bus.namespace={keys.namespace}`)")  # fmt: skip
 
 
 def decode_run(raw: Any) -> RunIdentity | None:

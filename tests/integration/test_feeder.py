@@ -169,11 +169,18 @@ async def test_every_process_and_tool_follows_the_partition_count_the_run_was_fe
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    """A trainer or producer given another bus.partitions than the run's is refused at start (it would read and
-    commit keys the run never wrote); reset-run given the wrong count still deletes every partition's keys."""
+    """A trainer, producer or feeder given another bus.partitions than the run's is refused at start (it would read
+    and commit keys the run never wrote), the run's being the count it was fed with or, before that, the first
+    process's; reset-run given the wrong count still deletes every partition's keys."""
     config = FeederConfig(path=str(write_jsonl(tmp_path / "d.jsonl", 6)), max_queued=100)
     ns = keys.namespace
-    await check_partitions(redis, keys, 1)  # nothing fed yet: any count
+    await check_partitions(redis, keys, 3)  # nothing fed yet: the first process's count is the run's
+    with pytest.raises(ConfigError, match=r"the first process of run .* came with 3 partition\(s\).* has 1"):
+        await check_partitions(redis, keys, 1)  # a trainer left with the default 1 would wait on nothing
+    one = Feeder(redis, keys, bus_config, config, load_rows(config))
+    with pytest.raises(ConfigError, match=r"came with 3 partition\(s\).* has 1"):
+        await one.run()  # the feeder too, before it writes anything
+    assert await redis.xlen(keys.prompts) == 0 and await redis.get(f"{ns}:partitions") is None  # nothing fed
     lanes = [(redis, k) for k in partition_keys(ns, 3)]
     assert await Feeder(redis, keys, replace(bus_config, partitions=3), config, load_rows(config), lanes).run() == 6
     await check_partitions(redis, keys, 3)
