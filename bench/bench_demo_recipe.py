@@ -18,6 +18,7 @@ import dataclasses
 import itertools
 import json
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,29 +37,38 @@ from miles_stream.trainer.torch.policy import PolicyTrainer
 DEMO = Path(__file__).parent.parent / "configs" / "demo.yaml"
 
 
-def grpo(model: Any, tok: Any, seed: int, args: argparse.Namespace) -> dict[str, Any]:
+@dataclasses.dataclass
+class Generated:
+    groups: int = 0  # groups sampled so far, kept or not
+
+
+def grpo_steps(model: Any, tok: Any, seed: int, *, batch: int, samples: int, generated: Generated,
+               max_groups: float = float("inf")) -> Iterator[tuple[int, list[torch.Tensor]]]:  # fmt: skip
+    """Synchronous GRPO a step at a time: sample one answer token per row (`samples` a prompt, at the demo's
+    temperature), keep groups whose rewards differ until `batch` are kept, train on them with the demo config's
+    algorithm and learning rate; yields (step, the kept groups' rewards). Ends when `max_groups` run out first."""
     config = load_yaml(DEMO)
     algo = build(AlgoConfig, config["algo"], "algo")
     temperature = config["rollout"]["sampling"]["temperature"]
     trainer = PolicyTrainer(model, TrainerConfig(lr=config["trainer"]["lr"], seed=seed), algo, temperature=temperature)
     prompts, labels = _tensors(tok)
-    rng, order, generated = np.random.default_rng(seed), [], 0
+    rng, order = np.random.default_rng(seed), []
     for step in itertools.count(1):
         kept: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]] = []
-        while len(kept) < args.batch and generated < args.max_groups:
+        while len(kept) < batch and generated.groups < max_groups:
             order = order or list(rng.permutation(len(labels)))
             idx = [order.pop() for _ in range(min(len(order), 32))]
             with torch.no_grad():
                 logp = torch.log_softmax(model(input_ids=prompts[idx]).logits[:, -1] / temperature, -1)
-            picks = torch.multinomial(logp.exp(), args.samples, replacement=True)
+            picks = torch.multinomial(logp.exp(), samples, replacement=True)
             for j, i in enumerate(idx):
-                generated += 1
+                generated.groups += 1
                 reward = (picks[j] == labels[i]).float()
-                if reward.std() > 0 and len(kept) < args.batch:
+                if reward.std() > 0 and len(kept) < batch:
                     kept.append((i, picks[j], logp[j, picks[j]], reward))
-        if len(kept) < args.batch:
-            return {"seed": seed, "reached": False, "steps": step - 1, "groups": generated}
-        n = args.samples
+        if len(kept) < batch:
+            return
+        n = samples
         trainer.train(RolloutBatch(
             prompts=[prompts[i].numpy() for i, *_ in kept for _ in range(n)],
             responses=[np.array([t]) for _, p, *_ in kept for t in p.tolist()],
@@ -67,9 +77,16 @@ def grpo(model: Any, tok: Any, seed: int, args: argparse.Namespace) -> dict[str,
             rewards_B=torch.cat([r for *_, r in kept]),
             group_B=torch.arange(len(kept)).repeat_interleave(n),
         ))  # fmt: skip
+        yield step, [r for *_, r in kept]
+
+
+def grpo(model: Any, tok: Any, seed: int, args: argparse.Namespace) -> dict[str, Any]:
+    generated, step = Generated(), 0
+    for step, _ in grpo_steps(model, tok, seed, batch=args.batch, samples=args.samples, generated=generated,
+                              max_groups=args.max_groups):  # fmt: skip
         if step % 10 == 0 and greedy_accuracy(model.eval(), tok) >= 0.9:
-            return {"seed": seed, "reached": True, "steps": step, "groups": generated}
-    raise AssertionError("itertools.count does not end")
+            return {"seed": seed, "reached": True, "steps": step, "groups": generated.groups}
+    return {"seed": seed, "reached": False, "steps": step, "groups": generated.groups}
 
 
 def sft(model: Any, tok: Any, seed: int, args: argparse.Namespace) -> dict[str, Any]:

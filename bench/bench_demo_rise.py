@@ -12,6 +12,7 @@ One JSON line per seed: the step the criterion first held (null: not within --st
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import tempfile
 from pathlib import Path
@@ -19,49 +20,21 @@ from typing import Any
 
 import numpy as np
 import torch
-from bench_demo_recipe import DEMO, _tensors
+from bench_demo_recipe import Generated, grpo_steps
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from miles_stream.config import build, load_yaml
 from miles_stream.demo.task import MODEL, VLLM_MODEL, greedy_accuracy
 from miles_stream.models import build_tiny_model
-from miles_stream.trainer.algo_config import AlgoConfig
-from miles_stream.trainer.batch import RolloutBatch
-from miles_stream.trainer.config import TrainerConfig
-from miles_stream.trainer.torch.policy import PolicyTrainer
 
 RISE = 0.15
 
 
 def run(model: Any, tok: Any, seed: int, args: argparse.Namespace) -> dict[str, Any]:
-    config = load_yaml(DEMO)
-    algo = build(AlgoConfig, config["algo"], "algo")
-    temperature = config["rollout"]["sampling"]["temperature"]
-    trainer = PolicyTrainer(model, TrainerConfig(lr=config["trainer"]["lr"], seed=seed), algo, temperature=temperature)
-    prompts, labels = _tensors(tok)
-    rng, order, means, rise = np.random.default_rng(seed), [], [], None
-    n = args.samples
-    for step in range(1, args.steps + 1):
-        kept: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]] = []
-        while len(kept) < args.batch:
-            order = order or list(rng.permutation(len(labels)))
-            idx = [order.pop() for _ in range(min(len(order), 32))]
-            with torch.no_grad():
-                logp = torch.log_softmax(model(input_ids=prompts[idx]).logits[:, -1] / temperature, -1)
-            picks = torch.multinomial(logp.exp(), n, replacement=True)
-            for j, i in enumerate(idx):
-                reward = (picks[j] == labels[i]).float()
-                if reward.std() > 0 and len(kept) < args.batch:
-                    kept.append((i, picks[j], logp[j, picks[j]], reward))
-        means.append(float(np.mean([r.mean().item() for *_, r in kept])))
-        trainer.train(RolloutBatch(
-            prompts=[prompts[i].numpy() for i, *_ in kept for _ in range(n)],
-            responses=[np.array([t]) for _, p, *_ in kept for t in p.tolist()],
-            logp_rollout_BT=torch.cat([lp for _, _, lp, _ in kept])[:, None],
-            mask_BT=torch.ones(len(kept) * n, 1),
-            rewards_B=torch.cat([r for *_, r in kept]),
-            group_B=torch.arange(len(kept)).repeat_interleave(n),
-        ))  # fmt: skip
+    means: list[float] = []
+    rise = None
+    steps = grpo_steps(model, tok, seed, batch=args.batch, samples=args.samples, generated=Generated())
+    for step, rewards in itertools.islice(steps, args.steps):
+        means.append(float(np.mean([r.mean().item() for r in rewards])))
         if rise is None and len(means) >= 10 and np.mean(means[-5:]) >= np.mean(means[:5]) + RISE:
             rise = step
     return {"seed": seed, "rise_step": rise, "accuracy": greedy_accuracy(model.eval(), tok)}

@@ -14,19 +14,18 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
 
 pytest.importorskip("megatron.core", reason="megatron-core is the optional [megatron] extra")
 
+from megatron_helpers import fixed_batch
+
 from miles_stream.errors import ConfigError
 from miles_stream.models import TinyModelConfig, build_tiny_model
-from miles_stream.testing.synthetic import synthetic_group
 from miles_stream.trainer.algo_config import AlgoConfig
 from miles_stream.trainer.backends import build_backend
-from miles_stream.trainer.batch import RolloutBatch, collate
 from miles_stream.trainer.checkpoint import TrainerState, load_checkpoint, save_checkpoint_ranks
 from miles_stream.trainer.config import TrainerConfig
 from miles_stream.trainer.megatron.config import MegatronConfig
@@ -36,8 +35,6 @@ from miles_stream.trainer.parallel import DataParallel
 from miles_stream.trainer.torch.hf import load_causal_lm
 from miles_stream.trainer.torch.inputs import micro_inputs
 from miles_stream.trainer.torch.logprobs import response_logprobs
-
-VOCAB = 50
 
 
 @pytest.fixture(scope="module")
@@ -51,24 +48,6 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Path]
 def config(model_dir: Path, **megatron: int) -> TrainerConfig:
     return TrainerConfig(model=str(model_dir), lr=1e-3, micro_batch_tokens=40, backend="megatron",
                          megatron=MegatronConfig(**megatron))  # fmt: skip
-
-
-def fixed_batch(model_dir: Path, seed: int) -> RolloutBatch:
-    """Random prompts and responses of varied lengths (token 0, the pad id, among them), behaviour logprobs the
-    HF model's own, rewards 0/1."""
-    model = load_causal_lm(str(model_dir), dtype="float32", device="cpu")
-    rng = np.random.default_rng(seed)
-    made = []
-    for _ in range(4):
-        g = synthetic_group(rng, n_samples=4, prompt_len=int(rng.integers(2, 9)),
-                            response_len=int(rng.integers(3, 12)), vocab=VOCAB)  # fmt: skip
-        made.append(replace(g, samples=tuple(replace(s, reward=r) for s, r in zip(g.samples, (0.0, 1.0, 0.0, 1.0),
-                                                                                   strict=True))))  # fmt: skip
-    batch = collate(made)
-    with torch.no_grad():
-        logp, _ = response_logprobs(model, micro_inputs(batch, "cpu"), temperature=1.0)
-    return RolloutBatch(batch.prompts, batch.responses, logp * batch.mask_BT, batch.mask_BT, batch.rewards_B,
-                        batch.group_B)  # fmt: skip
 
 
 @pytest.mark.parametrize("kind", ["tied", "untied"])

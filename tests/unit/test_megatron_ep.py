@@ -14,23 +14,21 @@ import os
 import socket
 import sys
 from collections.abc import Iterator
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
 
 pytest.importorskip("megatron.core", reason="megatron-core is the optional [megatron] extra")
 
+from megatron_helpers import fixed_batch, resume_check
+
 from miles_stream.errors import ConfigError
 from miles_stream.models import TinyModelConfig, build_tiny_model
-from miles_stream.testing.synthetic import synthetic_group
 from miles_stream.trainer.algo_config import AlgoConfig
 from miles_stream.trainer.backends import build_backend
-from miles_stream.trainer.batch import RolloutBatch, collate
 from miles_stream.trainer.config import TrainerConfig
 from miles_stream.trainer.megatron.config import MegatronConfig
 from miles_stream.trainer.megatron.convert import Qwen3Shape, by_expert, expert_home, iter_hf, to_megatron
@@ -40,7 +38,8 @@ from miles_stream.trainer.torch.hf import load_causal_lm
 from miles_stream.trainer.torch.inputs import micro_inputs
 from miles_stream.trainer.torch.logprobs import response_logprobs
 
-VOCAB, EXPERTS, TOPK, LAYERS = 50, 8, 2, 2
+EXPERTS, TOPK, LAYERS = 8, 2, 2
+TRACE = (EXPERTS, LAYERS, TOPK)  # a routing trace for every sample (but the third group's)
 ALGO = AlgoConfig(kl_loss_coef=0.01, entropy_coef=0.01)  # a frozen reference (its experts split too) and entropy
 
 
@@ -53,27 +52,6 @@ def moe_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 def config(model_dir: Path, ep: int = 1) -> TrainerConfig:
     return TrainerConfig(model=str(model_dir), lr=1e-3, micro_batch_tokens=40, backend="megatron",
                          routing_replay=True, megatron=MegatronConfig(expert_parallel=ep))  # fmt: skip
-
-
-def traced_batch(model_dir: Path, seed: int) -> RolloutBatch:
-    """Four groups of four samples of varied lengths, rewards 0/1, behaviour logprobs the HF model's own, each
-    sample with a random routing trace (distinct experts a token) except the third group's."""
-    model = load_causal_lm(str(model_dir), dtype="float32", device="cpu")
-    rng = np.random.default_rng(seed)
-    made = []
-    for g in range(4):
-        group = synthetic_group(rng, n_samples=4, prompt_len=int(rng.integers(2, 9)),
-                                response_len=int(rng.integers(3, 12)), vocab=VOCAB)  # fmt: skip
-        samples = []
-        for s, r in zip(group.samples, (0.0, 1.0, 0.0, 1.0), strict=True):
-            n = len(group.prompt_ids) + len(s.response_ids) - 1
-            trace = np.stack([np.stack([rng.permutation(EXPERTS)[:TOPK] for _ in range(LAYERS)]) for _ in range(n)])
-            samples.append(replace(s, reward=r, routing=None if g == 2 else trace.astype(np.uint8)))
-        made.append(replace(group, samples=tuple(samples)))
-    batch = collate(made)
-    with torch.no_grad():
-        logp, _ = response_logprobs(model, micro_inputs(batch, "cpu"), temperature=1.0)
-    return replace(batch, logp_rollout_BT=logp * batch.mask_BT)
 
 
 def share(rank: int, world: int) -> list[int]:
@@ -142,7 +120,7 @@ def _ep_worker(rank: int, world: int, port: int, model_dir: str, out: str) -> No
     parallel = DataParallel.from_env("cpu")
     backend: Any = build_backend(config(Path(model_dir), ep=2), ALGO, temperature=1.0, parallel=parallel)
     rows = share(rank, world)
-    mine = traced_batch(Path(model_dir), seed=0).rows(rows)
+    mine = fixed_batch(Path(model_dir), seed=0, trace=TRACE).rows(rows)
     with torch.no_grad():  # a forward is a collective of the EP group: every rank runs one
         logp, _ = response_logprobs(backend.model, micro_inputs(mine, "cpu"), temperature=1.0)
     metrics = backend.train(mine)
@@ -150,19 +128,13 @@ def _ep_worker(rank: int, world: int, port: int, model_dir: str, out: str) -> No
     names = [n for n, _ in backend.model.gpt.named_parameters() if ".local_experts." in n]
     memory = expert_bytes(backend)
     ckpt = Path(out).parent / "ckpt"
-    ckpt.mkdir(exist_ok=True)
-    backend.save(ckpt)
-    parallel.barrier()
-    second = traced_batch(Path(model_dir), seed=2).rows(rows)
-    after = backend.train(second)
-    after_weights = {n: t.clone() for n, t in backend.weights()[0].items()}
-    resumed: Any = build_backend(config(Path(model_dir), ep=2), ALGO, temperature=1.0, parallel=parallel)
-    resumed.load(ckpt)
-    again = resumed.train(second)
-    again_weights = dict(resumed.weights()[0])
+    second = fixed_batch(Path(model_dir), seed=2, trace=TRACE).rows(rows)
+    after, again, resumed_equal = resume_check(
+        backend, lambda: build_backend(config(Path(model_dir), ep=2), ALGO, temperature=1.0, parallel=parallel),
+        ckpt, parallel, second)  # fmt: skip
     torch.save({"rows": rows, "logp": logp, "metrics": metrics, "weights": published,
                 "expert_names": names, "memory": memory, "after": after, "again": again,
-                "resumed_equal": all(torch.equal(after_weights[n], again_weights[n]) for n in after_weights),
+                "resumed_equal": resumed_equal,
                 "files": sorted(p.name for p in ckpt.iterdir())}, f"{out}.{rank}")  # fmt: skip
     parallel.barrier()
     sys.stdout.flush()
@@ -182,7 +154,7 @@ def test_expert_parallel_over_gloo_ranks_takes_the_step_one_rank_takes(
     mp.start_processes(_ep_worker, args=(world, port, str(moe_dir), str(out)), nprocs=world, start_method="spawn")
     ranks = [torch.load(f"{out}.{r}", weights_only=True) for r in range(world)]
     single: Any = build_backend(config(moe_dir), ALGO, temperature=1.0, parallel=DataParallel())
-    batch = traced_batch(moe_dir, seed=0)
+    batch = fixed_batch(moe_dir, seed=0, trace=TRACE)
     with torch.no_grad():
         logp, _ = response_logprobs(single.model, micro_inputs(batch, "cpu"), temperature=1.0)
     metrics = single.train(batch)

@@ -23,15 +23,15 @@ import torch.multiprocessing as mp
 
 pytest.importorskip("megatron.core", reason="megatron-core is the optional [megatron] extra")
 
+from megatron_helpers import fixed_batch
 from safetensors.torch import load_file
 
 from miles_stream.errors import ConfigError
 from miles_stream.models import TinyModelConfig, build_tiny_model
 from miles_stream.models.moe import moe_routers
-from miles_stream.testing.synthetic import synthetic_group
 from miles_stream.trainer.algo_config import AlgoConfig
 from miles_stream.trainer.backends import build_backend
-from miles_stream.trainer.batch import RolloutBatch, collate
+from miles_stream.trainer.batch import RolloutBatch
 from miles_stream.trainer.config import TrainerConfig
 from miles_stream.trainer.megatron.config import MegatronConfig
 from miles_stream.trainer.megatron.convert import Qwen3Shape, to_hf, to_megatron
@@ -42,7 +42,8 @@ from miles_stream.trainer.torch.inputs import micro_inputs
 from miles_stream.trainer.torch.logprobs import response_logprobs
 from miles_stream.trainer.torch.routing_replay import RoutingReplay, replay_inputs
 
-VOCAB, EXPERTS, TOPK, LAYERS = 50, 8, 2, 2
+EXPERTS, TOPK, LAYERS = 8, 2, 2
+TRACE = (EXPERTS, LAYERS, TOPK)  # a routing trace for every sample (but the third group's)
 
 
 @pytest.fixture(scope="module")
@@ -54,32 +55,6 @@ def moe_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 def config(model_dir: Path, **overrides: Any) -> TrainerConfig:
     return TrainerConfig(model=str(model_dir), lr=1e-3, micro_batch_tokens=40, backend="megatron",
                          megatron=MegatronConfig(), **overrides)  # fmt: skip
-
-
-def random_trace(rng: np.random.Generator, positions: int) -> np.ndarray:
-    """[positions, layers, K] distinct experts a token (as a router's top-k is), uint8 as the wire carries it."""
-    return np.stack([np.stack([rng.permutation(EXPERTS)[:TOPK] for _ in range(LAYERS)]) for _ in range(positions)])\
-        .astype(np.uint8)  # fmt: skip
-
-
-def traced_batch(model_dir: Path, seed: int) -> RolloutBatch:
-    """Four groups of four samples of varied lengths (the pad id among the tokens), rewards 0/1, behaviour
-    logprobs the HF model's own; each sample carries a random routing trace, except the third group's (those
-    tokens keep the router's own choice)."""
-    model = load_causal_lm(str(model_dir), dtype="float32", device="cpu")
-    rng = np.random.default_rng(seed)
-    made = []
-    for g in range(4):
-        group = synthetic_group(rng, n_samples=4, prompt_len=int(rng.integers(2, 9)),
-                                response_len=int(rng.integers(3, 12)), vocab=VOCAB)  # fmt: skip
-        samples = tuple(replace(s, reward=r, routing=None if g == 2 else
-                                random_trace(rng, len(group.prompt_ids) + len(s.response_ids) - 1))
-                        for s, r in zip(group.samples, (0.0, 1.0, 0.0, 1.0), strict=True))  # fmt: skip
-        made.append(replace(group, samples=samples))
-    batch = collate(made)
-    with torch.no_grad():
-        logp, _ = response_logprobs(model, micro_inputs(batch, "cpu"), temperature=1.0)
-    return replace(batch, logp_rollout_BT=logp * batch.mask_BT)
 
 
 def replayed(replay: Any, model: Any, batch: RolloutBatch) -> tuple[torch.Tensor, int, int]:
@@ -128,7 +103,7 @@ def test_moe_conversion_hf_to_megatron_and_back_is_exact(moe_dir: Path) -> None:
 def test_megatron_moe_logprobs_with_and_without_replay_are_the_hf_models(moe_dir: Path) -> None:
     backend: Any = build_backend(config(moe_dir, routing_replay=True), AlgoConfig(), temperature=0.7,
                                  parallel=DataParallel())  # fmt: skip
-    batch = traced_batch(moe_dir, seed=1)
+    batch = fixed_batch(moe_dir, seed=1, trace=TRACE)
     mask = batch.mask_BT.bool()
     replay = backend.policy.replays[id(backend.model)]
     results = {}
@@ -145,7 +120,7 @@ def test_megatron_moe_logprobs_with_and_without_replay_are_the_hf_models(moe_dir
 def test_replaying_the_models_own_routing_has_no_mismatch_and_changes_nothing(moe_dir: Path) -> None:
     """The trace the rollout engine would record (the HF routers' own top-k): routing_mismatch 0, same logprobs."""
     hf = load_causal_lm(str(moe_dir), dtype="float32", device="cpu")
-    batch = traced_batch(moe_dir, seed=2)
+    batch = fixed_batch(moe_dir, seed=2, trace=TRACE)
     seen: list[torch.Tensor] = []
     hooks = [r.register_forward_hook(lambda _m, _a, out: seen.append(out[2])) for r in moe_routers(hf)]
     x = micro_inputs(batch, "cpu")
@@ -168,7 +143,7 @@ def test_replaying_the_models_own_routing_has_no_mismatch_and_changes_nothing(mo
 
 @pytest.mark.parametrize("routing_replay", [True, False])
 def test_one_megatron_moe_step_is_the_torch_backends_step(moe_dir: Path, routing_replay: bool) -> None:
-    batch = traced_batch(moe_dir, seed=0)
+    batch = fixed_batch(moe_dir, seed=0, trace=TRACE)
     algo = AlgoConfig(kl_loss_coef=0.01, entropy_coef=0.01)  # a reference model (replayed too) and the entropy
     cfg = config(moe_dir, routing_replay=routing_replay)
     torch_backend: Any = build_backend(replace(cfg, backend="torch"), algo, temperature=1.0, parallel=DataParallel())
@@ -216,7 +191,7 @@ def _dp_worker(rank: int, world: int, port: int, model_dir: str, out: str) -> No
     parallel = DataParallel.from_env("cpu")
     backend: Any = build_backend(config(Path(model_dir), routing_replay=True), AlgoConfig(entropy_coef=0.01),
                                  temperature=1.0, parallel=parallel)  # fmt: skip
-    batch = traced_batch(Path(model_dir), seed=0)
+    batch = fixed_batch(Path(model_dir), seed=0, trace=TRACE)
     half = batch.size // world  # each data-parallel rank trains its own share
     metrics = backend.train(batch.rows(list(range(rank * half, (rank + 1) * half))))
     published, _ = backend.weights()
@@ -238,7 +213,7 @@ def test_two_data_parallel_gloo_ranks_with_replay_take_the_step_one_rank_takes(m
     ranks = [torch.load(f"{out}.{r}", weights_only=True) for r in range(2)]
     single: Any = build_backend(config(moe_dir, routing_replay=True), AlgoConfig(entropy_coef=0.01),
                                 temperature=1.0, parallel=DataParallel())  # fmt: skip
-    metrics = single.train(traced_batch(moe_dir, seed=0))
+    metrics = single.train(fixed_batch(moe_dir, seed=0, trace=TRACE))
     published, _ = single.weights()
     for got in ranks:
         for name in ("loss", "pg_loss", "entropy", "grad_norm", "tokens", "routing_mismatch"):

@@ -15,23 +15,21 @@ import os
 import socket
 import sys
 from collections.abc import Iterator
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
 
 pytest.importorskip("megatron.core", reason="megatron-core is the optional [megatron] extra")
 
+from megatron_helpers import fixed_batch, resume_check
+
 from miles_stream.errors import ConfigError
 from miles_stream.models import TinyModelConfig, build_tiny_model
-from miles_stream.testing.synthetic import synthetic_group
 from miles_stream.trainer.algo_config import AlgoConfig
 from miles_stream.trainer.backends import build_backend
-from miles_stream.trainer.batch import RolloutBatch, collate
 from miles_stream.trainer.config import TrainerConfig
 from miles_stream.trainer.megatron.config import MegatronConfig
 from miles_stream.trainer.megatron.convert import Qwen3Shape, by_stage, iter_hf, stage_home, to_megatron
@@ -41,7 +39,6 @@ from miles_stream.trainer.torch.hf import load_causal_lm
 from miles_stream.trainer.torch.inputs import micro_inputs
 from miles_stream.trainer.torch.logprobs import response_logprobs
 
-VOCAB = 50
 ALGO = AlgoConfig(kl_loss_coef=0.01, entropy_coef=0.01)  # a frozen reference (pipelined too) and entropy
 
 
@@ -56,22 +53,6 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Path]
 def config(model_dir: Path, **megatron: int) -> TrainerConfig:
     return TrainerConfig(model=str(model_dir), lr=1e-3, micro_batch_tokens=40, backend="megatron",
                          megatron=MegatronConfig(**megatron))  # fmt: skip
-
-
-def fixed_batch(model_dir: Path, seed: int) -> RolloutBatch:
-    """Four groups of four samples of varied lengths, rewards 0/1, behaviour logprobs the HF model's own."""
-    model = load_causal_lm(str(model_dir), dtype="float32", device="cpu")
-    rng = np.random.default_rng(seed)
-    made = []
-    for _ in range(4):
-        g = synthetic_group(rng, n_samples=4, prompt_len=int(rng.integers(2, 9)),
-                            response_len=int(rng.integers(3, 12)), vocab=VOCAB)  # fmt: skip
-        made.append(replace(g, samples=tuple(replace(s, reward=r) for s, r in zip(g.samples, (0.0, 1.0, 0.0, 1.0),
-                                                                                   strict=True))))  # fmt: skip
-    batch = collate(made)
-    with torch.no_grad():
-        logp, _ = response_logprobs(model, micro_inputs(batch, "cpu"), temperature=1.0)
-    return replace(batch, logp_rollout_BT=logp * batch.mask_BT)
 
 
 def share(rank: int, world: int) -> list[int]:
@@ -142,19 +123,13 @@ def _pp_worker(rank: int, world: int, port: int, model_dir: str, out: str, tp: i
     local = sorted(params)
     copy = params["output_layer.weight"].detach().clone() if "output_layer.weight" in params else None
     ckpt = Path(out).parent / "ckpt"
-    ckpt.mkdir(exist_ok=True)
-    backend.save(ckpt)
-    parallel.barrier()
     second = fixed_batch(Path(model_dir), seed=2).rows(rows)
-    after = backend.train(second)
-    after_weights = {n: t.clone() for n, t in backend.weights()[0].items()}
-    resumed: Any = build_backend(cfg, ALGO, temperature=1.0, parallel=parallel)
-    resumed.load(ckpt)
-    again = resumed.train(second)
-    again_weights = dict(resumed.weights()[0])
+    after, again, resumed_equal = resume_check(
+        backend, lambda: build_backend(cfg, ALGO, temperature=1.0, parallel=parallel), ckpt, parallel, second
+    )
     torch.save({"logp": logp, "entropy": entropy, "metrics": metrics, "weights": published, "local": local,
                 "copy": copy, "after": after, "again": again,
-                "resumed_equal": all(torch.equal(after_weights[n], again_weights[n]) for n in after_weights),
+                "resumed_equal": resumed_equal,
                 "files": sorted(p.name for p in ckpt.iterdir())}, f"{out}.{rank}")  # fmt: skip
     parallel.barrier()
     sys.stdout.flush()
