@@ -25,28 +25,32 @@ def observers_of(stream: str) -> str:
     return f"{stream}:observers"
 
 
+def _tag(namespace: str) -> tuple[int, int] | None:
+    """(start, end) of the namespace's hash tag, what lies between its first `{` and the next `}` when that is not
+    empty (all Redis hashes of a key that has one); None without one."""
+    start = namespace.find("{")
+    end = namespace.find("}", start + 1)
+    return (start + 1, end) if start >= 0 and end > start + 1 else None
+
+
 def one_slot(namespace: str) -> bool:
     """Whether every key `{namespace}:...` hashes to one cluster slot: the namespace is a hash tag, `{run1}`
-    or holds one, `a{run1}` (Redis hashes only what lies between a key's first `{` and the next `}`, when that is
-    not empty)."""
-    start = namespace.find("{")
-    return start >= 0 and namespace.find("}", start + 1) > start + 1
+    or holds one, `a{run1}`."""
+    return _tag(namespace) is not None
 
 
 def partition_namespace(namespace: str, p: int) -> str:
     """Partition p's namespace (module docstring): the hash tag extended by `.p{p}`, or `.p{p}` appended."""
-    if not one_slot(namespace):
-        return f"{namespace}.p{p}"
-    close = namespace.find("}", namespace.find("{") + 1)
+    tag = _tag(namespace)
+    close = tag[1] if tag else len(namespace)
     return f"{namespace[:close]}.p{p}{namespace[close:]}"
 
 
 def names_a_partition(namespace: str) -> bool:
     """Whether `namespace` reads as a partition of another run's (`{run1.p0}`, `run1.p0`): its keys would be that
     partition's, and a key rule for one would grant the other."""
-    tag = namespace[namespace.find("{") + 1 : namespace.find("}", namespace.find("{") + 1)] if one_slot(namespace) \
-        else namespace  # fmt: skip
-    return re.search(r"\.p\d+$", tag) is not None
+    tag = _tag(namespace)
+    return re.search(r"\.p\d+$", namespace[tag[0] : tag[1]] if tag else namespace) is not None
 
 
 def key_patterns(namespace: str, partitions: int) -> list[str]:
