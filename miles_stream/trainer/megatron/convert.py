@@ -1,6 +1,7 @@
 """Qwen3 (dense) and Qwen3-MoE weights between Hugging Face names and Megatron-core's GPTModel, split over
-tensor-parallel ranks (MoE: one rank; see `Qwen3Shape.check_split`) and, for MoE, by expert over expert-parallel
-ranks (`by_expert`, `expert_home`).
+tensor-parallel ranks (MoE: one rank; see `Qwen3Shape.check_split`), by layer over pipeline stages (`by_stage`,
+`stage_home`: a MoE layer's router and experts go with it) and, for MoE, by expert over the expert-parallel ranks
+of a stage (`by_expert`, `expert_home`, applied to a stage's names: `home`).
 
 Pure functions of tensors: no process group, no Megatron import. Legend: H hidden, nh query heads, ng key/value
 groups (r = nh / ng heads a group), d head dim, F MLP width, V vocabulary, tp tensor-parallel ranks.
@@ -84,11 +85,6 @@ class Qwen3Shape:
     def check_split(self, tp: int, ep: int = 1, pp: int = 1) -> None:
         """Refuse a tensor-, expert- or pipeline-parallel size that does not divide what it splits (Megatron
         asserts it deep inside)."""
-        if pp > 1 and self.experts:
-            # R3 replays a trace of every layer through the routers of one model (moe.py); a stage holds some
-            # layers only, and expert parallel's all-gather dispatcher would run inside a stage: neither is built
-            raise ConfigError(f"trainer.megatron.pipeline_parallel={pp}: the megatron backend pipelines dense Qwen3 "
-                              "only (not Qwen3-MoE): set 1")  # fmt: skip
         if self.num_layers % pp:
             raise ConfigError(f"trainer.megatron.pipeline_parallel={pp} must divide the model's num_hidden_layers "
                               f"({self.num_layers})")  # fmt: skip
@@ -229,6 +225,16 @@ def stage_home(name: str, shape: Qwen3Shape, pp: int) -> tuple[int, str]:
         stage, local = divmod(int(match[1]), per)
         return stage, f"decoder.layers.{local}.{match[2]}"
     return (0 if name.startswith("embedding.") else pp - 1), name
+
+
+def home(name: str, shape: Qwen3Shape, pp: int, ep: int) -> tuple[int, int, str]:
+    """(pipeline stage, expert-parallel rank inside it, name there) of a Megatron parameter named as in a one-rank
+    model: its stage from `stage_home`, then, for an expert, its EP rank from `expert_home` on the stage's name
+    (expert indices are per layer, so a stage keeps every expert of its layers); -1 for a parameter every EP rank
+    of the stage holds."""
+    stage, local = stage_home(name, shape, pp)
+    expert = expert_home(local, shape, ep) if ep > 1 else None
+    return (stage, -1, local) if expert is None else (stage, *expert)
 
 
 def by_stage(shard: Mapping[str, Tensor], shape: Qwen3Shape, pp: int) -> list[dict[str, Tensor]]:

@@ -42,7 +42,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from miles_stream.trainer.megatron.convert import expert_home, iter_hf, stage_home
+from miles_stream.trainer.megatron.convert import home, iter_hf
 from miles_stream.trainer.megatron.model import MegatronPolicy
 from miles_stream.trainer.megatron.parallel import Groups
 from miles_stream.trainer.parallel import DataParallel
@@ -142,24 +142,23 @@ class MegatronLayout:
             return parts
 
         def shards_of(name: str) -> list[Tensor]:
-            if pp.world > 1:  # every TP rank of the owning stage gathers, then sends to its PP group
-                owner, local_name = stage_home(name, model.shape, pp.world)
-                if pp.rank == owner:
+            stage, owner, local_name = home(name, model.shape, pp.world, ep.world)
+            if pp.rank == stage:
+                if owner < 0:  # not an expert: whole on every EP rank, split over the TP group
                     parts = tp_parts(local_name)
-                else:
-                    shape, dtype = self.stage_meta[owner][local_name]
-                    parts = [torch.empty(shape, dtype=dtype, device=device) for _ in range(self.groups.tp)]
+                else:  # an expert: whole on one EP rank of the stage, under its local index there
+                    expert = params[local_name].detach().contiguous()  # the same shape on every EP rank
+                    parts = [expert if ep.rank == owner else torch.empty_like(expert)]
+                    dist.broadcast(parts[0], src=dist.get_global_rank(ep.group, owner), group=ep.group)
+            else:  # another stage holds it (PP > 1): its TP shards (an expert: once) come over the PP group
+                shape, dtype = self.stage_meta[stage][local_name]
+                parts = [
+                    torch.empty(shape, dtype=dtype, device=device) for _ in range(self.groups.tp if owner < 0 else 1)
+                ]
+            if pp.world > 1:  # every (TP, EP) rank of the owning stage sends to its PP group
                 for part in parts:
-                    dist.broadcast(part, src=dist.get_global_rank(pp.group, owner), group=pp.group)
-                return parts
-            home = expert_home(name, model.shape, ep.world) if ep.world > 1 else None
-            if home is not None:  # an expert: whole on one EP rank, under its local index there
-                owner, local_name = home
-                expert = params[local_name].detach().contiguous()  # the same shape on every EP rank
-                expert = expert if ep.rank == owner else torch.empty_like(expert)
-                dist.broadcast(expert, src=dist.get_global_rank(ep.group, owner), group=ep.group)
-                return [expert]
-            return tp_parts(name)
+                    dist.broadcast(part, src=dist.get_global_rank(pp.group, stage), group=pp.group)
+            return parts
 
         return shards_of
 

@@ -149,9 +149,13 @@ class MegatronPolicy(nn.Module):
         return [layer.mlp.router for layer in self.gpt.decoder.layers if hasattr(layer.mlp, "router")]
 
     def routing_replay(self, *, replace: bool) -> MegatronRoutingReplay | None:
-        """R3 over this model's routers (None: a dense model); see moe.py."""
-        routers = self.routers()
-        return MegatronRoutingReplay(routers, replace=replace) if routers else None
+        """R3 over this model's routers (None: a dense model); a stage's routers replay their own layers of the
+        trace and combine their counts over the PP group (see moe.py)."""
+        routers, pp = self.routers(), self.groups.pp
+        if not routers:
+            return None
+        return MegatronRoutingReplay(routers, replace=replace, layers=self.shape.num_layers,
+                                     group=pp.group if pp.world > 1 else None)  # fmt: skip
 
     def hidden(self, input_ids: Tensor) -> Tensor:
         """[L, b, H] this stage's output for right-padded rows (causal attention: padding after a sequence changes

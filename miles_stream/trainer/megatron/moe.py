@@ -37,6 +37,7 @@ import warnings
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from miles_stream.trainer.torch.routing_replay import ReplayState
@@ -98,12 +99,29 @@ class LocalTopKRouter(TopKRouter):  # type: ignore[misc]
 class MegatronRoutingReplay(ReplayState):
     """R3 over a GPTModel's MoE routers, with the torch backend's `RoutingReplay` interface (begin, end_forward,
     end, take_counts: the shared `ReplayState`): `begin` gets `replay_inputs` (ids [b*s, layers, K], recorded
-    [b*s], row-major); the differing tokens are kept [s*b], in Megatron's token order."""
+    [b*s], row-major); the differing tokens are kept [s*b], in Megatron's token order.
 
-    def __init__(self, routers: list[Any], *, replace: bool) -> None:
-        super().__init__(routers, replace=replace)
-        for layer, router in enumerate(routers):
-            router.router_replay = LayerReplay(self, layer)
+    Pipeline parallel: a stage holds some layers' routers, the trace every layer's (`layers` of them). Each router
+    reads the trace at its global layer, `layer_number - 1` (Megatron numbers a stage's layers from its offset,
+    transformer_layer.py:280, and hands the number to the MoE layer's router, :371-372, moe_layer.py:123-126,
+    router.py:126-128). A token counts as differing when its routing differs in some layer of any stage: each
+    forward's per-token flags are OR-ed over the PP group (`group`) before they are counted, so every stage counts
+    what one rank holding every layer counts (the train step then sums the counts over the DP group only)."""
+
+    def __init__(self, routers: list[Any], *, replace: bool, layers: int | None = None, group: Any = None) -> None:
+        super().__init__(routers, replace=replace, layers=layers)
+        self.group = group  # the PP group (None: one stage)
+        for router in routers:
+            if router.layer_number is None:  # set by its MoE layer at build
+                raise ValueError("a router without its layer_number (not built inside a TransformerLayer)")
+            router.router_replay = LayerReplay(self, int(router.layer_number) - 1)
+
+    def end_forward(self) -> None:
+        if self.group is not None and self._counting and self._differs is not None:
+            flags = self._differs.to(torch.int32)  # gloo reduces no bool tensors
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.group)
+            self._differs = flags.bool()
+        super().end_forward()
 
     def layer_inputs(self, layer: int, seq_batch: tuple[int, int] | None) -> tuple[Tensor, Tensor] | None:
         """(ids [s*b, K], recorded [s*b]) of `layer` in Megatron's sequence-major token order, or None."""

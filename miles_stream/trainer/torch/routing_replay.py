@@ -77,8 +77,11 @@ class ReplayState:
     `RoutingReplay` (forward hooks on HF routers) and the Megatron backend's `MegatronRoutingReplay` (a hook
     inside Megatron's routers) differ only in how they reach a router."""
 
-    def __init__(self, routers: Sequence[Any], *, replace: bool) -> None:
+    def __init__(self, routers: Sequence[Any], *, replace: bool, layers: int | None = None) -> None:
         self.routers, self.replace = list(routers), replace
+        # the layers a routing trace holds: one a router, unless the model holds only some of its layers (a
+        # pipeline stage of the Megatron backend, whose routers index the trace by their global layer)
+        self.layers = len(self.routers) if layers is None else layers
         self._ids: Tensor | None = None
         self._recorded: Tensor | None = None
         self._differs: Tensor | None = None
@@ -88,10 +91,10 @@ class ReplayState:
 
     def begin(self, inputs: tuple[Tensor, Tensor] | None, *, count: bool = True) -> None:
         """The next forward pass's recording (None: route freely); `count`: add its differing tokens up."""
-        if inputs is not None and inputs[0].shape[1] != len(self.routers):
+        if inputs is not None and inputs[0].shape[1] != self.layers:
             if self.replace:
-                raise ValueError(f"the routing trace has {inputs[0].shape[1]} layers, the model {len(self.routers)} "
-                                 "routers: recorded with another model?")  # fmt: skip
+                raise ValueError(f"the routing trace has {inputs[0].shape[1]} layers, the model {self.layers} "
+                                 "MoE layers: recorded with another model?")  # fmt: skip
             inputs = None  # only counted, and these cannot be compared
         self._ids, self._recorded = inputs if inputs is not None else (None, None)
         self._differs = None if self._recorded is None else torch.zeros_like(self._recorded)
