@@ -11,9 +11,11 @@
 
 Qwen3-MoE: experts and routers converted too (convert.py), R3 in the routers (moe.py), on one TP rank; experts
 split over expert-parallel ranks (trainer.megatron.expert_parallel; parallel.py, dispatch.py, layout.py).
-Dense Qwen3: layers cut into pipeline stages (trainer.megatron.pipeline_parallel; convert.by_stage, pipeline.py).
-Not built yet (each refused with what to change): PPO's critic, context parallelism, MoE with tensor or pipeline
-parallel, packed sequences, activation checkpointing, torch.compile.
+Layers cut into pipeline stages (trainer.megatron.pipeline_parallel; convert.by_stage, pipeline.py), dense Qwen3
+and Qwen3-MoE (a stage's routers and experts with its layers, the experts split again over the stage's EP ranks;
+R3 replays each stage's own layers of the trace).
+Not built yet (each refused with what to change): PPO's critic, context parallelism, MoE with tensor parallel,
+packed sequences, activation checkpointing, torch.compile.
 """
 
 from __future__ import annotations

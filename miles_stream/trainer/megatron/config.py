@@ -14,7 +14,7 @@ class MegatronConfig:
     it fails at load with what to change, not deep inside Megatron."""
 
     tensor_parallel: int = 1  # ranks one model's layers are split over (heads, MLP columns, vocabulary)
-    pipeline_parallel: int = 1  # stages one model's layers are cut into (dense Qwen3; layout.py, pipeline.py)
+    pipeline_parallel: int = 1  # stages one model's layers are cut into (Qwen3 and Qwen3-MoE; pipeline.py)
     expert_parallel: int = 1  # ranks an MoE layer's experts are split over (within the data-parallel ranks)
     context_parallel: int = 1  # not built yet: must be 1
 

@@ -1,7 +1,9 @@
 """`MegatronLayout`: the torch train step's `ModelLayout` (trainer/torch/layout.py) for a GPTModel split over a
 tensor-parallel group, its MoE experts split over an expert-parallel (EP) group, replicated over the rest.
 
-    pipeline       (PP > 1) each stage holds its own layers (Megatron's pre_process / post_process stages): a
+    pipeline       (PP > 1) each stage holds its own layers (Megatron's pre_process / post_process stages; MoE:
+                   their routers and experts, the experts split over the stage's EP group, whose expert-DP group
+                   is inside the stage too: the sums below are per stage, then the clip norm's over PP): a
                    tied model's last stage holds a copy of the embedding as its output layer, whose gradient is
                    summed with the embedding's over the embedding group (first and last stage), as Megatron's
                    finalize_model_grads does (distributed/finalize_model_grads.py:164), so the two copies stay equal
@@ -20,13 +22,15 @@ tensor-parallel group, its MoE experts split over an expert-parallel (EP) group,
     align          with EP every forward is a collective of the EP group (dispatch.py): every DP rank runs as
                    many micro-batches, the short ones padded with repeats that add nothing (as FSDP's, fsdp.py)
     weights        each parameter's TP shards gathered in turn, each expert broadcast from the EP rank that holds
-                   it, each layer's shards broadcast over the PP group from the stage that holds it, and converted
+                   it inside its stage, each layer's shards (an expert once the stage's EP group has it) broadcast
+                   over the PP group from the stage that holds it (convert.home says which), and converted
                    to HF names (convert.iter_hf); every rank holds the whole model while the mapping is built (not
                    yet read tensor by tensor)
-    save / load    rank 0 of each (TP, PP, EP) rank's replicas writes megatron-tp{k}[-pp{s}][-ep{j}].safetensors (its
-                   shards and experts, its stage's Megatron names) and megatron-tp{k}[-pp{s}][-ep{j}].pt (AdamW,
-                   schedule, torch RNG); every rank reads its (TP, PP, EP) rank's pair (-pp{s} only with PP > 1,
-                   -ep{j} only with EP > 1: the files of PP 1 and EP 1 are unchanged)
+    save / load    rank 0 of each (TP, PP, EP) rank's replicas (the stage's DP group; with EP its expert-DP group)
+                   writes megatron-tp{k}[-pp{s}][-ep{j}].safetensors (its shards and experts, its stage's Megatron
+                   names) and megatron-tp{k}[-pp{s}][-ep{j}].pt (AdamW, schedule, torch RNG); every rank reads its
+                   (TP, PP, EP) rank's pair (-pp{s} only with PP > 1, -ep{j} only with EP > 1: the files of PP 1
+                   and EP 1 are unchanged)
     export_hf      the gathered HF tensors, saved by rank 0 under the source checkpoint's config and tokenizer
 """
 

@@ -16,7 +16,8 @@
     tied embeddings with PP: the first stage's embedding and the last stage's copy of it (the output layer)
       form Megatron's embedding group, whose gradients are summed (layout.py)
     expert parallel (EP, MoE only, TP 1): the DP ranks are cut again for the experts (Megatron's expert rank
-      order "tp-ep-dp-pp" over the same ranks, parallel_state.py:796-806): EP group j = ranks j*ep .. j*ep+ep-1,
+      order "tp-ep-dp-pp" over the same ranks, parallel_state.py:796-806; with PP, inside each stage, as PP is
+      outermost): EP group j = ranks j*ep .. j*ep+ep-1 (of the stage),
       each holding num_experts/ep of every layer's experts; the expert-data-parallel group (same EP rank in every
       EP group, dp/ep ranks) sums the experts' gradients, the DP group the rest. Each rank still trains its own
       share: an MoE layer gathers its EP group's tokens and hands back their expert outputs (dispatch.py).
