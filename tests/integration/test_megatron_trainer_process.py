@@ -1,8 +1,8 @@
 """The trainer process with trainer.backend=megatron and a real Redis: one rank, tensor parallel and pipeline
 parallel over two torchrun ranks, read the same stream as the torch backend, train each group once, publish,
 checkpoint and export the model the torch backend exports; and Qwen3-MoE with routing traces on the stream,
-replayed (R3), as the torch backend trains it, on one rank and with its experts split over two torchrun ranks
-(expert parallel). Slow (several trainer processes, some of them two ranks): opt-in."""
+replayed (R3), as the torch backend trains it, on one rank, with its experts split over two torchrun ranks
+(expert parallel) and with its layers cut into two pipeline stages. Slow (several trainer processes, some of them two ranks): opt-in."""
 
 from __future__ import annotations
 
@@ -90,6 +90,9 @@ def test_megatron_trainer_process_trains_qwen3_moe_with_replay_as_the_torch_back
         ("megatron", CLI, 4, ["trainer.backend=megatron"]),
         # each rank reads and trains 2 groups (its own share), holding 4 of each layer's 8 experts
         ("ep2", TORCHRUN_2, 2, ["trainer.backend=megatron", "trainer.megatron.expert_parallel=2"]),
+        # two pipeline stages of one MoE layer each (router and 8 experts), each replaying its layer of the trace;
+        # the PP group trains both ranks' 2 groups
+        ("pp2", TORCHRUN_2, 2, ["trainer.backend=megatron", "trainer.megatron.pipeline_parallel=2"]),
     ):  # fmt: skip
         ns = f"{name}{uuid.uuid4().hex[:8]}"
         asyncio.run(publish_groups(redis_url, ns, traced_groups(8)))
@@ -107,7 +110,11 @@ def test_megatron_trainer_process_trains_qwen3_moe_with_replay_as_the_torch_back
     assert sorted(p.name for p in saved.glob("megatron-tp*")) == [
         "megatron-tp00-ep00.pt", "megatron-tp00-ep00.safetensors", "megatron-tp00-ep01.pt",
         "megatron-tp00-ep01.safetensors"]  # fmt: skip
-    for name in ("megatron", "ep2"):
+    saved = tmp_path / "pp2" / "ckpt" / "step-00000002"
+    assert sorted(p.name for p in saved.glob("megatron-tp*")) == [
+        "megatron-tp00-pp00.pt", "megatron-tp00-pp00.safetensors", "megatron-tp00-pp01.pt",
+        "megatron-tp00-pp01.safetensors"]  # fmt: skip
+    for name in ("megatron", "ep2", "pp2"):
         assert mismatch[name] == pytest.approx(mismatch["torch"], rel=1e-6), name
         assert runs[name].keys() == runs["torch"].keys()
         # two AdamW steps (lr 1e-3) divide by each element's own gradient scale: where an expert saw few tokens,
