@@ -2,7 +2,8 @@
 parallel over two torchrun ranks, read the same stream as the torch backend, train each group once, publish,
 checkpoint and export the model the torch backend exports; and Qwen3-MoE with routing traces on the stream,
 replayed (R3), as the torch backend trains it, on one rank, with its experts split over two torchrun ranks
-(expert parallel) and with its layers cut into two pipeline stages. Slow (several trainer processes, some of them two ranks): opt-in."""
+(expert parallel) and with its layers cut into two pipeline stages. Slow (several trainer processes, some of them
+two ranks): opt-in."""
 
 from __future__ import annotations
 
