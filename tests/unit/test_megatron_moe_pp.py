@@ -29,6 +29,7 @@ pytest.importorskip("megatron.core", reason="megatron-core is the optional [mega
 
 from megatron_helpers import fixed_batch, resume_check
 
+from miles_stream.errors import ConfigError
 from miles_stream.models import TinyModelConfig, build_tiny_model
 from miles_stream.models.moe import moe_routers
 from miles_stream.trainer.algo_config import AlgoConfig
@@ -145,7 +146,7 @@ def test_moe_pipeline_parallel_is_accepted_and_checks_its_sizes(moe_dir: Path) -
     shape = Qwen3Shape.of(load_causal_lm(str(moe_dir), dtype="float32", device="cpu").config)
     shape.check_split(1, 2, 2)  # PP x EP
     shape.check_split(1, 1, 4)
-    with pytest.raises(Exception, match=r"pipeline_parallel=3 must divide the model's num_hidden_layers \(4\)"):
+    with pytest.raises(ConfigError, match=r"pipeline_parallel=3 must divide the model's num_hidden_layers \(4\)"):
         shape.check_split(1, 1, 3)
     with pytest.raises(ValueError, match=r"expert_parallel=4 must divide the 2 data-parallel ranks"):
         init_groups(DataParallel(rank=0, world=4), 1, 4, 2)
