@@ -77,7 +77,7 @@ def load_policy(path: str, groups: Groups, *, device: str, dtype: str) -> Megatr
     hf_config = AutoConfig.from_pretrained(path)
     shape = Qwen3Shape.of(hf_config)
     gpt = build_gpt(hf_config, tp=groups.tp, ep=groups.ep.world, pp=groups.pp.world, stage=groups.pp.rank,
-                    device=device, dtype=getattr(torch, dtype))  # fmt: skip
+                    cp=groups.cp.world, device=device, dtype=getattr(torch, dtype))  # fmt: skip
     where = {"pp": groups.pp.world, "stage": groups.pp.rank, "ep": groups.ep.world, "ep_rank": groups.ep.rank}
     params = dict(gpt.named_parameters())
     loaded: set[str] = set()
@@ -140,7 +140,8 @@ def build_megatron_trainer(cfg: TrainerConfig, algo: AlgoConfig, *, temperature:
         raise ConfigError("the megatron backend computes bf16 over float32 main params only on CUDA: on a CPU use "
                           "trainer.dtype float32, or trainer.main_params_dtype bfloat16")  # fmt: skip
     mcfg = cfg.megatron
-    groups = init_groups(parallel, mcfg.tensor_parallel, mcfg.expert_parallel, mcfg.pipeline_parallel)
+    groups = init_groups(parallel, mcfg.tensor_parallel, mcfg.expert_parallel, mcfg.pipeline_parallel,
+                         mcfg.context_parallel)  # fmt: skip
     torch.manual_seed(cfg.seed)
     if cfg.torch_threads:
         torch.set_num_threads(cfg.torch_threads)

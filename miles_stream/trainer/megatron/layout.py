@@ -132,7 +132,7 @@ class MegatronLayout:
         if self.groups.tp > 1:
             self.groups.tp_parallel.sum_grads([p for p in self.tp_partial if p.requires_grad])
         dense, experts = self._split(params)
-        self.groups.dp.sum_grads(dense)
+        self.groups.grads.sum_grads(dense)  # DP, or DP x CP with context parallel
         self.groups.expert_dp.sum_grads(experts)
         copy = self.tied_copy
         if copy is not None and copy.requires_grad:
@@ -231,7 +231,7 @@ class MegatronLayout:
 
     def save(self, directory: Path, model: nn.Module, optimizer: Any, scheduler: Any, critic: Any) -> None:
         assert isinstance(model, MegatronPolicy)
-        replicas = self.groups.dp if self.groups.ep.world == 1 else self.groups.expert_dp
+        replicas = self.groups.grads if self.groups.ep.world == 1 else self.groups.expert_dp
         if replicas.rank != 0:  # they hold the same shards and experts
             return
         tensors, state = self._files(directory)
