@@ -2,10 +2,11 @@
 `TrainerBackend` the loops drive.
 
     build:  Megatron's groups (parallel.py) -> per model (policy; a frozen reference for the KL loss; a frozen
-            teacher for OPD): the HF checkpoint's tensors -> convert.to_megatron -> this TP rank's shards copied
-            into a GPTModel (model.py) -> the torch train step (`PolicyTrainer`, trainer/torch/policy.py) over
-            it with `MegatronLayout`: the same objective, corrections, advantages, micro-batching, AdamW and
-            schedule as the torch backend, with its sums over the DP group only
+            teacher for OPD): this rank's parameters converted one by one from the HF checkpoint's tensors
+            (convert.rank_params: its TP shards, its stage's layers, its EP rank's experts) into a GPTModel
+            (model.py) -> the torch train step (`PolicyTrainer`, trainer/torch/policy.py) over it with
+            `MegatronLayout`: the same objective, corrections, advantages, micro-batching, AdamW and schedule
+            as the torch backend, with its sums over the DP group only
     train:  the union of the model-parallel (TP x PP) group's shares (parallel.mp_union) -> PolicyTrainer.train;
             with PP each micro-batch's forward and backward pass through the stages (pipeline.py)
 
@@ -20,12 +21,12 @@ packed sequences, activation checkpointing, torch.compile.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
+from safetensors import safe_open
 from torch import Tensor
 
 from miles_stream.errors import ConfigError
@@ -33,7 +34,7 @@ from miles_stream.trainer.algo import Objective
 from miles_stream.trainer.algo_config import AlgoConfig
 from miles_stream.trainer.batch import RolloutBatch
 from miles_stream.trainer.config import TrainerConfig
-from miles_stream.trainer.megatron.convert import Qwen3Shape, by_expert, by_stage, to_megatron
+from miles_stream.trainer.megatron.convert import Qwen3Shape, rank_name, rank_params
 from miles_stream.trainer.megatron.layout import MegatronLayout
 from miles_stream.trainer.megatron.model import MegatronPolicy, build_gpt
 from miles_stream.trainer.megatron.parallel import Groups, init_groups, mp_union
@@ -41,20 +42,36 @@ from miles_stream.trainer.parallel import DataParallel
 from miles_stream.trainer.torch.policy import PolicyTrainer
 
 
-def hf_tensors(path: str) -> dict[str, Tensor]:
-    """Every tensor of a local Hugging Face checkpoint's safetensors files (one or sharded), on the CPU."""
-    files = sorted(Path(path).glob("*.safetensors"))
-    if not files:
-        raise ConfigError(f"model directory {path!r} holds no .safetensors file (a Hugging Face checkpoint)")
-    out: dict[str, Tensor] = {}
-    for f in files:
-        out |= load_file(str(f))
-    return out
+class Checkpoint(Mapping[str, Tensor]):
+    """A local Hugging Face checkpoint's tensors (one safetensors file or sharded), each read from its file when
+    asked for: only the files' headers are held, so a rank reads its own share of a model larger than its host
+    memory (235B in bf16 is 470 GB; eight ranks of a host each reading it whole would need 3.8 TB)."""
+
+    def __init__(self, path: str) -> None:
+        files = sorted(Path(path).glob("*.safetensors"))
+        if not files:
+            raise ConfigError(f"model directory {path!r} holds no .safetensors file (a Hugging Face checkpoint)")
+        handles = [safe_open(str(f), framework="pt") for f in files]
+        self._where = {name: h for h in handles for name in h.keys()}  # type: ignore[no-untyped-call]  # noqa: SIM118
+
+    def __getitem__(self, name: str) -> Tensor:
+        tensor: Tensor = self._where[name].get_tensor(name)  # type: ignore[no-untyped-call]
+        return tensor
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._where
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
 
 
 def load_policy(path: str, groups: Groups, *, device: str, dtype: str) -> MegatronPolicy:
     """The checkpoint at `path` as this rank's GPTModel (its TP shards, its EP rank's experts, its pipeline
-    stage's layers), in `dtype` on `device`."""
+    stage's layers), in `dtype` on `device`: each parameter converted from the checkpoint's tensors it is made of
+    (convert.rank_params) and copied in before the next is read."""
     from transformers import AutoConfig
 
     if not Path(path, "config.json").is_file():
@@ -62,20 +79,23 @@ def load_policy(path: str, groups: Groups, *, device: str, dtype: str) -> Megatr
     hf_config = AutoConfig.from_pretrained(path)
     shape = Qwen3Shape.of(hf_config)
     gpt = build_gpt(hf_config, tp=groups.tp, ep=groups.ep.world, pp=groups.pp.world, stage=groups.pp.rank,
-                    device=device, dtype=getattr(torch, dtype))  # fmt: skip
-    shard = to_megatron(hf_tensors(path), shape, groups.tp)[groups.tp_rank]
-    if groups.pp.world > 1:
-        shard = by_stage(shard, shape, groups.pp.world)[groups.pp.rank]
-    if groups.ep.world > 1:
-        shard = by_expert(shard, shape, groups.ep.world)[groups.ep.rank]
+                    cp=groups.cp.world, device=device, dtype=getattr(torch, dtype))  # fmt: skip
+    where = {"pp": groups.pp.world, "stage": groups.pp.rank, "ep": groups.ep.world, "ep_rank": groups.ep.rank}
     params = dict(gpt.named_parameters())
-    if set(shard) != set(params):
-        raise RuntimeError(f"conversion and GPTModel disagree on names: {sorted(set(shard) ^ set(params))[:4]}")
+    loaded: set[str] = set()
     with torch.no_grad():
-        for name, p in params.items():
-            if p.shape != shard[name].shape:
-                raise RuntimeError(f"{name}: GPTModel holds {tuple(p.shape)}, conversion {tuple(shard[name].shape)}")
-            p.copy_(shard[name])
+        for name, tensor in rank_params(Checkpoint(path), shape, groups.tp, groups.tp_rank,
+                                        keep=lambda n: rank_name(n, shape, **where) is not None):  # fmt: skip
+            local = rank_name(name, shape, **where) or name
+            p = params.get(local)
+            if p is None:
+                raise RuntimeError(f"conversion and GPTModel disagree on names: {local} is not in the GPTModel")
+            if p.shape != tensor.shape:
+                raise RuntimeError(f"{local}: GPTModel holds {tuple(p.shape)}, conversion {tuple(tensor.shape)}")
+            p.copy_(tensor)
+            loaded.add(local)
+    if loaded != set(params):
+        raise RuntimeError(f"conversion and GPTModel disagree on names: {sorted(set(params) - loaded)[:4]}")
     return MegatronPolicy(gpt, hf_config, groups)
 
 
@@ -122,7 +142,8 @@ def build_megatron_trainer(cfg: TrainerConfig, algo: AlgoConfig, *, temperature:
         raise ConfigError("the megatron backend computes bf16 over float32 main params only on CUDA: on a CPU use "
                           "trainer.dtype float32, or trainer.main_params_dtype bfloat16")  # fmt: skip
     mcfg = cfg.megatron
-    groups = init_groups(parallel, mcfg.tensor_parallel, mcfg.expert_parallel, mcfg.pipeline_parallel)
+    groups = init_groups(parallel, mcfg.tensor_parallel, mcfg.expert_parallel, mcfg.pipeline_parallel,
+                         mcfg.context_parallel)  # fmt: skip
     torch.manual_seed(cfg.seed)
     if cfg.torch_threads:
         torch.set_num_threads(cfg.torch_threads)
@@ -134,7 +155,9 @@ def build_megatron_trainer(cfg: TrainerConfig, algo: AlgoConfig, *, temperature:
         frozen["teacher_model"] = load_policy(cfg.teacher_model, groups, device=cfg.device, dtype=cfg.dtype)
     for m in frozen.values():
         m.requires_grad_(False).train(False)
-    layout = MegatronLayout(groups, parallel, model)
+    compute = getattr(torch, cfg.dtype)  # published in it when the main params differ (as policy.py decides)
+    publish = compute if cfg.params_dtype != cfg.dtype else None
+    layout = MegatronLayout(groups, parallel, model, publish_dtype=publish)
     policy = PolicyTrainer(model, cfg, algo, temperature=temperature, parallel=groups.dp, objective=objective,
                            layout=layout, **frozen)  # fmt: skip
     return MegatronTrainer(policy, groups, parallel)

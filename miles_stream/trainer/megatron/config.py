@@ -10,17 +10,15 @@ from miles_stream.config import check
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class MegatronConfig:
-    """Tensor, pipeline and expert parallel are built; context parallel is named here so that a config asking for
-    it fails at load with what to change, not deep inside Megatron."""
+    """Tensor, pipeline, expert and context parallel sizes (docs/parallelism.md)."""
 
     tensor_parallel: int = 1  # ranks one model's layers are split over (heads, MLP columns, vocabulary)
     pipeline_parallel: int = 1  # stages one model's layers are cut into (Qwen3 and Qwen3-MoE; pipeline.py)
     expert_parallel: int = 1  # ranks an MoE layer's experts are split over (within the data-parallel ranks)
-    context_parallel: int = 1  # not built yet: must be 1
+    context_parallel: int = 1  # ranks each sequence is split over (dense Qwen3; context.py)
 
     def __post_init__(self) -> None:
         check(self.tensor_parallel >= 1, "trainer.megatron.tensor_parallel", "must be >= 1")
         check(self.pipeline_parallel >= 1, "trainer.megatron.pipeline_parallel", "must be >= 1")
         check(self.expert_parallel >= 1, "trainer.megatron.expert_parallel", "must be >= 1")
-        check(self.context_parallel == 1, "trainer.megatron.context_parallel",
-              "context parallelism is not built yet in the megatron backend: set 1")  # fmt: skip
+        check(self.context_parallel >= 1, "trainer.megatron.context_parallel", "must be >= 1")

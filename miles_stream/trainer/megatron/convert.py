@@ -137,50 +137,78 @@ def _plain(shape: Qwen3Shape) -> tuple[tuple[str, str, int | None], ...]:
     return _PLAIN[:-1] if shape.experts else _PLAIN
 
 
-def _hf_experts(hf: Mapping[str, Tensor], h: str, shape: Qwen3Shape) -> tuple[list[Tensor], list[Tensor]]:
-    """Layer `h`'s experts as (fc1 [2Fe, H] each: gate rows then up rows, fc2 [H, Fe] each), from the fused
-    in-memory form or the per-expert on-disk form."""
-    if h + "mlp.experts.gate_up_proj" in hf:
-        return list(hf[h + "mlp.experts.gate_up_proj"].unbind(0)), list(hf[h + "mlp.experts.down_proj"].unbind(0))
-    x, experts = h + "mlp.experts.", range(shape.experts)
-    fc1 = [torch.cat([hf[f"{x}{e}.gate_proj.weight"], hf[f"{x}{e}.up_proj.weight"]], dim=0) for e in experts]
-    return fc1, [hf[f"{x}{e}.down_proj.weight"] for e in experts]
-
-
 def to_megatron(hf: Mapping[str, Tensor], shape: Qwen3Shape, tp: int = 1) -> list[dict[str, Tensor]]:
     """One Megatron state dict (parameters only) per tensor-parallel rank, from a Hugging Face state dict."""
+    return [dict(rank_params(hf, shape, tp, rank)) for rank in range(tp)]
+
+
+def rank_params(hf: Mapping[str, Tensor], shape: Qwen3Shape, tp: int, rank: int,
+                keep: Callable[[str], bool] = lambda name: True) -> Iterator[tuple[str, Tensor]]:  # fmt: skip
+    """(Megatron name, tensor-parallel rank `rank`'s part, a tensor of its own) of every parameter `keep` accepts,
+    in `megatron_names` order, reading from `hf` only the tensors those parameters are made of: over a lazy `hf`
+    (build.py's `Checkpoint`) a rank reads its own share of a checkpoint, one tensor at a time."""
     shape.check_split(tp)
-    out: list[dict[str, Tensor]] = [{} for _ in range(tp)]
 
-    def put(name: str, tensor: Tensor, dim: int | None) -> None:
-        parts = [tensor] * tp if dim is None else list(tensor.chunk(tp, dim=dim))
-        for rank, part in enumerate(parts):
-            out[rank][name] = part.contiguous().clone()
+    def part(tensor: Tensor, dim: int | None) -> Tensor:
+        return (tensor if dim is None else tensor.chunk(tp, dim=dim)[rank]).contiguous().clone()
 
-    put("embedding.word_embeddings.weight", hf["model.embed_tokens.weight"], 0)
+    if keep(name := "embedding.word_embeddings.weight"):
+        yield name, part(hf["model.embed_tokens.weight"], 0)
     r, d = shape.num_heads // shape.num_groups, shape.head_dim
     for i in range(shape.num_layers):
         h, m = _layer(i)
-        q = hf[h + "self_attn.q_proj.weight"].view(shape.num_groups, r * d, -1)
-        k = hf[h + "self_attn.k_proj.weight"].view(shape.num_groups, d, -1)
-        v = hf[h + "self_attn.v_proj.weight"].view(shape.num_groups, d, -1)
-        put(m + "self_attention.linear_qkv.weight", torch.cat([q, k, v], dim=1).reshape(-1, shape.hidden), 0)
-        if shape.experts:
-            put(m + "mlp.router.weight", hf[h + "mlp.gate.weight"], None)
-            for e, (fc1, fc2) in enumerate(zip(*_hf_experts(hf, h, shape), strict=True)):
-                put(m + f"mlp.experts.local_experts.{e}.linear_fc1.weight", fc1, None)
-                put(m + f"mlp.experts.local_experts.{e}.linear_fc2.weight", fc2, None)
-        else:
-            gates = hf[h + "mlp.gate_proj.weight"].chunk(tp, dim=0)
-            ups = hf[h + "mlp.up_proj.weight"].chunk(tp, dim=0)
-            for rank in range(tp):
-                out[rank][m + "mlp.linear_fc1.weight"] = torch.cat([gates[rank], ups[rank]], dim=0).contiguous()
+        if keep(name := m + "self_attention.linear_qkv.weight"):
+            q = hf[h + "self_attn.q_proj.weight"].view(shape.num_groups, r * d, -1)
+            k = hf[h + "self_attn.k_proj.weight"].view(shape.num_groups, d, -1)
+            v = hf[h + "self_attn.v_proj.weight"].view(shape.num_groups, d, -1)
+            yield name, part(torch.cat([q, k, v], dim=1).reshape(-1, shape.hidden), 0)
         for hf_name, mg_name, dim in _plain(shape):
-            put(m + mg_name, hf[h + hf_name], dim)
-    put("decoder.final_layernorm.weight", hf["model.norm.weight"], None)
-    if not shape.tied:
-        put("output_layer.weight", hf["lm_head.weight"], 0)
-    return out
+            if keep(m + mg_name):
+                yield m + mg_name, part(hf[h + hf_name], dim)
+        if shape.experts:
+            if keep(name := m + "mlp.router.weight"):
+                yield name, part(hf[h + "mlp.gate.weight"], None)
+            yield from _rank_experts(hf, h, m, shape, keep)
+        elif keep(name := m + "mlp.linear_fc1.weight"):  # this rank's gate rows, then its up rows
+            gate = hf[h + "mlp.gate_proj.weight"].chunk(tp, dim=0)[rank]
+            yield name, torch.cat([gate, hf[h + "mlp.up_proj.weight"].chunk(tp, dim=0)[rank]], dim=0)
+    if keep(name := "decoder.final_layernorm.weight"):
+        yield name, part(hf["model.norm.weight"], None)
+    if not shape.tied and keep(name := "output_layer.weight"):
+        yield name, part(hf["lm_head.weight"], 0)
+
+
+def _rank_experts(hf: Mapping[str, Tensor], h: str, m: str, shape: Qwen3Shape,
+                  keep: Callable[[str], bool]) -> Iterator[tuple[str, Tensor]]:  # fmt: skip
+    """Layer `h`'s experts that `keep` accepts (fc1 [2Fe, H]: gate rows then up rows; fc2 [H, Fe]), from the fused
+    in-memory form (each fused tensor read once) or the per-expert on-disk form (only the experts kept read)."""
+    names = [(m + f"mlp.experts.local_experts.{e}.linear_fc1.weight",
+              m + f"mlp.experts.local_experts.{e}.linear_fc2.weight") for e in range(shape.experts)]  # fmt: skip
+    wanted = [(e, fc1, fc2) for e, (fc1, fc2) in enumerate(names) if keep(fc1) or keep(fc2)]
+    if not wanted:
+        return
+    x = h + "mlp.experts."
+    if x + "gate_up_proj" in hf:
+        gate_up, down = hf[x + "gate_up_proj"], hf[x + "down_proj"]
+        for e, fc1, fc2 in wanted:
+            yield fc1, gate_up[e].clone()
+            yield fc2, down[e].clone()
+        return
+    for e, fc1, fc2 in wanted:
+        yield fc1, torch.cat([hf[f"{x}{e}.gate_proj.weight"], hf[f"{x}{e}.up_proj.weight"]], dim=0)
+        yield fc2, hf[f"{x}{e}.down_proj.weight"].clone()
+
+
+def rank_name(name: str, shape: Qwen3Shape, *, pp: int = 1, stage: int = 0, ep: int = 1,
+              ep_rank: int = 0) -> str | None:  # fmt: skip
+    """The name a Megatron parameter (named as in a one-stage, one-EP-rank model) has on pipeline stage `stage`'s
+    expert-parallel rank `ep_rank`, or None when that rank holds none of it (`by_stage` then `by_expert`, for one
+    name). A tied model's last stage (pp > 1) holds the embedding as its `output_layer.weight` (see `by_stage`)."""
+    held_on, owner, local = home(name, shape, pp, ep)
+    if held_on != stage:
+        tied_copy = shape.tied and pp > 1 and stage == pp - 1 and name == "embedding.word_embeddings.weight"
+        return "output_layer.weight" if tied_copy else None
+    return local if owner in (-1, ep_rank) else None
 
 
 _EXPERT = re.compile(r"^(decoder\.layers\.\d+\.mlp\.experts\.local_experts\.)(\d+)(\..+)$")
@@ -304,8 +332,10 @@ def iter_hf(shards_of: Callable[[str], Sequence[Tensor]], shape: Qwen3Shape) -> 
             yield h + "mlp.gate_proj.weight", torch.cat([g for g, _ in fc1], dim=0)
             yield h + "mlp.up_proj.weight", torch.cat([u for _, u in fc1], dim=0)
             yield h + "mlp.down_proj.weight", plain["mlp.linear_fc2.weight"]
+            del fc1
         yield h + "input_layernorm.weight", plain["input_layernorm.weight"]
         yield h + "post_attention_layernorm.weight", plain["pre_mlp_layernorm.weight"]
+        del qkv, q, k, v, plain  # a streamed reader has had them: nothing of this layer stays held
     yield "model.norm.weight", full("decoder.final_layernorm.weight", None)
     yield "lm_head.weight", embed if shape.tied else full("output_layer.weight", 0)
 

@@ -23,9 +23,9 @@ tensor-parallel group, its MoE experts split over an expert-parallel (EP) group,
                    many micro-batches, the short ones padded with repeats that add nothing (as FSDP's, fsdp.py)
     weights        each parameter's TP shards gathered in turn, each expert broadcast from the EP rank that holds
                    it inside its stage, each layer's shards (an expert once the stage's EP group has it) broadcast
-                   over the PP group from the stage that holds it (convert.home says which), and converted
-                   to HF names (convert.iter_hf); every rank holds the whole model while the mapping is built (not
-                   yet read tensor by tensor)
+                   over the PP group from the stage that holds it (convert.home says which), and converted to HF
+                   names (convert.iter_hf), in the publish dtype; streamed (`StreamedWeights`): gathered as the
+                   publisher reads it, one HF tensor (an MoE layer's experts) at a time on every rank
     save / load    rank 0 of each (TP, PP, EP) rank's replicas (the stage's DP group; with EP its expert-DP group)
                    writes megatron-tp{k}[-pp{s}][-ep{j}].safetensors (its shards and experts, its stage's Megatron
                    names) and megatron-tp{k}[-pp{s}][-ep{j}].pt (AdamW, schedule, torch RNG); every rank reads its
@@ -37,7 +37,7 @@ tensor-parallel group, its MoE experts split over an expert-parallel (EP) group,
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, ItemsView, Iterator, Mapping, Sequence, ValuesView
 from pathlib import Path
 from typing import Any
 
@@ -53,11 +53,60 @@ from miles_stream.trainer.parallel import DataParallel
 from miles_stream.trainer.torch.hf import export_hf
 
 
+class StreamedWeights(Mapping[str, Tensor]):
+    """HF-named tensors made one at a time by `produce()`, a generator of collectives (every rank reads the same
+    tensors in the same order). `items()` and `values()` stream: a tensor is gathered when the reader reaches it
+    and freed when the reader lets go of it, so no rank holds the whole model twice (the publisher's snapshot on
+    rank 0 holds one copy, in the publish dtype, as with every backend); that is how a publication reads it
+    (weights/background.py `_copy_into`, service.py `_offer`). Any other use (a name, `len`, `dict(...)`) gathers
+    the whole model once into a dict, on every rank."""
+
+    def __init__(self, produce: Callable[[], Iterator[tuple[str, Tensor]]]) -> None:
+        self._produce = produce
+        self._whole: dict[str, Tensor] | None = None
+
+    def _all(self) -> dict[str, Tensor]:
+        if self._whole is None:
+            self._whole = dict(self._produce())
+        return self._whole
+
+    def items(self) -> ItemsView[str, Tensor]:
+        return _StreamedItems(self)
+
+    def values(self) -> ValuesView[Tensor]:
+        return _StreamedValues(self)
+
+    def __getitem__(self, name: str) -> Tensor:
+        return self._all()[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._all())
+
+    def __len__(self) -> int:
+        return len(self._all())
+
+
+class _StreamedItems(ItemsView[str, Tensor]):
+    _mapping: StreamedWeights
+
+    def __iter__(self) -> Iterator[tuple[str, Tensor]]:
+        return self._mapping._produce()
+
+
+class _StreamedValues(ValuesView[Tensor]):
+    _mapping: StreamedWeights
+
+    def __iter__(self) -> Iterator[Tensor]:
+        return (tensor for _, tensor in self._mapping._produce())
+
+
 class MegatronLayout:
     casts_compute = False
 
-    def __init__(self, groups: Groups, world: DataParallel, model: MegatronPolicy) -> None:
+    def __init__(self, groups: Groups, world: DataParallel, model: MegatronPolicy,
+                 publish_dtype: torch.dtype | None = None) -> None:  # fmt: skip
         self.groups = groups
+        self.publish_dtype = publish_dtype  # the dtype published tensors are gathered in (None: the parameters')
         self.parallel: DataParallel = groups.dp
         self.world = world
         named = list(model.gpt.named_parameters())
@@ -87,7 +136,7 @@ class MegatronLayout:
         if self.groups.tp > 1:
             self.groups.tp_parallel.sum_grads([p for p in self.tp_partial if p.requires_grad])
         dense, experts = self._split(params)
-        self.groups.dp.sum_grads(dense)
+        self.groups.grads.sum_grads(dense)  # DP, or DP x CP with context parallel
         self.groups.expert_dp.sum_grads(experts)
         copy = self.tied_copy
         if copy is not None and copy.requires_grad:
@@ -131,14 +180,18 @@ class MegatronLayout:
                                "each")  # fmt: skip
         return [(rows, True) for rows in plan] + [(plan[0], False)] * (most - len(plan))
 
-    def shards(self, model: MegatronPolicy) -> Any:
+    def shards(self, model: MegatronPolicy, dtype: torch.dtype | None) -> Any:
         params = dict(model.gpt.named_parameters())
 
         ep, pp = self.groups.ep, self.groups.pp
         device = next(model.gpt.parameters()).device
 
+        def cast(p: Tensor) -> Tensor:  # before the gather: half the bytes moved and held with float32 main params
+            t = p.detach()
+            return (t.to(dtype) if dtype is not None and t.is_floating_point() else t).contiguous()
+
         def tp_parts(name: str) -> list[Tensor]:
-            local = params[name].detach().contiguous()
+            local = cast(params[name])
             if self.groups.tp == 1:
                 return [local]
             parts = [torch.empty_like(local) for _ in range(self.groups.tp)]
@@ -151,13 +204,14 @@ class MegatronLayout:
                 if owner < 0:  # not an expert: whole on every EP rank, split over the TP group
                     parts = tp_parts(local_name)
                 else:  # an expert: whole on one EP rank of the stage, under its local index there
-                    expert = params[local_name].detach().contiguous()  # the same shape on every EP rank
+                    expert = cast(params[local_name])  # the same shape on every EP rank
                     parts = [expert if ep.rank == owner else torch.empty_like(expert)]
                     dist.broadcast(parts[0], src=dist.get_global_rank(ep.group, owner), group=ep.group)
             else:  # another stage holds it (PP > 1): its TP shards (an expert: once) come over the PP group
-                shape, dtype = self.stage_meta[stage][local_name]
+                shape, held = self.stage_meta[stage][local_name]
+                kind = dtype if dtype is not None and held.is_floating_point else held
                 parts = [
-                    torch.empty(shape, dtype=dtype, device=device) for _ in range(self.groups.tp if owner < 0 else 1)
+                    torch.empty(shape, dtype=kind, device=device) for _ in range(self.groups.tp if owner < 0 else 1)
                 ]
             if pp.world > 1:  # every (TP, EP) rank of the owning stage sends to its PP group
                 for part in parts:
@@ -168,7 +222,7 @@ class MegatronLayout:
 
     def weights(self, model: nn.Module) -> Mapping[str, Tensor]:
         assert isinstance(model, MegatronPolicy)
-        return dict(iter_hf(self.shards(model), model.shape))
+        return StreamedWeights(lambda: iter_hf(self.shards(model, self.publish_dtype), model.shape))
 
     def _files(self, directory: Path) -> tuple[Path, Path]:
         stem = f"megatron-tp{self.groups.tp_rank:02d}"
@@ -180,7 +234,7 @@ class MegatronLayout:
 
     def save(self, directory: Path, model: nn.Module, optimizer: Any, scheduler: Any, critic: Any) -> None:
         assert isinstance(model, MegatronPolicy)
-        replicas = self.groups.dp if self.groups.ep.world == 1 else self.groups.expert_dp
+        replicas = self.groups.grads if self.groups.ep.world == 1 else self.groups.expert_dp
         if replicas.rank != 0:  # they hold the same shards and experts
             return
         tensors, state = self._files(directory)
@@ -210,7 +264,11 @@ class MegatronLayout:
         from transformers import AutoModelForCausalLM
 
         assert isinstance(model, MegatronPolicy)
-        state = dict(self.weights(model))  # every rank: the gathers are collective
+        state: dict[str, Tensor] = {}  # rank 0: the model in host memory, in its parameters' dtype
+        for name, tensor in iter_hf(self.shards(model, None), model.shape):  # every rank: the gathers are collective
+            if self.world.is_main:
+                tied = name == "lm_head.weight" and model.shape.tied  # one tensor under both names, as HF ties them
+                state[name] = state["model.embed_tokens.weight"] if tied else tensor.cpu()
         if self.world.is_main:
             with torch.device("meta"):
                 skeleton = AutoModelForCausalLM.from_config(model.config)  # type: ignore[no-untyped-call]

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from miles_stream.errors import ConfigError
 from miles_stream.trainer.megatron.attention import SdpaAttention
+from miles_stream.trainer.megatron.context import ContextSplit, sum_over_cp
 from miles_stream.trainer.megatron.convert import Qwen3Shape
 from miles_stream.trainer.megatron.dispatch import use_ep_dispatcher
 from miles_stream.trainer.megatron.logprobs import output_logprobs
@@ -74,7 +75,7 @@ def moe_config(shape: Qwen3Shape) -> dict[str, Any]:
 
 
 def transformer_config(hf_config: Any, shape: Qwen3Shape, *, tp: int, device: str, dtype: torch.dtype,
-                       ep: int = 1, pp: int = 1) -> Any:  # fmt: skip
+                       ep: int = 1, pp: int = 1, cp: int = 1) -> Any:  # fmt: skip
     cpu = not device.startswith("cuda")
     return TransformerConfig(
         num_layers=shape.num_layers, hidden_size=shape.hidden, num_attention_heads=shape.num_heads,
@@ -83,6 +84,7 @@ def transformer_config(hf_config: Any, shape: Qwen3Shape, *, tp: int, device: st
         layernorm_epsilon=float(hf_config.rms_norm_eps), add_bias_linear=False, add_qkv_bias=False,
         qk_layernorm=True, hidden_dropout=0.0, attention_dropout=float(getattr(hf_config, "attention_dropout", 0.0)),
         tensor_model_parallel_size=tp, expert_model_parallel_size=ep, pipeline_model_parallel_size=pp,
+        context_parallel_size=cp,
         params_dtype=dtype, pipeline_dtype=dtype,
         bf16=dtype == torch.bfloat16,
         use_cpu_initialization=cpu, perform_initialization=False,  # the checkpoint's weights overwrite them
@@ -94,7 +96,7 @@ def transformer_config(hf_config: Any, shape: Qwen3Shape, *, tp: int, device: st
 
 
 def build_gpt(hf_config: Any, *, tp: int, device: str, dtype: torch.dtype, ep: int = 1, pp: int = 1,
-              stage: int = 0) -> Any:  # fmt: skip
+              stage: int = 0, cp: int = 1) -> Any:  # fmt: skip
     """An uninitialised GPTModel of the checkpoint's shape on `device` (this rank's TP shards; with expert
     parallel, its num_experts/ep experts of every layer, dispatched by dispatch.py's `EpDispatcher`; with
     pipeline parallel, pipeline stage `stage`'s layers, the embedding on the first, the output layer on the last).
@@ -105,6 +107,9 @@ def build_gpt(hf_config: Any, *, tp: int, device: str, dtype: torch.dtype, ep: i
     copies' gradients over the embedding group (layout.py), which is what Megatron does after that."""
     shape = Qwen3Shape.of(hf_config)
     shape.check_split(tp, ep, pp)
+    if cp > 1 and shape.experts:  # R3's per-token routes and the EP dispatcher would need the CP split too
+        raise ConfigError(f"trainer.megatron.context_parallel={cp}: the megatron backend splits dense Qwen3's "
+                          "sequences only (not Qwen3-MoE's): set 1")  # fmt: skip
     if not device.startswith("cuda"):
         megatron_random.initialize_rng_tracker(inference_rng_tracker=True)  # see the module's docstring
     spec = get_gpt_layer_local_spec(num_experts=shape.experts or None, moe_grouped_gemm=False, qk_layernorm=True,
@@ -114,7 +119,8 @@ def build_gpt(hf_config: Any, *, tp: int, device: str, dtype: torch.dtype, ep: i
         spec.submodules.mlp.submodules.router = LocalTopKRouter
     with warnings.catch_warnings():  # its deprecation notices (an MLP's ffn_hidden_size default, ...)
         warnings.simplefilter("ignore")
-        gpt = GPTModel(transformer_config(hf_config, shape, tp=tp, ep=ep, pp=pp, device=device, dtype=dtype), spec,
+        gpt = GPTModel(transformer_config(hf_config, shape, tp=tp, ep=ep, pp=pp, cp=cp, device=device, dtype=dtype),
+                       spec,
                        vocab_size=shape.vocab, max_sequence_length=int(hf_config.max_position_embeddings),
                        position_embedding_type="rope", rotary_base=int(rope_theta(hf_config)),
                        share_embeddings_and_output_weights=shape.tied and pp == 1, parallel_output=True,
@@ -159,26 +165,32 @@ class MegatronPolicy(nn.Module):
 
     def hidden(self, input_ids: Tensor) -> Tensor:
         """[L, b, H] this stage's output for right-padded rows (causal attention: padding after a sequence changes
-        nothing before it): the decoder's after the final norm on the last stage."""
+        nothing before it): the decoder's after the final norm on the last stage. With context parallel, this
+        rank's two chunks of every row ([2c, b, H], context.py)."""
         b, length = input_ids.shape
         g = self.groups
+        positions = torch.arange(length, device=input_ids.device)
+        if g.cp.world > 1:
+            split = ContextSplit(g.cp.world, g.cp.rank, length)
+            input_ids = split.take(input_ids, self.pad_id or 0)
+            positions = split.positions(input_ids.device)
         if g.first_stage:
-            positions = torch.arange(length, device=input_ids.device)[None].expand(b, length)
-            x = self.gpt.embedding(input_ids=input_ids, position_ids=positions)  # [L, b, H]
+            x = self.gpt.embedding(input_ids=input_ids, position_ids=positions[None].expand(b, -1))  # [L, b, H]
             if self.pad_id is not None:  # HF's embedding has padding_idx=pad_token_id (transformers
                 # models/qwen3/modeling_qwen3.py:342-345): the pad row gets no gradient from the input side
                 pad = (input_ids == self.pad_id).transpose(0, 1)[..., None]
                 x = torch.where(pad, x.detach(), x)
         else:  # the decoder of a stage without the embedding reads its input from set_input_tensor
             # (transformer_block.py:685-687)
-            x = from_previous((length, b, self.shape.hidden), self.residual_dtype, device=input_ids.device,
+            x = from_previous((len(positions), b, self.shape.hidden), self.residual_dtype, device=input_ids.device,
                               peer=self.peers[0], group=g.pp.group)  # fmt: skip
             self.gpt.decoder.set_input_tensor(x)
         rotary = self.gpt.rotary_pos_emb
-        if input_ids.is_cuda:
+        if input_ids.is_cuda and g.cp.world == 1:
             table = rotary(length)
-        else:  # get_emb's own lines (rotary_pos_embedding.py:164-174), without its move to CUDA
-            freqs = rotary.get_freqs_non_repeated(length)
+        else:  # get_emb's own lines (rotary_pos_embedding.py:164-174), without its move to CUDA; with CP at this
+            # rank's global positions (Megatron's rotary would pick them itself on CUDA, :201-204)
+            freqs = rotary.get_freqs_non_repeated(int(positions[-1]) + 1)[positions]
             table = torch.cat((freqs, freqs), dim=-1)[:, None, None, :]
         out: Tensor = self.gpt.decoder(hidden_states=x, attention_mask=None, rotary_pos_emb=table)
         return out
@@ -202,18 +214,28 @@ class MegatronPolicy(nn.Module):
             return to_next(h_LbH, tuple(x.targets_bT.shape), peer=self.peers[1], last=self.peers[2],
                            group=g.pp.group)  # fmt: skip
         h_bLH = h_LbH.transpose(0, 1)
-        rows = torch.arange(h_bLH.shape[0], device=h_bLH.device)[:, None]
-        h_bTH = h_bLH[rows, x.positions_bT]
+        b, t = x.targets_bT.shape
+        rows_bT = torch.arange(b, device=h_bLH.device)[:, None].expand(b, t)
+        at_bT, held = x.positions_bT, None
+        if g.cp.world > 1:  # only the response tokens predicted from this rank's positions (context.py)
+            at_bT = ContextSplit(g.cp.world, g.cp.rank, x.input_ids.shape[1]).local_index(h_bLH.device)[at_bT]
+            held = at_bT >= 0
+            rows, at, targets = rows_bT[held], at_bT[held], x.targets_bT[held]
+        else:
+            rows, at, targets = rows_bT.reshape(-1), at_bT.reshape(-1), x.targets_bT.reshape(-1)
+        h_nH = h_bLH[rows, at]
         weight = self.output_weight()
-        if torch.is_autocast_enabled(h_bTH.device.type):  # the kernel is not autocast's: cast as it would
-            dtype = torch.get_autocast_dtype(h_bTH.device.type)
-            h_bTH, weight = h_bTH.to(dtype), weight.to(dtype)
-        b, t, width = h_bTH.shape
+        if torch.is_autocast_enabled(h_nH.device.type):  # the kernel is not autocast's: cast as it would
+            dtype = torch.get_autocast_dtype(h_nH.device.type)
+            h_nH, weight = h_nH.to(dtype), weight.to(dtype)
         logp, entropy = output_logprobs(
-            h_bTH.reshape(b * t, width), weight, x.targets_bT.reshape(b * t), temperature=temperature,
-            vocab_start=g.tp_rank * weight.shape[0], tp_group=g.tp_group, tp=g.tp, entropy_grad=entropy_grad,
-            fused=fused,
+            h_nH, weight, targets, temperature=temperature, vocab_start=g.tp_rank * weight.shape[0],
+            tp_group=g.tp_group, tp=g.tp, entropy_grad=entropy_grad, fused=fused,
         )  # fmt: skip
+        if held is not None:  # zeros at the other ranks' tokens, then every rank's summed
+            cells = torch.nonzero(held, as_tuple=True)
+            logp = sum_over_cp(logp.new_zeros(b, t).index_put(cells, logp), g.cp.group)
+            entropy = sum_over_cp(entropy.new_zeros(b, t).index_put(cells, entropy), g.cp.group)
         logp, entropy = logp.view(b, t), entropy.view(b, t)
         if g.pp.world > 1:
             share_last(logp, entropy, last=self.peers[2], group=g.pp.group)

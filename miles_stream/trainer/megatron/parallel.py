@@ -1,7 +1,7 @@
 """Megatron's process groups for the trainer's ranks, and what the backend does with them.
 
     world (torchrun's ranks, the trainer loop's `DataParallel`: leases, commits, publication on rank 0)
-      = PP x DP x TP, ranks ordered TP fastest, PP slowest (Megatron's "tp-cp-ep-dp-pp"): TP group k = ranks
+      = PP x DP x CP x TP, ranks ordered TP fastest, PP slowest (Megatron's "tp-cp-ep-dp-pp"): TP group k = ranks
       k*tp .. k*tp+tp-1; pipeline stage s = ranks s*dp*tp .. (s+1)*dp*tp-1; a PP group = one rank of each stage
       (same TP and DP rank)
     a model-parallel group (TP x PP: the ranks that together hold one whole model) trains one model split over
@@ -13,6 +13,9 @@
       rows is what TP already does, costs a few kB, and keeps the loop unchanged.
     a DP group (same TP and PP rank in every model-parallel group) sums gradients (`GroupParallel`, the torch
       step's reductions); a PP group passes activations forward and their gradients back (pipeline.py).
+    context parallel (CP, dense only): the cp ranks next to a TP group split every sequence (context.py); they
+      train the same rows (`mp_union`) and hold the same parameters, so the step's counts and metrics are summed
+      over the DP group and the gradients over DP x CP (Megatron's data-parallel group with context parallel).
     tied embeddings with PP: the first stage's embedding and the last stage's copy of it (the output layer)
       form Megatron's embedding group, whose gradients are summed (layout.py)
     expert parallel (EP, MoE only, TP 1): the DP ranks are cut again for the experts (Megatron's expert rank
@@ -84,7 +87,14 @@ class Groups:
     expert_dp: GroupParallel = GroupParallel()  # ranks holding the same experts: their gradients are summed
     pp: GroupParallel = GroupParallel()  # this rank's pipeline group: rank = stage, one rank of every stage
     embedding_group: Any = None  # first and last stage of the PP group (tied embeddings with PP > 1)
-    mp_group: Any = None  # TP x PP: the ranks that train one model together
+    mp_group: Any = None  # TP x PP: the ranks that hold one model together
+    cp: GroupParallel = GroupParallel()  # this rank's context-parallel group: each holds part of every sequence
+    dp_cp: GroupParallel | None = None  # DP x CP: the ranks whose gradients are summed (None: the DP group)
+
+    @property
+    def grads(self) -> GroupParallel:
+        """The group the replicated parameters' gradients are summed over."""
+        return self.dp_cp if self.dp_cp is not None else self.dp
 
     @property
     def first_stage(self) -> bool:
@@ -100,14 +110,15 @@ class Groups:
         return GroupParallel(rank=self.tp_rank, world=self.tp, group=self.tp_group)
 
 
-def init_groups(world: DataParallel, tensor_parallel: int, expert_parallel: int = 1,
-                pipeline_parallel: int = 1) -> Groups:  # fmt: skip
+def init_groups(world: DataParallel, tensor_parallel: int, expert_parallel: int = 1, pipeline_parallel: int = 1,
+                context_parallel: int = 1) -> Groups:  # fmt: skip
     """Megatron's groups over the trainer's ranks (made once a process; a second call with the same sizes reuses
     them, with other sizes remakes them)."""
-    if world.world % (tensor_parallel * pipeline_parallel):
+    if world.world % (tensor_parallel * pipeline_parallel * context_parallel):
         raise ValueError(f"trainer.megatron.tensor_parallel={tensor_parallel} x pipeline_parallel="
-                         f"{pipeline_parallel} must divide the {world.world} ranks")  # fmt: skip
-    dp_size = world.world // (tensor_parallel * pipeline_parallel)
+                         f"{pipeline_parallel} x context_parallel={context_parallel} must divide the "
+                         f"{world.world} ranks")  # fmt: skip
+    dp_size = world.world // (tensor_parallel * pipeline_parallel * context_parallel)
     if dp_size % expert_parallel:
         raise ValueError(f"trainer.megatron.expert_parallel={expert_parallel} must divide the "
                          f"{dp_size} data-parallel ranks")  # fmt: skip
@@ -118,13 +129,15 @@ def init_groups(world: DataParallel, tensor_parallel: int, expert_parallel: int 
     if parallel_state.model_parallel_is_initialized():
         sizes = (parallel_state.get_tensor_model_parallel_world_size(),
                  parallel_state.get_expert_model_parallel_world_size(),
-                 parallel_state.get_pipeline_model_parallel_world_size())  # fmt: skip
-        if sizes != (tensor_parallel, expert_parallel, pipeline_parallel):
+                 parallel_state.get_pipeline_model_parallel_world_size(),
+                 parallel_state.get_context_parallel_world_size())  # fmt: skip
+        if sizes != (tensor_parallel, expert_parallel, pipeline_parallel, context_parallel):
             parallel_state.destroy_model_parallel()
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(tensor_model_parallel_size=tensor_parallel,
                                                  pipeline_model_parallel_size=pipeline_parallel,
-                                                 expert_model_parallel_size=expert_parallel)  # fmt: skip
+                                                 expert_model_parallel_size=expert_parallel,
+                                                 context_parallel_size=context_parallel)  # fmt: skip
     dp = GroupParallel(rank=parallel_state.get_data_parallel_rank(),
                        world=parallel_state.get_data_parallel_world_size(),
                        group=parallel_state.get_data_parallel_group())  # fmt: skip
@@ -135,12 +148,17 @@ def init_groups(world: DataParallel, tensor_parallel: int, expert_parallel: int 
                               group=parallel_state.get_expert_data_parallel_group())  # fmt: skip
     pp = GroupParallel(rank=parallel_state.get_pipeline_model_parallel_rank(), world=pipeline_parallel,
                        group=parallel_state.get_pipeline_model_parallel_group())  # fmt: skip
+    cp = GroupParallel(rank=parallel_state.get_context_parallel_rank(), world=context_parallel,
+                       group=parallel_state.get_context_parallel_group())  # fmt: skip
+    dp_cp = None if context_parallel == 1 else GroupParallel(
+        rank=parallel_state.get_data_parallel_rank(with_context_parallel=True), world=dp_size * context_parallel,
+        group=parallel_state.get_data_parallel_group(with_context_parallel=True))  # fmt: skip
     # a middle stage is in no embedding group (Megatron's getter asserts there)
     embedding = parallel_state.get_embedding_group() if parallel_state.is_rank_in_embedding_group() else None
     return Groups(tp=tensor_parallel, tp_rank=parallel_state.get_tensor_model_parallel_rank(),
                   tp_group=parallel_state.get_tensor_model_parallel_group(), dp=dp, ep=ep,
                   expert_dp=expert_dp, pp=pp, embedding_group=embedding,
-                  mp_group=parallel_state.get_model_parallel_group())  # fmt: skip
+                  mp_group=parallel_state.get_model_parallel_group(), cp=cp, dp_cp=dp_cp)  # fmt: skip
 
 
 def release_groups() -> None:
@@ -153,14 +171,16 @@ def release_groups() -> None:
 
 
 def mp_union(batch: RolloutBatch, groups: Groups) -> RolloutBatch:
-    """Every rank of this model-parallel group's batch (TP x PP ranks), one after the other (rank order): what
-    the group trains."""
+    """Every rank of this model-parallel group's batch (TP x PP ranks, then the CP ranks' unions of theirs), one
+    after the other (rank order): what the group trains."""
     size = groups.tp * groups.pp.world
-    if size == 1:
-        return batch
-    parts: list[Any] = [None] * size
-    dist.all_gather_object(parts, batch, group=groups.mp_group)
-    return concat(parts)
+    if size > 1:
+        parts: list[Any] = [None] * size
+        dist.all_gather_object(parts, batch, group=groups.mp_group)
+        batch = concat(parts)
+    if groups.cp.world > 1:  # each CP rank holds its TP x PP group's union: every rank of TP x CP x PP the same
+        batch = concat(groups.cp.gather(batch))
+    return batch
 
 
 def concat(parts: list[RolloutBatch]) -> RolloutBatch:
