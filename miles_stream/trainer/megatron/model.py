@@ -40,13 +40,14 @@ from miles_stream.trainer.megatron.moe import LocalTopKRouter, MegatronRoutingRe
 from miles_stream.trainer.megatron.parallel import Groups
 from miles_stream.trainer.megatron.pipeline import from_previous, share_last, to_next
 from miles_stream.trainer.torch.inputs import MicroInputs
-from miles_stream.trainer.torch.logprobs import SHARDED_ENTRY
+from miles_stream.trainer.torch.logprobs import PACKS_ITSELF, SHARDED_ENTRY
 from miles_stream.trainer.torch.routing_replay import REPLAY_ENTRY
 
 with warnings.catch_warnings():  # Megatron warns at import that Apex and Transformer Engine are absent
     warnings.simplefilter("ignore")
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.models.gpt.gpt_model import GPTModel
+    from megatron.core.packed_seq_params import PackedSeqParams
     from megatron.core.tensor_parallel import random as megatron_random
     from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -124,6 +125,18 @@ def build_gpt(hf_config: Any, *, tp: int, device: str, dtype: torch.dtype, ep: i
     return gpt.to(device)
 
 
+def packed_params(x: MicroInputs) -> PackedSeqParams | None:
+    """Megatron's own description of a packed row (trainer/torch/inputs.py `packed_inputs`: one row, each sequence
+    after the other), what GPTModel.forward hands its decoder (gpt_model.py:525-537) and the decoder each layer's
+    attention (transformer_block.py:776, transformer_layer.py:606); None for padded rows."""
+    if x.cu_seqlens is None:
+        return None
+    if x.input_ids.shape[0] != 1:
+        raise ValueError(f"packed sequences come in one row, got {x.input_ids.shape[0]}")
+    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=x.cu_seqlens, cu_seqlens_kv=x.cu_seqlens,
+                           max_seqlen_q=x.max_length, max_seqlen_kv=x.max_length)  # fmt: skip
+
+
 class MegatronPolicy(nn.Module):
     """A GPTModel as the torch train step sees a policy: `config` (the HF config: `vocab_size`), parameters,
     and the logprob entry `response_logprobs` calls (`SHARDED_ENTRY`)."""
@@ -143,6 +156,7 @@ class MegatronPolicy(nn.Module):
         self.peers = tuple(dist.get_global_rank(pp.group, s) for s in stages) if pp.world > 1 else (0, 0, 0)
         setattr(self, SHARDED_ENTRY, self.response_logprobs)  # what trainer/torch/logprobs.py calls
         setattr(self, REPLAY_ENTRY, self.routing_replay)  # what trainer/torch/policy.py asks for R3
+        setattr(self, PACKS_ITSELF, True)  # packed rows go to Megatron's attention as PackedSeqParams
 
     def routers(self) -> list[Any]:
         """The MoE routers in layer order (empty for a dense model)."""
@@ -153,31 +167,46 @@ class MegatronPolicy(nn.Module):
         routers = self.routers()
         return MegatronRoutingReplay(routers, replace=replace) if routers else None
 
-    def hidden(self, input_ids: Tensor) -> Tensor:
-        """[L, b, H] this stage's output for right-padded rows (causal attention: padding after a sequence changes
-        nothing before it): the decoder's after the final norm on the last stage."""
+    def hidden(self, x: MicroInputs) -> Tensor:
+        """[L, b, H] this stage's output for the micro-batch's rows: right-padded (causal attention: padding after a
+        sequence changes nothing before it), or one packed row ([L, 1, H], the sequences kept apart by
+        `packed_params`): the decoder's after the final norm on the last stage."""
+        input_ids = x.input_ids
         b, length = input_ids.shape
+        packed = packed_params(x)
         g = self.groups
         if g.first_stage:
             positions = torch.arange(length, device=input_ids.device)[None].expand(b, length)
-            x = self.gpt.embedding(input_ids=input_ids, position_ids=positions)  # [L, b, H]
+            # (RoPE: the embedding adds no position of its own, language_model_embedding.py:44; these are unread)
+            positions = positions if x.position_ids is None else x.position_ids
+            h = self.gpt.embedding(input_ids=input_ids, position_ids=positions)  # [L, b, H]
             if self.pad_id is not None:  # HF's embedding has padding_idx=pad_token_id (transformers
                 # models/qwen3/modeling_qwen3.py:342-345): the pad row gets no gradient from the input side
                 pad = (input_ids == self.pad_id).transpose(0, 1)[..., None]
-                x = torch.where(pad, x.detach(), x)
+                h = torch.where(pad, h.detach(), h)
         else:  # the decoder of a stage without the embedding reads its input from set_input_tensor
             # (transformer_block.py:685-687)
-            x = from_previous((length, b, self.shape.hidden), self.residual_dtype, device=input_ids.device,
+            h = from_previous((length, b, self.shape.hidden), self.residual_dtype, device=input_ids.device,
                               peer=self.peers[0], group=g.pp.group)  # fmt: skip
-            self.gpt.decoder.set_input_tensor(x)
-        rotary = self.gpt.rotary_pos_emb
-        if input_ids.is_cuda:
-            table = rotary(length)
-        else:  # get_emb's own lines (rotary_pos_embedding.py:164-174), without its move to CUDA
-            freqs = rotary.get_freqs_non_repeated(length)
-            table = torch.cat((freqs, freqs), dim=-1)[:, None, None, :]
-        out: Tensor = self.gpt.decoder(hidden_states=x, attention_mask=None, rotary_pos_emb=table)
+            self.gpt.decoder.set_input_tensor(h)
+        out: Tensor = self.gpt.decoder(hidden_states=h, attention_mask=None, rotary_pos_emb=self.rope_table(x),
+                                       packed_seq_params=packed)  # fmt: skip
         return out
+
+    def rope_table(self, x: MicroInputs) -> Tensor:
+        """RoPE's [n, 1, 1, d] angles for positions 0..n-1, n the row's length, or packed the longest sequence's:
+        GPTModel asks for max(max_seqlen_q, max_seqlen_kv) when packed (rotary_pos_embedding.py:240-241, called
+        from gpt_model.py:361-369), and Megatron's thd RoPE gives each sequence the table's first rows, so its
+        positions restart at 0 (rope_utils.py:232-247; the table must then not be as long as the whole row, which
+        switches it to one offset per sequence, :211-231: the longest of several sequences never is)."""
+        rotary = self.gpt.rotary_pos_emb
+        length = x.input_ids.shape[1] if x.cu_seqlens is None else x.max_length
+        if x.input_ids.is_cuda:
+            table: Tensor = rotary(length, packed_seq=x.cu_seqlens is not None)
+            return table
+        # on a CPU: get_emb's own lines (rotary_pos_embedding.py:164-174), without its move to CUDA
+        freqs = rotary.get_freqs_non_repeated(length)
+        return torch.cat((freqs, freqs), dim=-1)[:, None, None, :]
 
     def output_weight(self) -> Tensor:
         if self.shape.tied and self.groups.pp.world == 1:
@@ -190,16 +219,14 @@ class MegatronPolicy(nn.Module):
         self, x: MicroInputs, *, temperature: float, entropy_grad: bool = False, fused: bool = True
     ) -> tuple[Tensor, Tensor]:
         """(logp_bT, entropy_bT), as trainer/torch/logprobs.py's `response_logprobs` returns them."""
-        if x.cu_seqlens is not None:
-            raise ValueError("the megatron backend does not pack sequences yet (trainer.pack_sequences false)")
-        h_LbH = self.hidden(x.input_ids)
+        h_LbH = self.hidden(x)
         g = self.groups
         if not g.last_stage:  # the last stage's logprobs come back through the hand-off (pipeline.py)
             return to_next(h_LbH, tuple(x.targets_bT.shape), peer=self.peers[1], last=self.peers[2],
                            group=g.pp.group)  # fmt: skip
         h_bLH = h_LbH.transpose(0, 1)
-        rows = torch.arange(h_bLH.shape[0], device=h_bLH.device)[:, None]
-        h_bTH = h_bLH[rows, x.positions_bT]
+        rows = torch.arange(h_bLH.shape[0], device=h_bLH.device) if x.row_b is None else x.row_b
+        h_bTH = h_bLH[rows[:, None], x.positions_bT]  # packed: every sample's row is the one row
         weight = self.output_weight()
         if torch.is_autocast_enabled(h_bTH.device.type):  # the kernel is not autocast's: cast as it would
             dtype = torch.get_autocast_dtype(h_bTH.device.type)
