@@ -246,3 +246,25 @@ def test_packed_over_gloo_ranks_takes_the_padded_step_one_rank_takes(
                 assert_same(got[layout], padded[kind], mask, rows=rows, routed=kind == "moe")
             except AssertionError as e:
                 raise AssertionError(f"{layout}, rank {r}: {e}") from e
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_packed_bf16_on_cuda_through_varlen_attention_takes_the_padded_step(models: dict[str, Path]) -> None:
+    """On CUDA in bf16 the packed row goes through PyTorch's varlen flash attention (kernels/packed_attention.py)
+    and Megatron's own RoPE table (`rotary_pos_emb(max_seqlen, packed_seq=True)`): logprobs and the step's
+    gradient norm within bf16 rounding of the padded path's (SDPA)."""
+    batch = batch_of(models, "dense")
+    results = {}
+    for packed in (False, True):
+        cfg = replace(config(models["dense"], packed=packed), device="cuda", dtype="bfloat16",
+                      main_params_dtype="bfloat16")  # fmt: skip
+        backend: Any = build_backend(cfg, AlgoConfig(entropy_coef=0.01), temperature=1.0, parallel=DataParallel())
+        x = packed_inputs(batch, "cuda") if packed else micro_inputs(batch, "cuda")
+        with torch.no_grad():
+            logp, _ = response_logprobs(backend.model, x, temperature=1.0)
+        results[packed] = (logp.float().cpu(), backend.train(batch))
+    mask = batch.mask_BT.bool()
+    assert float((results[True][0] - results[False][0])[mask].abs().max()) < 5e-2
+    assert results[True][1]["grad_norm"] == pytest.approx(results[False][1]["grad_norm"], rel=5e-2)
+    assert results[True][1]["loss"] == pytest.approx(results[False][1]["loss"], abs=2e-2)

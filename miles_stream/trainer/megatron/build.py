@@ -12,8 +12,10 @@
 Qwen3-MoE: experts and routers converted too (convert.py), R3 in the routers (moe.py), on one TP rank; experts
 split over expert-parallel ranks (trainer.megatron.expert_parallel; parallel.py, dispatch.py, layout.py).
 Dense Qwen3: layers cut into pipeline stages (trainer.megatron.pipeline_parallel; convert.by_stage, pipeline.py).
+Packed sequences (trainer.pack_sequences): one row a micro-batch, Megatron's `thd` layout (model.py, attention.py),
+with every layout above.
 Not built yet (each refused with what to change): PPO's critic, context parallelism, MoE with tensor or pipeline
-parallel, packed sequences, activation checkpointing, torch.compile.
+parallel, activation checkpointing, torch.compile.
 """
 
 from __future__ import annotations

@@ -11,6 +11,11 @@ train step drives (trainer/torch/policy.py reads a model through `response_logpr
     a forward:                 embedding -> rotary table -> decoder (final norm included) -> the hidden states
                                that predict each response token -> output layer logprobs (logprobs.py); with
                                pipeline parallel each stage runs its part and hands over (pipeline.py)
+    packed rows:               trainer.pack_sequences: one row [1, L] (trainer/torch/inputs.py `packed_inputs`),
+                               handed to the decoder with Megatron's PackedSeqParams (qkv_format "thd", the
+                               sequences' cu_seqlens and longest length) as GPTModel.forward hands them; the
+                               rotary table covers the longest sequence, so positions restart at every sequence
+                               (`MegatronPolicy.rope_table`); the attention keeps the sequences apart (attention.py)
 
 What assumes CUDA in Megatron-core 0.16.1 and how the backend goes around it on a CPU (on CUDA the real path
 runs): `RotaryEmbedding.get_emb` moves its table to `torch.cuda.current_device()` on first use
@@ -195,10 +200,11 @@ class MegatronPolicy(nn.Module):
 
     def rope_table(self, x: MicroInputs) -> Tensor:
         """RoPE's [n, 1, 1, d] angles for positions 0..n-1, n the row's length, or packed the longest sequence's:
-        GPTModel asks for max(max_seqlen_q, max_seqlen_kv) when packed (rotary_pos_embedding.py:240-241, called
+        GPTModel asks for max(max_seqlen_q, max_seqlen_kv) when packed (rotary_pos_embedding.py:239-241, called
         from gpt_model.py:361-369), and Megatron's thd RoPE gives each sequence the table's first rows, so its
-        positions restart at 0 (rope_utils.py:232-247; the table must then not be as long as the whole row, which
-        switches it to one offset per sequence, :211-231: the longest of several sequences never is)."""
+        positions restart at 0, as the torch backend's position ids do (rope_utils.py:232-247). A table as long as
+        the whole row would switch it to each sequence's offset in the row (:211-231): the longest sequence is that
+        long only when it is the row's one sequence, whose offset is 0."""
         rotary = self.gpt.rotary_pos_emb
         length = x.input_ids.shape[1] if x.cu_seqlens is None else x.max_length
         if x.input_ids.is_cuda:
