@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import socket
 import sys
+import warnings
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -41,6 +42,10 @@ from miles_stream.trainer.parallel import DataParallel
 from miles_stream.trainer.torch.hf import load_causal_lm
 from miles_stream.trainer.torch.inputs import micro_inputs, packed_inputs
 from miles_stream.trainer.torch.logprobs import response_logprobs
+
+with warnings.catch_warnings():  # Megatron warns at import that Apex and Transformer Engine are absent
+    warnings.simplefilter("ignore")
+    from megatron.core.packed_seq_params import PackedSeqParams
 
 ALGO = AlgoConfig(kl_loss_coef=0.01, entropy_coef=0.01)  # a frozen reference (packed too) and the entropy
 TRACE = (8, 2, 2)  # the tiny Qwen3-MoE's experts, layers, top-k: a routing trace for every group but the third
@@ -164,6 +169,29 @@ def test_packed_forward_restarts_positions_and_keeps_sequences_apart(
     with torch.no_grad():
         across, _ = response_logprobs(model, x, temperature=0.7)
     assert float((across - want)[mask].abs().max()) > 1e-3
+
+
+def test_the_core_attention_refuses_packings_it_does_not_run(models: dict[str, Path]) -> None:
+    backend: Any = build_backend(config(models["dense"], packed=True), AlgoConfig(), temperature=1.0,
+                                 parallel=DataParallel())  # fmt: skip
+    core = backend.model.gpt.decoder.layers[0].self_attention.core_attention
+    q, kv = torch.randn(6, 4, 16), torch.randn(6, 2, 16)
+    cu = torch.tensor([0, 2, 6], dtype=torch.int32)
+
+    def params(**kw: Any) -> PackedSeqParams:
+        return PackedSeqParams(**{"qkv_format": "thd", "cu_seqlens_q": cu, "cu_seqlens_kv": cu, "max_seqlen_q": 4,
+                                  "max_seqlen_kv": 4, **kw})  # fmt: skip
+
+    assert core(q, kv, kv, None, packed_seq_params=params()).shape == (6, 64)
+    with pytest.raises(ValueError, match="thd layout only, not 'sbhd'"):
+        core(q, kv, kv, None, packed_seq_params=params(qkv_format="sbhd"))
+    with pytest.raises(ValueError, match="without padding"):
+        core(q, kv, kv, None, packed_seq_params=params(cu_seqlens_q_padded=cu))
+    with pytest.raises(ValueError, match="without padding"):
+        core(q, kv, kv, None, packed_seq_params=params(cu_seqlens_kv=torch.tensor([0, 3, 6], dtype=torch.int32)))
+    core.dropout = 0.1
+    with pytest.raises(ValueError, match="no attention dropout"):
+        core(q, kv, kv, None, packed_seq_params=params())
 
 
 def test_one_packed_megatron_step_is_the_padded_step_and_the_torch_backends_packed_step(
