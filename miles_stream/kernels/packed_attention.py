@@ -1,14 +1,19 @@
 """Attention over packed rows: sequences side by side in one row, each attending causally to itself only.
 
-`packed_attention` is a Hugging Face attention function, registered as `NAME` by `use_packed_attention`. It
-reads the sequences' boundaries from the keyword arguments transformers passes down to attention for
-variable-length kernels: `cu_seq_lens_q` (int32 [n + 1], cumulative lengths) and `max_length_q`. On CUDA it
-runs PyTorch's variable-length flash attention (`torch.nn.attention.varlen`, bf16/fp16): no [L, L] mask, no work across
-sequences. Elsewhere (CPU, float32) it runs causal SDPA on each sequence, the reference. The mask function of the same
-name builds nothing: the boundaries are the mask.
+`attend_packed` is the attention itself, over [L, heads, D] tensors and the sequences' boundaries (`cu_seqlens`,
+int32 [n + 1], cumulative lengths; `max_len`, the longest). On CUDA in bf16/fp16 it runs PyTorch's variable-length
+flash attention (`torch.nn.attention.varlen`): no [L, L] mask, no work across sequences. Elsewhere (CPU, float32)
+it runs causal SDPA on each sequence, the reference. Two callers: the torch backend's Hugging Face models and the
+Megatron backend's core attention (trainer/megatron/attention.py, Megatron's `thd` layout).
+
+`packed_attention` is a Hugging Face attention function over it, registered as `NAME` by `use_packed_attention`.
+It reads the boundaries from the keyword arguments transformers passes down to attention for variable-length
+kernels: `cu_seq_lens_q` and `max_length_q`. The mask function of the same name builds nothing: the boundaries
+are the mask.
 
 Shapes (L packed tokens, H query heads, G key/value heads, H % G == 0, D head size):
-    query [1, H, L, D], key / value [1, G, L, D] -> output [1, L, H, D] (transformers' attention layout)
+    attend_packed:     q [L, H, D], k / v [L, G, D] -> [L, H, D]
+    packed_attention:  query [1, H, L, D], key / value [1, G, L, D] -> output [1, L, H, D] (transformers' layout)
 """
 
 from __future__ import annotations
@@ -60,11 +65,17 @@ def packed_attention(
     if dropout > 0 or sliding_window is not None:
         raise ValueError("packed attention supports neither attention dropout nor sliding windows")
     q_LHD, k_LGD, v_LGD = (x[0].transpose(0, 1) for x in (query, key, value))
+    return attend_packed(q_LHD, k_LGD, v_LGD, cu_seqlens, int(max_len), scale=scaling)[None], None
+
+
+def attend_packed(q_LHD: Tensor, k_LGD: Tensor, v_LGD: Tensor, cu_seqlens: Tensor, max_len: int, *,
+                  scale: float | None = None) -> Tensor:  # fmt: skip
+    """[L, H, D]: each of the packed sequences attending causally to itself only (`scale` default 1/sqrt(D))."""
+    if q_LHD.shape[1] % k_LGD.shape[1]:
+        raise ValueError(f"{q_LHD.shape[1]} query heads are not a multiple of {k_LGD.shape[1]} key/value heads")
     if q_LHD.is_cuda and varlen_attn is not None and q_LHD.dtype in (torch.float16, torch.bfloat16):
-        out = _varlen(q_LHD, k_LGD, v_LGD, cu_seqlens, int(max_len), scaling)
-    else:
-        out = _per_sequence(q_LHD, k_LGD, v_LGD, cu_seqlens.tolist(), scaling)
-    return out[None], None
+        return _varlen(q_LHD, k_LGD, v_LGD, cu_seqlens, max_len, scale)
+    return _per_sequence(q_LHD, k_LGD, v_LGD, cu_seqlens.tolist(), scale)
 
 
 def _varlen(q_LHD: Tensor, k_LGD: Tensor, v_LGD: Tensor, cu: Tensor, max_len: int, scale: float | None) -> Tensor:
@@ -82,6 +93,8 @@ def _varlen(q_LHD: Tensor, k_LGD: Tensor, v_LGD: Tensor, cu: Tensor, max_len: in
 
 
 def _per_sequence(q_LHD: Tensor, k_LGD: Tensor, v_LGD: Tensor, cu: list[int], scale: float | None) -> Tensor:
+    if cu[0] != 0 or cu[-1] != q_LHD.shape[0]:  # checked here only: the varlen path never reads them on the host
+        raise ValueError(f"the boundaries cover tokens {cu[0]}..{cu[-1]}, the row holds {q_LHD.shape[0]}")
     heads = q_LHD.shape[1] // k_LGD.shape[1]
     outs = []
     for start, end in itertools.pairwise(cu):

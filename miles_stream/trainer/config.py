@@ -60,7 +60,8 @@ class TrainerConfig:
     updates_per_batch: int = 1  # optimizer steps per rollout batch (the batch is cut into this many parts)
     micro_batch_tokens: int = 8192  # padded tokens per forward/backward pass (summed tokens when packed)
     pack_sequences: bool = False  # one row per micro-batch, sequences side by side, no padding; attention through
-    # PyTorch's variable-length flash kernel on CUDA (kernels/packed_attention.py); needs no sliding window
+    # PyTorch's variable-length flash kernel on CUDA (kernels/packed_attention.py); needs no sliding window. Both
+    # backends (megatron: Megatron's PackedSeqParams, qkv_format thd, through its attention; trainer/megatron/)
     recompute_old_logprobs: bool = True  # False: trust the rollout logprobs as the old policy's
     fused_logprobs: bool = True  # logprobs/entropy from hidden states in chunks (kernels/); False: full logits
     activation_checkpointing: bool = False  # recompute each layer's activations in the backward pass
@@ -139,7 +140,6 @@ class TrainerConfig:
         if self.backend == "megatron":
             for on, key in (
                 (self.fsdp.enabled, "fsdp.enabled"),
-                (self.pack_sequences, "pack_sequences"),
                 (self.activation_checkpointing, "activation_checkpointing"),
                 (self.compile, "compile"),
             ):

@@ -174,13 +174,18 @@ def test_packed_attention_keeps_sequences_apart_on_cpu() -> None:
 
 
 def test_packed_attention_refuses_what_it_cannot_do() -> None:
-    from miles_stream.kernels.packed_attention import packed_attention
+    from miles_stream.kernels.packed_attention import attend_packed, packed_attention
 
     q, k, v, cu = packed_case("cpu", torch.float32)
     with pytest.raises(ValueError, match="cu_seq_lens_q"):
         packed_attention(None, q, k, v, None)
     with pytest.raises(ValueError, match="sliding"):
         packed_attention(None, q, k, v, None, sliding_window=4, cu_seq_lens_q=cu, max_length_q=9)
+    q_LHD, k_LGD, v_LGD = (x[0].transpose(0, 1) for x in (q, k, v))  # attend_packed's layout (the Megatron backend's)
+    with pytest.raises(ValueError, match=r"cover tokens 0\.\.14, the row holds 15"):
+        attend_packed(q_LHD, k_LGD, v_LGD, torch.tensor([0, 5, 14], dtype=torch.int32), 9)
+    with pytest.raises(ValueError, match="4 query heads are not a multiple of 3"):
+        attend_packed(q_LHD, torch.cat([k_LGD, k_LGD[:, :1]], 1), v_LGD, cu, 9)
 
 
 @pytest.mark.gpu

@@ -153,8 +153,8 @@ def test_a_megatron_checkpoint_resumes_exactly_and_exports_a_loadable_hf_model(
 
 
 def test_megatron_config_refuses_what_is_not_built_with_what_to_change(models: dict[str, Path]) -> None:
-    with pytest.raises(ConfigError, match=r"trainer\.pack_sequences: not built in the megatron backend"):
-        TrainerConfig(backend="megatron", pack_sequences=True)
+    with pytest.raises(ConfigError, match=r"trainer\.activation_checkpointing: not built in the megatron backend"):
+        TrainerConfig(backend="megatron", activation_checkpointing=True)
     with pytest.raises(ConfigError, match="has no critic yet"):
         build_backend(config(models["tied"]), AlgoConfig(advantage_estimator="ppo"), temperature=1.0,
                       parallel=DataParallel())  # fmt: skip

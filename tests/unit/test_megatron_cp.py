@@ -12,6 +12,7 @@ import os
 import socket
 import sys
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +69,9 @@ def test_context_parallel_refuses_what_it_cannot_split(tmp_path: Path) -> None:
         MegatronConfig(context_parallel=0)
     with pytest.raises(ValueError, match=r"x context_parallel=2 must divide the 3 ranks"):
         init_groups(DataParallel(rank=0, world=3), 1, 1, 1, 2)
+    with pytest.raises(ConfigError, match=r"not packed ones: set trainer\.pack_sequences false"):
+        build_backend(replace(config(tmp_path), pack_sequences=True, megatron=MegatronConfig(context_parallel=2)),
+                      AlgoConfig(), temperature=1.0, parallel=DataParallel())  # fmt: skip
     moe = build_tiny_model(tmp_path / "moe", TinyModelConfig(kind="moe"))
     hf_config = load_causal_lm(str(moe), dtype="float32", device="cpu").config
     with pytest.raises(ConfigError, match=r"context_parallel=2: .*dense Qwen3's sequences only"):

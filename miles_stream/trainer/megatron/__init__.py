@@ -7,8 +7,10 @@ config.py      trainer.megatron: parallel sizes (TP, PP and EP built; CP refused
 convert.py     Qwen3 / Qwen3-MoE tensors HF <-> Megatron, split over TP ranks, by expert, by stage (pure)
 moe.py         MoE routers that run without TE and on a CPU; R3 through Megatron's RouterReplay hook
 dispatch.py    expert parallel's token exchange: Megatron's all-gather dispatcher, padded, on gloo too
-model.py       GPTModel from the HF config; `MegatronPolicy`, what the train step drives
-attention.py   PyTorch SDPA as the layer spec's core attention;  logprobs.py  vocab-parallel logprobs
+model.py       GPTModel from the HF config; `MegatronPolicy`, what the train step drives (padded or packed rows:
+               trainer.pack_sequences hands Megatron's PackedSeqParams, qkv_format thd, to the decoder)
+attention.py   PyTorch SDPA as the layer spec's core attention (packed: kernels/packed_attention.py)
+logprobs.py    vocab-parallel logprobs
 parallel.py    Megatron's process groups (TP, PP, DP, EP, expert-DP); the TP x PP group's union of batches
 pipeline.py    pipeline parallel's hand-offs between stages (autograd send / receive)
 layout.py      `MegatronLayout`: gradient sums, clipping, publication, checkpoints, HF export

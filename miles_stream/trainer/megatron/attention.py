@@ -1,4 +1,5 @@
-"""The core attention the backend gives Megatron's layer spec: PyTorch's scaled_dot_product_attention.
+"""The core attention the backend gives Megatron's layer spec: PyTorch's scaled_dot_product_attention, and for
+packed rows (Megatron's `thd` layout) the project's packed attention (kernels/packed_attention.py).
 
 Megatron's local `DotProductAttention` materialises float [b, heads, s, s] scores in a buffer it allocates on
 the current CUDA device (megatron/core/transformer/dot_product_attention.py:189 ->
@@ -9,6 +10,12 @@ flash or memory-efficient kernel on CUDA (bf16/fp16) and to its math kernel on a
 `forward` signature as `DotProductAttention` (dot_product_attention.py:42-51, :142-151), so the spec can swap it in.
 With context parallelism (`context_parallel_size` > 1) each rank holds two chunks of every row and attends to every
 rank's keys and values (context.py).
+
+Packed sequences: given `PackedSeqParams` with qkv_format "thd", Megatron's `Attention.forward` squeezes the batch
+dimension out of query, key and value ([t, heads, d], transformer/attention.py:1066-1069), applies RoPE per
+sequence with the boundaries (:1081-1118), hands the params to the core attention (:1150-1158), and reshapes what
+comes back to [t, 1, heads * d] (:1189-1194). Here the boundaries (`cu_seqlens_q`, `max_seqlen_q`) go to
+`attend_packed`: varlen flash attention on CUDA in bf16/fp16, causal SDPA per sequence elsewhere; no [t, t] mask.
 """
 
 from __future__ import annotations
@@ -17,10 +24,12 @@ import math
 import warnings
 from typing import Any
 
+import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
+from miles_stream.kernels.packed_attention import attend_packed
 from miles_stream.trainer.megatron.context import cp_attention
 
 with warnings.catch_warnings():  # Megatron warns at import that Apex and Transformer Engine are absent
@@ -60,9 +69,12 @@ class SdpaAttention(MegatronModule):  # type: ignore[misc]
         attention_bias: Tensor | None = None,
         packed_seq_params: Any = None,
     ) -> Tensor:
-        """query [s, b, heads, d], key and value [s, b, groups, d] -> [s, b, heads * d] (causal)."""
-        if attention_mask is not None or attention_bias is not None or packed_seq_params is not None:
-            raise ValueError("SdpaAttention is causal only: no attention mask, bias or packed sequences")
+        """query [s, b, heads, d], key and value [s, b, groups, d] -> [s, b, heads * d] (causal); packed (thd):
+        query [t, heads, d], key and value [t, groups, d] -> [t, heads * d], each sequence causal to itself."""
+        if attention_mask is not None or attention_bias is not None:
+            raise ValueError("SdpaAttention is causal only: no attention mask or bias")
+        if packed_seq_params is not None:
+            return self._packed(query, key, value, packed_seq_params)
         dropout = self.dropout if self.training else 0.0
         if self.cp > 1:  # this rank's two chunks of every row (context.py)
             return cp_attention(query, key, value, cp=self.cp, rank=self.cp_rank, group=self.cp_group,
@@ -72,3 +84,15 @@ class SdpaAttention(MegatronModule):  # type: ignore[misc]
                                              dropout_p=dropout)  # fmt: skip
         s, b = query.shape[0], query.shape[1]
         return out.permute(2, 0, 1, 3).reshape(s, b, -1)
+
+    def _packed(self, query: Tensor, key: Tensor, value: Tensor, params: Any) -> Tensor:
+        if params.qkv_format != "thd":
+            raise ValueError(f"SdpaAttention packs sequences in the thd layout only, not {params.qkv_format!r}")
+        if self.training and self.dropout > 0:
+            raise ValueError("packed sequences take no attention dropout (set the model's attention_dropout 0)")
+        padded = params.cu_seqlens_q_padded is not None or params.cu_seqlens_kv_padded is not None
+        same = params.cu_seqlens_kv is params.cu_seqlens_q or torch.equal(params.cu_seqlens_kv, params.cu_seqlens_q)
+        if padded or not same:
+            raise ValueError("SdpaAttention packs self-attention without padding: cu_seqlens_kv = cu_seqlens_q")
+        out = attend_packed(query, key, value, params.cu_seqlens_q, int(params.max_seqlen_q), scale=self.scale)
+        return out.reshape(out.shape[0], -1)

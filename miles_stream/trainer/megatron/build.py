@@ -14,9 +14,12 @@ Qwen3-MoE: experts and routers converted too (convert.py), R3 in the routers (mo
 split over expert-parallel ranks (trainer.megatron.expert_parallel; parallel.py, dispatch.py, layout.py).
 Layers cut into pipeline stages (trainer.megatron.pipeline_parallel; convert.by_stage, pipeline.py), dense Qwen3
 and Qwen3-MoE (a stage's routers and experts with its layers, the experts split again over the stage's EP ranks;
-R3 replays each stage's own layers of the trace).
-Not built yet (each refused with what to change): PPO's critic, context parallelism, MoE with tensor parallel,
-packed sequences, activation checkpointing, torch.compile.
+R3 replays each stage's own layers of the trace). Dense Qwen3's sequences split over context-parallel ranks
+(trainer.megatron.context_parallel; context.py).
+Packed sequences (trainer.pack_sequences): one row a micro-batch, Megatron's `thd` layout (model.py, attention.py),
+with TP, PP and EP (not with CP).
+Not built yet (each refused with what to change): PPO's critic, MoE with tensor or context parallel, packed
+sequences with context parallel, activation checkpointing, torch.compile.
 """
 
 from __future__ import annotations
@@ -142,6 +145,10 @@ def build_megatron_trainer(cfg: TrainerConfig, algo: AlgoConfig, *, temperature:
         raise ConfigError("the megatron backend computes bf16 over float32 main params only on CUDA: on a CPU use "
                           "trainer.dtype float32, or trainer.main_params_dtype bfloat16")  # fmt: skip
     mcfg = cfg.megatron
+    if cfg.pack_sequences and mcfg.context_parallel > 1:  # context.py splits padded rows; thd would need the
+        # split per sequence (Megatron's THD CP needs TE's attention)
+        raise ConfigError("the megatron backend splits padded rows over context-parallel ranks, not packed ones: set "
+                          "trainer.pack_sequences false or trainer.megatron.context_parallel 1")  # fmt: skip
     groups = init_groups(parallel, mcfg.tensor_parallel, mcfg.expert_parallel, mcfg.pipeline_parallel,
                          mcfg.context_parallel)  # fmt: skip
     torch.manual_seed(cfg.seed)

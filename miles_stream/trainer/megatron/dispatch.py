@@ -16,7 +16,8 @@ Megatron's):
   the global buffer, utils.py:631), so on a CPU the same two collectives run here through torch.distributed
   (gloo provides all_gather_single and reduce_scatter_single in torch 2.13) with the same autograd
   transposes as Megatron's `_GatherFromSequenceParallelRegion` / `_ReduceScatterToSequenceParallelRegion`.
-On CUDA the padded tensors go through Megatron's own functions (super()).
+On CUDA the padded tensors go through Megatron's own functions (super()). Packed rows change nothing here: a
+micro-batch's tokens are its one row's L (its [L, 1, H] flattened), counted and padded as any others.
 
 The all-to-all dispatcher (which sends each token only where its experts are) is not used: it makes a CUDA
 stream at build (token_dispatcher.py:444-445) and syncs on it (:862-915), its `_AllToAll` allocates on CUDA

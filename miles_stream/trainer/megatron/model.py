@@ -11,6 +11,11 @@ train step drives (trainer/torch/policy.py reads a model through `response_logpr
     a forward:                 embedding -> rotary table -> decoder (final norm included) -> the hidden states
                                that predict each response token -> output layer logprobs (logprobs.py); with
                                pipeline parallel each stage runs its part and hands over (pipeline.py)
+    packed rows:               trainer.pack_sequences: one row [1, L] (trainer/torch/inputs.py `packed_inputs`),
+                               handed to the decoder with Megatron's PackedSeqParams (qkv_format "thd", the
+                               sequences' cu_seqlens and longest length) as GPTModel.forward hands them; the
+                               rotary table covers the longest sequence, so positions restart at every sequence
+                               (`MegatronPolicy.rope_table`); the attention keeps the sequences apart (attention.py)
 
 What assumes CUDA in Megatron-core 0.16.1 and how the backend goes around it on a CPU (on CUDA the real path
 runs): `RotaryEmbedding.get_emb` moves its table to `torch.cuda.current_device()` on first use
@@ -41,13 +46,14 @@ from miles_stream.trainer.megatron.moe import LocalTopKRouter, MegatronRoutingRe
 from miles_stream.trainer.megatron.parallel import Groups
 from miles_stream.trainer.megatron.pipeline import from_previous, share_last, to_next
 from miles_stream.trainer.torch.inputs import MicroInputs
-from miles_stream.trainer.torch.logprobs import SHARDED_ENTRY
+from miles_stream.trainer.torch.logprobs import PACKS_ITSELF, SHARDED_ENTRY
 from miles_stream.trainer.torch.routing_replay import REPLAY_ENTRY
 
 with warnings.catch_warnings():  # Megatron warns at import that Apex and Transformer Engine are absent
     warnings.simplefilter("ignore")
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.models.gpt.gpt_model import GPTModel
+    from megatron.core.packed_seq_params import PackedSeqParams
     from megatron.core.tensor_parallel import random as megatron_random
     from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -130,6 +136,18 @@ def build_gpt(hf_config: Any, *, tp: int, device: str, dtype: torch.dtype, ep: i
     return gpt.to(device)
 
 
+def packed_params(x: MicroInputs) -> PackedSeqParams | None:
+    """Megatron's own description of a packed row (trainer/torch/inputs.py `packed_inputs`: one row, each sequence
+    after the other), what GPTModel.forward hands its decoder (gpt_model.py:525-537) and the decoder each layer's
+    attention (transformer_block.py:776, transformer_layer.py:606); None for padded rows."""
+    if x.cu_seqlens is None:
+        return None
+    if x.input_ids.shape[0] != 1:
+        raise ValueError(f"packed sequences come in one row, got {x.input_ids.shape[0]}")
+    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=x.cu_seqlens, cu_seqlens_kv=x.cu_seqlens,
+                           max_seqlen_q=x.max_length, max_seqlen_kv=x.max_length)  # fmt: skip
+
+
 class MegatronPolicy(nn.Module):
     """A GPTModel as the torch train step sees a policy: `config` (the HF config: `vocab_size`), parameters,
     and the logprob entry `response_logprobs` calls (`SHARDED_ENTRY`)."""
@@ -149,6 +167,7 @@ class MegatronPolicy(nn.Module):
         self.peers = tuple(dist.get_global_rank(pp.group, s) for s in stages) if pp.world > 1 else (0, 0, 0)
         setattr(self, SHARDED_ENTRY, self.response_logprobs)  # what trainer/torch/logprobs.py calls
         setattr(self, REPLAY_ENTRY, self.routing_replay)  # what trainer/torch/policy.py asks for R3
+        setattr(self, PACKS_ITSELF, True)  # packed rows go to Megatron's attention as PackedSeqParams
 
     def routers(self) -> list[Any]:
         """The MoE routers in layer order (empty for a dense model)."""
@@ -163,37 +182,57 @@ class MegatronPolicy(nn.Module):
         return MegatronRoutingReplay(routers, replace=replace, layers=self.shape.num_layers,
                                      group=pp.group if pp.world > 1 else None)  # fmt: skip
 
-    def hidden(self, input_ids: Tensor) -> Tensor:
-        """[L, b, H] this stage's output for right-padded rows (causal attention: padding after a sequence changes
-        nothing before it): the decoder's after the final norm on the last stage. With context parallel, this
-        rank's two chunks of every row ([2c, b, H], context.py)."""
+    def hidden(self, x: MicroInputs) -> Tensor:
+        """[L, b, H] this stage's output for the micro-batch's rows: right-padded (causal attention: padding after a
+        sequence changes nothing before it), or one packed row ([L, 1, H], the sequences kept apart by
+        `packed_params`): the decoder's after the final norm on the last stage. With context parallel, this rank's
+        two chunks of every row ([2c, b, H], context.py)."""
+        input_ids = x.input_ids
         b, length = input_ids.shape
+        packed = packed_params(x)
         g = self.groups
-        positions = torch.arange(length, device=input_ids.device)
+        # (RoPE: the embedding adds no position of its own, language_model_embedding.py:44; these are unread)
+        positions = torch.arange(length, device=input_ids.device)[None].expand(b, length)
+        positions = positions if x.position_ids is None else x.position_ids
+        split = None
         if g.cp.world > 1:
             split = ContextSplit(g.cp.world, g.cp.rank, length)
             input_ids = split.take(input_ids, self.pad_id or 0)
-            positions = split.positions(input_ids.device)
+            positions = split.positions(input_ids.device)[None].expand(b, -1)
         if g.first_stage:
-            x = self.gpt.embedding(input_ids=input_ids, position_ids=positions[None].expand(b, -1))  # [L, b, H]
+            h = self.gpt.embedding(input_ids=input_ids, position_ids=positions)  # [L, b, H]
             if self.pad_id is not None:  # HF's embedding has padding_idx=pad_token_id (transformers
                 # models/qwen3/modeling_qwen3.py:342-345): the pad row gets no gradient from the input side
                 pad = (input_ids == self.pad_id).transpose(0, 1)[..., None]
-                x = torch.where(pad, x.detach(), x)
+                h = torch.where(pad, h.detach(), h)
         else:  # the decoder of a stage without the embedding reads its input from set_input_tensor
             # (transformer_block.py:685-687)
-            x = from_previous((len(positions), b, self.shape.hidden), self.residual_dtype, device=input_ids.device,
-                              peer=self.peers[0], group=g.pp.group)  # fmt: skip
-            self.gpt.decoder.set_input_tensor(x)
-        rotary = self.gpt.rotary_pos_emb
-        if input_ids.is_cuda and g.cp.world == 1:
-            table = rotary(length)
-        else:  # get_emb's own lines (rotary_pos_embedding.py:164-174), without its move to CUDA; with CP at this
-            # rank's global positions (Megatron's rotary would pick them itself on CUDA, :201-204)
-            freqs = rotary.get_freqs_non_repeated(int(positions[-1]) + 1)[positions]
-            table = torch.cat((freqs, freqs), dim=-1)[:, None, None, :]
-        out: Tensor = self.gpt.decoder(hidden_states=x, attention_mask=None, rotary_pos_emb=table)
+            h = from_previous((input_ids.shape[1], b, self.shape.hidden), self.residual_dtype,
+                              device=input_ids.device, peer=self.peers[0], group=g.pp.group)  # fmt: skip
+            self.gpt.decoder.set_input_tensor(h)
+        out: Tensor = self.gpt.decoder(hidden_states=h, attention_mask=None, rotary_pos_emb=self.rope_table(x, split),
+                                       packed_seq_params=packed)  # fmt: skip
         return out
+
+    def rope_table(self, x: MicroInputs, split: ContextSplit | None = None) -> Tensor:
+        """RoPE's [n, 1, 1, d] angles for positions 0..n-1, n the row's length, or packed the longest sequence's:
+        GPTModel asks for max(max_seqlen_q, max_seqlen_kv) when packed (rotary_pos_embedding.py:239-241, called
+        from gpt_model.py:361-369), and Megatron's thd RoPE gives each sequence the table's first rows, so its
+        positions restart at 0, as the torch backend's position ids do (rope_utils.py:232-247). A table as long as
+        the whole row would switch it to each sequence's offset in the row (:211-231): the longest sequence is that
+        long only when it is the row's one sequence, whose offset is 0. With context parallel: the angles of this
+        rank's global positions (Megatron's rotary picks them itself on CUDA, :201-204; built here on both)."""
+        rotary = self.gpt.rotary_pos_emb
+        if split is not None:
+            freqs = rotary.get_freqs_non_repeated(split.padded)[split.positions(x.input_ids.device)]
+            return torch.cat((freqs, freqs), dim=-1)[:, None, None, :]
+        length = x.input_ids.shape[1] if x.cu_seqlens is None else x.max_length
+        if x.input_ids.is_cuda:
+            table: Tensor = rotary(length, packed_seq=x.cu_seqlens is not None)
+            return table
+        # on a CPU: get_emb's own lines (rotary_pos_embedding.py:164-174), without its move to CUDA
+        freqs = rotary.get_freqs_non_repeated(length)
+        return torch.cat((freqs, freqs), dim=-1)[:, None, None, :]
 
     def output_weight(self) -> Tensor:
         if self.shape.tied and self.groups.pp.world == 1:
@@ -206,16 +245,15 @@ class MegatronPolicy(nn.Module):
         self, x: MicroInputs, *, temperature: float, entropy_grad: bool = False, fused: bool = True
     ) -> tuple[Tensor, Tensor]:
         """(logp_bT, entropy_bT), as trainer/torch/logprobs.py's `response_logprobs` returns them."""
-        if x.cu_seqlens is not None:
-            raise ValueError("the megatron backend does not pack sequences yet (trainer.pack_sequences false)")
-        h_LbH = self.hidden(x.input_ids)
+        h_LbH = self.hidden(x)
         g = self.groups
         if not g.last_stage:  # the last stage's logprobs come back through the hand-off (pipeline.py)
             return to_next(h_LbH, tuple(x.targets_bT.shape), peer=self.peers[1], last=self.peers[2],
                            group=g.pp.group)  # fmt: skip
         h_bLH = h_LbH.transpose(0, 1)
         b, t = x.targets_bT.shape
-        rows_bT = torch.arange(b, device=h_bLH.device)[:, None].expand(b, t)
+        row_b = torch.arange(h_bLH.shape[0], device=h_bLH.device) if x.row_b is None else x.row_b
+        rows_bT = row_b[:, None].expand(b, t)  # packed: every sample's row is the one row
         at_bT, held = x.positions_bT, None
         if g.cp.world > 1:  # only the response tokens predicted from this rank's positions (context.py)
             at_bT = ContextSplit(g.cp.world, g.cp.rank, x.input_ids.shape[1]).local_index(h_bLH.device)[at_bT]

@@ -22,6 +22,9 @@ so the gate weights come from the current router and gradients reach it through 
 
 Token order: Megatron flattens the router's logits [s, b, E] to [s*b, E] (router.py:540-541), sequence-major;
 the recordings (`replay_inputs`) are row-major [b*s]: `LayerReplay` reorders them with the (s, b) the router saw.
+Packed rows (trainer.pack_sequences): the router sees [L, 1, E], L the sequences' summed lengths, and
+`replay_inputs(packed=True)` lays the recordings out sequence after sequence, as the row holds them: (s, b) =
+(L, 1), and the reordering is the identity.
 
 `LocalTopKRouter`: Megatron's `TopKRouter` with its own `gating` where Megatron's cannot run: on a CPU, `gating`
 moves the weight to `torch.cuda.current_device()` on every forward (router.py:89-92); and without Transformer

@@ -20,7 +20,8 @@ varying length (variable_seq_lengths), exchanges shapes in CUDA tensors and call
 second train loop here.
 
 Tensors go as the residual stream's dtype (the parameters' dtype, Megatron's `pipeline_dtype`); their shape is
-known to every stage from the micro-batch (the same input ids on every stage): [L, b, H].
+known to every stage from the micro-batch (the same input ids on every stage): [L, b, H], packed rows [L, 1, H]
+(every stage rebuilds the same PackedSeqParams from the micro-batch: nothing more is sent).
 """
 
 from __future__ import annotations

@@ -21,6 +21,9 @@ from miles_stream.trainer.torch.inputs import MicroInputs
 # this name: the output layer's weight is read outside any module's forward below, so the sharded root must
 # gather its parameters (and hook their gradients) around the whole function, as it does around `forward`.
 SHARDED_ENTRY = "sharded_response_logprobs"
+# A model that packs sequences itself (the Megatron backend's GPTModel wrapper: its logprob entry hands
+# `MicroInputs.cu_seqlens` to its own attention) carries this attribute, True: no Hugging Face attention to switch.
+PACKS_ITSELF = "packs_sequences_itself"
 
 
 def response_logprobs(

@@ -36,7 +36,7 @@ from miles_stream.trainer.torch.critic import Critic
 from miles_stream.trainer.torch.hf import decoder_layers
 from miles_stream.trainer.torch.inputs import MicroInputs, micro_inputs, packed_inputs
 from miles_stream.trainer.torch.layout import ModelLayout, Replicated
-from miles_stream.trainer.torch.logprobs import response_logprobs
+from miles_stream.trainer.torch.logprobs import PACKS_ITSELF, response_logprobs
 from miles_stream.trainer.torch.optim import build_optimizer, build_scheduler
 from miles_stream.trainer.torch.routing_replay import Replay, replay_inputs, routing_replay_of
 
@@ -79,7 +79,7 @@ class PolicyTrainer:
         self.objective = objective or build_objective(algo)  # SftObjective for `train --sft`
         if config.pack_sequences:
             for m in (model, ref_model, teacher_model, critic.model.decoder if critic else None):
-                if m is not None:
+                if m is not None and not getattr(m, PACKS_ITSELF, False):
                     use_packed_attention(m)
         made = {id(m): routing_replay_of(m, replace=config.routing_replay)
                 for m in (model, ref_model, teacher_model) if m is not None}  # fmt: skip
