@@ -1,7 +1,7 @@
 """Trainer tokens/s and peak memory on CPU: optimizer steps of the torch trainer on fixed synthetic batches.
 
     python bench/bench_trainer_cpu.py [--groups 8] [--samples 8] [--prompt-len 32] [--response-len 96]
-                                [--micro-batch-tokens 8192] [--steps 5] [--json-out FILE]
+                                [--micro-batch-tokens 8192] [--steps 5] [--sizes NAME ...] [--json-out FILE]
 
 Each size runs in a fresh process (peak RSS is per process). Tokens counted are prompt + response tokens
 through the forward and backward pass; one step = one rollout batch, one optimizer step (recomputed old
@@ -94,11 +94,12 @@ def main() -> None:
     parser.add_argument("--micro-batch-tokens", type=int, default=8192)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--sizes", nargs="+", choices=list(SIZES), default=list(SIZES))
     parser.add_argument("--json-out")
     args = parser.parse_args()
     ctx = mp.get_context("spawn")
     results = []
-    for name in SIZES:
+    for name in args.sizes:
         queue = ctx.Queue()
         proc = ctx.Process(target=_child, args=(name, args, queue))
         proc.start()

@@ -55,7 +55,8 @@ SMOKE = [
                                          "--prompt-len", "8", "--response-len", "8", "--steps", "1",
                                          "--cases", "fused-4k"], id="train_step-cpu"),
     pytest.param("bench_trainer_cpu.py", ["--groups", "1", "--samples", "2", "--prompt-len", "4", "--response-len",
-                                          "4", "--steps", "1", "--threads", "1"], id="trainer_cpu"),
+                                          "4", "--steps", "1", "--threads", "1", "--sizes", "tiny-dense"],
+                 id="trainer_cpu"),
     pytest.param("bench_weights.py", ["--params-m", "1"], marks=SERVER, id="weights"),
 ]  # fmt: skip
 
