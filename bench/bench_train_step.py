@@ -1,6 +1,7 @@
 """A training step of a Qwen3-0.6B-shaped model with the full RL loss, through `PolicyTrainer`, on one GPU.
 
     python bench/bench_train_step.py [--steps 5] [--json-out FILE] [--cases naive-4k,fused-16k,...]
+                                     [--backend torch|megatron]
     python bench/bench_train_step.py --device cpu --shape tiny --groups 1 --samples 2 --prompt-len 8 \
         --response-len 8 --steps 1 --cases fused-4k          # the plumbing, on CPU, in seconds
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 import time
 from dataclasses import replace
 from typing import Any
@@ -31,8 +33,10 @@ import torch
 
 from miles_stream.testing.synthetic import synthetic_group
 from miles_stream.trainer.algo_config import AlgoConfig
+from miles_stream.trainer.backends import build_backend
 from miles_stream.trainer.batch import collate
 from miles_stream.trainer.config import TrainerConfig
+from miles_stream.trainer.parallel import DataParallel
 from miles_stream.trainer.torch.policy import PolicyTrainer, set_activation_checkpointing
 
 SHAPE = {"vocab_size": 151936, "hidden_size": 1024, "intermediate_size": 3072, "num_hidden_layers": 28,
@@ -109,14 +113,22 @@ def peak_tflops() -> float:
 
 def run_case(model: Any, batch: Any, name: str, args: argparse.Namespace, profile: str = "") -> dict[str, Any]:
     budget, fused, ckpt, compiled, packed, attention = CASES[name]
-    if getattr(model.config, "_attn_implementation", None) != attention:
+    if args.backend == "torch" and getattr(model.config, "_attn_implementation", None) != attention:
         model.set_attn_implementation(attention)
     # every key that decides what is measured is set here, none inherited from TrainerConfig's defaults
-    config = TrainerConfig(device=args.device, dtype=args.dtype, main_params_dtype=args.params_dtype, lr=1e-6,
-                           micro_batch_tokens=budget, fused_logprobs=fused, activation_checkpointing=ckpt,
-                           compile=compiled, pack_sequences=packed)  # fmt: skip
     algo = AlgoConfig(tis_mode="truncate", entropy_coef=0.001)
-    trainer = PolicyTrainer(model, config, algo, temperature=1.0)
+    trainer: Any
+    try:
+        config = TrainerConfig(device=args.device, dtype=args.dtype, main_params_dtype=args.params_dtype, lr=1e-6,
+                               micro_batch_tokens=budget, fused_logprobs=fused, activation_checkpointing=ckpt,
+                               compile=compiled, pack_sequences=packed, backend=args.backend,
+                               model=args.checkpoint or "")  # fmt: skip
+        if args.backend == "megatron":  # Megatron's GPTModel built from the same weights, saved as a checkpoint
+            trainer = build_backend(config, algo, temperature=1.0, parallel=DataParallel())
+        else:
+            trainer = PolicyTrainer(model, config, algo, temperature=1.0)
+    except Exception as exc:  # a case the backend refuses (activation checkpointing, compile): reported
+        return {"case": name, "error": repr(exc)[:300]}
     cuda = args.device == "cuda"
     if cuda:
         torch.cuda.empty_cache()
@@ -141,7 +153,7 @@ def run_case(model: Any, batch: Any, name: str, args: argparse.Namespace, profil
     except Exception as exc:  # a case that does not run here (e.g. an attention backend): reported, not fatal
         return {"case": name, "error": repr(exc)[:300]}
     finally:
-        if ckpt:
+        if ckpt and args.backend == "torch":
             set_activation_checkpointing(model, False)
         del trainer
     step_s = float(np.median(times))
@@ -170,12 +182,24 @@ def main() -> None:
     parser.add_argument("--vary", action="store_true", help="response lengths uniform in [len/8, len]")
     parser.add_argument("--json-out")
     parser.add_argument("--profile", default="", help="write a CUDA profile of one step of the first case here")
+    parser.add_argument(
+        "--backend",
+        default="torch",
+        choices=["torch", "megatron"],
+        help="megatron: the same weights as Megatron-core's GPTModel (trainer.backend megatron)",
+    )
     args = parser.parse_args()
     args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
     args.params_dtype = args.params_dtype or args.dtype
     shape = SHAPES[args.shape]
     model = build_model(shape, args.device, args.params_dtype)
     params = sum(p.numel() for p in model.parameters())  # tied embedding once
+    workdir = tempfile.TemporaryDirectory()
+    args.checkpoint = ""
+    if args.backend == "megatron":  # the same random weights, as the checkpoint the backend converts
+        model.save_pretrained(workdir.name)
+        args.checkpoint = workdir.name
+        model = model.to("meta")  # the backend builds its own
     batch = make_batch(args.groups, args.samples, args.prompt_len, args.response_len, shape["vocab_size"], args.vary)
     tokens = sum(batch.lengths)  # real tokens: padding is not counted
     attn = 12 * shape["num_hidden_layers"] * shape["num_attention_heads"] * shape["head_dim"]
@@ -189,7 +213,8 @@ def main() -> None:
         results.append(r)
         print(json.dumps(r), flush=True)
     device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
-    summary = {"device": device, "shape": args.shape, "dtype": args.dtype, "params_dtype": args.params_dtype,
+    summary = {"device": device, "backend": args.backend, "shape": args.shape, "dtype": args.dtype,
+               "params_dtype": args.params_dtype,
                "params": params, "tokens_per_step": tokens, "model_tflop_per_step": flops / 1e12,
                "peak_bf16_tflops": peak, "results": results}  # fmt: skip
     print(f"\n{summary['device']}: {params / 1e6:.0f}M params, {tokens} tokens/step ({batch.size} sequences), "

@@ -32,6 +32,8 @@ run() {  # name, seconds allowed, script and its arguments
 run engine 150 bench/bench_engine.py                      # 128 prompts x 256 + 256 new tokens (the table's shape)
 run kernels 90 bench/bench_kernels.py                     # 16,384 tokens, hidden 1024, vocab 151,936
 run train_step 180 bench/bench_train_step.py --params-dtype bfloat16 --cases fused-16k-compile,fused-16k
+run train_step_megatron 150 bench/bench_train_step.py --params-dtype bfloat16 --backend megatron \
+  --cases fused-4k,fused-16k,packed-16k                   # the same shape through Megatron-core's GPTModel (issue 22)
 run pipeline 180 bench/bench_pipeline.py --case gpu --transport cuda_ipc --steps 10 --warmup 3 --modes async,sync \
   --samples-per-group 8
 
