@@ -41,12 +41,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import structlog
 import torch
 from safetensors import safe_open
 from torch import Tensor, nn
 
 from miles_stream.trainer.megatron.convert import Qwen3Shape, by_expert, by_stage, iter_hf, megatron_names, to_megatron
 
+log = structlog.get_logger(__name__)
 SIZES_FILE = "megatron.json"
 MOMENTS = ("exp_avg", "exp_avg_sq")
 _IMPLEMENTATION = ("foreach", "fused", "capturable", "differentiable")  # how this run steps, not what it learned
@@ -269,3 +271,6 @@ def load_resharded(directory: Path, saved: Sizes, here: Sizes, coords: tuple[int
     optimizer.load_state_dict({"state": state, "param_groups": [group]})
     scheduler.load_state_dict(out.extra["scheduler"])
     torch.set_rng_state(out.extra["torch_rng"])
+    log.info(
+        "megatron_checkpoint_resharded", saved=str(saved), here=str(here), rank=coords, files_read=sorted(out.read)
+    )
