@@ -126,3 +126,35 @@ def test_megatron_trainer_process_trains_qwen3_moe_with_replay_as_the_torch_back
             assert torch.allclose(runs[name][key], value, atol=5e-5), (name, key)  # 5% of one step's size
             far += int(((runs[name][key] - value).abs() > 1e-5).sum())
         assert far <= 10, name
+
+
+@pytest.mark.slow
+def test_megatron_trainer_saved_at_tp2_on_two_ranks_resumes_on_one_rank(redis_url: str, tmp_path: Path) -> None:
+    """Two steps at TP=2 under torchrun, then `train --resume` on one rank (TP=1) for two more: every group trained
+    and acked once, and the exported model the one a single rank trains in four steps without a restart."""
+    model_dir = build_tiny_model(tmp_path / "model", TinyModelConfig())
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "MILES_REDIS_URL": redis_url, "OMP_NUM_THREADS": "1"}
+    exports = {}
+    for name, steps in (
+        ("restarted", (("tp2", TORCHRUN_2, 2, 2), ("tp1", CLI, 4, 4))),
+        ("once", (("tp1", CLI, 4, 4),)),
+    ):
+        ns = f"{name}{uuid.uuid4().hex[:8]}"
+        asyncio.run(publish_groups(redis_url, ns, groups(0, 16)))
+        for i, (layout, launcher, share, max_steps) in enumerate(steps):
+            cmd = train_cmd(ns, model_dir, tmp_path / name, f"trainer.max_steps={max_steps}",
+                            f"buffer.capacity={share}", f"buffer.read_count={share}", "trainer.backend=megatron",
+                            f"trainer.megatron.tensor_parallel={2 if layout == 'tp2' else 1}")  # fmt: skip
+            cmd = [*launcher, *cmd[len(CLI) :], *(["--resume"] if i else [])]
+            run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+            assert run.returncode == 0, run.stderr[-3000:]
+            if i:
+                assert '"megatron_checkpoint_resharded"' in run.stderr and '"TP=2, PP=1, EP=1"' in run.stderr
+        exports[name] = load_file(tmp_path / name / "export" / "model.safetensors")
+        with sync_redis.Redis.from_url(redis_url) as client:
+            assert done_total(client, f"{ns}:done:trainer") == 16
+            assert client.xinfo_groups(f"{ns}:trajectories")[0]["pending"] == 0
+        assert [m["step"] for m in metrics(tmp_path / name)] == [1, 2, 3, 4]
+    assert exports["restarted"].keys() == exports["once"].keys()
+    for key, value in exports["once"].items():
+        assert torch.allclose(exports["restarted"][key], value, atol=1e-5), key

@@ -149,4 +149,6 @@ def test_context_parallel_over_gloo_ranks_takes_the_step_one_rank_takes(
                                "model.layers.3.mlp.down_proj.weight"])  # fmt: skip
     tp, pp = sizes.get("tensor_parallel", 1), sizes.get("pipeline_parallel", 1)
     stems = [f"megatron-tp{k:02d}" + (f"-pp{s:02d}" if pp > 1 else "") for k in range(tp) for s in range(pp)]
-    assert ranks[0]["files"] == sorted(f"{stem}.{x}" for stem in stems for x in ("pt", "safetensors"))
+    assert ranks[0]["files"] == sorted(
+        [*(f"{stem}.{x}" for stem in stems for x in ("pt", "safetensors")), "megatron.json"]
+    )

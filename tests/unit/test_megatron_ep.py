@@ -175,4 +175,5 @@ def test_expert_parallel_over_gloo_ranks_takes_the_step_one_rank_takes(
         assert got["again"]["loss"] == got["after"]["loss"] and got["again"]["grad_norm"] == got["after"]["grad_norm"]
         assert got["resumed_equal"], r
     assert metrics["routing_mismatch"] > 0.5  # random traces: most recorded tokens' own routing differs
-    assert ranks[0]["files"] == [f"megatron-tp00-ep{j:02d}.{x}" for j in range(2) for x in ("pt", "safetensors")]
+    assert ranks[0]["files"] == [*(f"megatron-tp00-ep{j:02d}.{x}" for j in range(2) for x in ("pt", "safetensors")),
+                                 "megatron.json"]  # fmt: skip

@@ -14,5 +14,6 @@ logprobs.py    vocab-parallel logprobs
 parallel.py    Megatron's process groups (TP, PP, DP, EP, expert-DP); the TP x PP group's union of batches
 pipeline.py    pipeline parallel's hand-offs between stages (autograd send / receive)
 layout.py      `MegatronLayout`: gradient sums, clipping, publication, checkpoints, HF export
+reshard.py     a checkpoint saved at other TP, PP or EP sizes: each rank's parameters and AdamW moments rebuilt
 build.py       the backend (`MegatronTrainer`) from trainer.* and algo.*
 """

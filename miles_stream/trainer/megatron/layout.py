@@ -26,11 +26,13 @@ tensor-parallel group, its MoE experts split over an expert-parallel (EP) group,
                    over the PP group from the stage that holds it (convert.home says which), and converted to HF
                    names (convert.iter_hf), in the publish dtype; streamed (`StreamedWeights`): gathered as the
                    publisher reads it, one HF tensor (an MoE layer's experts) at a time on every rank
-    save / load    rank 0 of each (TP, PP, EP) rank's replicas (the stage's DP group; with EP its expert-DP group)
-                   writes megatron-tp{k}[-pp{s}][-ep{j}].safetensors (its shards and experts, its stage's Megatron
-                   names) and megatron-tp{k}[-pp{s}][-ep{j}].pt (AdamW, schedule, torch RNG); every rank reads its
-                   (TP, PP, EP) rank's pair (-pp{s} only with PP > 1, -ep{j} only with EP > 1: the files of PP 1
-                   and EP 1 are unchanged)
+    save / load    rank 0 of each (TP, PP, EP) rank's replicas (the stage's DP group, or DP x CP; with EP its
+                   expert-DP group) writes megatron-tp{k}[-pp{s}][-ep{j}].safetensors (its shards and experts, its
+                   stage's Megatron names) and megatron-tp{k}[-pp{s}][-ep{j}].pt (AdamW, its parameters' names in
+                   the optimizer's order, schedule, torch RNG), rank 0 megatron.json (the sizes); every rank reads
+                   its (TP, PP, EP) rank's pair (-pp{s} only with PP > 1, -ep{j} only with EP > 1: the files of PP 1
+                   and EP 1 are unchanged). A checkpoint saved at other sizes: each rank rebuilds its shards and
+                   AdamW's from the files it needs (reshard.py)
     export_hf      the gathered HF tensors, saved by rank 0 under the source checkpoint's config and tokenizer
 """
 
@@ -46,6 +48,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from miles_stream.trainer.megatron import reshard
 from miles_stream.trainer.megatron.convert import home, iter_hf
 from miles_stream.trainer.megatron.model import MegatronPolicy
 from miles_stream.trainer.megatron.parallel import Groups
@@ -224,30 +227,37 @@ class MegatronLayout:
         assert isinstance(model, MegatronPolicy)
         return StreamedWeights(lambda: iter_hf(self.shards(model, self.publish_dtype), model.shape))
 
+    @property
+    def sizes(self) -> reshard.Sizes:
+        return reshard.Sizes(self.groups.tp, self.groups.pp.world, self.groups.ep.world)
+
     def _files(self, directory: Path) -> tuple[Path, Path]:
-        stem = f"megatron-tp{self.groups.tp_rank:02d}"
-        if self.groups.pp.world > 1:
-            stem += f"-pp{self.groups.pp.rank:02d}"
-        if self.groups.ep.world > 1:
-            stem += f"-ep{self.groups.ep.rank:02d}"
+        stem = reshard.stem(self.sizes, self.groups.tp_rank, self.groups.pp.rank, self.groups.ep.rank)
         return directory / f"{stem}.safetensors", directory / f"{stem}.pt"
 
     def save(self, directory: Path, model: nn.Module, optimizer: Any, scheduler: Any, critic: Any) -> None:
         assert isinstance(model, MegatronPolicy)
+        if self.world.is_main:  # what another layout's resume reads first (reshard.py)
+            reshard.write_sizes(directory, self.sizes)
         replicas = self.groups.grads if self.groups.ep.world == 1 else self.groups.expert_dp
         if replicas.rank != 0:  # they hold the same shards and experts
             return
         tensors, state = self._files(directory)
         save_file({n: p.detach().contiguous() for n, p in model.gpt.named_parameters()}, str(tensors))
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "torch_rng": torch.get_rng_state()}, state)  # fmt: skip
+                    "torch_rng": torch.get_rng_state(),
+                    "param_names": reshard.optimizer_names(model.gpt, optimizer)}, state)  # fmt: skip
 
     def load(self, directory: Path, model: nn.Module, optimizer: Any, scheduler: Any, critic: Any) -> None:
         assert isinstance(model, MegatronPolicy)
+        written = reshard.saved_sizes(directory)
+        if written is not None and written != self.sizes:  # each rank rebuilds its shards (reshard.py)
+            coords = (self.groups.tp_rank, self.groups.pp.rank, self.groups.ep.rank)
+            reshard.load_resharded(directory, written, self.sizes, coords, model, optimizer, scheduler)
+            return
         tensors, state = self._files(directory)
         if not tensors.is_file():
-            raise ValueError(f"it holds no {tensors.name} (not saved by the megatron backend at these TP, PP and EP "
-                             "sizes)")  # fmt: skip
+            raise ValueError(f"it holds no {tensors.name} (not a megatron backend checkpoint)")
         saved = load_file(str(tensors))
         params = dict(model.gpt.named_parameters())
         if set(saved) != set(params):

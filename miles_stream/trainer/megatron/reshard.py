@@ -1,0 +1,276 @@
+"""Resuming a Megatron checkpoint on other (TP, PP, EP) sizes: each rank rebuilds its own shards of every parameter
+and of AdamW's moments from the files of the sizes the checkpoint was saved at (the data-parallel size needs
+nothing: every replica reads its (TP, PP, EP) rank's files, layout.py).
+
+    saved at (tp, pp, ep)   megatron.json                  {"tensor_parallel", "pipeline_parallel", "expert_parallel"}
+                            megatron-tp{k}[-pp{s}][-ep{j}]  .safetensors: that rank's parameters (local names);
+                                                            .pt: AdamW's state_dict, the local names of its parameters
+                                                            in the optimizer's order ("param_names"), the schedule,
+                                                            the torch RNG
+    rank (k', s', j') of (tp', pp', ep'):
+      1. which parameters it holds: `placement`, convert.by_stage and convert.by_expert (the splits load_policy
+         applies to the HF checkpoint, a tied model's last-stage copy of the embedding included) run over one tag
+         a parameter: {local name: one-stage name, as in a TP-rank state dict of convert.to_megatron}
+      2. where the checkpoint holds each: the same placement at the saved sizes, inverted; a parameter held by
+         several files (one replicated over EP ranks, a tied embedding and its copy) is read from a file this rank
+         reads anyway
+      3. for the parameters, then exp_avg, then exp_avg_sq: the saved TP shards of what it holds; when TP changes,
+         merged into HF tensors by convert.iter_hf and split again by convert.to_megatron (the parameters it does
+         not hold stand in as meta tensors of their saved shapes: only the files holding what it needs are read,
+         and of every file its safetensors header). PP and EP move whole tensors: nothing is merged.
+      4. AdamW's state_dict rebuilt by name for this rank's optimizer (its "params" ids are positions in the order
+         the optimizer was built, policy.py's `build_optimizer(model.parameters())`: hence the names recorded at
+         save); each parameter's "step" the saved one (equal over the TP shards merged, checked); hyperparameters,
+         schedule and torch RNG those of the saved rank (TP 0, PP 0, EP 0), on every rank. The implementation
+         flags (foreach, fused) stay this run's. numpy's and Python's RNG are rng.json's, as on any resume.
+
+Refused in one line (a ValueError, which checkpoint.load_checkpoint reports with the checkpoint's path): a
+checkpoint written before the sizes and names were recorded (no megatron.json: its sizes read from its file
+names), a missing file, a parameter the checkpoint does not hold or holds in another shape (another model),
+optimizer state on some TP shards of a parameter and not on others, or with different step counts.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import defaultdict
+from collections.abc import Callable, Mapping
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import structlog
+import torch
+from safetensors import safe_open
+from torch import Tensor, nn
+
+from miles_stream.trainer.megatron.convert import Qwen3Shape, by_expert, by_stage, iter_hf, megatron_names, to_megatron
+
+log = structlog.get_logger(__name__)
+SIZES_FILE = "megatron.json"
+MOMENTS = ("exp_avg", "exp_avg_sq")
+_IMPLEMENTATION = ("foreach", "fused", "capturable", "differentiable")  # how this run steps, not what it learned
+_STEM = re.compile(r"^megatron-tp(\d+)(?:-pp(\d+))?(?:-ep(\d+))?\.safetensors$")
+
+
+@dataclass(frozen=True, slots=True)
+class Sizes:
+    """A Megatron layout's parallel sizes (the data-parallel size is not one: replicas hold the same files)."""
+
+    tp: int = 1
+    pp: int = 1
+    ep: int = 1
+
+    def __str__(self) -> str:
+        return f"TP={self.tp}, PP={self.pp}, EP={self.ep}"
+
+
+def stem(sizes: Sizes, tp_rank: int, pp_rank: int = 0, ep_rank: int = 0) -> str:
+    """The name of a rank's checkpoint files without suffix: -pp only with PP > 1, -ep only with EP > 1."""
+    out = f"megatron-tp{tp_rank:02d}"
+    if sizes.pp > 1:
+        out += f"-pp{pp_rank:02d}"
+    if sizes.ep > 1:
+        out += f"-ep{ep_rank:02d}"
+    return out
+
+
+def write_sizes(directory: Path, sizes: Sizes) -> None:
+    (directory / SIZES_FILE).write_text(json.dumps({"tensor_parallel": sizes.tp, "pipeline_parallel": sizes.pp,
+                                                    "expert_parallel": sizes.ep}))  # fmt: skip
+
+
+def saved_sizes(directory: Path) -> Sizes | None:
+    """The sizes a Megatron checkpoint was written at: megatron.json, or (written before it) the largest ranks in
+    its file names; None where it holds no Megatron file."""
+    recorded = directory / SIZES_FILE
+    if recorded.is_file():
+        raw = json.loads(recorded.read_text())
+        return Sizes(int(raw["tensor_parallel"]), int(raw["pipeline_parallel"]), int(raw["expert_parallel"]))
+    found = [m for p in directory.glob("megatron-*.safetensors") if (m := _STEM.match(p.name))]
+    if not found:
+        return None
+    return Sizes(*(1 + max(int(m[i] or 0) for m in found) for i in (1, 2, 3)))
+
+
+def optimizer_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    """The local names of the optimizer's parameters in its order (what its state_dict's ids count)."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+
+
+def placement(shape: Qwen3Shape, sizes: Sizes, pp_rank: int, ep_rank: int) -> dict[str, str]:
+    """{local name: one-stage name} of what a (PP, EP) rank holds (every TP rank holds the same names), found by
+    running the conversion's own splits (convert.by_stage, convert.by_expert, as build.load_policy applies them)
+    over one tag a parameter."""
+    names = megatron_names(shape)
+    tags: Mapping[str, Tensor] = {n: torch.tensor(i) for i, n in enumerate(names)}
+    if sizes.pp > 1:
+        tags = by_stage(tags, shape, sizes.pp)[pp_rank]
+    if sizes.ep > 1:
+        tags = by_expert(tags, shape, sizes.ep)[ep_rank]
+    return {local: names[int(tag)] for local, tag in tags.items()}
+
+
+@dataclass(frozen=True, slots=True)
+class Rebuilt:
+    """One rank's shards rebuilt from a checkpoint of other sizes (local names)."""
+
+    params: dict[str, Tensor]
+    moments: dict[str, dict[str, Tensor]]  # {local name: {"step", "exp_avg", "exp_avg_sq"}}; absent: no state
+    extra: dict[str, Any]  # the saved rank (0, 0, 0)'s .pt: "optimizer" (its param_groups), "scheduler", "torch_rng"
+    read: frozenset[str]  # the stems of the files whose tensors were read
+
+
+class _Saved:
+    """A checkpoint's files at `sizes`, each opened when first asked for."""
+
+    def __init__(self, directory: Path, sizes: Sizes, holds: dict[str, set[str]], stack: ExitStack) -> None:
+        self.directory, self.sizes, self.stack = directory, sizes, stack
+        self.holds = holds  # {file stem: the local names it should hold}
+        self.tensors: dict[str, Any] = {}
+        self.extras: dict[str, dict[str, Any]] = {}
+        self.read: set[str] = set()
+
+    def _path(self, name: str) -> Path:
+        path = self.directory / name
+        if not path.is_file():
+            raise ValueError(f"it holds no {name} (saved at {self.sizes}: a file is missing)")
+        return path
+
+    def file(self, name: str) -> Any:
+        if name not in self.tensors:
+            f = self.stack.enter_context(safe_open(str(self._path(f"{name}.safetensors")), "pt"))
+            if set(f.keys()) != self.holds[name]:
+                other = sorted(set(f.keys()) ^ self.holds[name])[:3]
+                raise ValueError(f"{name}.safetensors holds other parameters than this model's at {self.sizes} "
+                                 f"({other}): the checkpoint is of another model")  # fmt: skip
+            self.tensors[name] = f
+        return self.tensors[name]
+
+    def extra(self, name: str) -> dict[str, Any]:
+        """One file's .pt, checked (mmap: a moment's bytes are read when it is used)."""
+        if name not in self.extras:
+            extra = torch.load(self._path(f"{name}.pt"), weights_only=True, mmap=True)
+            if "param_names" not in extra:
+                raise ValueError(f"{name}.pt was written before the megatron backend recorded its optimizer's "
+                                 f"parameter names: resume it on {self.sizes}, the sizes it was saved at")  # fmt: skip
+            groups = len(extra["optimizer"]["param_groups"])
+            if groups != 1:
+                raise ValueError(f"{name}.pt: AdamW with {groups} parameter groups (the backend builds one)")
+            extra["index"] = {n: i for i, n in enumerate(extra["param_names"])}
+            self.extras[name] = extra
+        return self.extras[name]
+
+    def shape(self, name: str, local: str) -> list[int]:
+        shape: list[int] = self.file(name).get_slice(local).get_shape()
+        return shape
+
+    def param(self, name: str, local: str) -> Tensor:
+        self.read.add(name)
+        tensor: Tensor = self.file(name).get_tensor(local)
+        return tensor
+
+    def moment(self, name: str, local: str) -> dict[str, Tensor] | None:
+        """AdamW's state of one parameter of one file (None: it has none, never stepped)."""
+        extra = self.extra(name)
+        self.read.add(name)
+        index = extra["index"]
+        state: dict[str, Tensor] | None = extra["optimizer"]["state"].get(index[local]) if local in index else None
+        return state
+
+
+def rebuild(directory: Path, shape: Qwen3Shape, saved: Sizes, here: Sizes, tp_rank: int, pp_rank: int = 0,
+            ep_rank: int = 0) -> Rebuilt:  # fmt: skip
+    """Rank (tp_rank, pp_rank, ep_rank) of a layout at `here`'s sizes, rebuilt from a checkpoint saved at `saved`'s
+    (see the module's docstring)."""
+    mine = placement(shape, here, pp_rank, ep_rank)
+    homes: dict[str, list[tuple[int, int, str]]] = defaultdict(list)  # one-stage name -> [(stage, EP rank, local)]
+    holds: dict[str, set[str]] = {}
+    for s in range(saved.pp):
+        for j in range(saved.ep):
+            there = placement(shape, saved, s, j)
+            holds |= {stem(saved, k, s, j): set(there) for k in range(saved.tp)}
+            for local, name in there.items():
+                homes[name].append((s, j, local))
+    needed = set(mine.values())
+    # read a parameter held by several files from one this rank reads anyway
+    reads = {(home[0][0], home[0][1]) for n in needed if len(home := homes[n]) == 1}
+    chosen = {n: next((h for h in homes[n] if h[:2] in reads), homes[n][0]) for n in homes}
+
+    def where(name: str, k: int) -> tuple[str, str]:
+        s, j, local = chosen[name]
+        return stem(saved, k, s, j), local
+
+    with ExitStack() as stack:
+        files = _Saved(directory, saved, holds, stack)
+
+        def saved_parts(get: Callable[[str, str], Any]) -> dict[str, list[Any]]:
+            """{one-stage name: its saved TP shards} of what this rank needs and the checkpoint holds (`get`)."""
+            parts = {n: [get(*where(n, k)) for k in range(saved.tp)] for n in sorted(needed)}
+            have = {n: [p for p in ps if p is not None] for n, ps in parts.items()}
+            for n, ps in have.items():
+                if 0 < len(ps) < saved.tp:
+                    raise ValueError(f"{n}: optimizer state on {len(ps)} of its {saved.tp} TP shards")
+            return {n: ps for n, ps in have.items() if ps}
+
+        def resplit(parts: dict[str, list[Tensor]]) -> dict[str, Tensor]:
+            """This rank's TP shard (one-stage names) of each of `parts`, the saved TP shards."""
+            if saved.tp == here.tp:
+                return {n: ps[tp_rank] for n, ps in parts.items()}
+
+            def shards_of(name: str) -> list[Tensor]:
+                if name in parts:
+                    return parts[name]
+                return [torch.empty(files.shape(*where(name, k)), device="meta") for k in range(saved.tp)]
+
+            split = to_megatron(dict(iter_hf(shards_of, shape)), shape, here.tp)[tp_rank]
+            return {n: split[n] for n in parts}
+
+        params = resplit(saved_parts(files.param))
+        states = saved_parts(files.moment)
+        moments: dict[str, dict[str, Tensor]] = {}
+        if states:
+            steps = {n: {float(s["step"]) for s in ps} for n, ps in states.items()}
+            for n, values in steps.items():
+                if len(values) > 1:
+                    raise ValueError(f"{n}: its TP shards' optimizer steps differ ({sorted(values)})")
+            fields = {f: resplit({n: [s[f] for s in ps] for n, ps in states.items()}) for f in MOMENTS}
+            moments = {n: {"step": ps[0]["step"].clone(), **{f: fields[f][n].clone() for f in MOMENTS}}
+                       for n, ps in states.items()}  # fmt: skip
+        extra = files.extra(stem(saved, 0, 0, 0))
+        local_moments = {local: moments[name] for local, name in mine.items() if name in moments}
+        return Rebuilt(params={local: params[name] for local, name in mine.items()}, moments=local_moments,
+                       extra={k: extra[k] for k in ("optimizer", "scheduler", "torch_rng")},
+                       read=frozenset(files.read))  # fmt: skip
+
+
+def load_resharded(directory: Path, saved: Sizes, here: Sizes, coords: tuple[int, int, int], model: Any,
+                   optimizer: torch.optim.Optimizer, scheduler: Any) -> None:  # fmt: skip
+    """Load a checkpoint saved at `saved` into this rank (`coords`: its TP, PP and EP ranks at `here`): parameters,
+    AdamW's state, the schedule and the torch RNG."""
+    gpt = model.gpt
+    out = rebuild(directory, model.shape, saved, here, *coords)
+    params = dict(gpt.named_parameters())
+    if set(out.params) != set(params):
+        other = sorted(set(out.params) ^ set(params))[:4]
+        raise ValueError(f"the conversion and this GPTModel disagree on names: {other}")
+    with torch.no_grad():
+        for name, p in params.items():
+            if p.shape != out.params[name].shape:
+                raise ValueError(f"{name}: this GPTModel holds {tuple(p.shape)}, the checkpoint (saved at {saved}) "
+                                 f"{tuple(out.params[name].shape)}: it is of another model")  # fmt: skip
+            p.copy_(out.params[name])
+    names = optimizer_names(gpt, optimizer)
+    (group,) = out.extra["optimizer"]["param_groups"]
+    (current,) = optimizer.param_groups
+    group = {**group, **{k: current[k] for k in _IMPLEMENTATION if k in current}, "params": list(range(len(names)))}
+    state = {i: out.moments[n] for i, n in enumerate(names) if n in out.moments}
+    optimizer.load_state_dict({"state": state, "param_groups": [group]})
+    scheduler.load_state_dict(out.extra["scheduler"])
+    torch.set_rng_state(out.extra["torch_rng"])
+    log.info(
+        "megatron_checkpoint_resharded", saved=str(saved), here=str(here), rank=coords, files_read=sorted(out.read)
+    )
