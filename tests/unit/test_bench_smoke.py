@@ -57,6 +57,8 @@ SMOKE = [
     pytest.param("bench_train_step.py", ["--device", "cpu", "--shape", "tiny", "--groups", "1", "--samples", "2",
                                          "--prompt-len", "8", "--response-len", "8", "--steps", "1",
                                          "--cases", "fused-4k", "--backend", "megatron"], id="train_step-megatron"),
+    pytest.param("bench_megatron_memory.py", ["--hidden", "64", "--layers", "2", "--tokens", "16", "--layouts", "1"],
+                 id="megatron_memory"),
     pytest.param("bench_trainer_cpu.py", ["--groups", "1", "--samples", "2", "--prompt-len", "4", "--response-len",
                                           "4", "--steps", "1", "--threads", "1", "--sizes", "tiny-dense"],
                  id="trainer_cpu"),
