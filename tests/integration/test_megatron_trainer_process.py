@@ -1,4 +1,4 @@
-"""The trainer process with trainer.backend=megatron and a real Redis: one rank, tensor parallel and pipeline
+"""The trainer process with trainer.backend=megatron and a real Redis: one rank, tensor, pipeline and context
 parallel over two torchrun ranks, read the same stream as the torch backend, train each group once, publish,
 checkpoint and export the model the torch backend exports; and Qwen3-MoE with routing traces on the stream,
 replayed (R3), as the torch backend trains it, on one rank, with its experts split over two torchrun ranks
@@ -42,6 +42,8 @@ def test_megatron_trainer_processes_one_rank_tp2_and_pp2_export_the_torch_backen
         ("tp2", TORCHRUN_2, 2, ["trainer.backend=megatron", "trainer.megatron.tensor_parallel=2"]),
         # the same with two pipeline stages (one layer each, the tied embedding's copy on the last)
         ("pp2", TORCHRUN_2, 2, ["trainer.backend=megatron", "trainer.megatron.pipeline_parallel=2"]),
+        # and with every sequence split over two context-parallel ranks (the CP group trains both ranks' 4)
+        ("cp2", TORCHRUN_2, 2, ["trainer.backend=megatron", "trainer.megatron.context_parallel=2"]),
     ):  # fmt: skip
         ns = f"{name}{uuid.uuid4().hex[:8]}"
         asyncio.run(publish_groups(redis_url, ns, groups(0, 8)))
@@ -61,7 +63,9 @@ def test_megatron_trainer_processes_one_rank_tp2_and_pp2_export_the_torch_backen
     assert sorted(p.name for p in saved.glob("megatron-tp*")) == [
         "megatron-tp00-pp00.pt", "megatron-tp00-pp00.safetensors", "megatron-tp00-pp01.pt",
         "megatron-tp00-pp01.safetensors"]  # fmt: skip
-    for name in ("megatron", "tp2", "pp2"):
+    saved = tmp_path / "cp2" / "ckpt" / "step-00000002"  # the CP ranks hold the same model: one pair of files
+    assert sorted(p.name for p in saved.glob("megatron-tp*")) == ["megatron-tp00.pt", "megatron-tp00.safetensors"]
+    for name in ("megatron", "tp2", "pp2", "cp2"):
         assert runs[name].keys() == runs["torch"].keys()
         for key, value in runs["torch"].items():
             assert torch.allclose(runs[name][key], value, atol=1e-5), (name, key)
@@ -94,6 +98,8 @@ def test_megatron_trainer_process_trains_qwen3_moe_with_replay_as_the_torch_back
         # two pipeline stages of one MoE layer each (router and 8 experts), each replaying its layer of the trace;
         # the PP group trains both ranks' 2 groups
         ("pp2", TORCHRUN_2, 2, ["trainer.backend=megatron", "trainer.megatron.pipeline_parallel=2"]),
+        # and with every sequence split over two context-parallel ranks (the CP group trains both ranks' 4)
+        ("cp2", TORCHRUN_2, 2, ["trainer.backend=megatron", "trainer.megatron.context_parallel=2"]),
     ):  # fmt: skip
         ns = f"{name}{uuid.uuid4().hex[:8]}"
         asyncio.run(publish_groups(redis_url, ns, traced_groups(8)))
