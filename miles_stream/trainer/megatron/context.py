@@ -11,7 +11,8 @@
                 the gather's backward sums each rank's key/value gradients back to it); each local query chunk j
                 attends keys 0 .. (j+1)c-1, causal aligned to the lower right (`causal_lower_right`: query i of
                 the chunk sees keys up to j*c + i). Keys and values are held whole for one layer at a time
-                (2 x L x groups x d a row); the ring exchange that avoids even that is not built
+                (2 x L x groups x d a row, repeated to the query heads for the kernels); the ring exchange that
+                avoids even that is not built
     logprobs    each rank computes the response tokens whose predicting position it holds; the [b, T] results are
                 summed over the CP group by `sum_over_cp`, whose backward passes the gradient through unchanged:
                 every CP rank computes the same loss on the same logprobs and keeps only its own tokens' paths,
@@ -82,12 +83,17 @@ def cp_attention(q: Tensor, k: Tensor, v: Tensor, *, cp: int, rank: int, group: 
     for r, kv in enumerate(gathered):  # back to global chunk order
         pieces[r], pieces[2 * cp - 1 - r] = kv[:, :c], kv[:, c:]
     keys, values = torch.cat(pieces, dim=1).unbind(0)  # [2cp * c, b, g, d]
+    if (heads := q.shape[2] // keys.shape[2]) > 1:
+        # each group's key and value for each of its query heads: the lower-right mask's CUDA paths call the flash
+        # and memory-efficient kernels directly, without SDPA's GQA handling (torch/nn/attention/bias.py
+        # `CausalBias._dispatch`); the repeat is this layer's gathered keys and values x heads / groups, freed after
+        keys, values = keys.repeat_interleave(heads, dim=2), values.repeat_interleave(heads, dim=2)
     out = []
     for half, j in enumerate((rank, 2 * cp - 1 - rank)):
         seen = (j + 1) * c
         qj, kj, vj = (t.permute(1, 2, 0, 3) for t in (q[half * c : (half + 1) * c], keys[:seen], values[:seen]))
         o = F.scaled_dot_product_attention(qj, kj, vj, attn_mask=causal_lower_right(c, seen), scale=scale,
-                                           dropout_p=dropout, enable_gqa=True)  # fmt: skip
+                                           dropout_p=dropout)  # fmt: skip
         out.append(o.permute(2, 0, 1, 3))  # [c, b, heads, d]
     whole = torch.cat(out)
     return whole.reshape(whole.shape[0], whole.shape[1], -1)
