@@ -1,10 +1,12 @@
-"""trainer.megatron.context_parallel on CPU: every sequence of dense Qwen3's micro-batches split over gloo ranks.
+"""trainer.megatron.context_parallel on CPU: every sequence of a micro-batch split over gloo ranks.
 
 The split is Megatron's (2*cp chunks, rank r holding chunks r and 2cp-1-r, every position on one rank once). CP=2
-over two spawned gloo ranks (and, slow, TP=2 x CP=2 and PP=2 x CP=2 over four), each rank reading its own share of
-the batch, with a frozen reference and an entropy bonus, against one rank on the whole batch: logprobs and entropy
-(on every rank), loss, gradient norm and the published weights agree within float32 tolerance; a checkpoint written
-by the first CP rank resumes exactly; what is not built is refused in one line."""
+over two spawned gloo ranks, dense Qwen3 and Qwen3-MoE with R3 (and, slow, TP=2 x CP=2, PP=2 x CP=2, and for the
+MoE EP=2 x CP=2 and PP=2 x CP=2, over four), each rank reading its own share of the batch, with a frozen reference
+and an entropy bonus, against one rank on the whole batch: logprobs and entropy (on every rank; MoE: the replayed
+forward's logprobs and its differing/recorded token counts), loss, gradient norm, routing_mismatch and the
+published weights agree within float32 tolerance; a checkpoint written by the first CP rank resumes exactly; what
+is not built is refused in one line."""
 
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ import torch.multiprocessing as mp
 pytest.importorskip("megatron.core", reason="megatron-core is the optional [megatron] extra")
 
 from megatron_helpers import fixed_batch, resume_check
+from test_megatron_moe_pp import replayed, traced_batch
 
 from miles_stream.errors import ConfigError
 from miles_stream.models import TinyModelConfig, build_tiny_model
@@ -31,7 +34,6 @@ from miles_stream.trainer.backends import build_backend
 from miles_stream.trainer.config import TrainerConfig
 from miles_stream.trainer.megatron.config import MegatronConfig
 from miles_stream.trainer.megatron.context import ContextSplit
-from miles_stream.trainer.megatron.model import build_gpt
 from miles_stream.trainer.megatron.parallel import init_groups, release_groups
 from miles_stream.trainer.parallel import DataParallel
 from miles_stream.trainer.torch.hf import load_causal_lm
@@ -45,6 +47,11 @@ ALGO = AlgoConfig(kl_loss_coef=0.01, entropy_coef=0.01)  # a frozen reference (s
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     yield build_tiny_model(tmp_path_factory.mktemp("megatron-cp"), TinyModelConfig(num_layers=4))
     release_groups()  # the one-rank process group the backend made in this process
+
+
+@pytest.fixture(scope="module")
+def moe_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("megatron-cp-moe"), TinyModelConfig(kind="moe", num_layers=4))
 
 
 def config(model_dir: Path, **megatron: int) -> TrainerConfig:
@@ -72,10 +79,6 @@ def test_context_parallel_refuses_what_it_cannot_split(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"not packed ones: set trainer\.pack_sequences false"):
         build_backend(replace(config(tmp_path), pack_sequences=True, megatron=MegatronConfig(context_parallel=2)),
                       AlgoConfig(), temperature=1.0, parallel=DataParallel())  # fmt: skip
-    moe = build_tiny_model(tmp_path / "moe", TinyModelConfig(kind="moe"))
-    hf_config = load_causal_lm(str(moe), dtype="float32", device="cpu").config
-    with pytest.raises(ConfigError, match=r"context_parallel=2: .*dense Qwen3's sequences only"):
-        build_gpt(hf_config, tp=1, cp=2, device="cpu", dtype=torch.float32)
 
 
 def share(rank: int, world: int) -> list[int]:
@@ -83,57 +86,76 @@ def share(rank: int, world: int) -> list[int]:
     return list(range(rank * per, (rank + 1) * per))
 
 
-def _cp_worker(rank: int, world: int, port: int, model_dir: str, out: str, sizes: dict[str, int]) -> None:
+def _cp_worker(rank: int, world: int, port: int, model_dir: str, out: str, sizes: dict[str, int], moe: bool) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     parallel = DataParallel.from_env("cpu")
-    cfg = config(Path(model_dir), **sizes)
+    cfg = replace(config(Path(model_dir), **sizes), routing_replay=moe)
     backend: Any = build_backend(cfg, ALGO, temperature=1.0, parallel=parallel)
-    batch = fixed_batch(Path(model_dir), seed=0)
-    with torch.no_grad():  # every rank returns the whole micro-batch's logprobs
-        logp, entropy = response_logprobs(backend.model, micro_inputs(batch, "cpu"), temperature=1.0)
+    make = traced_batch if moe else fixed_batch
+    batch = make(Path(model_dir), seed=0)
+    counts = None
+    if moe:  # R3: the replayed forward's logprobs and (differing, recorded) token counts
+        logp, *counts = replayed(backend, batch)
+        entropy = logp
+    else:
+        with torch.no_grad():  # every rank returns the whole micro-batch's logprobs
+            logp, entropy = response_logprobs(backend.model, micro_inputs(batch, "cpu"), temperature=1.0)
     rows = share(rank, world)
     metrics = backend.train(batch.rows(rows))
     published = {n: t.clone() for n, t in backend.weights()[0].items()}
     ckpt = Path(out).parent / "ckpt"
-    second = fixed_batch(Path(model_dir), seed=2).rows(rows)
+    second = make(Path(model_dir), seed=2).rows(rows)
     after, again, resumed_equal = resume_check(
         backend, lambda: build_backend(cfg, ALGO, temperature=1.0, parallel=parallel), ckpt, parallel, second
     )
-    torch.save({"logp": logp, "entropy": entropy, "metrics": metrics, "weights": published, "after": after,
-                "again": again, "resumed_equal": resumed_equal,
+    torch.save({"logp": logp, "entropy": entropy, "counts": counts, "metrics": metrics, "weights": published,
+                "after": after, "again": again, "resumed_equal": resumed_equal,
                 "files": sorted(p.name for p in ckpt.iterdir())}, f"{out}.{rank}")  # fmt: skip
     parallel.barrier()
     sys.stdout.flush()
     os._exit(0)  # gloo's teardown sometimes aborts (tests/unit/test_trainer.py says when)
 
 
-@pytest.mark.parametrize(("world", "sizes"), [
-    (2, {"context_parallel": 2}),
-    pytest.param(4, {"context_parallel": 2, "tensor_parallel": 2}, marks=pytest.mark.slow),
-    pytest.param(4, {"context_parallel": 2, "pipeline_parallel": 2}, marks=pytest.mark.slow),
+@pytest.mark.parametrize(("world", "sizes", "moe"), [
+    (2, {"context_parallel": 2}, False),
+    (2, {"context_parallel": 2}, True),  # Qwen3-MoE with R3: the recording cut as the rows are
+    pytest.param(4, {"context_parallel": 2, "tensor_parallel": 2}, False, marks=pytest.mark.slow),
+    pytest.param(4, {"context_parallel": 2, "pipeline_parallel": 2}, False, marks=pytest.mark.slow),
+    pytest.param(4, {"context_parallel": 2, "expert_parallel": 2}, True, marks=pytest.mark.slow),
+    pytest.param(4, {"context_parallel": 2, "pipeline_parallel": 2}, True, marks=pytest.mark.slow),
 ])  # fmt: skip
 def test_context_parallel_over_gloo_ranks_takes_the_step_one_rank_takes(
-    model_dir: Path, tmp_path: Path, world: int, sizes: dict[str, int]
+    model_dir: Path, moe_dir: Path, tmp_path: Path, world: int, sizes: dict[str, int], moe: bool
 ) -> None:
+    path = moe_dir if moe else model_dir
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     out = tmp_path / "rank"
-    mp.start_processes(_cp_worker, args=(world, port, str(model_dir), str(out), sizes), nprocs=world,
+    mp.start_processes(_cp_worker, args=(world, port, str(path), str(out), sizes, moe), nprocs=world,
                        start_method="spawn")  # fmt: skip
     ranks = [torch.load(f"{out}.{r}", weights_only=True) for r in range(world)]
-    single: Any = build_backend(config(model_dir), ALGO, temperature=1.0, parallel=DataParallel())
-    batch = fixed_batch(model_dir, seed=0)
+    single: Any = build_backend(replace(config(path), routing_replay=moe), ALGO, temperature=1.0,
+                                parallel=DataParallel())  # fmt: skip
+    batch = (traced_batch if moe else fixed_batch)(path, seed=0)
     mask = batch.mask_BT.bool()
-    with torch.no_grad():
-        logp, entropy = response_logprobs(single.model, micro_inputs(batch, "cpu"), temperature=1.0)
+    if moe:
+        logp, *counts = replayed(single, batch)
+        entropy = logp
+        assert 0 < counts[0] < counts[1]  # some recorded tokens differ from the model's own routing
+    else:
+        with torch.no_grad():
+            logp, entropy = response_logprobs(single.model, micro_inputs(batch, "cpu"), temperature=1.0)
     metrics = single.train(batch)
     published, _ = single.weights()
     for r, got in enumerate(ranks):
         torch.testing.assert_close(got["logp"][mask], logp[mask], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(got["entropy"][mask], entropy[mask], atol=1e-5, rtol=1e-5)
-        for name in ("loss", "pg_loss", "kl_loss", "entropy", "grad_norm", "tokens"):
+        if moe:  # each CP rank counted its own tokens; summed, one rank's counts
+            assert got["counts"] == counts, r
+        for name in ("loss", "pg_loss", "kl_loss", "entropy", "grad_norm", "tokens", *(("routing_mismatch",) if moe
+                                                                                      else ())):  # fmt: skip
             assert got["metrics"][name] == pytest.approx(metrics[name], rel=1e-5, abs=1e-7), (r, name)
         assert list(got["weights"]) == list(published)
         far = 0  # as the PP test bounds them: AdamW's first step amplifies float noise where g is near 0
@@ -144,11 +166,13 @@ def test_context_parallel_over_gloo_ranks_takes_the_step_one_rank_takes(
         assert got["again"]["loss"] == got["after"]["loss"] and got["again"]["grad_norm"] == got["after"]["grad_norm"]
         assert got["resumed_equal"], r
     # the step moved the weights (a test that compared untouched weights could not fail)
-    assert not torch.equal(published["model.layers.3.mlp.down_proj.weight"],
-                           load_causal_lm(str(model_dir), dtype="float32", device="cpu").state_dict()[
-                               "model.layers.3.mlp.down_proj.weight"])  # fmt: skip
-    tp, pp = sizes.get("tensor_parallel", 1), sizes.get("pipeline_parallel", 1)
-    stems = [f"megatron-tp{k:02d}" + (f"-pp{s:02d}" if pp > 1 else "") for k in range(tp) for s in range(pp)]
+    moved = "model.layers.3.mlp.experts.down_proj" if moe else "model.layers.3.mlp.down_proj.weight"
+    assert not torch.equal(
+        published[moved], load_causal_lm(str(path), dtype="float32", device="cpu").state_dict()[moved]
+    )
+    tp, pp, ep = sizes.get("tensor_parallel", 1), sizes.get("pipeline_parallel", 1), sizes.get("expert_parallel", 1)
+    stems = [f"megatron-tp{k:02d}" + (f"-pp{s:02d}" if pp > 1 else "") + (f"-ep{j:02d}" if ep > 1 else "")
+             for k in range(tp) for s in range(pp) for j in range(ep)]  # fmt: skip
     assert ranks[0]["files"] == sorted(
         [*(f"{stem}.{x}" for stem in stems for x in ("pt", "safetensors")), "megatron.json"]
     )

@@ -14,11 +14,11 @@ Qwen3-MoE: experts and routers converted too (convert.py), R3 in the routers (mo
 split over expert-parallel ranks (trainer.megatron.expert_parallel; parallel.py, dispatch.py, layout.py).
 Layers cut into pipeline stages (trainer.megatron.pipeline_parallel; convert.by_stage, pipeline.py), dense Qwen3
 and Qwen3-MoE (a stage's routers and experts with its layers, the experts split again over the stage's EP ranks;
-R3 replays each stage's own layers of the trace). Dense Qwen3's sequences split over context-parallel ranks
+R3 replays each stage's own layers of the trace). Sequences split over context-parallel ranks
 (trainer.megatron.context_parallel; context.py).
 Packed sequences (trainer.pack_sequences): one row a micro-batch, Megatron's `thd` layout (model.py, attention.py),
 with TP, PP and EP (not with CP).
-Not built yet (each refused with what to change): PPO's critic, MoE with tensor or context parallel, packed
+Not built yet (each refused with what to change): PPO's critic, MoE with tensor parallel, packed
 sequences with context parallel, activation checkpointing, torch.compile.
 """
 

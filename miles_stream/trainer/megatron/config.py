@@ -15,7 +15,7 @@ class MegatronConfig:
     tensor_parallel: int = 1  # ranks one model's layers are split over (heads, MLP columns, vocabulary)
     pipeline_parallel: int = 1  # stages one model's layers are cut into (Qwen3 and Qwen3-MoE; pipeline.py)
     expert_parallel: int = 1  # ranks an MoE layer's experts are split over (within the data-parallel ranks)
-    context_parallel: int = 1  # ranks each sequence is split over (dense Qwen3; context.py)
+    context_parallel: int = 1  # ranks each sequence is split over (context.py)
 
     def __post_init__(self) -> None:
         check(self.tensor_parallel >= 1, "trainer.megatron.tensor_parallel", "must be >= 1")

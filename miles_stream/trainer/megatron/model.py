@@ -113,9 +113,6 @@ def build_gpt(hf_config: Any, *, tp: int, device: str, dtype: torch.dtype, ep: i
     copies' gradients over the embedding group (layout.py), which is what Megatron does after that."""
     shape = Qwen3Shape.of(hf_config)
     shape.check_split(tp, ep, pp)
-    if cp > 1 and shape.experts:  # R3's per-token routes and the EP dispatcher would need the CP split too
-        raise ConfigError(f"trainer.megatron.context_parallel={cp}: the megatron backend splits dense Qwen3's "
-                          "sequences only (not Qwen3-MoE's): set 1")  # fmt: skip
     if not device.startswith("cuda"):
         megatron_random.initialize_rng_tracker(inference_rng_tracker=True)  # see the module's docstring
     spec = get_gpt_layer_local_spec(num_experts=shape.experts or None, moe_grouped_gemm=False, qk_layernorm=True,
@@ -167,6 +164,7 @@ class MegatronPolicy(nn.Module):
         self.peers = tuple(dist.get_global_rank(pp.group, s) for s in stages) if pp.world > 1 else (0, 0, 0)
         setattr(self, SHARDED_ENTRY, self.response_logprobs)  # what trainer/torch/logprobs.py calls
         setattr(self, REPLAY_ENTRY, self.routing_replay)  # what trainer/torch/policy.py asks for R3
+        self.replay: MegatronRoutingReplay | None = None  # the R3 made for this model (`routing_replay`)
         setattr(self, PACKS_ITSELF, True)  # packed rows go to Megatron's attention as PackedSeqParams
 
     def routers(self) -> list[Any]:
@@ -176,11 +174,13 @@ class MegatronPolicy(nn.Module):
     def routing_replay(self, *, replace: bool) -> MegatronRoutingReplay | None:
         """R3 over this model's routers (None: a dense model); a stage's routers replay their own layers of the
         trace and combine their counts over the PP group (see moe.py)."""
-        routers, pp = self.routers(), self.groups.pp
+        routers, pp, cp = self.routers(), self.groups.pp, self.groups.cp
         if not routers:
             return None
-        return MegatronRoutingReplay(routers, replace=replace, layers=self.shape.num_layers,
-                                     group=pp.group if pp.world > 1 else None)  # fmt: skip
+        self.replay = MegatronRoutingReplay(routers, replace=replace, layers=self.shape.num_layers,
+                                            group=pp.group if pp.world > 1 else None,
+                                            cp_group=cp.group if cp.world > 1 else None)  # fmt: skip
+        return self.replay
 
     def hidden(self, x: MicroInputs) -> Tensor:
         """[L, b, H] this stage's output for the micro-batch's rows: right-padded (causal attention: padding after a
@@ -199,6 +199,8 @@ class MegatronPolicy(nn.Module):
             split = ContextSplit(g.cp.world, g.cp.rank, length)
             input_ids = split.take(input_ids, self.pad_id or 0)
             positions = split.positions(input_ids.device)[None].expand(b, -1)
+            if self.replay is not None:  # R3: the recording's tokens cut as the rows are
+                self.replay.localize(split, b)
         if g.first_stage:
             h = self.gpt.embedding(input_ids=input_ids, position_ids=positions)  # [L, b, H]
             if self.pad_id is not None:  # HF's embedding has padding_idx=pad_token_id (transformers

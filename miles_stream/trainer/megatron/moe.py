@@ -43,6 +43,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from miles_stream.trainer.megatron.context import ContextSplit
 from miles_stream.trainer.torch.routing_replay import ReplayState
 
 with warnings.catch_warnings():  # Megatron warns at import that Apex and Transformer Engine are absent
@@ -109,21 +110,56 @@ class MegatronRoutingReplay(ReplayState):
     transformer_layer.py:280, and hands the number to the MoE layer's router, :371-372, moe_layer.py:123-126,
     router.py:126-128). A token counts as differing when its routing differs in some layer of any stage: each
     forward's per-token flags are OR-ed over the PP group (`group`) before they are counted, so every stage counts
-    what one rank holding every layer counts (the train step then sums the counts over the DP group only)."""
+    what one rank holding every layer counts (the train step then sums the counts over the DP group only).
 
-    def __init__(self, routers: list[Any], *, replace: bool, layers: int | None = None, group: Any = None) -> None:
+    Context parallel: the model cuts the recording to this rank's tokens as it cuts the rows (`localize`, called
+    from the model's forward), and the counts are summed over the CP group (`cp_group`), each token counted on the
+    rank that holds it."""
+
+    def __init__(self, routers: list[Any], *, replace: bool, layers: int | None = None, group: Any = None,
+                 cp_group: Any = None) -> None:  # fmt: skip
         super().__init__(routers, replace=replace, layers=layers)
         self.group = group  # the PP group (None: one stage)
+        self.cp_group = cp_group  # the CP group (None: whole sequences on every rank)
+        self._local = False  # the recording cut to this CP rank's tokens (`localize`)
         for router in routers:
             if router.layer_number is None:  # set by its MoE layer at build
                 raise ValueError("a router without its layer_number (not built inside a TransformerLayer)")
             router.router_replay = LayerReplay(self, int(router.layer_number) - 1)
+
+    def begin(self, inputs: tuple[Tensor, Tensor] | None, *, count: bool = True) -> None:
+        super().begin(inputs, count=count)
+        self._local = False
+
+    def localize(self, split: ContextSplit, rows: int) -> None:
+        """Context parallel: keep this rank's tokens of the recording, as the model keeps them (context.py): each
+        row padded to the split's length, then this rank's positions ([rows * 2c] tokens, row-major)."""
+        if self._ids is None or self._recorded is None or self._local:
+            return
+        width, positions = self._ids.shape[0] // rows, split.positions(self._ids.device)
+
+        def take(t: Tensor) -> Tensor:
+            padded = t.new_zeros((rows, split.padded, *t.shape[1:]))  # pads: not recorded
+            padded[:, :width] = t.view(rows, width, *t.shape[1:])
+            return padded[:, positions].reshape(rows * len(positions), *t.shape[1:])
+
+        self._ids, self._recorded = take(self._ids), take(self._recorded)
+        self._differs = torch.zeros_like(self._recorded)
+        self._local = True
 
     def end_forward(self) -> None:
         if self.group is not None and self._counting and self._differs is not None:
             flags = self._differs.to(torch.int32)  # gloo reduces no bool tensors
             dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.group)
             self._differs = flags.bool()
+        if self.cp_group is not None and self._counting and self._differs is not None and self._recorded is not None:
+            # each CP rank counted its own tokens: the sums over the CP group are one rank's whole counts
+            counts = torch.stack([self._differs.sum(), self._recorded.sum()]).to(torch.int64)
+            dist.all_reduce(counts, group=self.cp_group)
+            self.differing_tokens += int(counts[0])
+            self.recorded_tokens += int(counts[1])
+            self._counting = False
+            return
         super().end_forward()
 
     def layer_inputs(self, layer: int, seq_batch: tuple[int, int] | None) -> tuple[Tensor, Tensor] | None:

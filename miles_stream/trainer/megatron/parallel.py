@@ -13,7 +13,7 @@
       rows is what TP already does, costs a few kB, and keeps the loop unchanged.
     a DP group (same TP and PP rank in every model-parallel group) sums gradients (`GroupParallel`, the torch
       step's reductions); a PP group passes activations forward and their gradients back (pipeline.py).
-    context parallel (CP, dense only): the cp ranks next to a TP group split every sequence (context.py); they
+    context parallel (CP): the cp ranks next to a TP group split every sequence (context.py); they
       train the same rows (`mp_union`) and hold the same parameters, so the step's counts and metrics are summed
       over the DP group and the gradients over DP x CP (Megatron's data-parallel group with context parallel).
     tied embeddings with PP: the first stage's embedding and the last stage's copy of it (the output layer)
