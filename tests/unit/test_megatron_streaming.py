@@ -1,12 +1,14 @@
 """The Megatron backend at a model's real size: a rank reads only its own share of the Hugging Face checkpoint
 (its pipeline stage's layers, its expert-parallel rank's experts), one tensor at a time, and a publication streams
-the gathered HF tensors one at a time (the trainer never holds the whole model twice), in the publish dtype.
+the gathered HF tensors one at a time (the trainer never holds the whole model twice), in the publish dtype, and an
+export streams them into safetensors shards as save_pretrained would write them.
 
 The split a rank reads is checked against the eager conversion the other tests check against HF (`to_megatron`,
 `by_stage`, `by_expert`); the reads are recorded by name, so reading the whole checkpoint on every rank fails."""
 
 from __future__ import annotations
 
+import json
 import weakref
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,7 +29,7 @@ from miles_stream.trainer.megatron.convert import Qwen3Shape, by_expert, by_stag
 from miles_stream.trainer.megatron.layout import MegatronLayout
 from miles_stream.trainer.megatron.parallel import release_groups
 from miles_stream.trainer.parallel import DataParallel
-from miles_stream.trainer.torch.hf import load_causal_lm
+from miles_stream.trainer.torch.hf import export_streamed, load_causal_lm
 
 
 @pytest.fixture(scope="module")
@@ -131,3 +133,33 @@ def test_a_publication_streams_one_tensor_at_a_time_in_the_publish_dtype(models:
         assert half[name].dtype == torch.bfloat16
         assert torch.equal(half[name], tensor.to(torch.bfloat16)), name
     assert dict(layout.weights(backend.model)).keys() == half.keys()  # by name: gathered whole once
+
+
+@pytest.mark.parametrize("kind", ["tied", "untied", "moe"])
+def test_a_streamed_export_writes_what_save_pretrained_writes(models: dict[str, Path], tmp_path: Path,
+                                                              kind: str) -> None:  # fmt: skip
+    """Shards of at most `shard_bytes` (here small: several files and their index), the on-disk names (a MoE
+    layer's fused experts one tensor an expert, no tied lm_head), loadable by transformers; the writing rank's
+    tensors came one at a time."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    model = load_causal_lm(str(models[kind]), dtype="float32", device="cpu")
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(model.config)
+    export_streamed(skeleton, models[kind], tmp_path / "out", iter(model.state_dict().items()), write=True,
+                    shard_bytes=200_000)  # fmt: skip
+    files = sorted(p.name for p in (tmp_path / "out").glob("*.safetensors"))
+    assert len(files) > 1 and files[0] == f"model-00001-of-{len(files):05d}.safetensors"
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    written = {k: t for f in files for k, t in load_file(str(tmp_path / "out" / f)).items()}
+    assert set(index["weight_map"]) == set(written)
+    model.save_pretrained(tmp_path / "hf")  # transformers' own
+    theirs = {k: t for p in (tmp_path / "hf").glob("*.safetensors") for k, t in load_file(str(p)).items()}
+    assert set(written) == set(theirs)
+    for name, tensor in theirs.items():
+        assert torch.equal(written[name], tensor), name
+    back = load_causal_lm(str(tmp_path / "out"), dtype="float32", device="cpu").state_dict()
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(back[name], tensor), name
+    assert (tmp_path / "out" / "tokenizer.json").is_file() or (tmp_path / "out" / "tokenizer_config.json").is_file()

@@ -33,7 +33,9 @@ tensor-parallel group, its MoE experts split over an expert-parallel (EP) group,
                    its (TP, PP, EP) rank's pair (-pp{s} only with PP > 1, -ep{j} only with EP > 1: the files of PP 1
                    and EP 1 are unchanged). A checkpoint saved at other sizes: each rank rebuilds its shards and
                    AdamW's from the files it needs (reshard.py)
-    export_hf      the gathered HF tensors, saved by rank 0 under the source checkpoint's config and tokenizer
+    export_hf      the gathered HF tensors streamed into rank 0's safetensors shards (trainer/torch/hf.py
+                   `export_streamed`: on-disk names, one shard in host memory at a time), with the source
+                   checkpoint's config and tokenizer
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ from miles_stream.trainer.megatron.convert import home, iter_hf
 from miles_stream.trainer.megatron.model import MegatronPolicy
 from miles_stream.trainer.megatron.parallel import Groups
 from miles_stream.trainer.parallel import DataParallel
-from miles_stream.trainer.torch.hf import export_hf
+from miles_stream.trainer.torch.hf import export_streamed
 
 
 class StreamedWeights(Mapping[str, Tensor]):
@@ -274,12 +276,9 @@ class MegatronLayout:
         from transformers import AutoModelForCausalLM
 
         assert isinstance(model, MegatronPolicy)
-        state: dict[str, Tensor] = {}  # rank 0: the model in host memory, in its parameters' dtype
-        for name, tensor in iter_hf(self.shards(model, None), model.shape):  # every rank: the gathers are collective
-            if self.world.is_main:
-                tied = name == "lm_head.weight" and model.shape.tied  # one tensor under both names, as HF ties them
-                state[name] = state["model.embed_tokens.weight"] if tied else tensor.cpu()
-        if self.world.is_main:
-            with torch.device("meta"):
-                skeleton = AutoModelForCausalLM.from_config(model.config)  # type: ignore[no-untyped-call]
-            export_hf(skeleton, source, dest, state_dict=state)
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(model.config)  # type: ignore[no-untyped-call]
+        # every rank: the gathers are collective; rank 0 writes each tensor into a shard as it comes, in the
+        # parameters' dtype, holding one shard at a time
+        export_streamed(skeleton, source, dest, iter_hf(self.shards(model, None), model.shape),
+                        write=self.world.is_main)  # fmt: skip
