@@ -12,7 +12,8 @@
 
 Qwen3-MoE: experts and routers converted too (convert.py), R3 in the routers (moe.py), on one TP rank; experts
 split over expert-parallel ranks (trainer.megatron.expert_parallel; parallel.py, dispatch.py, layout.py).
-Layers cut into pipeline stages (trainer.megatron.pipeline_parallel; convert.by_stage, pipeline.py), dense Qwen3
+Layers cut into pipeline stages (trainer.megatron.pipeline_parallel, evenly or first_stage_layers /
+last_stage_layers: convert.StageSplit; convert.by_stage, pipeline.py), dense Qwen3
 and Qwen3-MoE (a stage's routers and experts with its layers, the experts split again over the stage's EP ranks;
 R3 replays each stage's own layers of the trace). Sequences split over context-parallel ranks
 (trainer.megatron.context_parallel; context.py).
@@ -37,7 +38,7 @@ from miles_stream.trainer.algo import Objective
 from miles_stream.trainer.algo_config import AlgoConfig
 from miles_stream.trainer.batch import RolloutBatch
 from miles_stream.trainer.config import TrainerConfig
-from miles_stream.trainer.megatron.convert import Qwen3Shape, rank_name, rank_params
+from miles_stream.trainer.megatron.convert import Qwen3Shape, StageSplit, rank_name, rank_params
 from miles_stream.trainer.megatron.layout import MegatronLayout
 from miles_stream.trainer.megatron.model import MegatronPolicy, build_gpt
 from miles_stream.trainer.megatron.parallel import Groups, init_groups, mp_union
@@ -71,10 +72,11 @@ class Checkpoint(Mapping[str, Tensor]):
         return len(self._where)
 
 
-def load_policy(path: str, groups: Groups, *, device: str, dtype: str) -> MegatronPolicy:
+def load_policy(path: str, groups: Groups, *, device: str, dtype: str,
+                split: StageSplit | None = None) -> MegatronPolicy:  # fmt: skip
     """The checkpoint at `path` as this rank's GPTModel (its TP shards, its EP rank's experts, its pipeline
-    stage's layers), in `dtype` on `device`: each parameter converted from the checkpoint's tensors it is made of
-    (convert.rank_params) and copied in before the next is read."""
+    stage's layers: `split` says how many each stage holds), in `dtype` on `device`: each parameter converted from
+    the checkpoint's tensors it is made of (convert.rank_params) and copied in before the next is read."""
     from transformers import AutoConfig
 
     if not Path(path, "config.json").is_file():
@@ -82,14 +84,18 @@ def load_policy(path: str, groups: Groups, *, device: str, dtype: str) -> Megatr
     hf_config = AutoConfig.from_pretrained(path)
     shape = Qwen3Shape.of(hf_config)
     gpt = build_gpt(hf_config, tp=groups.tp, ep=groups.ep.world, pp=groups.pp.world, stage=groups.pp.rank,
-                    cp=groups.cp.world, device=device, dtype=getattr(torch, dtype))  # fmt: skip
+                    cp=groups.cp.world, device=device, dtype=getattr(torch, dtype), split=split)  # fmt: skip
     where = {"pp": groups.pp.world, "stage": groups.pp.rank, "ep": groups.ep.world, "ep_rank": groups.ep.rank}
+
+    def here(name: str) -> str | None:  # its name on this rank, None where another rank holds it
+        return rank_name(name, shape, split=split, **where)
+
     params = dict(gpt.named_parameters())
     loaded: set[str] = set()
     with torch.no_grad():
         for name, tensor in rank_params(Checkpoint(path), shape, groups.tp, groups.tp_rank,
-                                        keep=lambda n: rank_name(n, shape, **where) is not None):  # fmt: skip
-            local = rank_name(name, shape, **where) or name
+                                        keep=lambda n: here(n) is not None):  # fmt: skip
+            local = here(name) or name
             p = params.get(local)
             if p is None:
                 raise RuntimeError(f"conversion and GPTModel disagree on names: {local} is not in the GPTModel")
@@ -99,7 +105,7 @@ def load_policy(path: str, groups: Groups, *, device: str, dtype: str) -> Megatr
             loaded.add(local)
     if loaded != set(params):
         raise RuntimeError(f"conversion and GPTModel disagree on names: {sorted(set(params) - loaded)[:4]}")
-    return MegatronPolicy(gpt, hf_config, groups)
+    return MegatronPolicy(gpt, hf_config, groups, split)
 
 
 class MegatronTrainer:
@@ -154,12 +160,15 @@ def build_megatron_trainer(cfg: TrainerConfig, algo: AlgoConfig, *, temperature:
     torch.manual_seed(cfg.seed)
     if cfg.torch_threads:
         torch.set_num_threads(cfg.torch_threads)
-    model = load_policy(cfg.model, groups, device=cfg.device, dtype=cfg.params_dtype)
+    split = StageSplit(mcfg.first_stage_layers, mcfg.last_stage_layers)
+    model = load_policy(cfg.model, groups, device=cfg.device, dtype=cfg.params_dtype, split=split)
     frozen: dict[str, Any] = {}
     if algo.kl_loss_coef > 0 or algo.kl_coef > 0:
-        frozen["ref_model"] = load_policy(cfg.ref_model or cfg.model, groups, device=cfg.device, dtype=cfg.dtype)
+        frozen["ref_model"] = load_policy(cfg.ref_model or cfg.model, groups, device=cfg.device, dtype=cfg.dtype,
+                                          split=split)  # fmt: skip
     if algo.use_opd:
-        frozen["teacher_model"] = load_policy(cfg.teacher_model, groups, device=cfg.device, dtype=cfg.dtype)
+        frozen["teacher_model"] = load_policy(cfg.teacher_model, groups, device=cfg.device, dtype=cfg.dtype,
+                                              split=split)  # fmt: skip
     for m in frozen.values():
         m.requires_grad_(False).train(False)
     compute = getattr(torch, cfg.dtype)  # published in it when the main params differ (as policy.py decides)

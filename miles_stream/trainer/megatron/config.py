@@ -16,9 +16,21 @@ class MegatronConfig:
     pipeline_parallel: int = 1  # stages one model's layers are cut into (Qwen3 and Qwen3-MoE; pipeline.py)
     expert_parallel: int = 1  # ranks an MoE layer's experts are split over (within the data-parallel ranks)
     context_parallel: int = 1  # ranks each sequence is split over (context.py)
+    # uneven stages (Megatron's num_layers_in_first/last_pipeline_stage): the first / last stage's layer count,
+    # the middle stages share the rest evenly (convert.StageSplit; None: every stage num_layers / pipeline_parallel)
+    first_stage_layers: int | None = None
+    last_stage_layers: int | None = None
 
     def __post_init__(self) -> None:
         check(self.tensor_parallel >= 1, "trainer.megatron.tensor_parallel", "must be >= 1")
         check(self.pipeline_parallel >= 1, "trainer.megatron.pipeline_parallel", "must be >= 1")
         check(self.expert_parallel >= 1, "trainer.megatron.expert_parallel", "must be >= 1")
         check(self.context_parallel >= 1, "trainer.megatron.context_parallel", "must be >= 1")
+        for key, n in (("first_stage_layers", self.first_stage_layers), ("last_stage_layers", self.last_stage_layers)):
+            if n is None:
+                continue
+            check(n >= 1, f"trainer.megatron.{key}", f"must be >= 1 (it is {n})")
+            check(self.pipeline_parallel > 1, f"trainer.megatron.{key}", "sets a pipeline stage's layers: only with "
+                  f"pipeline_parallel > 1 (it is {self.pipeline_parallel})")  # fmt: skip
+        # whether the middle stages get a whole number of layers each needs the model's num_hidden_layers: checked
+        # when the model is built (convert.StageSplit.layers, from Qwen3Shape.check_split)

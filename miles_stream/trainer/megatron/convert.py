@@ -1,7 +1,7 @@
 """Qwen3 (dense) and Qwen3-MoE weights between Hugging Face names and Megatron-core's GPTModel, split over
 tensor-parallel ranks (MoE: one rank; see `Qwen3Shape.check_split`), by layer over pipeline stages (`by_stage`,
-`stage_home`: a MoE layer's router and experts go with it) and, for MoE, by expert over the expert-parallel ranks
-of a stage (`by_expert`, `expert_home`, applied to a stage's names: `home`).
+`stage_home`, each stage's layers from `StageSplit`: a MoE layer's router and experts go with it) and, for MoE,
+by expert over the expert-parallel ranks of a stage (`by_expert`, `expert_home`, applied to a stage's names: `home`).
 
 Pure functions of tensors: no process group, no Megatron import. Legend: H hidden, nh query heads, ng key/value
 groups (r = nh / ng heads a group), d head dim, F MLP width, V vocabulary, tp tensor-parallel ranks.
@@ -50,6 +50,56 @@ from miles_stream.errors import ConfigError
 
 
 @dataclass(frozen=True, slots=True)
+class StageSplit:
+    """How many of a model's layers each pipeline stage holds, in Megatron's terms (trainer.megatron.
+    first_stage_layers / last_stage_layers; TransformerConfig's num_layers_in_first_pipeline_stage /
+    num_layers_in_last_pipeline_stage, transformer_config.py:62-66): the first and the last stage hold the counts
+    given (None: no count of their own), the other stages share the rest evenly. Neither given: every stage
+    holds num_layers / pp."""
+
+    first: int | None = None
+    last: int | None = None
+
+    def layers(self, num_layers: int, pp: int) -> tuple[int, ...]:
+        """Each stage's layer count, stage order, as megatron-core 0.16.1 builds them (get_num_layers_to_build,
+        transformer_block.py:103-145: the middle stages get (L - first - last) / (stages left) each); a split
+        that leaves a stage no whole number of layers, or none, is a ConfigError naming the key."""
+        if self.first is None and self.last is None:
+            if num_layers % pp:
+                raise ConfigError(f"trainer.megatron.pipeline_parallel={pp} must divide the model's "
+                                  f"num_hidden_layers ({num_layers}); or set trainer.megatron.first_stage_layers / "
+                                  "last_stage_layers")  # fmt: skip
+            return (num_layers // pp,) * pp
+        if pp < 2:
+            raise ConfigError("trainer.megatron.first_stage_layers / last_stage_layers cut layers over pipeline "
+                              f"stages: set them only with pipeline_parallel > 1 (it is {pp})")  # fmt: skip
+        given = [n for n in (self.first, self.last) if n is not None]
+        rest, left = num_layers - sum(given), pp - len(given)
+        named = (("first_stage_layers", self.first), ("last_stage_layers", self.last))
+        keys = "trainer.megatron." + " + ".join(k for k, n in named if n is not None)
+        if left == 0 and rest != 0:
+            raise ConfigError(f"{keys} ({sum(given)}) must equal the model's num_hidden_layers ({num_layers}) over "
+                              f"pipeline_parallel={pp} stages")  # fmt: skip
+        if left > 0 and (rest < left or rest % left):
+            raise ConfigError(f"{keys} ({sum(given)}) must leave the model's other {rest} layers (of "
+                              f"{num_layers}) a whole number >= 1 each over the {left} middle stages of "
+                              f"pipeline_parallel={pp}")  # fmt: skip
+        middle = rest // left if left else 0
+        counts = [middle] * pp
+        if self.first is not None:
+            counts[0] = self.first
+        if self.last is not None:
+            counts[-1] = self.last
+        return tuple(counts)
+
+    def starts(self, num_layers: int, pp: int) -> tuple[int, ...]:
+        """Each stage's first global layer (Megatron's layer offset, get_transformer_layer_offset,
+        transformer_layer.py:54-152: a stage's layer_number counts from it + 1)."""
+        counts = self.layers(num_layers, pp)
+        return tuple(sum(counts[:s]) for s in range(pp))
+
+
+@dataclass(frozen=True, slots=True)
 class Qwen3Shape:
     num_layers: int
     hidden: int
@@ -82,12 +132,10 @@ class Qwen3Shape:
                    tied=bool(hf_config.tie_word_embeddings),
                    **(_moe_shape(hf_config) if kind == "qwen3_moe" else {}))  # fmt: skip
 
-    def check_split(self, tp: int, ep: int = 1, pp: int = 1) -> None:
-        """Refuse a tensor-, expert- or pipeline-parallel size that does not divide what it splits (Megatron
-        asserts it deep inside)."""
-        if self.num_layers % pp:
-            raise ConfigError(f"trainer.megatron.pipeline_parallel={pp} must divide the model's num_hidden_layers "
-                              f"({self.num_layers})")  # fmt: skip
+    def check_split(self, tp: int, ep: int = 1, pp: int = 1, split: StageSplit | None = None) -> None:
+        """Refuse a tensor-, expert- or pipeline-parallel size that does not divide what it splits, or a stage
+        split that leaves no whole number of layers to a stage (Megatron asserts it deep inside)."""
+        (split or StageSplit()).layers(self.num_layers, pp)
         if ep > 1 and not self.experts:
             raise ConfigError(f"trainer.megatron.expert_parallel={ep}: this model is dense (no experts to split): "
                               "set 1")  # fmt: skip
@@ -199,12 +247,12 @@ def _rank_experts(hf: Mapping[str, Tensor], h: str, m: str, shape: Qwen3Shape,
         yield fc2, hf[f"{x}{e}.down_proj.weight"].clone()
 
 
-def rank_name(name: str, shape: Qwen3Shape, *, pp: int = 1, stage: int = 0, ep: int = 1,
-              ep_rank: int = 0) -> str | None:  # fmt: skip
+def rank_name(name: str, shape: Qwen3Shape, *, pp: int = 1, stage: int = 0, ep: int = 1, ep_rank: int = 0,
+              split: StageSplit | None = None) -> str | None:  # fmt: skip
     """The name a Megatron parameter (named as in a one-stage, one-EP-rank model) has on pipeline stage `stage`'s
     expert-parallel rank `ep_rank`, or None when that rank holds none of it (`by_stage` then `by_expert`, for one
     name). A tied model's last stage (pp > 1) holds the embedding as its `output_layer.weight` (see `by_stage`)."""
-    held_on, owner, local = home(name, shape, pp, ep)
+    held_on, owner, local = home(name, shape, pp, ep, split)
     if held_on != stage:
         tied_copy = shape.tied and pp > 1 and stage == pp - 1 and name == "embedding.word_embeddings.weight"
         return "output_layer.weight" if tied_copy else None
@@ -242,37 +290,39 @@ def by_expert(shard: Mapping[str, Tensor], shape: Qwen3Shape, ep: int) -> list[d
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 
 
-def stage_home(name: str, shape: Qwen3Shape, pp: int) -> tuple[int, str]:
+def stage_home(name: str, shape: Qwen3Shape, pp: int, split: StageSplit | None = None) -> tuple[int, str]:
     """(the pipeline stage that holds it, its name there) of a Megatron parameter named as in a one-stage model:
-    the embedding on the first stage, layer i on stage i // (L/pp) as its layer i % (L/pp) (a stage's ModuleList
-    counts from 0; only layer_number is global, transformer_layer.py:39), the final norm and output layer on the
-    last."""
-    per = shape.num_layers // pp
+    the embedding on the first stage, layer i on the stage s whose layers (`StageSplit.starts`, `layers`) hold it,
+    as its layer i - start(s) (a stage's ModuleList counts from 0; only layer_number is global,
+    transformer_layer.py:39), the final norm and output layer on the last."""
     match = _LAYER.match(name)
     if match is not None:
-        stage, local = divmod(int(match[1]), per)
-        return stage, f"decoder.layers.{local}.{match[2]}"
+        split = split or StageSplit()
+        layer, starts = int(match[1]), split.starts(shape.num_layers, pp)
+        stage = max(s for s in range(pp) if starts[s] <= layer)
+        return stage, f"decoder.layers.{layer - starts[stage]}.{match[2]}"
     return (0 if name.startswith("embedding.") else pp - 1), name
 
 
-def home(name: str, shape: Qwen3Shape, pp: int, ep: int) -> tuple[int, int, str]:
+def home(name: str, shape: Qwen3Shape, pp: int, ep: int, split: StageSplit | None = None) -> tuple[int, int, str]:
     """(pipeline stage, expert-parallel rank inside it, name there) of a Megatron parameter named as in a one-rank
     model: its stage from `stage_home`, then, for an expert, its EP rank from `expert_home` on the stage's name
     (expert indices are per layer, so a stage keeps every expert of its layers); -1 for a parameter every EP rank
     of the stage holds."""
-    stage, local = stage_home(name, shape, pp)
+    stage, local = stage_home(name, shape, pp, split)
     expert = expert_home(local, shape, ep) if ep > 1 else None
     return (stage, -1, local) if expert is None else (stage, *expert)
 
 
-def by_stage(shard: Mapping[str, Tensor], shape: Qwen3Shape, pp: int) -> list[dict[str, Tensor]]:
+def by_stage(shard: Mapping[str, Tensor], shape: Qwen3Shape, pp: int,
+             split: StageSplit | None = None) -> list[dict[str, Tensor]]:  # fmt: skip
     """One TP rank's state dict (one-stage names) as each pipeline stage's. A tied model's last stage (pp > 1)
     holds a copy of the embedding as its `output_layer.weight`, as Megatron keeps one (language_module.py:187-
     237): the two copies' gradients are summed so they stay equal (layout.py)."""
-    shape.check_split(1, 1, pp)
+    shape.check_split(1, 1, pp, split)
     out: list[dict[str, Tensor]] = [{} for _ in range(pp)]
     for name, tensor in shard.items():
-        stage, local = stage_home(name, shape, pp)
+        stage, local = stage_home(name, shape, pp, split)
         out[stage][local] = tensor
     if shape.tied and pp > 1:
         out[-1]["output_layer.weight"] = shard["embedding.word_embeddings.weight"].clone()

@@ -121,6 +121,7 @@ class MegatronLayout:
         self.replicated = {id(p) for n, p in named if n.endswith("layernorm.weight")}
         self.experts = {id(p) for _, p in named if not getattr(p, "allreduce", True)}  # split over EP (see above)
         self.aligns_frozen = groups.ep.world > 1  # a frozen reference's experts are split too
+        self.split = model.split  # the pipeline stages' layer counts (recorded in megatron.json: reshard.py)
         pp = groups.pp
         self.tied_copy: nn.Parameter | None = None  # this stage's copy of a tied embedding (PP > 1)
         if pp.world > 1 and model.shape.tied and (groups.first_stage or groups.last_stage):
@@ -204,7 +205,7 @@ class MegatronLayout:
             return parts
 
         def shards_of(name: str) -> list[Tensor]:
-            stage, owner, local_name = home(name, model.shape, pp.world, ep.world)
+            stage, owner, local_name = home(name, model.shape, pp.world, ep.world, model.split)
             if pp.rank == stage:
                 if owner < 0:  # not an expert: whole on every EP rank, split over the TP group
                     parts = tp_parts(local_name)
@@ -231,7 +232,8 @@ class MegatronLayout:
 
     @property
     def sizes(self) -> reshard.Sizes:
-        return reshard.Sizes(self.groups.tp, self.groups.pp.world, self.groups.ep.world)
+        return reshard.Sizes(self.groups.tp, self.groups.pp.world, self.groups.ep.world, self.split.first,
+                             self.split.last)  # fmt: skip
 
     def _files(self, directory: Path) -> tuple[Path, Path]:
         stem = reshard.stem(self.sizes, self.groups.tp_rank, self.groups.pp.rank, self.groups.ep.rank)

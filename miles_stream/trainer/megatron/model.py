@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from miles_stream.errors import ConfigError
 from miles_stream.trainer.megatron.attention import SdpaAttention
 from miles_stream.trainer.megatron.context import ContextSplit, sum_over_cp
-from miles_stream.trainer.megatron.convert import Qwen3Shape
+from miles_stream.trainer.megatron.convert import Qwen3Shape, StageSplit
 from miles_stream.trainer.megatron.dispatch import use_ep_dispatcher
 from miles_stream.trainer.megatron.logprobs import output_logprobs
 from miles_stream.trainer.megatron.moe import LocalTopKRouter, MegatronRoutingReplay
@@ -81,8 +81,12 @@ def moe_config(shape: Qwen3Shape) -> dict[str, Any]:
 
 
 def transformer_config(hf_config: Any, shape: Qwen3Shape, *, tp: int, device: str, dtype: torch.dtype,
-                       ep: int = 1, pp: int = 1, cp: int = 1) -> Any:  # fmt: skip
+                       ep: int = 1, pp: int = 1, cp: int = 1, split: StageSplit | None = None) -> Any:  # fmt: skip
+    """Megatron's TransformerConfig of the checkpoint's shape; `split`: the first / last pipeline stage's layer
+    counts (num_layers_in_first/last_pipeline_stage: Megatron builds each stage's layers and numbers them from
+    its offset, transformer_block.py:103-145, transformer_layer.py:54-152, as convert.StageSplit places them)."""
     cpu = not device.startswith("cuda")
+    split = split or StageSplit()
     return TransformerConfig(
         num_layers=shape.num_layers, hidden_size=shape.hidden, num_attention_heads=shape.num_heads,
         num_query_groups=shape.num_groups, kv_channels=shape.head_dim, ffn_hidden_size=shape.ffn,
@@ -91,6 +95,7 @@ def transformer_config(hf_config: Any, shape: Qwen3Shape, *, tp: int, device: st
         qk_layernorm=True, hidden_dropout=0.0, attention_dropout=float(getattr(hf_config, "attention_dropout", 0.0)),
         tensor_model_parallel_size=tp, expert_model_parallel_size=ep, pipeline_model_parallel_size=pp,
         context_parallel_size=cp,
+        num_layers_in_first_pipeline_stage=split.first, num_layers_in_last_pipeline_stage=split.last,
         params_dtype=dtype, pipeline_dtype=dtype,
         bf16=dtype == torch.bfloat16,
         use_cpu_initialization=cpu, perform_initialization=False,  # the checkpoint's weights overwrite them
@@ -102,17 +107,18 @@ def transformer_config(hf_config: Any, shape: Qwen3Shape, *, tp: int, device: st
 
 
 def build_gpt(hf_config: Any, *, tp: int, device: str, dtype: torch.dtype, ep: int = 1, pp: int = 1,
-              stage: int = 0, cp: int = 1) -> Any:  # fmt: skip
+              stage: int = 0, cp: int = 1, split: StageSplit | None = None) -> Any:  # fmt: skip
     """An uninitialised GPTModel of the checkpoint's shape on `device` (this rank's TP shards; with expert
     parallel, its num_experts/ep experts of every layer, dispatched by dispatch.py's `EpDispatcher`; with
-    pipeline parallel, pipeline stage `stage`'s layers, the embedding on the first, the output layer on the last).
+    pipeline parallel, pipeline stage `stage`'s layers (`split`: how many each stage holds, convert.StageSplit),
+    the embedding on the first, the output layer on the last).
 
     A tied model cut into stages is built untied: Megatron's own path for it moves the last stage's copy of the
     embedding to CUDA (`weight.data.cuda()`, language_module.py:244) and all-reduces it from the first stage at
     build; here the conversion gives the last stage its copy (convert.by_stage) and the layout sums the two
     copies' gradients over the embedding group (layout.py), which is what Megatron does after that."""
     shape = Qwen3Shape.of(hf_config)
-    shape.check_split(tp, ep, pp)
+    shape.check_split(tp, ep, pp, split)
     if not device.startswith("cuda"):
         megatron_random.initialize_rng_tracker(inference_rng_tracker=True)  # see the module's docstring
     spec = get_gpt_layer_local_spec(num_experts=shape.experts or None, moe_grouped_gemm=False, qk_layernorm=True,
@@ -122,7 +128,8 @@ def build_gpt(hf_config: Any, *, tp: int, device: str, dtype: torch.dtype, ep: i
         spec.submodules.mlp.submodules.router = LocalTopKRouter
     with warnings.catch_warnings():  # its deprecation notices (an MLP's ffn_hidden_size default, ...)
         warnings.simplefilter("ignore")
-        gpt = GPTModel(transformer_config(hf_config, shape, tp=tp, ep=ep, pp=pp, cp=cp, device=device, dtype=dtype),
+        gpt = GPTModel(transformer_config(hf_config, shape, tp=tp, ep=ep, pp=pp, cp=cp, device=device, dtype=dtype,
+                                          split=split),
                        spec,
                        vocab_size=shape.vocab, max_sequence_length=int(hf_config.max_position_embeddings),
                        position_embedding_type="rope", rotary_base=int(rope_theta(hf_config)),
@@ -149,11 +156,12 @@ class MegatronPolicy(nn.Module):
     """A GPTModel as the torch train step sees a policy: `config` (the HF config: `vocab_size`), parameters,
     and the logprob entry `response_logprobs` calls (`SHARDED_ENTRY`)."""
 
-    def __init__(self, gpt: Any, hf_config: Any, groups: Groups) -> None:
+    def __init__(self, gpt: Any, hf_config: Any, groups: Groups, split: StageSplit | None = None) -> None:
         super().__init__()
         self.gpt = gpt
         self.config = hf_config
         self.groups = groups
+        self.split = split or StageSplit()  # how many layers each pipeline stage holds (layout.py places by it)
         self.shape = Qwen3Shape.of(hf_config)
         pad = getattr(hf_config, "pad_token_id", None)
         self.pad_id: int | None = None if pad is None else int(pad)

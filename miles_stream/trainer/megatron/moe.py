@@ -107,10 +107,11 @@ class MegatronRoutingReplay(ReplayState):
 
     Pipeline parallel: a stage holds some layers' routers, the trace every layer's (`layers` of them). Each router
     reads the trace at its global layer, `layer_number - 1` (Megatron numbers a stage's layers from its offset,
-    transformer_layer.py:280, and hands the number to the MoE layer's router, :371-372, moe_layer.py:123-126,
-    router.py:126-128). A token counts as differing when its routing differs in some layer of any stage: each
-    forward's per-token flags are OR-ed over the PP group (`group`) before they are counted, so every stage counts
-    what one rank holding every layer counts (the train step then sums the counts over the DP group only).
+    uneven stages too, convert.StageSplit; transformer_layer.py:280, and hands the number to the MoE layer's
+    router, :371-372, moe_layer.py:123-126, router.py:126-128). A token counts as differing when its routing
+    differs in some layer of any stage: each forward's per-token flags are OR-ed over the PP group (`group`)
+    before they are counted, so every stage counts what one rank holding every layer counts (the train step then
+    sums the counts over the DP group only).
 
     Context parallel: the model cuts the recording to this rank's tokens as it cuts the rows (`localize`, called
     from the model's forward), and the counts are summed over the CP group (`cp_group`), each token counted on the

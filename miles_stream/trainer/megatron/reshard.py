@@ -1,8 +1,11 @@
-"""Resuming a Megatron checkpoint on other (TP, PP, EP) sizes: each rank rebuilds its own shards of every parameter
+"""Resuming a Megatron checkpoint on other (TP, PP, EP) sizes or another pipeline stage split (first_stage_layers /
+last_stage_layers, convert.StageSplit): each rank rebuilds its own shards of every parameter
 and of AdamW's moments from the files of the sizes the checkpoint was saved at (the data-parallel size needs
 nothing: every replica reads its (TP, PP, EP) rank's files, layout.py).
 
-    saved at (tp, pp, ep)   megatron.json                  {"tensor_parallel", "pipeline_parallel", "expert_parallel"}
+    saved at (tp, pp, ep)   megatron.json                  {"tensor_parallel", "pipeline_parallel", "expert_parallel",
+                                                            "first_stage_layers", "last_stage_layers" (null: none
+                                                            given; absent in a file written before them)}
                             megatron-tp{k}[-pp{s}][-ep{j}]  .safetensors: that rank's parameters (local names);
                                                             .pt: AdamW's state_dict, the local names of its parameters
                                                             in the optimizer's order ("param_names"), the schedule,
@@ -46,7 +49,15 @@ import torch
 from safetensors import safe_open
 from torch import Tensor, nn
 
-from miles_stream.trainer.megatron.convert import Qwen3Shape, by_expert, by_stage, iter_hf, megatron_names, to_megatron
+from miles_stream.trainer.megatron.convert import (
+    Qwen3Shape,
+    StageSplit,
+    by_expert,
+    by_stage,
+    iter_hf,
+    megatron_names,
+    to_megatron,
+)
 
 log = structlog.get_logger(__name__)
 SIZES_FILE = "megatron.json"
@@ -62,9 +73,17 @@ class Sizes:
     tp: int = 1
     pp: int = 1
     ep: int = 1
+    first: int | None = None  # the first / last pipeline stage's layer count (convert.StageSplit; None: even)
+    last: int | None = None
+
+    @property
+    def split(self) -> StageSplit:
+        return StageSplit(self.first, self.last)
 
     def __str__(self) -> str:
-        return f"TP={self.tp}, PP={self.pp}, EP={self.ep}"
+        stages = "".join(f", {k}={n}" for k, n in (("first_stage_layers", self.first),
+                                                    ("last_stage_layers", self.last)) if n is not None)  # fmt: skip
+        return f"TP={self.tp}, PP={self.pp}, EP={self.ep}{stages}"
 
 
 def stem(sizes: Sizes, tp_rank: int, pp_rank: int = 0, ep_rank: int = 0) -> str:
@@ -79,7 +98,8 @@ def stem(sizes: Sizes, tp_rank: int, pp_rank: int = 0, ep_rank: int = 0) -> str:
 
 def write_sizes(directory: Path, sizes: Sizes) -> None:
     (directory / SIZES_FILE).write_text(json.dumps({"tensor_parallel": sizes.tp, "pipeline_parallel": sizes.pp,
-                                                    "expert_parallel": sizes.ep}))  # fmt: skip
+                                                    "expert_parallel": sizes.ep, "first_stage_layers": sizes.first,
+                                                    "last_stage_layers": sizes.last}))  # fmt: skip
 
 
 def saved_sizes(directory: Path) -> Sizes | None:
@@ -88,7 +108,9 @@ def saved_sizes(directory: Path) -> Sizes | None:
     recorded = directory / SIZES_FILE
     if recorded.is_file():
         raw = json.loads(recorded.read_text())
-        return Sizes(int(raw["tensor_parallel"]), int(raw["pipeline_parallel"]), int(raw["expert_parallel"]))
+        first, last = raw.get("first_stage_layers"), raw.get("last_stage_layers")
+        return Sizes(int(raw["tensor_parallel"]), int(raw["pipeline_parallel"]), int(raw["expert_parallel"]),
+                     None if first is None else int(first), None if last is None else int(last))  # fmt: skip
     found = [m for p in directory.glob("megatron-*.safetensors") if (m := _STEM.match(p.name))]
     if not found:
         return None
@@ -108,7 +130,7 @@ def placement(shape: Qwen3Shape, sizes: Sizes, pp_rank: int, ep_rank: int) -> di
     names = megatron_names(shape)
     tags: Mapping[str, Tensor] = {n: torch.tensor(i) for i, n in enumerate(names)}
     if sizes.pp > 1:
-        tags = by_stage(tags, shape, sizes.pp)[pp_rank]
+        tags = by_stage(tags, shape, sizes.pp, sizes.split)[pp_rank]
     if sizes.ep > 1:
         tags = by_expert(tags, shape, sizes.ep)[ep_rank]
     return {local: names[int(tag)] for local, tag in tags.items()}
