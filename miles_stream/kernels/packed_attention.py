@@ -73,9 +73,21 @@ def attend_packed(q_LHD: Tensor, k_LGD: Tensor, v_LGD: Tensor, cu_seqlens: Tenso
     """[L, H, D]: each of the packed sequences attending causally to itself only (`scale` default 1/sqrt(D))."""
     if q_LHD.shape[1] % k_LGD.shape[1]:
         raise ValueError(f"{q_LHD.shape[1]} query heads are not a multiple of {k_LGD.shape[1]} key/value heads")
+    q_LHD, k_LGD, v_LGD = autocast_inputs(q_LHD, k_LGD, v_LGD)
     if q_LHD.is_cuda and varlen_attn is not None and q_LHD.dtype in (torch.float16, torch.bfloat16):
         return _varlen(q_LHD, k_LGD, v_LGD, cu_seqlens, max_len, scale)
     return _per_sequence(q_LHD, k_LGD, v_LGD, cu_seqlens.tolist(), scale)
+
+
+def autocast_inputs(*tensors: Tensor) -> tuple[Tensor, ...]:
+    """Attention inputs in autocast's dtype where autocast is on: q and k come out of the q/k RMSNorms in float32
+    under autocast (`aten::rms_norm` is on its float32 list; HF's norm upcasts through a float32 weight) while v is
+    bf16; SDPA casts for itself, but the varlen kernel takes bf16/fp16 only and a mixed stack promotes to float32."""
+    device = tensors[0].device.type
+    if not torch.is_autocast_enabled(device):
+        return tensors
+    dtype = torch.get_autocast_dtype(device)
+    return tuple(t.to(dtype) for t in tensors)
 
 
 def _varlen(q_LHD: Tensor, k_LGD: Tensor, v_LGD: Tensor, cu: Tensor, max_len: int, scale: float | None) -> Tensor:

@@ -27,6 +27,10 @@ class DataParallel:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world == 1:
             return cls()
+        if device == "cuda" and torch.cuda.is_available():
+            # one GPU a rank: torchrun's LOCAL_RANK (else every rank's "cuda" is cuda:0, and NCCL refuses two ranks
+            # on one device); a device named with its index is the user's choice
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
         if not dist.is_initialized():
             dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
         return cls(rank=dist.get_rank(), world=dist.get_world_size())

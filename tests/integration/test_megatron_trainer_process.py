@@ -98,7 +98,8 @@ def test_megatron_trainer_process_trains_qwen3_moe_with_replay_as_the_torch_back
         # two pipeline stages of one MoE layer each (router and 8 experts), each replaying its layer of the trace;
         # the PP group trains both ranks' 2 groups
         ("pp2", TORCHRUN_2, 2, ["trainer.backend=megatron", "trainer.megatron.pipeline_parallel=2"]),
-        # and with every sequence split over two context-parallel ranks (the CP group trains both ranks' 4)
+        # and with every sequence split over two context-parallel ranks, each replaying its tokens' routes (the CP
+        # group trains both ranks' 4)
         ("cp2", TORCHRUN_2, 2, ["trainer.backend=megatron", "trainer.megatron.context_parallel=2"]),
     ):  # fmt: skip
         ns = f"{name}{uuid.uuid4().hex[:8]}"
@@ -121,7 +122,9 @@ def test_megatron_trainer_process_trains_qwen3_moe_with_replay_as_the_torch_back
     assert sorted(p.name for p in saved.glob("megatron-tp*")) == [
         "megatron-tp00-pp00.pt", "megatron-tp00-pp00.safetensors", "megatron-tp00-pp01.pt",
         "megatron-tp00-pp01.safetensors"]  # fmt: skip
-    for name in ("megatron", "ep2", "pp2"):
+    saved = tmp_path / "cp2" / "ckpt" / "step-00000002"  # the CP ranks hold the same model: one pair of files
+    assert sorted(p.name for p in saved.glob("megatron-tp*")) == ["megatron-tp00.pt", "megatron-tp00.safetensors"]
+    for name in ("megatron", "ep2", "pp2", "cp2"):
         assert mismatch[name] == pytest.approx(mismatch["torch"], rel=1e-6), name
         assert runs[name].keys() == runs["torch"].keys()
         # two AdamW steps (lr 1e-3) divide by each element's own gradient scale: where an expert saw few tokens,

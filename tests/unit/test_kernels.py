@@ -188,6 +188,17 @@ def test_packed_attention_refuses_what_it_cannot_do() -> None:
         attend_packed(q_LHD, torch.cat([k_LGD, k_LGD[:, :1]], 1), v_LGD, cu, 9)
 
 
+def test_packed_attention_takes_its_inputs_in_autocasts_dtype() -> None:
+    """Under autocast q and k leave the q/k norms in float32 and v in bf16: the kernel gets all three in bf16
+    (the varlen kernel takes bf16/fp16 only); outside autocast they stay as they are."""
+    from miles_stream.kernels.packed_attention import autocast_inputs
+
+    q, k, v = torch.zeros(3), torch.zeros(3), torch.zeros(3, dtype=torch.bfloat16)
+    assert [t.dtype for t in autocast_inputs(q, k, v)] == [torch.float32, torch.float32, torch.bfloat16]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert [t.dtype for t in autocast_inputs(q, k, v)] == [torch.bfloat16] * 3
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_varlen_flash_attention_matches_the_block_diagonal_reference() -> None:

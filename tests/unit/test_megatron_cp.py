@@ -123,6 +123,9 @@ def _cp_worker(rank: int, world: int, port: int, model_dir: str, out: str, sizes
     pytest.param(4, {"context_parallel": 2, "tensor_parallel": 2}, False, marks=pytest.mark.slow),
     pytest.param(4, {"context_parallel": 2, "pipeline_parallel": 2}, False, marks=pytest.mark.slow),
     pytest.param(4, {"context_parallel": 2, "expert_parallel": 2}, True, marks=pytest.mark.slow),
+    # the EP group is the two CP ranks of one model (Megatron's expert groups fold CP in); dense CP with DP 2
+    pytest.param(2, {"context_parallel": 2, "expert_parallel": 2}, True, marks=pytest.mark.slow),
+    pytest.param(4, {"context_parallel": 2}, False, marks=pytest.mark.slow),
     pytest.param(4, {"context_parallel": 2, "pipeline_parallel": 2}, True, marks=pytest.mark.slow),
 ])  # fmt: skip
 def test_context_parallel_over_gloo_ranks_takes_the_step_one_rank_takes(

@@ -49,12 +49,15 @@ def _groups() -> Any:
     release_groups()
 
 
-def test_megatron_on_cuda_takes_the_torch_backends_bf16_step(tmp_path: Path) -> None:
+@pytest.mark.parametrize("packed", [False, True])  # packed: the varlen kernel, given bf16 q/k out of the norms
+def test_megatron_on_cuda_takes_the_torch_backends_bf16_step(tmp_path: Path, packed: bool) -> None:
     model_dir = build_tiny_model(tmp_path / "dense", TinyModelConfig(num_layers=4))
     batch = fixed_batch(model_dir, seed=0)
     mask = batch.mask_BT.bool()
-    megatron: Any = build_backend(config(model_dir, "megatron"), ALGO, temperature=1.0, parallel=DataParallel())
-    torch_backend: Any = build_backend(config(model_dir, "torch"), ALGO, temperature=1.0, parallel=DataParallel())
+    megatron: Any = build_backend(config(model_dir, "megatron", pack_sequences=packed), ALGO, temperature=1.0,
+                                  parallel=DataParallel())  # fmt: skip
+    torch_backend: Any = build_backend(config(model_dir, "torch", pack_sequences=packed), ALGO, temperature=1.0,
+                                       parallel=DataParallel())  # fmt: skip
     x = micro_inputs(batch, "cuda")
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
         got, _ = response_logprobs(megatron.model, x, temperature=1.0)

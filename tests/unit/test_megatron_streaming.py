@@ -133,6 +133,17 @@ def test_a_publication_streams_one_tensor_at_a_time_in_the_publish_dtype(models:
         assert half[name].dtype == torch.bfloat16
         assert torch.equal(half[name], tensor.to(torch.bfloat16)), name
     assert dict(layout.weights(backend.model)).keys() == half.keys()  # by name: gathered whole once
+    gathers = 0
+    streamed = layout.weights(backend.model)
+    produce = streamed._produce  # type: ignore[attr-defined]
+
+    def counted() -> Any:
+        nonlocal gathers
+        gathers += 1
+        return produce()
+
+    streamed._produce = counted  # type: ignore[attr-defined]
+    assert [n for n, _ in list(streamed.items())] == list(half) and gathers == 1  # list() streams once
 
 
 @pytest.mark.parametrize("kind", ["tied", "untied", "moe"])

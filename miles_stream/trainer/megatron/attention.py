@@ -29,7 +29,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from miles_stream.kernels.packed_attention import attend_packed
+from miles_stream.kernels.packed_attention import attend_packed, autocast_inputs
 from miles_stream.trainer.megatron.context import cp_attention
 
 with warnings.catch_warnings():  # Megatron warns at import that Apex and Transformer Engine are absent
@@ -73,6 +73,7 @@ class SdpaAttention(MegatronModule):  # type: ignore[misc]
         query [t, heads, d], key and value [t, groups, d] -> [t, heads * d], each sequence causal to itself."""
         if attention_mask is not None or attention_bias is not None:
             raise ValueError("SdpaAttention is causal only: no attention mask or bias")
+        query, key, value = autocast_inputs(query, key, value)  # q, k float32 out of the q/k norms under autocast
         if packed_seq_params is not None:
             return self._packed(query, key, value, packed_seq_params)
         dropout = self.dropout if self.training else 0.0

@@ -97,12 +97,18 @@ class _StreamedItems(ItemsView[str, Tensor]):
     def __iter__(self) -> Iterator[tuple[str, Tensor]]:
         return self._mapping._produce()
 
+    def __len__(self) -> int:  # not the mapping's (a whole gather): `list(items())` then streams once
+        raise TypeError("a streamed publication has no length before it is read")
+
 
 class _StreamedValues(ValuesView[Tensor]):
     _mapping: StreamedWeights
 
     def __iter__(self) -> Iterator[Tensor]:
         return (tensor for _, tensor in self._mapping._produce())
+
+    def __len__(self) -> int:
+        raise TypeError("a streamed publication has no length before it is read")
 
 
 class MegatronLayout:

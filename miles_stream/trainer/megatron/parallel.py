@@ -119,9 +119,13 @@ def init_groups(world: DataParallel, tensor_parallel: int, expert_parallel: int 
                          f"{pipeline_parallel} x context_parallel={context_parallel} must divide the "
                          f"{world.world} ranks")  # fmt: skip
     dp_size = world.world // (tensor_parallel * pipeline_parallel * context_parallel)
-    if dp_size % expert_parallel:
-        raise ValueError(f"trainer.megatron.expert_parallel={expert_parallel} must divide the "
-                         f"{dp_size} data-parallel ranks")  # fmt: skip
+    if (dp_size * context_parallel) % expert_parallel:  # Megatron's expert groups fold the CP ranks in
+        what = (
+            f"{dp_size} data-parallel"
+            if context_parallel == 1
+            else f"{dp_size} data-parallel x {context_parallel} context-parallel"
+        )
+        raise ValueError(f"trainer.megatron.expert_parallel={expert_parallel} must divide the {what} ranks")
     if not dist.is_initialized():
         if world.world > 1:
             raise RuntimeError("the megatron backend over several ranks needs torch.distributed up (torchrun)")
