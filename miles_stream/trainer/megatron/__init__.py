@@ -1,7 +1,8 @@
 """The Megatron-core trainer backend (`trainer.backend: megatron`): Megatron's GPTModel built from a Hugging Face
 Qwen3 or Qwen3-MoE checkpoint, split over tensor-parallel ranks, pipeline stages and context-parallel ranks (MoE:
-its experts over expert-parallel ranks), trained by the torch backend's step (same objective, corrections and optimizer), published
-under Hugging Face names. Nothing is imported here: the run config reads `config.py` without torch or Megatron.
+its experts over expert-parallel ranks), trained by the torch backend's step (same objective, corrections and
+optimizer), published under Hugging Face names. Nothing is imported here: the run config reads `config.py`
+without torch or Megatron.
 
 config.py      trainer.megatron: parallel sizes (TP, PP, EP, CP) and uneven stages
 convert.py     Qwen3 / Qwen3-MoE tensors HF <-> Megatron, split over TP ranks, by expert, by stage (pure)
