@@ -135,9 +135,10 @@ async def test_a_version_missing_a_weight_is_refused_before_any_server_is_touche
 async def test_requests_living_through_an_update_are_rescored_under_the_new_weights(
     engine: VLLMEngine, vllm_server: VLLMServer, tmp_path: Path
 ) -> None:
-    """Each token is scored by the weights of the version its span names, both sides of an update. Whether the
-    update lands inside a request depends on timing: up to 3 updates are tried until one does, and every
-    result of every try is checked."""
+    """Each token is scored by the weights of the version its span names, both sides of an update. The engine is
+    paused (keep) once tokens are being generated, so the update lands inside the requests running then; a try
+    whose requests had all finished before the pause (possible on a busy server) is followed by another, up to 3,
+    and every result of every try is checked."""
     states: dict[int, dict[str, torch.Tensor] | None] = {0: None}
     spanned = 0
     for version in (1, 2, 3):
@@ -147,6 +148,10 @@ async def test_requests_living_through_an_update_are_rescored_under_the_new_weig
         before = await generated(vllm_server)
         batch = asyncio.create_task(engine.generate([request(f"r{i}", 240, ignore_eos=True) for i in range(48)]))
         await running(vllm_server, before)
+        # freeze what runs now (keep): on a quiet machine the whole batch could finish while the update loads its
+        # weights (seen in a fresh-clone CI run: 0 of 3 tries spanned); the update pauses (keep) again, loads and
+        # resumes, so the requests frozen here go on under the new weights
+        await engine.pause()
         await engine.apply_manifest(manifest, lambda m=manifest: FileTransport(tmp_path / "weights").read(m))
         results = await batch
         models = {v: reference(vllm_server.model_dir, states[v]) for v in (version - 1, version)}
