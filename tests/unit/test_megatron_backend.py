@@ -6,9 +6,6 @@ loads back; and tensor parallel over two spawned gloo ranks takes the step one r
 
 from __future__ import annotations
 
-import os
-import socket
-import sys
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -16,11 +13,10 @@ from typing import Any
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 pytest.importorskip("megatron.core", reason="megatron-core is the optional [megatron] extra")
 
-from megatron_helpers import fixed_batch
+from megatron_helpers import fixed_batch, join_ranks, leave_ranks, spawn_ranks
 
 from miles_stream.errors import ConfigError
 from miles_stream.models import TinyModelConfig, build_tiny_model
@@ -166,9 +162,7 @@ def test_megatron_config_refuses_what_is_not_built_with_what_to_change(models: d
 
 
 def _tp_worker(rank: int, world: int, port: int, model_dir: str, out: str) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    parallel = DataParallel.from_env("cpu")
+    parallel = join_ranks(rank, world, port)
     backend: Any = build_backend(config(Path(model_dir), tensor_parallel=2), AlgoConfig(entropy_coef=0.01),
                                  temperature=1.0, parallel=parallel)  # fmt: skip
     batch = fixed_batch(Path(model_dir), seed=0)
@@ -181,21 +175,15 @@ def _tp_worker(rank: int, world: int, port: int, model_dir: str, out: str) -> No
     local = {n: p.detach().clone() for n, p in backend.model.gpt.named_parameters()}
     torch.save({"metrics": metrics, "weights": {n: t.clone() for n, t in published.items()}, "logp": logp,
                 "entropy": entropy, "local": local}, f"{out}.{rank}")  # fmt: skip
-    parallel.barrier()
-    sys.stdout.flush()
-    os._exit(0)  # gloo's teardown sometimes aborts (tests/unit/test_trainer.py says when)
+    leave_ranks(parallel)
 
 
 def test_tensor_parallel_over_two_gloo_ranks_takes_the_step_one_rank_takes(
     models: dict[str, Path], tmp_path: Path
 ) -> None:
     model_dir = models["tied"]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     out = tmp_path / "rank"
-    mp.start_processes(_tp_worker, args=(2, port, str(model_dir), str(out)), nprocs=2, start_method="spawn")
-    ranks = [torch.load(f"{out}.{r}", weights_only=True) for r in range(2)]
+    ranks = spawn_ranks(_tp_worker, 2, out, str(model_dir), str(out))
     single: Any = build_backend(config(model_dir), AlgoConfig(entropy_coef=0.01), temperature=1.0,
                                 parallel=DataParallel())  # fmt: skip
     batch = fixed_batch(model_dir, seed=0)

@@ -10,20 +10,16 @@ a checkpoint written per EP rank resumes exactly."""
 
 from __future__ import annotations
 
-import os
-import socket
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 pytest.importorskip("megatron.core", reason="megatron-core is the optional [megatron] extra")
 
-from megatron_helpers import fixed_batch, resume_check
+from megatron_helpers import fixed_batch, join_ranks, leave_ranks, resume_check, spawn_ranks
 
 from miles_stream.errors import ConfigError
 from miles_stream.models import TinyModelConfig, build_tiny_model
@@ -115,9 +111,7 @@ def expert_bytes(backend: Any) -> dict[str, int]:
 
 
 def _ep_worker(rank: int, world: int, port: int, model_dir: str, out: str) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    parallel = DataParallel.from_env("cpu")
+    parallel = join_ranks(rank, world, port)
     backend: Any = build_backend(config(Path(model_dir), ep=2), ALGO, temperature=1.0, parallel=parallel)
     rows = share(rank, world)
     mine = fixed_batch(Path(model_dir), seed=0, trace=TRACE).rows(rows)
@@ -136,9 +130,7 @@ def _ep_worker(rank: int, world: int, port: int, model_dir: str, out: str) -> No
                 "expert_names": names, "memory": memory, "after": after, "again": again,
                 "resumed_equal": resumed_equal,
                 "files": sorted(p.name for p in ckpt.iterdir())}, f"{out}.{rank}")  # fmt: skip
-    parallel.barrier()
-    sys.stdout.flush()
-    os._exit(0)  # gloo's teardown sometimes aborts (tests/unit/test_trainer.py says when)
+    leave_ranks(parallel)
 
 
 # each process imports Megatron and builds two models twice: 6 s on two ranks (default tier, as the TP test), 13 s
@@ -147,12 +139,8 @@ def _ep_worker(rank: int, world: int, port: int, model_dir: str, out: str) -> No
 def test_expert_parallel_over_gloo_ranks_takes_the_step_one_rank_takes(
     moe_dir: Path, tmp_path: Path, world: int
 ) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     out = tmp_path / "rank"
-    mp.start_processes(_ep_worker, args=(world, port, str(moe_dir), str(out)), nprocs=world, start_method="spawn")
-    ranks = [torch.load(f"{out}.{r}", weights_only=True) for r in range(world)]
+    ranks = spawn_ranks(_ep_worker, world, out, str(moe_dir), str(out))
     single: Any = build_backend(config(moe_dir), ALGO, temperature=1.0, parallel=DataParallel())
     batch = fixed_batch(moe_dir, seed=0, trace=TRACE)
     with torch.no_grad():

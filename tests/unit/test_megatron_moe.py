@@ -8,9 +8,6 @@ Tensor parallel with MoE is refused (see convert.py `check_split`)."""
 
 from __future__ import annotations
 
-import os
-import socket
-import sys
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -19,11 +16,10 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 pytest.importorskip("megatron.core", reason="megatron-core is the optional [megatron] extra")
 
-from megatron_helpers import fixed_batch
+from megatron_helpers import fixed_batch, join_ranks, leave_ranks, spawn_ranks
 from safetensors.torch import load_file
 
 from miles_stream.errors import ConfigError
@@ -186,9 +182,7 @@ def test_megatron_moe_refuses_what_is_not_built(moe_dir: Path, tmp_path: Path) -
 
 
 def _dp_worker(rank: int, world: int, port: int, model_dir: str, out: str) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    parallel = DataParallel.from_env("cpu")
+    parallel = join_ranks(rank, world, port)
     backend: Any = build_backend(config(Path(model_dir), routing_replay=True), AlgoConfig(entropy_coef=0.01),
                                  temperature=1.0, parallel=parallel)  # fmt: skip
     batch = fixed_batch(Path(model_dir), seed=0, trace=TRACE)
@@ -196,21 +190,15 @@ def _dp_worker(rank: int, world: int, port: int, model_dir: str, out: str) -> No
     metrics = backend.train(batch.rows(list(range(rank * half, (rank + 1) * half))))
     published, _ = backend.weights()
     torch.save({"metrics": metrics, "weights": {n: t.clone() for n, t in published.items()}}, f"{out}.{rank}")
-    parallel.barrier()
-    sys.stdout.flush()
-    os._exit(0)  # gloo's teardown sometimes aborts (tests/unit/test_trainer.py says when)
+    leave_ranks(parallel)
 
 
 @pytest.mark.slow  # ~20 s: two spawned processes each import Megatron and build the model
 def test_two_data_parallel_gloo_ranks_with_replay_take_the_step_one_rank_takes(moe_dir: Path, tmp_path: Path) -> None:
     """Each rank replays its own share's traces; the loss, gradient norm and routing_mismatch are summed over the
     ranks, and both end with one rank's weights after the whole batch."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     out = tmp_path / "rank"
-    mp.start_processes(_dp_worker, args=(2, port, str(moe_dir), str(out)), nprocs=2, start_method="spawn")
-    ranks = [torch.load(f"{out}.{r}", weights_only=True) for r in range(2)]
+    ranks = spawn_ranks(_dp_worker, 2, out, str(moe_dir), str(out))
     single: Any = build_backend(config(moe_dir, routing_replay=True), AlgoConfig(entropy_coef=0.01),
                                 temperature=1.0, parallel=DataParallel())  # fmt: skip
     metrics = single.train(fixed_batch(moe_dir, seed=0, trace=TRACE))

@@ -13,9 +13,6 @@ move the logprobs."""
 
 from __future__ import annotations
 
-import os
-import socket
-import sys
 import warnings
 from collections.abc import Iterator
 from dataclasses import replace
@@ -24,11 +21,10 @@ from typing import Any
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 pytest.importorskip("megatron.core", reason="megatron-core is the optional [megatron] extra")
 
-from megatron_helpers import fixed_batch
+from megatron_helpers import fixed_batch, join_ranks, leave_ranks, spawn_ranks
 
 from miles_stream.kernels.packed_attention import attend_packed
 from miles_stream.models import TinyModelConfig, build_tiny_model
@@ -233,9 +229,7 @@ def share(layout: str, rank: int, world: int) -> list[int]:
 
 def _worker(rank: int, world: int, port: int, dirs: dict[str, str], out: str,
             layouts: list[tuple[str, str, int, int, int]]) -> None:  # fmt: skip
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    parallel = DataParallel.from_env("cpu")
+    parallel = join_ranks(rank, world, port)
     models = {k: Path(v) for k, v in dirs.items()}
     results = {}
     for layout, kind, tp, pp, ep in layouts:  # one process set for every layout: Megatron imports once
@@ -246,20 +240,14 @@ def _worker(rank: int, world: int, port: int, dirs: dict[str, str], out: str,
         # a forward: EP ranks each on their own rows; a TP x PP group's ranks all on the same (the whole batch)
         results[layout] = outcome(backend, mine if ep > 1 else batch, packed=True, train=mine)
     torch.save(results, f"{out}.{rank}")
-    parallel.barrier()
-    sys.stdout.flush()
-    os._exit(0)  # gloo's teardown sometimes aborts (tests/unit/test_trainer.py says when)
+    leave_ranks(parallel)
 
 
 def run_ranks(models: dict[str, Path], tmp_path: Path, world: int,
               layouts: list[tuple[str, str, int, int, int]]) -> list[dict[str, Any]]:  # fmt: skip
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     out = tmp_path / "rank"
     dirs = {k: str(v) for k, v in models.items()}
-    mp.start_processes(_worker, args=(world, port, dirs, str(out), layouts), nprocs=world, start_method="spawn")
-    return [torch.load(f"{out}.{r}", weights_only=True) for r in range(world)]
+    return spawn_ranks(_worker, world, out, dirs, str(out), layouts)
 
 
 # slow tier (opt-in): the one-rank tests above hold packing's own logic in the default tier, which is near its

@@ -12,20 +12,16 @@ the learning rate and the schedule's position are equal."""
 
 from __future__ import annotations
 
-import os
-import socket
-import sys
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 pytest.importorskip("megatron.core", reason="megatron-core is the optional [megatron] extra")
 
-from megatron_helpers import fixed_batch
+from megatron_helpers import fixed_batch, join_ranks, leave_ranks, spawn_ranks
 from safetensors.torch import save_file
 from torch import Tensor
 
@@ -230,22 +226,14 @@ def run(job: Job, dirs: dict[str, str], parallel: DataParallel) -> dict[str, Any
 
 
 def _worker(rank: int, world: int, port: int, jobs: list[Job], dirs: dict[str, str], out: str) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    parallel = DataParallel.from_env("cpu")
+    parallel = join_ranks(rank, world, port)
     torch.save({job[0]: run(job, dirs, parallel) for job in jobs}, f"{out}.{rank}")
-    parallel.barrier()
-    sys.stdout.flush()
-    os._exit(0)  # gloo's teardown sometimes aborts (tests/unit/test_trainer.py says when)
+    leave_ranks(parallel)
 
 
 def spawn(world: int, jobs: list[Job], dirs: dict[str, str], out: Path) -> dict[str, list[dict[str, Any]]]:
     """{result name: every rank's} of `jobs` run one after the other on `world` spawned gloo ranks."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.start_processes(_worker, args=(world, port, jobs, dirs, str(out)), nprocs=world, start_method="spawn")
-    ranks = [torch.load(f"{out}.{r}", weights_only=True) for r in range(world)]
+    ranks = spawn_ranks(_worker, world, out, jobs, dirs, str(out))
     return {job[0]: [r[job[0]] for r in ranks] for job in jobs}
 
 

@@ -12,22 +12,18 @@ resharded at another split (2 + 1) with the same weights."""
 from __future__ import annotations
 
 import json
-import os
-import socket
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 pytest.importorskip("megatron.core", reason="megatron-core is the optional [megatron] extra")
 
 from megatron.core.transformer.transformer_block import get_num_layers_to_build
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
-from megatron_helpers import fixed_batch, resume_check
+from megatron_helpers import assert_weights_close, fixed_batch, join_ranks, leave_ranks, resume_check, spawn_ranks
 
 from miles_stream.errors import ConfigError
 from miles_stream.models import TinyModelConfig, build_tiny_model
@@ -183,9 +179,7 @@ def config(model_dir: Path, **megatron: int) -> TrainerConfig:
 
 
 def _uneven_worker(rank: int, world: int, port: int, model_dir: str, out: str) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    parallel = DataParallel.from_env("cpu")
+    parallel = join_ranks(rank, world, port)
     cfg = config(Path(model_dir), pipeline_parallel=2, first_stage_layers=1)  # 1 + 2 of the 3 layers
     backend: Any = build_backend(cfg, ALGO, temperature=1.0, parallel=parallel)
     batch = fixed_batch(Path(model_dir), seed=0)
@@ -210,19 +204,13 @@ def _uneven_worker(rank: int, world: int, port: int, model_dir: str, out: str) -
     torch.save({"logp": logp, "entropy": entropy, "metrics": metrics, "weights": published, "numbers": numbers,
                 "after": after, "again": again, "resumed_equal": resumed_equal, "moved": moved_weights,
                 "moved_layers": moved_layers}, f"{out}.{rank}")  # fmt: skip
-    parallel.barrier()
-    sys.stdout.flush()
-    os._exit(0)  # gloo's teardown sometimes aborts (tests/unit/test_trainer.py says when)
+    leave_ranks(parallel)
 
 
 def test_uneven_stages_over_gloo_ranks_take_the_step_one_rank_takes(models: dict[str, Path], tmp_path: Path) -> None:
     model_dir = models["three"]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     out = tmp_path / "rank"
-    mp.start_processes(_uneven_worker, args=(2, port, str(model_dir), str(out)), nprocs=2, start_method="spawn")
-    ranks = [torch.load(f"{out}.{r}", weights_only=True) for r in range(2)]
+    ranks = spawn_ranks(_uneven_worker, 2, out, str(model_dir), str(out))
     single: Any = build_backend(config(model_dir), ALGO, temperature=1.0, parallel=DataParallel())
     batch = fixed_batch(model_dir, seed=0)
     mask = batch.mask_BT.bool()
@@ -236,12 +224,7 @@ def test_uneven_stages_over_gloo_ranks_take_the_step_one_rank_takes(models: dict
         torch.testing.assert_close(got["entropy"][mask], entropy[mask], atol=1e-5, rtol=1e-5)
         for name in ("loss", "pg_loss", "kl_loss", "entropy", "grad_norm", "tokens"):
             assert got["metrics"][name] == pytest.approx(metrics[name], rel=1e-5, abs=1e-7), name
-        assert list(got["weights"]) == list(published)
-        far = 0  # as test_megatron_pp.py: AdamW's first step amplifies float noise where a gradient is near 0
-        for name, tensor in published.items():
-            torch.testing.assert_close(got["weights"][name], tensor, atol=5e-5, rtol=0, msg=name)
-            far += int(((got["weights"][name] - tensor).abs() > 1e-5).sum())
-        assert far <= 4, far
+        assert_weights_close(got["weights"], published)
         assert got["again"]["loss"] == got["after"]["loss"] and got["again"]["grad_norm"] == got["after"]["grad_norm"]
         assert got["resumed_equal"], r
         for name, tensor in got["weights"].items():  # resumed at 2 + 1: the weights it saved, moved between stages

@@ -321,11 +321,11 @@ def by_stage(shard: Mapping[str, Tensor], shape: Qwen3Shape, pp: int,
     237): the two copies' gradients are summed so they stay equal (layout.py)."""
     shape.check_split(1, 1, pp, split)
     out: list[dict[str, Tensor]] = [{} for _ in range(pp)]
-    for name, tensor in shard.items():
-        stage, local = stage_home(name, shape, pp, split)
-        out[stage][local] = tensor
-    if shape.tied and pp > 1:
-        out[-1]["output_layer.weight"] = shard["embedding.word_embeddings.weight"].clone()
+    for stage, part in enumerate(out):
+        for name, tensor in shard.items():
+            local = rank_name(name, shape, pp=pp, stage=stage, split=split)
+            if local is not None:  # the tied copy a tensor of its own, as the last stage's parameter is
+                part[local] = tensor.clone() if local == "output_layer.weight" and shape.tied else tensor
     return out
 
 
