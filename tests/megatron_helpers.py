@@ -106,3 +106,21 @@ def assert_weights_close(got: Mapping[str, torch.Tensor], want: Mapping[str, tor
         torch.testing.assert_close(got[name], tensor, atol=5e-5, rtol=0, msg=name)
         far += int(((got[name] - tensor).abs() > 1e-5).sum())
     assert far <= 4, far
+
+
+def own_routes(hf: Any, batch: RolloutBatch) -> np.ndarray:
+    """[b, width, layers, K] uint8: the experts the HF MoE model's own routers choose for every token of `batch`'s
+    padded rows (a routing trace that replays to no mismatch)."""
+    from miles_stream.models.moe import moe_routers
+
+    seen: list[torch.Tensor] = []
+    hooks = [r.register_forward_hook(lambda _m, _a, out: seen.append(out[2])) for r in moe_routers(hf)]
+    x = micro_inputs(batch, "cpu")
+    try:
+        with torch.no_grad():
+            hf(input_ids=x.input_ids)
+    finally:
+        for h in hooks:
+            h.remove()
+    b, width = x.input_ids.shape
+    return torch.stack(seen, dim=1).view(b, width, len(seen), -1).numpy().astype(np.uint8)

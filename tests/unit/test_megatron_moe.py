@@ -13,18 +13,16 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 import torch
 
 pytest.importorskip("megatron.core", reason="megatron-core is the optional [megatron] extra")
 
-from megatron_helpers import fixed_batch, join_ranks, leave_ranks, spawn_ranks
+from megatron_helpers import fixed_batch, join_ranks, leave_ranks, own_routes, spawn_ranks
 from safetensors.torch import load_file
 
 from miles_stream.errors import ConfigError
 from miles_stream.models import TinyModelConfig, build_tiny_model
-from miles_stream.models.moe import moe_routers
 from miles_stream.trainer.algo_config import AlgoConfig
 from miles_stream.trainer.backends import build_backend
 from miles_stream.trainer.batch import RolloutBatch
@@ -117,15 +115,8 @@ def test_replaying_the_models_own_routing_has_no_mismatch_and_changes_nothing(mo
     """The trace the rollout engine would record (the HF routers' own top-k): routing_mismatch 0, same logprobs."""
     hf = load_causal_lm(str(moe_dir), dtype="float32", device="cpu")
     batch = fixed_batch(moe_dir, seed=2, trace=TRACE)
-    seen: list[torch.Tensor] = []
-    hooks = [r.register_forward_hook(lambda _m, _a, out: seen.append(out[2])) for r in moe_routers(hf)]
     x = micro_inputs(batch, "cpu")
-    with torch.no_grad():
-        hf(input_ids=x.input_ids)
-    for h in hooks:
-        h.remove()
-    b, width = x.input_ids.shape
-    own = torch.stack(seen, dim=1).view(b, width, LAYERS, TOPK).numpy().astype(np.uint8)
+    own = own_routes(hf, batch)
     batch = replace(batch, routing=[own[i, : n - 1] for i, n in enumerate(batch.lengths)])
     backend: Any = build_backend(config(moe_dir, routing_replay=True), AlgoConfig(), temperature=0.7,
                                  parallel=DataParallel())  # fmt: skip

@@ -23,11 +23,18 @@ import torch
 
 pytest.importorskip("megatron.core", reason="megatron-core is the optional [megatron] extra")
 
-from megatron_helpers import assert_weights_close, fixed_batch, join_ranks, leave_ranks, resume_check, spawn_ranks
+from megatron_helpers import (
+    assert_weights_close,
+    fixed_batch,
+    join_ranks,
+    leave_ranks,
+    own_routes,
+    resume_check,
+    spawn_ranks,
+)
 
 from miles_stream.errors import ConfigError
 from miles_stream.models import TinyModelConfig, build_tiny_model
-from miles_stream.models.moe import moe_routers
 from miles_stream.trainer.algo_config import AlgoConfig
 from miles_stream.trainer.backends import build_backend
 from miles_stream.trainer.batch import RolloutBatch
@@ -70,16 +77,7 @@ def traced_batch(model_dir: Path, seed: int) -> RolloutBatch:
     layers `CHANGED` names for each group, where they are random experts; the third group carries none. A token
     then differs in a first-stage layer, a last-stage layer or both: a stage alone sees only some of them."""
     batch = fixed_batch(model_dir, seed, trace=TRACE)
-    hf = load_causal_lm(str(model_dir), dtype="float32", device="cpu")
-    seen: list[torch.Tensor] = []
-    hooks = [r.register_forward_hook(lambda _m, _a, out: seen.append(out[2])) for r in moe_routers(hf)]
-    x = micro_inputs(batch, "cpu")
-    with torch.no_grad():
-        hf(input_ids=x.input_ids)
-    for h in hooks:
-        h.remove()
-    b, width = x.input_ids.shape
-    own = torch.stack(seen, dim=1).view(b, width, LAYERS, TOPK).numpy().astype(np.uint8)
+    own = own_routes(load_causal_lm(str(model_dir), dtype="float32", device="cpu"), batch)
     routing: list[np.ndarray | None] = []
     for i, (n, random) in enumerate(zip(batch.lengths, batch.routing, strict=True)):
         if random is None:
