@@ -3,12 +3,13 @@ activations one forward keeps for its backward, and the step's seconds, on this 
 
     python bench/bench_megatron_memory.py [--hidden 256] [--layers 4] [--tokens 256] [--layouts 1,tp2,pp2,cp2,moe,ep2]
 
-Layouts: `1` one rank; `tp2` / `pp2` / `cp2` tensor, pipeline, context parallel over two ranks (dense Qwen3);
-`moe` Qwen3-MoE (8 experts, top 2) on one rank, `ep2` its experts over two. Every layout trains the same batch of
-4 groups x 4 samples of `--tokens` tokens (prompt 1/8 of them); two ranks each read half, and a model-parallel
-group trains the union, an EP group's ranks their own half. Bytes are counted from the tensors (not the
-allocator): parameters, gradients, AdamW's state. Activations: the tensors autograd saves during one forward of
-the whole batch as one micro-batch on every rank (`saved_tensors_hooks`, each storage once, parameters
+Layouts: `1` one rank; `tp2` / `pp2` / `cp2` tensor, pipeline, context parallel over two ranks (dense Qwen3); `moe`
+Qwen3-MoE (8 experts, top 2) on one rank, `ep2` its experts over two; `dp2` two data-parallel ranks, `zero2` the
+same with the distributed optimizer (AdamW's state split over them, zero.py), `ep2zero` EP 2 with it. Every layout
+trains the same batch of 4 groups x 4 samples of `--tokens` tokens (prompt 1/8 of them); two ranks each read half,
+and a model-parallel group trains the union, an EP group's ranks their own half. Bytes are counted from the tensors
+(not the allocator): parameters, gradients, AdamW's state. Activations: the tensors autograd saves during one
+forward of the whole batch as one micro-batch on every rank (`saved_tensors_hooks`, each storage once, parameters
 excluded), what the backward needs at its peak; an EP rank's experts then see both ranks' tokens. Seconds: the
 median of three steps after a warm-up (CPU, informational: no GPU figure here).
 """
@@ -38,6 +39,7 @@ from miles_stream.trainer.backends import build_backend
 from miles_stream.trainer.batch import RolloutBatch, collate
 from miles_stream.trainer.config import TrainerConfig
 from miles_stream.trainer.megatron.config import MegatronConfig
+from miles_stream.trainer.megatron.zero import ShardedAdamW
 from miles_stream.trainer.parallel import DataParallel
 from miles_stream.trainer.torch.inputs import micro_inputs
 from miles_stream.trainer.torch.logprobs import response_logprobs
@@ -49,6 +51,9 @@ LAYOUTS = {  # name: (model kind, ranks, megatron sizes)
     "cp2": ("dense", 2, {"context_parallel": 2}),
     "moe": ("moe", 1, {}),
     "ep2": ("moe", 2, {"expert_parallel": 2}),
+    "dp2": ("dense", 2, {}),
+    "zero2": ("dense", 2, {"distributed_optimizer": True}),
+    "ep2zero": ("moe", 2, {"expert_parallel": 2, "distributed_optimizer": True}),
 }
 
 
@@ -80,7 +85,7 @@ def activation_bytes(model: Any, batch: RolloutBatch) -> int:
     return sum(seen.values())
 
 
-def measure(model_dir: str, parallel: DataParallel, sizes: dict[str, int], tokens: int) -> dict[str, Any]:
+def measure(model_dir: str, parallel: DataParallel, sizes: dict[str, Any], tokens: int) -> dict[str, Any]:
     cfg = TrainerConfig(model=model_dir, lr=1e-4, micro_batch_tokens=16 * tokens, backend="megatron",
                         megatron=MegatronConfig(**sizes))  # fmt: skip
     backend: Any = build_backend(cfg, AlgoConfig(), temperature=1.0, parallel=parallel)
@@ -95,18 +100,17 @@ def measure(model_dir: str, parallel: DataParallel, sizes: dict[str, int], token
         seconds.append(time.perf_counter() - started)
     params = [p for p in backend.model.parameters()]
     optimizer = backend.policy.optimizer
+    held = optimizer.owned_state() if isinstance(optimizer, ShardedAdamW) else optimizer.state
     return {
         "params": sum(p.numel() * p.element_size() for p in params),
         "grads": sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None),
-        "adam": sum(
-            v.numel() * v.element_size() for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)
-        ),
+        "adam": sum(v.numel() * v.element_size() for s in held.values() for v in s.values() if torch.is_tensor(v)),
         "activations": activation_bytes(backend.model, whole),  # every rank forwards the same micro-batch
         "step_s": statistics.median(seconds),
     }
 
 
-def _rank(rank: int, world: int, port: int, model_dir: str, sizes: dict[str, int], tokens: int, out: str) -> None:
+def _rank(rank: int, world: int, port: int, model_dir: str, sizes: dict[str, Any], tokens: int, out: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     parallel = DataParallel.from_env("cpu") if world > 1 else DataParallel()

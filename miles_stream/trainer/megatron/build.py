@@ -173,7 +173,9 @@ def build_megatron_trainer(cfg: TrainerConfig, algo: AlgoConfig, *, temperature:
         m.requires_grad_(False).train(False)
     compute = getattr(torch, cfg.dtype)  # published in it when the main params differ (as policy.py decides)
     publish = compute if cfg.params_dtype != cfg.dtype else None
-    layout = MegatronLayout(groups, parallel, model, publish_dtype=publish)
+    layout = MegatronLayout(
+        groups, parallel, model, publish_dtype=publish, distributed_optimizer=mcfg.distributed_optimizer
+    )
     policy = PolicyTrainer(model, cfg, algo, temperature=temperature, parallel=groups.dp, objective=objective,
                            layout=layout, **frozen)  # fmt: skip
     return MegatronTrainer(policy, groups, parallel)

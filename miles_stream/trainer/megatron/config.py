@@ -10,7 +10,8 @@ from miles_stream.config import check
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class MegatronConfig:
-    """Tensor, pipeline, expert and context parallel sizes (docs/parallelism.md)."""
+    """Tensor, pipeline, expert and context parallel sizes, the pipeline split and the distributed optimizer
+    (docs/parallelism.md)."""
 
     tensor_parallel: int = 1  # ranks one model's layers are split over (heads, MLP columns, vocabulary)
     pipeline_parallel: int = 1  # stages one model's layers are cut into (Qwen3 and Qwen3-MoE; pipeline.py)
@@ -20,6 +21,9 @@ class MegatronConfig:
     # the middle stages share the rest evenly (convert.StageSplit; None: every stage num_layers / pipeline_parallel)
     first_stage_layers: int | None = None
     last_stage_layers: int | None = None
+    # AdamW's moments split over the ranks that hold the same parameters (ZeRO-1, zero.py): 16 B a parameter
+    # becomes 8 + 8/N
+    distributed_optimizer: bool = False
 
     def __post_init__(self) -> None:
         check(self.tensor_parallel >= 1, "trainer.megatron.tensor_parallel", "must be >= 1")

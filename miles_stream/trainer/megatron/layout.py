@@ -50,12 +50,15 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from miles_stream.trainer.config import TrainerConfig
 from miles_stream.trainer.megatron import reshard
 from miles_stream.trainer.megatron.convert import home, iter_hf
 from miles_stream.trainer.megatron.model import MegatronPolicy
-from miles_stream.trainer.megatron.parallel import Groups
+from miles_stream.trainer.megatron.parallel import GroupParallel, Groups
+from miles_stream.trainer.megatron.zero import ShardedAdamW
 from miles_stream.trainer.parallel import DataParallel
 from miles_stream.trainer.torch.hf import export_streamed
+from miles_stream.trainer.torch.optim import adamw_options
 
 
 class StreamedWeights(Mapping[str, Tensor]):
@@ -115,8 +118,9 @@ class MegatronLayout:
     casts_compute = False
 
     def __init__(self, groups: Groups, world: DataParallel, model: MegatronPolicy,
-                 publish_dtype: torch.dtype | None = None) -> None:  # fmt: skip
+                 publish_dtype: torch.dtype | None = None, distributed_optimizer: bool = False) -> None:  # fmt: skip
         self.groups = groups
+        self.distributed_optimizer = distributed_optimizer  # AdamW's state split over each part's replicas (zero.py)
         self.publish_dtype = publish_dtype  # the dtype published tensors are gathered in (None: the parameters')
         self.parallel: DataParallel = groups.dp
         self.world = world
@@ -143,6 +147,19 @@ class MegatronLayout:
     def _split(self, params: Sequence[nn.Parameter]) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
         """(the replicated parameters, the experts split over the EP group)"""
         return [p for p in params if id(p) not in self.experts], [p for p in params if id(p) in self.experts]
+
+    @property
+    def replicas(self) -> GroupParallel:
+        """The ranks holding this rank's checkpoint files (experts and all: with EP the expert-DP group)."""
+        return self.groups.grads if self.groups.ep.world == 1 else self.groups.expert_dp
+
+    def optimizer(self, params: Sequence[nn.Parameter], config: TrainerConfig) -> torch.optim.Optimizer:
+        trained = [p for p in params if p.requires_grad]
+        options = adamw_options(trained, config)
+        if not self.distributed_optimizer:
+            return torch.optim.AdamW(trained, **options)
+        dense, experts = self._split(trained)  # the gradient sums' two groups (reduce_grads)
+        return ShardedAdamW([(dense, self.groups.grads), (experts, self.groups.expert_dp)], options)
 
     def reduce_grads(self, params: Sequence[nn.Parameter]) -> None:
         if self.groups.tp > 1:
@@ -247,21 +264,34 @@ class MegatronLayout:
 
     def save(self, directory: Path, model: nn.Module, optimizer: Any, scheduler: Any, critic: Any) -> None:
         assert isinstance(model, MegatronPolicy)
+        sharded = isinstance(optimizer, ShardedAdamW)
+        replicas = self.replicas
         if self.world.is_main:  # what another layout's resume reads first (reshard.py)
-            reshard.write_sizes(directory, self.sizes)
-        replicas = self.groups.grads if self.groups.ep.world == 1 else self.groups.expert_dp
+            reshard.write_sizes(directory, self.sizes, shards=replicas.world if sharded else 0)
+        g = self.groups
+        if sharded:  # every rank: the moments it owns, under one-stage names (found by name on resume)
+            names = {id(p): n for n, p in model.gpt.named_parameters()}
+            one_stage = reshard.placement(model.shape, self.sizes, g.pp.rank, g.ep.rank)
+            owned = {one_stage[names[id(p)]]: s for p, s in optimizer.owned_state().items()}
+            shard = reshard.shard_stem(self.sizes, g.tp_rank, g.pp.rank, g.ep.rank, replicas.rank)
+            torch.save({"state": owned}, directory / f"{shard}.pt")
         if replicas.rank != 0:  # they hold the same shards and experts
             return
         tensors, state = self._files(directory)
         save_file({n: p.detach().contiguous() for n, p in model.gpt.named_parameters()}, str(tensors))
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "torch_rng": torch.get_rng_state(),
+        adamw = (
+            {"state": {}, "param_groups": [{**optimizer.hyperparameters(), "params": []}]}
+            if sharded else optimizer.state_dict()
+        )  # fmt: skip
+        torch.save({"optimizer": adamw, "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
                     "param_names": reshard.optimizer_names(model.gpt, optimizer)}, state)  # fmt: skip
 
     def load(self, directory: Path, model: nn.Module, optimizer: Any, scheduler: Any, critic: Any) -> None:
         assert isinstance(model, MegatronPolicy)
         written = reshard.saved_sizes(directory)
-        if written is not None and written != self.sizes:  # each rank rebuilds its shards (reshard.py)
+        split_state = isinstance(optimizer, ShardedAdamW) or reshard.saved_shards(directory) > 0
+        if written is not None and (written != self.sizes or split_state):
+            # each rank rebuilds its shards (reshard.py); AdamW's state found by name
             coords = (self.groups.tp_rank, self.groups.pp.rank, self.groups.ep.rank)
             reshard.load_resharded(directory, written, self.sizes, coords, model, optimizer, scheduler)
             return

@@ -38,7 +38,7 @@ from __future__ import annotations
 import json
 import re
 from collections import defaultdict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +58,7 @@ from miles_stream.trainer.megatron.convert import (
     megatron_names,
     to_megatron,
 )
+from miles_stream.trainer.megatron.zero import ShardedAdamW
 
 log = structlog.get_logger(__name__)
 SIZES_FILE = "megatron.json"
@@ -96,10 +97,25 @@ def stem(sizes: Sizes, tp_rank: int, pp_rank: int = 0, ep_rank: int = 0) -> str:
     return out
 
 
-def write_sizes(directory: Path, sizes: Sizes) -> None:
+def write_sizes(directory: Path, sizes: Sizes, shards: int = 0) -> None:
+    """megatron.json; `shards`: the ranks each (TP, PP, EP) rank's AdamW state is split over (zero.py; 0: whole in
+    its .pt)."""
     (directory / SIZES_FILE).write_text(json.dumps({"tensor_parallel": sizes.tp, "pipeline_parallel": sizes.pp,
                                                     "expert_parallel": sizes.ep, "first_stage_layers": sizes.first,
-                                                    "last_stage_layers": sizes.last}))  # fmt: skip
+                                                    "last_stage_layers": sizes.last,
+                                                    "optimizer_shards": shards}))  # fmt: skip
+
+
+def saved_shards(directory: Path) -> int:
+    """How many ranks the checkpoint's AdamW state of one (TP, PP, EP) rank is split over (0: not split)."""
+    recorded = directory / SIZES_FILE
+    return int(json.loads(recorded.read_text()).get("optimizer_shards", 0)) if recorded.is_file() else 0
+
+
+def shard_stem(sizes: Sizes, tp_rank: int, pp_rank: int, ep_rank: int, replica: int) -> str:
+    """The file of one rank's share of AdamW's state (a distributed optimizer, zero.py): its moments under
+    one-stage names, {"state": {name: {"step", "exp_avg", "exp_avg_sq"}}}."""
+    return f"{stem(sizes, tp_rank, pp_rank, ep_rank)}-zero{replica:03d}"
 
 
 def saved_sizes(directory: Path) -> Sizes | None:
@@ -152,8 +168,10 @@ class _Saved:
     def __init__(self, directory: Path, sizes: Sizes, holds: dict[str, set[str]], stack: ExitStack) -> None:
         self.directory, self.sizes, self.stack = directory, sizes, stack
         self.holds = holds  # {file stem: the local names it should hold}
+        self.shards = saved_shards(directory)  # AdamW's state split over this many ranks (0: whole in each .pt)
         self.tensors: dict[str, Any] = {}
         self.extras: dict[str, dict[str, Any]] = {}
+        self.owned: dict[int, dict[str, dict[str, Tensor]]] = {}  # {TP rank: {one-stage name: state}}, split state
         self.read: set[str] = set()
 
     def _path(self, name: str) -> Path:
@@ -195,19 +213,39 @@ class _Saved:
         tensor: Tensor = self.file(name).get_tensor(local)
         return tensor
 
-    def moment(self, name: str, local: str) -> dict[str, Tensor] | None:
-        """AdamW's state of one parameter of one file (None: it has none, never stepped)."""
+    def moment(self, one_stage: str, k: int, name: str, local: str) -> dict[str, Tensor] | None:
+        """AdamW's state of one parameter (`one_stage`'s TP shard `k`, `local` in file `name`); None: it has none,
+        never stepped."""
+        if self.shards:
+            return self.split_state(k).get(one_stage)
         extra = self.extra(name)
         self.read.add(name)
         index = extra["index"]
         state: dict[str, Tensor] | None = extra["optimizer"]["state"].get(index[local]) if local in index else None
         return state
 
+    def split_state(self, k: int) -> dict[str, dict[str, Tensor]]:
+        """{one-stage name: AdamW state} of TP rank k's parameters, from every rank's share (a distributed
+        optimizer): a parameter's state is in the file of the rank that owned it, whichever that was (mmap: a
+        moment's bytes are read when it is used). A tied embedding and its last-stage copy share a one-stage
+        name; their states are equal (the same gradients from the same state), either is taken."""
+        if k not in self.owned:
+            merged: dict[str, dict[str, Tensor]] = {}
+            for s in range(self.sizes.pp):
+                for j in range(self.sizes.ep):
+                    for r in range(self.shards):
+                        name = shard_stem(self.sizes, k, s, j, r)
+                        merged |= torch.load(self._path(f"{name}.pt"), weights_only=True, mmap=True)["state"]
+                        self.read.add(name)
+            self.owned[k] = merged
+        return self.owned[k]
+
 
 def rebuild(directory: Path, shape: Qwen3Shape, saved: Sizes, here: Sizes, tp_rank: int, pp_rank: int = 0,
-            ep_rank: int = 0) -> Rebuilt:  # fmt: skip
+            ep_rank: int = 0, moments_for: Collection[str] | None = None) -> Rebuilt:  # fmt: skip
     """Rank (tp_rank, pp_rank, ep_rank) of a layout at `here`'s sizes, rebuilt from a checkpoint saved at `saved`'s
-    (see the module's docstring)."""
+    (see the module's docstring); `moments_for`: the local names whose AdamW state it keeps (a distributed
+    optimizer's owned ones; None: all)."""
     mine = placement(shape, here, pp_rank, ep_rank)
     homes: dict[str, list[tuple[int, int, str]]] = defaultdict(list)  # one-stage name -> [(stage, EP rank, local)]
     holds: dict[str, set[str]] = {}
@@ -229,9 +267,9 @@ def rebuild(directory: Path, shape: Qwen3Shape, saved: Sizes, here: Sizes, tp_ra
     with ExitStack() as stack:
         files = _Saved(directory, saved, holds, stack)
 
-        def saved_parts(get: Callable[[str, str], Any]) -> dict[str, list[Any]]:
-            """{one-stage name: its saved TP shards} of what this rank needs and the checkpoint holds (`get`)."""
-            parts = {n: [get(*where(n, k)) for k in range(saved.tp)] for n in sorted(needed)}
+        def saved_parts(get: Callable[[str, int], Any], names: set[str]) -> dict[str, list[Any]]:
+            """{one-stage name: its saved TP shards} of `names` that the checkpoint holds (`get(name, k)`)."""
+            parts = {n: [get(n, k) for k in range(saved.tp)] for n in sorted(names)}
             have = {n: [p for p in ps if p is not None] for n, ps in parts.items()}
             for n, ps in have.items():
                 if 0 < len(ps) < saved.tp:
@@ -251,8 +289,9 @@ def rebuild(directory: Path, shape: Qwen3Shape, saved: Sizes, here: Sizes, tp_ra
             split = to_megatron(dict(iter_hf(shards_of, shape)), shape, here.tp)[tp_rank]
             return {n: split[n] for n in parts}
 
-        params = resplit(saved_parts(files.param))
-        states = saved_parts(files.moment)
+        params = resplit(saved_parts(lambda n, k: files.param(*where(n, k)), needed))
+        kept = needed if moments_for is None else {mine[local] for local in moments_for}
+        states = saved_parts(lambda n, k: files.moment(n, k, *where(n, k)), kept)
         moments: dict[str, dict[str, Tensor]] = {}
         if states:
             steps = {n: {float(s["step"]) for s in ps} for n, ps in states.items()}
@@ -272,10 +311,12 @@ def rebuild(directory: Path, shape: Qwen3Shape, saved: Sizes, here: Sizes, tp_ra
 def load_resharded(directory: Path, saved: Sizes, here: Sizes, coords: tuple[int, int, int], model: Any,
                    optimizer: torch.optim.Optimizer, scheduler: Any) -> None:  # fmt: skip
     """Load a checkpoint saved at `saved` into this rank (`coords`: its TP, PP and EP ranks at `here`): parameters,
-    AdamW's state, the schedule and the torch RNG."""
+    AdamW's state (a distributed optimizer's: only the parameters this rank owns), the schedule and the torch RNG."""
     gpt = model.gpt
-    out = rebuild(directory, model.shape, saved, here, *coords)
     params = dict(gpt.named_parameters())
+    names = {id(p): n for n, p in params.items()}
+    owned = [names[id(p)] for p in optimizer.owned()] if isinstance(optimizer, ShardedAdamW) else None
+    out = rebuild(directory, model.shape, saved, here, *coords, moments_for=owned)
     if set(out.params) != set(params):
         other = sorted(set(out.params) ^ set(params))[:4]
         raise ValueError(f"the conversion and this GPTModel disagree on names: {other}")
@@ -285,12 +326,16 @@ def load_resharded(directory: Path, saved: Sizes, here: Sizes, coords: tuple[int
                 raise ValueError(f"{name}: this GPTModel holds {tuple(p.shape)}, the checkpoint (saved at {saved}) "
                                  f"{tuple(out.params[name].shape)}: it is of another model")  # fmt: skip
             p.copy_(out.params[name])
-    names = optimizer_names(gpt, optimizer)
     (group,) = out.extra["optimizer"]["param_groups"]
     (current,) = optimizer.param_groups
-    group = {**group, **{k: current[k] for k in _IMPLEMENTATION if k in current}, "params": list(range(len(names)))}
-    state = {i: out.moments[n] for i, n in enumerate(names) if n in out.moments}
-    optimizer.load_state_dict({"state": state, "param_groups": [group]})
+    group = {**group, **{k: current[k] for k in _IMPLEMENTATION if k in current}}
+    if isinstance(optimizer, ShardedAdamW):
+        optimizer.load_owned({k: v for k, v in group.items() if k != "params"},
+                             {params[n]: out.moments[n] for n in owned or () if n in out.moments})  # fmt: skip
+    else:
+        order = optimizer_names(gpt, optimizer)
+        state = {i: out.moments[n] for i, n in enumerate(order) if n in out.moments}
+        optimizer.load_state_dict({"state": state, "param_groups": [{**group, "params": list(range(len(order)))}]})
     scheduler.load_state_dict(out.extra["scheduler"])
     torch.set_rng_state(out.extra["torch_rng"])
     log.info(

@@ -55,6 +55,7 @@ from miles_stream.trainer.config import TrainerConfig
 from miles_stream.trainer.parallel import DataParallel
 from miles_stream.trainer.torch.hf import decoder_layers, export_hf
 from miles_stream.trainer.torch.logprobs import SHARDED_ENTRY, logprobs_of
+from miles_stream.trainer.torch.optim import build_optimizer
 
 log = structlog.get_logger(__name__)
 SHARDS = "shards"  # the checkpoint's subdirectory written by torch.distributed.checkpoint
@@ -136,6 +137,9 @@ class Fsdp:
         self.parallel = parallel
         self.casts_compute = mixed_precision(config)
         self.publish_dtype = torch.bfloat16 if self.casts_compute else None
+
+    def optimizer(self, params: Sequence[nn.Parameter], config: TrainerConfig) -> torch.optim.Optimizer:
+        return build_optimizer(params, config)  # over the DTensor shards: each rank's moments are its rows'
 
     def reduce_grads(self, params: Sequence[nn.Parameter]) -> None:
         return None  # FSDP reduce-scattered each layer's gradients in the backward pass

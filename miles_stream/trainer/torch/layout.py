@@ -15,8 +15,10 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
+from miles_stream.trainer.config import TrainerConfig
 from miles_stream.trainer.parallel import DataParallel
 from miles_stream.trainer.torch.hf import export_hf
+from miles_stream.trainer.torch.optim import build_optimizer
 from miles_stream.trainer.torch.state import read_state, write_state
 
 
@@ -24,6 +26,10 @@ class ModelLayout(Protocol):
     parallel: DataParallel
     casts_compute: bool  # the layout computes in the compute dtype itself (FSDP's mixed precision): no autocast
     aligns_frozen: bool  # a frozen model's forward is a collective too (expert parallel): `align` its micro-batches
+
+    def optimizer(self, params: Sequence[nn.Parameter], config: TrainerConfig) -> torch.optim.Optimizer:
+        """AdamW over the trained `params` (a layout may split its state over ranks)."""
+        ...
 
     def reduce_grads(self, params: Sequence[nn.Parameter]) -> None:
         """After the last backward pass of a step: make every rank's gradients the sum over ranks."""
@@ -55,6 +61,9 @@ class Replicated:
 
     def __init__(self, parallel: DataParallel) -> None:
         self.parallel = parallel
+
+    def optimizer(self, params: Sequence[nn.Parameter], config: TrainerConfig) -> torch.optim.Optimizer:
+        return build_optimizer(params, config)
 
     def reduce_grads(self, params: Sequence[nn.Parameter]) -> None:
         self.parallel.sum_grads(params)

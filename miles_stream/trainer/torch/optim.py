@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch.optim.lr_scheduler import LambdaLR
@@ -11,19 +12,17 @@ from torch.optim.lr_scheduler import LambdaLR
 from miles_stream.trainer.config import TrainerConfig
 
 
-def build_optimizer(params: Iterable[torch.nn.Parameter], config: TrainerConfig) -> torch.optim.AdamW:
-    """AdamW; on CUDA its fused kernel (one launch for every parameter), elsewhere the foreach one."""
-    trained = [p for p in params if p.requires_grad]
+def adamw_options(trained: list[torch.nn.Parameter], config: TrainerConfig) -> dict[str, Any]:
+    """AdamW's hyperparameters from the config; on CUDA its fused kernel (one launch for every parameter),
+    elsewhere the foreach one."""
     cuda = bool(trained) and all(p.is_cuda for p in trained)
-    return torch.optim.AdamW(
-        trained,
-        lr=config.lr,
-        betas=config.adam_betas,
-        eps=config.adam_eps,
-        weight_decay=config.weight_decay,
-        foreach=None if cuda else True,
-        fused=True if cuda else None,
-    )
+    return dict(lr=config.lr, betas=config.adam_betas, eps=config.adam_eps, weight_decay=config.weight_decay,
+                foreach=None if cuda else True, fused=True if cuda else None)  # fmt: skip
+
+
+def build_optimizer(params: Iterable[torch.nn.Parameter], config: TrainerConfig) -> torch.optim.AdamW:
+    trained = [p for p in params if p.requires_grad]
+    return torch.optim.AdamW(trained, **adamw_options(trained, config))
 
 
 def lr_factor(step: int, config: TrainerConfig) -> float:

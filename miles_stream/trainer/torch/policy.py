@@ -37,7 +37,7 @@ from miles_stream.trainer.torch.hf import decoder_layers
 from miles_stream.trainer.torch.inputs import MicroInputs, micro_inputs, packed_inputs
 from miles_stream.trainer.torch.layout import ModelLayout, Replicated
 from miles_stream.trainer.torch.logprobs import PACKS_ITSELF, response_logprobs
-from miles_stream.trainer.torch.optim import build_optimizer, build_scheduler
+from miles_stream.trainer.torch.optim import build_scheduler
 from miles_stream.trainer.torch.routing_replay import Replay, replay_inputs, routing_replay_of
 
 log = structlog.get_logger(__name__)
@@ -89,7 +89,7 @@ class PolicyTrainer:
         if config.compile:
             for layer in decoder_layers(model):
                 layer.compile(dynamic=True)
-        self.optimizer = build_optimizer(model.parameters(), config)
+        self.optimizer = self.layout.optimizer(list(model.parameters()), config)
         self.scheduler = build_scheduler(self.optimizer, config)
         self.skipped_steps = 0  # optimizer steps skipped for a non-finite loss or gradient
         self._grad_norm_average = 0.0

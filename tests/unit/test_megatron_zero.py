@@ -1,0 +1,116 @@
+"""The distributed optimizer (`trainer.megatron.distributed_optimizer`, trainer/megatron/zero.py) on spawned gloo
+ranks, against AdamW whole on every rank.
+
+Two ranks at DP 2 (dense Qwen3) and at EP 2 (Qwen3-MoE: its attention and routers split over DP 2, its experts
+whole on their EP rank), each with and without it: the same metrics and published weights after two steps, every
+AdamW moment held by exactly one rank of the group (their union equal to the whole optimizer's), about half of the
+elements each. Its checkpoints: resumed on two ranks with it, on two ranks without it and on one rank; a checkpoint
+of the whole optimizer resumed with it; each takes the same next step as the run that never stopped."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+pytest.importorskip("megatron.core", reason="megatron-core is the optional [megatron] extra")
+
+from megatron_jobs import Job, assert_same_step, gathered, run, spawn
+
+from miles_stream.models import TinyModelConfig, build_tiny_model
+from miles_stream.trainer.megatron.convert import Qwen3Shape
+from miles_stream.trainer.megatron.parallel import release_groups
+from miles_stream.trainer.parallel import DataParallel
+from miles_stream.trainer.torch.hf import load_causal_lm
+
+ZERO = {"distributed_optimizer": True}
+EP2 = {"expert_parallel": 2}
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Path]]:
+    tmp = tmp_path_factory.mktemp("megatron-zero")
+    yield {"dense": build_tiny_model(tmp / "dense", TinyModelConfig(tie_embeddings=False, seed=3)),
+           "moe": build_tiny_model(tmp / "moe", TinyModelConfig(kind="moe"))}  # fmt: skip
+    release_groups()  # the one-rank process group the backend made in this process
+
+
+def shape_of(model_dir: Path) -> Qwen3Shape:
+    return Qwen3Shape.of(load_causal_lm(str(model_dir), dtype="float32", device="cpu").config)
+
+
+@pytest.fixture(scope="module")
+def runs(models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    tmp = tmp_path_factory.mktemp("runs")
+    dirs = {k: str(v) for k, v in models.items()}
+    jobs: list[Job] = [
+        ("whole", "dense", {}, "", str(tmp / "whole")),
+        ("zero", "dense", ZERO, "", str(tmp / "zero")),
+        ("zero-on-zero", "dense", ZERO, str(tmp / "zero"), ""),
+        ("zero-on-whole", "dense", {}, str(tmp / "zero"), ""),
+        ("whole-on-zero", "dense", ZERO, str(tmp / "whole"), ""),
+        ("moe-whole", "moe", EP2, "", str(tmp / "moe-whole")),
+        ("moe-zero", "moe", EP2 | ZERO, "", str(tmp / "moe-zero")),
+        ("moe-zero-on-zero", "moe", EP2 | ZERO, str(tmp / "moe-zero"), ""),
+    ]  # fmt: skip
+    out = spawn(2, jobs, dirs, tmp / "rank")
+    out["zero-on-one"] = [run(("", "dense", {}, str(tmp / "zero"), ""), dirs, DataParallel())]
+    out["moe-zero-on-one"] = [run(("", "moe", {}, str(tmp / "moe-zero"), ""), dirs, DataParallel())]
+    out["dir"] = tmp
+    return out
+
+
+def elements(moments: dict[str, dict[str, torch.Tensor]]) -> int:
+    return sum(m["exp_avg"].numel() for m in moments.values())
+
+
+@pytest.mark.parametrize(("whole", "zero", "model"), [("whole", "zero", "dense"), ("moe-whole", "moe-zero", "moe")])
+def test_the_split_state_steps_as_the_whole_one_and_each_rank_holds_about_half(
+    runs: dict[str, Any], models: dict[str, Path], whole: str, zero: str, model: str
+) -> None:
+    shape = shape_of(models[model])
+    want, got = runs[whole], runs[zero]
+    for a, b in zip(want, got, strict=True):
+        for name in ("loss", "grad_norm", "tokens"):
+            assert b["metrics"][name] == pytest.approx(a["metrics"][name], rel=1e-6), name
+        assert list(b["weights"]) == list(a["weights"])
+        for name, tensor in a["weights"].items():  # the same AdamW arithmetic on the same summed gradients
+            torch.testing.assert_close(b["weights"][name], tensor, atol=1e-7, rtol=0, msg=name)
+    for field in ("exp_avg", "exp_avg_sq"):
+        assert gathered(got, shape, field).keys() == gathered(want, shape, field).keys()
+        for name, tensor in gathered(want, shape, field).items():
+            torch.testing.assert_close(gathered(got, shape, field)[name], tensor, atol=1e-9, rtol=1e-6, msg=name)
+    mine = [set(r["moments"]) for r in got]
+    if model == "dense":  # DP 2: every parameter's state on one rank of the two
+        assert not mine[0] & mine[1] and mine[0] | mine[1] == set(want[0]["moments"])
+    else:  # EP 2: the experts' group is one rank (their state whole there), the rest split over DP 2
+        experts = [{n for n in m if "local_experts" in n} for m in mine]
+        assert all(e == {n for n in r["moments"] if "local_experts" in n} for e, r in zip(experts, want, strict=True))
+        rest = [m - e for m, e in zip(mine, experts, strict=True)]
+        assert not rest[0] & rest[1] and rest[0] | rest[1] == set(want[0]["moments"]) - experts[0]
+    total = elements(want[0]["moments"])
+    shares = [elements(r["moments"]) / total for r in got]
+    print(f"{model}: each rank's share of AdamW's elements {shares}")
+    if model == "dense":
+        assert all(0.4 < s < 0.6 for s in shares), shares
+
+
+def test_a_split_checkpoint_resumes_with_and_without_it_and_on_one_rank(
+    runs: dict[str, Any], models: dict[str, Path]
+) -> None:
+    step = sorted(p.name for p in (runs["dir"] / "zero").glob("step-*/megatron*"))
+    assert step == ["megatron-tp00-zero000.pt", "megatron-tp00-zero001.pt", "megatron-tp00.pt",
+                    "megatron-tp00.safetensors", "megatron.json"]  # fmt: skip
+    dense, moe = shape_of(models["dense"]), shape_of(models["moe"])
+    assert_same_step(runs["zero"], runs["zero-on-zero"], dense)
+    assert_same_step(runs["zero"], runs["zero-on-whole"], dense)
+    assert_same_step(runs["zero"], runs["zero-on-one"], dense)
+    assert_same_step(runs["moe-zero"], runs["moe-zero-on-zero"], moe)
+    assert_same_step(runs["moe-zero"], runs["moe-zero-on-one"], moe)
+
+
+def test_a_whole_checkpoint_resumes_into_the_split_optimizer(runs: dict[str, Any], models: dict[str, Path]) -> None:
+    assert_same_step(runs["whole"], runs["whole-on-zero"], shape_of(models["dense"]))
