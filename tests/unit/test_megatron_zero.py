@@ -34,6 +34,7 @@ EP2 = {"expert_parallel": 2}
 def models(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Path]]:
     tmp = tmp_path_factory.mktemp("megatron-zero")
     yield {"dense": build_tiny_model(tmp / "dense", TinyModelConfig(tie_embeddings=False, seed=3)),
+           "tied": build_tiny_model(tmp / "tied", TinyModelConfig(num_layers=4)),
            "moe": build_tiny_model(tmp / "moe", TinyModelConfig(kind="moe"))}  # fmt: skip
     release_groups()  # the one-rank process group the backend made in this process
 
@@ -114,3 +115,33 @@ def test_a_split_checkpoint_resumes_with_and_without_it_and_on_one_rank(
 
 def test_a_whole_checkpoint_resumes_into_the_split_optimizer(runs: dict[str, Any], models: dict[str, Path]) -> None:
     assert_same_step(runs["whole"], runs["whole-on-zero"], shape_of(models["dense"]))
+
+
+@pytest.mark.slow
+def test_four_ranks_split_experts_over_expert_dp_and_tp_pp_shards_over_dp(
+    models: dict[str, Path], tmp_path: Path
+) -> None:
+    """EP 2 on four ranks (each expert on two ranks of an expert-DP group: its moments split there, the rest over
+    DP 4), TP 2 x DP 2 and PP 2 x DP 2 (tied): each as without it; the EP and PP checkpoints resume on one rank."""
+    dirs = {k: str(v) for k, v in models.items()}
+    kinds = (("moe", "moe", EP2), ("tp2", "dense", {"tensor_parallel": 2}), ("pp2", "tied", {"pipeline_parallel": 2}))
+    jobs: list[Job] = [(f"{kind}-{how}", model, sizes | extra, "", str(tmp_path / f"{kind}-{how}"))
+                       for kind, model, sizes in kinds for how, extra in (("whole", {}), ("zero", ZERO))]  # fmt: skip
+    four = spawn(4, jobs, dirs, tmp_path / "rank")
+    for kind, model, _ in kinds:
+        whole, zero = four[f"{kind}-whole"], four[f"{kind}-zero"]
+        shape = shape_of(models[model])
+        for a, b in zip(whole, zero, strict=True):
+            for name, tensor in a["weights"].items():
+                torch.testing.assert_close(b["weights"][name], tensor, atol=1e-7, rtol=0, msg=f"{kind} {name}")
+        for field in ("exp_avg", "exp_avg_sq"):
+            want, got = gathered(whole, shape, field), gathered(zero, shape, field)
+            for name, tensor in want.items():
+                torch.testing.assert_close(got[name], tensor, atol=1e-9, rtol=1e-6, msg=f"{kind} {field} {name}")
+        held = [elements(r["moments"]) / elements(w["moments"]) for r, w in zip(zero, whole, strict=True)]
+        assert all(s < 0.75 for s in held), (kind, held)  # every rank holds a share, not the whole
+    experts = [{n for n in r["moments"] if "local_experts" in n} for r in four["moe-zero"]]
+    assert experts[0] and not experts[0] & experts[2]  # ranks 0 and 2: one expert-DP group (EP rank 0)
+    for kind, model in (("moe", "moe"), ("pp2", "tied")):  # PP 2: the tied embedding's two copies' states, equal
+        resumed = [run(("", model, {}, str(tmp_path / f"{kind}-zero"), ""), dirs, DataParallel())]
+        assert_same_step(four[f"{kind}-zero"], resumed, shape_of(models[model]))
