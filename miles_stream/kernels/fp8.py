@@ -49,8 +49,10 @@ def _blocks(n: int) -> int:
 
 
 def _scale_of(amax: Tensor) -> Tensor:
-    """amax / 448 in float32; 1 for an all-zero block."""
-    return torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    """amax / 448 in float32; 1 for an all-zero block. Divided by a tensor, not the Python number: CUDA divides by
+    a scalar as a multiply by its reciprocal (aten's div_true kernel), one ulp off the CPU's quotient at times (seen
+    on an H100), and the quantizers must agree bit for bit across devices."""
+    return torch.where(amax > 0, amax / torch.full_like(amax, FP8_MAX), torch.ones_like(amax))
 
 
 def _to_fp8(values: Tensor, scale: Tensor) -> Tensor:

@@ -25,7 +25,7 @@ from miles_stream.trainer.megatron.config import MegatronConfig
 from miles_stream.trainer.megatron.parallel import release_groups
 from miles_stream.trainer.parallel import DataParallel
 from miles_stream.trainer.torch.hf import load_causal_lm
-from miles_stream.trainer.torch.inputs import micro_inputs
+from miles_stream.trainer.torch.inputs import micro_inputs, packed_inputs
 from miles_stream.trainer.torch.logprobs import response_logprobs
 from miles_stream.trainer.torch.routing_replay import RoutingReplay, replay_inputs
 
@@ -58,7 +58,7 @@ def test_megatron_on_cuda_takes_the_torch_backends_bf16_step(tmp_path: Path, pac
                                   parallel=DataParallel())  # fmt: skip
     torch_backend: Any = build_backend(config(model_dir, "torch", pack_sequences=packed), ALGO, temperature=1.0,
                                        parallel=DataParallel())  # fmt: skip
-    x = micro_inputs(batch, "cuda")
+    x = packed_inputs(batch, "cuda") if packed else micro_inputs(batch, "cuda")  # packed: both models take one row
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
         got, _ = response_logprobs(megatron.model, x, temperature=1.0)
         want, _ = response_logprobs(torch_backend.model, x, temperature=1.0)
