@@ -126,6 +126,17 @@ def test_published_tensors_carry_hf_names_shapes_and_dtypes(models: dict[str, Pa
             assert torch.equal(published[name], tensor), name  # before any step: the checkpoint itself
 
 
+def test_bf16_parameters_are_bf16_norms_included_and_publish_as_the_hf_bf16_model(models: dict[str, Path]) -> None:
+    """trainer.main_params_dtype bfloat16: every parameter in bf16, the norms too (Megatron's local spec makes them
+    float32 whatever params_dtype says, which made each norm's output float32 and unfused on CUDA)."""
+    cfg = replace(config(models["untied"]), dtype="bfloat16", main_params_dtype="bfloat16")
+    megatron: Any = build_backend(cfg, AlgoConfig(), temperature=1.0, parallel=DataParallel())
+    assert {p.dtype for p in megatron.model.parameters()} == {torch.bfloat16}
+    published, _ = megatron.weights()
+    hf = load_causal_lm(str(models["untied"]), dtype="bfloat16", device="cpu").state_dict()
+    assert {n: t.dtype for n, t in published.items()} == {n: t.dtype for n, t in hf.items()}
+
+
 def test_a_megatron_checkpoint_resumes_exactly_and_exports_a_loadable_hf_model(
     models: dict[str, Path], tmp_path: Path
 ) -> None:

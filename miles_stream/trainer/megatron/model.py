@@ -135,6 +135,11 @@ def build_gpt(hf_config: Any, *, tp: int, device: str, dtype: torch.dtype, ep: i
                        position_embedding_type="rope", rotary_base=int(rope_theta(hf_config)),
                        share_embeddings_and_output_weights=shape.tied and pp == 1, parallel_output=True,
                        pre_process=stage == 0, post_process=stage == pp - 1)  # fmt: skip
+    for module in gpt.modules():  # the local spec's norms are torch.nn.RMSNorm made without a dtype (Megatron's
+        # transformer/torch_norm.py WrappedTorchNorm): float32 beside bf16 parameters, so each norm's output came
+        # out float32 (type promotion), unfused, and was saved for the backward at twice the bytes
+        if isinstance(module, nn.RMSNorm):
+            module.to(dtype)
     if ep > 1:
         use_ep_dispatcher(gpt)
     return gpt.to(device)
