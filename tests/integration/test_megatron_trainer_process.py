@@ -138,14 +138,16 @@ def test_megatron_trainer_process_trains_qwen3_moe_with_replay_as_the_torch_back
 
 
 @pytest.mark.slow
-def test_megatron_trainer_saved_at_tp2_on_two_ranks_resumes_on_one_rank(redis_url: str, tmp_path: Path) -> None:
-    """Two steps at TP=2 under torchrun, then `train --resume` on one rank (TP=1) for two more: every group trained
-    and acked once, and the exported model the one a single rank trains in four steps without a restart."""
+@pytest.mark.parametrize("first", ["tp2", "zero2"])
+def test_megatron_trainer_saved_on_two_ranks_resumes_on_one_rank(redis_url: str, tmp_path: Path, first: str) -> None:
+    """Two steps on two torchrun ranks (TP=2, or DP=2 with AdamW's moments split over them: the distributed
+    optimizer), then `train --resume` on one rank (TP=1, whole AdamW) for two more: every group trained and acked
+    once, and the exported model the one a single rank trains in four steps without a restart."""
     model_dir = build_tiny_model(tmp_path / "model", TinyModelConfig())
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "MILES_REDIS_URL": redis_url, "OMP_NUM_THREADS": "1"}
     exports = {}
     for name, steps in (
-        ("restarted", (("tp2", TORCHRUN_2, 2, 2), ("tp1", CLI, 4, 4))),
+        ("restarted", ((first, TORCHRUN_2, 2, 2), ("tp1", CLI, 4, 4))),
         ("once", (("tp1", CLI, 4, 4),)),
     ):
         ns = f"{name}{uuid.uuid4().hex[:8]}"
@@ -153,12 +155,14 @@ def test_megatron_trainer_saved_at_tp2_on_two_ranks_resumes_on_one_rank(redis_ur
         for i, (layout, launcher, share, max_steps) in enumerate(steps):
             cmd = train_cmd(ns, model_dir, tmp_path / name, f"trainer.max_steps={max_steps}",
                             f"buffer.capacity={share}", f"buffer.read_count={share}", "trainer.backend=megatron",
-                            f"trainer.megatron.tensor_parallel={2 if layout == 'tp2' else 1}")  # fmt: skip
+                            f"trainer.megatron.tensor_parallel={2 if layout == 'tp2' else 1}",
+                            f"trainer.megatron.distributed_optimizer={layout == 'zero2'}")  # fmt: skip
             cmd = [*launcher, *cmd[len(CLI) :], *(["--resume"] if i else [])]
             run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
             assert run.returncode == 0, run.stderr[-3000:]
             if i:
-                assert '"megatron_checkpoint_resharded"' in run.stderr and '"TP=2, PP=1, EP=1"' in run.stderr
+                saved = "TP=2, PP=1, EP=1" if first == "tp2" else "TP=1, PP=1, EP=1"  # zero2: moments by name
+                assert '"megatron_checkpoint_resharded"' in run.stderr and f'"{saved}"' in run.stderr
         exports[name] = load_file(tmp_path / name / "export" / "model.safetensors")
         with sync_redis.Redis.from_url(redis_url) as client:
             assert done_total(client, f"{ns}:done:trainer") == 16
