@@ -115,11 +115,12 @@ def test_a_publication_streams_one_tensor_at_a_time_in_the_publish_dtype(models:
     assert list(expected) == list(load_causal_lm(str(models["untied"]), dtype="float32", device="cpu").state_dict())
 
     # reading it again, a layer's tensors are gone once the reader has moved past the layer (the old dict held
-    # every tensor until the publication ended)
+    # every tensor until the publication ended), the embedding too (it was held for lm_head until the end)
     alive: dict[str, weakref.ref[torch.Tensor]] = {}
     for name, tensor in published.items():
         if name.startswith("model.layers.1."):
             assert not [n for n, ref in alive.items() if n.startswith("model.layers.0.") and ref() is not None]
+            assert alive["model.embed_tokens.weight"]() is None
         alive[name] = weakref.ref(tensor)
         del tensor
 
