@@ -18,7 +18,7 @@ nothing: every replica reads its (TP, PP, EP) rank's files, layout.py).
          several files (one replicated over EP ranks, a tied embedding and its copy) is read from a file this rank
          reads anyway
       3. for the parameters, then exp_avg, then exp_avg_sq: the saved TP shards of what it holds; when TP changes,
-         merged into HF tensors by convert.iter_hf and split again by convert.to_megatron (the parameters it does
+         merged into HF tensors by convert.iter_hf and split again by convert.rank_params (the parameters it does
          not hold stand in as meta tensors of their saved shapes: only the files holding what it needs are read,
          and of every file its safetensors header). PP and EP move whole tensors: nothing is merged.
       4. AdamW's state_dict rebuilt by name for this rank's optimizer (its "params" ids are positions in the order
@@ -56,7 +56,7 @@ from miles_stream.trainer.megatron.convert import (
     by_stage,
     iter_hf,
     megatron_names,
-    to_megatron,
+    rank_params,
 )
 from miles_stream.trainer.megatron.zero import ShardedAdamW
 
@@ -286,8 +286,8 @@ def rebuild(directory: Path, shape: Qwen3Shape, saved: Sizes, here: Sizes, tp_ra
                     return parts[name]
                 return [torch.empty(files.shape(*where(name, k)), device="meta") for k in range(saved.tp)]
 
-            split = to_megatron(dict(iter_hf(shards_of, shape)), shape, here.tp)[tp_rank]
-            return {n: split[n] for n in parts}
+            # this rank's TP part of what it needs only (not every TP rank's split of everything)
+            return dict(rank_params(dict(iter_hf(shards_of, shape)), shape, here.tp, tp_rank, keep=parts.__contains__))
 
         params = resplit(saved_parts(lambda n, k: files.param(*where(n, k)), needed))
         kept = needed if moments_for is None else {mine[local] for local in moments_for}
