@@ -28,9 +28,10 @@ Job = tuple[str, str, dict[str, Any], str, str]
 
 
 def config(model_dir: Path, moe: bool, **megatron: Any) -> TrainerConfig:
-    # warm-up: the learning rate changes every step, so a schedule not carried over shows in the weights
+    # warm-up: the learning rate changes every step, so a schedule not carried over shows in the weights; weight
+    # decay: a hyperparameter a split optimizer's parts must take from the schedule's group too
     return TrainerConfig(model=str(model_dir), lr=1e-3, warmup_steps=4, micro_batch_tokens=40, backend="megatron",
-                         routing_replay=moe, megatron=MegatronConfig(**megatron))  # fmt: skip
+                         weight_decay=0.1, routing_replay=moe, megatron=MegatronConfig(**megatron))  # fmt: skip
 
 
 def run(job: Job, dirs: dict[str, str], parallel: DataParallel) -> dict[str, Any]:

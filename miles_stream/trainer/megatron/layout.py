@@ -58,7 +58,7 @@ from miles_stream.trainer.megatron.parallel import GroupParallel, Groups
 from miles_stream.trainer.megatron.zero import ShardedAdamW
 from miles_stream.trainer.parallel import DataParallel
 from miles_stream.trainer.torch.hf import export_streamed
-from miles_stream.trainer.torch.optim import adamw_options
+from miles_stream.trainer.torch.optim import adamw_options, build_optimizer
 
 
 class StreamedWeights(Mapping[str, Tensor]):
@@ -154,11 +154,11 @@ class MegatronLayout:
         return self.groups.grads if self.groups.ep.world == 1 else self.groups.expert_dp
 
     def optimizer(self, params: Sequence[nn.Parameter], config: TrainerConfig) -> torch.optim.Optimizer:
-        trained = [p for p in params if p.requires_grad]
-        options = adamw_options(trained, config)
         if not self.distributed_optimizer:
-            return torch.optim.AdamW(trained, **options)
+            return build_optimizer(params, config)
+        trained = [p for p in params if p.requires_grad]
         dense, experts = self._split(trained)  # the gradient sums' two groups (reduce_grads)
+        options = adamw_options(trained, config)
         return ShardedAdamW([(dense, self.groups.grads), (experts, self.groups.expert_dp)], options)
 
     def reduce_grads(self, params: Sequence[nn.Parameter]) -> None:

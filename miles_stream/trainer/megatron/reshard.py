@@ -10,6 +10,10 @@ nothing: every replica reads its (TP, PP, EP) rank's files, layout.py).
                                                             .pt: AdamW's state_dict, the local names of its parameters
                                                             in the optimizer's order ("param_names"), the schedule,
                                                             the torch RNG
+                            ...-zero{r}.pt                 with a distributed optimizer (megatron.json's
+                                                            "optimizer_shards" > 0, zero.py): replica r's share of
+                                                            AdamW's state under one-stage names; the .pt then holds
+                                                            no moments
     rank (k', s', j') of (tp', pp', ep'):
       1. which parameters it holds: `placement`, convert.by_stage and convert.by_expert (the splits load_policy
          applies to the HF checkpoint, a tied model's last-stage copy of the embedding included) run over one tag
@@ -20,9 +24,10 @@ nothing: every replica reads its (TP, PP, EP) rank's files, layout.py).
       3. for the parameters, then exp_avg, then exp_avg_sq: the saved TP shards of what it holds; when TP changes,
          merged into HF tensors by convert.iter_hf and split again by convert.rank_params (the parameters it does
          not hold stand in as meta tensors of their saved shapes: only the files holding what it needs are read,
-         and of every file its safetensors header). PP and EP move whole tensors: nothing is merged.
+         and of every file its safetensors header; a split AdamW state: every -zero file of the stages it needs,
+         memory-mapped). PP and EP move whole tensors: nothing is merged.
       4. AdamW's state_dict rebuilt by name for this rank's optimizer (its "params" ids are positions in the order
-         the optimizer was built, policy.py's `build_optimizer(model.parameters())`: hence the names recorded at
+         the optimizer was built, the layout's `optimizer(model.parameters())`: hence the names recorded at
          save); each parameter's "step" the saved one (equal over the TP shards merged, checked); hyperparameters,
          schedule and torch RNG those of the saved rank (TP 0, PP 0, EP 0), on every rank. The implementation
          flags (foreach, fused) stay this run's. numpy's and Python's RNG are rng.json's, as on any resume.
@@ -171,7 +176,8 @@ class _Saved:
         self.shards = saved_shards(directory)  # AdamW's state split over this many ranks (0: whole in each .pt)
         self.tensors: dict[str, Any] = {}
         self.extras: dict[str, dict[str, Any]] = {}
-        self.owned: dict[int, dict[str, dict[str, Tensor]]] = {}  # {TP rank: {one-stage name: state}}, split state
+        self.owned: dict[tuple[int, int], dict[str, dict[str, Tensor]]] = {}  # {(TP, PP rank): {one-stage name:
+        # state}} of a split state
         self.read: set[str] = set()
 
     def _path(self, name: str) -> Path:
@@ -213,32 +219,32 @@ class _Saved:
         tensor: Tensor = self.file(name).get_tensor(local)
         return tensor
 
-    def moment(self, one_stage: str, k: int, name: str, local: str) -> dict[str, Tensor] | None:
-        """AdamW's state of one parameter (`one_stage`'s TP shard `k`, `local` in file `name`); None: it has none,
-        never stepped."""
+    def moment(self, one_stage: str, k: int, s: int, name: str, local: str) -> dict[str, Tensor] | None:
+        """AdamW's state of one parameter (`one_stage`'s TP shard `k` on stage `s`, `local` in file `name`); None: it
+        has none, never stepped."""
         if self.shards:
-            return self.split_state(k).get(one_stage)
+            return self.split_state(k, s).get(one_stage)
         extra = self.extra(name)
         self.read.add(name)
         index = extra["index"]
         state: dict[str, Tensor] | None = extra["optimizer"]["state"].get(index[local]) if local in index else None
         return state
 
-    def split_state(self, k: int) -> dict[str, dict[str, Tensor]]:
-        """{one-stage name: AdamW state} of TP rank k's parameters, from every rank's share (a distributed
-        optimizer): a parameter's state is in the file of the rank that owned it, whichever that was (mmap: a
-        moment's bytes are read when it is used). A tied embedding and its last-stage copy share a one-stage
-        name; their states are equal (the same gradients from the same state), either is taken."""
-        if k not in self.owned:
+    def split_state(self, k: int, s: int) -> dict[str, dict[str, Tensor]]:
+        """{one-stage name: AdamW state} of TP rank k's parameters on stage s, from the shares of the stage's ranks
+        (a distributed optimizer): a parameter's state is in the file of the rank that owned it, one of the stage's
+        DP group (with EP, the experts' in their EP rank's expert-DP group), whichever that was (mmap: a moment's
+        bytes are read when it is used). A tied embedding and its last-stage copy share a one-stage name; their
+        states are equal (the same gradients from the same state), either is taken."""
+        if (k, s) not in self.owned:
             merged: dict[str, dict[str, Tensor]] = {}
-            for s in range(self.sizes.pp):
-                for j in range(self.sizes.ep):
-                    for r in range(self.shards):
-                        name = shard_stem(self.sizes, k, s, j, r)
-                        merged |= torch.load(self._path(f"{name}.pt"), weights_only=True, mmap=True)["state"]
-                        self.read.add(name)
-            self.owned[k] = merged
-        return self.owned[k]
+            for j in range(self.sizes.ep):
+                for r in range(self.shards):
+                    name = shard_stem(self.sizes, k, s, j, r)
+                    merged |= torch.load(self._path(f"{name}.pt"), weights_only=True, mmap=True)["state"]
+                    self.read.add(name)
+            self.owned[(k, s)] = merged
+        return self.owned[(k, s)]
 
 
 def rebuild(directory: Path, shape: Qwen3Shape, saved: Sizes, here: Sizes, tp_rank: int, pp_rank: int = 0,
@@ -291,7 +297,7 @@ def rebuild(directory: Path, shape: Qwen3Shape, saved: Sizes, here: Sizes, tp_ra
 
         params = resplit(saved_parts(lambda n, k: files.param(*where(n, k)), needed))
         kept = needed if moments_for is None else {mine[local] for local in moments_for}
-        states = saved_parts(lambda n, k: files.moment(n, k, *where(n, k)), kept)
+        states = saved_parts(lambda n, k: files.moment(n, k, chosen[n][0], *where(n, k)), kept)
         moments: dict[str, dict[str, Tensor]] = {}
         if states:
             steps = {n: {float(s["step"]) for s in ps} for n, ps in states.items()}

@@ -14,10 +14,13 @@ stage 1: what Megatron's distributed optimizer saves), `trainer.megatron.distrib
     checkpoint  each rank writes the moments it owns (layout.py, reshard.py read them back by name)
 
 Per parameter between steps: float32 parameter 4 B + float32 gradient 4 B + AdamW's two moments 8 B / N (N ranks
-in its group), where AdamW alone keeps 16 B. Traffic per rank and step: the gradient all-reduce (2 (N-1)/N of the
-gradients' bytes, as without it) plus the broadcasts ((N-1)/N of the parameters' bytes received): 1.5x the
-all-reduce alone. Megatron's distributed optimizer reduce-scatters the gradients instead of all-reducing them
-(the same bytes as the broadcasts: 1x), and keeps only its shard of the float32 gradients; neither is built here.
+in its group) on average, where AdamW alone keeps 16 B; whole parameters are placed, so a rank given a tensor
+larger than 1/N of its part (an embedding) holds more (`greedy_shares` says how much). Traffic per rank and step:
+the gradient all-reduce (2 (N-1)/N of the gradients' bytes, as without it) plus the broadcasts ((N-1)/N of the
+parameters' bytes received): 1.5x the all-reduce alone. Megatron's distributed optimizer keeps the same bytes at
+float32 parameters and gradients (8 + 8/N: its gradient buffer stays whole), splits by element ranges of a flat
+buffer (no rank holds more than 1/N), and reduce-scatters the gradients into them instead of all-reducing (1x);
+neither is built here.
 """
 
 from __future__ import annotations
@@ -32,9 +35,20 @@ from torch.distributed.optim import ZeroRedundancyOptimizer
 from miles_stream.trainer.megatron.parallel import GroupParallel
 
 
+def greedy_shares(numels: Sequence[int], ranks: int) -> list[int]:
+    """The elements each of `ranks` ranks owns when ZeroRedundancyOptimizer places parameters of these sizes: whole
+    parameters, largest first, each to the rank holding the fewest so far, the lowest such rank on a tie
+    (`_partition_parameters`, `_get_min_index`)."""
+    shares = [0] * ranks
+    for numel in sorted(numels, reverse=True):
+        shares[shares.index(min(shares))] += numel
+    return shares
+
+
 class ShardedAdamW(torch.optim.Optimizer):
     """AdamW over `parts` ((parameters, the group of ranks holding the same ones)), each rank keeping the moments
-    of its share of every part (see the module's docstring)."""
+    of its share of every part (see the module's docstring). Its state is split over ranks: `state_dict` and
+    `load_state_dict` refuse, the layout saves and loads each rank's share (`owned_state`, `load_owned`)."""
 
     def __init__(self, parts: Sequence[tuple[list[nn.Parameter], GroupParallel]], options: dict[str, Any]) -> None:
         super().__init__([p for params, _ in parts for p in params], options)  # one group: what the schedule sets
