@@ -107,6 +107,9 @@ def _pp_worker(rank: int, world: int, port: int, model_dir: str, out: str, tp: i
     with torch.no_grad():  # a forward runs through every stage: each returns the last stage's logprobs
         logp, entropy = response_logprobs(backend.model, micro_inputs(batch, "cpu"), temperature=1.0)
     rows = share(rank, world)
+    pipeline, orders = backend.policy.layout.pipeline, []
+    order = pipeline.order
+    pipeline.order = lambda count: orders.append(order(count)) or orders[-1]  # what the step ran
     metrics = backend.train(batch.rows(rows))
     published = {n: t.clone() for n, t in backend.weights()[0].items()}
     params = dict(backend.model.gpt.named_parameters())
@@ -118,7 +121,7 @@ def _pp_worker(rank: int, world: int, port: int, model_dir: str, out: str, tp: i
         backend, lambda: build_backend(cfg, ALGO, temperature=1.0, parallel=parallel), ckpt, parallel, second
     )
     torch.save({"logp": logp, "entropy": entropy, "metrics": metrics, "weights": published, "local": local,
-                "copy": copy, "after": after, "again": again,
+                "copy": copy, "after": after, "again": again, "order": orders[0],
                 "resumed_equal": resumed_equal,
                 "files": sorted(p.name for p in ckpt.iterdir())}, f"{out}.{rank}")  # fmt: skip
     leave_ranks(parallel)
@@ -155,6 +158,12 @@ def test_pipeline_parallel_over_gloo_ranks_takes_the_step_one_rank_takes(
         assert_weights_close(got["weights"], published)
         assert got["again"]["loss"] == got["after"]["loss"] and got["again"]["grad_norm"] == got["after"]["grad_norm"]
         assert got["resumed_equal"], r
+        # 1F1B: the first stage forwards a second micro-batch before the first one's backward, the last stage runs
+        # each micro-batch's backward right after its forward; every micro-batch once each way
+        count = len(got["order"]) // 2
+        assert count >= 3 and sorted(got["order"]) == sorted((f, i) for i in range(count) for f in (True, False))
+        warmup = min(pp - 1 - stage, count)
+        assert got["order"][: warmup + 2] == [(True, i) for i in range(warmup + 1)] + [(False, 0)]
     # the step moved the weights (a test that compared untouched weights could not fail)
     assert not torch.equal(published["model.layers.3.mlp.down_proj.weight"],
                            load_causal_lm(str(model_dir), dtype="float32", device="cpu").state_dict()[

@@ -55,6 +55,7 @@ from miles_stream.trainer.megatron import reshard
 from miles_stream.trainer.megatron.convert import home, iter_hf
 from miles_stream.trainer.megatron.model import MegatronPolicy
 from miles_stream.trainer.megatron.parallel import GroupParallel, Groups
+from miles_stream.trainer.megatron.pipeline import OneFOneB
 from miles_stream.trainer.megatron.zero import ShardedAdamW
 from miles_stream.trainer.parallel import DataParallel
 from miles_stream.trainer.torch.hf import export_streamed
@@ -131,6 +132,12 @@ class MegatronLayout:
         self.replicated = {id(p) for n, p in named if n.endswith("layernorm.weight")}
         self.experts = {id(p) for _, p in named if not getattr(p, "allreduce", True)}  # split over EP (see above)
         self.aligns_frozen = groups.ep.world > 1  # a frozen reference's experts are split too
+        pp = groups.pp
+        # PP: a step's micro-batches in 1F1B order (pipeline.py)
+        self.pipeline = (
+            OneFOneB(model, pp.rank, pp.world, pp.group, dist.get_global_rank(pp.group, pp.world - 1))
+            if pp.world > 1 else None
+        )  # fmt: skip
         self.split = model.split  # the pipeline stages' layer counts (recorded in megatron.json: reshard.py)
         pp = groups.pp
         self.tied_copy: nn.Parameter | None = None  # this stage's copy of a tied embedding (PP > 1)

@@ -44,7 +44,7 @@ from miles_stream.trainer.megatron.dispatch import use_ep_dispatcher
 from miles_stream.trainer.megatron.logprobs import output_logprobs
 from miles_stream.trainer.megatron.moe import LocalTopKRouter, MegatronRoutingReplay
 from miles_stream.trainer.megatron.parallel import Groups
-from miles_stream.trainer.megatron.pipeline import from_previous, share_last, to_next
+from miles_stream.trainer.megatron.pipeline import Sends, from_previous, share_last, to_next, to_next_later
 from miles_stream.trainer.torch.inputs import MicroInputs
 from miles_stream.trainer.torch.logprobs import PACKS_ITSELF, SHARDED_ENTRY
 from miles_stream.trainer.torch.routing_replay import REPLAY_ENTRY
@@ -178,6 +178,7 @@ class MegatronPolicy(nn.Module):
         setattr(self, SHARDED_ENTRY, self.response_logprobs)  # what trainer/torch/logprobs.py calls
         setattr(self, REPLAY_ENTRY, self.routing_replay)  # what trainer/torch/policy.py asks for R3
         self.replay: MegatronRoutingReplay | None = None  # the R3 made for this model (`routing_replay`)
+        self.sends: Sends | None = None  # set during a 1F1B training step (pipeline.OneFOneB): hand-offs in flight
         setattr(self, PACKS_ITSELF, True)  # packed rows go to Megatron's attention as PackedSeqParams
 
     def routers(self) -> list[Any]:
@@ -195,7 +196,7 @@ class MegatronPolicy(nn.Module):
                                             cp_group=cp.group if cp.world > 1 else None)  # fmt: skip
         return self.replay
 
-    def hidden(self, x: MicroInputs) -> Tensor:
+    def hidden(self, x: MicroInputs, sends: Sends | None = None) -> Tensor:
         """[L, b, H] this stage's output for the micro-batch's rows: right-padded (causal attention: padding after a
         sequence changes nothing before it), or one packed row ([L, 1, H], the sequences kept apart by
         `packed_params`): the decoder's after the final norm on the last stage. With context parallel, this rank's
@@ -223,7 +224,7 @@ class MegatronPolicy(nn.Module):
         else:  # the decoder of a stage without the embedding reads its input from set_input_tensor
             # (transformer_block.py:685-687)
             h = from_previous((input_ids.shape[1], b, self.shape.hidden), self.residual_dtype,
-                              device=input_ids.device, peer=self.peers[0], group=g.pp.group)  # fmt: skip
+                              device=input_ids.device, peer=self.peers[0], group=g.pp.group, sends=sends)  # fmt: skip
             self.gpt.decoder.set_input_tensor(h)
         out: Tensor = self.gpt.decoder(hidden_states=h, attention_mask=None, rotary_pos_emb=self.rope_table(x, split),
                                        packed_seq_params=packed)  # fmt: skip
@@ -259,12 +260,16 @@ class MegatronPolicy(nn.Module):
     def response_logprobs(
         self, x: MicroInputs, *, temperature: float, entropy_grad: bool = False, fused: bool = True
     ) -> tuple[Tensor, Tensor]:
-        """(logp_bT, entropy_bT), as trainer/torch/logprobs.py's `response_logprobs` returns them."""
-        h_LbH = self.hidden(x)
+        """(logp_bT, entropy_bT), as trainer/torch/logprobs.py's `response_logprobs` returns them; in a 1F1B training
+        step, placeholders on every stage but the last (pipeline.py)."""
+        later = self.sends if self.sends is not None and torch.is_grad_enabled() else None
+        h_LbH = self.hidden(x, later)
         g = self.groups
+        out_shape = tuple(x.targets_bT.shape)
+        if not g.last_stage and later is not None:
+            return to_next_later(h_LbH, out_shape, peer=self.peers[1], group=g.pp.group, sends=later)
         if not g.last_stage:  # the last stage's logprobs come back through the hand-off (pipeline.py)
-            return to_next(h_LbH, tuple(x.targets_bT.shape), peer=self.peers[1], last=self.peers[2],
-                           group=g.pp.group)  # fmt: skip
+            return to_next(h_LbH, out_shape, peer=self.peers[1], last=self.peers[2], group=g.pp.group)
         h_bLH = h_LbH.transpose(0, 1)
         b, t = x.targets_bT.shape
         row_b = torch.arange(h_bLH.shape[0], device=h_bLH.device) if x.row_b is None else x.row_b
@@ -290,6 +295,6 @@ class MegatronPolicy(nn.Module):
             logp = sum_over_cp(logp.new_zeros(b, t).index_put(cells, logp), g.cp.group)
             entropy = sum_over_cp(entropy.new_zeros(b, t).index_put(cells, entropy), g.cp.group)
         logp, entropy = logp.view(b, t), entropy.view(b, t)
-        if g.pp.world > 1:
+        if g.pp.world > 1 and later is None:
             share_last(logp, entropy, last=self.peers[2], group=g.pp.group)
         return logp, entropy

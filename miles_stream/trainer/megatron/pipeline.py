@@ -1,23 +1,33 @@
-"""Pipeline parallel's hand-offs between the stages of a PP group, as autograd functions, so that the torch train
-step (trainer/torch/policy.py: for each micro-batch forward, objective, backward) drives a pipelined model
-unchanged.
+"""Pipeline parallel's hand-offs between the stages of a PP group, as autograd functions, and the 1F1B order a
+training step runs its micro-batches in (`OneFOneB`, the torch train step's `Pipeline`, trainer/torch/layout.py).
 
-One micro-batch through P stages (every stage of the PP group runs the same micro-batches, in the same order):
+A training step (1F1B, Megatron's order without interleaving): stage s of P runs min(P-s-1, M) forwards first,
+then one forward and one backward in turn, then the remaining backwards; the last stage alone computes the loss:
 
-    stage 0:    embedding -> its layers -> `to_next` ─send h─►  stage 1: `from_previous` -> its layers -> ...
-    last stage: ... -> final norm -> output layer -> logprobs, entropy ─broadcast over the PP group─► every stage
-    every stage: the same objective on the same logprobs (the loss functions stay pure and shared), then
-    loss.backward(): the last stage's backward reaches `from_previous`, which sends dL/dh to the stage before;
-    that stage's backward enters at `to_next` (the logprobs it returned), which receives dL/dh and goes on.
+    stage s < P-1, forward:   its layers -> `to_next_later`: the hidden states sent on without waiting (isend),
+                              placeholders back (no loss here: the train step backwards `0 x placeholders`)
+    stage s < P-1, backward:  the placeholders' backward receives dL/dh from the next stage and goes on; its
+                              `from_previous` sends dL/dh to the stage before without waiting
+    last stage:               `from_previous` (a blocking receive) -> its layers -> logprobs -> the objective ->
+                              backward, whose `from_previous` sends dL/dh back without waiting
+    after the step:           every send waited for (`OneFOneB.step`), the last stage's metrics broadcast (`share`)
 
-The schedule is the simplest correct one: each micro-batch's forward and backward run through all stages before
-the next starts (no two stages work at once: a pipeline bubble of (P-1)/P). Megatron's 1F1B schedule
-(`forward_backward_pipelining_without_interleaving`, pipeline_parallel/schedules.py:1972) does not run on a CPU
-in megatron-core 0.16.1: it counts tokens in a tensor on "cuda" (schedules.py:2138), its p2p hand-off makes
-every receive buffer on `torch.cuda.current_device()` (p2p_communication.py:309-323) and, for micro-batches of
-varying length (variable_seq_lengths), exchanges shapes in CUDA tensors and calls torch.cuda.synchronize
-(:188-242); it also owns the micro-batch loop and the loss (a forward_step_func and a loss_func), which would be a
-second train loop here.
+Every wait is a receive, and every stage reaches each of its sends without waiting on a later receive, so the
+order cannot deadlock (blocking sends could: stage s sending h forward while stage s+1 sends dL/dh back). Stage s
+holds up to P-s micro-batches' activations at once (the first stage P, against one before 1F1B); a stage is busy
+M of the M+P-1 slots (8 of 9 at P=2, M=8), where passing each micro-batch through all stages alone kept it busy 1
+of P. R3 with PP ORs its mismatch flags over the PP group after each forward (moe.py): that collective waits for
+the same micro-batch's forward on every stage, which serialises the stages' forwards with MoE (correct, less
+overlap).
+
+Forward-only passes (reference, old and teacher logprobs, under no_grad) run each micro-batch through every stage
+in turn: `to_next` sends the hidden states and takes the last stage's logprobs and entropy, broadcast over the PP
+group, so every stage returns them. Megatron's own schedule (`forward_backward_pipelining_without_interleaving`,
+pipeline_parallel/schedules.py:1972) does not run on a CPU in megatron-core 0.16.1: it counts tokens in a tensor
+on "cuda" (schedules.py:2138), its p2p hand-off makes every receive buffer on `torch.cuda.current_device()`
+(p2p_communication.py:309-323) and, for micro-batches of varying length (variable_seq_lengths), exchanges shapes in
+CUDA tensors and calls torch.cuda.synchronize (:188-242); it also owns the micro-batch loop and the loss (a
+forward_step_func and a loss_func), which would be a second train loop here.
 
 Tensors go as the residual stream's dtype (the parameters' dtype, Megatron's `pipeline_dtype`); their shape is
 known to every stage from the micro-batch (the same input ids on every stage): [L, b, H], packed rows [L, 1, H]
@@ -26,27 +36,37 @@ known to every stage from the micro-batch (the same input ids on every stage): [
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
+Sends = list[tuple[Any, Tensor]]  # sends in flight (their work, the tensor it reads), waited for after the step
+
 
 class _FromPrevious(torch.autograd.Function):
-    """Forward: receive the hidden states from the stage before. Backward: send their gradient back to it."""
+    """Forward: receive the hidden states from the stage before. Backward: send their gradient back to it (into
+    `sends` without waiting, in a 1F1B step)."""
 
     @staticmethod
-    def forward(ctx: Any, anchor: Tensor, shape: tuple[int, ...], dtype: torch.dtype, peer: int, group: Any) -> Tensor:
-        ctx.peer, ctx.group = peer, group
+    def forward(ctx: Any, anchor: Tensor, shape: tuple[int, ...], dtype: torch.dtype, peer: int, group: Any,
+                sends: Sends | None) -> Tensor:  # fmt: skip
+        ctx.peer, ctx.group, ctx.sends = peer, group, sends
         out = torch.empty(shape, dtype=dtype, device=anchor.device)
         dist.recv(out, src=peer, group=group)
         return out
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[None, ...]:
-        dist.send(grad.contiguous(), dst=ctx.peer, group=ctx.group)
-        return None, None, None, None, None
+        grad = grad.contiguous()
+        if ctx.sends is None:
+            dist.send(grad, dst=ctx.peer, group=ctx.group)
+        else:
+            ctx.sends.append((dist.isend(grad, dst=ctx.peer, group=ctx.group), grad))
+        return None, None, None, None, None, None
 
 
 class _ToNext(torch.autograd.Function):
@@ -72,12 +92,41 @@ class _ToNext(torch.autograd.Function):
         return grad, None, None, None, None
 
 
-def from_previous(shape: tuple[int, ...], dtype: torch.dtype, *, device: torch.device, peer: int,
-                  group: Any) -> Tensor:  # fmt: skip
-    """[L, b, H] hidden states from the stage before (global rank `peer`); differentiable when grad is on."""
+class _ToNextLater(torch.autograd.Function):
+    """1F1B's hand-off: forward sends the hidden states to the next stage without waiting and returns placeholder
+    logprobs and entropy (zeros: this stage computes no loss); backward receives the hidden states' gradient."""
+
+    @staticmethod
+    def forward(ctx: Any, hidden: Tensor, out_shape: tuple[int, ...], peer: int, group: Any, sends: Sends) -> Any:
+        ctx.peer, ctx.group = peer, group
+        ctx.shape, ctx.dtype = hidden.shape, hidden.dtype
+        sent = hidden.contiguous()
+        sends.append((dist.isend(sent, dst=peer, group=group), sent))
+        logp = torch.zeros(out_shape, dtype=torch.float32, device=hidden.device)
+        return logp, torch.zeros_like(logp)
+
+    @staticmethod
+    def backward(ctx: Any, grad_logp: Tensor, grad_entropy: Tensor) -> tuple[Tensor | None, ...]:
+        grad = torch.empty(ctx.shape, dtype=ctx.dtype, device=grad_logp.device)
+        dist.recv(grad, src=ctx.peer, group=ctx.group)
+        return grad, None, None, None, None
+
+
+def from_previous(shape: tuple[int, ...], dtype: torch.dtype, *, device: torch.device, peer: int, group: Any,
+                  sends: Sends | None = None) -> Tensor:  # fmt: skip
+    """[L, b, H] hidden states from the stage before (global rank `peer`); differentiable when grad is on (the
+    gradient sent back into `sends` without waiting when given: a 1F1B step)."""
     anchor = torch.empty(0, device=device, requires_grad=torch.is_grad_enabled())
-    out: Tensor = _FromPrevious.apply(anchor, shape, dtype, peer, group)  # type: ignore[no-untyped-call]
+    out: Tensor = _FromPrevious.apply(anchor, shape, dtype, peer, group, sends)  # type: ignore[no-untyped-call]
     return out
+
+
+def to_next_later(hidden: Tensor, out_shape: tuple[int, ...], *, peer: int, group: Any,
+                  sends: Sends) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """1F1B: hand `hidden` to the next stage (global rank `peer`) into `sends`; placeholder (logp, entropy) of
+    `out_shape`, whose backward receives the hidden states' gradient."""
+    logp, entropy = _ToNextLater.apply(hidden, out_shape, peer, group, sends)  # type: ignore[no-untyped-call]
+    return logp, entropy
 
 
 def to_next(hidden: Tensor, out_shape: tuple[int, ...], *, peer: int, last: int, group: Any) -> tuple[Tensor, Tensor]:
@@ -91,3 +140,36 @@ def share_last(logp: Tensor, entropy: Tensor, *, last: int, group: Any) -> None:
     """The last stage's side of `to_next`'s broadcast (values only: its own autograd graph stays its own)."""
     dist.broadcast(logp.detach().contiguous(), src=last, group=group)
     dist.broadcast(entropy.detach().contiguous(), src=last, group=group)
+
+
+class OneFOneB:
+    """The `Pipeline` (trainer/torch/layout.py) of a stage of a PP group: the 1F1B order, the sends of a step in
+    flight on the model (`model.sends`, read by its forward), the last stage's metrics shared."""
+
+    def __init__(self, model: Any, stage: int, stages: int, group: Any, last: int) -> None:
+        self.model, self.stage, self.stages, self.group, self.last = model, stage, stages, group, last
+        self.last_stage = stage == stages - 1
+
+    def order(self, count: int) -> list[tuple[bool, int]]:
+        warmup = min(self.stages - self.stage - 1, count)
+        out = [(True, i) for i in range(warmup)]
+        for i in range(count - warmup):
+            out += [(True, warmup + i), (False, i)]
+        return out + [(False, i) for i in range(count - warmup, count)]
+
+    @contextmanager
+    def step(self) -> Iterator[None]:
+        sends: Sends = []
+        self.model.sends = sends
+        try:
+            yield
+        finally:
+            self.model.sends = None
+        for work, _ in sends:  # (not after an error: a peer that failed would never receive)
+            work.wait()
+
+    def share(self, metrics: dict[str, float]) -> dict[str, float]:
+        box: list[Any] = [metrics if self.last_stage else None]
+        dist.broadcast_object_list(box, src=self.last, group=self.group)
+        shared: dict[str, float] = box[0]
+        return shared

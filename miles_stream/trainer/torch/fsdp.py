@@ -132,6 +132,7 @@ class Fsdp:
     """The `ModelLayout` of a model that `shard` has sharded."""
 
     aligns_frozen = False  # only the policy is sharded
+    pipeline = None
 
     def __init__(self, parallel: DataParallel, config: TrainerConfig) -> None:
         self.parallel = parallel

@@ -9,6 +9,7 @@ train step (policy.py) is the same for both; what differs is behind these method
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -22,10 +23,33 @@ from miles_stream.trainer.torch.optim import build_optimizer
 from miles_stream.trainer.torch.state import read_state, write_state
 
 
+class Pipeline(Protocol):
+    """How a model cut into pipeline stages runs a step's micro-batches (the Megatron backend's, pipeline.py)."""
+
+    last_stage: bool  # computes the loss; the other stages hand their hidden states on and gradients back
+
+    def order(self, count: int) -> list[tuple[bool, int]]:
+        """(forward or backward, micro-batch index) in the order this stage runs them."""
+        ...
+
+    def step(self) -> AbstractContextManager[None]:
+        """Around a step's micro-batches: the stage hand-offs in flight are complete when it exits."""
+        ...
+
+    def share(self, metrics: dict[str, float]) -> dict[str, float]:
+        """The last stage's step metrics, on every stage."""
+        ...
+
+
 class ModelLayout(Protocol):
     parallel: DataParallel
     casts_compute: bool  # the layout computes in the compute dtype itself (FSDP's mixed precision): no autocast
     aligns_frozen: bool  # a frozen model's forward is a collective too (expert parallel): `align` its micro-batches
+
+    @property
+    def pipeline(self) -> Pipeline | None:
+        """None: each micro-batch's forward, then its backward, on one model."""
+        ...
 
     def optimizer(self, params: Sequence[nn.Parameter], config: TrainerConfig) -> torch.optim.Optimizer:
         """AdamW over the trained `params` (a layout may split its state over ranks)."""
@@ -58,6 +82,7 @@ class ModelLayout(Protocol):
 class Replicated:
     casts_compute = False
     aligns_frozen = False
+    pipeline = None
 
     def __init__(self, parallel: DataParallel) -> None:
         self.parallel = parallel
