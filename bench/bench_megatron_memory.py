@@ -2,6 +2,7 @@
 activations one forward keeps for its backward, and the step's seconds, on this CPU over gloo (spawned here).
 
     python bench/bench_megatron_memory.py [--hidden 256] [--layers 4] [--tokens 256] [--layouts 1,tp2,pp2,cp2,moe,ep2]
+        [--micro-batches 1]
 
 Layouts: `1` one rank; `tp2` / `pp2` / `cp2` tensor, pipeline, context parallel over two ranks (dense Qwen3); `moe`
 Qwen3-MoE (8 experts, top 2) on one rank, `ep2` its experts over two; `dp2` two data-parallel ranks, `zero2` the
@@ -11,7 +12,8 @@ and a model-parallel group trains the union, an EP group's ranks their own half.
 (not the allocator): parameters, gradients, AdamW's state. Activations: the tensors autograd saves during one
 forward of the whole batch as one micro-batch on every rank (`saved_tensors_hooks`, each storage once, parameters
 excluded), what the backward needs at its peak; an EP rank's experts then see both ranks' tokens. Seconds: the
-median of three steps after a warm-up (CPU, informational: no GPU figure here).
+median of three steps after a warm-up, each step's rows in `--micro-batches` micro-batches (CPU, informational: no
+GPU figure here; with several, pipeline stages overlap: 1F1B).
 """
 
 from __future__ import annotations
@@ -85,8 +87,9 @@ def activation_bytes(model: Any, batch: RolloutBatch) -> int:
     return sum(seen.values())
 
 
-def measure(model_dir: str, parallel: DataParallel, sizes: dict[str, Any], tokens: int) -> dict[str, Any]:
-    cfg = TrainerConfig(model=model_dir, lr=1e-4, micro_batch_tokens=16 * tokens, backend="megatron",
+def measure(model_dir: str, parallel: DataParallel, sizes: dict[str, Any], tokens: int,
+            micro: int) -> dict[str, Any]:  # fmt: skip
+    cfg = TrainerConfig(model=model_dir, lr=1e-4, micro_batch_tokens=16 * tokens // micro, backend="megatron",
                         megatron=MegatronConfig(**sizes))  # fmt: skip
     backend: Any = build_backend(cfg, AlgoConfig(), temperature=1.0, parallel=parallel)
     whole = make_batch(tokens)
@@ -110,11 +113,12 @@ def measure(model_dir: str, parallel: DataParallel, sizes: dict[str, Any], token
     }
 
 
-def _rank(rank: int, world: int, port: int, model_dir: str, sizes: dict[str, Any], tokens: int, out: str) -> None:
+def _rank(rank: int, world: int, port: int, model_dir: str, sizes: dict[str, Any], tokens: int, micro: int,
+          out: str) -> None:  # fmt: skip
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     parallel = DataParallel.from_env("cpu") if world > 1 else DataParallel()
-    held = measure(model_dir, parallel, sizes, tokens)
+    held = measure(model_dir, parallel, sizes, tokens, micro)
     every = parallel.gather(held)
     if parallel.is_main:
         Path(out).write_text(json.dumps(every))
@@ -129,6 +133,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--tokens", type=int, default=256, help="tokens a sample (prompt and response)")
     parser.add_argument("--layouts", default=",".join(LAYOUTS))
+    parser.add_argument("--micro-batches", type=int, default=1, help="a step's micro-batches (the 16 rows split)")
     parser.add_argument("--json-out")
     args = parser.parse_args()
     results: dict[str, Any] = {}
@@ -143,8 +148,8 @@ def main() -> None:
                 s.bind(("127.0.0.1", 0))
                 port = s.getsockname()[1]
             out = Path(tmp) / f"{name}.json"
-            mp.start_processes(_rank, args=(world, port, dirs[kind], sizes, args.tokens, str(out)), nprocs=world,
-                               start_method="spawn")  # fmt: skip
+            spawned = (world, port, dirs[kind], sizes, args.tokens, args.micro_batches, str(out))
+            mp.start_processes(_rank, args=spawned, nprocs=world, start_method="spawn")
             results[name] = json.loads(out.read_text())
             one = "1" if kind == "dense" else "moe"
             base = results[one][0] if one in results else None
