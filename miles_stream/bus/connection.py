@@ -12,6 +12,7 @@ redis-py pitfalls handled here:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import time
@@ -306,10 +307,21 @@ class RetryPolicy:
                 attempt += 1
                 if self.attempts and attempt >= self.attempts:
                     raise RedisUnavailableError(f"gave up after {attempt} attempts: {exc}") from exc
+                delay = self.delay(attempt)
                 if self.stop is not None and self.stop.is_set():
                     stopping_since = stopping_since or time.monotonic()
-                    if time.monotonic() - stopping_since > self.stop_grace_s:
+                    left = self.stop_grace_s - (time.monotonic() - stopping_since)
+                    if left <= 0:
                         raise RedisUnavailableError(f"stopping, and Redis is still unavailable: {exc}") from exc
+                    delay = min(delay, left)  # a backoff of up to max_delay_s outlasted the process's stop grace
                 if on_retry is not None:
                     on_retry(attempt, exc)
-                await asyncio.sleep(self.delay(attempt))
+                await self._sleep(delay)
+
+    async def _sleep(self, delay: float) -> None:
+        """The backoff, cut short when `stop` is set during it (the stop grace counts from then)."""
+        if self.stop is None or self.stop.is_set():
+            await asyncio.sleep(delay)
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.stop.wait(), delay)

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 import redis.exceptions as rexc
 
@@ -34,6 +36,22 @@ async def test_redis_out_of_memory_is_transient() -> None:
         return "ok"
 
     assert await RetryPolicy(base_delay_s=0.001, max_delay_s=0.002).run(full) == "ok"
+
+
+async def test_a_stop_during_a_long_backoff_gives_up_within_the_stop_grace(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Told to stop while it waits out a 30 s backoff, a retry loop wakes, tries again for stop_grace_s, then gives
+    up (before: it slept the backoff out, past a process's stop grace: a trainer stopped in a Redis outage was
+    cancelled instead of checkpointing; seen once in CI, when the jittered backoff came out long)."""
+    monkeypatch.setattr(RetryPolicy, "delay", lambda self, attempt: 30.0)  # the jitter's worst case, every time
+    stop = asyncio.Event()
+    policy = RetryPolicy(attempts=0, stop=stop, stop_grace_s=0.5)
+
+    async def down() -> None:
+        raise rexc.ConnectionError("refused")
+
+    asyncio.get_running_loop().call_later(0.1, stop.set)
+    with pytest.raises(RedisUnavailableError, match=r"^stopping, and Redis is still unavailable"):
+        await asyncio.wait_for(policy.run(down), 10.0)  # the bound: far more than the grace, less than a backoff
 
 
 async def test_other_errors_are_not_retried() -> None:
