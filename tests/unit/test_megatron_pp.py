@@ -30,6 +30,7 @@ from miles_stream.trainer.config import TrainerConfig
 from miles_stream.trainer.megatron.config import MegatronConfig
 from miles_stream.trainer.megatron.convert import Qwen3Shape, by_stage, iter_hf, stage_home, to_megatron
 from miles_stream.trainer.megatron.parallel import init_groups, release_groups
+from miles_stream.trainer.megatron.pipeline import OneFOneB, _keep
 from miles_stream.trainer.parallel import DataParallel
 from miles_stream.trainer.torch.hf import load_causal_lm
 from miles_stream.trainer.torch.inputs import micro_inputs
@@ -99,6 +100,56 @@ def test_pipeline_parallel_refuses_what_it_cannot_split(models: dict[str, Path])
         MegatronConfig(pipeline_parallel=0)
 
 
+@pytest.mark.parametrize("stages", [2, 3, 4])
+@pytest.mark.parametrize("count", [1, 2, 3, 8])
+def test_the_1f1b_order_runs_every_micro_batch_once_each_way_and_the_stages_never_wait_on_each_other(
+    stages: int, count: int
+) -> None:
+    """Each stage's order: every micro-batch's forward, then later its backward, at most P - s in flight; and the
+    stages' orders together finish when sends never wait and receives wait for their send (stage s's forward i
+    needs stage s-1's forward i, its backward i stage s+1's backward i): no deadlock, on gloo's terms."""
+    orders = [OneFOneB(None, s, stages, None, stages - 1).order(count) for s in range(stages)]
+    for s, order in enumerate(orders):
+        assert sorted(order) == sorted((f, i) for i in range(count) for f in (True, False))
+        live = peak = 0
+        for forward, i in order:
+            assert forward or (True, i) in order[: order.index((False, i))]
+            live += 1 if forward else -1
+            peak = max(peak, live)
+        assert peak == min(stages - s, count)
+    done: set[tuple[int, bool, int]] = set()
+    at = [0] * stages
+    while any(at[s] < len(orders[s]) for s in range(stages)):
+        moved = False
+        for s in range(stages):
+            if at[s] == len(orders[s]):
+                continue
+            forward, i = orders[s][at[s]]
+            source = s - 1 if forward else s + 1  # the stage whose send this one receives
+            if not 0 <= source < stages or (source, forward, i) in done:
+                done.add((s, forward, i))
+                at[s] += 1
+                moved = True
+        assert moved, (at, orders)  # every stage waits on another: a deadlock
+
+
+def test_a_completed_send_is_let_go_when_the_next_starts() -> None:
+    class Work:
+        def __init__(self, complete: bool) -> None:
+            self.complete = complete
+
+        def is_completed(self) -> bool:
+            return self.complete
+
+    sends: list[Any] = []
+    first, second = Work(False), Work(False)
+    _keep(sends, first, torch.zeros(1))
+    _keep(sends, second, torch.zeros(1))
+    first.complete = True
+    _keep(sends, Work(False), torch.zeros(1))
+    assert [w for w, _ in sends][:1] == [second] and len(sends) == 2
+
+
 def _pp_worker(rank: int, world: int, port: int, model_dir: str, out: str, tp: int) -> None:
     parallel = join_ranks(rank, world, port)
     cfg = config(Path(model_dir), tensor_parallel=tp, pipeline_parallel=world // tp)
@@ -127,7 +178,9 @@ def _pp_worker(rank: int, world: int, port: int, model_dir: str, out: str, tp: i
     leave_ranks(parallel)
 
 
-@pytest.mark.parametrize(("world", "tp"), [(2, 1), pytest.param(4, 2, marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    ("world", "tp"), [(2, 1), pytest.param(4, 2, marks=pytest.mark.slow), pytest.param(4, 1, marks=pytest.mark.slow)]
+)  # PP 4: two middle stages
 def test_pipeline_parallel_over_gloo_ranks_takes_the_step_one_rank_takes(
     models: dict[str, Path], tmp_path: Path, world: int, tp: int
 ) -> None:

@@ -8,7 +8,7 @@
             `MegatronLayout`: the same objective, corrections, advantages, micro-batching, AdamW and schedule
             as the torch backend, with its sums over the DP group only
     train:  the union of the model-parallel (TP x PP) group's shares (parallel.mp_union) -> PolicyTrainer.train;
-            with PP each micro-batch's forward and backward pass through the stages (pipeline.py)
+            with PP the stages run the micro-batches in 1F1B order, the loss on the last (pipeline.py)
 
 Qwen3-MoE: experts and routers converted too (convert.py), R3 in the routers (moe.py), on one TP rank; experts
 split over expert-parallel ranks (trainer.megatron.expert_parallel; parallel.py, dispatch.py, layout.py).

@@ -139,7 +139,6 @@ class MegatronLayout:
             if pp.world > 1 else None
         )  # fmt: skip
         self.split = model.split  # the pipeline stages' layer counts (recorded in megatron.json: reshard.py)
-        pp = groups.pp
         self.tied_copy: nn.Parameter | None = None  # this stage's copy of a tied embedding (PP > 1)
         if pp.world > 1 and model.shape.tied and (groups.first_stage or groups.last_stage):
             gpt = model.gpt

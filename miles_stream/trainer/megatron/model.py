@@ -175,6 +175,7 @@ class MegatronPolicy(nn.Module):
         # global ranks of the stage before, the stage after and the last stage in this rank's PP group
         stages = (max(pp.rank - 1, 0), min(pp.rank + 1, pp.world - 1), pp.world - 1)
         self.peers = tuple(dist.get_global_rank(pp.group, s) for s in stages) if pp.world > 1 else (0, 0, 0)
+        self.lanes = (pp.group, groups.pp_back)  # hidden states forward, their gradients back (pipeline.py)
         setattr(self, SHARDED_ENTRY, self.response_logprobs)  # what trainer/torch/logprobs.py calls
         setattr(self, REPLAY_ENTRY, self.routing_replay)  # what trainer/torch/policy.py asks for R3
         self.replay: MegatronRoutingReplay | None = None  # the R3 made for this model (`routing_replay`)
@@ -224,7 +225,7 @@ class MegatronPolicy(nn.Module):
         else:  # the decoder of a stage without the embedding reads its input from set_input_tensor
             # (transformer_block.py:685-687)
             h = from_previous((input_ids.shape[1], b, self.shape.hidden), self.residual_dtype,
-                              device=input_ids.device, peer=self.peers[0], group=g.pp.group, sends=sends)  # fmt: skip
+                              device=input_ids.device, peer=self.peers[0], lanes=self.lanes, sends=sends)  # fmt: skip
             self.gpt.decoder.set_input_tensor(h)
         out: Tensor = self.gpt.decoder(hidden_states=h, attention_mask=None, rotary_pos_emb=self.rope_table(x, split),
                                        packed_seq_params=packed)  # fmt: skip
@@ -267,9 +268,9 @@ class MegatronPolicy(nn.Module):
         g = self.groups
         out_shape = tuple(x.targets_bT.shape)
         if not g.last_stage and later is not None:
-            return to_next_later(h_LbH, out_shape, peer=self.peers[1], group=g.pp.group, sends=later)
+            return to_next_later(h_LbH, out_shape, peer=self.peers[1], lanes=self.lanes, sends=later)
         if not g.last_stage:  # the last stage's logprobs come back through the hand-off (pipeline.py)
-            return to_next(h_LbH, out_shape, peer=self.peers[1], last=self.peers[2], group=g.pp.group)
+            return to_next(h_LbH, out_shape, peer=self.peers[1], last=self.peers[2], lanes=self.lanes)
         h_bLH = h_LbH.transpose(0, 1)
         b, t = x.targets_bT.shape
         row_b = torch.arange(h_bLH.shape[0], device=h_bLH.device) if x.row_b is None else x.row_b

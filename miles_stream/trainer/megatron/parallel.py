@@ -90,6 +90,7 @@ class Groups:
     mp_group: Any = None  # TP x PP: the ranks that hold one model together
     cp: GroupParallel = GroupParallel()  # this rank's context-parallel group: each holds part of every sequence
     dp_cp: GroupParallel | None = None  # DP x CP: the ranks whose gradients are summed (None: the DP group)
+    pp_back: Any = None  # the PP group's ranks again, for the gradients sent back (pipeline.py says why)
 
     @property
     def grads(self) -> GroupParallel:
@@ -137,6 +138,7 @@ def init_groups(world: DataParallel, tensor_parallel: int, expert_parallel: int 
                  parallel_state.get_context_parallel_world_size())  # fmt: skip
         if sizes != (tensor_parallel, expert_parallel, pipeline_parallel, context_parallel):
             parallel_state.destroy_model_parallel()
+            _BACK.clear()
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(tensor_model_parallel_size=tensor_parallel,
                                                  pipeline_model_parallel_size=pipeline_parallel,
@@ -162,7 +164,23 @@ def init_groups(world: DataParallel, tensor_parallel: int, expert_parallel: int 
     return Groups(tp=tensor_parallel, tp_rank=parallel_state.get_tensor_model_parallel_rank(),
                   tp_group=parallel_state.get_tensor_model_parallel_group(), dp=dp, ep=ep,
                   expert_dp=expert_dp, pp=pp, embedding_group=embedding,
-                  mp_group=parallel_state.get_model_parallel_group(), cp=cp, dp_cp=dp_cp)  # fmt: skip
+                  mp_group=parallel_state.get_model_parallel_group(), cp=cp, dp_cp=dp_cp,
+                  pp_back=_back_group(pp) if pipeline_parallel > 1 else None)  # fmt: skip
+
+
+_BACK: dict[tuple[int, ...], Any] = {}  # {a PP group's global ranks: its second group}, while Megatron's stand
+
+
+def _back_group(pp: GroupParallel) -> Any:
+    """A second process group over this rank's PP group's ranks. Every rank makes every PP group's (new_group is
+    collective over the world), in the same order, once per `init_groups` of these sizes."""
+    mine = tuple(dist.get_process_group_ranks(pp.group))
+    if mine not in _BACK:
+        every: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(every, mine)
+        for ranks in sorted(set(every)):
+            _BACK[ranks] = dist.new_group(list(ranks))
+    return _BACK[mine]
 
 
 def release_groups() -> None:
@@ -170,6 +188,7 @@ def release_groups() -> None:
     one-rank group made here."""
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
+    _BACK.clear()
     if dist.is_initialized() and dist.get_world_size() == 1:
         dist.destroy_process_group()
 

@@ -12,13 +12,20 @@ then one forward and one backward in turn, then the remaining backwards; the las
                               backward, whose `from_previous` sends dL/dh back without waiting
     after the step:           every send waited for (`OneFOneB.step`), the last stage's metrics broadcast (`share`)
 
-Every wait is a receive, and every stage reaches each of its sends without waiting on a later receive, so the
-order cannot deadlock (blocking sends could: stage s sending h forward while stage s+1 sends dL/dh back). Stage s
-holds up to P-s micro-batches' activations at once (the first stage P, against one before 1F1B); a stage is busy
-M of the M+P-1 slots (8 of 9 at P=2, M=8), where passing each micro-batch through all stages alone kept it busy 1
-of P. R3 with PP ORs its mismatch flags over the PP group after each forward (moe.py): that collective waits for
-the same micro-batch's forward on every stage, which serialises the stages' forwards with MoE (correct, less
-overlap).
+Of the hand-offs, only the receives wait, and every stage reaches each of its sends without waiting on a later
+receive, so on gloo the order cannot deadlock (blocking sends could: stage s sending h forward while stage s+1
+sends dL/dh back). On NCCL a large send completes only when its receive runs, and sends and receives between two
+ranks of one group queue on one stream: stage 0's "send h1" ahead of its "receive dL/dh0" and stage 1's "send
+dL/dh0" ahead of its "receive h1" would wait on each other. So the hidden states go forward on the PP group and
+their gradients come back on a second group over the same ranks (`Lanes`; parallel.py `pp_back`), each with its own
+communicator and stream, as Megatron avoids the same wait by pairing them (p2p_communication.py:54-125); not run on
+NCCL. The collectives inside a stage (TP, CP, EP) run in the same order on its ranks. Stage s holds up to P-s
+micro-batches' activations at once (the first stage P, against one before 1F1B), and a completed send is let go
+when the next one starts; a stage is busy M of the M+P-1 slots (8 of 9 at P=2, M=8), where passing each micro-batch
+through all stages alone kept it busy 1 of P. An error on the last stage (in the objective, say) leaves the others
+waiting on a receive: torchrun stops the other ranks when one exits. R3 with PP ORs its mismatch flags over the PP
+group after each forward (moe.py): that collective waits for the same micro-batch's forward on every stage, which
+serialises the stages' forwards with MoE (correct, less overlap).
 
 Forward-only passes (reference, old and teacher logprobs, under no_grad) run each micro-batch through every stage
 in turn: `to_next` sends the hidden states and takes the last stage's logprobs and entropy, broadcast over the PP
@@ -45,6 +52,14 @@ import torch.distributed as dist
 from torch import Tensor
 
 Sends = list[tuple[Any, Tensor]]  # sends in flight (their work, the tensor it reads), waited for after the step
+Lanes = tuple[Any, Any]  # (the PP group the hidden states go forward on, the one their gradients come back on)
+
+
+def _keep(sends: Sends, work: Any, tensor: Tensor) -> None:
+    """A send in flight, kept until it completes (those already complete are let go: a step's hand-offs are not
+    all held until its end)."""
+    sends[:] = [(w, t) for w, t in sends if not w.is_completed()]
+    sends.append((work, tensor))
 
 
 class _FromPrevious(torch.autograd.Function):
@@ -52,20 +67,20 @@ class _FromPrevious(torch.autograd.Function):
     `sends` without waiting, in a 1F1B step)."""
 
     @staticmethod
-    def forward(ctx: Any, anchor: Tensor, shape: tuple[int, ...], dtype: torch.dtype, peer: int, group: Any,
+    def forward(ctx: Any, anchor: Tensor, shape: tuple[int, ...], dtype: torch.dtype, peer: int, lanes: Lanes,
                 sends: Sends | None) -> Tensor:  # fmt: skip
-        ctx.peer, ctx.group, ctx.sends = peer, group, sends
+        ctx.peer, ctx.back, ctx.sends = peer, lanes[1], sends
         out = torch.empty(shape, dtype=dtype, device=anchor.device)
-        dist.recv(out, src=peer, group=group)
+        dist.recv(out, src=peer, group=lanes[0])
         return out
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[None, ...]:
         grad = grad.contiguous()
         if ctx.sends is None:
-            dist.send(grad, dst=ctx.peer, group=ctx.group)
+            dist.send(grad, dst=ctx.peer, group=ctx.back)
         else:
-            ctx.sends.append((dist.isend(grad, dst=ctx.peer, group=ctx.group), grad))
+            _keep(ctx.sends, dist.isend(grad, dst=ctx.peer, group=ctx.back), grad)
         return None, None, None, None, None, None
 
 
@@ -75,20 +90,20 @@ class _ToNext(torch.autograd.Function):
     logprobs and entropy given here are the last stage's to use: every stage computes the same loss)."""
 
     @staticmethod
-    def forward(ctx: Any, hidden: Tensor, out_shape: tuple[int, ...], peer: int, last: int, group: Any) -> Any:
-        ctx.peer, ctx.group = peer, group
+    def forward(ctx: Any, hidden: Tensor, out_shape: tuple[int, ...], peer: int, last: int, lanes: Lanes) -> Any:
+        ctx.peer, ctx.back = peer, lanes[1]
         ctx.shape, ctx.dtype = hidden.shape, hidden.dtype
-        dist.send(hidden.contiguous(), dst=peer, group=group)
+        dist.send(hidden.contiguous(), dst=peer, group=lanes[0])
         logp = torch.empty(out_shape, dtype=torch.float32, device=hidden.device)
         entropy = torch.empty_like(logp)
-        dist.broadcast(logp, src=last, group=group)
-        dist.broadcast(entropy, src=last, group=group)
+        dist.broadcast(logp, src=last, group=lanes[0])
+        dist.broadcast(entropy, src=last, group=lanes[0])
         return logp, entropy
 
     @staticmethod
     def backward(ctx: Any, grad_logp: Tensor, grad_entropy: Tensor) -> tuple[Tensor | None, ...]:
         grad = torch.empty(ctx.shape, dtype=ctx.dtype, device=grad_logp.device)
-        dist.recv(grad, src=ctx.peer, group=ctx.group)
+        dist.recv(grad, src=ctx.peer, group=ctx.back)
         return grad, None, None, None, None
 
 
@@ -97,42 +112,42 @@ class _ToNextLater(torch.autograd.Function):
     logprobs and entropy (zeros: this stage computes no loss); backward receives the hidden states' gradient."""
 
     @staticmethod
-    def forward(ctx: Any, hidden: Tensor, out_shape: tuple[int, ...], peer: int, group: Any, sends: Sends) -> Any:
-        ctx.peer, ctx.group = peer, group
+    def forward(ctx: Any, hidden: Tensor, out_shape: tuple[int, ...], peer: int, lanes: Lanes, sends: Sends) -> Any:
+        ctx.peer, ctx.back = peer, lanes[1]
         ctx.shape, ctx.dtype = hidden.shape, hidden.dtype
         sent = hidden.contiguous()
-        sends.append((dist.isend(sent, dst=peer, group=group), sent))
+        _keep(sends, dist.isend(sent, dst=peer, group=lanes[0]), sent)
         logp = torch.zeros(out_shape, dtype=torch.float32, device=hidden.device)
         return logp, torch.zeros_like(logp)
 
     @staticmethod
     def backward(ctx: Any, grad_logp: Tensor, grad_entropy: Tensor) -> tuple[Tensor | None, ...]:
         grad = torch.empty(ctx.shape, dtype=ctx.dtype, device=grad_logp.device)
-        dist.recv(grad, src=ctx.peer, group=ctx.group)
+        dist.recv(grad, src=ctx.peer, group=ctx.back)
         return grad, None, None, None, None
 
 
-def from_previous(shape: tuple[int, ...], dtype: torch.dtype, *, device: torch.device, peer: int, group: Any,
+def from_previous(shape: tuple[int, ...], dtype: torch.dtype, *, device: torch.device, peer: int, lanes: Lanes,
                   sends: Sends | None = None) -> Tensor:  # fmt: skip
     """[L, b, H] hidden states from the stage before (global rank `peer`); differentiable when grad is on (the
     gradient sent back into `sends` without waiting when given: a 1F1B step)."""
     anchor = torch.empty(0, device=device, requires_grad=torch.is_grad_enabled())
-    out: Tensor = _FromPrevious.apply(anchor, shape, dtype, peer, group, sends)  # type: ignore[no-untyped-call]
+    out: Tensor = _FromPrevious.apply(anchor, shape, dtype, peer, lanes, sends)  # type: ignore[no-untyped-call]
     return out
 
 
-def to_next_later(hidden: Tensor, out_shape: tuple[int, ...], *, peer: int, group: Any,
+def to_next_later(hidden: Tensor, out_shape: tuple[int, ...], *, peer: int, lanes: Lanes,
                   sends: Sends) -> tuple[Tensor, Tensor]:  # fmt: skip
     """1F1B: hand `hidden` to the next stage (global rank `peer`) into `sends`; placeholder (logp, entropy) of
     `out_shape`, whose backward receives the hidden states' gradient."""
-    logp, entropy = _ToNextLater.apply(hidden, out_shape, peer, group, sends)  # type: ignore[no-untyped-call]
+    logp, entropy = _ToNextLater.apply(hidden, out_shape, peer, lanes, sends)  # type: ignore[no-untyped-call]
     return logp, entropy
 
 
-def to_next(hidden: Tensor, out_shape: tuple[int, ...], *, peer: int, last: int, group: Any) -> tuple[Tensor, Tensor]:
+def to_next(hidden: Tensor, out_shape: tuple[int, ...], *, peer: int, last: int, lanes: Lanes) -> tuple[Tensor, Tensor]:
     """Hand `hidden` to the next stage (global rank `peer`); returns the last stage's (logp, entropy) float32 of
     `out_shape`, through which the hidden states' gradient comes back."""
-    logp, entropy = _ToNext.apply(hidden, out_shape, peer, last, group)  # type: ignore[no-untyped-call]
+    logp, entropy = _ToNext.apply(hidden, out_shape, peer, last, lanes)  # type: ignore[no-untyped-call]
     return logp, entropy
 
 

@@ -18,6 +18,7 @@ import contextlib
 import math
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -156,60 +157,23 @@ class PolicyTrainer:
         """One optimizer step on rows `part`: each micro-batch's forward, objective and backward, in the order the
         layout's pipeline gives (without one: each forward followed by its backward)."""
         counts = self.parallel.sum(torch.tensor([float(batch.mask_BT[part].sum()), float(len(part))]))
-        num_tokens, num_samples = counts[0].item(), counts[1].item()
+        step = _Step(adv_BT, old_BT, ref_BT, num_tokens=counts[0].item(), num_samples=counts[1].item())
         self.optimizer.zero_grad(set_to_none=True)
-        summed: dict[str, Tensor] = {}
-        weighted: dict[str, Tensor] = {}
-        local_tokens = 0.0
         every = batch.lengths  # a property that builds the list: once, not once a row
-        lengths = [every[i] for i in part]
-        micro = self.layout.align(self._plan(lengths))
+        micro = self.layout.align(self._plan([every[i] for i in part]))
         pipeline = self.layout.pipeline
         order = pipeline.order(len(micro)) if pipeline else [(f, i) for i in range(len(micro)) for f in (True, False)]
         waiting: dict[int, tuple[Tensor, Replay | None]] = {}  # forwarded micro-batches' losses, to backward
         with pipeline.step() if pipeline else contextlib.nullcontext():
             for forward, i in order:
-                if not forward:
-                    loss, replay = waiting.pop(i)
-                    loss.backward()  # type: ignore[no-untyped-call]
-                    if replay is not None:
-                        replay.end()
+                if forward:
+                    plan, real = micro[i]
+                    waiting[i] = self._forward(batch, [part[r] for r in plan], real, step)
                     continue
-                plan, real = micro[i]
-                rows = [part[r] for r in plan]
-                mb = batch.rows(rows)
-                t = mb.mask_BT.shape[1]
-                replay = self._begin_replay(self.model, mb, count=real)
-                with self._precision():
-                    logp, entropy = response_logprobs(self.model, self._inputs(mb),
-                                                      temperature=self.temperature, fused=self.config.fused_logprobs,
-                                                      entropy_grad=self.algo.entropy_coef > 0)  # fmt: skip
+                loss, replay = waiting.pop(i)
+                loss.backward()  # type: ignore[no-untyped-call]
                 if replay is not None:
-                    replay.end_forward()
-                if pipeline and not pipeline.last_stage:  # placeholders: its backward brings the next stage's
-                    waiting[i] = (logp.sum() * 0.0, replay)  # gradient (metrics: the last stage's, shared after)
-                    continue
-                mask = mb.mask_BT.to(self.device)
-                rollout = mb.logp_rollout_BT.to(self.device)
-                if old_BT is not None:
-                    old = old_BT[rows, :t]
-                else:
-                    old = logp.detach() if self.config.recompute_old_logprobs else rollout
-                loss, metrics = self.objective(LossInputs(
-                    logp_BT=logp, logp_old_BT=old, logp_rollout_BT=rollout, adv_BT=adv_BT[rows, :t].to(self.device),
-                    mask_BT=mask, num_tokens=num_tokens, num_samples=num_samples,
-                    logp_ref_BT=None if ref_BT is None else ref_BT[rows, :t], entropy_BT=entropy,
-                ))  # fmt: skip
-                # a repeat that keeps this rank in step with the others' collectives adds nothing
-                waiting[i] = (loss if real else loss * 0.0, replay)
-                if not real:
-                    continue
-                mb_tokens = float(mask.sum())
-                local_tokens += mb_tokens
-                for name, value in metrics.items():
-                    target, scale = (summed, 1.0) if name in SUMMED else (weighted, mb_tokens)
-                    zero = torch.zeros((), device=self.device)
-                    target[name] = target.get(name, zero) + value.detach().float() * scale
+                    replay.end()
         self.layout.reduce_grads(self.params)
         clip = self.config.grad_clip if self.config.grad_clip > 0 else float("inf")
         grad_norm = self.layout.clip_grads(self.params, clip)
@@ -223,7 +187,7 @@ class PolicyTrainer:
             self.skipped_steps += 1
             log.error("update_skipped_nonfinite", grad_norm=grad_norm, skipped_total=self.skipped_steps)
         out = (
-            self._reduce_metrics(summed, weighted, local_tokens, num_tokens)
+            self._reduce_metrics(step.summed, step.weighted, step.tokens, step.num_tokens)
             | self._replay_metrics()
             | {
                 "grad_norm": grad_norm,
@@ -232,6 +196,43 @@ class PolicyTrainer:
             }
         )
         return pipeline.share(out) if pipeline else out
+
+    def _forward(self, batch: RolloutBatch, rows: list[int], real: bool, step: _Step) -> tuple[Tensor, Replay | None]:
+        """One micro-batch's forward and objective: (the loss to backward, its routing replay); its metrics added to
+        `step` (a repeat that keeps this rank in step with the others' collectives, `real` False, adds nothing). A
+        pipeline stage without the loss backwards 0 x its placeholder logprobs, which brings the next stage's
+        gradient (pipeline.py); its metrics are the last stage's, shared after the step."""
+        mb = batch.rows(rows)
+        t = mb.mask_BT.shape[1]
+        replay = self._begin_replay(self.model, mb, count=real)
+        with self._precision():
+            logp, entropy = response_logprobs(self.model, self._inputs(mb), temperature=self.temperature,
+                                              fused=self.config.fused_logprobs,
+                                              entropy_grad=self.algo.entropy_coef > 0)  # fmt: skip
+        if replay is not None:
+            replay.end_forward()
+        pipeline = self.layout.pipeline
+        if pipeline and not pipeline.last_stage:
+            return logp.sum() * 0.0, replay
+        mask = mb.mask_BT.to(self.device)
+        rollout = mb.logp_rollout_BT.to(self.device)
+        if step.old_BT is not None:
+            old = step.old_BT[rows, :t]
+        else:
+            old = logp.detach() if self.config.recompute_old_logprobs else rollout
+        loss, metrics = self.objective(LossInputs(
+            logp_BT=logp, logp_old_BT=old, logp_rollout_BT=rollout, adv_BT=step.adv_BT[rows, :t].to(self.device),
+            mask_BT=mask, num_tokens=step.num_tokens, num_samples=step.num_samples,
+            logp_ref_BT=None if step.ref_BT is None else step.ref_BT[rows, :t], entropy_BT=entropy,
+        ))  # fmt: skip
+        if not real:
+            return loss * 0.0, replay
+        mb_tokens = float(mask.sum())
+        step.tokens += mb_tokens
+        for name, value in metrics.items():
+            target, scale = (step.summed, 1.0) if name in SUMMED else (step.weighted, mb_tokens)
+            target[name] = target.get(name, torch.zeros((), device=self.device)) + value.detach().float() * scale
+        return loss, replay
 
     def _watch_grad_norm(self, grad_norm: float) -> None:
         """Log a gradient norm over `grad_spike_factor` times its recent average (the step still goes on)."""
@@ -324,3 +325,17 @@ def _split(rows: Sequence[int], parts: int) -> list[list[int]]:
             out.append(list(rows[start:end]))
         start = end
     return out
+
+
+@dataclass(slots=True)
+class _Step:
+    """One optimizer step's inputs every micro-batch reads, and the metrics its micro-batches add up."""
+
+    adv_BT: Tensor
+    old_BT: Tensor | None
+    ref_BT: Tensor | None
+    num_tokens: float
+    num_samples: float
+    summed: dict[str, Tensor] = field(default_factory=dict)
+    weighted: dict[str, Tensor] = field(default_factory=dict)
+    tokens: float = 0.0  # this rank's real micro-batches' tokens
