@@ -20,6 +20,7 @@ import torch.multiprocessing as mp
 
 from miles_stream.testing.synthetic import synthetic_group
 from miles_stream.trainer.batch import RolloutBatch, collate
+from miles_stream.trainer.megatron.convert import iter_hf
 from miles_stream.trainer.parallel import DataParallel
 from miles_stream.trainer.torch.hf import load_causal_lm
 from miles_stream.trainer.torch.inputs import micro_inputs
@@ -106,6 +107,25 @@ def assert_weights_close(got: Mapping[str, torch.Tensor], want: Mapping[str, tor
         torch.testing.assert_close(got[name], tensor, atol=5e-5, rtol=0, msg=name)
         far += int(((got[name] - tensor).abs() > 1e-5).sum())
     assert far <= 4, far
+
+
+def assert_joins(shards_of: Callable[[str], Any], shape: Any, state: Mapping[str, torch.Tensor]) -> None:
+    """The split tensors (`shards_of`, as the layout reads them) join back into `state`, the HF state dict: the
+    same names in the same order, every tensor bit-equal."""
+    back = dict(iter_hf(shards_of, shape))
+    assert list(back) == list(state)
+    for name, tensor in state.items():
+        assert torch.equal(back[name], tensor), name
+
+
+def one_rank_step(single: Any, batch: RolloutBatch) -> tuple[torch.Tensor, torch.Tensor, dict[str, float], Any]:
+    """One rank's reference on `batch`: (logprobs, entropy) of a no-grad forward at temperature 1, then the metrics
+    of one training step on it and the weights it publishes after."""
+    with torch.no_grad():
+        logp, entropy = response_logprobs(single.model, micro_inputs(batch, "cpu"), temperature=1.0)
+    metrics = single.train(batch)
+    published, _ = single.weights()
+    return logp, entropy, metrics, published
 
 
 def own_routes(hf: Any, batch: RolloutBatch) -> np.ndarray:

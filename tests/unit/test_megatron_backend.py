@@ -16,7 +16,7 @@ import torch
 
 pytest.importorskip("megatron.core", reason="megatron-core is the optional [megatron] extra")
 
-from megatron_helpers import fixed_batch, join_ranks, leave_ranks, spawn_ranks
+from megatron_helpers import fixed_batch, join_ranks, leave_ranks, one_rank_step, spawn_ranks
 
 from miles_stream.errors import ConfigError
 from miles_stream.models import TinyModelConfig, build_tiny_model
@@ -199,10 +199,7 @@ def test_tensor_parallel_over_two_gloo_ranks_takes_the_step_one_rank_takes(
                                 parallel=DataParallel())  # fmt: skip
     batch = fixed_batch(model_dir, seed=0)
     mask = batch.mask_BT.bool()
-    with torch.no_grad():
-        logp, entropy = response_logprobs(single.model, micro_inputs(batch, "cpu"), temperature=1.0)
-    metrics = single.train(batch)
-    published, _ = single.weights()
+    logp, entropy, metrics, published = one_rank_step(single, batch)
     half = ranks[0]["local"]["decoder.layers.0.mlp.linear_fc2.weight"]
     assert half.shape == (64, 64)  # each rank holds half of the MLP's columns: the model is split
     for got in ranks:

@@ -19,7 +19,7 @@ import torch
 
 pytest.importorskip("megatron.core", reason="megatron-core is the optional [megatron] extra")
 
-from megatron_helpers import fixed_batch, join_ranks, leave_ranks, resume_check, spawn_ranks
+from megatron_helpers import assert_joins, fixed_batch, join_ranks, leave_ranks, resume_check, spawn_ranks
 
 from miles_stream.errors import ConfigError
 from miles_stream.models import TinyModelConfig, build_tiny_model
@@ -27,7 +27,7 @@ from miles_stream.trainer.algo_config import AlgoConfig
 from miles_stream.trainer.backends import build_backend
 from miles_stream.trainer.config import TrainerConfig
 from miles_stream.trainer.megatron.config import MegatronConfig
-from miles_stream.trainer.megatron.convert import Qwen3Shape, by_expert, expert_home, iter_hf, to_megatron
+from miles_stream.trainer.megatron.convert import Qwen3Shape, by_expert, expert_home, to_megatron
 from miles_stream.trainer.megatron.parallel import init_groups, release_groups
 from miles_stream.trainer.parallel import DataParallel
 from miles_stream.trainer.torch.hf import load_causal_lm
@@ -76,10 +76,7 @@ def test_conversion_split_by_expert_is_exact_both_ways(moe_dir: Path) -> None:
             home = expert_home(name, shape, ep)
             return [ranks[0][name]] if home is None else [ranks[home[0]][home[1]]]
 
-        back = dict(iter_hf(shards_of, shape))  # as the layout reads them (an expert from its EP rank)
-        assert list(back) == list(state)
-        for name, tensor in state.items():
-            assert torch.equal(back[name], tensor), name
+        assert_joins(shards_of, shape, state)  # as the layout reads them
 
 
 def test_expert_parallel_refuses_what_it_cannot_split(moe_dir: Path, tmp_path: Path) -> None:

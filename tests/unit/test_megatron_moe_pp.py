@@ -24,6 +24,7 @@ import torch
 pytest.importorskip("megatron.core", reason="megatron-core is the optional [megatron] extra")
 
 from megatron_helpers import (
+    assert_joins,
     assert_weights_close,
     fixed_batch,
     join_ranks,
@@ -40,7 +41,7 @@ from miles_stream.trainer.backends import build_backend
 from miles_stream.trainer.batch import RolloutBatch
 from miles_stream.trainer.config import TrainerConfig
 from miles_stream.trainer.megatron.config import MegatronConfig
-from miles_stream.trainer.megatron.convert import Qwen3Shape, by_expert, by_stage, home, iter_hf, to_megatron
+from miles_stream.trainer.megatron.convert import Qwen3Shape, by_expert, by_stage, home, to_megatron
 from miles_stream.trainer.megatron.parallel import init_groups, release_groups
 from miles_stream.trainer.parallel import DataParallel
 from miles_stream.trainer.torch.hf import load_causal_lm
@@ -130,10 +131,7 @@ def test_moe_conversion_split_by_stage_and_expert_is_exact_both_ways(moe_dir: Pa
                 stage, owner, local = home(name, shape, pp, ep)
                 return [ranks[stage][max(owner, 0)][local]]
 
-            back = dict(iter_hf(shards_of, shape))  # as the layout reads them (each from its stage and EP rank)
-            assert list(back) == list(state)
-            for name, tensor in state.items():
-                assert torch.equal(back[name], tensor), name
+            assert_joins(shards_of, shape, state)  # as the layout reads them
 
 
 def test_moe_pipeline_parallel_is_accepted_and_checks_its_sizes(moe_dir: Path) -> None:

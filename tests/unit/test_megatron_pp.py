@@ -20,7 +20,16 @@ import torch
 
 pytest.importorskip("megatron.core", reason="megatron-core is the optional [megatron] extra")
 
-from megatron_helpers import assert_weights_close, fixed_batch, join_ranks, leave_ranks, resume_check, spawn_ranks
+from megatron_helpers import (
+    assert_joins,
+    assert_weights_close,
+    fixed_batch,
+    join_ranks,
+    leave_ranks,
+    one_rank_step,
+    resume_check,
+    spawn_ranks,
+)
 
 from miles_stream.errors import ConfigError
 from miles_stream.models import TinyModelConfig, build_tiny_model
@@ -28,7 +37,7 @@ from miles_stream.trainer.algo_config import AlgoConfig
 from miles_stream.trainer.backends import build_backend
 from miles_stream.trainer.config import TrainerConfig
 from miles_stream.trainer.megatron.config import MegatronConfig
-from miles_stream.trainer.megatron.convert import Qwen3Shape, by_stage, iter_hf, stage_home, to_megatron
+from miles_stream.trainer.megatron.convert import Qwen3Shape, by_stage, stage_home, to_megatron
 from miles_stream.trainer.megatron.parallel import init_groups, release_groups
 from miles_stream.trainer.megatron.pipeline import OneFOneB, _keep
 from miles_stream.trainer.parallel import DataParallel
@@ -84,10 +93,7 @@ def test_conversion_split_by_stage_is_exact_both_ways(models: dict[str, Path], k
                 owner, local = stage_home(name, shape, pp)
                 return [ranks[owner][local] for ranks in stages]
 
-            back = dict(iter_hf(shards_of, shape))  # as the layout reads them (each from its stage)
-            assert list(back) == list(state)
-            for name, tensor in state.items():
-                assert torch.equal(back[name], tensor), name
+            assert_joins(shards_of, shape, state)  # as the layout reads them
 
 
 def test_pipeline_parallel_refuses_what_it_cannot_split(models: dict[str, Path]) -> None:
@@ -190,10 +196,7 @@ def test_pipeline_parallel_over_gloo_ranks_takes_the_step_one_rank_takes(
     single: Any = build_backend(config(model_dir), ALGO, temperature=1.0, parallel=DataParallel())
     batch = fixed_batch(model_dir, seed=0)
     mask = batch.mask_BT.bool()
-    with torch.no_grad():
-        logp, entropy = response_logprobs(single.model, micro_inputs(batch, "cpu"), temperature=1.0)
-    metrics = single.train(batch)
-    published, _ = single.weights()
+    logp, entropy, metrics, published = one_rank_step(single, batch)
     pp = world // tp
     for r, got in enumerate(ranks):
         stage = r // tp  # Megatron's order: TP fastest, PP slowest

@@ -23,7 +23,16 @@ pytest.importorskip("megatron.core", reason="megatron-core is the optional [mega
 
 from megatron.core.transformer.transformer_block import get_num_layers_to_build
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
-from megatron_helpers import assert_weights_close, fixed_batch, join_ranks, leave_ranks, resume_check, spawn_ranks
+from megatron_helpers import (
+    assert_joins,
+    assert_weights_close,
+    fixed_batch,
+    join_ranks,
+    leave_ranks,
+    one_rank_step,
+    resume_check,
+    spawn_ranks,
+)
 
 from miles_stream.errors import ConfigError
 from miles_stream.models import TinyModelConfig, build_tiny_model
@@ -37,7 +46,6 @@ from miles_stream.trainer.megatron.convert import (
     by_expert,
     by_stage,
     home,
-    iter_hf,
     stage_home,
     to_megatron,
 )
@@ -124,10 +132,7 @@ def test_conversion_split_by_uneven_stages_is_exact_both_ways(models: dict[str, 
             owner, local = stage_home(name, shape, pp, split)
             return [ranks[owner][local] for ranks in stages]
 
-        back = dict(iter_hf(shards_of, shape))  # as the layout reads them (each from its stage)
-        assert list(back) == list(state)
-        for name, tensor in state.items():
-            assert torch.equal(back[name], tensor), name
+        assert_joins(shards_of, shape, state)  # as the layout reads them
 
 
 def test_moe_conversion_by_uneven_stage_and_expert_is_exact_both_ways(models: dict[str, Path]) -> None:
@@ -147,9 +152,7 @@ def test_moe_conversion_by_uneven_stage_and_expert_is_exact_both_ways(models: di
         stage, owner, local = home(name, shape, pp, ep, split)
         return [ranks[stage][max(owner, 0)][local]]
 
-    back = dict(iter_hf(shards_of, shape))
-    for name, tensor in state.items():
-        assert torch.equal(back[name], tensor), name
+    assert_joins(shards_of, shape, state)  # as the layout reads them
 
 
 def test_uneven_stages_refuse_what_they_cannot_split(models: dict[str, Path]) -> None:
@@ -214,10 +217,7 @@ def test_uneven_stages_over_gloo_ranks_take_the_step_one_rank_takes(models: dict
     single: Any = build_backend(config(model_dir), ALGO, temperature=1.0, parallel=DataParallel())
     batch = fixed_batch(model_dir, seed=0)
     mask = batch.mask_BT.bool()
-    with torch.no_grad():
-        logp, entropy = response_logprobs(single.model, micro_inputs(batch, "cpu"), temperature=1.0)
-    metrics = single.train(batch)
-    published, _ = single.weights()
+    logp, entropy, metrics, published = one_rank_step(single, batch)
     assert [r["numbers"] for r in ranks] == [[1], [2, 3]]  # the first stage 1 layer, the last 2; numbered globally
     for r, got in enumerate(ranks):
         torch.testing.assert_close(got["logp"][mask], logp[mask], atol=1e-5, rtol=1e-5)

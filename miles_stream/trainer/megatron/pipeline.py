@@ -62,6 +62,13 @@ def _keep(sends: Sends, work: Any, tensor: Tensor) -> None:
     sends.append((work, tensor))
 
 
+def _grad_from_next(ctx: Any, device: torch.device) -> Tensor:
+    """The hidden states' gradient, received from the next stage on the gradients' lane (both hand-offs' backward)."""
+    grad = torch.empty(ctx.shape, dtype=ctx.dtype, device=device)
+    dist.recv(grad, src=ctx.peer, group=ctx.back)
+    return grad
+
+
 class _FromPrevious(torch.autograd.Function):
     """Forward: receive the hidden states from the stage before. Backward: send their gradient back to it (into
     `sends` without waiting, in a 1F1B step)."""
@@ -102,9 +109,7 @@ class _ToNext(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_logp: Tensor, grad_entropy: Tensor) -> tuple[Tensor | None, ...]:
-        grad = torch.empty(ctx.shape, dtype=ctx.dtype, device=grad_logp.device)
-        dist.recv(grad, src=ctx.peer, group=ctx.back)
-        return grad, None, None, None, None
+        return _grad_from_next(ctx, grad_logp.device), None, None, None, None
 
 
 class _ToNextLater(torch.autograd.Function):
@@ -122,9 +127,7 @@ class _ToNextLater(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_logp: Tensor, grad_entropy: Tensor) -> tuple[Tensor | None, ...]:
-        grad = torch.empty(ctx.shape, dtype=ctx.dtype, device=grad_logp.device)
-        dist.recv(grad, src=ctx.peer, group=ctx.back)
-        return grad, None, None, None, None
+        return _grad_from_next(ctx, grad_logp.device), None, None, None, None
 
 
 def from_previous(shape: tuple[int, ...], dtype: torch.dtype, *, device: torch.device, peer: int, lanes: Lanes,
