@@ -2,7 +2,8 @@
 is checked (no model). Importable from any test: the conftest beside it puts tests/ on sys.path.
 
 `HangingEngine` generates until it is aborted (what `RolloutProducer` does on stop), then answers every request
-with no token and finish reason "abort": the producer hands the prompt back (`producer._recycle`)."""
+with no token and finish reason "abort": the producer hands the prompt back (`producer._recycle`); `LateEngine`
+loses the first abort."""
 
 from __future__ import annotations
 
@@ -55,6 +56,20 @@ class HangingEngine(InstantEngine):
 
     async def abort(self, request_ids: Sequence[str]) -> None:
         self._aborted.set()
+
+
+class LateEngine(HangingEngine):
+    """A `HangingEngine` whose first abort is lost, as one that reaches a server before the request it names
+    (vLLM ignores an id it does not hold yet); the requests end at the next abort."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.aborts = 0
+
+    async def abort(self, request_ids: Sequence[str]) -> None:
+        self.aborts += 1
+        if self.aborts > 1:
+            await super().abort(request_ids)
 
 
 class ByteTokenizer:

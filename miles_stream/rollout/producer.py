@@ -66,6 +66,7 @@ if TYPE_CHECKING:
     from miles_stream.weights.versions import WeightSubscriber
 
 log = structlog.get_logger(__name__)
+ABORT_REPEAT_S = 1.0  # on stop, the abort is sent again while a group task is still running (`_abort_in_flight`)
 
 
 @dataclass(slots=True)
@@ -205,11 +206,19 @@ class RolloutProducer:
                     if not await stop_task(background):
                         log.error("background_task_did_not_stop", task=background.get_name())
             self._stopping = True
-            if self._tasks:
-                await self.engine.abort(sorted(self._generating))
-                await asyncio.gather(*self._tasks, return_exceptions=True)
+            await self._abort_in_flight()
         if failures:
             raise failures[0]
+
+    async def _abort_in_flight(self) -> None:
+        """Abort what is generating until every group task has ended (the tasks bound themselves: Redis writes
+        give up on stop). The abort is repeated: a request still on its way to a server when the abort reached
+        it is unknown there and ignored (vLLM: output_processor.py abort_requests pops what it holds), then runs
+        to its end, or forever on a server that a cancelled weight update left paused (keep mode freezes it).
+        Seen once in CI: a producer stopped mid-update waited out its grace on one such request."""
+        while self._tasks:
+            await self.engine.abort(sorted(self._generating))
+            await asyncio.wait(set(self._tasks), timeout=ABORT_REPEAT_S)
 
     async def _claim(
         self, stop: asyncio.Event, stop_wait: asyncio.Task[Any]
@@ -287,6 +296,9 @@ class RolloutProducer:
         except SchemaError as exc:
             self.counters.dead_lettered += 1
             await source.dead_letter(entry, f"schema: {exc}")
+            return
+        if self._stopping:  # started after the stop's abort: nothing generated, hand it straight back
+            await self._hand_back(lane, source, entry, dict(entry.fields))
             return
         prompt = work.partial.prompt
         prompt_ids = self.tokenizer(prompt.text)["input_ids"]

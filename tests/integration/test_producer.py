@@ -20,6 +20,7 @@ import pytest
 import redis as sync_redis
 import redis.asyncio as aioredis
 import torch
+from instant_engine import ByteTokenizer, LateEngine, constant_reward
 from transformers import AutoTokenizer
 
 from miles_stream.bus import BusConfig, GroupConsumer, GroupPublisher, Keys, StreamClient, StreamConsumer
@@ -178,6 +179,32 @@ async def test_stopping_hands_back_prompts_in_flight_and_loses_none(
     assert sorted(r.group.group_id for r in got) == sorted(f"e0-i{i}" for i in range(6))
     assert rest.counters.resumed == producer.counters.recycled  # the other producer finished each partial
     assert all(len(s.response_ids) >= 4 for r in got for s in r.group.samples)
+
+
+async def test_stopping_repeats_the_abort_until_every_request_has_ended(
+    redis: aioredis.Redis, blocking: StreamClient, keys: Keys, bus_config: BusConfig, tmp_path: Path
+) -> None:
+    """A request that reached the server after the stop's abort (so the server ignored that abort) is ended by the
+    next one: the producer stops, hands both prompts back and leaves nothing pending. With one abort it waited
+    forever (CI: a vLLM producer stopped mid-update, past its 6 s grace)."""
+    await feed(redis, keys, bus_config, addition_jsonl(tmp_path / "p.jsonl", 2))
+    bus = dataclasses.replace(bus_config, claim_idle_ms=600_000)
+    engine = LateEngine()
+    prompts, partials = (StreamConsumer(redis, blocking, stream=stream, group="producers", consumer="late",
+                                        dead_stream=keys.dead, config=bus)
+                         for stream in (keys.prompts, keys.partials))  # fmt: skip
+    config = RolloutConfig(model="unused", producer_id="late", n_samples_per_prompt=2, max_inflight_prompts=2)
+    producer = RolloutProducer(config, engine=engine, tokenizer=ByteTokenizer(), reward_fn=constant_reward,
+                               prompts=prompts, partials=partials,
+                               publisher=GroupPublisher(blocking, keys.trajectories, bus))  # fmt: skip
+    stop = asyncio.Event()
+    run = asyncio.create_task(producer.run(stop))
+    await until(lambda: engine.calls == 2, what="both prompts in the engine")
+    stop.set()
+    await asyncio.wait_for(run, 30)
+    assert engine.aborts >= 2
+    assert producer.counters.returned == 2
+    assert (await redis.xpending(keys.prompts, "producers"))["pending"] == 0
 
 
 async def test_stopping_hands_back_nothing_for_a_group_the_trainer_has_done(
