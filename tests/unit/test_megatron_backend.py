@@ -16,7 +16,7 @@ import torch
 
 pytest.importorskip("megatron.core", reason="megatron-core is the optional [megatron] extra")
 
-from megatron_helpers import fixed_batch, join_ranks, leave_ranks, one_rank_step, spawn_ranks
+from megatron_helpers import assert_weights_close, fixed_batch, join_ranks, leave_ranks, one_rank_step, spawn_ranks
 
 from miles_stream.errors import ConfigError
 from miles_stream.models import TinyModelConfig, build_tiny_model
@@ -110,8 +110,7 @@ def test_one_megatron_step_is_the_torch_backends_step(models: dict[str, Path]) -
     expected, want_dtype = torch_backend.weights()
     assert dtype == want_dtype
     fresh = load_causal_lm(str(model_dir), dtype="float32", device="cpu").state_dict()
-    for name, tensor in expected.items():
-        torch.testing.assert_close(published[name], tensor, atol=1e-5, rtol=1e-5)  # as test_fsdp.py: 1% of lr
+    assert_weights_close(published, expected)
     assert max(float((fresh[n] - t).abs().max()) for n, t in published.items()) > 1e-4  # the step moved them
 
 
@@ -207,6 +206,4 @@ def test_tensor_parallel_over_two_gloo_ranks_takes_the_step_one_rank_takes(
         torch.testing.assert_close(got["entropy"][mask], entropy[mask], atol=1e-5, rtol=1e-5)
         for name in ("loss", "pg_loss", "entropy", "grad_norm", "tokens"):
             assert got["metrics"][name] == pytest.approx(metrics[name], rel=1e-5, abs=1e-7), name
-        assert list(got["weights"]) == list(published)
-        for name, tensor in published.items():
-            torch.testing.assert_close(got["weights"][name], tensor, atol=1e-5, rtol=1e-5)
+        assert_weights_close(got["weights"], published)

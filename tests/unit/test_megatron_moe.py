@@ -18,7 +18,7 @@ import torch
 
 pytest.importorskip("megatron.core", reason="megatron-core is the optional [megatron] extra")
 
-from megatron_helpers import fixed_batch, join_ranks, leave_ranks, own_routes, spawn_ranks
+from megatron_helpers import assert_weights_close, fixed_batch, join_ranks, leave_ranks, own_routes, spawn_ranks
 from safetensors.torch import load_file
 
 from miles_stream.errors import ConfigError
@@ -143,8 +143,7 @@ def test_one_megatron_moe_step_is_the_torch_backends_step(moe_dir: Path, routing
     expected, want_dtype = torch_backend.weights()
     assert dtype == want_dtype and list(published) == list(expected)
     fresh = load_causal_lm(str(moe_dir), dtype="float32", device="cpu").state_dict()
-    for name, tensor in expected.items():
-        torch.testing.assert_close(published[name], tensor, atol=1e-5, rtol=1e-5)  # as test_fsdp.py: 1% of lr
+    assert_weights_close(published, expected)
     for name in ("model.layers.0.mlp.gate.weight", "model.layers.1.mlp.experts.gate_up_proj"):
         assert float((published[name] - fresh[name]).abs().max()) > 1e-4, name  # routers and experts trained
 
@@ -197,5 +196,4 @@ def test_two_data_parallel_gloo_ranks_with_replay_take_the_step_one_rank_takes(m
     for got in ranks:
         for name in ("loss", "pg_loss", "entropy", "grad_norm", "tokens", "routing_mismatch"):
             assert got["metrics"][name] == pytest.approx(metrics[name], rel=1e-5, abs=1e-7), name
-        for name, tensor in published.items():
-            torch.testing.assert_close(got["weights"][name], tensor, atol=1e-5, rtol=1e-5)
+        assert_weights_close(got["weights"], published)

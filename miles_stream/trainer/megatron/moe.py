@@ -109,13 +109,13 @@ class MegatronRoutingReplay(ReplayState):
     reads the trace at its global layer, `layer_number - 1` (Megatron numbers a stage's layers from its offset,
     uneven stages too, convert.StageSplit; transformer_layer.py:280, and hands the number to the MoE layer's
     router, :371-372, moe_layer.py:123-126, router.py:126-128). A token counts as differing when its routing
-    differs in some layer of any stage: each forward's per-token flags are OR-ed over the PP group (`group`)
-    before they are counted, so every stage counts what one rank holding every layer counts (the train step then
-    sums the counts over the DP group only).
+    differs in some layer of any stage: the step's per-token flags are OR-ed over the PP group (`group`) once, in
+    `take_counts`, before they are counted, so every stage counts what one rank holding every layer counts (the
+    train step then sums the counts over the DP group only).
 
     Context parallel: the model cuts the recording to this rank's tokens as it cuts the rows (`localize`, called
     from the model's forward), and the counts are summed over the CP group (`cp_group`), each token counted on the
-    rank that holds it."""
+    rank that holds it (also once a step)."""
 
     def __init__(self, routers: list[Any], *, replace: bool, layers: int | None = None, group: Any = None,
                  cp_group: Any = None) -> None:  # fmt: skip
@@ -123,6 +123,7 @@ class MegatronRoutingReplay(ReplayState):
         self.group = group  # the PP group (None: one stage)
         self.cp_group = cp_group  # the CP group (None: whole sequences on every rank)
         self._local = False  # the recording cut to this CP rank's tokens (`localize`)
+        self._pending: list[tuple[Tensor, Tensor]] = []  # (differs, recorded) of each counted forward this step
         for router in routers:
             if router.layer_number is None:  # set by its MoE layer at build
                 raise ValueError("a router without its layer_number (not built inside a TransformerLayer)")
@@ -149,19 +150,32 @@ class MegatronRoutingReplay(ReplayState):
         self._local = True
 
     def end_forward(self) -> None:
-        if self.group is not None and self._counting and self._differs is not None:
-            flags = self._differs.to(torch.int32)  # gloo reduces no bool tensors
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.group)
-            self._differs = flags.bool()
-        if self.cp_group is not None and self._counting and self._differs is not None and self._recorded is not None:
-            # each CP rank counted its own tokens: the sums over the CP group are one rank's whole counts
-            counts = torch.stack([self._differs.sum(), self._recorded.sum()]).to(torch.int64)
-            dist.all_reduce(counts, group=self.cp_group)
+        """Keep this forward's flags for `take_counts` where other ranks hold part of the answer (other stages'
+        layers, other CP ranks' tokens): reduced there once a step. Reduced here, every micro-batch's forward
+        waited for every stage's, which serialised 1F1B's warm-up."""
+        if self.group is None and self.cp_group is None:
+            super().end_forward()
+            return
+        if self._counting and self._differs is not None and self._recorded is not None:
+            self._pending.append((self._differs, self._recorded))
+        self._counting = False
+
+    def take_counts(self) -> tuple[int, int]:
+        """The step's counts: a token differs when it differs in some layer of any stage (flags OR-ed over the PP
+        group), each token counted on the CP rank that holds it (counts summed over the CP group). A collective on
+        every rank of both groups: each stage ran the same micro-batches in the same order, so the flags line up."""
+        pending, self._pending = self._pending, []
+        if pending:
+            flags = torch.cat([d for d, _ in pending]).to(torch.int32)  # gloo reduces no bool tensors
+            recorded = torch.cat([r for _, r in pending])
+            if self.group is not None:
+                dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.group)
+            counts = torch.stack([flags.sum(), recorded.sum()]).to(torch.int64)
+            if self.cp_group is not None:
+                dist.all_reduce(counts, group=self.cp_group)
             self.differing_tokens += int(counts[0])
             self.recorded_tokens += int(counts[1])
-            self._counting = False
-            return
-        super().end_forward()
+        return super().take_counts()
 
     def layer_inputs(self, layer: int, seq_batch: tuple[int, int] | None) -> tuple[Tensor, Tensor] | None:
         """(ids [s*b, K], recorded [s*b]) of `layer` in Megatron's sequence-major token order, or None."""
