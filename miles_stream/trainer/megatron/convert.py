@@ -1,5 +1,5 @@
 """Qwen3 (dense) and Qwen3-MoE weights between Hugging Face names and Megatron-core's GPTModel, split over
-tensor-parallel ranks (MoE: one rank; see `Qwen3Shape.check_split`), by layer over pipeline stages (`by_stage`,
+tensor-parallel ranks (a MoE layer's experts too, each as a dense MLP), by layer over pipeline stages (`by_stage`,
 `stage_home`, each stage's layers from `StageSplit`: a MoE layer's router and experts go with it) and, for MoE,
 by expert over the expert-parallel ranks of a stage (`by_expert`, `expert_home`, applied to a stage's names: `home`).
 
@@ -23,12 +23,13 @@ groups (r = nh / ng heads a group), d head dim, F MLP width, V vocabulary, tp te
 
 Qwen3-MoE (every layer sparse; E experts, each of width Fe; Megatron's SequentialMLP; names below for expert
 parallel 1: with ep ranks, rank j holds experts j*E/ep .. (j+1)*E/ep-1 as local_experts.0 .. E/ep-1, as Megatron's
-SequentialMLP numbers them, experts.py:294-299):
-    model.layers.i.mlp.gate.weight   [E, H]            decoder.layers.i.mlp.router.weight   [E, H]
-    mlp.experts.gate_up_proj [E, 2Fe, H] (in memory;   mlp.experts.local_experts.e.linear_fc1.weight [2Fe, H]:
-      on disk mlp.experts.e.gate_proj / up_proj)         expert e's gate rows, then its up rows
-    mlp.experts.down_proj    [E, H, Fe] (on disk       mlp.experts.local_experts.e.linear_fc2.weight [H, Fe]
-      mlp.experts.e.down_proj)
+SequentialMLP numbers them, experts.py:294-299; each expert split over the TP ranks as the dense MLP is, Megatron's
+expert_tensor_parallel_size left at its default, TP, parallel_state.py:786-787):
+    model.layers.i.mlp.gate.weight   [E, H]            decoder.layers.i.mlp.router.weight   [E, H] (every rank)
+    mlp.experts.gate_up_proj [E, 2Fe, H] (in memory;   mlp.experts.local_experts.e.linear_fc1.weight [2Fe/tp, H]:
+      on disk mlp.experts.e.gate_proj / up_proj)         rank k's gate rows of expert e, then its up rows
+    mlp.experts.down_proj    [E, H, Fe] (on disk       mlp.experts.local_experts.e.linear_fc2.weight [H, Fe/tp]
+      mlp.experts.e.down_proj)                           cols k
 Either HF form is read; the in-memory (fused) form is what `to_hf` gives, as the torch backend's
 `model.state_dict()` names it.
 
@@ -142,16 +143,9 @@ class Qwen3Shape:
         if ep > 1 and self.experts % ep:
             raise ConfigError(f"trainer.megatron.expert_parallel={ep} must divide the model's num_experts "
                               f"({self.experts})")  # fmt: skip
-        if self.experts and tp > 1:
-            # megatron-core 0.16.1: MoELayer refuses to train with TP unless sequence parallelism is on
-            # (transformer/moe/moe_layer.py:379-383), and the local spec's RMSNorm is always WrappedTorchNorm
-            # (models/backends.py:104-111), which asserts sequence parallelism off (transformer/torch_norm.py:32):
-            # MoE with TP needs TE's (or a home-made) norm under sequence parallelism, not built here
-            raise ConfigError(f"trainer.megatron.tensor_parallel={tp}: the megatron backend trains Qwen3-MoE on "
-                              "one tensor-parallel rank only (MoE with TP needs sequence parallelism, not built): "
-                              "set 1")  # fmt: skip
         for what, n in (("num_key_value_heads", self.num_groups), ("num_attention_heads", self.num_heads),
-                        ("intermediate_size", self.ffn), ("vocab_size", self.vocab)):  # fmt: skip
+                        ("intermediate_size", self.ffn), ("vocab_size", self.vocab),
+                        ("moe_intermediate_size", self.expert_ffn)):  # fmt: skip
             if n % tp:
                 raise ConfigError(f"trainer.megatron.tensor_parallel={tp} must divide the model's {what} ({n})")
 
@@ -216,7 +210,7 @@ def rank_params(hf: Mapping[str, Tensor], shape: Qwen3Shape, tp: int, rank: int,
         if shape.experts:
             if keep(name := m + "mlp.router.weight"):
                 yield name, part(hf[h + "mlp.gate.weight"], None)
-            yield from _rank_experts(hf, h, m, shape, keep)
+            yield from _rank_experts(hf, h, m, shape, keep, tp, rank)
         elif keep(name := m + "mlp.linear_fc1.weight"):  # this rank's gate rows, then its up rows
             gate = hf[h + "mlp.gate_proj.weight"].chunk(tp, dim=0)[rank]
             yield name, torch.cat([gate, hf[h + "mlp.up_proj.weight"].chunk(tp, dim=0)[rank]], dim=0)
@@ -226,25 +220,33 @@ def rank_params(hf: Mapping[str, Tensor], shape: Qwen3Shape, tp: int, rank: int,
         yield name, part(hf["lm_head.weight"], 0)
 
 
-def _rank_experts(hf: Mapping[str, Tensor], h: str, m: str, shape: Qwen3Shape,
-                  keep: Callable[[str], bool]) -> Iterator[tuple[str, Tensor]]:  # fmt: skip
-    """Layer `h`'s experts that `keep` accepts (fc1 [2Fe, H]: gate rows then up rows; fc2 [H, Fe]), from the fused
-    in-memory form (each fused tensor read once) or the per-expert on-disk form (only the experts kept read)."""
+def _rank_experts(hf: Mapping[str, Tensor], h: str, m: str, shape: Qwen3Shape, keep: Callable[[str], bool],
+                  tp: int = 1, rank: int = 0) -> Iterator[tuple[str, Tensor]]:  # fmt: skip
+    """Layer `h`'s experts that `keep` accepts, TP rank `rank`'s part of each (fc1 [2Fe/tp, H]: its gate rows then
+    its up rows, as a dense fc1; fc2 [H, Fe/tp]: its columns), from the fused in-memory form (each fused tensor
+    read once) or the per-expert on-disk form (only the experts kept read)."""
     names = [(m + f"mlp.experts.local_experts.{e}.linear_fc1.weight",
               m + f"mlp.experts.local_experts.{e}.linear_fc2.weight") for e in range(shape.experts)]  # fmt: skip
     wanted = [(e, fc1, fc2) for e, (fc1, fc2) in enumerate(names) if keep(fc1) or keep(fc2)]
     if not wanted:
         return
+
+    def fc1_part(gate: Tensor, up: Tensor) -> Tensor:
+        return torch.cat([gate.chunk(tp, dim=0)[rank], up.chunk(tp, dim=0)[rank]], dim=0)
+
+    def fc2_part(down: Tensor) -> Tensor:
+        return down.chunk(tp, dim=1)[rank].contiguous().clone()
+
     x = h + "mlp.experts."
     if x + "gate_up_proj" in hf:
         gate_up, down = hf[x + "gate_up_proj"], hf[x + "down_proj"]
         for e, fc1, fc2 in wanted:
-            yield fc1, gate_up[e].clone()
-            yield fc2, down[e].clone()
+            yield fc1, fc1_part(*gate_up[e].chunk(2, dim=0))
+            yield fc2, fc2_part(down[e])
         return
     for e, fc1, fc2 in wanted:
-        yield fc1, torch.cat([hf[f"{x}{e}.gate_proj.weight"], hf[f"{x}{e}.up_proj.weight"]], dim=0)
-        yield fc2, hf[f"{x}{e}.down_proj.weight"].clone()
+        yield fc1, fc1_part(hf[f"{x}{e}.gate_proj.weight"], hf[f"{x}{e}.up_proj.weight"])
+        yield fc2, fc2_part(hf[f"{x}{e}.down_proj.weight"])
 
 
 def rank_name(name: str, shape: Qwen3Shape, *, pp: int = 1, stage: int = 0, ep: int = 1, ep_rank: int = 0,
@@ -376,7 +378,7 @@ def iter_hf(shards_of: Callable[[str], Sequence[Tensor]], shape: Qwen3Shape) -> 
         yield h + "self_attn.q_norm.weight", plain["self_attention.q_layernorm.weight"]
         yield h + "self_attn.k_norm.weight", plain["self_attention.k_layernorm.weight"]
         if shape.experts:
-            yield from _iter_hf_experts(full, h, m, shape)
+            yield from _iter_hf_experts(full, shards_of, h, m, shape)
         else:
             fc1 = [part.chunk(2, dim=0) for part in shards_of(m + "mlp.linear_fc1.weight")]
             yield h + "mlp.gate_proj.weight", torch.cat([g for g, _ in fc1], dim=0)
@@ -390,15 +392,17 @@ def iter_hf(shards_of: Callable[[str], Sequence[Tensor]], shape: Qwen3Shape) -> 
     yield "lm_head.weight", full("embedding.word_embeddings.weight" if shape.tied else "output_layer.weight", 0)
 
 
-def _iter_hf_experts(full: Callable[[str, int | None], Tensor], h: str, m: str,
-                     shape: Qwen3Shape) -> Iterator[tuple[str, Tensor]]:  # fmt: skip
-    """One MoE layer's HF tensors (transformers' in-memory names and order) from its Megatron experts and router;
-    each Megatron parameter read once, in `megatron_names` order."""
+def _iter_hf_experts(full: Callable[[str, int | None], Tensor], shards_of: Callable[[str], Sequence[Tensor]],
+                     h: str, m: str, shape: Qwen3Shape) -> Iterator[tuple[str, Tensor]]:  # fmt: skip
+    """One MoE layer's HF tensors (transformers' in-memory names and order) from its Megatron experts (TP shards
+    joined: fc1 each rank's gate rows then up rows, fc2 by columns) and router; each Megatron parameter read once,
+    in `megatron_names` order."""
     router = full(m + "mlp.router.weight", None)
     fc1, fc2 = [], []
     for e in range(shape.experts):
-        fc1.append(full(m + f"mlp.experts.local_experts.{e}.linear_fc1.weight", None))
-        fc2.append(full(m + f"mlp.experts.local_experts.{e}.linear_fc2.weight", None))
+        parts = [part.chunk(2, dim=0) for part in shards_of(m + f"mlp.experts.local_experts.{e}.linear_fc1.weight")]
+        fc1.append(torch.cat([g for g, _ in parts] + [u for _, u in parts], dim=0))
+        fc2.append(full(m + f"mlp.experts.local_experts.{e}.linear_fc2.weight", 1))
     yield h + "mlp.experts.gate_up_proj", torch.stack(fc1)
     yield h + "mlp.experts.down_proj", torch.stack(fc2)
     yield h + "mlp.gate.weight", router
