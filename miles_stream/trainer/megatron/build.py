@@ -10,8 +10,9 @@
     train:  the union of the model-parallel (TP x PP) group's shares (parallel.mp_union) -> PolicyTrainer.train;
             with PP the stages run the micro-batches in 1F1B order, the loss on the last (pipeline.py)
 
-Qwen3-MoE: experts and routers converted too (convert.py), R3 in the routers (moe.py), on one TP rank; experts
-split over expert-parallel ranks (trainer.megatron.expert_parallel; parallel.py, dispatch.py, layout.py).
+Qwen3-MoE: experts and routers converted too (convert.py), R3 in the routers (moe.py); experts split over
+expert-parallel ranks (trainer.megatron.expert_parallel; parallel.py, dispatch.py, layout.py) and over TP ranks, with
+sequence parallel (trainer.megatron.sequence_parallel, which MoE with TP requires; sequence.py).
 Layers cut into pipeline stages (trainer.megatron.pipeline_parallel, evenly or first_stage_layers /
 last_stage_layers: convert.StageSplit; convert.by_stage, pipeline.py), dense Qwen3
 and Qwen3-MoE (a stage's routers and experts with its layers, the experts split again over the stage's EP ranks;
@@ -19,8 +20,8 @@ R3 replays each stage's own layers of the trace). Sequences split over context-p
 (trainer.megatron.context_parallel; context.py).
 Packed sequences (trainer.pack_sequences): one row a micro-batch, Megatron's `thd` layout (model.py, attention.py),
 with TP, PP and EP (not with CP).
-Not built yet (each refused with what to change): PPO's critic, MoE with tensor parallel, packed
-sequences with context parallel, activation checkpointing, torch.compile.
+Not built yet (each refused with what to change): PPO's critic, packed sequences with context parallel, sequence
+parallel with context parallel, activation checkpointing, torch.compile.
 """
 
 from __future__ import annotations
@@ -72,11 +73,12 @@ class Checkpoint(Mapping[str, Tensor]):
         return len(self._where)
 
 
-def load_policy(path: str, groups: Groups, *, device: str, dtype: str,
-                split: StageSplit | None = None) -> MegatronPolicy:  # fmt: skip
+def load_policy(path: str, groups: Groups, *, device: str, dtype: str, split: StageSplit | None = None,
+                sp: bool = False) -> MegatronPolicy:  # fmt: skip
     """The checkpoint at `path` as this rank's GPTModel (its TP shards, its EP rank's experts, its pipeline
-    stage's layers: `split` says how many each stage holds), in `dtype` on `device`: each parameter converted from
-    the checkpoint's tensors it is made of (convert.rank_params) and copied in before the next is read."""
+    stage's layers: `split` says how many each stage holds; `sp`: sequence parallel), in `dtype` on `device`: each
+    parameter converted from the checkpoint's tensors it is made of (convert.rank_params) and copied in before the
+    next is read."""
     from transformers import AutoConfig
 
     if not Path(path, "config.json").is_file():
@@ -84,7 +86,7 @@ def load_policy(path: str, groups: Groups, *, device: str, dtype: str,
     hf_config = AutoConfig.from_pretrained(path)
     shape = Qwen3Shape.of(hf_config)
     gpt = build_gpt(hf_config, tp=groups.tp, ep=groups.ep.world, pp=groups.pp.world, stage=groups.pp.rank,
-                    cp=groups.cp.world, device=device, dtype=getattr(torch, dtype), split=split)  # fmt: skip
+                    cp=groups.cp.world, device=device, dtype=getattr(torch, dtype), split=split, sp=sp)  # fmt: skip
     where = {"pp": groups.pp.world, "stage": groups.pp.rank, "ep": groups.ep.world, "ep_rank": groups.ep.rank}
 
     def here(name: str) -> str | None:  # its name on this rank, None where another rank holds it
@@ -161,14 +163,15 @@ def build_megatron_trainer(cfg: TrainerConfig, algo: AlgoConfig, *, temperature:
     if cfg.torch_threads:
         torch.set_num_threads(cfg.torch_threads)
     split = StageSplit(mcfg.first_stage_layers, mcfg.last_stage_layers)
-    model = load_policy(cfg.model, groups, device=cfg.device, dtype=cfg.params_dtype, split=split)
+    sp = mcfg.sequence_parallel
+    model = load_policy(cfg.model, groups, device=cfg.device, dtype=cfg.params_dtype, split=split, sp=sp)
     frozen: dict[str, Any] = {}
     if algo.kl_loss_coef > 0 or algo.kl_coef > 0:
         frozen["ref_model"] = load_policy(cfg.ref_model or cfg.model, groups, device=cfg.device, dtype=cfg.dtype,
-                                          split=split)  # fmt: skip
+                                          split=split, sp=sp)  # fmt: skip
     if algo.use_opd:
         frozen["teacher_model"] = load_policy(cfg.teacher_model, groups, device=cfg.device, dtype=cfg.dtype,
-                                              split=split)  # fmt: skip
+                                              split=split, sp=sp)  # fmt: skip
     for m in frozen.values():
         m.requires_grad_(False).train(False)
     compute = getattr(torch, cfg.dtype)  # published in it when the main params differ (as policy.py decides)

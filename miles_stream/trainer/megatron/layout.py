@@ -12,19 +12,20 @@ tensor-parallel group, its MoE experts split over an expert-parallel (EP) group,
                    over the expert-data-parallel group; the rest over the DP group (one flat all-reduce each; the
                    TP ranks of a group saw the same batch, and Megatron's layers already all-reduce what a TP split
                    needs inside their backward); the q/k norms' gradients summed over the TP group first: each rank
-                   normalises only its own heads with the shared [d] weight (Megatron does the same in
-                   finalize_model_grads.py:353-356)
-    clip_grads     global 2-norm: squares of TP-split parameters summed over the TP group, replicated ones
-                   (the norms) counted once (on TP rank 0), experts' squares summed over the EP group (each rank
-                   holds other experts), every stage's summed over the PP group (a tied model's copy of the
-                   embedding counted once, on the first stage, as Megatron skips `shared` ones, clip_grads.py:221); then
-                   torch's clip rule (max_norm / (norm + 1e-6), at most 1)
+                   normalises only its own heads with the shared [d] weight, and under sequence parallel the
+                   norms' and routers' too: each rank saw only its own positions (Megatron does the same in
+                   finalize_model_grads.py:353-356); experts are split over TP as the dense MLP is (sequence.py)
+    clip_grads     global 2-norm: squares of TP-split parameters summed over the TP group, replicated ones (the
+                   norms, the routers) counted once (on TP rank 0), experts' squares summed over the EP group
+                   (each rank holds other experts), every stage's summed over the PP group (a tied model's copy of
+                   the embedding counted once, on the first stage, as Megatron skips `shared` ones,
+                   clip_grads.py:221); then torch's clip rule (max_norm / (norm + 1e-6), at most 1)
     align          with EP every forward is a collective of the EP group (dispatch.py): every DP rank runs as
                    many micro-batches, the short ones padded with repeats that add nothing (as FSDP's, fsdp.py)
-    weights        each parameter's TP shards gathered in turn, each expert broadcast from the EP rank that holds
-                   it inside its stage, each layer's shards (an expert once the stage's EP group has it) broadcast
-                   over the PP group from the stage that holds it (convert.home says which), and converted to HF
-                   names (convert.iter_hf), in the publish dtype; streamed (`StreamedWeights`): gathered as the
+    weights        each parameter's TP shards gathered in turn (an expert's once each TP rank has its shard from
+                   the EP rank that holds the expert inside its stage), each layer's shards broadcast over the PP
+                   group from the stage that holds it (convert.home says which), and converted to HF names
+                   (convert.iter_hf), in the publish dtype; streamed (`StreamedWeights`): gathered as the
                    publisher reads it, one HF tensor (an MoE layer's experts) at a time on every rank
     save / load    rank 0 of each (TP, PP, EP) rank's replicas (the stage's DP group, or DP x CP; with EP its
                    expert-DP group) writes megatron-tp{k}[-pp{s}][-ep{j}].safetensors (its shards and experts, its
@@ -126,10 +127,15 @@ class MegatronLayout:
         self.parallel: DataParallel = groups.dp
         self.world = world
         named = list(model.gpt.named_parameters())
-        self.tp_partial = [p for n, p in named if "q_layernorm" in n or "k_layernorm" in n]
-        # whole on every TP rank: the norms. By name: Megatron marks split parameters (`tensor_model_parallel`)
-        # only when it initialises them (tensor_parallel/layers.py:244-266, :855-886), which the backend skips
-        self.replicated = {id(p) for n, p in named if n.endswith("layernorm.weight")}
+        # whole on every TP rank with a gradient of the rank's own share: the q/k norms (each rank normalises its
+        # own heads), and under sequence parallel every parameter Megatron marks `sequence_parallel` (the norms,
+        # the MoE routers: each rank saw its own positions; router.py:74, sequence.py)
+        self.tp_partial = [p for n, p in named if "q_layernorm" in n or "k_layernorm" in n
+                           or getattr(p, "sequence_parallel", False)]  # fmt: skip
+        # whole on every TP rank: the norms and the MoE routers. By name: Megatron marks split parameters
+        # (`tensor_model_parallel`) only when it initialises them (tensor_parallel/layers.py:244-266, :855-886),
+        # which the backend skips
+        self.replicated = {id(p) for n, p in named if n.endswith(("layernorm.weight", "mlp.router.weight"))}
         self.experts = {id(p) for _, p in named if not getattr(p, "allreduce", True)}  # split over EP (see above)
         self.aligns_frozen = groups.ep.world > 1  # a frozen reference's experts are split too
         pp = groups.pp
@@ -225,8 +231,8 @@ class MegatronLayout:
             t = p.detach()
             return (t.to(dtype) if dtype is not None and t.is_floating_point() else t).contiguous()
 
-        def tp_parts(name: str) -> list[Tensor]:
-            local = cast(params[name])
+        def tp_parts(name: str, local: Tensor | None = None) -> list[Tensor]:
+            local = cast(params[name]) if local is None else local
             if self.groups.tp == 1:
                 return [local]
             parts = [torch.empty_like(local) for _ in range(self.groups.tp)]
@@ -238,16 +244,15 @@ class MegatronLayout:
             if pp.rank == stage:
                 if owner < 0:  # not an expert: whole on every EP rank, split over the TP group
                     parts = tp_parts(local_name)
-                else:  # an expert: whole on one EP rank of the stage, under its local index there
-                    expert = cast(params[local_name])  # the same shape on every EP rank
-                    parts = [expert if ep.rank == owner else torch.empty_like(expert)]
-                    dist.broadcast(parts[0], src=dist.get_global_rank(ep.group, owner), group=ep.group)
-            else:  # another stage holds it (PP > 1): its TP shards (an expert: once) come over the PP group
+                else:  # an expert: on one EP rank of the stage, under its local index there, split over TP
+                    expert = cast(params[local_name])  # this TP rank's shard: the same shape on every EP rank
+                    mine = expert if ep.rank == owner else torch.empty_like(expert)
+                    dist.broadcast(mine, src=dist.get_global_rank(ep.group, owner), group=ep.group)
+                    parts = tp_parts(local_name, mine)
+            else:  # another stage holds it (PP > 1): its TP shards come over the PP group
                 shape, held = self.stage_meta[stage][local_name]
                 kind = dtype if dtype is not None and held.is_floating_point else held
-                parts = [
-                    torch.empty(shape, dtype=kind, device=device) for _ in range(self.groups.tp if owner < 0 else 1)
-                ]
+                parts = [torch.empty(shape, dtype=kind, device=device) for _ in range(self.groups.tp)]
             if pp.world > 1:  # every (TP, EP) rank of the owning stage sends to its PP group
                 for part in parts:
                     dist.broadcast(part, src=dist.get_global_rank(pp.group, stage), group=pp.group)

@@ -15,8 +15,9 @@ sums a softmax needs are all-reduced over the TP group, as Megatron's vocab-para
 The hidden state enters through `copy_to_tensor_model_parallel_region` (forward: itself; backward: the
 gradients of every rank's vocabulary share summed), the sums through `reduce_from_tensor_model_parallel_region`
 (forward: all-reduce; backward: each rank's own share), as Megatron's ColumnParallelLinear and its cross
-entropy do. The [N, V/tp] logits are materialised per micro-batch: a chunked kernel for the split vocabulary
-is not written yet.
+entropy do; under sequence parallel the hidden states come all-gathered over the TP group instead, and that
+gather's backward (a reduce-scatter) is the sum (model.py). The [N, V/tp] logits are materialised per micro-batch:
+a chunked kernel for the split vocabulary is not written yet.
 """
 
 from __future__ import annotations
@@ -48,12 +49,14 @@ def output_logprobs(
     tp: int,
     entropy_grad: bool,
     fused: bool = True,
+    gathered: bool = False,
 ) -> tuple[Tensor, Tensor]:
-    """(logp [N], entropy [N]) float32; the entropy differentiable only with `entropy_grad`."""
+    """(logp [N], entropy [N]) float32; the entropy differentiable only with `entropy_grad`. `gathered`: `h_NH` comes
+    out of sequence parallel's gather (sequence.py), whose backward already sums the ranks' gradients."""
     if tp == 1 and fused:
         logp, entropy = token_logprobs(h_NH, weight_vH, targets_N, temperature=temperature)
         return logp, entropy if entropy_grad else entropy.detach()
-    if tp > 1:
+    if tp > 1 and not gathered:
         h_NH = copy_to_tensor_model_parallel_region(h_NH, group=tp_group)
     z = (h_NH @ weight_vH.T).float() / temperature  # [N, V/tp]
     m = z.detach().max(dim=-1).values

@@ -6,11 +6,15 @@ train step drives (trainer/torch/policy.py reads a model through `response_logpr
                                no biases, tied embeddings; Qwen3-MoE: top-k softmax routers, SequentialMLP
                                experts, the all-gather dispatcher, no auxiliary loss), the local layer spec (no
                                Transformer Engine) with its core attention swapped for PyTorch SDPA
-                               (attention.py) and, for MoE, its router for `moe.LocalTopKRouter`; float32
+                               (attention.py), its norms and (dense) linear layers for sequence.py's, which
+                               run sequence parallel on a CPU too, and, for MoE, its router for
+                               `moe.LocalTopKRouter`; float32
                                parameters initialised on the CPU, then overwritten by the converted checkpoint
     a forward:                 embedding -> rotary table -> decoder (final norm included) -> the hidden states
                                that predict each response token -> output layer logprobs (logprobs.py); with
-                               pipeline parallel each stage runs its part and hands over (pipeline.py)
+                               pipeline parallel each stage runs its part and hands over (pipeline.py); with
+                               sequence parallel each TP rank's decoder holds its chunk of the positions,
+                               gathered again before the output layer (sequence.py)
     packed rows:               trainer.pack_sequences: one row [1, L] (trainer/torch/inputs.py `packed_inputs`),
                                handed to the decoder with Megatron's PackedSeqParams (qkv_format "thd", the
                                sequences' cu_seqlens and longest length) as GPTModel.forward hands them; the
@@ -45,6 +49,15 @@ from miles_stream.trainer.megatron.logprobs import output_logprobs
 from miles_stream.trainer.megatron.moe import LocalTopKRouter, MegatronRoutingReplay
 from miles_stream.trainer.megatron.parallel import Groups
 from miles_stream.trainer.megatron.pipeline import Sends, from_previous, share_last, to_next, to_next_later
+from miles_stream.trainer.megatron.sequence import (
+    SequenceParallelNorm,
+    SequenceSplit,
+    SpColumnParallelLinear,
+    SpRowParallelLinear,
+    gather_sequence,
+    pad_rows,
+    scatter_sequence,
+)
 from miles_stream.trainer.torch.inputs import MicroInputs
 from miles_stream.trainer.torch.logprobs import PACKS_ITSELF, SHARDED_ENTRY
 from miles_stream.trainer.torch.routing_replay import REPLAY_ENTRY
@@ -55,6 +68,7 @@ with warnings.catch_warnings():  # Megatron warns at import that Apex and Transf
     from megatron.core.models.gpt.gpt_model import GPTModel
     from megatron.core.packed_seq_params import PackedSeqParams
     from megatron.core.tensor_parallel import random as megatron_random
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
     from megatron.core.transformer.transformer_config import TransformerConfig
 
 
@@ -81,7 +95,8 @@ def moe_config(shape: Qwen3Shape) -> dict[str, Any]:
 
 
 def transformer_config(hf_config: Any, shape: Qwen3Shape, *, tp: int, device: str, dtype: torch.dtype,
-                       ep: int = 1, pp: int = 1, cp: int = 1, split: StageSplit | None = None) -> Any:  # fmt: skip
+                       ep: int = 1, pp: int = 1, cp: int = 1, split: StageSplit | None = None,
+                       sp: bool = False) -> Any:  # fmt: skip
     """Megatron's TransformerConfig of the checkpoint's shape; `split`: the first / last pipeline stage's layer
     counts (num_layers_in_first/last_pipeline_stage: Megatron builds each stage's layers and numbers them from
     its offset, transformer_block.py:103-145, transformer_layer.py:54-152, as convert.StageSplit places them)."""
@@ -94,7 +109,8 @@ def transformer_config(hf_config: Any, shape: Qwen3Shape, *, tp: int, device: st
         layernorm_epsilon=float(hf_config.rms_norm_eps), add_bias_linear=False, add_qkv_bias=False,
         qk_layernorm=True, hidden_dropout=0.0, attention_dropout=float(getattr(hf_config, "attention_dropout", 0.0)),
         tensor_model_parallel_size=tp, expert_model_parallel_size=ep, pipeline_model_parallel_size=pp,
-        context_parallel_size=cp,
+        context_parallel_size=cp, sequence_parallel=sp,  # experts split over TP too (expert_tensor_parallel_size
+        # unset: TP, transformer_config.py; sequence.py)
         num_layers_in_first_pipeline_stage=split.first, num_layers_in_last_pipeline_stage=split.last,
         params_dtype=dtype, pipeline_dtype=dtype,
         bf16=dtype == torch.bfloat16,
@@ -107,11 +123,11 @@ def transformer_config(hf_config: Any, shape: Qwen3Shape, *, tp: int, device: st
 
 
 def build_gpt(hf_config: Any, *, tp: int, device: str, dtype: torch.dtype, ep: int = 1, pp: int = 1,
-              stage: int = 0, cp: int = 1, split: StageSplit | None = None) -> Any:  # fmt: skip
+              stage: int = 0, cp: int = 1, split: StageSplit | None = None, sp: bool = False) -> Any:  # fmt: skip
     """An uninitialised GPTModel of the checkpoint's shape on `device` (this rank's TP shards; with expert
     parallel, its num_experts/ep experts of every layer, dispatched by dispatch.py's `EpDispatcher`; with
     pipeline parallel, pipeline stage `stage`'s layers (`split`: how many each stage holds, convert.StageSplit),
-    the embedding on the first, the output layer on the last).
+    the embedding on the first, the output layer on the last; `sp`: sequence parallel, sequence.py).
 
     A tied model cut into stages is built untied: Megatron's own path for it moves the last stage's copy of the
     embedding to CUDA (`weight.data.cuda()`, language_module.py:244) and all-reduces it from the first stage at
@@ -119,28 +135,42 @@ def build_gpt(hf_config: Any, *, tp: int, device: str, dtype: torch.dtype, ep: i
     copies' gradients over the embedding group (layout.py), which is what Megatron does after that."""
     shape = Qwen3Shape.of(hf_config)
     shape.check_split(tp, ep, pp, split)
+    if shape.experts and tp > 1 and not sp:
+        # megatron-core 0.16.1's MoELayer refuses to train with TP unless sequence parallelism is on
+        # (transformer/moe/moe_layer.py:379-383): its router and dispatcher expect each rank's own positions
+        raise ConfigError(f"trainer.megatron.tensor_parallel={tp} with Qwen3-MoE needs sequence parallelism, as "
+                          "Megatron's MoE layer does: set trainer.megatron.sequence_parallel true (or "
+                          "tensor_parallel 1)")  # fmt: skip
     if not device.startswith("cuda"):
         megatron_random.initialize_rng_tracker(inference_rng_tracker=True)  # see the module's docstring
     spec = get_gpt_layer_local_spec(num_experts=shape.experts or None, moe_grouped_gemm=False, qk_layernorm=True,
                                     normalization="RMSNorm")  # fmt: skip
-    spec.submodules.self_attention.submodules.core_attention = SdpaAttention
-    if shape.experts:  # experts: SequentialMLP (grouped GEMM needs the grouped_gemm package or TE)
-        spec.submodules.mlp.submodules.router = LocalTopKRouter
+    layer, attention = spec.submodules, spec.submodules.self_attention.submodules
+    attention.core_attention = SdpaAttention
+    # the local spec's norms are WrappedTorchNorm (transformer/torch_norm.py), made float32 and without SP
+    layer.input_layernorm = layer.pre_mlp_layernorm = SequenceParallelNorm
+    attention.q_layernorm = attention.k_layernorm = SequenceParallelNorm
+    attention.linear_qkv, attention.linear_proj = SpColumnParallelLinear, SpRowParallelLinear
+    if shape.experts:  # experts: SequentialMLP (grouped GEMM needs the grouped_gemm package or TE); their linear
+        # layers leave the tokens' exchange to the dispatcher (explicit_expert_comm, tensor_parallel/layers.py:841)
+        layer.mlp.submodules.router = LocalTopKRouter
+    else:
+        layer.mlp.submodules.linear_fc1, layer.mlp.submodules.linear_fc2 = SpColumnParallelLinear, SpRowParallelLinear
+    # a block spec of this stage's layers, to give the final norm ours too (from a layer spec Megatron makes it the
+    # module-wide WrappedTorchNorm, transformer_block.py:257-259)
+    block = TransformerBlockSubmodules(layer_specs=[spec] * (split or StageSplit()).layers(shape.num_layers, pp)[stage],
+                                       layer_norm=SequenceParallelNorm)  # fmt: skip
     with warnings.catch_warnings():  # its deprecation notices (an MLP's ffn_hidden_size default, ...)
         warnings.simplefilter("ignore")
         gpt = GPTModel(transformer_config(hf_config, shape, tp=tp, ep=ep, pp=pp, cp=cp, device=device, dtype=dtype,
-                                          split=split),
-                       spec,
+                                          split=split, sp=sp),
+                       block,
                        vocab_size=shape.vocab, max_sequence_length=int(hf_config.max_position_embeddings),
                        position_embedding_type="rope", rotary_base=int(rope_theta(hf_config)),
                        share_embeddings_and_output_weights=shape.tied and pp == 1, parallel_output=True,
-                       pre_process=stage == 0, post_process=stage == pp - 1)  # fmt: skip
-    for module in gpt.modules():  # the local spec's norms are torch.nn.RMSNorm made without a dtype (Megatron's
-        # transformer/torch_norm.py WrappedTorchNorm): float32 beside bf16 parameters, so each norm's output came
-        # out float32 (type promotion), unfused, and was saved for the backward at twice the bytes
-        if isinstance(module, nn.RMSNorm):
-            module.to(dtype)
-    if ep > 1:
+                       pre_process=stage == 0, post_process=stage == pp - 1,
+                       scatter_embedding_sequence_parallel=False)  # fmt: skip
+    if shape.experts and tp * ep > 1:  # the experts' tokens come from the TP x EP group
         use_ep_dispatcher(gpt)
     return gpt.to(device)
 
@@ -171,6 +201,7 @@ class MegatronPolicy(nn.Module):
         pad = getattr(hf_config, "pad_token_id", None)
         self.pad_id: int | None = None if pad is None else int(pad)
         self.residual_dtype = next(gpt.parameters()).dtype  # what passes between stages (Megatron's pipeline_dtype)
+        self.sequence_parallel = bool(gpt.config.sequence_parallel)  # each TP rank holds 1/tp of the positions
         pp = groups.pp
         # global ranks of the stage before, the stage after and the last stage in this rank's PP group
         stages = (max(pp.rank - 1, 0), min(pp.rank + 1, pp.world - 1), pp.world - 1)
@@ -192,20 +223,29 @@ class MegatronPolicy(nn.Module):
         routers, pp, cp = self.routers(), self.groups.pp, self.groups.cp
         if not routers:
             return None
+        # the ranks that each hold their own positions of a row: CP's, or under SP the TP group's (not both)
+        shares = cp.group if cp.world > 1 else self.groups.tp_group if self.sequence_parallel else None
         self.replay = MegatronRoutingReplay(routers, replace=replace, layers=self.shape.num_layers,
-                                            group=pp.group if pp.world > 1 else None,
-                                            cp_group=cp.group if cp.world > 1 else None)  # fmt: skip
+                                            group=pp.group if pp.world > 1 else None, cp_group=shares)  # fmt: skip
         return self.replay
 
     def hidden(self, x: MicroInputs, sends: Sends | None = None) -> Tensor:
         """[L, b, H] this stage's output for the micro-batch's rows: right-padded (causal attention: padding after a
         sequence changes nothing before it), or one packed row ([L, 1, H], the sequences kept apart by
         `packed_params`): the decoder's after the final norm on the last stage. With context parallel, this rank's
-        two chunks of every row ([2c, b, H], context.py)."""
+        two chunks of every row ([2c, b, H], context.py). With sequence parallel, the rows padded to a multiple of
+        tp and this rank's chunk of their positions ([L/tp, b, H], sequence.py): the embedding's output is cut, and
+        so is what passes between pipeline stages."""
+        g = self.groups
+        seq = None
+        if self.sequence_parallel:  # this rank's chunk of the positions (sequence.py)
+            x = pad_rows(x, g.tp, self.pad_id or 0)
+            seq = SequenceSplit(g.tp, g.tp_rank, x.input_ids.shape[1])
+            if self.replay is not None:  # R3: the recording's tokens cut as the rows are
+                self.replay.localize(seq, x.input_ids.shape[0])
         input_ids = x.input_ids
         b, length = input_ids.shape
         packed = packed_params(x)
-        g = self.groups
         # (RoPE: the embedding adds no position of its own, language_model_embedding.py:44; these are unread)
         positions = torch.arange(length, device=input_ids.device)[None].expand(b, length)
         positions = positions if x.position_ids is None else x.position_ids
@@ -222,10 +262,13 @@ class MegatronPolicy(nn.Module):
                 # models/qwen3/modeling_qwen3.py:342-345): the pad row gets no gradient from the input side
                 pad = (input_ids == self.pad_id).transpose(0, 1)[..., None]
                 h = torch.where(pad, h.detach(), h)
+            if seq is not None:
+                h = scatter_sequence(h, g.tp_group)
         else:  # the decoder of a stage without the embedding reads its input from set_input_tensor
             # (transformer_block.py:685-687)
-            h = from_previous((input_ids.shape[1], b, self.shape.hidden), self.residual_dtype,
-                              device=input_ids.device, peer=self.peers[0], lanes=self.lanes, sends=sends)  # fmt: skip
+            rows = input_ids.shape[1] if seq is None else seq.chunk  # under SP: this rank's chunk of the positions
+            h = from_previous((rows, b, self.shape.hidden), self.residual_dtype, device=input_ids.device,
+                              peer=self.peers[0], lanes=self.lanes, sends=sends)  # fmt: skip
             self.gpt.decoder.set_input_tensor(h)
         out: Tensor = self.gpt.decoder(hidden_states=h, attention_mask=None, rotary_pos_emb=self.rope_table(x, split),
                                        packed_seq_params=packed)  # fmt: skip
@@ -271,6 +314,8 @@ class MegatronPolicy(nn.Module):
             return to_next_later(h_LbH, out_shape, peer=self.peers[1], lanes=self.lanes, sends=later)
         if not g.last_stage:  # the last stage's logprobs come back through the hand-off (pipeline.py)
             return to_next(h_LbH, out_shape, peer=self.peers[1], last=self.peers[2], lanes=self.lanes)
+        if self.sequence_parallel:  # every position (padded to a multiple of TP), for the vocab-split output layer
+            h_LbH = gather_sequence(h_LbH, g.tp_group)
         h_bLH = h_LbH.transpose(0, 1)
         b, t = x.targets_bT.shape
         row_b = torch.arange(h_bLH.shape[0], device=h_bLH.device) if x.row_b is None else x.row_b
@@ -289,7 +334,7 @@ class MegatronPolicy(nn.Module):
             h_nH, weight = h_nH.to(dtype), weight.to(dtype)
         logp, entropy = output_logprobs(
             h_nH, weight, targets, temperature=temperature, vocab_start=g.tp_rank * weight.shape[0],
-            tp_group=g.tp_group, tp=g.tp, entropy_grad=entropy_grad, fused=fused,
+            tp_group=g.tp_group, tp=g.tp, entropy_grad=entropy_grad, fused=fused, gathered=self.sequence_parallel,
         )  # fmt: skip
         if held is not None:  # zeros at the other ranks' tokens, then every rank's summed
             cells = torch.nonzero(held, as_tuple=True)

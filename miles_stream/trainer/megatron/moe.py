@@ -44,6 +44,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from miles_stream.trainer.megatron.context import ContextSplit
+from miles_stream.trainer.megatron.sequence import SequenceSplit
 from miles_stream.trainer.torch.routing_replay import ReplayState
 
 with warnings.catch_warnings():  # Megatron warns at import that Apex and Transformer Engine are absent
@@ -133,9 +134,10 @@ class MegatronRoutingReplay(ReplayState):
         super().begin(inputs, count=count)
         self._local = False
 
-    def localize(self, split: ContextSplit, rows: int) -> None:
+    def localize(self, split: ContextSplit | SequenceSplit, rows: int) -> None:
         """Context parallel: keep this rank's tokens of the recording, as the model keeps them (context.py): each
-        row padded to the split's length, then this rank's positions ([rows * 2c] tokens, row-major)."""
+        row padded to the split's length, then this rank's positions ([rows * 2c] tokens, row-major). Sequence
+        parallel the same with this TP rank's chunk (sequence.py; the TP group then passed as `cp_group`)."""
         if self._ids is None or self._recorded is None or self._local:
             return
         width, positions = self._ids.shape[0] // rows, split.positions(self._ids.device)
