@@ -160,6 +160,14 @@ def build_megatron_trainer(cfg: TrainerConfig, algo: AlgoConfig, *, temperature:
     groups = init_groups(parallel, mcfg.tensor_parallel, mcfg.expert_parallel, mcfg.pipeline_parallel,
                          mcfg.context_parallel)  # fmt: skip
     torch.manual_seed(cfg.seed)
+    if mcfg.sequence_parallel and cfg.device.startswith("cuda"):
+        # under SP Megatron forks its RNG tracker's "model-parallel-rng" state around the decoder and the embedding's
+        # dropout (transformer_block.py:706-707, language_model_embedding.py:145-146), which fails unless the state
+        # was made: made as Megatron's training makes it (the default CUDA generator seeded with cfg.seed again, as
+        # torch.manual_seed just did). Qwen3 draws nothing there (no dropout). On a CPU: model.py's no-op tracker
+        from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+        model_parallel_cuda_manual_seed(cfg.seed)
     if cfg.torch_threads:
         torch.set_num_threads(cfg.torch_threads)
     split = StageSplit(mcfg.first_stage_layers, mcfg.last_stage_layers)
