@@ -1,5 +1,7 @@
 """Expert parallel's token exchange: Megatron's all-gather dispatcher, made to run on a CPU (gloo) and with micro-
-batches of different sizes on the ranks of an expert-parallel (EP) group.
+batches of different sizes on the ranks of an expert-parallel (EP) group. With tensor parallel (under sequence
+parallel, sequence.py) the group is Megatron's TP x EP group (`tp_ep_group`): each TP rank holds its own positions
+and every rank's experts are TP shards, so the exchange is needed at EP 1 too.
 
 Megatron's `MoEAllGatherTokenDispatcher` (transformer/moe/token_dispatcher.py:208-345), per MoE layer and forward:
     token_dispatch   all-gather every EP rank's tokens, their routing map and gate weights (:256-278)

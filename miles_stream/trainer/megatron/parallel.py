@@ -18,9 +18,10 @@
       over the DP group and the gradients over DP x CP (Megatron's data-parallel group with context parallel).
     tied embeddings with PP: the first stage's embedding and the last stage's copy of it (the output layer)
       form Megatron's embedding group, whose gradients are summed (layout.py)
-    expert parallel (EP, MoE only, TP 1): the DP ranks are cut again for the experts (Megatron's expert rank
-      order "tp-ep-dp-pp" over the same ranks, parallel_state.py:796-806; with PP, inside each stage, as PP is
-      outermost): EP group j = ranks j*ep .. j*ep+ep-1 (of the stage),
+    expert parallel (EP, MoE only): the DP ranks are cut again for the experts (Megatron's expert rank
+      order "tp-ep-dp-pp" over the same ranks, parallel_state.py:796-806, its expert TP size left at TP; with PP,
+      inside each stage, as PP is outermost): at TP 1 EP group j = ranks j*ep .. j*ep+ep-1 (of the stage; with
+      TP, the ranks of one TP rank in ep consecutive TP groups),
       each holding num_experts/ep of every layer's experts; the expert-data-parallel group (same EP rank in every
       EP group, dp/ep ranks) sums the experts' gradients, the DP group the rest. Each rank still trains its own
       share: an MoE layer gathers its EP group's tokens and hands back their expert outputs (dispatch.py).
