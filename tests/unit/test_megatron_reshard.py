@@ -1,9 +1,10 @@
 """Resuming a Megatron checkpoint on other (TP, PP, EP) sizes (trainer/megatron/reshard.py).
 
-Written directly (one process, the tiny Qwen3 and Qwen3-MoE): a checkpoint of random parameters and AdamW moments
-at one layout, its optimizer's parameters in a shuffled order, is rebuilt at every other layout, rank by rank, into
-exactly the shards that layout's own split of the same tensors holds (parameters, both moments, step), reading only
-the files that rank needs; what cannot be resharded is refused in one line.
+Written directly (one process, the tiny Qwen3 and Qwen3-MoE, whose experts split over TP too): a checkpoint of
+random parameters and AdamW moments at one layout, its optimizer's parameters in a shuffled order, is rebuilt at
+every other layout, rank by rank, into exactly the shards that layout's own split of the same tensors holds
+(parameters, both moments, step), reading only the files that rank needs; what cannot be resharded is refused in
+one line.
 
 Trained (spawned gloo ranks): a run saves after one step at TP=2, PP=2 or EP=2 on two ranks (or TP=1 on one) and
 takes a second; a fresh backend on one rank (or two at TP=2) loads that checkpoint and takes the same second step:
@@ -97,8 +98,8 @@ def write(directory: Path, state: dict[str, dict[str, Tensor]], shape: Qwen3Shap
 
 
 def layouts(shape: Qwen3Shape) -> list[Sizes]:
-    if shape.experts:
-        return [Sizes(ep=ep) for ep in (1, 2, 4, 8)]
+    if shape.experts:  # TP 2: each expert split over the TP ranks as well (sequence parallel's layout)
+        return [*(Sizes(ep=ep) for ep in (1, 2, 4, 8)), Sizes(2), Sizes(2, ep=2)]
     return [Sizes(tp, pp) for tp in (1, 2) for pp in (1, 2, 4) if shape.num_layers % pp == 0]
 
 
@@ -121,7 +122,7 @@ def check_rebuilt(directory: Path, state: dict[str, dict[str, Tensor]], shape: Q
 
 
 SAVED = [("tied", Sizes(2, 2)), ("tied", Sizes(1, 4)), ("tied", Sizes(1, 1)), ("untied", Sizes(2, 2)),
-         ("moe", Sizes(ep=2)), ("moe", Sizes(ep=8))]  # fmt: skip
+         ("moe", Sizes(ep=2)), ("moe", Sizes(ep=8)), ("moe", Sizes(2, ep=2))]  # fmt: skip
 
 
 @pytest.mark.parametrize(("kind", "saved"), SAVED)

@@ -354,11 +354,13 @@ def megatron_names(shape: Qwen3Shape) -> list[str]:
     return names if shape.tied else [*names, "output_layer.weight"]
 
 
-def iter_hf(shards_of: Callable[[str], Sequence[Tensor]], shape: Qwen3Shape) -> Iterator[tuple[str, Tensor]]:
+def iter_hf(shards_of: Callable[[str], Sequence[Tensor]], shape: Qwen3Shape,
+            fused_experts: bool = True) -> Iterator[tuple[str, Tensor]]:  # fmt: skip
     """(HF name, full tensor) pairs, reading each Megatron parameter's rank shards through `shards_of(name)`
     once, in `megatron_names` order (a sharded reader gathers there: every rank reads alike), in transformers'
     order; a tied embedding is read again for lm_head, so that no tensor stays held while the layers stream
-    (a 151,936 x 4,096 embedding is 1.2 GB in bf16)."""
+    (a 151,936 x 4,096 embedding is 1.2 GB in bf16). `fused_experts` False: a MoE layer's experts in the on-disk
+    form, one tensor an expert, never stacked (reshard.py: held experts beside meta stand-ins of the others)."""
 
     def full(name: str, dim: int | None) -> Tensor:
         parts = shards_of(name)
@@ -378,7 +380,7 @@ def iter_hf(shards_of: Callable[[str], Sequence[Tensor]], shape: Qwen3Shape) -> 
         yield h + "self_attn.q_norm.weight", plain["self_attention.q_layernorm.weight"]
         yield h + "self_attn.k_norm.weight", plain["self_attention.k_layernorm.weight"]
         if shape.experts:
-            yield from _iter_hf_experts(full, shards_of, h, m, shape)
+            yield from _iter_hf_experts(full, shards_of, h, m, shape, fused_experts)
         else:
             fc1 = [part.chunk(2, dim=0) for part in shards_of(m + "mlp.linear_fc1.weight")]
             yield h + "mlp.gate_proj.weight", torch.cat([g for g, _ in fc1], dim=0)
@@ -392,17 +394,30 @@ def iter_hf(shards_of: Callable[[str], Sequence[Tensor]], shape: Qwen3Shape) -> 
     yield "lm_head.weight", full("embedding.word_embeddings.weight" if shape.tied else "output_layer.weight", 0)
 
 
-def _iter_hf_experts(full: Callable[[str, int | None], Tensor], shards_of: Callable[[str], Sequence[Tensor]],
-                     h: str, m: str, shape: Qwen3Shape) -> Iterator[tuple[str, Tensor]]:  # fmt: skip
-    """One MoE layer's HF tensors (transformers' in-memory names and order) from its Megatron experts (TP shards
-    joined: fc1 each rank's gate rows then up rows, fc2 by columns) and router; each Megatron parameter read once,
-    in `megatron_names` order."""
+def _iter_hf_experts(
+    full: Callable[[str, int | None], Tensor],
+    shards_of: Callable[[str], Sequence[Tensor]],
+    h: str,
+    m: str,
+    shape: Qwen3Shape,
+    fused: bool = True,
+) -> Iterator[tuple[str, Tensor]]:
+    """One MoE layer's HF tensors (transformers' in-memory names and order; `fused` False: the on-disk form, one
+    tensor an expert) from its Megatron experts (TP shards joined: fc1 each rank's gate rows then up rows, fc2 by
+    columns) and router; each Megatron parameter read once, in `megatron_names` order."""
     router = full(m + "mlp.router.weight", None)
     fc1, fc2 = [], []
     for e in range(shape.experts):
         parts = [part.chunk(2, dim=0) for part in shards_of(m + f"mlp.experts.local_experts.{e}.linear_fc1.weight")]
+        down = full(m + f"mlp.experts.local_experts.{e}.linear_fc2.weight", 1)
+        if not fused:
+            gate, up = torch.cat([g for g, _ in parts], dim=0), torch.cat([u for _, u in parts], dim=0)
+            yield from ((f"{h}mlp.experts.{e}.{kind}_proj.weight", t) for kind, t in
+                        (("gate", gate), ("up", up), ("down", down)))  # fmt: skip
+            continue
         fc1.append(torch.cat([g for g, _ in parts] + [u for _, u in parts], dim=0))
-        fc2.append(full(m + f"mlp.experts.local_experts.{e}.linear_fc2.weight", 1))
-    yield h + "mlp.experts.gate_up_proj", torch.stack(fc1)
-    yield h + "mlp.experts.down_proj", torch.stack(fc2)
+        fc2.append(down)
+    if fused:
+        yield h + "mlp.experts.gate_up_proj", torch.stack(fc1)
+        yield h + "mlp.experts.down_proj", torch.stack(fc2)
     yield h + "mlp.gate.weight", router

@@ -293,7 +293,9 @@ def rebuild(directory: Path, shape: Qwen3Shape, saved: Sizes, here: Sizes, tp_ra
                 return [torch.empty(files.shape(*where(name, k)), device="meta") for k in range(saved.tp)]
 
             # this rank's TP part of what it needs only (not every TP rank's split of everything)
-            return dict(rank_params(dict(iter_hf(shards_of, shape)), shape, here.tp, tp_rank, keep=parts.__contains__))
+            # (experts in the per-expert form: the ones this rank needs are real, the others meta, never stacked)
+            hf = dict(iter_hf(shards_of, shape, fused_experts=False))
+            return dict(rank_params(hf, shape, here.tp, tp_rank, keep=parts.__contains__))
 
         params = resplit(saved_parts(lambda n, k: files.param(*where(n, k)), needed))
         kept = needed if moments_for is None else {mine[local] for local in moments_for}

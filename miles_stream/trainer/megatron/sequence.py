@@ -12,7 +12,7 @@ as Megatron lays them out when `TransformerConfig.sequence_parallel` is set (Kor
     column linear  (qkv, dense fc1) the input all-gathered over the TP group first; backward reduce-scattered
                    (tensor_parallel/layers.py:478-484, :548-556)
     row linear     (attention's output projection, dense fc2) the partial sums reduce-scattered over the TP group
-                   in place of all-reduced (:1287-1290); backward all-gathered
+                   in place of all-reduced (:1288-1291); backward all-gathered
     attention      between the two: every position, its heads' share, as without SP
     MoE            the router and the all-gather dispatcher see this rank's positions; the dispatcher gathers the
                    TP x EP group's tokens for the experts, each split over the TP ranks as the dense MLP is
@@ -104,7 +104,8 @@ class SequenceParallelNorm(nn.RMSNorm):
     """The layer spec's RMSNorm (in place of Megatron's WrappedTorchNorm, transformer/torch_norm.py, which asserts
     SP off at :32): torch's RMSNorm with its weight made in the parameters' dtype (WrappedTorchNorm makes it float32
     beside bf16 parameters, so every norm's output came out float32 and was saved at twice the bytes) and marked
-    `sequence_parallel` under SP, as Megatron's TE norm marks it, so its gradient is summed over the TP group."""
+    `sequence_parallel` under SP, as Megatron's fused (Apex) norm marks its own (fusions/fused_layer_norm.py:
+    116-120), so its gradient is summed over the TP group (layout.py)."""
 
     def __init__(self, config: Any, hidden_size: int, eps: float = 1e-5, **_: Any) -> None:
         super().__init__(hidden_size, eps=eps, dtype=config.params_dtype)
