@@ -50,9 +50,7 @@ class _Gather(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, group: Any) -> Tensor:
         ctx.group = group
-        out = x.new_empty((x.shape[0] * dist.get_world_size(group), *x.shape[1:]))
-        dist.all_gather_single(out, x.contiguous(), group=group)
-        return out
+        return all_gather_rows(x, group)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
@@ -69,9 +67,7 @@ class _ReduceScatter(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
-        out = grad.new_empty((grad.shape[0] * dist.get_world_size(ctx.group), *grad.shape[1:]))
-        dist.all_gather_single(out, grad.contiguous(), group=ctx.group)
-        return out, None
+        return all_gather_rows(grad, ctx.group), None
 
 
 def gather(x: Tensor, group: Any) -> Tensor:
@@ -81,6 +77,13 @@ def gather(x: Tensor, group: Any) -> Tensor:
 
 def reduce_scatter(x: Tensor, group: Any) -> Tensor:
     out: Tensor = _ReduceScatter.apply(x, group)  # type: ignore[no-untyped-call]
+    return out
+
+
+def all_gather_rows(x: Tensor, group: Any) -> Tensor:
+    """Every rank's `x` stacked along dim 0, in rank order (no autograd)."""
+    out = x.new_empty((x.shape[0] * dist.get_world_size(group), *x.shape[1:]))
+    dist.all_gather_single(out, x.contiguous(), group=group)
     return out
 
 

@@ -40,7 +40,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from miles_stream.trainer.megatron.dispatch import gather, reduce_scatter
+from miles_stream.trainer.megatron.dispatch import all_gather_rows, gather, reduce_scatter
 from miles_stream.trainer.torch.inputs import MicroInputs
 
 with warnings.catch_warnings():  # Megatron warns at import that Apex and Transformer Engine are absent
@@ -83,9 +83,7 @@ class _Scatter(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
-        out = grad.new_empty((grad.shape[0] * dist.get_world_size(ctx.group), *grad.shape[1:]))
-        dist.all_gather_single(out, grad.contiguous(), group=ctx.group)
-        return out, None
+        return all_gather_rows(grad, ctx.group), None
 
 
 def scatter_sequence(x_LbH: Tensor, group: Any) -> Tensor:
